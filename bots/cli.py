@@ -1,0 +1,114 @@
+"""The ``botd`` command: ``run``, ``check-config`` and ``chat``.
+
+Every failure an admin can cause (bad config, missing model, busy port) ends in one
+readable line on stderr and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+# Nothing at run time may reach a model hub; set before any ML library is imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from core.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config  # noqa: E402
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="botd", description="A local LLM behind chat platforms and an HTTP API.")
+    p.add_argument("--version", action="version", version=f"botd {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--config", "-c", type=Path, default=DEFAULT_CONFIG_PATH,
+                        help="path to config.toml (default: ./config.toml)")
+        return sp
+
+    with_config(sub.add_parser("run", help="run the daemon"))
+    with_config(sub.add_parser("check-config", help="validate the config file and exit 0 (ok) or 1"))
+    chat = with_config(sub.add_parser("chat", help="talk to a bot in this terminal"))
+    chat.add_argument("--bot", help="which bot (default: [api] default_bot)")
+    chat.add_argument("--conversation", default="default", help="conversation name (separate histories)")
+    return p
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("botd")
+    except Exception:
+        return "dev"
+
+
+def _fail(message: str) -> int:
+    print(f"botd: {message}", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        return _fail(f"config error: {exc}")
+    if args.command == "check-config":
+        print(f"{args.config}: ok (model {cfg.model.resolved_path()}, {len(cfg.bots)} bot(s))")
+        return 0
+    if args.command == "run":
+        return _run(cfg)
+    if args.command == "chat":
+        return _chat(cfg, args.bot, args.conversation)
+    return 2
+
+
+def _run(cfg: Config) -> int:
+    from bots.daemon import Daemon, StartupError
+    from core.logging import configure
+
+    configure(cfg.server.log_level, cfg.server.log_format)
+    try:
+        asyncio.run(Daemon(cfg).run_forever())
+    except StartupError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _chat(cfg: Config, bot: str | None, conversation: str) -> int:
+    from bots.service import ChatService
+    from connectors.console import ConsoleConnector
+    from core.engines import EngineError
+    from core.logging import configure
+    from core.runtime import Runtime
+
+    bot = bot or cfg.api.default_bot
+    if bot not in cfg.bots:
+        return _fail(f"no bot named {bot!r}; bots: {', '.join(sorted(cfg.bots))}")
+    configure("warning", "console" if sys.stderr.isatty() else "json")
+
+    async def session() -> None:
+        runtime = Runtime(cfg)
+        await runtime.start()
+        try:
+            await ConsoleConnector(ChatService(cfg, runtime), cfg, bot, conversation=conversation).run()
+        finally:
+            await runtime.stop(grace_s=0)
+
+    try:
+        asyncio.run(session())
+    except EngineError as exc:
+        return _fail(f"model.path: {exc}")
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

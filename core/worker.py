@@ -1,0 +1,193 @@
+"""The inference worker: one dedicated thread that owns the engine, fed from the fair queue.
+
+The asyncio side (the dispatcher task) takes the next job from :class:`FairQueue` when
+the thread is free and hands it over; the thread generates and sends every piece of
+text back with ``loop.call_soon_threadsafe``, so the event loop never waits on the
+model. llama.cpp releases the GIL while it computes, so the loop keeps serving
+requests (health checks included) during generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import structlog
+
+from core.engines.base import Engine, EngineError, PromptTooLong
+from core.jobs import FairQueue, Job
+from core.messages import Usage
+
+log = structlog.get_logger("botd.worker")
+
+_STOP = object()
+
+
+class InferenceWorker:
+    def __init__(
+        self,
+        engine: Engine,
+        jobs: FairQueue,
+        *,
+        max_wait_s: float = 120.0,
+        on_finished: Callable[[Job], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.jobs = jobs
+        self.max_wait_s = max_wait_s
+        self._on_finished = on_finished
+        self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._current: Job | None = None
+        self.loaded = False
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the thread and load the model on it; raises :class:`EngineError` on failure."""
+        self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(target=self._thread_main, args=(ready,), name="botd-inference", daemon=True)
+        self._thread.start()
+        await ready
+        self.loaded = True
+        self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="botd-dispatcher")
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Stop taking jobs, let the running one finish for up to ``grace_s``, then stop the thread."""
+        if self._dispatcher:
+            self._dispatcher.cancel()
+            try:
+                await self._dispatcher
+            except asyncio.CancelledError:
+                pass
+        current = self._current
+        if current is not None:
+            try:
+                await asyncio.wait_for(current.wait(), grace_s)
+            except TimeoutError:
+                current.cancel()
+                await current.wait()
+        for job in self.jobs.pending():
+            self.jobs.remove(job)
+            job.finish("cancelled", error="the daemon is shutting down")
+        if self._thread and self._thread.is_alive():
+            self._inbox.put(_STOP)
+            await asyncio.to_thread(self._thread.join, 30)
+        self.loaded = False
+
+    # -- submitting -------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Queue a job (raises :class:`QueueFull` at once when there is no room)."""
+        self.jobs.put_nowait(job)
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: drop the job if it waits, stop it between tokens if it runs."""
+        job.cancel()
+        if self.jobs.remove(job):
+            job.finish("cancelled")
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.jobs)
+
+    # -- the asyncio side -------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            job = await self.jobs.get()
+            if job.cancelled:
+                self.jobs.release(job)
+                job.finish("cancelled")
+                continue
+            if job.queue_wait_s > self.max_wait_s:
+                self.jobs.release(job)
+                job.finish("error", error="busy: the job waited too long in the queue")
+                continue
+            job.started_at = time.monotonic()
+            self._current = job
+            self._inbox.put(job)
+            try:
+                await job.wait()
+            finally:
+                self._current = None
+                self.jobs.release(job)
+                if self._on_finished:
+                    try:
+                        self._on_finished(job)
+                    except Exception:  # a metrics hook must never stop the worker
+                        log.exception("on_finished hook failed")
+
+    # -- the worker thread ------------------------------------------------------------
+
+    def _thread_main(self, ready: asyncio.Future[None]) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            self.engine.load()
+        except BaseException as exc:  # report any load failure to start(), then end the thread
+            err = exc if isinstance(exc, EngineError) else EngineError(f"{type(exc).__name__}: {exc}")
+            loop.call_soon_threadsafe(_set_exception, ready, err)
+            return
+        loop.call_soon_threadsafe(_set_result, ready)
+        while True:
+            item = self._inbox.get()
+            if item is _STOP:
+                break
+            assert isinstance(item, Job)
+            self._run(item, loop)
+        try:
+            self.engine.close()
+        except Exception:
+            log.exception("engine close failed")
+
+    def _run(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
+        deadline = time.monotonic() + job.timeout_s
+        timed_out = False
+
+        def should_stop() -> bool:
+            nonlocal timed_out
+            if job.stop_flag.is_set():
+                return True
+            if time.monotonic() > deadline:
+                timed_out = True
+                return True
+            return False
+
+        reason, usage, error = "error", Usage(), None
+        try:
+            for chunk in self.engine.generate(job.request, should_stop):
+                if chunk.text:
+                    loop.call_soon_threadsafe(job.push_text, chunk.text)
+                if chunk.finish_reason:
+                    reason = chunk.finish_reason
+                    usage = Usage(chunk.prompt_tokens, chunk.completion_tokens)
+            if reason == "cancelled" and timed_out:
+                reason, error = "timeout", f"generation stopped after {job.timeout_s:g} s"
+        except PromptTooLong as exc:
+            reason, error = "error", str(exc)
+        except Exception as exc:  # the worker thread survives any single job's failure
+            log.exception("generation failed", job_id=job.id)
+            reason, error = "error", f"generation failed: {type(exc).__name__}"
+        finally:
+            loop.call_soon_threadsafe(job.finish, reason, usage, error)
+
+
+def _set_result(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _set_exception(fut: asyncio.Future[None], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

