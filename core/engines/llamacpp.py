@@ -39,6 +39,11 @@ _CHATML = (
 
 _log_callback: Any = None
 
+# llama-cpp-python silences loading by dup2-ing /dev/null over fds 1 and 2 and back. Two
+# loads at once (model and tokenizer) interleave those swaps and can leave stderr pointing
+# at /dev/null for good, so every Llama() construction takes this lock.
+_LOAD_LOCK = threading.Lock()
+
 
 def _route_llama_logs() -> None:
     """Send llama.cpp's own log lines through structlog instead of raw stderr."""
@@ -106,7 +111,8 @@ class LlamaCppTokenizer(PromptTokenizer):
 
         _route_llama_logs()
         self._lock = threading.Lock()
-        self._llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+        with _LOAD_LOCK:
+            self._llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
         self._template = _ChatTemplate(self._llm)
 
     def count_chat(self, messages: Sequence[dict[str, str]]) -> int:
@@ -145,15 +151,16 @@ class LlamaCppEngine(Engine):
 
         _route_llama_logs()
         try:
-            self._llm = llama_cpp.Llama(
-                model_path=str(self.path),
-                n_ctx=self._n_ctx,
-                n_threads=self.n_threads,
-                n_threads_batch=self.n_threads,
-                n_batch=min(self.n_batch, self._n_ctx),
-                seed=self.seed if self.seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED,
-                verbose=False,
-            )
+            with _LOAD_LOCK:
+                self._llm = llama_cpp.Llama(
+                    model_path=str(self.path),
+                    n_ctx=self._n_ctx,
+                    n_threads=self.n_threads,
+                    n_threads_batch=self.n_threads,
+                    n_batch=min(self.n_batch, self._n_ctx),
+                    seed=self.seed if self.seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED,
+                    verbose=False,
+                )
         except Exception as exc:
             raise EngineError(f"cannot load model {str(self.path)!r}: {exc}") from exc
         self._template = _ChatTemplate(self._llm)
@@ -171,7 +178,8 @@ class LlamaCppEngine(Engine):
 
     def close(self) -> None:
         if self._llm is not None:
-            self._llm.close()
+            with _LOAD_LOCK:
+                self._llm.close()
             self._llm = None
 
     def generate(self, request: GenerationRequest, should_stop: Callable[[], bool]) -> Iterator[Chunk]:
