@@ -16,7 +16,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from core.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config  # noqa: E402
+from core.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -176,7 +176,11 @@ class ChatService:
     async def _command(self, name: str, msg: InboundMessage) -> TextAnswer:
         if name == "reset":
             existed = await self.reset(msg.thread_key)
-            text = "Done: I have forgotten this conversation." if existed else "Nothing to forget: this conversation is new."
+            text = (
+                "Done: I have forgotten this conversation."
+                if existed
+                else "Nothing to forget: this conversation is new."
+            )
         else:
             text = HELP_TEXT.format(bot=msg.bot)
         metrics.MESSAGES.labels(msg.platform, f"command_{name}").inc()

@@ -340,7 +340,8 @@ class HttpApiConnector(Connector):
         body: SimpleChatBody = await self._read_json(request, SimpleChatBody)
         bot = body.bot or self.api.default_bot
         if bot not in self.dispatcher.bot_names():
-            raise _BadRequest(404, "unknown_bot", f"unknown bot {bot!r}; bots: {', '.join(self.dispatcher.bot_names())}")
+            names = ", ".join(self.dispatcher.bot_names())
+            raise _BadRequest(404, "unknown_bot", f"unknown bot {bot!r}; bots: {names}")
         self._check_budget(body.max_tokens)
         if body.conversation_id and body.history:
             raise _BadRequest(400, "invalid_request", "give either history or conversation_id, not both")

@@ -7,8 +7,8 @@ import json
 import time
 
 import aiohttp
-
 from conftest import make_config, running_daemon, wait_for
+
 from core.messages import ThreadKey
 
 

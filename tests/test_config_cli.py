@@ -11,8 +11,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import BOTD, REPO, free_port
+
 from core.config import ConfigError, load_config
 
 

@@ -6,7 +6,6 @@ import asyncio
 import json
 
 import pytest
-
 from conftest import make_config, running_daemon, wait_for
 
 
