@@ -23,6 +23,7 @@ from core.dispatch import Busy, Rejected
 from core.engines import GenerationRequest
 from core.engines.base import TemplateError
 from core.jobs import Job, QueueFull
+from core.kv import KeyValueCache
 from core.messages import ChatTurn, InboundMessage, ReplyEvent, ThreadKey, Usage
 from core.redis_store import StoreUnavailable
 from core.runtime import Runtime
@@ -88,6 +89,13 @@ class ChatService:
 
     def health(self) -> dict[str, Any]:
         return self.runtime.health()
+
+    async def first_time(self, platform: str, event_id: str) -> bool:
+        return await self.runtime.dedupe.first_time(platform, event_id)
+
+    @property
+    def cache(self) -> KeyValueCache:
+        return self.runtime.cache
 
     async def reset(self, thread: ThreadKey) -> bool:
         try:

@@ -14,6 +14,7 @@ from connectors.base import Connector
 # name -> "module:Class"
 REGISTRY: dict[str, str] = {
     "http_api": "connectors.http_api:HttpApiConnector",
+    "wecom": "connectors.wecom:WeComConnector",
 }
 
 

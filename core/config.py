@@ -123,6 +123,30 @@ class BotConfig(_Section):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
 
 
+class WecomConfig(_Section):
+    """One WeCom self-built app (自建应用) in callback mode, answering as the bot of the same name."""
+
+    corp_id: Annotated[str, Field(min_length=1, max_length=64)]
+    agent_id: Annotated[int, Field(ge=1)]
+    # Callback Token and EncodingAESKey (接收消息 API), and the app's Secret: secret references.
+    token: Secret
+    encoding_aes_key: Secret
+    secret: Secret
+    api_base: str = "https://qyapi.weixin.qq.com"
+    # Only these user ids / department ids may use the app; empty lists allow everyone.
+    allow_users: list[str] = Field(default_factory=list)
+    allow_departments: list[int] = Field(default_factory=list)
+    # "text", or "markdown" when the bot's answers use formatting.
+    reply_format: Literal["text", "markdown"] = "text"
+
+    @field_validator("api_base")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("https://", "http://")):
+            raise ValueError("must be an http(s) URL")
+        return v.rstrip("/")
+
+
 class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -130,6 +154,7 @@ class Config(_Section):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
     bots: dict[str, BotConfig] = Field(default_factory=lambda: {"assistant": BotConfig()})
+    wecom: dict[str, WecomConfig] = Field(default_factory=dict)
 
     # Where the file was read from; relative paths in it are relative to its folder.
     source: Path | None = Field(default=None, exclude=True)
@@ -154,6 +179,10 @@ class Config(_Section):
                 f"server.host is {self.server.host!r} (not loopback): set at least one API key, "
                 'e.g. keys = ["env:BOTD_API_KEY"]',
             )
+        for name in self.wecom:
+            if name not in self.bots:
+                bots = ", ".join(sorted(self.bots))
+                raise _KeyError(f"wecom.{name}", f"names no bot; define [bots.{name}] (bots: {bots})")
         return self
 
 
@@ -265,8 +294,20 @@ def _check_files(cfg: Config, path: Path) -> None:
     secrets: list[tuple[str, Secret]] = [(f"api.keys[{i}]", s) for i, s in enumerate(cfg.api.keys)]
     if cfg.redis.password is not None:
         secrets.append(("redis.password", cfg.redis.password))
+    for name, app in cfg.wecom.items():
+        secrets += [(f"wecom.{name}.{k}", getattr(app, k)) for k in ("token", "encoding_aes_key", "secret")]
     for key, secret in secrets:
         try:
-            resolve_secret(secret)
+            value = resolve_secret(secret)
         except SecretError as exc:
             raise ConfigError(f"{path}: {key}: {exc}") from None
+        if key.endswith(".encoding_aes_key"):
+            import base64
+            import binascii
+
+            try:
+                ok = len(value) == 43 and len(base64.b64decode(value + "=", validate=True)) == 32
+            except (binascii.Error, ValueError):
+                ok = False
+            if not ok:
+                raise ConfigError(f"{path}: {key}: an EncodingAESKey is 43 characters of base64 (from the WeCom admin)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+from core.kv import KeyValueCache
 from core.messages import ChatTurn, InboundMessage, ReplyEvent, ThreadKey
 
 
@@ -59,3 +60,12 @@ class Dispatcher(Protocol):
     def bot_names(self) -> list[str]: ...
 
     def health(self) -> dict[str, Any]: ...
+
+    async def first_time(self, platform: str, event_id: str) -> bool:
+        """True the first time an event id is seen (atomic across workers); False for a redelivery."""
+        ...
+
+    @property
+    def cache(self) -> KeyValueCache:
+        """Shared key-value cache (access tokens and the like) and dead letters."""
+        ...

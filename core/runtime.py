@@ -13,9 +13,11 @@ import structlog
 
 from core import metrics
 from core.config import Config
+from core.dedupe import Deduper
 from core.engines import Engine, PromptTokenizer, create_engine
 from core.history import HistoryStore
 from core.jobs import FairQueue, Job
+from core.kv import KeyValueCache
 from core.redis_store import RedisManager
 from core.worker import InferenceWorker
 
@@ -34,6 +36,8 @@ class Runtime:
         self.worker = InferenceWorker(
             self.engine, self.queue, max_wait_s=cfg.queue.max_wait_s, on_finished=self._observe
         )
+        self.dedupe = Deduper(self.redis, cfg.redis.key_prefix)
+        self.cache = KeyValueCache(self.redis, cfg.redis.key_prefix)
         self.tokenizer: PromptTokenizer | None = None
         self.started_at = time.time()
 
