@@ -12,16 +12,16 @@ from urllib.parse import quote
 
 import pytest
 import yarl
+from conftest import make_config, running_daemon, wait_for
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from fakes import FakeWeCom, serve
 from wechatpy.enterprise.crypto import WeChatCrypto
 
-from conftest import make_config, running_daemon, wait_for
 from connectors.wecom import WeComApi, WeComCrypto, WeComCryptoError
 from core.config import WecomConfig
 from core.kv import KeyValueCache
 from core.redis_store import RedisManager
 from core.textsplit import split_text, utf8_len
-from fakes import FakeWeCom, serve
 
 # Tencent's WXBizMsgCrypt sample values
 TOKEN = "hJqcu3uJ9Tn2gXPmxx2w9kkCkCE2EPYo"
