@@ -34,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     chat = with_config(sub.add_parser("chat", help="talk to a bot in this terminal"))
     chat.add_argument("--bot", help="which bot (default: [api] default_bot)")
     chat.add_argument("--conversation", default="default", help="conversation name (separate histories)")
+    tg = sub.add_parser("telegram", help="Telegram webhook registration")
+    tg_sub = tg.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("set-webhook", "register [telegram.BOT] webhook_url with Telegram"),
+                         ("delete-webhook", "remove the webhook (for long polling)")):
+        sp = with_config(tg_sub.add_parser(action, help=text))
+        sp.add_argument("bot", help="the bot's name ([telegram.BOT] in config.toml)")
     return p
 
 
@@ -64,7 +70,28 @@ def main(argv: list[str] | None = None) -> int:
         return _run(cfg)
     if args.command == "chat":
         return _chat(cfg, args.bot, args.conversation)
+    if args.command == "telegram":
+        return _telegram(cfg, args.action, args.bot)
     return 2
+
+
+def _telegram(cfg: Config, action: str, bot: str) -> int:
+    from telegram.error import TelegramError
+
+    from connectors.telegram import delete_webhook, set_webhook
+
+    tg = cfg.telegram.get(bot)
+    if tg is None:
+        known = ", ".join(sorted(cfg.telegram)) or "none"
+        return _fail(f"no [telegram.{bot}] section in the config; sections: {known}")
+    try:
+        result = asyncio.run(set_webhook(tg) if action == "set-webhook" else delete_webhook(tg))
+    except ValueError as exc:
+        return _fail(f"telegram.{bot}: {exc}")
+    except TelegramError as exc:
+        return _fail(f"telegram.{bot}: Telegram refused: {exc}")
+    print(result)
+    return 0
 
 
 def _run(cfg: Config) -> int:

@@ -15,6 +15,7 @@ from connectors.base import Connector
 REGISTRY: dict[str, str] = {
     "http_api": "connectors.http_api:HttpApiConnector",
     "wecom": "connectors.wecom:WeComConnector",
+    "telegram": "connectors.telegram:TelegramConnector",
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -147,6 +148,35 @@ class WecomConfig(_Section):
         return v.rstrip("/")
 
 
+class TelegramConfig(_Section):
+    """One Telegram bot (from @BotFather), answering as the botd bot of the same name."""
+
+    token: Secret
+    # "polling" (getUpdates; no public address needed) or "webhook" (POST /telegram/<bot>).
+    mode: Literal["polling", "webhook"] = "polling"
+    # Public HTTPS URL that `botd telegram set-webhook` registers (webhook mode).
+    webhook_url: str = ""
+    # Secret Telegram sends back in X-Telegram-Bot-Api-Secret-Token (webhook mode).
+    webhook_secret: Secret | None = None
+    api_base: str = "https://api.telegram.org/bot"
+    # In groups: one history per chat/topic ("chat") or per member ("member").
+    group_history: Literal["chat", "member"] = "chat"
+    allow_chats: list[int] = Field(default_factory=list)
+    allow_users: list[int] = Field(default_factory=list)
+    # Shortest time between two edits of a streamed answer, in seconds.
+    edit_interval_private_s: Annotated[float, Field(ge=0.1, le=60)] = 1.0
+    edit_interval_group_s: Annotated[float, Field(ge=0.1, le=60)] = 3.0
+    poll_timeout_s: Annotated[int, Field(ge=0, le=50)] = 25
+
+    @model_validator(mode="after")
+    def _webhook_needs(self) -> TelegramConfig:
+        if self.mode == "webhook" and self.webhook_secret is None:
+            raise ValueError("webhook mode needs webhook_secret (e.g. \"env:TELEGRAM_WEBHOOK_SECRET\")")
+        if self.webhook_url and not self.webhook_url.startswith("https://"):
+            raise ValueError("webhook_url must be https:// (Telegram only calls HTTPS webhooks)")
+        return self
+
+
 class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -155,6 +185,7 @@ class Config(_Section):
     api: ApiConfig = Field(default_factory=ApiConfig)
     bots: dict[str, BotConfig] = Field(default_factory=lambda: {"assistant": BotConfig()})
     wecom: dict[str, WecomConfig] = Field(default_factory=dict)
+    telegram: dict[str, TelegramConfig] = Field(default_factory=dict)
 
     # Where the file was read from; relative paths in it are relative to its folder.
     source: Path | None = Field(default=None, exclude=True)
@@ -179,10 +210,11 @@ class Config(_Section):
                 f"server.host is {self.server.host!r} (not loopback): set at least one API key, "
                 'e.g. keys = ["env:BOTD_API_KEY"]',
             )
-        for name in self.wecom:
-            if name not in self.bots:
-                bots = ", ".join(sorted(self.bots))
-                raise _KeyError(f"wecom.{name}", f"names no bot; define [bots.{name}] (bots: {bots})")
+        for section in ("wecom", "telegram"):
+            for name in getattr(self, section):
+                if name not in self.bots:
+                    bots = ", ".join(sorted(self.bots))
+                    raise _KeyError(f"{section}.{name}", f"names no bot; define [bots.{name}] (bots: {bots})")
         return self
 
 
@@ -294,6 +326,10 @@ def _check_files(cfg: Config, path: Path) -> None:
     secrets: list[tuple[str, Secret]] = [(f"api.keys[{i}]", s) for i, s in enumerate(cfg.api.keys)]
     if cfg.redis.password is not None:
         secrets.append(("redis.password", cfg.redis.password))
+    for name, tg in cfg.telegram.items():
+        secrets.append((f"telegram.{name}.token", tg.token))
+        if tg.webhook_secret is not None:
+            secrets.append((f"telegram.{name}.webhook_secret", tg.webhook_secret))
     for name, app in cfg.wecom.items():
         secrets += [(f"wecom.{name}.{k}", getattr(app, k)) for k in ("token", "encoding_aes_key", "secret")]
     for key, secret in secrets:
@@ -301,6 +337,8 @@ def _check_files(cfg: Config, path: Path) -> None:
             value = resolve_secret(secret)
         except SecretError as exc:
             raise ConfigError(f"{path}: {key}: {exc}") from None
+        if key.endswith(".webhook_secret") and not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", value):
+            raise ConfigError(f"{path}: {key}: Telegram accepts 1-256 characters of A-Z, a-z, 0-9, _ and -")
         if key.endswith(".encoding_aes_key"):
             import base64
             import binascii

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 from aiohttp import web
 
@@ -75,3 +75,96 @@ async def serve(app: web.Application) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+class FakeTelegram:
+    """A Bot API server: getMe, getUpdates, setWebhook, deleteWebhook, sendMessage,
+    editMessageText, sendChatAction. Records every call; can answer 429 or 400 on demand."""
+
+    BOT: ClassVar[dict[str, Any]] = {"id": 999000, "is_bot": True, "first_name": "Botd", "username": "botd_test_bot",
+           "can_join_groups": True, "can_read_all_group_messages": True, "supports_inline_queries": False}
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.calls: list[tuple[str, dict[str, Any], float]] = []
+        self.updates: list[dict[str, Any]] = []
+        self._new_update = asyncio.Event()
+        self.fail_next: dict[str, list[dict[str, Any]]] = {}
+        self.messages: dict[int, dict[str, Any]] = {}
+        self._next_id = 1
+        self.webhook: dict[str, Any] | None = None
+
+    def push_update(self, update: dict[str, Any]) -> None:
+        self.updates.append(update)
+        self._new_update.set()
+
+    def of(self, method: str) -> list[dict[str, Any]]:
+        return [p for m, p, _ in self.calls if m == method]
+
+    def answers(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(m, p) for m, p, _ in self.calls if m in ("sendMessage", "editMessageText")]
+
+    async def handle(self, request: web.Request) -> web.Response:
+        import asyncio
+        import json
+        import time
+
+        method = request.match_info["method"]
+        if request.content_type == "application/json":
+            params = await request.json()
+        else:
+            params = {k: v for k, v in (await request.post()).items()}
+        self.calls.append((method, params, time.monotonic()))
+        injected = self.fail_next.get(method)
+        if injected:
+            body = injected.pop(0)
+            return web.json_response(body, status=body.get("error_code", 200))
+
+        def ok(result: Any) -> web.Response:
+            return web.json_response({"ok": True, "result": result})
+
+        if method == "getMe":
+            return ok(self.BOT)
+        if method == "getUpdates":
+            offset = int(params.get("offset") or 0)
+            timeout = float(params.get("timeout") or 0)
+            deadline = time.monotonic() + timeout
+            while True:
+                fresh = [u for u in self.updates if u["update_id"] >= offset]
+                if fresh or time.monotonic() >= deadline:
+                    return ok(fresh)
+                self._new_update.clear()
+                try:
+                    await asyncio.wait_for(self._new_update.wait(), deadline - time.monotonic())
+                except TimeoutError:
+                    pass
+        if method in ("setWebhook", "deleteWebhook"):
+            self.webhook = params if method == "setWebhook" else None
+            return ok(True)
+        if method == "sendChatAction":
+            return ok(True)
+        if method == "sendMessage":
+            mid = self._next_id
+            self._next_id += 1
+            msg = {"message_id": mid, "date": int(time.time()), "text": params["text"],
+                   "chat": {"id": int(params["chat_id"]), "type": "private"}}
+            if "message_thread_id" in params:
+                msg["message_thread_id"] = int(params["message_thread_id"])
+            self.messages[mid] = msg
+            return ok(msg)
+        if method == "editMessageText":
+            mid = int(params["message_id"])
+            msg = self.messages[mid]
+            if msg["text"] == params["text"]:
+                return web.json_response({"ok": False, "error_code": 400, "description":
+                                          "Bad Request: message is not modified: specified new message content and "
+                                          "reply markup are exactly the same"}, status=400)
+            msg["text"] = params["text"]
+            return ok(msg)
+        return web.json_response({"ok": False, "error_code": 404, "description": f"Not Found: {json.dumps(method)}"})
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/bot{token}/{method}", self.handle)
+        return app

@@ -1,0 +1,445 @@
+"""Telegram connector: private chats, groups and forum topics, over a webhook or long polling.
+
+python-telegram-bot's ``Bot`` makes the Bot API calls and ``Update.de_json`` parses
+updates; botd's own aiohttp server receives webhooks (``POST /telegram/<bot>``, the
+secret header checked in constant time before anything else). Each ``update_id`` is
+processed once (Redis). The answer streams into one message edited in place, no more
+often than the configured interval, with "typing…" shown while the job waits and runs;
+429s are obeyed, Markdown is rendered as Telegram HTML (plain text if Telegram rejects
+the entities) and answers over 4096 characters continue in further messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dtm
+import hmac
+import html
+import json
+import os
+import re
+import time
+from typing import Any
+
+# python-telegram-bot 22 moves RetryAfter.retry_after to timedelta; opt in now (both are handled).
+os.environ.setdefault("PTB_TIMEDELTA", "1")
+
+import structlog
+from aiohttp import web
+from telegram import Bot, Message, MessageEntity, ReplyParameters, Update
+from telegram.constants import ChatAction, ParseMode
+from telegram.error import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    InvalidToken,
+    NetworkError,
+    RetryAfter,
+    TelegramError,
+)
+
+from connectors.base import Connector
+from core.config import Config, TelegramConfig
+from core.dispatch import Answer, Busy, Dispatcher, Rejected
+from core.messages import InboundMessage
+from core.secrets import resolve_secret
+from core.textsplit import split_text
+
+log = structlog.get_logger("botd.telegram")
+
+PLATFORM = "telegram"
+ALLOWED_UPDATES = ["message"]
+# Telegram's limit is 4096 characters after entity parsing; leave room for what
+# rendering Markdown may move around.
+PART_CHARS = 4000
+TYPING_EVERY_S = 4.0
+COMMANDS = ("start", "help", "reset")
+TEXT_ONLY = "I read text only. Please send your question as a text message."
+BUSY = "I am busy right now; please try again in {s} s."
+FAILED = "Sorry, something went wrong while answering. Please try again."
+
+
+# -- Markdown -> Telegram HTML -------------------------------------------------------------------
+# Telegram accepts only a small HTML subset (b, i, s, u, code, pre, a, blockquote), so a
+# general Markdown library's output (p, h1, ul, ...) would be rejected; this maps the
+# Markdown that chat models write onto that subset and escapes everything else.
+
+_FENCE = re.compile(r"```([\w+-]*)[^\n]*\n?(.*?)(?:```|\Z)", re.S)
+_INLINE_CODE = re.compile(r"`([^`\n]+)`")
+_LINK = re.compile(r"\[([^\]\n]+)\]\((https?://[^)\s]+)\)")
+_BOLD = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*|__(?=\S)(.+?)(?<=\S)__")
+_ITALIC = re.compile(
+    r"(?<![\w*])\*(?=[^\s*])(.+?)(?<=[^\s*])\*(?![\w*])|(?<![\w_])_(?=[^\s_])(.+?)(?<=[^\s_])_(?![\w_])"
+)
+_STRIKE = re.compile(r"~~(?=\S)(.+?)(?<=\S)~~")
+_HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.+?)\s*#*\s*$")
+_BULLET = re.compile(r"^(\s*)[-*+]\s+")
+
+
+def _inline(text: str) -> str:
+    slots: list[str] = []
+
+    def keep(fragment: str) -> str:
+        slots.append(fragment)
+        return f"\x00{len(slots) - 1}\x00"
+
+    text = _INLINE_CODE.sub(lambda m: keep(f"<code>{html.escape(m.group(1), quote=False)}</code>"), text)
+    text = _LINK.sub(lambda m: keep(f'<a href="{html.escape(m.group(2))}">{html.escape(m.group(1), quote=False)}</a>'),
+                     text)
+    text = html.escape(text, quote=False)
+    text = _BOLD.sub(lambda m: f"<b>{m.group(1) or m.group(2)}</b>", text)
+    text = _STRIKE.sub(lambda m: f"<s>{m.group(1)}</s>", text)
+    text = _ITALIC.sub(lambda m: f"<i>{m.group(1) or m.group(2)}</i>", text)
+    return re.sub(r"\x00(\d+)\x00", lambda m: slots[int(m.group(1))], text)
+
+
+def markdown_to_html(md: str) -> str:
+    out: list[str] = []
+    pos = 0
+    for m in _FENCE.finditer(md):
+        out.append(_lines(md[pos : m.start()]))
+        lang, code = m.group(1), m.group(2).rstrip("\n")
+        cls = f' class="language-{html.escape(lang)}"' if lang else ""
+        out.append(f"<pre><code{cls}>{html.escape(code, quote=False)}</code></pre>")
+        pos = m.end()
+    out.append(_lines(md[pos:]))
+    return "".join(out)
+
+
+def _lines(text: str) -> str:
+    lines = []
+    for line in text.split("\n"):
+        h = _HEADING.match(line)
+        if h:
+            lines.append(f"<b>{_inline(h.group(1))}</b>")
+            continue
+        b = _BULLET.match(line)
+        if b:
+            line = f"{b.group(1)}• {line[b.end():]}"
+        lines.append(_inline(line))
+    return "\n".join(lines)
+
+
+# -- who is addressed -----------------------------------------------------------------------------
+
+
+def _utf16_slice(text: str, offset: int, length: int) -> str:
+    """Entity offsets count UTF-16 code units, not Python characters."""
+    raw = text.encode("utf-16-le")
+    return raw[offset * 2 : (offset + length) * 2].decode("utf-16-le", errors="replace")
+
+
+def mentions_bot(msg: Message, username: str, bot_id: int) -> bool:
+    text = msg.text or msg.caption or ""
+    for ent in msg.entities or msg.caption_entities or ():
+        if ent.type == MessageEntity.MENTION:
+            if _utf16_slice(text, ent.offset, ent.length).lstrip("@").lower() == username.lower():
+                return True
+        elif ent.type == MessageEntity.TEXT_MENTION and ent.user is not None and ent.user.id == bot_id:
+            return True
+    return False
+
+
+def command_of(text: str, username: str) -> str | None:
+    """``/reset`` or ``/reset@thisbot`` -> "reset"; a command for another bot -> None."""
+    m = re.match(r"^/([A-Za-z0-9_]+)(?:@([A-Za-z0-9_]+))?(?:\s|$)", text.strip())
+    if not m:
+        return None
+    name, at = m.group(1).lower(), m.group(2)
+    if at and at.lower() != username.lower():
+        return None
+    return name if name in COMMANDS else None
+
+
+# -- one streamed answer -----------------------------------------------------------------------------
+
+
+class _Streamer:
+    """Shows an answer as it grows: one message edited in place, further messages past 4096."""
+
+    def __init__(self, bot: Bot, chat_id: int, thread_id: int | None, reply_to: int | None, interval: float) -> None:
+        self.bot = bot
+        self.chat_id = chat_id
+        self.thread_id = thread_id
+        self.reply_to = reply_to
+        self.interval = interval
+        self.html = True
+        self.sent: list[tuple[int, str]] = []  # (message_id, the source text it shows)
+        self.not_before = 0.0  # a 429 pushes the next call back
+
+    async def _call(self, fn: Any, **kwargs: Any) -> Any:
+        """One Bot API call, obeying 429s; falls back to plain text if entities are rejected."""
+        for _ in range(5):
+            wait = self.not_before - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            text = kwargs.pop("source")
+            try:
+                if self.html:
+                    return await fn(text=markdown_to_html(text), parse_mode=ParseMode.HTML, **kwargs)
+                return await fn(text=text, **kwargs)
+            except RetryAfter as exc:
+                ra = exc.retry_after
+                secs = ra.total_seconds() if isinstance(ra, dtm.timedelta) else float(ra)
+                self.not_before = time.monotonic() + secs
+                log.info("telegram rate limit: waiting", retry_after_s=secs, chat_id=self.chat_id)
+            except BadRequest as exc:
+                reason = str(exc).lower()
+                if "not modified" in reason:
+                    return None
+                if "parse entities" in reason and self.html:
+                    log.info("telegram rejected the formatting; sending plain text", chat_id=self.chat_id)
+                    self.html = False
+                else:
+                    raise
+            kwargs["source"] = text
+        raise RetryAfter(int(max(1, self.not_before - time.monotonic())))
+
+    async def show(self, text: str) -> None:
+        parts = [p for p in split_text(text, PART_CHARS) if p.strip()]
+        for i, part in enumerate(parts):
+            if i < len(self.sent):
+                mid, shown = self.sent[i]
+                if shown != part:
+                    await self._call(self.bot.edit_message_text, source=part, chat_id=self.chat_id, message_id=mid)
+                    self.sent[i] = (mid, part)
+                continue
+            extra: dict[str, Any] = {}
+            if self.thread_id is not None:
+                extra["message_thread_id"] = self.thread_id
+            if self.reply_to is not None and not self.sent:
+                extra["reply_parameters"] = ReplyParameters(self.reply_to, allow_sending_without_reply=True)
+            msg = await self._call(self.bot.send_message, source=part, chat_id=self.chat_id, **extra)
+            self.sent.append((msg.message_id, part))
+
+    async def stream(self, answer: Answer) -> str:
+        text = ""
+        shown = ""
+        next_at = 0.0
+        final = None
+        async for ev in answer.events():
+            if ev.done:
+                final = ev
+                break
+            text += ev.delta
+            now = time.monotonic()
+            if text.strip() and now >= max(next_at, self.not_before):
+                await self.show(text)
+                shown = text
+                next_at = time.monotonic() + self.interval
+        if final is None or final.finish_reason in ("error", "cancelled"):
+            await self.show((final.text if final else text) + "\n\n" + FAILED if text.strip() else FAILED)
+            return ""
+        if final.text != shown:
+            wait = next_at - time.monotonic()
+            if wait > 0:  # the last edit also keeps the interval
+                await asyncio.sleep(wait)
+            await self.show(final.text if final.text.strip() else "…")
+        return final.text
+
+
+# -- the connector ---------------------------------------------------------------------------------------
+
+
+class _TgBot:
+    def __init__(self, name: str, cfg: TelegramConfig) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.bot = Bot(resolve_secret(cfg.token), base_url=cfg.api_base)
+        self.secret = resolve_secret(cfg.webhook_secret) if cfg.webhook_secret else ""
+        self.username = ""
+        self.id = 0
+        self.poller: asyncio.Task[None] | None = None
+
+
+class TelegramConnector(Connector):
+    name = "telegram"
+
+    def __init__(self, dispatcher: Dispatcher, config: Config) -> None:
+        super().__init__(dispatcher, config)
+        self.bots = {name: _TgBot(name, cfg) for name, cfg in config.telegram.items()}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    @classmethod
+    def enabled(cls, config: Config) -> bool:
+        return bool(config.telegram)
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post("/telegram/{bot}", self.webhook)]
+
+    async def start(self) -> None:
+        for tg in self.bots.values():
+            try:
+                await tg.bot.initialize()  # getMe: our username, for mentions and /cmd@bot
+            except InvalidToken:
+                log.error("telegram rejected the bot token; this bot stays offline", bot=tg.name)
+                continue
+            except (NetworkError, TelegramError) as exc:
+                log.error("telegram getMe failed; this bot stays offline", bot=tg.name, error=type(exc).__name__)
+                continue
+            tg.username, tg.id = tg.bot.username, tg.bot.id
+            log.info("telegram bot ready", bot=tg.name, username=tg.username, mode=tg.cfg.mode)
+            if tg.cfg.mode == "polling":
+                tg.poller = asyncio.create_task(self._poll(tg), name=f"telegram-poll-{tg.name}")
+
+    async def stop(self, grace_s: float = 30.0) -> None:
+        self._stopping = True
+        for tg in self.bots.values():
+            if tg.poller:
+                tg.poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await tg.poller
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=grace_s)
+        for tg in self.bots.values():
+            with contextlib.suppress(Exception):
+                await tg.bot.shutdown()
+
+    # -- receiving ----------------------------------------------------------------------------------
+
+    async def webhook(self, request: web.Request) -> web.StreamResponse:
+        tg = self.bots.get(request.match_info["bot"])
+        if tg is None or tg.cfg.mode != "webhook":
+            raise web.HTTPNotFound(text="no Telegram webhook is configured at this path")
+        given = request.headers.get("X-Telegram-Bot-Api-Secret-Token", "")
+        if not hmac.compare_digest(given.encode(), tg.secret.encode()):
+            raise web.HTTPUnauthorized(text="wrong or missing X-Telegram-Bot-Api-Secret-Token")
+        try:
+            data = json.loads(await request.read())
+        except ValueError:
+            raise web.HTTPBadRequest(text="the body is not JSON") from None
+        if not isinstance(data, dict) or not isinstance(data.get("update_id"), int):
+            raise web.HTTPBadRequest(text="not a Telegram update (no integer update_id)")
+        try:
+            update = Update.de_json(data, tg.bot)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise web.HTTPBadRequest(text=f"malformed update: {type(exc).__name__}") from None
+        await self._accept(tg, update)
+        return web.Response(status=200, text="")
+
+    async def _accept(self, tg: _TgBot, update: Update) -> None:
+        if await self.dispatcher.first_time(PLATFORM, f"{tg.id}:{update.update_id}"):
+            task = asyncio.create_task(self._process(tg, update))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _poll(self, tg: _TgBot) -> None:
+        offset: int | None = None
+        backoff = 1.0
+        while not self._stopping:
+            try:
+                updates = await tg.bot.get_updates(offset=offset, timeout=tg.cfg.poll_timeout_s,
+                                                   allowed_updates=ALLOWED_UPDATES)
+                backoff = 1.0
+            except asyncio.CancelledError:
+                raise
+            except RetryAfter as exc:
+                ra = exc.retry_after
+                await asyncio.sleep(ra.total_seconds() if isinstance(ra, dtm.timedelta) else float(ra))
+                continue
+            except Conflict:
+                log.error("telegram: a webhook is set or another poller runs; run "
+                          f"`botd telegram delete-webhook {tg.name}`", bot=tg.name)
+                await asyncio.sleep(30)
+                continue
+            except InvalidToken:
+                log.error("telegram rejected the bot token; polling stops", bot=tg.name)
+                return
+            except (NetworkError, TelegramError) as exc:
+                log.warning("telegram polling failed; retrying", bot=tg.name, error=type(exc).__name__,
+                            retry_in_s=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 60)
+                continue
+            for update in updates:
+                offset = update.update_id + 1
+                await self._accept(tg, update)
+
+    # -- answering ----------------------------------------------------------------------------------
+
+    async def _process(self, tg: _TgBot, update: Update) -> None:
+        msg = update.message
+        if msg is None or msg.from_user is None or msg.from_user.is_bot:
+            return
+        chat, user = msg.chat, msg.from_user
+        cfg = tg.cfg
+        if (cfg.allow_chats and chat.id not in cfg.allow_chats) or (cfg.allow_users and user.id not in cfg.allow_users):
+            log.info("telegram message from outside the allow-lists ignored", chat_id=chat.id, user_id=user.id)
+            return
+        private = chat.type == "private"
+        text = msg.text or ""
+        command = command_of(text, tg.username) if text else None
+        addressed = (
+            private
+            or command is not None
+            or mentions_bot(msg, tg.username, tg.id)
+            or (msg.reply_to_message is not None and msg.reply_to_message.from_user is not None
+                and msg.reply_to_message.from_user.id == tg.id)
+        )
+        if not addressed:
+            return
+        thread_id = msg.message_thread_id if msg.is_topic_message else None
+        streamer = _Streamer(tg.bot, chat.id, thread_id, None if private else msg.message_id,
+                             cfg.edit_interval_private_s if private else cfg.edit_interval_group_s)
+        structlog.contextvars.bind_contextvars(platform=PLATFORM, bot=tg.name, chat_id=chat.id)
+        try:
+            if not text:
+                await streamer.show(TEXT_ONLY)
+                return
+            if command is not None:
+                text = "/help" if command == "start" else f"/{command}"
+            elif tg.username:
+                text = re.sub(rf"@{re.escape(tg.username)}\b", "", text, flags=re.I).strip() or text
+            topic = str(thread_id) if thread_id is not None else ""
+            thread = topic if private or cfg.group_history == "chat" else f"{topic}/{user.id}"
+            inbound = InboundMessage(platform=PLATFORM, bot=tg.name, chat=str(chat.id), thread=thread,
+                                     user=str(user.id), text=text, event_id=str(update.update_id))
+            try:
+                answer = await self.dispatcher.dispatch(inbound)
+            except Busy as exc:
+                await streamer.show(BUSY.format(s=exc.retry_after))
+                return
+            except Rejected as exc:
+                await streamer.show(exc.message)
+                return
+            typing = asyncio.create_task(self._typing(tg.bot, chat.id, thread_id))
+            try:
+                await streamer.stream(answer)
+            finally:
+                typing.cancel()
+                answer.cancel()  # a no-op when finished; stops generation if sending failed
+        except Forbidden:
+            log.info("telegram: the bot was blocked or removed from the chat")
+        except TelegramError as exc:
+            log.error("telegram reply failed", error=f"{type(exc).__name__}: {exc}")
+        except Exception:  # one bad update must never take the connector down
+            log.exception("telegram update failed", update_id=update.update_id)
+
+    async def _typing(self, bot: Bot, chat_id: int, thread_id: int | None) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            while True:
+                with contextlib.suppress(TelegramError):
+                    await bot.send_chat_action(chat_id, ChatAction.TYPING, message_thread_id=thread_id)
+                await asyncio.sleep(TYPING_EVERY_S)
+
+
+# -- `botd telegram set-webhook / delete-webhook` ------------------------------------------------------
+
+
+async def set_webhook(cfg: TelegramConfig) -> str:
+    if not cfg.webhook_url:
+        raise ValueError("webhook_url is not set")
+    if cfg.webhook_secret is None:
+        raise ValueError("webhook_secret is not set")
+    async with Bot(resolve_secret(cfg.token), base_url=cfg.api_base) as bot:
+        await bot.set_webhook(url=cfg.webhook_url, secret_token=resolve_secret(cfg.webhook_secret),
+                              allowed_updates=ALLOWED_UPDATES)
+        return f"webhook set to {cfg.webhook_url} for @{bot.username}"
+
+
+async def delete_webhook(cfg: TelegramConfig) -> str:
+    async with Bot(resolve_secret(cfg.token), base_url=cfg.api_base) as bot:
+        await bot.delete_webhook()
+        return f"webhook deleted for @{bot.username}; long polling can be used"
