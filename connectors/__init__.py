@@ -16,6 +16,7 @@ REGISTRY: dict[str, str] = {
     "http_api": "connectors.http_api:HttpApiConnector",
     "wecom": "connectors.wecom:WeComConnector",
     "telegram": "connectors.telegram:TelegramConnector",
+    "slack": "connectors.slack:SlackConnector",
 }
 
 

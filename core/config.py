@@ -177,6 +177,38 @@ class TelegramConfig(_Section):
         return self
 
 
+class SlackConfig(_Section):
+    """One Slack app, answering as the botd bot of the same name."""
+
+    # The bot token (xoxb-...) from "OAuth & Permissions".
+    bot_token: Secret
+    # "http" (Events API at POST /slack/events) or "socket" (Socket Mode, no public address).
+    mode: Literal["http", "socket"] = "http"
+    # HTTP mode: "Signing Secret" from "Basic Information".
+    signing_secret: Secret | None = None
+    # Socket Mode: an app-level token (xapp-...) with connections:write.
+    app_token: Secret | None = None
+    api_base: str = "https://slack.com/api/"
+    # Answer follow-ups in a thread the bot has answered, without a new mention.
+    follow_threads: bool = True
+    allow_channels: list[str] = Field(default_factory=list)
+    allow_users: list[str] = Field(default_factory=list)
+    # Shortest time between two chat.update calls of a streamed answer, in seconds.
+    update_interval_s: Annotated[float, Field(ge=0.1, le=60)] = 1.0
+    # The slash command's name, as created in the app config ("/assistant reset").
+    slash_command: Annotated[str, Field(pattern=r"^/[a-z0-9_-]{1,31}$")] = "/assistant"
+
+    @model_validator(mode="after")
+    def _mode_needs(self) -> SlackConfig:
+        if self.mode == "http" and self.signing_secret is None:
+            raise ValueError('http mode needs signing_secret (e.g. "env:SLACK_SIGNING_SECRET")')
+        if self.mode == "socket" and self.app_token is None:
+            raise ValueError('socket mode needs app_token (e.g. "env:SLACK_APP_TOKEN")')
+        if not self.api_base.endswith("/"):
+            raise ValueError("api_base must end with '/'")
+        return self
+
+
 class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -186,6 +218,7 @@ class Config(_Section):
     bots: dict[str, BotConfig] = Field(default_factory=lambda: {"assistant": BotConfig()})
     wecom: dict[str, WecomConfig] = Field(default_factory=dict)
     telegram: dict[str, TelegramConfig] = Field(default_factory=dict)
+    slack: dict[str, SlackConfig] = Field(default_factory=dict)
 
     # Where the file was read from; relative paths in it are relative to its folder.
     source: Path | None = Field(default=None, exclude=True)
@@ -210,7 +243,7 @@ class Config(_Section):
                 f"server.host is {self.server.host!r} (not loopback): set at least one API key, "
                 'e.g. keys = ["env:BOTD_API_KEY"]',
             )
-        for section in ("wecom", "telegram"):
+        for section in ("wecom", "telegram", "slack"):
             for name in getattr(self, section):
                 if name not in self.bots:
                     bots = ", ".join(sorted(self.bots))
@@ -330,6 +363,10 @@ def _check_files(cfg: Config, path: Path) -> None:
         secrets.append((f"telegram.{name}.token", tg.token))
         if tg.webhook_secret is not None:
             secrets.append((f"telegram.{name}.webhook_secret", tg.webhook_secret))
+    for name, sl in cfg.slack.items():
+        for k in ("bot_token", "signing_secret", "app_token"):
+            if getattr(sl, k) is not None:
+                secrets.append((f"slack.{name}.{k}", getattr(sl, k)))
     for name, app in cfg.wecom.items():
         secrets += [(f"wecom.{name}.{k}", getattr(app, k)) for k in ("token", "encoding_aes_key", "secret")]
     for key, secret in secrets:

@@ -168,3 +168,80 @@ class FakeTelegram:
         app = web.Application()
         app.router.add_post("/bot{token}/{method}", self.handle)
         return app
+
+
+class FakeSlack:
+    """Slack's Web API (auth.test, chat.postMessage, chat.update, chat.postEphemeral,
+    apps.connections.open) and a Socket Mode WebSocket endpoint. Records every call;
+    can answer 429 with Retry-After on demand."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.calls: list[tuple[str, dict[str, Any], float]] = []
+        self.fail_next: dict[str, list[tuple[int, dict[str, Any], dict[str, str]]]] = {}
+        self.base = ""
+        self._ts = 1700000000.000100
+        self.ws: web.WebSocketResponse | None = None
+        self.ws_ready = asyncio.Event()
+        self.acks: list[str] = []
+
+    def of(self, method: str) -> list[dict[str, Any]]:
+        return [p for m, p, _ in self.calls if m == method]
+
+    async def api(self, request: web.Request) -> web.Response:
+        import time
+
+        method = request.match_info["method"]
+        if request.content_type == "application/json":
+            params = await request.json()
+        else:
+            params = dict(await request.post())
+        self.calls.append((method, params, time.monotonic()))
+        injected = self.fail_next.get(method)
+        if injected:
+            status, body, headers = injected.pop(0)
+            return web.json_response(body, status=status, headers=headers)
+        if method == "auth.test":
+            return web.json_response({"ok": True, "url": "https://t.slack.com/", "team": "T", "user": "botd",
+                                      "team_id": "T1", "user_id": "UBOT", "bot_id": "BBOT"})
+        if method == "chat.postMessage":
+            self._ts += 1
+            return web.json_response({"ok": True, "channel": params["channel"], "ts": f"{self._ts:.6f}",
+                                      "message": {"text": params.get("text", "")}})
+        if method == "chat.update":
+            return web.json_response({"ok": True, "channel": params["channel"], "ts": params["ts"],
+                                      "text": params.get("text", "")})
+        if method == "chat.postEphemeral":
+            return web.json_response({"ok": True, "message_ts": "1.0"})
+        if method == "apps.connections.open":
+            return web.json_response({"ok": True, "url": self.base.replace("http://", "ws://") + "/socket"})
+        return web.json_response({"ok": False, "error": "unknown_method"})
+
+    async def socket(self, request: web.Request) -> web.WebSocketResponse:
+        import json
+
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self.ws = ws
+        await ws.send_str(json.dumps({"type": "hello", "num_connections": 1,
+                                      "connection_info": {"app_id": "A1"}}))
+        self.ws_ready.set()
+        async for msg in ws:
+            if msg.type == web.WSMsgType.TEXT:
+                data = json.loads(msg.data)
+                if "envelope_id" in data:
+                    self.acks.append(data["envelope_id"])
+        return ws
+
+    async def send_envelope(self, envelope: dict[str, Any]) -> None:
+        import json
+
+        assert self.ws is not None
+        await self.ws.send_str(json.dumps(envelope))
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/api/{method}", self.api)
+        app.router.add_get("/socket", self.socket)
+        return app
