@@ -226,7 +226,9 @@ class ChatService:
             history_used=used, history_dropped=dropped, history_stored=stored, degraded=degraded,
         )
 
-    async def drain(self) -> None:
-        """Wait for the history writes of finished jobs."""
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Wait (bounded) for the history writes of finished jobs."""
         if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            _, pending = await asyncio.wait(list(self._tasks), timeout=timeout_s)
+            for task in pending:
+                task.cancel()

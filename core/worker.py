@@ -18,7 +18,7 @@ from collections.abc import Callable
 import structlog
 
 from core.engines.base import Engine, EngineError, PromptTooLong
-from core.jobs import FairQueue, Job
+from core.jobs import FairQueue, Job, QueueFull
 from core.messages import Usage
 
 log = structlog.get_logger("botd.worker")
@@ -44,6 +44,7 @@ class InferenceWorker:
         self._dispatcher: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._current: Job | None = None
+        self._accepting = True
         self.loaded = False
 
     # -- lifecycle ------------------------------------------------------------------
@@ -60,13 +61,15 @@ class InferenceWorker:
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop taking jobs, let the running one finish for up to ``grace_s``, then stop the thread."""
+        self._accepting = False
+        # Taken before the dispatcher is cancelled: its cleanup forgets the running job.
+        current = self._current
         if self._dispatcher:
             self._dispatcher.cancel()
             try:
                 await self._dispatcher
             except asyncio.CancelledError:
                 pass
-        current = self._current
         if current is not None:
             try:
                 await asyncio.wait_for(current.wait(), grace_s)
@@ -84,7 +87,9 @@ class InferenceWorker:
     # -- submitting -------------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
-        """Queue a job (raises :class:`QueueFull` at once when there is no room)."""
+        """Queue a job (raises :class:`QueueFull` at once when there is no room or we are stopping)."""
+        if not self._accepting:
+            raise QueueFull("the daemon is shutting down", self.jobs.retry_after_s)
         self.jobs.put_nowait(job)
 
     def cancel(self, job: Job) -> None:

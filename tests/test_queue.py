@@ -109,14 +109,14 @@ async def test_new_requests_are_accepted_while_generating(tmp_path, redis_server
         t0 = time.monotonic()
         status, data, _ = await api.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 10}],
                                                                    "max_tokens": 99999})
-        assert status == 400 and time.monotonic() - t0 < 0.1  # validated and answered during generation
+        assert status == 400 and time.monotonic() - t0 < 1.0  # answered during a ~3 s generation, not after it
         # a streaming request gets its headers at once although it has to wait its turn
         async with aiohttp.ClientSession() as s:
             t0 = time.monotonic()
             async with s.post(api.base + "/v1/chat/completions",
                               json={**LONG, "max_tokens": 2, "stream": True}) as r:
                 assert r.status == 200
-                assert time.monotonic() - t0 < 0.2
+                assert time.monotonic() - t0 < 1.0
                 await r.read()
         await gen
 

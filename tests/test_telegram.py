@@ -79,14 +79,20 @@ async def _streamed_private_answer(fake, redis_server, api, deliver) -> None:
     t0 = time.monotonic()
     await deliver(private_update("Tell me a long story about a brave knight."))
     await until(lambda: len(stored(redis_server, 4242)) == 2)
+    answer = stored(redis_server, 4242)[1]["content"]
+
+    def shown() -> str:
+        texts = [p["text"] for m, p, _ in fake.calls[start:] if m in ("sendMessage", "editMessageText")]
+        return texts[-1] if texts else ""
+
+    # the last edit keeps the interval too: wait for it
+    await until(lambda: shown() == markdown_to_html(answer), timeout=5)
     duration = time.monotonic() - t0
-    await asyncio.sleep(0.3)
     calls = fake.calls[start:]
     sends = [p for m, p, _ in calls if m == "sendMessage"]
     edits = [p for m, p, _ in calls if m == "editMessageText"]
     assert len(sends) == 1
     assert len(edits) <= duration / 0.5 + 2
-    answer = stored(redis_server, 4242)[1]["content"]
     final = (edits or sends)[-1]
     assert final["text"] == markdown_to_html(answer)
     assert final.get("parse_mode") == "HTML"
@@ -199,14 +205,15 @@ async def test_rate_limit_and_entity_fallback(tmp_path, redis_server):
         async with running_daemon(cfg) as api:
             await post_update(api, private_update("Write a long essay about the history of ships."))
             await until(lambda: len(stored(redis_server, 4242)) == 2)
-            await asyncio.sleep(0.3)
+            answer = stored(redis_server, 4242)[1]["content"]
+            await until(lambda: fake.of("editMessageText")[-1]["text"] == answer, timeout=5)
     sends = [(p, t) for m, p, t in fake.calls if m == "sendMessage"]
     assert sends[0][0].get("parse_mode") == "HTML" and "parse_mode" not in sends[1][0]  # fell back to plain
     edits = [(p, t) for m, p, t in fake.calls if m == "editMessageText"]
     assert len(edits) >= 2
     assert edits[1][1] - edits[0][1] >= 1.95  # the 429's retry_after was obeyed
     assert all("parse_mode" not in p for p, _ in edits)
-    assert edits[-1][0]["text"] == stored(redis_server, 4242)[1]["content"]
+    assert edits[-1][0]["text"] == answer
 
 
 async def test_5000_character_answer_arrives_as_two_messages():
