@@ -38,10 +38,11 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from connectors.base import Connector
 from core.config import Config, SlackConfig
-from core.dispatch import Answer, Busy, Dispatcher, Rejected
+from core.dispatch import Busy, Dispatcher, Rejected
 from core.messages import InboundMessage, ThreadKey
 from core.redis_store import StoreUnavailable
 from core.secrets import resolve_secret
+from core.streaming import LiveMessage
 from core.textsplit import split_text
 
 log = structlog.get_logger("botd.slack")
@@ -121,16 +122,17 @@ def _lines(text: str) -> str:
 # -- one streamed answer --------------------------------------------------------------------------
 
 
-class _Streamer:
+class _Streamer(LiveMessage):
     """Posts the answer once and updates it in place; long answers continue in new messages."""
 
+    failed_text = FAILED
+
     def __init__(self, client: AsyncWebClient, channel: str, thread_ts: str | None, interval: float) -> None:
+        super().__init__(interval)
         self.client = client
         self.channel = channel
         self.thread_ts = thread_ts
-        self.interval = interval
         self.sent: list[tuple[str, str]] = []  # (ts, the source text it shows)
-        self.not_before = 0.0
 
     async def _wait_turn(self) -> None:
         wait = self.not_before - time.monotonic()
@@ -186,27 +188,6 @@ class _Streamer:
                     self.sent[i] = (ts, part)
             else:
                 self.sent.append((await self._post(part), part))
-
-    async def stream(self, answer: Answer) -> str:
-        await self.show(THINKING)
-        text, shown, next_at, final = "", THINKING, time.monotonic() + self.interval, None
-        async for ev in answer.events():
-            if ev.done:
-                final = ev
-                break
-            text += ev.delta
-            if text.strip() and time.monotonic() >= max(next_at, self.not_before):
-                await self.show(text)
-                shown, next_at = text, time.monotonic() + self.interval
-        if final is None or final.finish_reason in ("error", "cancelled"):
-            await self.show(f"{text}\n\n{FAILED}" if text.strip() else FAILED)
-            return ""
-        if final.text != shown:
-            wait = next_at - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            await self.show(final.text if final.text.strip() else "…")
-        return final.text
 
 
 # -- the connector ---------------------------------------------------------------------------------
@@ -379,7 +360,7 @@ class SlackConnector(Connector):
                 await streamer.show(exc.message)
                 return
             try:
-                await streamer.stream(answer)
+                await streamer.stream(answer, placeholder=THINKING)
             finally:
                 answer.cancel()
             if root and not is_dm and sa.cfg.follow_threads:

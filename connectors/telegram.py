@@ -41,9 +41,10 @@ from telegram.error import (
 
 from connectors.base import Connector
 from core.config import Config, TelegramConfig
-from core.dispatch import Answer, Busy, Dispatcher, Rejected
+from core.dispatch import Busy, Dispatcher, Rejected
 from core.messages import InboundMessage
 from core.secrets import resolve_secret
+from core.streaming import LiveMessage
 from core.textsplit import split_text
 
 log = structlog.get_logger("botd.telegram")
@@ -155,18 +156,19 @@ def command_of(text: str, username: str) -> str | None:
 # -- one streamed answer -----------------------------------------------------------------------------
 
 
-class _Streamer:
+class _Streamer(LiveMessage):
     """Shows an answer as it grows: one message edited in place, further messages past 4096."""
 
+    failed_text = FAILED
+
     def __init__(self, bot: Bot, chat_id: int, thread_id: int | None, reply_to: int | None, interval: float) -> None:
+        super().__init__(interval)
         self.bot = bot
         self.chat_id = chat_id
         self.thread_id = thread_id
         self.reply_to = reply_to
-        self.interval = interval
         self.html = True
         self.sent: list[tuple[int, str]] = []  # (message_id, the source text it shows)
-        self.not_before = 0.0  # a 429 pushes the next call back
 
     async def _call(self, fn: Any, **kwargs: Any) -> Any:
         """One Bot API call, obeying 429s; falls back to plain text if entities are rejected."""
@@ -212,31 +214,6 @@ class _Streamer:
                 extra["reply_parameters"] = ReplyParameters(self.reply_to, allow_sending_without_reply=True)
             msg = await self._call(self.bot.send_message, source=part, chat_id=self.chat_id, **extra)
             self.sent.append((msg.message_id, part))
-
-    async def stream(self, answer: Answer) -> str:
-        text = ""
-        shown = ""
-        next_at = 0.0
-        final = None
-        async for ev in answer.events():
-            if ev.done:
-                final = ev
-                break
-            text += ev.delta
-            now = time.monotonic()
-            if text.strip() and now >= max(next_at, self.not_before):
-                await self.show(text)
-                shown = text
-                next_at = time.monotonic() + self.interval
-        if final is None or final.finish_reason in ("error", "cancelled"):
-            await self.show((final.text if final else text) + "\n\n" + FAILED if text.strip() else FAILED)
-            return ""
-        if final.text != shown:
-            wait = next_at - time.monotonic()
-            if wait > 0:  # the last edit also keeps the interval
-                await asyncio.sleep(wait)
-            await self.show(final.text if final.text.strip() else "…")
-        return final.text
 
 
 # -- the connector ---------------------------------------------------------------------------------------

@@ -199,6 +199,5 @@ async def test_client_gone_cancels_non_streaming_generation(tmp_path, redis_serv
         async def idle() -> bool:
             return not api.daemon.runtime.worker.busy
 
-        await wait_for(idle, timeout=3)
-        job_metrics = api.daemon.runtime.queue
-        assert len(job_metrics) == 0
+        await wait_for(idle, timeout=8)  # 1000 tokens would take ~10 s
+        assert len(api.daemon.runtime.queue) == 0

@@ -46,13 +46,17 @@ async def test_per_user_cap_answers_429(tmp_path, redis_server):
     async with running_daemon(cfg) as api:
         tasks = [asyncio.create_task(api.post("/v1/chat/completions", {**LONG, "user": "greedy"})) for _ in range(2)]
         await _busy_worker(api)
-        await asyncio.sleep(0.05)
+
+        async def both_in() -> bool:
+            return len(api.daemon.runtime.queue) == 1
+
+        await wait_for(both_in)
         status, data, headers = await api.post("/v1/chat/completions", {**LONG, "user": "greedy"})
         assert status == 429 and int(headers["Retry-After"]) >= 1
         assert data["error"]["code"] == "rate_limited"
         # another user still gets in
         other = asyncio.create_task(api.post("/v1/chat/completions", {**LONG, "max_tokens": 2, "user": "polite"}))
-        status, _, _ = await asyncio.wait_for(other, 60)
+        status, _, _ = await asyncio.wait_for(other, 120)
         assert status == 200
         for t in tasks:
             t.cancel()
