@@ -306,13 +306,19 @@ class HttpApiConnector(Connector):
             obj = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
             return b"data: " + _dumps(obj).encode() + b"\n\n"
 
+        # The per-token event is the same JSON each time but for the text: build it once.
+        head, _, tail = chunk({"content": "\x00"}).decode().partition('"\\u0000"')
+
+        def content_chunk(text: str) -> bytes:
+            return (head + json.dumps(text, ensure_ascii=False) + tail).encode()
+
         finished = False
         try:
             await resp.prepare(request)
             await resp.write(chunk({"role": "assistant", "content": ""}))
             async for ev in answer.events():
                 if not ev.done:
-                    await resp.write(chunk({"content": ev.delta}))
+                    await resp.write(content_chunk(ev.delta))
                     continue
                 finished = True
                 if ev.finish_reason == "error":
