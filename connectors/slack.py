@@ -198,7 +198,8 @@ class _SlackApp:
         self.name = name
         self.cfg = cfg
         # No automatic retries: a retried chat.postMessage after a timeout could post twice.
-        self.client = AsyncWebClient(token=resolve_secret(cfg.bot_token), base_url=cfg.api_base, retry_handlers=[])
+        self.client = AsyncWebClient(token=resolve_secret(cfg.bot_token), base_url=cfg.api_base, retry_handlers=[],
+                                     timeout=int(max(1, cfg.api_timeout_s)))
         http = cfg.mode == "http"
         secret = resolve_secret(cfg.signing_secret) if cfg.signing_secret else None
         self.verifier = SignatureVerifier(secret) if secret else None
@@ -368,6 +369,9 @@ class SlackConnector(Connector):
                     await self.dispatcher.cache.set(self._follow_key(sa, channel, root), "1", _FOLLOW_TTL_S)
         except SlackApiError as exc:
             log.error("slack reply failed", error=str(exc.response.get("error") if exc.response else exc))
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            # Not repeated: Slack may have posted it already, and an answer must not appear twice.
+            log.error("slack did not answer in time; the reply is not re-posted", error=type(exc).__name__)
         except Exception:  # one bad event must never take the connector down
             log.exception("slack event failed")
 

@@ -195,6 +195,8 @@ class SlackConfig(_Section):
     allow_users: list[str] = Field(default_factory=list)
     # Shortest time between two chat.update calls of a streamed answer, in seconds.
     update_interval_s: Annotated[float, Field(ge=0.1, le=60)] = 1.0
+    # Timeout of one Web API call, in seconds.
+    api_timeout_s: Annotated[float, Field(gt=0, le=120)] = 30.0
     # The slash command's name, as created in the app config ("/assistant reset").
     slash_command: Annotated[str, Field(pattern=r"^/[a-z0-9_-]{1,31}$")] = "/assistant"
 

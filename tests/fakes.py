@@ -185,6 +185,7 @@ class FakeSlack:
         self.ws: web.WebSocketResponse | None = None
         self.ws_ready = asyncio.Event()
         self.acks: list[str] = []
+        self.delay_next: dict[str, float] = {}  # seconds to sleep before answering a method, once
 
     def of(self, method: str) -> list[dict[str, Any]]:
         return [p for m, p, _ in self.calls if m == method]
@@ -198,6 +199,11 @@ class FakeSlack:
         else:
             params = dict(await request.post())
         self.calls.append((method, params, time.monotonic()))
+        delay = self.delay_next.pop(method, 0)
+        if delay:
+            import asyncio
+
+            await asyncio.sleep(delay)
         injected = self.fail_next.get(method)
         if injected:
             status, body, headers = injected.pop(0)

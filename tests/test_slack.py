@@ -195,6 +195,19 @@ async def test_rate_limited_update_waits_for_retry_after(tmp_path, redis_server)
     assert updates[1] - updates[0] >= 1.95
 
 
+async def test_a_timed_out_post_is_never_posted_again(tmp_path, redis_server):
+    fake = FakeSlack()
+    fake.delay_next["chat.postMessage"] = 2.5  # longer than the client's timeout
+    async with serve(fake.app()) as base:
+        cfg = slack_config(tmp_path, redis_server.url, base, api_timeout_s=1)
+        async with running_daemon(cfg) as api:
+            await post_event(api, event("app_mention", "<@UBOT> hello"))
+            await until(lambda: len(fake.of("chat.postMessage")) >= 1)
+            await asyncio.sleep(4)
+            assert len(fake.of("chat.postMessage")) == 1  # Slack may have it: no second post
+            assert not api.daemon.runtime.worker.busy  # and the generation was stopped
+
+
 async def test_slash_command_answers_ephemerally_and_resets_the_dm(tmp_path, redis_server):
     fake = FakeSlack()
     async with serve(fake.app()) as base, running_daemon(slack_config(tmp_path, redis_server.url, base)) as api:
