@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import time
 from typing import Any
 from urllib.parse import parse_qs
@@ -39,6 +38,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from connectors.base import Connector
 from core.config import Config, SlackConfig
 from core.dispatch import Busy, Dispatcher, Rejected
+from core.markdown import Markup
 from core.messages import InboundMessage, ThreadKey
 from core.redis_store import StoreUnavailable
 from core.secrets import resolve_secret
@@ -59,64 +59,32 @@ _FOLLOW_TTL_S = 7 * 24 * 3600
 
 
 # -- Markdown -> Slack mrkdwn ----------------------------------------------------------------------
-# Slack's mrkdwn is not Markdown (single-star bold, <url|label> links, no headings), and
-# no maintained library converts model output to it; this covers what chat models write.
-
-_FENCE = re.compile(r"```[\w+-]*[^\n]*\n?(.*?)(?:```|\Z)", re.S)
-_CODE = re.compile(r"`[^`\n]+`")
-_LINK = re.compile(r"\[([^\]\n]+)\]\((https?://[^)\s]+)\)")
-_BOLD = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*|__(?=\S)(.+?)(?<=\S)__")
-_ITALIC = re.compile(r"(?<![\w*])\*(?=[^\s*])(.+?)(?<=[^\s*])\*(?![\w*])")
-_STRIKE = re.compile(r"~~(?=\S)(.+?)(?<=\S)~~")
-_HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.+?)\s*#*\s*$")
-_BULLET = re.compile(r"^(\s*)[-*+]\s+")
+# Slack's mrkdwn is not Markdown: single-star bold, underscore italics, <url|label> links,
+# no headings; only & < > are escaped.
 
 
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+class _Mrkdwn(Markup):
+    bold = ("*", "*")
+    italic = ("_", "_")
+    strike = ("~", "~")
+
+    def escape(self, text: str) -> str:
+        return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+    def code_block(self, lang: str, code: str) -> str:
+        return "```" + self.escape(code) + "```"
+
+    def code_span(self, code: str) -> str:
+        return "`" + self.escape(code) + "`"
+
+    def link(self, label: str, url: str) -> str:
+        return f"<{url}|{label.replace('|', '¦')}>"
+
+    def heading(self, text: str) -> str:
+        return "*" + text.replace("*", "") + "*"
 
 
-def _inline(text: str) -> str:
-    slots: list[str] = []
-
-    def keep(fragment: str) -> str:
-        slots.append(fragment)
-        return f"\x00{len(slots) - 1}\x00"
-
-    text = _CODE.sub(lambda m: keep(_escape(m.group(0))), text)
-    text = _LINK.sub(lambda m: keep(f"<{m.group(2)}|{_escape(m.group(1)).replace('|', '¦')}>"), text)
-    text = _escape(text)
-    text = _BOLD.sub(lambda m: keep("*") + (m.group(1) or m.group(2)) + keep("*"), text)
-    text = _ITALIC.sub(lambda m: f"_{m.group(1)}_", text)
-    text = _STRIKE.sub(lambda m: f"~{m.group(1)}~", text)
-    while "\x00" in text:
-        text = re.sub(r"\x00(\d+)\x00", lambda m: slots[int(m.group(1))], text)
-    return text
-
-
-def markdown_to_mrkdwn(md: str) -> str:
-    out: list[str] = []
-    pos = 0
-    for m in _FENCE.finditer(md):
-        out.append(_lines(md[pos : m.start()]))
-        out.append("```" + _escape(m.group(1).rstrip("\n")) + "```")
-        pos = m.end()
-    out.append(_lines(md[pos:]))
-    return "".join(out)
-
-
-def _lines(text: str) -> str:
-    lines = []
-    for line in text.split("\n"):
-        h = _HEADING.match(line)
-        if h:
-            lines.append("*" + _inline(h.group(1)).replace("*", "") + "*")
-            continue
-        b = _BULLET.match(line)
-        if b:
-            line = f"{b.group(1)}• {line[b.end():]}"
-        lines.append(_inline(line))
-    return "\n".join(lines)
+markdown_to_mrkdwn = _Mrkdwn().render
 
 
 # -- one streamed answer --------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from telegram.error import (
 from connectors.base import Connector
 from core.config import Config, TelegramConfig
 from core.dispatch import Busy, Dispatcher, Rejected
+from core.markdown import Markup
 from core.messages import InboundMessage
 from core.secrets import resolve_secret
 from core.streaming import LiveMessage
@@ -62,64 +63,32 @@ FAILED = "Sorry, something went wrong while answering. Please try again."
 
 
 # -- Markdown -> Telegram HTML -------------------------------------------------------------------
-# Telegram accepts only a small HTML subset (b, i, s, u, code, pre, a, blockquote), so a
-# general Markdown library's output (p, h1, ul, ...) would be rejected; this maps the
-# Markdown that chat models write onto that subset and escapes everything else.
-
-_FENCE = re.compile(r"```([\w+-]*)[^\n]*\n?(.*?)(?:```|\Z)", re.S)
-_INLINE_CODE = re.compile(r"`([^`\n]+)`")
-_LINK = re.compile(r"\[([^\]\n]+)\]\((https?://[^)\s]+)\)")
-_BOLD = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*|__(?=\S)(.+?)(?<=\S)__")
-_ITALIC = re.compile(
-    r"(?<![\w*])\*(?=[^\s*])(.+?)(?<=[^\s*])\*(?![\w*])|(?<![\w_])_(?=[^\s_])(.+?)(?<=[^\s_])_(?![\w_])"
-)
-_STRIKE = re.compile(r"~~(?=\S)(.+?)(?<=\S)~~")
-_HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.+?)\s*#*\s*$")
-_BULLET = re.compile(r"^(\s*)[-*+]\s+")
+# Telegram accepts only a small HTML subset (b, i, s, u, code, pre, a, blockquote).
 
 
-def _inline(text: str) -> str:
-    slots: list[str] = []
+class _TelegramHtml(Markup):
+    bold = ("<b>", "</b>")
+    italic = ("<i>", "</i>")
+    strike = ("<s>", "</s>")
 
-    def keep(fragment: str) -> str:
-        slots.append(fragment)
-        return f"\x00{len(slots) - 1}\x00"
+    def escape(self, text: str) -> str:
+        return html.escape(text, quote=False)
 
-    text = _INLINE_CODE.sub(lambda m: keep(f"<code>{html.escape(m.group(1), quote=False)}</code>"), text)
-    text = _LINK.sub(lambda m: keep(f'<a href="{html.escape(m.group(2))}">{html.escape(m.group(1), quote=False)}</a>'),
-                     text)
-    text = html.escape(text, quote=False)
-    text = _BOLD.sub(lambda m: f"<b>{m.group(1) or m.group(2)}</b>", text)
-    text = _STRIKE.sub(lambda m: f"<s>{m.group(1)}</s>", text)
-    text = _ITALIC.sub(lambda m: f"<i>{m.group(1) or m.group(2)}</i>", text)
-    return re.sub(r"\x00(\d+)\x00", lambda m: slots[int(m.group(1))], text)
-
-
-def markdown_to_html(md: str) -> str:
-    out: list[str] = []
-    pos = 0
-    for m in _FENCE.finditer(md):
-        out.append(_lines(md[pos : m.start()]))
-        lang, code = m.group(1), m.group(2).rstrip("\n")
+    def code_block(self, lang: str, code: str) -> str:
         cls = f' class="language-{html.escape(lang)}"' if lang else ""
-        out.append(f"<pre><code{cls}>{html.escape(code, quote=False)}</code></pre>")
-        pos = m.end()
-    out.append(_lines(md[pos:]))
-    return "".join(out)
+        return f"<pre><code{cls}>{html.escape(code, quote=False)}</code></pre>"
+
+    def code_span(self, code: str) -> str:
+        return f"<code>{html.escape(code, quote=False)}</code>"
+
+    def link(self, label: str, url: str) -> str:
+        return f'<a href="{html.escape(url)}">{label}</a>'
+
+    def heading(self, text: str) -> str:
+        return f"<b>{text}</b>"
 
 
-def _lines(text: str) -> str:
-    lines = []
-    for line in text.split("\n"):
-        h = _HEADING.match(line)
-        if h:
-            lines.append(f"<b>{_inline(h.group(1))}</b>")
-            continue
-        b = _BULLET.match(line)
-        if b:
-            line = f"{b.group(1)}• {line[b.end():]}"
-        lines.append(_inline(line))
-    return "\n".join(lines)
+markdown_to_html = _TelegramHtml().render
 
 
 # -- who is addressed -----------------------------------------------------------------------------

@@ -260,3 +260,12 @@ async def test_set_and_delete_webhook_cli(tmp_path, redis_server):
         res = await asyncio.to_thread(subprocess.run, [botd, "telegram", "delete-webhook", "assistant", "--config",
                                                         str(cfg)], capture_output=True, text=True)
         assert res.returncode == 0 and fake.webhook is None
+
+
+def test_markdown_to_telegram_html():
+    md = ("# Title\n**bold** and *it* and _it2_ and snake_case_var and a<b & c\n- item\n"
+          "```py\nx = 1 < 2\n```\nsee [site](https://x.org/a?b=1&c=2) and `co*de*` ~~gone~~")
+    assert markdown_to_html(md) == (
+        "<b>Title</b>\n<b>bold</b> and <i>it</i> and <i>it2</i> and snake_case_var and a&lt;b &amp; c\n• item\n"
+        '<pre><code class="language-py">x = 1 &lt; 2</code></pre>\n'
+        'see <a href="https://x.org/a?b=1&amp;c=2">site</a> and <code>co*de*</code> <s>gone</s>')
