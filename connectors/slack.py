@@ -37,7 +37,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from connectors.base import Connector
 from core.config import Config, SlackConfig
-from core.dispatch import Busy, Dispatcher, Rejected
+from core.dispatch import Busy, Dispatcher
 from core.markdown import Markup
 from core.messages import InboundMessage, ThreadKey
 from core.redis_store import StoreUnavailable
@@ -320,18 +320,8 @@ class SlackConnector(Connector):
         inbound = InboundMessage(platform=PLATFORM, bot=sa.name, chat=channel, thread=root, user=user,
                                  text=text or "/help", event_id=event_id)
         try:
-            try:
-                answer = await self.dispatcher.dispatch(inbound)
-            except Busy as exc:
-                await streamer.show(BUSY.format(s=exc.retry_after))
+            if not await streamer.reply(self.dispatcher, inbound, BUSY, placeholder=THINKING):
                 return
-            except Rejected as exc:
-                await streamer.show(exc.message)
-                return
-            try:
-                await streamer.stream(answer, placeholder=THINKING)
-            finally:
-                answer.cancel()
             if root and not is_dm and sa.cfg.follow_threads:
                 with contextlib.suppress(StoreUnavailable):
                     await self.dispatcher.cache.set(self._follow_key(sa, channel, root), "1", _FOLLOW_TTL_S)

@@ -41,7 +41,7 @@ from telegram.error import (
 
 from connectors.base import Connector
 from core.config import Config, TelegramConfig
-from core.dispatch import Busy, Dispatcher, Rejected
+from core.dispatch import Dispatcher
 from core.markdown import Markup
 from core.messages import InboundMessage
 from core.secrets import resolve_secret
@@ -342,20 +342,11 @@ class TelegramConnector(Connector):
             thread = topic if private or cfg.group_history == "chat" else f"{topic}/{user.id}"
             inbound = InboundMessage(platform=PLATFORM, bot=tg.name, chat=str(chat.id), thread=thread,
                                      user=str(user.id), text=text, event_id=str(update.update_id))
-            try:
-                answer = await self.dispatcher.dispatch(inbound)
-            except Busy as exc:
-                await streamer.show(BUSY.format(s=exc.retry_after))
-                return
-            except Rejected as exc:
-                await streamer.show(exc.message)
-                return
             typing = asyncio.create_task(self._typing(tg.bot, chat.id, thread_id))
             try:
-                await streamer.stream(answer)
+                await streamer.reply(self.dispatcher, inbound, BUSY)
             finally:
                 typing.cancel()
-                answer.cancel()  # a no-op when finished; stops generation if sending failed
         except Forbidden:
             log.info("telegram: the bot was blocked or removed from the chat")
         except TelegramError as exc:

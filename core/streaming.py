@@ -12,7 +12,8 @@ import asyncio
 import time
 from abc import ABC, abstractmethod
 
-from core.dispatch import Answer
+from core.dispatch import Answer, Busy, Dispatcher, Rejected
+from core.messages import InboundMessage
 
 
 class LiveMessage(ABC):
@@ -25,6 +26,22 @@ class LiveMessage(ABC):
     @abstractmethod
     async def show(self, text: str) -> None:
         """Make the platform show ``text`` (the whole answer so far)."""
+
+    async def reply(self, dispatcher: Dispatcher, msg: InboundMessage, busy_text: str,
+                    placeholder: str | None = None) -> str:
+        """Dispatch ``msg`` and show its answer; "busy" and refusals are shown as they are."""
+        try:
+            answer = await dispatcher.dispatch(msg)
+        except Busy as exc:
+            await self.show(busy_text.format(s=exc.retry_after))
+            return ""
+        except Rejected as exc:
+            await self.show(exc.message)
+            return ""
+        try:
+            return await self.stream(answer, placeholder)
+        finally:
+            answer.cancel()  # a no-op once finished; stops the generation if showing failed
 
     async def stream(self, answer: Answer, placeholder: str | None = None) -> str:
         """Show the answer as it grows; returns the final text ("" when it failed)."""
