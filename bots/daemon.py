@@ -17,6 +17,7 @@ from bots.service import ChatService
 from connectors import REGISTRY, load_connector
 from connectors.base import Connector
 from connectors.server import build_app
+from core import sdnotify
 from core.config import Config
 from core.runtime import Runtime
 
@@ -99,9 +100,24 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        # Ready only now: model loaded, Redis tried, listeners up.
+        sdnotify.notify(f"READY=1\nSTATUS=listening on {self.cfg.server.host}:{self.port}")
+        pinger = None
+        interval = sdnotify.watchdog_interval_s()
+        if interval is not None:
+            pinger = asyncio.create_task(self._watchdog(interval), name="botd-watchdog")
         try:
             await self._stop.wait()
             log.info("stopping")
+            sdnotify.notify("STOPPING=1")
         finally:
+            if pinger is not None:
+                pinger.cancel()
             await self.stop()
             log.info("stopped")
+
+    async def _watchdog(self, interval: float) -> None:
+        # Pinged from the event loop itself: a wedged loop stops the pings and systemd restarts us.
+        while True:
+            sdnotify.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)

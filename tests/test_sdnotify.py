@@ -1,0 +1,49 @@
+"""The daemon speaks systemd's notify protocol to a real NOTIFY_SOCKET."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+from conftest import BOTD, REPO, free_port
+
+
+def test_ready_after_the_api_answers_then_watchdog_then_stopping(tmp_path):
+    sock_path = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(sock_path)
+    listener.settimeout(60)
+    port = free_port()
+    cfg = (REPO / "config.toml").read_text().replace("port = 8080", f"port = {port}").replace(
+        'state_dir = "state"', f'state_dir = "{tmp_path / "state"}"')
+    (tmp_path / "config.toml").write_text(cfg)
+    env = {**os.environ, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "400000"}
+    proc = subprocess.Popen([BOTD, "run", "--config", str(tmp_path / "config.toml")], env=env,
+                            stderr=subprocess.DEVNULL)
+    try:
+        first = listener.recv(4096).decode()
+        assert first.startswith("READY=1")
+        # READY came only once the API answers
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+            assert json.loads(r.read())["model_loaded"] is True
+        pings = [listener.recv(4096).decode() for _ in range(3)]
+        assert pings == ["WATCHDOG=1"] * 3
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        seen = []
+        while time.monotonic() < deadline:
+            msg = listener.recv(4096).decode()
+            seen.append(msg)
+            if msg == "STOPPING=1":
+                break
+        assert seen[-1] == "STOPPING=1"
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        listener.close()
