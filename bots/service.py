@@ -25,6 +25,7 @@ from core.engines.base import TemplateError
 from core.jobs import Job, QueueFull
 from core.kv import KeyValueCache
 from core.messages import ChatTurn, InboundMessage, ReplyEvent, ThreadKey, Usage
+from core.ratelimit import LimitExceeded
 from core.redis_store import StoreUnavailable
 from core.runtime import Runtime
 
@@ -130,6 +131,13 @@ class ChatService:
             if cmd is not None:
                 return await self._command(cmd.name, msg)
 
+        try:
+            await self.runtime.limits.admit(msg)
+        except LimitExceeded as exc:
+            metrics.MESSAGES.labels(msg.platform, "rate_limited").inc()
+            log.info("rate limited", platform=msg.platform, user=msg.user, chat=msg.chat)
+            raise Busy(exc.message, exc.retry_after, per_user=True, user_message=exc.message) from None
+
         history: list[ChatTurn]
         degraded = False
         if msg.history is not None:
@@ -213,6 +221,7 @@ class ChatService:
             except StoreUnavailable:
                 log.warning("could not store the exchange: redis unreachable", thread=str(msg.thread_key))
         metrics.MESSAGES.labels(msg.platform, reason).inc()
+        await self.runtime.limits.spend(msg, job.usage.total_tokens)
         started = job.started_at or job.finished_at or t0
         latency = (job.finished_at or time.monotonic()) - job.enqueued_at
         decode_s = (job.finished_at or 0) - (job.first_token_at or 0)

@@ -176,7 +176,7 @@ class HttpApiConnector(Connector):
             except Busy as exc:
                 status = 429 if exc.per_user else 503
                 return json_error(
-                    status, f"busy, try again in {exc.retry_after} s: {exc.reason}",
+                    status, exc.user_message or f"busy, try again in {exc.retry_after} s: {exc.reason}",
                     "rate_limited" if exc.per_user else "busy",
                     headers={"Retry-After": str(exc.retry_after)},
                 )

@@ -447,7 +447,7 @@ class WeComConnector(Connector):
         try:
             answer = await self.dispatcher.dispatch(inbound)
         except Busy as exc:
-            await self._reply(app, user, BUSY.format(s=exc.retry_after))
+            await self._reply(app, user, exc.user_message or BUSY.format(s=exc.retry_after))
             return
         except Rejected as exc:
             await self._reply(app, user, exc.message)

@@ -118,6 +118,15 @@ class ApiConfig(_Section):
     default_bot: str = "assistant"
 
 
+class LimitsConfig(_Section):
+    """Per-user and per-chat limits (0 = no limit), kept in Redis."""
+
+    user_messages_per_minute: Annotated[int, Field(ge=0)] = 0
+    chat_messages_per_minute: Annotated[int, Field(ge=0)] = 0
+    user_tokens_per_day: Annotated[int, Field(ge=0)] = 0
+    chat_tokens_per_day: Annotated[int, Field(ge=0)] = 0
+
+
 class BotConfig(_Section):
     system_prompt: str = "You are a helpful assistant. Answer briefly and accurately."
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -217,6 +226,7 @@ class Config(_Section):
     queue: QueueConfig = Field(default_factory=QueueConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     bots: dict[str, BotConfig] = Field(default_factory=lambda: {"assistant": BotConfig()})
     wecom: dict[str, WecomConfig] = Field(default_factory=dict)
     telegram: dict[str, TelegramConfig] = Field(default_factory=dict)

@@ -18,11 +18,13 @@ from core.messages import ChatTurn, InboundMessage, ReplyEvent, ThreadKey
 class Busy(Exception):
     """No room for this message now; the caller should answer "busy, try again" at once."""
 
-    def __init__(self, reason: str, retry_after: int, per_user: bool = False) -> None:
+    def __init__(self, reason: str, retry_after: int, per_user: bool = False, user_message: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
         self.per_user = per_user
+        # When set, what the user should read instead of a generic "busy".
+        self.user_message = user_message
 
 
 class Rejected(Exception):

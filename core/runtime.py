@@ -18,6 +18,7 @@ from core.engines import Engine, PromptTokenizer, create_engine
 from core.history import HistoryStore
 from core.jobs import FairQueue, Job
 from core.kv import KeyValueCache
+from core.ratelimit import RateLimiter
 from core.redis_store import RedisManager
 from core.worker import InferenceWorker
 
@@ -38,6 +39,7 @@ class Runtime:
         )
         self.dedupe = Deduper(self.redis, cfg.redis.key_prefix)
         self.cache = KeyValueCache(self.redis, cfg.redis.key_prefix)
+        self.limits = RateLimiter(self.redis, cfg.redis.key_prefix, cfg.limits)
         self.tokenizer: PromptTokenizer | None = None
         self.started_at = time.time()
 

@@ -33,7 +33,7 @@ class LiveMessage(ABC):
         try:
             answer = await dispatcher.dispatch(msg)
         except Busy as exc:
-            await self.show(busy_text.format(s=exc.retry_after))
+            await self.show(exc.user_message or busy_text.format(s=exc.retry_after))
             return ""
         except Rejected as exc:
             await self.show(exc.message)
