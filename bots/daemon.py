@@ -91,6 +91,7 @@ class Daemon:
             await self._runner.cleanup()
             self._runner = None
         await self.runtime.redis.close()
+        self.runtime.audit.close()
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -225,6 +225,12 @@ class ChatService:
         started = job.started_at or job.finished_at or t0
         latency = (job.finished_at or time.monotonic()) - job.enqueued_at
         decode_s = (job.finished_at or 0) - (job.first_token_at or 0)
+        self.runtime.audit.record(
+            question=msg.text, answer=job.text, request_id=msg.request_id, platform=msg.platform, bot=msg.bot,
+            chat=msg.chat, thread=msg.thread, user=msg.user, finish=reason, sources=[],
+            tokens_in=job.usage.prompt_tokens, tokens_out=job.usage.completion_tokens,
+            latency_ms=round(latency * 1000), queue_wait_ms=round((started - job.enqueued_at) * 1000),
+        )
         log.info(
             "answered" if reason in ("stop", "length") else f"finished: {reason}",
             platform=msg.platform, bot=msg.bot, chat=msg.chat, thread=msg.thread, user=msg.user,

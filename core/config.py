@@ -127,6 +127,13 @@ class LimitsConfig(_Section):
     chat_tokens_per_day: Annotated[int, Field(ge=0)] = 0
 
 
+class AuditConfig(_Section):
+    # A JSON-lines file, one line per answered message; empty: no audit log.
+    file: str = ""
+    # Replace question and answer text by their length and a hash.
+    redact_text: bool = False
+
+
 class BotConfig(_Section):
     system_prompt: str = "You are a helpful assistant. Answer briefly and accurately."
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -227,6 +234,7 @@ class Config(_Section):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     bots: dict[str, BotConfig] = Field(default_factory=lambda: {"assistant": BotConfig()})
     wecom: dict[str, WecomConfig] = Field(default_factory=dict)
     telegram: dict[str, TelegramConfig] = Field(default_factory=dict)
@@ -349,8 +357,12 @@ def _resolve_paths(cfg: Config, base: Path, path: Path) -> Config:
     model_path = cfg.model.path
     if model_path and not Path(model_path).expanduser().is_absolute():
         model_path = str(base / model_path)
+    audit_file = cfg.audit.file
+    if audit_file and not Path(audit_file).expanduser().is_absolute():
+        audit_file = str(base / audit_file)
     return cfg.model_copy(
         update={
+            "audit": cfg.audit.model_copy(update={"file": audit_file}),
             "server": cfg.server.model_copy(update={"state_dir": state_dir}),
             "model": cfg.model.model_copy(update={"path": model_path}),
             "source": path,

@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 
 from core import metrics
+from core.audit import AuditLog
 from core.config import Config
 from core.dedupe import Deduper
 from core.engines import Engine, PromptTokenizer, create_engine
@@ -40,6 +41,7 @@ class Runtime:
         self.dedupe = Deduper(self.redis, cfg.redis.key_prefix)
         self.cache = KeyValueCache(self.redis, cfg.redis.key_prefix)
         self.limits = RateLimiter(self.redis, cfg.redis.key_prefix, cfg.limits)
+        self.audit = AuditLog(cfg.audit)
         self.tokenizer: PromptTokenizer | None = None
         self.started_at = time.time()
 
@@ -56,6 +58,7 @@ class Runtime:
     async def stop(self, grace_s: float = 10.0) -> None:
         await self.worker.stop(grace_s)
         await self.redis.close()
+        self.audit.close()
 
     def _observe(self, job: Job) -> None:
         metrics.QUEUE_DEPTH.set(len(self.queue))
