@@ -47,11 +47,8 @@ class Daemon:
         except EngineError as exc:
             await self.runtime.redis.close()
             raise StartupError(f"model.path: {exc}") from None
-        self.connectors = [
-            load_connector(name)(self.service, self.cfg)
-            for name in REGISTRY
-            if load_connector(name).enabled(self.cfg)
-        ]
+        classes = [load_connector(name) for name in REGISTRY]
+        self.connectors = [cls(self.service, self.cfg) for cls in classes if cls.enabled(self.cfg)]
         app = build_app(self.cfg, self.service, self.connectors)
         # handler_cancellation: a client that disconnects cancels its handler, which stops its job.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)

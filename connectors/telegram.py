@@ -139,17 +139,16 @@ class _Streamer(LiveMessage):
         self.html = True
         self.sent: list[tuple[int, str]] = []  # (message_id, the source text it shows)
 
-    async def _call(self, fn: Any, **kwargs: Any) -> Any:
+    async def _call(self, fn: Any, source: str, **kwargs: Any) -> Any:
         """One Bot API call, obeying 429s; falls back to plain text if entities are rejected."""
         for _ in range(5):
             wait = self.not_before - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-            text = kwargs.pop("source")
             try:
                 if self.html:
-                    return await fn(text=markdown_to_html(text), parse_mode=ParseMode.HTML, **kwargs)
-                return await fn(text=text, **kwargs)
+                    return await fn(text=markdown_to_html(source), parse_mode=ParseMode.HTML, **kwargs)
+                return await fn(text=source, **kwargs)
             except RetryAfter as exc:
                 ra = exc.retry_after
                 secs = ra.total_seconds() if isinstance(ra, dtm.timedelta) else float(ra)
@@ -164,7 +163,6 @@ class _Streamer(LiveMessage):
                     self.html = False
                 else:
                     raise
-            kwargs["source"] = text
         raise RetryAfter(int(max(1, self.not_before - time.monotonic())))
 
     async def show(self, text: str) -> None:
@@ -173,7 +171,7 @@ class _Streamer(LiveMessage):
             if i < len(self.sent):
                 mid, shown = self.sent[i]
                 if shown != part:
-                    await self._call(self.bot.edit_message_text, source=part, chat_id=self.chat_id, message_id=mid)
+                    await self._call(self.bot.edit_message_text, part, chat_id=self.chat_id, message_id=mid)
                     self.sent[i] = (mid, part)
                 continue
             extra: dict[str, Any] = {}
@@ -181,7 +179,7 @@ class _Streamer(LiveMessage):
                 extra["message_thread_id"] = self.thread_id
             if self.reply_to is not None and not self.sent:
                 extra["reply_parameters"] = ReplyParameters(self.reply_to, allow_sending_without_reply=True)
-            msg = await self._call(self.bot.send_message, source=part, chat_id=self.chat_id, **extra)
+            msg = await self._call(self.bot.send_message, part, chat_id=self.chat_id, **extra)
             self.sent.append((msg.message_id, part))
 
 

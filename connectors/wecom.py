@@ -172,20 +172,20 @@ class WeComApi:
                 raise aiohttp.ClientResponseError(r.request_info, (), status=r.status)
             return await r.json(content_type=None)
 
-    async def access_token(self) -> str:
+    async def _shared_token(self) -> str | None:
         try:
-            cached = await self._cache.get(self._cache_key)
+            return await self._cache.get(self._cache_key)
         except StoreUnavailable:
-            cached = None
+            return None
+
+    async def access_token(self) -> str:
+        cached = await self._shared_token()
         if cached:
             return cached
         if self._local and self._local[1] > time.monotonic():
             return self._local[0]
         async with self._lock:  # one fetch at a time in this process
-            try:
-                cached = await self._cache.get(self._cache_key)
-            except StoreUnavailable:
-                cached = None
+            cached = await self._shared_token()  # another task may have fetched it meanwhile
             if cached:
                 return cached
             data = await self._get_json("/cgi-bin/gettoken", {"corpid": self.cfg.corp_id, "corpsecret": self._secret})

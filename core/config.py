@@ -301,8 +301,7 @@ def _dotted(loc: tuple[Any, ...]) -> str:
 def _format_validation_error(path: Path, err: ValidationError) -> str:
     parts = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if p not in ("function-after[_cross_checks()]",))
-        key = _dotted(loc)
+        key = _dotted(e["loc"])
         ctx_err = (e.get("ctx") or {}).get("error")
         if isinstance(ctx_err, _KeyError):
             parts.append(f"{ctx_err.key}: {ctx_err.reason}")

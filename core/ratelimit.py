@@ -71,7 +71,10 @@ class RateLimiter:
         if tokens <= 0:
             return
         day = time.strftime("%Y%m%d", time.gmtime())
-        client = self.redis.client
+        try:
+            client = self.redis.client
+        except StoreUnavailable:
+            return
         for _what, ident, _per_minute, per_day in self._scopes(msg):
             if not per_day:
                 continue

@@ -55,7 +55,7 @@ class ThinkFilter:
             break
         text = "".join(out)
         if text and not self._started:
-            text = text.lstrip() if not text.strip() == "" else ""
+            text = text.lstrip()
             self._started = bool(text)
         return text
 

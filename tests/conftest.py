@@ -150,6 +150,25 @@ async def running_daemon(cfg: Config) -> AsyncIterator[Client]:
         await daemon.stop(grace_s=5)
 
 
+@contextlib.asynccontextmanager
+async def busy_model(api: Client, jobs: int = 10) -> AsyncIterator[None]:
+    """The model generating one long answer with ``jobs - 1`` more queued (one user each)."""
+    tasks = [asyncio.create_task(api.post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Write a long essay about the sea."}],
+        "max_tokens": 200, "user": f"load{i}"})) for i in range(jobs)]
+
+    async def loaded() -> bool:
+        return api.daemon.runtime.worker.busy and len(api.daemon.runtime.queue) >= jobs - 1
+
+    try:
+        await wait_for(loaded)
+        yield
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while not await predicate():

@@ -9,7 +9,7 @@ import json
 import time
 
 import pytest
-from conftest import make_config, running_daemon, wait_for
+from conftest import busy_model, make_config, running_daemon, wait_for
 from fakes import FakeSlack, serve
 from slack_sdk.signature import SignatureVerifier
 
@@ -128,21 +128,11 @@ async def test_mention_dm_follow_up_and_separate_threads(tmp_path, redis_server)
 async def test_ack_is_fast_while_the_model_is_busy(tmp_path, redis_server):
     fake = FakeSlack()
     async with serve(fake.app()) as base, running_daemon(slack_config(tmp_path, redis_server.url, base)) as api:
-        busy = [asyncio.create_task(api.post("/v1/chat/completions", {
-            "messages": [{"role": "user", "content": "Write a long essay about the sea."}],
-            "max_tokens": 200, "user": f"load{i}"})) for i in range(10)]
-
-        async def loaded() -> bool:
-            return api.daemon.runtime.worker.busy and len(api.daemon.runtime.queue) >= 9
-
-        await wait_for(loaded)
-        status, _, elapsed = await post_event(api, event("app_mention", "<@UBOT> hi"))
-        assert status == 200
-        assert elapsed < 3.0
-        print(f"slack ack in {elapsed * 1000:.1f} ms with {len(api.daemon.runtime.queue)} jobs queued")
-        for t in busy:
-            t.cancel()
-        await asyncio.gather(*busy, return_exceptions=True)
+        async with busy_model(api):
+            status, _, elapsed = await post_event(api, event("app_mention", "<@UBOT> hi"))
+            assert status == 200
+            assert elapsed < 3.0
+            print(f"slack ack in {elapsed * 1000:.1f} ms with {len(api.daemon.runtime.queue)} jobs queued")
 
 
 async def test_bad_signatures_malformed_bodies_retries_and_loops(tmp_path, redis_server):
