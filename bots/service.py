@@ -78,6 +78,13 @@ class ChatService:
         self._builder: PromptBuilder | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
+    def apply(self, cfg: Config) -> None:
+        """Use a reloaded config from the next message on (bots, prompts, model budget)."""
+        self.cfg = cfg
+        self.model_name = cfg.model.name
+        self.n_ctx = cfg.model.n_ctx
+        self._builder = None  # the tokenizer or n_ctx may have changed
+
     @property
     def builder(self) -> PromptBuilder:
         if self._builder is None:
@@ -93,6 +100,15 @@ class ChatService:
 
     async def first_time(self, platform: str, event_id: str) -> bool:
         return await self.runtime.dedupe.first_time(platform, event_id)
+
+    async def accept(self, msg: InboundMessage, connector: str) -> bool:
+        return await self.runtime.inbox.accept(msg, connector)
+
+    async def note_progress(self, msg: InboundMessage, progress: dict[str, Any]) -> None:
+        await self.runtime.inbox.note_progress(msg, progress)
+
+    async def finished(self, msg: InboundMessage) -> None:
+        await self.runtime.inbox.done(msg)
 
     @property
     def cache(self) -> KeyValueCache:
@@ -126,17 +142,22 @@ class ChatService:
             )
         if not msg.text.strip():
             raise Rejected(400, "empty_message", "the message is empty")
+        if msg.final_answer is not None:
+            # Answered and stored before a restart, not yet shown: show the same words again.
+            log.info("replaying a stored answer", platform=msg.platform, bot=msg.bot, chat=msg.chat)
+            return TextAnswer(msg.final_answer, msg.request_id)
         if msg.history is None:
             cmd = parse_command(msg.text)
             if cmd is not None:
                 return await self._command(cmd.name, msg)
 
-        try:
-            await self.runtime.limits.admit(msg)
-        except LimitExceeded as exc:
-            metrics.MESSAGES.labels(msg.platform, "rate_limited").inc()
-            log.info("rate limited", platform=msg.platform, user=msg.user, chat=msg.chat)
-            raise Busy(exc.message, exc.retry_after, per_user=True, user_message=exc.message) from None
+        if not msg.resumed:  # a replayed message was admitted (and counted) before the restart
+            try:
+                await self.runtime.limits.admit(msg)
+            except LimitExceeded as exc:
+                metrics.MESSAGES.labels(msg.platform, "rate_limited").inc()
+                log.info("rate limited", platform=msg.platform, user=msg.user, chat=msg.chat)
+                raise Busy(exc.message, exc.retry_after, per_user=True, user_message=exc.message) from None
 
         history: list[ChatTurn]
         degraded = False
@@ -180,7 +201,8 @@ class ChatService:
             id=msg.request_id,
         )
         try:
-            self.runtime.worker.submit(job)
+            # Replayed messages were accepted before the restart: they take their place regardless of bounds.
+            self.runtime.worker.submit(job, force=msg.resumed)
         except QueueFull as exc:
             metrics.MESSAGES.labels(msg.platform, "busy").inc()
             log.info("queue full", platform=msg.platform, user=msg.user, reason=exc.reason)
@@ -216,7 +238,10 @@ class ChatService:
         stored = False
         if reason in ("stop", "length", "timeout") and msg.history is None and job.text.strip():
             try:
-                await self.runtime.history.append_exchange(msg.thread_key, msg.text, job.text)
+                await self.runtime.history.append_exchange(
+                    msg.thread_key, msg.text, job.text,
+                    also=lambda pipe: self.runtime.inbox.add_answer(pipe, msg, job.text),
+                )
                 stored = True
             except StoreUnavailable:
                 log.warning("could not store the exchange: redis unreachable", thread=str(msg.thread_key))

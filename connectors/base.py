@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import structlog
 from aiohttp import web
 
 from core.config import Config
 from core.dispatch import Dispatcher
+from core.messages import InboundMessage
+
+log = structlog.get_logger("botd.connector")
 
 
 class Connector(ABC):
@@ -15,6 +19,8 @@ class Connector(ABC):
     polling or socket connectors run their own tasks between :meth:`start` and :meth:`stop`."""
 
     name: str = ""
+    # The config section this connector reads: a reload that changes it replaces the connector.
+    section: str = ""
 
     def __init__(self, dispatcher: Dispatcher, config: Config) -> None:
         self.dispatcher = dispatcher
@@ -31,5 +37,17 @@ class Connector(ABC):
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Begin receiving (polling loops, sockets). Routes are served by the daemon's server."""
 
-    async def stop(self) -> None:  # noqa: B027 - optional hook
-        """Stop receiving new events."""
+    async def stop_receiving(self) -> None:  # noqa: B027 - optional hook
+        """Stop taking new events (polling loops, sockets); answers under way go on."""
+
+    async def stop(self, grace_s: float = 30.0) -> None:  # noqa: B027 - optional hook
+        """Stop receiving, then wait (up to ``grace_s``) for the answers under way and clean up."""
+
+    async def resume(self, messages: list[InboundMessage]) -> None:
+        """Answer messages accepted before a restart (from the durable inbox).
+
+        A connector that takes platform messages overrides this; the default keeps them.
+        """
+        if messages:
+            log.warning("messages accepted before the restart wait for a connector that cannot replay them",
+                        connector=self.name, count=len(messages))

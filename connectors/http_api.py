@@ -119,6 +119,7 @@ class _BadRequest(Exception):
 
 class HttpApiConnector(Connector):
     name = "http_api"
+    section = "api"
 
     def __init__(self, dispatcher: Dispatcher, config: Config) -> None:
         super().__init__(dispatcher, config)

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -37,7 +38,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from connectors.base import Connector
 from core.config import Config, SlackConfig
-from core.dispatch import Busy, Dispatcher
+from core.dispatch import Busy, Dispatcher, Interrupted
 from core.markdown import Markup
 from core.messages import InboundMessage, ThreadKey
 from core.redis_store import StoreUnavailable
@@ -95,12 +96,16 @@ class _Streamer(LiveMessage):
 
     failed_text = FAILED
 
-    def __init__(self, client: AsyncWebClient, channel: str, thread_ts: str | None, interval: float) -> None:
+    def __init__(self, client: AsyncWebClient, channel: str, thread_ts: str | None, interval: float,
+                 already_sent: list[str] | None = None,
+                 on_post: Callable[[list[str]], Awaitable[None]] | None = None) -> None:
         super().__init__(interval)
         self.client = client
         self.channel = channel
         self.thread_ts = thread_ts
-        self.sent: list[tuple[str, str]] = []  # (ts, the source text it shows)
+        # (ts, the source text it shows); messages posted before a restart are updated, not reposted.
+        self.sent: list[tuple[str, str]] = [(str(ts), "") for ts in already_sent or ()]
+        self.on_post = on_post
 
     async def _wait_turn(self) -> None:
         wait = self.not_before - time.monotonic()
@@ -156,6 +161,8 @@ class _Streamer(LiveMessage):
                     self.sent[i] = (ts, part)
             else:
                 self.sent.append((await self._post(part), part))
+                if self.on_post is not None:
+                    await self.on_post([ts for ts, _ in self.sent])
 
 
 # -- the connector ---------------------------------------------------------------------------------
@@ -171,7 +178,9 @@ class _SlackApp:
         http = cfg.mode == "http"
         secret = resolve_secret(cfg.signing_secret) if cfg.signing_secret else None
         self.verifier = SignatureVerifier(secret) if secret else None
-        self.app = AsyncApp(client=self.client, signing_secret=secret, process_before_response=False,
+        # process_before_response: the listener records the message in the durable inbox (and
+        # spawns the answer) before Slack gets its acknowledgement; it never waits for the answer.
+        self.app = AsyncApp(client=self.client, signing_secret=secret, process_before_response=True,
                             request_verification_enabled=http, ssl_check_enabled=http)
         self.socket: AsyncSocketModeHandler | None = None
         self.user_id = ""
@@ -181,6 +190,7 @@ class _SlackApp:
 
 class SlackConnector(Connector):
     name = "slack"
+    section = "slack"
 
     def __init__(self, dispatcher: Dispatcher, config: Config) -> None:
         super().__init__(dispatcher, config)
@@ -215,11 +225,15 @@ class SlackConnector(Connector):
                     continue
             log.info("slack app ready", bot=sa.name, mode=sa.cfg.mode, bot_user=sa.user_id)
 
-    async def stop(self, grace_s: float = 30.0) -> None:
+    async def stop_receiving(self) -> None:
         for sa in self.apps.values():
             if sa.socket is not None:
                 with contextlib.suppress(Exception):
                     await sa.socket.close_async()
+                sa.socket = None
+
+    async def stop(self, grace_s: float = 30.0) -> None:
+        await self.stop_receiving()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=grace_s)
 
@@ -303,28 +317,50 @@ class SlackConnector(Connector):
         event_id = body.get("event_id")
         if event_id and not await self.dispatcher.first_time(PLATFORM, f"{team}:event:{event_id}"):
             return
-        if not await self.dispatcher.first_time(PLATFORM, f"{team}:msg:{channel}:{ts}"):
-            return
-        task = asyncio.create_task(self._answer(sa, channel, ts, thread_ts, user, text, is_dm, event_id or ts))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _answer(self, sa: _SlackApp, channel: str, ts: str, thread_ts: str | None, user: str, text: str,
-                      is_dm: bool, event_id: str) -> None:
-        structlog.contextvars.bind_contextvars(platform=PLATFORM, bot=sa.name, channel=channel)
         if sa.user_id:
             text = text.replace(f"<@{sa.user_id}>", "").strip()
         # DMs: top-level messages are one conversation; channels: each thread is one.
         root = thread_ts or ("" if is_dm else ts)
-        streamer = _Streamer(sa.client, channel, root or None, sa.cfg.update_interval_s)
         inbound = InboundMessage(platform=PLATFORM, bot=sa.name, chat=channel, thread=root, user=user,
-                                 text=text or "/help", event_id=event_id)
+                                 text=text or "/help", event_id=f"{team}:msg:{channel}:{ts}",
+                                 route={"channel": channel, "root": root, "dm": is_dm})
+        # One record per message (channel + ts): a mention also delivered as a channel message is dropped here.
+        if await self.dispatcher.accept(inbound, self.name):
+            self._spawn(self._answer(sa, inbound))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def resume(self, messages: list[InboundMessage]) -> None:
+        for inbound in messages:
+            sa = self.apps.get(inbound.bot)
+            if sa is None:
+                log.warning("a message accepted before the restart has no Slack app now; dropped", bot=inbound.bot)
+                await self.dispatcher.finished(inbound)
+                continue
+            self._spawn(self._answer(sa, inbound))
+
+    async def _answer(self, sa: _SlackApp, inbound: InboundMessage) -> None:
+        r = inbound.route
+        channel, root = str(r["channel"]), str(r.get("root") or "")
+        structlog.contextvars.bind_contextvars(platform=PLATFORM, bot=sa.name, channel=channel,
+                                               request_id=inbound.request_id)
+
+        async def posted(ts_list: list[str]) -> None:
+            await self.dispatcher.note_progress(inbound, {"sent": ts_list})
+
+        streamer = _Streamer(sa.client, channel, root or None, sa.cfg.update_interval_s,
+                             already_sent=inbound.progress.get("sent", []), on_post=posted)
         try:
-            if not await streamer.reply(self.dispatcher, inbound, BUSY, placeholder=THINKING):
-                return
-            if root and not is_dm and sa.cfg.follow_threads:
+            if await streamer.reply(self.dispatcher, inbound, BUSY, placeholder=THINKING) and (
+                    root and not r.get("dm") and sa.cfg.follow_threads):
                 with contextlib.suppress(StoreUnavailable):
                     await self.dispatcher.cache.set(self._follow_key(sa, channel, root), "1", _FOLLOW_TTL_S)
+        except Interrupted:
+            log.info("slack answer interrupted by shutdown; it is answered after the restart")
+            return
         except SlackApiError as exc:
             log.error("slack reply failed", error=str(exc.response.get("error") if exc.response else exc))
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -332,6 +368,7 @@ class SlackConnector(Connector):
             log.error("slack did not answer in time; the reply is not re-posted", error=type(exc).__name__)
         except Exception:  # one bad event must never take the connector down
             log.exception("slack event failed")
+        await self.dispatcher.finished(inbound)
 
     async def _on_command(self, sa: _SlackApp, ack: Any, command: dict[str, Any]) -> None:
         arg = command.get("text", "").strip().lower().lstrip("/")

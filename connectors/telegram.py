@@ -20,6 +20,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 # python-telegram-bot 22 moves RetryAfter.retry_after to timedelta; opt in now (both are handled).
@@ -41,7 +42,7 @@ from telegram.error import (
 
 from connectors.base import Connector
 from core.config import Config, TelegramConfig
-from core.dispatch import Dispatcher
+from core.dispatch import Dispatcher, Interrupted
 from core.markdown import Markup
 from core.messages import InboundMessage
 from core.secrets import resolve_secret
@@ -130,14 +131,18 @@ class _Streamer(LiveMessage):
 
     failed_text = FAILED
 
-    def __init__(self, bot: Bot, chat_id: int, thread_id: int | None, reply_to: int | None, interval: float) -> None:
+    def __init__(self, bot: Bot, chat_id: int, thread_id: int | None, reply_to: int | None, interval: float,
+                 already_sent: list[int] | None = None,
+                 on_post: Callable[[list[int]], Awaitable[None]] | None = None) -> None:
         super().__init__(interval)
         self.bot = bot
         self.chat_id = chat_id
         self.thread_id = thread_id
         self.reply_to = reply_to
         self.html = True
-        self.sent: list[tuple[int, str]] = []  # (message_id, the source text it shows)
+        # (message_id, the source text it shows); messages posted before a restart are edited, not reposted.
+        self.sent: list[tuple[int, str]] = [(int(mid), "") for mid in already_sent or ()]
+        self.on_post = on_post
 
     async def _call(self, fn: Any, source: str, **kwargs: Any) -> Any:
         """One Bot API call, obeying 429s; falls back to plain text if entities are rejected."""
@@ -181,6 +186,8 @@ class _Streamer(LiveMessage):
                 extra["reply_parameters"] = ReplyParameters(self.reply_to, allow_sending_without_reply=True)
             msg = await self._call(self.bot.send_message, part, chat_id=self.chat_id, **extra)
             self.sent.append((msg.message_id, part))
+            if self.on_post is not None:
+                await self.on_post([mid for mid, _ in self.sent])
 
 
 # -- the connector ---------------------------------------------------------------------------------------
@@ -199,6 +206,7 @@ class _TgBot:
 
 class TelegramConnector(Connector):
     name = "telegram"
+    section = "telegram"
 
     def __init__(self, dispatcher: Dispatcher, config: Config) -> None:
         super().__init__(dispatcher, config)
@@ -228,13 +236,17 @@ class TelegramConnector(Connector):
             if tg.cfg.mode == "polling":
                 tg.poller = asyncio.create_task(self._poll(tg), name=f"telegram-poll-{tg.name}")
 
-    async def stop(self, grace_s: float = 30.0) -> None:
+    async def stop_receiving(self) -> None:
         self._stopping = True
         for tg in self.bots.values():
             if tg.poller:
                 tg.poller.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await tg.poller
+                tg.poller = None
+
+    async def stop(self, grace_s: float = 30.0) -> None:
+        await self.stop_receiving()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=grace_s)
         for tg in self.bots.values():
@@ -264,10 +276,29 @@ class TelegramConnector(Connector):
         return web.Response(status=200, text="")
 
     async def _accept(self, tg: _TgBot, update: Update) -> None:
-        if await self.dispatcher.first_time(PLATFORM, f"{tg.id}:{update.update_id}"):
-            task = asyncio.create_task(self._process(tg, update))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        """Record an addressed message durably (before Telegram hears "received"), then answer it."""
+        try:
+            inbound = self._inbound(tg, update)
+        except Exception:  # one odd update must never take the connector down
+            log.exception("telegram update not understood", update_id=update.update_id)
+            return
+        if inbound is not None and await self.dispatcher.accept(inbound, self.name):
+            self._spawn(self._answer(tg, inbound))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def resume(self, messages: list[InboundMessage]) -> None:
+        for inbound in messages:
+            tg = self.bots.get(inbound.bot)
+            if tg is None or not tg.username:
+                log.warning("a message accepted before the restart has no Telegram bot now; dropped",
+                            bot=inbound.bot, chat_id=inbound.route.get("chat_id"))
+                await self.dispatcher.finished(inbound)
+                continue
+            self._spawn(self._answer(tg, inbound))
 
     async def _poll(self, tg: _TgBot) -> None:
         offset: int | None = None
@@ -303,15 +334,16 @@ class TelegramConnector(Connector):
 
     # -- answering ----------------------------------------------------------------------------------
 
-    async def _process(self, tg: _TgBot, update: Update) -> None:
+    def _inbound(self, tg: _TgBot, update: Update) -> InboundMessage | None:
+        """The message to answer, with where the answer goes; None when it is not for us."""
         msg = update.message
         if msg is None or msg.from_user is None or msg.from_user.is_bot:
-            return
+            return None
         chat, user = msg.chat, msg.from_user
         cfg = tg.cfg
         if (cfg.allow_chats and chat.id not in cfg.allow_chats) or (cfg.allow_users and user.id not in cfg.allow_users):
             log.info("telegram message from outside the allow-lists ignored", chat_id=chat.id, user_id=user.id)
-            return
+            return None
         private = chat.type == "private"
         text = msg.text or ""
         command = command_of(text, tg.username) if text else None
@@ -323,34 +355,51 @@ class TelegramConnector(Connector):
                 and msg.reply_to_message.from_user.id == tg.id)
         )
         if not addressed:
-            return
+            return None
         thread_id = msg.message_thread_id if msg.is_topic_message else None
-        streamer = _Streamer(tg.bot, chat.id, thread_id, None if private else msg.message_id,
-                             cfg.edit_interval_private_s if private else cfg.edit_interval_group_s)
-        structlog.contextvars.bind_contextvars(platform=PLATFORM, bot=tg.name, chat_id=chat.id)
+        if command is not None:
+            text = "/help" if command == "start" else f"/{command}"
+        elif tg.username and text:
+            text = re.sub(rf"@{re.escape(tg.username)}\b", "", text, flags=re.I).strip() or text
+        topic = str(thread_id) if thread_id is not None else ""
+        thread = topic if private or cfg.group_history == "chat" else f"{topic}/{user.id}"
+        route = {"chat_id": chat.id, "thread_id": thread_id, "private": private,
+                 "reply_to": None if private else msg.message_id, "text_only": not text}
+        return InboundMessage(platform=PLATFORM, bot=tg.name, chat=str(chat.id), thread=thread, user=str(user.id),
+                              text=text or "(not text)", event_id=f"{tg.id}:{update.update_id}", route=route)
+
+    async def _answer(self, tg: _TgBot, inbound: InboundMessage) -> None:
+        r = inbound.route
+        chat_id, thread_id = int(r["chat_id"]), r.get("thread_id")
+        cfg = tg.cfg
+
+        async def posted(ids: list[int]) -> None:
+            await self.dispatcher.note_progress(inbound, {"sent": ids})
+
+        streamer = _Streamer(tg.bot, chat_id, thread_id, r.get("reply_to"),
+                             cfg.edit_interval_private_s if r.get("private") else cfg.edit_interval_group_s,
+                             already_sent=inbound.progress.get("sent", []), on_post=posted)
+        structlog.contextvars.bind_contextvars(platform=PLATFORM, bot=tg.name, chat_id=chat_id,
+                                               request_id=inbound.request_id)
         try:
-            if not text:
+            if r.get("text_only"):
                 await streamer.show(TEXT_ONLY)
-                return
-            if command is not None:
-                text = "/help" if command == "start" else f"/{command}"
-            elif tg.username:
-                text = re.sub(rf"@{re.escape(tg.username)}\b", "", text, flags=re.I).strip() or text
-            topic = str(thread_id) if thread_id is not None else ""
-            thread = topic if private or cfg.group_history == "chat" else f"{topic}/{user.id}"
-            inbound = InboundMessage(platform=PLATFORM, bot=tg.name, chat=str(chat.id), thread=thread,
-                                     user=str(user.id), text=text, event_id=str(update.update_id))
-            typing = asyncio.create_task(self._typing(tg.bot, chat.id, thread_id))
-            try:
-                await streamer.reply(self.dispatcher, inbound, BUSY)
-            finally:
-                typing.cancel()
+            else:
+                typing = asyncio.create_task(self._typing(tg.bot, chat_id, thread_id))
+                try:
+                    await streamer.reply(self.dispatcher, inbound, BUSY)
+                finally:
+                    typing.cancel()
+        except Interrupted:
+            log.info("telegram answer interrupted by shutdown; it is answered after the restart")
+            return
         except Forbidden:
             log.info("telegram: the bot was blocked or removed from the chat")
         except TelegramError as exc:
             log.error("telegram reply failed", error=f"{type(exc).__name__}: {exc}")
         except Exception:  # one bad update must never take the connector down
-            log.exception("telegram update failed", update_id=update.update_id)
+            log.exception("telegram answer failed")
+        await self.dispatcher.finished(inbound)
 
     async def _typing(self, bot: Bot, chat_id: int, thread_id: int | None) -> None:
         with contextlib.suppress(asyncio.CancelledError):

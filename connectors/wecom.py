@@ -24,6 +24,7 @@ import hmac
 import os
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -37,7 +38,7 @@ from defusedxml import ElementTree as SafeET
 
 from connectors.base import Connector
 from core.config import Config, WecomConfig
-from core.dispatch import Busy, Dispatcher, Rejected
+from core.dispatch import Busy, Dispatcher, Interrupted, Rejected
 from core.kv import KeyValueCache
 from core.messages import InboundMessage
 from core.redis_store import StoreUnavailable
@@ -252,12 +253,13 @@ class WeComApi:
             raise last
         raise WeComApiError(-1, f"no answer from WeCom after {self.max_attempts} attempts")
 
-    async def send(self, user: str, content: str) -> None:
+    async def send(self, user: str, content: str, skip: int = 0,
+                   on_sent: Callable[[int], Awaitable[None]] | None = None) -> None:
+        """Send ``content`` in parts; ``skip`` parts were sent before a restart; ``on_sent(n)`` after each."""
         markdown = self.cfg.reply_format == "markdown"
         limit = 4096 if markdown else 2048
-        for part in split_text(content, limit, utf8_len):
-            if not part.strip():
-                continue
+        parts = [p for p in split_text(content, limit, utf8_len) if p.strip()]
+        for n, part in enumerate(parts[skip:], start=skip + 1):
             payload: dict[str, Any] = {
                 "touser": user,
                 "agentid": self.cfg.agent_id,
@@ -271,6 +273,8 @@ class WeComApi:
             else:
                 payload |= {"msgtype": "text", "text": {"content": part}}
             await self._call("POST", "/cgi-bin/message/send", json=payload)
+            if on_sent is not None:
+                await on_sent(n)
 
     async def departments(self, user: str) -> list[int]:
         key = f"wecom:dept:{self.cfg.corp_id}:{user}"
@@ -324,6 +328,7 @@ class _App:
 
 class WeComConnector(Connector):
     name = "wecom"
+    section = "wecom"
 
     def __init__(self, dispatcher: Dispatcher, config: Config) -> None:
         super().__init__(dispatcher, config)
@@ -406,12 +411,33 @@ class WeComConnector(Connector):
         if not sender:
             raise web.HTTPBadRequest(text="message has no FromUserName")
         event_id = msg.get("MsgId") or f"{sender}:{msg.get('CreateTime', '')}:{msg.get('Event', '')}"
-        if await self.dispatcher.first_time(PLATFORM, f"{app.cfg.corp_id}:{app.cfg.agent_id}:{event_id}"):
-            task = asyncio.create_task(self._handle(app, msg, event_id))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        kind = msg.get("MsgType", "")
+        if kind == "event":
+            log.info("wecom event ignored", event=msg.get("Event"), user=sender)
+        else:
+            inbound = InboundMessage(
+                platform=PLATFORM, bot=app.bot, chat=sender, user=sender, text=msg.get("Content", "") or "(not text)",
+                event_id=f"{app.cfg.corp_id}:{app.cfg.agent_id}:{event_id}", route={"text": kind == "text"},
+            )
+            # Recorded before WeCom hears "received": a restart answers it.
+            if await self.dispatcher.accept(inbound, self.name):
+                self._spawn(self._handle(app, inbound))
         # An empty 200 is "received, no passive reply"; the answer follows via message/send.
         return web.Response(status=200, text="")
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def resume(self, messages: list[InboundMessage]) -> None:
+        for inbound in messages:
+            app = self.apps.get(inbound.bot)
+            if app is None:
+                log.warning("a message accepted before the restart has no WeCom app now; dropped", bot=inbound.bot)
+                await self.dispatcher.finished(inbound)
+                continue
+            self._spawn(self._handle(app, inbound))
 
     async def _allowed(self, app: _App, user: str) -> bool:
         cfg = app.cfg
@@ -428,43 +454,54 @@ class WeComConnector(Connector):
             return any(d in cfg.allow_departments for d in depts)
         return False
 
-    async def _handle(self, app: _App, msg: dict[str, str], event_id: str) -> None:
-        structlog.contextvars.bind_contextvars(platform=PLATFORM, bot=app.bot)
-        user = msg["FromUserName"]
-        kind = msg.get("MsgType", "")
-        if kind == "event":
-            log.info("wecom event ignored", event=msg.get("Event"), user=user)
+    async def _handle(self, app: _App, inbound: InboundMessage) -> None:
+        structlog.contextvars.bind_contextvars(platform=PLATFORM, bot=app.bot, request_id=inbound.request_id)
+        try:
+            await self._answer(app, inbound)
+        except Interrupted:
+            log.info("wecom answer interrupted by shutdown; it is answered after the restart")
             return
+        except Exception:  # one bad message must never take the connector down
+            log.exception("wecom message failed")
+        await self.dispatcher.finished(inbound)
+
+    async def _answer(self, app: _App, inbound: InboundMessage) -> None:
+        user = inbound.user
         if not await self._allowed(app, user):
             log.info("wecom user not allowed", user=user)
-            await self._reply(app, user, NOT_ALLOWED)
+            await self._reply(app, inbound, NOT_ALLOWED)
             return
-        if kind != "text":
-            await self._reply(app, user, NOT_TEXT)
+        if not inbound.route.get("text"):
+            await self._reply(app, inbound, NOT_TEXT)
             return
-        text = msg.get("Content", "")
-        inbound = InboundMessage(platform=PLATFORM, bot=app.bot, chat=user, user=user, text=text, event_id=event_id)
         try:
             answer = await self.dispatcher.dispatch(inbound)
         except Busy as exc:
-            await self._reply(app, user, exc.user_message or BUSY.format(s=exc.retry_after))
+            await self._reply(app, inbound, exc.user_message or BUSY.format(s=exc.retry_after))
             return
         except Rejected as exc:
-            await self._reply(app, user, exc.message)
+            await self._reply(app, inbound, exc.message)
             return
         final = None
         async for ev in answer.events():
             if ev.done:
                 final = ev
+        if final is not None and final.finish_reason == "shutdown":
+            raise Interrupted(inbound.request_id)
         if final is None or final.finish_reason in ("error", "cancelled") or not final.text.strip():
-            await self._reply(app, user, FAILED)
+            await self._reply(app, inbound, FAILED)
             return
-        await self._reply(app, user, final.text)
+        await self._reply(app, inbound, final.text)
 
-    async def _reply(self, app: _App, user: str, text: str) -> None:
+    async def _reply(self, app: _App, inbound: InboundMessage, text: str) -> None:
         assert app.api is not None
+        user = inbound.user
+
+        async def sent(n: int) -> None:
+            await self.dispatcher.note_progress(inbound, {"parts_sent": n})
+
         try:
-            await app.api.send(user, text)
+            await app.api.send(user, text, skip=int(inbound.progress.get("parts_sent", 0)), on_sent=sent)
         except WeComApiError as exc:
             # Never lost silently: logged with its meaning and kept as a dead letter.
             log.error("wecom reply could not be delivered", user=user, errcode=exc.errcode,

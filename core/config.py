@@ -45,6 +45,8 @@ class ServerConfig(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "console", "json"] = "auto"
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
+    # SIGTERM: how long the running generation may go on before it is stopped (and replayed after the restart).
+    shutdown_grace_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
 
     def is_loopback(self) -> bool:
         if self.host == "localhost":

@@ -37,6 +37,11 @@ class Rejected(Exception):
         self.message = message
 
 
+class Interrupted(Exception):
+    """The daemon is stopping before this answer was finished: leave the message in the
+    durable inbox (do not call ``finished``); the next start answers it."""
+
+
 class Answer(Protocol):
     id: str
 
@@ -65,6 +70,21 @@ class Dispatcher(Protocol):
 
     async def first_time(self, platform: str, event_id: str) -> bool:
         """True the first time an event id is seen (atomic across workers); False for a redelivery."""
+        ...
+
+    async def accept(self, msg: InboundMessage, connector: str) -> bool:
+        """Record ``msg`` durably before the platform is told "received"; False for a redelivery.
+
+        Call before acknowledging the event; call :meth:`finished` once the answer is shown.
+        """
+        ...
+
+    async def note_progress(self, msg: InboundMessage, progress: dict[str, Any]) -> None:
+        """Remember what was posted for ``msg`` (message ids), so a replay edits rather than reposts."""
+        ...
+
+    async def finished(self, msg: InboundMessage) -> None:
+        """The platform has the final answer (or refusal) for ``msg``: drop its durable record."""
         ...
 
     @property

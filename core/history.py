@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+
+from redis.asyncio.client import Pipeline
 
 from core.messages import ChatTurn, ThreadKey
 from core.redis_store import RedisManager
@@ -38,7 +41,9 @@ class HistoryStore:
                 continue  # a foreign or damaged entry is skipped, not fatal
         return turns
 
-    async def append_exchange(self, thread: ThreadKey, user_text: str, assistant_text: str) -> None:
+    async def append_exchange(self, thread: ThreadKey, user_text: str, assistant_text: str,
+                              also: Callable[[Pipeline], None] | None = None) -> None:
+        """Append one exchange; ``also`` adds commands to the same MULTI (the inbox's "answered")."""
         now = time.time()
         key = self.key(thread)
         items = [
@@ -51,6 +56,8 @@ class HistoryStore:
                 pipe.rpush(key, *items)
                 pipe.ltrim(key, -self.max_messages, -1)
                 pipe.expire(key, self.ttl_s)
+                if also is not None:
+                    also(pipe)
                 await pipe.execute()
 
         await self.redis.run("append", _tx)

@@ -48,6 +48,7 @@ class Job:
     usage: Usage = field(default_factory=Usage)
     # Set from any thread: the worker checks it between tokens.
     stop_flag: threading.Event = field(default_factory=threading.Event)
+    interrupted: bool = False
 
     def __post_init__(self) -> None:
         self._events: asyncio.Queue[ReplyEvent] = asyncio.Queue()
@@ -69,6 +70,11 @@ class Job:
 
     def cancel(self) -> None:
         """Stop this job: removed from the queue if waiting, stopped between tokens if running."""
+        self.stop_flag.set()
+
+    def interrupt(self) -> None:
+        """Stop this job because the daemon stops: it ends with "shutdown" and is replayed later."""
+        self.interrupted = True
         self.stop_flag.set()
 
     # -- called on the event loop by the worker -------------------------------------
@@ -130,10 +136,11 @@ class FairQueue:
     def __len__(self) -> int:
         return self._size
 
-    def put_nowait(self, job: Job) -> None:
-        if self._size >= self.max_size:
+    def put_nowait(self, job: Job, force: bool = False) -> None:
+        """Queue ``job``; ``force`` skips the bounds (replaying messages accepted before a restart)."""
+        if not force and self._size >= self.max_size:
             raise QueueFull("the queue is full", self.retry_after_s)
-        if self._active.get(job.user, 0) >= self.per_user:
+        if not force and self._active.get(job.user, 0) >= self.per_user:
             raise QueueFull(
                 f"too many requests in flight for this user (limit {self.per_user})",
                 self.retry_after_s,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant"]
 
@@ -61,6 +61,15 @@ class InboundMessage:
     temperature: float | None = None
     stop: tuple[str, ...] = ()
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    # Where the answer goes on the platform (chat ids, thread ts, ...): JSON-able, kept with
+    # the durable record so that a restarted daemon can answer.
+    route: dict[str, Any] = field(default_factory=dict)
+    # Set by the durable inbox: recorded in Redis; read back after a restart; what was
+    # already posted; the finished answer when it was stored before the restart.
+    durable: bool = False
+    resumed: bool = False
+    progress: dict[str, Any] = field(default_factory=dict)
+    final_answer: str | None = None
 
     @property
     def thread_key(self) -> ThreadKey:

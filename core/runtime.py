@@ -17,6 +17,7 @@ from core.config import Config
 from core.dedupe import Deduper
 from core.engines import Engine, PromptTokenizer, create_engine
 from core.history import HistoryStore
+from core.inbox import Inbox
 from core.jobs import FairQueue, Job
 from core.kv import KeyValueCache
 from core.ratelimit import RateLimiter
@@ -39,6 +40,7 @@ class Runtime:
             self.engine, self.queue, max_wait_s=cfg.queue.max_wait_s, on_finished=self._observe
         )
         self.dedupe = Deduper(self.redis, cfg.redis.key_prefix)
+        self.inbox = Inbox(self.redis, cfg.redis.key_prefix)
         self.cache = KeyValueCache(self.redis, cfg.redis.key_prefix)
         self.limits = RateLimiter(self.redis, cfg.redis.key_prefix, cfg.limits)
         self.audit = AuditLog(cfg.audit)
@@ -59,6 +61,28 @@ class Runtime:
         await self.worker.stop(grace_s)
         await self.redis.close()
         self.audit.close()
+
+    async def swap_model(self, cfg: Config) -> None:
+        """Load the model ``cfg`` names once the worker is idle; the old one serves until then.
+
+        Raises :class:`~core.engines.EngineError` (the old model stays) when it cannot load.
+        """
+        engine = create_engine(cfg.model)
+        tokenizer = await asyncio.to_thread(engine.tokenizer)
+        await self.worker.swap_engine(engine)
+        self.engine, self.tokenizer = engine, tokenizer
+
+    def apply(self, cfg: Config) -> None:
+        """Take the settings of a reloaded config that need no restart (queue, limits, audit, history)."""
+        self.queue.max_size, self.queue.per_user = cfg.queue.max_size, cfg.queue.per_user
+        self.queue.retry_after_s = cfg.queue.retry_after_s
+        self.worker.max_wait_s = cfg.queue.max_wait_s
+        self.limits.cfg = cfg.limits
+        self.history.ttl_s, self.history.max_messages = cfg.redis.history_ttl_s, cfg.redis.history_max_messages
+        if cfg.audit != self.cfg.audit:
+            old, self.audit = self.audit, AuditLog(cfg.audit)
+            old.close()
+        self.cfg = cfg
 
     def _observe(self, job: Job) -> None:
         metrics.QUEUE_DEPTH.set(len(self.queue))

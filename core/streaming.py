@@ -12,7 +12,7 @@ import asyncio
 import time
 from abc import ABC, abstractmethod
 
-from core.dispatch import Answer, Busy, Dispatcher, Rejected
+from core.dispatch import Answer, Busy, Dispatcher, Interrupted, Rejected
 from core.messages import InboundMessage
 
 
@@ -60,6 +60,8 @@ class LiveMessage(ABC):
             if text.strip() and time.monotonic() >= max(next_at, self.not_before):
                 await self.show(text)
                 shown, next_at = text, time.monotonic() + self.interval
+        if final is not None and final.finish_reason == "shutdown":
+            raise Interrupted(answer.id)
         if final is None or final.finish_reason in ("error", "cancelled"):
             await self.show(f"{text}\n\n{self.failed_text}" if text.strip() else self.failed_text)
             return ""

@@ -26,6 +26,14 @@ log = structlog.get_logger("botd.worker")
 _STOP = object()
 
 
+class _Swap:
+    """A control item for the thread: load ``engine`` between jobs and use it from then on."""
+
+    def __init__(self, engine: Engine, done: asyncio.Future[None]) -> None:
+        self.engine = engine
+        self.done = done
+
+
 class InferenceWorker:
     def __init__(
         self,
@@ -70,27 +78,41 @@ class InferenceWorker:
                 await self._dispatcher
             except asyncio.CancelledError:
                 pass
+        # Waiting jobs end with "shutdown" at once: platform messages among them stay in the
+        # durable inbox and are answered after the restart.
+        for job in self.jobs.pending():
+            self.jobs.remove(job)
+            job.finish("shutdown", error="the daemon is shutting down")
         if current is not None:
             try:
                 await asyncio.wait_for(current.wait(), grace_s)
             except TimeoutError:
-                current.cancel()
+                log.warning("shutdown grace period over; stopping the running generation", grace_s=grace_s)
+                current.interrupt()
                 await current.wait()
-        for job in self.jobs.pending():
-            self.jobs.remove(job)
-            job.finish("cancelled", error="the daemon is shutting down")
         if self._thread and self._thread.is_alive():
             self._inbox.put(_STOP)
             await asyncio.to_thread(self._thread.join, 30)
         self.loaded = False
 
+    async def swap_engine(self, engine: Engine) -> None:
+        """Load ``engine`` on the worker thread once the running job is over, then use it.
+
+        Waiting jobs stay queued meanwhile. If it fails to load, the old engine stays and the
+        :class:`EngineError` is raised here.
+        """
+        assert self._loop is not None, "worker not started"
+        done: asyncio.Future[None] = self._loop.create_future()
+        self._inbox.put(_Swap(engine, done))
+        await done
+
     # -- submitting -------------------------------------------------------------------
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job, force: bool = False) -> None:
         """Queue a job (raises :class:`QueueFull` at once when there is no room or we are stopping)."""
         if not self._accepting:
             raise QueueFull("the daemon is shutting down", self.jobs.retry_after_s)
-        self.jobs.put_nowait(job)
+        self.jobs.put_nowait(job, force=force)
 
     def cancel(self, job: Job) -> None:
         """The client went away: drop the job if it waits, stop it between tokens if it runs."""
@@ -149,12 +171,29 @@ class InferenceWorker:
             item = self._inbox.get()
             if item is _STOP:
                 break
+            if isinstance(item, _Swap):
+                self._swap(item, loop)
+                continue
             assert isinstance(item, Job)
             self._run(item, loop)
         try:
             self.engine.close()
         except Exception:
             log.exception("engine close failed")
+
+    def _swap(self, swap: _Swap, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            swap.engine.load()
+        except BaseException as exc:
+            err = exc if isinstance(exc, EngineError) else EngineError(f"{type(exc).__name__}: {exc}")
+            loop.call_soon_threadsafe(_set_exception, swap.done, err)
+            return
+        old, self.engine = self.engine, swap.engine
+        try:
+            old.close()
+        except Exception:
+            log.exception("closing the previous engine failed")
+        loop.call_soon_threadsafe(_set_result, swap.done)
 
     def _run(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
         deadline = time.monotonic() + job.timeout_s
@@ -197,7 +236,9 @@ class InferenceWorker:
                 if chunk.finish_reason:
                     reason = chunk.finish_reason
                     usage = Usage(chunk.prompt_tokens, chunk.completion_tokens)
-            if reason == "cancelled" and timed_out:
+            if reason == "cancelled" and job.interrupted:
+                reason, error = "shutdown", "the daemon is shutting down"
+            elif reason == "cancelled" and timed_out:
                 reason, error = "timeout", f"generation stopped after {job.timeout_s:g} s"
         except PromptTooLong as exc:
             reason, error = "error", str(exc)
