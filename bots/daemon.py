@@ -187,7 +187,7 @@ class Daemon:
                 new = new.model_copy(update={section: n.model_copy(update=changed)})
         if kept:
             log.warning("these settings change only with a restart; running values kept", keys=kept)
-        if new.model != old.model:
+        if new.model.load_settings() != old.model.load_settings():
             log.info("model settings changed: loading the new model once the running answer is done",
                      model_file=str(new.model.resolved_path()))
             try:

@@ -86,6 +86,10 @@ class ModelConfig(_Section):
     def resolved_threads(self) -> int:
         return self.n_threads or (os.cpu_count() or 1)
 
+    def load_settings(self) -> tuple[Any, ...]:
+        """What the loaded model depends on: a change here means loading it again."""
+        return (self.engine, self.resolved_path(), self.n_ctx, self.resolved_threads(), self.n_batch)
+
 
 class QueueConfig(_Section):
     max_size: Annotated[int, Field(ge=1, le=100_000)] = 64
