@@ -34,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     chat = with_config(sub.add_parser("chat", help="talk to a bot in this terminal"))
     chat.add_argument("--bot", help="which bot (default: [api] default_bot)")
     chat.add_argument("--conversation", default="default", help="conversation name (separate histories)")
+    kb = sub.add_parser("kb", help="knowledge bases: ingest documents, try a search")
+    kb_sub = kb.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sp = with_config(kb_sub.add_parser("ingest", help="(re)build knowledge bases from their folders"))
+    sp.add_argument("name", nargs="?", help="one knowledge base ([knowledge.NAME]); default: all")
+    sp = with_config(kb_sub.add_parser("search", help="show what a bot would retrieve for a question"))
+    sp.add_argument("bot", help="the bot whose grants are searched")
+    sp.add_argument("question")
     tg = sub.add_parser("telegram", help="Telegram webhook registration")
     tg_sub = tg.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in (("set-webhook", "register [telegram.BOT] webhook_url with Telegram"),
@@ -70,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(cfg)
     if args.command == "chat":
         return _chat(cfg, args.bot, args.conversation)
+    if args.command == "kb":
+        return _kb(cfg, args)
     if args.command == "telegram":
         return _telegram(cfg, args.action, args.bot)
     return 2
@@ -92,6 +101,49 @@ def _telegram(cfg: Config, action: str, bot: str) -> int:
         return _fail(f"telegram.{bot}: Telegram refused: {exc}")
     print(result)
     return 0
+
+
+def _kb(cfg: Config, args: argparse.Namespace) -> int:
+    from core.knowledge.embedder import Embedder, EmbeddingError
+    from core.logging import configure
+
+    configure(cfg.server.log_level, cfg.server.log_format)
+    embedder = Embedder(cfg.embeddings.model, cfg.embeddings.batch_size)
+    try:
+        if args.action == "ingest":
+            from core.knowledge.ingest import ingest
+
+            names = [args.name] if args.name else sorted(cfg.knowledge)
+            if args.name and args.name not in cfg.knowledge:
+                known = ", ".join(sorted(cfg.knowledge)) or "none"
+                return _fail(f"no [knowledge.{args.name}] in the config; knowledge bases: {known}")
+            if not names:
+                return _fail("no knowledge bases configured; add a [knowledge.NAME] section with paths")
+            for name in names:
+                kb = cfg.knowledge[name]
+                report = ingest(name, [Path(p) for p in kb.paths], cfg.server.state_dir, embedder, kb.chunk_chars)
+                print(report.summary())
+                for source, reason in report.skipped:
+                    print(f"  skipped {source}: {reason}")
+            return 0
+        from core.knowledge.retriever import Retriever
+
+        bot = cfg.bots.get(args.bot)
+        if bot is None:
+            return _fail(f"no bot named {args.bot!r}; bots: {', '.join(sorted(cfg.bots))}")
+        r = cfg.retrieval
+        retriever = Retriever(cfg.server.state_dir, embedder, candidates=r.candidates, top_k=r.top_k,
+                              min_similarity=r.min_similarity, min_coverage=r.min_coverage)
+        retriever.refresh(bot.knowledge)
+        hits = retriever.search(bot.knowledge, args.question)
+        if not hits:
+            print(f"nothing relevant in {', '.join(bot.knowledge) or 'no knowledge base'}")
+        for h in hits:
+            print(f"[{h.kb}] {h.cite}  (fused {h.score:.4f}, cosine {h.similarity:.2f}, terms {h.coverage:.0%})")
+            print(f"    {h.text[:200]}")
+        return 0
+    except EmbeddingError as exc:
+        return _fail(str(exc))
 
 
 def _run(cfg: Config) -> int:

@@ -1,4 +1,4 @@
-"""Chat commands every platform understands: /start, /help, /reset."""
+"""Chat commands every platform understands: /start, /help, /reset, and the admins' /kb."""
 
 from __future__ import annotations
 
@@ -19,7 +19,13 @@ class Command:
     args: str
 
 
-KNOWN = ("start", "help", "reset")
+KNOWN = ("start", "help", "reset", "kb")
+
+KB_HELP = (
+    "Knowledge base commands (admins of this bot only):\n"
+    "/kb sources - list the documents this bot answers from\n"
+    "/kb ingest - re-read this bot's documents now"
+)
 
 
 def parse_command(text: str, bot_username: str | None = None) -> Command | None:

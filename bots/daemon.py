@@ -17,12 +17,14 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from bots.knowledge_jobs import KnowledgeJobs
 from bots.service import ChatService
 from connectors import REGISTRY, load_connector
 from connectors.base import Connector
 from connectors.server import build_app
 from core import sdnotify
 from core.config import Config, ConfigError, load_config
+from core.knowledge.embedder import EmbeddingError
 from core.redis_store import StoreUnavailable
 from core.runtime import Runtime
 
@@ -41,6 +43,8 @@ class Daemon:
         self.cfg = cfg
         self.runtime = Runtime(cfg)
         self.service = ChatService(cfg, self.runtime)
+        self.knowledge = KnowledgeJobs(self.runtime)
+        self.service.ingest_hook = self.knowledge.ingest
         # The running connectors by registry name; HTTP routes look their connector up here on
         # every request, so a reload can replace one under a live server.
         self.connectors: dict[str, Connector] = {}
@@ -59,6 +63,10 @@ class Daemon:
         except EngineError as exc:
             await self.runtime.redis.close()
             raise StartupError(f"model.path: {exc}") from None
+        except EmbeddingError as exc:
+            await self.runtime.stop(grace_s=0)
+            raise StartupError(str(exc)) from None
+        self.knowledge.start()
         for name in REGISTRY:
             cls = load_connector(name)
             if cls.enabled(self.cfg):
@@ -124,6 +132,7 @@ class Daemon:
 
     async def stop(self, grace_s: float | None = None) -> None:
         grace = self.cfg.server.shutdown_grace_s if grace_s is None else grace_s
+        self.knowledge.stop()
         # No new platform events: the listener closes and polling / sockets stop.
         if self._site is not None:
             await self._site.stop()
@@ -198,6 +207,12 @@ class Daemon:
                 new = new.model_copy(update={"model": old.model})
         self.runtime.apply(new)
         self.service.apply(new)
+        if (new.knowledge, new.embeddings, new.retrieval) != (old.knowledge, old.embeddings, old.retrieval):
+            try:
+                await self.runtime.load_knowledge()
+            except EmbeddingError as exc:
+                log.error("reload: knowledge bases unavailable", error=str(exc))
+            self.knowledge.restart()
         await self._reload_connectors(old, new)
         self.cfg = new
         changed_sections = [k for k in type(new).model_fields if getattr(old, k) != getattr(new, k)]

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from core.engines import PromptTokenizer
+from core.knowledge.retriever import Hit
 from core.messages import ChatTurn
 
 
@@ -66,3 +67,31 @@ class PromptBuilder:
             else:
                 hi = mid - 1
         return BuiltPrompt(best[0], best[1], best_k, len(history) - best_k)
+
+
+DOCUMENTS_INTRO = (
+    "Answer from the documents below when they hold the answer, and say which document you used. "
+    "If they do not hold the answer, say that you have no document on it; do not invent one."
+)
+
+
+def with_documents(system: str | None, hits: Sequence[Hit]) -> str | None:
+    """The system prompt with the retrieved chunks, each headed by its source."""
+    if not hits:
+        return system
+    docs = "\n\n".join(f"[{i}] {h.cite}\n{h.text}" for i, h in enumerate(hits, start=1))
+    return f"{system or ''}\n\n{DOCUMENTS_INTRO}\n\n{docs}".lstrip()
+
+
+def fit_documents(tokenizer: PromptTokenizer, hits: Sequence[Hit], budget: int) -> list[Hit]:
+    """The best chunks, in order, while their tokens stay within ``budget`` (blocking)."""
+    if not hits:
+        return []
+    empty = tokenizer.count_chat([{"role": "system", "content": DOCUMENTS_INTRO}])
+    used: list[Hit] = []
+    for h in hits:
+        n = tokenizer.count_chat([{"role": "system", "content": with_documents(None, [*used, h]) or ""}]) - empty
+        if n > budget:
+            break
+        used.append(h)
+    return used

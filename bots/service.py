@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import structlog
 
-from bots.commands import HELP_TEXT, parse_command
-from bots.prompt import InputTooLong, PromptBuilder
+from bots.commands import HELP_TEXT, KB_HELP, parse_command
+from bots.prompt import BuiltPrompt, InputTooLong, PromptBuilder, fit_documents, with_documents
 from core import metrics
 from core.config import BotConfig, Config
 from core.dispatch import Busy, Rejected
 from core.engines import GenerationRequest
 from core.engines.base import TemplateError
 from core.jobs import Job, QueueFull
+from core.knowledge.retriever import Hit
 from core.kv import KeyValueCache
 from core.messages import ChatTurn, InboundMessage, ReplyEvent, ThreadKey, Usage
 from core.ratelimit import LimitExceeded
@@ -33,11 +35,13 @@ log = structlog.get_logger("botd.service")
 
 
 class JobAnswer:
-    """An answer produced by the inference worker."""
+    """An answer produced by the inference worker; ``hits`` are the documents it was given."""
 
-    def __init__(self, job: Job, service: ChatService, completion: asyncio.Task[None]) -> None:
+    def __init__(self, job: Job, service: ChatService, completion: asyncio.Task[None],
+                 hits: Sequence[Hit] = ()) -> None:
         self.job = job
         self.id = job.id
+        self.hits = list(hits)
         self._service = service
         self._completion = completion
 
@@ -47,11 +51,26 @@ class JobAnswer:
                 # The exchange is in the history before the client hears the answer is over,
                 # so an immediate next turn always sees it.
                 await asyncio.shield(self._completion)
+                footer = sources_footer(self.hits) if ev.finish_reason in ("stop", "length") else ""
+                if footer and ev.text.strip():
+                    # Cited by botd, not by the model: the sources are exactly the chunks it was given.
+                    yield ReplyEvent(delta=footer)
+                    ev = replace(ev, text=ev.text + footer, sources=tuple(cite_list(self.hits)))
             yield ev
 
     def cancel(self) -> None:
         if not self.job.done:
             self._service.runtime.worker.cancel(self.job)
+
+
+def cite_list(hits: Sequence[Hit]) -> list[str]:
+    """Each cited (file › heading) once, in order of relevance."""
+    return list(dict.fromkeys(h.cite for h in hits))
+
+
+def sources_footer(hits: Sequence[Hit]) -> str:
+    # Plain text on purpose: it reads the same on Telegram, Slack, WeCom and in the API.
+    return f"\n\nSources: {'; '.join(cite_list(hits))}" if hits else ""
 
 
 class TextAnswer:
@@ -77,6 +96,8 @@ class ChatService:
         self.n_ctx = cfg.model.n_ctx
         self._builder: PromptBuilder | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Set by the daemon: re-ingest one knowledge base (the admins' "/kb ingest").
+        self.ingest_hook: Callable[[str], Awaitable[Any]] | None = None
 
     def apply(self, cfg: Config) -> None:
         """Use a reloaded config from the next message on (bots, prompts, model budget)."""
@@ -149,7 +170,7 @@ class ChatService:
         if msg.history is None:
             cmd = parse_command(msg.text)
             if cmd is not None:
-                return await self._command(cmd.name, msg)
+                return await self._command(cmd.name, msg, cmd.args)
 
         if not msg.resumed:  # a replayed message was admitted (and counted) before the restart
             try:
@@ -175,12 +196,27 @@ class ChatService:
         budget = msg.max_tokens or bot.max_tokens or model.max_tokens
         system = msg.system if msg.system is not None else bot.system_prompt
         loop = asyncio.get_running_loop()
+        hits: list[Hit] = []
+        if bot.knowledge:
+            hits = await self._retrieve(bot, msg)
+            if not hits and bot.no_match == "refuse":
+                metrics.MESSAGES.labels(msg.platform, "no_document").inc()
+                log.info("no relevant document; answered so", platform=msg.platform, bot=msg.bot,
+                         knowledge=bot.knowledge)
+                self.runtime.audit.record(
+                    question=msg.text, answer=bot.no_match_text, request_id=msg.request_id, platform=msg.platform,
+                    bot=msg.bot, chat=msg.chat, thread=msg.thread, user=msg.user, finish="no_document", sources=[],
+                    knowledge=bot.knowledge, tokens_in=0, tokens_out=0, latency_ms=0, queue_wait_ms=0,
+                )
+                return TextAnswer(bot.no_match_text, msg.request_id)
         try:
-            built = await loop.run_in_executor(None, self.builder.build, system, history, msg.text, budget)
+            built, hits = await loop.run_in_executor(None, self._build, system, hits, history, msg.text, budget)
         except InputTooLong as exc:
             raise Rejected(400, "context_length_exceeded", str(exc)) from None
         except TemplateError as exc:
             raise Rejected(400, "invalid_messages", str(exc)) from None
+        for h in hits:
+            metrics.RETRIEVED_CHUNKS.labels(h.kb).inc()
 
         request = GenerationRequest(
             thread_key=msg.thread_key,
@@ -208,11 +244,29 @@ class ChatService:
             log.info("queue full", platform=msg.platform, user=msg.user, reason=exc.reason)
             raise Busy(exc.reason, exc.retry_after, exc.per_user) from None
         metrics.QUEUE_DEPTH.set(len(self.runtime.queue))
-        task = self._spawn(self._complete(msg, job, built.history_used, built.history_dropped, degraded))
-        return JobAnswer(job, self, task)
+        task = self._spawn(self._complete(msg, job, built.history_used, built.history_dropped, degraded, hits))
+        return JobAnswer(job, self, task, hits)
 
-    async def _command(self, name: str, msg: InboundMessage) -> TextAnswer:
-        if name == "reset":
+    async def _retrieve(self, bot: BotConfig, msg: InboundMessage) -> list[Hit]:
+        retriever = self.runtime.retriever
+        if retriever is None:
+            return []
+        t0 = time.monotonic()
+        # Only the bot's own grants, from the config: the message cannot name another base.
+        hits = await asyncio.get_running_loop().run_in_executor(None, retriever.search, list(bot.knowledge), msg.text)
+        metrics.RETRIEVAL.observe(time.monotonic() - t0)
+        return hits
+
+    def _build(self, system: str | None, hits: list[Hit], history: list[ChatTurn], text: str,
+               budget: int) -> tuple[BuiltPrompt, list[Hit]]:
+        """The prompt, with as many retrieved chunks as fit ``[retrieval] context_tokens`` (blocking)."""
+        used = fit_documents(self.builder.tokenizer, hits, self.cfg.retrieval.context_tokens)
+        return self.builder.build(with_documents(system, used), history, text, budget), used
+
+    async def _command(self, name: str, msg: InboundMessage, args: str = "") -> TextAnswer:
+        if name == "kb":
+            text = await self._kb_command(msg, args)
+        elif name == "reset":
             existed = await self.reset(msg.thread_key)
             text = (
                 "Done: I have forgotten this conversation."
@@ -225,13 +279,40 @@ class ChatService:
         log.info("command", command=name, platform=msg.platform, bot=msg.bot, chat=msg.chat, user=msg.user)
         return TextAnswer(text, msg.request_id)
 
+    async def _kb_command(self, msg: InboundMessage, args: str) -> str:
+        bot = self._bot(msg.bot)
+        who = f"{msg.platform}:{msg.user}"
+        if who not in bot.admins:
+            log.warning("knowledge admin command refused", who=who, bot=msg.bot, command=args)
+            return "This command is for the administrators of this bot."
+        action = args.split()[0].lower() if args.split() else ""
+        if not bot.knowledge:
+            return "This bot has no knowledge base."
+        if action == "sources":
+            retriever = self.runtime.retriever
+            lines = []
+            for kb in bot.knowledge:
+                files = retriever.sources(kb) if retriever is not None else {}
+                lines.append(f"{kb}: {len(files)} documents, {sum(files.values())} chunks")
+                lines += [f"- {src} ({n} chunks)" for src, n in sorted(files.items())]
+            return "\n".join(lines)
+        if action == "ingest":
+            if self.ingest_hook is None:
+                return "Ingest is not available here; run `botd kb ingest` on the server."
+            for kb in bot.knowledge:
+                self._spawn(self.ingest_hook(kb))
+            log.info("knowledge re-ingest requested", who=who, knowledge=bot.knowledge)
+            return f"Re-ingest started for: {', '.join(bot.knowledge)}. New documents are used once it finishes."
+        return KB_HELP
+
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _complete(self, msg: InboundMessage, job: Job, used: int, dropped: int, degraded: bool) -> None:
+    async def _complete(self, msg: InboundMessage, job: Job, used: int, dropped: int, degraded: bool,
+                        hits: Sequence[Hit] = ()) -> None:
         structlog.contextvars.bind_contextvars(request_id=msg.request_id, job_id=job.id)
         t0 = time.monotonic()
         reason = await job.wait()
@@ -252,7 +333,8 @@ class ChatService:
         decode_s = (job.finished_at or 0) - (job.first_token_at or 0)
         self.runtime.audit.record(
             question=msg.text, answer=job.text, request_id=msg.request_id, platform=msg.platform, bot=msg.bot,
-            chat=msg.chat, thread=msg.thread, user=msg.user, finish=reason, sources=[],
+            chat=msg.chat, thread=msg.thread, user=msg.user, finish=reason,
+            sources=[{"kb": h.kb, "file": h.source, "heading": h.heading} for h in hits],
             tokens_in=job.usage.prompt_tokens, tokens_out=job.usage.completion_tokens,
             latency_ms=round(latency * 1000), queue_wait_ms=round((started - job.enqueued_at) * 1000),
         )
@@ -264,6 +346,7 @@ class ChatService:
             tokens_in=job.usage.prompt_tokens, tokens_out=job.usage.completion_tokens,
             tokens_per_s=round((job.usage.completion_tokens - 1) / decode_s, 1) if decode_s > 0 else None,
             history_used=used, history_dropped=dropped, history_stored=stored, degraded=degraded,
+            sources=cite_list(hits),
         )
 
     async def drain(self, timeout_s: float = 10.0) -> None:

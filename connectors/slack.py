@@ -321,9 +321,10 @@ class SlackConnector(Connector):
             text = text.replace(f"<@{sa.user_id}>", "").strip()
         # DMs: top-level messages are one conversation; channels: each thread is one.
         root = thread_ts or ("" if is_dm else ts)
-        inbound = InboundMessage(platform=PLATFORM, bot=sa.name, chat=channel, thread=root, user=user,
-                                 text=text or "/help", event_id=f"{team}:msg:{channel}:{ts}",
-                                 route={"channel": channel, "root": root, "dm": is_dm})
+        # The route decides the bot (and so its knowledge bases); nothing in the message can.
+        inbound = InboundMessage(platform=PLATFORM, bot=cfg.routes.get(channel, sa.name), chat=channel, thread=root,
+                                 user=user, text=text or "/help", event_id=f"{team}:msg:{channel}:{ts}",
+                                 route={"account": sa.name, "channel": channel, "root": root, "dm": is_dm})
         # One record per message (channel + ts): a mention also delivered as a channel message is dropped here.
         if await self.dispatcher.accept(inbound, self.name):
             self._spawn(self._answer(sa, inbound))
@@ -335,7 +336,7 @@ class SlackConnector(Connector):
 
     async def resume(self, messages: list[InboundMessage]) -> None:
         for inbound in messages:
-            sa = self.apps.get(inbound.bot)
+            sa = self.apps.get(inbound.route.get("account", inbound.bot))
             if sa is None:
                 log.warning("a message accepted before the restart has no Slack app now; dropped", bot=inbound.bot)
                 await self.dispatcher.finished(inbound)
@@ -376,7 +377,8 @@ class SlackConnector(Connector):
         if arg == "reset":
             if channel.startswith("D"):
                 try:
-                    existed = await self.dispatcher.reset(ThreadKey(PLATFORM, sa.name, channel, ""))
+                    bot = sa.cfg.routes.get(channel, sa.name)
+                    existed = await self.dispatcher.reset(ThreadKey(PLATFORM, bot, channel, ""))
                 except Busy:
                     await ack(response_type="ephemeral", text="I cannot reach my memory right now; try again soon.")
                     return

@@ -57,7 +57,7 @@ ALLOWED_UPDATES = ["message"]
 # rendering Markdown may move around.
 PART_CHARS = 4000
 TYPING_EVERY_S = 4.0
-COMMANDS = ("start", "help", "reset")
+COMMANDS = ("start", "help", "reset", "kb")
 TEXT_ONLY = "I read text only. Please send your question as a text message."
 BUSY = "I am busy right now; please try again in {s} s."
 FAILED = "Sorry, something went wrong while answering. Please try again."
@@ -292,7 +292,7 @@ class TelegramConnector(Connector):
 
     async def resume(self, messages: list[InboundMessage]) -> None:
         for inbound in messages:
-            tg = self.bots.get(inbound.bot)
+            tg = self.bots.get(inbound.route.get("account", inbound.bot))
             if tg is None or not tg.username:
                 log.warning("a message accepted before the restart has no Telegram bot now; dropped",
                             bot=inbound.bot, chat_id=inbound.route.get("chat_id"))
@@ -358,14 +358,17 @@ class TelegramConnector(Connector):
             return None
         thread_id = msg.message_thread_id if msg.is_topic_message else None
         if command is not None:
-            text = "/help" if command == "start" else f"/{command}"
+            args = text.strip().partition(" ")[2].strip()
+            text = "/help" if command == "start" else f"/{command} {args}".strip()
         elif tg.username and text:
             text = re.sub(rf"@{re.escape(tg.username)}\b", "", text, flags=re.I).strip() or text
         topic = str(thread_id) if thread_id is not None else ""
         thread = topic if private or cfg.group_history == "chat" else f"{topic}/{user.id}"
-        route = {"chat_id": chat.id, "thread_id": thread_id, "private": private,
+        route = {"account": tg.name, "chat_id": chat.id, "thread_id": thread_id, "private": private,
                  "reply_to": None if private else msg.message_id, "text_only": not text}
-        return InboundMessage(platform=PLATFORM, bot=tg.name, chat=str(chat.id), thread=thread, user=str(user.id),
+        # The route decides the bot (and so its knowledge bases); nothing in the message can.
+        bot = cfg.routes.get(str(chat.id), tg.name)
+        return InboundMessage(platform=PLATFORM, bot=bot, chat=str(chat.id), thread=thread, user=str(user.id),
                               text=text or "(not text)", event_id=f"{tg.id}:{update.update_id}", route=route)
 
     async def _answer(self, tg: _TgBot, inbound: InboundMessage) -> None:

@@ -415,9 +415,12 @@ class WeComConnector(Connector):
         if kind == "event":
             log.info("wecom event ignored", event=msg.get("Event"), user=sender)
         else:
+            # The route decides the bot (and so its knowledge bases); nothing in the message can.
             inbound = InboundMessage(
-                platform=PLATFORM, bot=app.bot, chat=sender, user=sender, text=msg.get("Content", "") or "(not text)",
-                event_id=f"{app.cfg.corp_id}:{app.cfg.agent_id}:{event_id}", route={"text": kind == "text"},
+                platform=PLATFORM, bot=app.cfg.routes.get(sender, app.bot), chat=sender, user=sender,
+                text=msg.get("Content", "") or "(not text)",
+                event_id=f"{app.cfg.corp_id}:{app.cfg.agent_id}:{event_id}",
+                route={"account": app.bot, "text": kind == "text"},
             )
             # Recorded before WeCom hears "received": a restart answers it.
             if await self.dispatcher.accept(inbound, self.name):
@@ -432,7 +435,7 @@ class WeComConnector(Connector):
 
     async def resume(self, messages: list[InboundMessage]) -> None:
         for inbound in messages:
-            app = self.apps.get(inbound.bot)
+            app = self.apps.get(inbound.route.get("account", inbound.bot))
             if app is None:
                 log.warning("a message accepted before the restart has no WeCom app now; dropped", bot=inbound.bot)
                 await self.dispatcher.finished(inbound)

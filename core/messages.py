@@ -99,6 +99,8 @@ class ReplyEvent:
     text: str = ""
     usage: Usage | None = None
     error: str | None = None
+    # On the last event: the documents the answer was given ("file › heading").
+    sources: tuple[str, ...] = ()
 
     @property
     def done(self) -> bool:

@@ -26,6 +26,12 @@ TTFT = Histogram(
 TOKENS_PER_SECOND = Gauge("botd_tokens_per_second", "Decode rate of the last finished job", registry=REGISTRY)
 TOKENS = Counter("botd_tokens_total", "Tokens processed", ["kind"], registry=REGISTRY)
 REDIS_ERRORS = Counter("botd_redis_errors_total", "Failed Redis calls", registry=REGISTRY)
+RETRIEVAL = Histogram(
+    "botd_retrieval_seconds", "Knowledge retrieval per message (query embedding included)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2), registry=REGISTRY,
+)
+RETRIEVED_CHUNKS = Counter("botd_retrieved_chunks_total", "Chunks put into prompts", ["kb"], registry=REGISTRY)
+INGESTS = Counter("botd_ingests_total", "Knowledge base ingests, by outcome", ["kb", "outcome"], registry=REGISTRY)
 DUPLICATES = Counter(
     "botd_duplicates_dropped_total", "Platform redeliveries dropped", ["platform"], registry=REGISTRY
 )

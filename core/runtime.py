@@ -19,6 +19,8 @@ from core.engines import Engine, PromptTokenizer, create_engine
 from core.history import HistoryStore
 from core.inbox import Inbox
 from core.jobs import FairQueue, Job
+from core.knowledge.embedder import Embedder
+from core.knowledge.retriever import Retriever
 from core.kv import KeyValueCache
 from core.ratelimit import RateLimiter
 from core.redis_store import RedisManager
@@ -45,17 +47,39 @@ class Runtime:
         self.limits = RateLimiter(self.redis, cfg.redis.key_prefix, cfg.limits)
         self.audit = AuditLog(cfg.audit)
         self.tokenizer: PromptTokenizer | None = None
+        self.retriever: Retriever | None = None
+        self._make_retriever(cfg)
         self.started_at = time.time()
+
+    def _make_retriever(self, cfg: Config) -> None:
+        # No knowledge bases configured: torch and sentence-transformers are never imported.
+        if not cfg.knowledge:
+            self.retriever = None
+            return
+        r = cfg.retrieval
+        embedder = Embedder(cfg.embeddings.model, cfg.embeddings.batch_size)
+        if self.retriever is not None and self.retriever.embedder.model_id == embedder.model_id:
+            embedder = self.retriever.embedder
+        self.retriever = Retriever(cfg.server.state_dir, embedder, candidates=r.candidates, top_k=r.top_k,
+                                   min_similarity=r.min_similarity, min_coverage=r.min_coverage)
+
+    async def load_knowledge(self) -> None:
+        """Load the embedding model and every knowledge base's index (in a thread)."""
+        if self.retriever is not None:
+            await asyncio.to_thread(self.retriever.embedder.load)
+            await asyncio.to_thread(self.retriever.refresh, list(self.cfg.knowledge))
 
     async def start(self) -> None:
         self.cfg.server.state_dir.mkdir(parents=True, exist_ok=True)
         await self.redis.start()
         # The vocabulary-only tokenizer loads off the event loop, beside the model.
         tok_task = asyncio.create_task(asyncio.to_thread(self.engine.tokenizer))
+        knowledge = asyncio.create_task(self.load_knowledge())
         try:
             await self.worker.start()
         finally:
             self.tokenizer = await tok_task
+            await knowledge
 
     async def stop(self, grace_s: float = 10.0) -> None:
         await self.worker.stop(grace_s)
@@ -82,6 +106,9 @@ class Runtime:
         if cfg.audit != self.cfg.audit:
             old, self.audit = self.audit, AuditLog(cfg.audit)
             old.close()
+        if (cfg.knowledge, cfg.embeddings, cfg.retrieval) != (self.cfg.knowledge, self.cfg.embeddings,
+                                                               self.cfg.retrieval):
+            self._make_retriever(cfg)
         self.cfg = cfg
 
     def _observe(self, job: Job) -> None:

@@ -55,7 +55,8 @@ async def test_metrics_count_the_traffic(tmp_path, redis_server, monkeypatch):
             await wait_for(telegram_answered, timeout=30)
             after = await scrape(api)
 
-    api_answers = sum(delta(after, before, "botd_messages_total", platform="api", outcome=o) for o in ("stop", "length"))
+    api_answers = sum(delta(after, before, "botd_messages_total", platform="api", outcome=o)
+                      for o in ("stop", "length"))
     assert api_answers == 3
     assert delta(after, before, "botd_duplicates_dropped_total", platform="telegram") == 1
     assert delta(after, before, "botd_queue_wait_seconds_count") == 4

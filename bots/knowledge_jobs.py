@@ -1,0 +1,87 @@
+"""Knowledge work inside the daemon: scheduled re-ingests and picking up new index versions.
+
+APScheduler's asyncio scheduler runs each knowledge base's cron schedule in the daemon's
+event loop; the ingest itself (reading, embedding, writing) runs in a thread, so answers
+go on meanwhile, and the new version is swapped into the retriever when it is complete.
+A watch every 30 s also picks up versions written by ``botd kb ingest`` from a shell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.cron import CronTrigger
+
+from core import metrics
+from core.knowledge.embedder import EmbeddingError
+from core.knowledge.ingest import IngestReport, ingest
+from core.runtime import Runtime
+
+log = structlog.get_logger("botd.knowledge")
+
+WATCH_EVERY_S = 30
+
+
+class KnowledgeJobs:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self._scheduler: AsyncIOScheduler | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def start(self) -> None:
+        cfg = self.runtime.cfg
+        if not cfg.knowledge:
+            return
+        scheduler = AsyncIOScheduler()
+        for name, kb in cfg.knowledge.items():
+            if kb.schedule:
+                scheduler.add_job(self.ingest, CronTrigger.from_crontab(kb.schedule), args=[name],
+                                  id=f"ingest:{name}", max_instances=1, coalesce=True, misfire_grace_time=3600)
+        scheduler.add_job(self.watch, "interval", seconds=WATCH_EVERY_S, id="watch", max_instances=1,
+                          coalesce=True)
+        scheduler.start()
+        self._scheduler = scheduler
+        log.info("knowledge schedules", **{name: kb.schedule or "off" for name, kb in cfg.knowledge.items()})
+
+    def stop(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+
+    def restart(self) -> None:
+        """After a reload: the schedules of the new config."""
+        self.stop()
+        self.start()
+
+    async def ingest(self, name: str) -> IngestReport | None:
+        """Re-ingest one knowledge base in a thread and load the result; None when it failed."""
+        retriever = self.runtime.retriever
+        kb = self.runtime.cfg.knowledge.get(name)
+        if retriever is None or kb is None:
+            return None
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        if lock.locked():
+            log.info("an ingest of this knowledge base is already running", kb=name)
+            return None
+        async with lock:
+            log.info("ingest started", kb=name)
+            try:
+                report = await asyncio.to_thread(ingest, name, [Path(p) for p in kb.paths],
+                                                 self.runtime.cfg.server.state_dir, retriever.embedder,
+                                                 kb.chunk_chars)
+            except (OSError, EmbeddingError, ValueError) as exc:
+                metrics.INGESTS.labels(name, "failed").inc()
+                log.error("ingest failed; the previous index stays in use", kb=name,
+                          error=f"{type(exc).__name__}: {exc}")
+                return None
+            metrics.INGESTS.labels(name, "ok").inc()
+            await asyncio.to_thread(retriever.refresh, [name])
+            return report
+
+    async def watch(self) -> None:
+        retriever = self.runtime.retriever
+        if retriever is not None:
+            await asyncio.to_thread(retriever.refresh, list(self.runtime.cfg.knowledge))

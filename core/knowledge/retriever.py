@@ -1,0 +1,133 @@
+"""Retrieval for a bot: only from the knowledge bases it is granted, fused, filtered, budgeted.
+
+Isolation lives here, not in the prompt: :meth:`Retriever.search` is given the bot's
+grants from the config (the route decides the bot; nothing in a message can change it)
+and opens no other index. For each granted base it takes the top chunks by meaning
+(faiss) and by words (BM25 over words and CJK bigrams), fuses the lists by reciprocal
+rank, and keeps a chunk only if it is relevant enough: cosine similarity at least
+``min_similarity`` or at least ``min_coverage`` of the query's terms found in it.
+
+Indexes are loaded at start and re-loaded when a base's CURRENT pointer changes (after
+a scheduled or command-line ingest), in a thread, swapped in whole.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from core.knowledge.embedder import Embedder
+from core.knowledge.index import Candidate, KnowledgeIndex
+from core.knowledge.store import KnowledgeStore
+from core.knowledge.tokens import lexical_tokens
+
+log = structlog.get_logger("botd.knowledge")
+
+_RRF_K = 60  # the usual reciprocal-rank-fusion constant
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    kb: str
+    source: str
+    heading: str
+    text: str
+    score: float  # fused (reciprocal rank)
+    similarity: float
+    coverage: float
+
+    @property
+    def cite(self) -> str:
+        return f"{self.source} › {self.heading}" if self.heading else self.source
+
+
+class Retriever:
+    def __init__(self, state_dir: Path, embedder: Embedder, *, candidates: int = 20, top_k: int = 4,
+                 min_similarity: float = 0.3, min_coverage: float = 0.5) -> None:
+        self.state_dir = state_dir
+        self.embedder = embedder
+        self.candidates = candidates
+        self.top_k = top_k
+        self.min_similarity = min_similarity
+        self.min_coverage = min_coverage
+        self._indexes: dict[str, tuple[tuple[str | None, int], KnowledgeIndex | None]] = {}
+        self._reload_lock = threading.Lock()
+
+    # -- loading (blocking: call in a thread) ------------------------------------------------------
+
+    def refresh(self, names: Sequence[str]) -> list[str]:
+        """(Re)load each named base whose live version changed; returns the names reloaded."""
+        reloaded = []
+        with self._reload_lock:
+            for name in names:
+                store = KnowledgeStore(self.state_dir, name)
+                stamp = store.stamp()
+                known = self._indexes.get(name)
+                if known is not None and known[0] == stamp:
+                    continue
+                try:
+                    version = store.load()
+                    index = KnowledgeIndex(name, version) if version is not None else None
+                except Exception as exc:  # keep serving the version already loaded
+                    log.error("knowledge base could not be loaded; the loaded version stays", kb=name,
+                              error=f"{type(exc).__name__}: {exc}")
+                    continue
+                if index is not None and index.model != self.embedder.model_id:
+                    log.warning("knowledge base was built with another embedding model; re-ingest it", kb=name,
+                                built_with=index.model, configured=self.embedder.model_id)
+                self._indexes[name] = (stamp, index)
+                reloaded.append(name)
+                if index is None:
+                    log.warning("knowledge base has no index yet; run `botd kb ingest`", kb=name)
+                else:
+                    log.info("knowledge base loaded", kb=name, chunks=len(index), version=index.version)
+        return reloaded
+
+    def size(self, name: str) -> int:
+        entry = self._indexes.get(name)
+        return len(entry[1]) if entry and entry[1] is not None else 0
+
+    def sources(self, name: str) -> dict[str, int]:
+        """Source file -> number of chunks, for the admins' "list sources" command."""
+        entry = self._indexes.get(name)
+        out: dict[str, int] = {}
+        if entry and entry[1] is not None:
+            for c in entry[1].chunks:
+                out[c.source] = out.get(c.source, 0) + 1
+        return out
+
+    # -- searching (blocking: call in a thread) ---------------------------------------------------
+
+    def search(self, granted: Sequence[str], query: str) -> list[Hit]:
+        """The relevant chunks for ``query`` from the bases in ``granted`` only, best first."""
+        indexes = [(n, e[1]) for n in granted if (e := self._indexes.get(n)) is not None and e[1] is not None]
+        if not indexes or not query.strip():
+            return []
+        qvec = self.embedder.encode([query])[0]
+        qtokens = lexical_tokens(query)
+        pool: list[Candidate] = []
+        for _, index in indexes:
+            pool.extend(index.search(qvec if index.model == self.embedder.model_id else None, qtokens,
+                                     self.candidates))
+        # Dense scores share one vector space across bases: one global dense ranking. BM25 scores
+        # depend on each base's statistics: one lexical ranking per base.
+        dense_order = sorted((c for c in pool if c.dense_rank is not None), key=lambda c: -c.dense_score)
+        dense_rank = {(c.kb, c.row): r for r, c in enumerate(dense_order)}
+        qset = set(qtokens)
+        hits = []
+        for c in pool:
+            score = 0.0
+            if (c.kb, c.row) in dense_rank:
+                score += 1.0 / (_RRF_K + dense_rank[(c.kb, c.row)] + 1)
+            if c.lexical_rank is not None:
+                score += 1.0 / (_RRF_K + c.lexical_rank + 1)
+            coverage = len(qset & set(lexical_tokens(c.chunk.embed_text()))) / len(qset) if qset else 0.0
+            if c.dense_score < self.min_similarity and coverage < self.min_coverage:
+                continue  # neither close in meaning nor sharing enough words: not relevant
+            hits.append(Hit(c.kb, c.chunk.source, c.chunk.heading, c.chunk.text, score, c.dense_score, coverage))
+        hits.sort(key=lambda h: -h.score)
+        return hits[: self.top_k]

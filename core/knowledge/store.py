@@ -1,0 +1,147 @@
+"""A knowledge base on disk: versions written aside, one pointer file swapped atomically.
+
+Layout under ``{state_dir}/knowledge/{name}/``::
+
+    CURRENT            the name of the live version (replaced with os.replace: atomic)
+    v-<ns>/index.faiss the vectors (faiss IndexFlatIP over L2-normalised embeddings)
+    v-<ns>/chunks.jsonl one line per vector: source, heading, position, text
+    v-<ns>/manifest.json embedding model, dimension, and per file its hash and chunk rows
+    .lock              held (flock) by whoever writes a new version
+
+A reader follows CURRENT; a writer builds a whole new version directory and only then
+replaces CURRENT. An ingest killed half-way leaves a stray ``v-*`` directory (removed by
+the next ingest) and the previous version untouched and live.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class StoredChunk:
+    source: str
+    heading: str
+    position: int
+    text: str
+
+    def embed_text(self) -> str:
+        return f"{self.heading}\n{self.text}" if self.heading else self.text
+
+
+@dataclass(slots=True)
+class Manifest:
+    model: str = ""
+    dim: int = 0
+    # source -> {"hash": sha256, "first": row, "count": rows}
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    built_at: float = 0.0
+
+
+@dataclass(slots=True)
+class Version:
+    path: Path
+    manifest: Manifest
+    chunks: list[StoredChunk]
+    vectors: np.ndarray
+
+
+class KnowledgeStore:
+    def __init__(self, root: Path, name: str) -> None:
+        self.name = name
+        self.dir = root / "knowledge" / name
+        self.pointer = self.dir / "CURRENT"
+
+    def current_name(self) -> str | None:
+        try:
+            return self.pointer.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def stamp(self) -> tuple[str | None, int]:
+        """Cheap change detector for readers: the pointer's content and mtime."""
+        try:
+            st = self.pointer.stat()
+        except FileNotFoundError:
+            return None, 0
+        return self.current_name(), st.st_mtime_ns
+
+    def load(self) -> Version | None:
+        """The live version, or None when nothing was ingested yet."""
+        import faiss
+
+        name = self.current_name()
+        if name is None:
+            return None
+        path = self.dir / name
+        manifest = Manifest(**json.loads((path / "manifest.json").read_text()))
+        chunks = []
+        with (path / "chunks.jsonl").open(encoding="utf-8") as f:
+            for line in f:
+                chunks.append(StoredChunk(**json.loads(line)))
+        index = faiss.read_index(str(path / "index.faiss"))
+        vectors = index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, manifest.dim), np.float32)
+        if len(chunks) != len(vectors):
+            raise ValueError(f"{path}: {len(chunks)} chunks but {len(vectors)} vectors")
+        return Version(path, manifest, chunks, np.ascontiguousarray(vectors, dtype=np.float32))
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Exclusive right to write a new version (another ingest of the same base waits)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with (self.dir / ".lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def write(self, manifest: Manifest, chunks: list[StoredChunk], vectors: np.ndarray) -> Path:
+        """Write a complete new version aside, then make it live in one atomic step."""
+        import faiss
+
+        live = self.current_name()
+        # Older versions and those left by a killed ingest go; the live one stays until the next
+        # write, so a reader that followed CURRENT just before the swap can still finish loading.
+        for stray in self.dir.glob("v-*"):
+            if stray.name != live:
+                shutil.rmtree(stray, ignore_errors=True)
+        path = self.dir / f"v-{time.time_ns()}"
+        path.mkdir(parents=True)
+        index = faiss.IndexFlatIP(manifest.dim)
+        if len(vectors):
+            index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        faiss.write_index(index, str(path / "index.faiss"))
+        with (path / "chunks.jsonl").open("w", encoding="utf-8") as f:
+            for c in chunks:
+                f.write(json.dumps(asdict(c), ensure_ascii=False) + "\n")
+        manifest.built_at = time.time()
+        (path / "manifest.json").write_text(json.dumps(asdict(manifest), ensure_ascii=False))
+        for p in path.iterdir():
+            _fsync(p)
+        _fsync(path)
+        tmp = self.dir / "CURRENT.tmp"
+        tmp.write_text(path.name)
+        _fsync(tmp)
+        os.replace(tmp, self.pointer)
+        _fsync(self.dir)
+        return path
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
