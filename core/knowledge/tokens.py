@@ -19,15 +19,22 @@ us was we what when where which who why will with would you your about any all
 """.split())
 
 
+# Function and question characters: a bigram holding one ("我每", "有几", "多少") says nothing
+# about a topic and only dilutes the match. Kept short: 会/能/个/有/在 start real words too.
+CJK_STOP_CHARS = frozenset("的了是我你您他她它们吗呢吧啊么什怎哪几多少请问这那就都也还把被")
+
+
 def lexical_tokens(text: str) -> list[str]:
     out: list[str] = []
     for m in _TOKEN.finditer(text.lower()):
         tok = m.group(0)
         if tok[0] >= "\u3400":
             if len(tok) == 1:
-                out.append(tok)
+                if tok not in CJK_STOP_CHARS:
+                    out.append(tok)
             else:
-                out.extend(tok[i : i + 2] for i in range(len(tok) - 1))
+                out.extend(bg for i in range(len(tok) - 1)
+                           if not ((bg := tok[i : i + 2])[0] in CJK_STOP_CHARS or bg[1] in CJK_STOP_CHARS))
         elif tok not in STOPWORDS:
             out.append(tok)
     return out
