@@ -209,12 +209,17 @@ class HttpApiConnector(Connector):
         except ValidationError as err:
             raise _BadRequest(400, "invalid_request", _explain(err)) from None
 
+    def _bots(self) -> list[str]:
+        """The bots this API may address: [api] bots, or every bot when that list is empty."""
+        allowed = self.api.bots
+        return [b for b in self.dispatcher.bot_names() if not allowed or b in allowed]
+
     def _bot_for_model(self, model: str | None) -> str:
         if model is None or model == self.dispatcher.model_name:
             return self.api.default_bot
-        if model in self.dispatcher.bot_names():
+        if model in self._bots():
             return model
-        names = [self.dispatcher.model_name, *self.dispatcher.bot_names()]
+        names = [self.dispatcher.model_name, *self._bots()]
         raise _BadRequest(404, "model_not_found", f"unknown model {model!r}; available: {', '.join(names)}")
 
     def _check_budget(self, max_tokens: int | None) -> None:
@@ -270,6 +275,8 @@ class HttpApiConnector(Connector):
         }
         if cid:
             payload["conversation_id"] = cid
+        if final.sources:
+            payload["sources"] = list(final.sources)
         return web.json_response(payload, dumps=_dumps)
 
     async def _collect(self, answer: Answer) -> ReplyEvent:
@@ -346,8 +353,8 @@ class HttpApiConnector(Connector):
     async def simple_chat(self, request: web.Request, ident: str) -> web.StreamResponse:
         body: SimpleChatBody = await self._read_json(request, SimpleChatBody)
         bot = body.bot or self.api.default_bot
-        if bot not in self.dispatcher.bot_names():
-            names = ", ".join(self.dispatcher.bot_names())
+        if bot not in self._bots():
+            names = ", ".join(self._bots())
             raise _BadRequest(404, "unknown_bot", f"unknown bot {bot!r}; bots: {names}")
         self._check_budget(body.max_tokens)
         if body.conversation_id and body.history:
@@ -375,6 +382,8 @@ class HttpApiConnector(Connector):
             "usage": _usage(final),
             "time": round(time.monotonic() - t0, 3),
         }
+        if final.sources:
+            out["sources"] = list(final.sources)
         if history is not None:
             if pairs or body.history is None:
                 out["history"] = [*[list(p) for p in (body.history or [])], [body.query, final.text]]
@@ -389,14 +398,14 @@ class HttpApiConnector(Connector):
     # -- models and conversations ----------------------------------------------------------------
 
     async def models(self, _request: web.Request, _ident: str) -> web.StreamResponse:
-        names = [self.dispatcher.model_name, *self.dispatcher.bot_names()]
+        names = [self.dispatcher.model_name, *self._bots()]
         return web.json_response({"object": "list", "data": [
             {"id": n, "object": "model", "owned_by": "botd", "created": 0} for n in names]})
 
     def _conversation(self, request: web.Request, ident: str) -> ThreadKey:
         cid = request.match_info["cid"]
         bot = request.query.get("bot", self.api.default_bot)
-        if bot not in self.dispatcher.bot_names():
+        if bot not in self._bots():
             raise _BadRequest(404, "unknown_bot", f"unknown bot {bot!r}")
         return ThreadKey(PLATFORM, bot, f"{ident}/{cid}", "")
 

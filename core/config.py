@@ -122,6 +122,8 @@ class ApiConfig(_Section):
     keys: list[Secret] = Field(default_factory=list)
     max_input_chars: Annotated[int, Field(ge=1)] = 32_000
     default_bot: str = "assistant"
+    # The bots (and so the knowledge bases) the HTTP API may address; empty: every bot.
+    bots: list[str] = Field(default_factory=list)
 
 
 class LimitsConfig(_Section):
@@ -328,6 +330,11 @@ class Config(_Section):
     def _cross_checks(self) -> Config:
         if self.api.enabled and self.api.default_bot not in self.bots:
             raise _KeyError("api.default_bot", f"names no bot; defined bots: {', '.join(sorted(self.bots))}")
+        for b in self.api.bots:
+            if b not in self.bots:
+                raise _KeyError("api.bots", f"names no bot {b!r}; defined bots: {', '.join(sorted(self.bots))}")
+        if self.api.enabled and self.api.bots and self.api.default_bot not in self.api.bots:
+            raise _KeyError("api.default_bot", f"{self.api.default_bot!r} is not in api.bots")
         if self.api.enabled and not self.server.is_loopback() and not self.api.keys:
             raise _KeyError(
                 "api.keys",

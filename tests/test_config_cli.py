@@ -179,3 +179,38 @@ def test_console_chat(tmp_path):
     reply = out.split("assistant> ")[1].split("you>")[0].strip()
     assert reply and "forgotten" not in reply
     assert "I have forgotten this conversation" in out
+
+
+def test_every_config_key_is_documented_in_the_readme_and_the_shipped_config():
+    """The README's configuration reference and config.toml's comments cover every key."""
+    import re
+
+    from conftest import REPO
+    from pydantic import BaseModel
+
+    from core.config import (
+        BotConfig,
+        Config,
+        KnowledgeConfig,
+        SlackConfig,
+        TelegramConfig,
+        WecomConfig,
+    )
+
+    readme = (REPO / "README.md").read_text()
+    shipped = (REPO / "config.toml").read_text()
+    named = {"bots": BotConfig, "knowledge": KnowledgeConfig, "wecom": WecomConfig, "telegram": TelegramConfig,
+             "slack": SlackConfig}
+    missing = []
+    for section, field in Config.model_fields.items():
+        if field.exclude:
+            continue
+        model = named.get(section) or field.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel), section
+        for key in model.model_fields:
+            if f"`{key}`" not in readme and f"`{section}.{key}`" not in readme and f"`{section}.NAME.{key}`" \
+                    not in readme:
+                missing.append(f"README: {section}.{key}")
+            if not re.search(rf"^#? ?#? ?{re.escape(key)} =", shipped, re.M):
+                missing.append(f"config.toml: {section}.{key}")
+    assert not missing, missing

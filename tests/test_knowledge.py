@@ -390,3 +390,21 @@ def test_config_refuses_a_department_knowledge_base_granted_to_two_bots(tmp_path
     with pytest.raises(ConfigError, match=r"knowledge\.hr\.paths\[0\]: no such folder"):
         config_from_dict(data, tmp_path / "config.toml")
 
+
+
+async def test_the_api_returns_sources_and_reaches_only_the_bots_it_is_given(tmp_path, redis_server, corpus):
+    hr, fin = corpus
+    cfg = kb_config(tmp_path, f"redis://127.0.0.1:{redis_server.port}/0", hr, fin,
+                    api={"default_bot": "hr", "bots": ["hr"]}, model={"max_tokens": 16})
+    ingest_all(cfg)
+    async with running_daemon(cfg) as api:
+        reply = await api.chat(HR_QUESTION)
+        assert reply["sources"][0] == "leave.md › Leave policy > Parental leave"
+        assert reply["choices"][0]["message"]["content"].endswith("Sources: " + "; ".join(reply["sources"]))
+        status, body, _ = await api.post("/v1/chat/completions", {
+            "model": "finance", "messages": [{"role": "user", "content": "Who approves client dinners?"}]})
+        assert status == 404 and "finance" not in body["error"]["message"].split("available:")[1]
+        status, body, _ = await api.post("/chat", {"bot": "finance", "query": "Who approves client dinners?"})
+        assert status == 404
+        status, models = await api.get("/v1/models")
+        assert [m["id"] for m in models["data"]] == [cfg.model.name, "hr"]
