@@ -97,8 +97,7 @@ def kb_config(tmp_path: Path, redis_url: str, hr: Path, fin: Path, **sections):
         bots={"hr": {"knowledge": ["hr"], "admins": [f"telegram:{ADMIN}"],
                      "system_prompt": "You are the HR assistant."},
               "finance": {"knowledge": ["finance"], "system_prompt": "You are the finance assistant."}},
-        api={"default_bot": "hr"},
-        **sections,
+        **{"api": {"default_bot": "hr"}, **sections},
     )
 
 
