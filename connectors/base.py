@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
+from collections.abc import Coroutine
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -25,6 +28,8 @@ class Connector(ABC):
     def __init__(self, dispatcher: Dispatcher, config: Config) -> None:
         self.dispatcher = dispatcher
         self.config = config
+        # Answers under way: kept so that stop() can wait for them.
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     @classmethod
     @abstractmethod
@@ -43,11 +48,23 @@ class Connector(ABC):
     async def stop(self, grace_s: float = 30.0) -> None:  # noqa: B027 - optional hook
         """Stop receiving, then wait (up to ``grace_s``) for the answers under way and clean up."""
 
-    async def resume(self, messages: list[InboundMessage]) -> None:
-        """Answer messages accepted before a restart (from the durable inbox).
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-        A connector that takes platform messages overrides this; the default keeps them.
-        """
-        if messages:
-            log.warning("messages accepted before the restart wait for a connector that cannot replay them",
-                        connector=self.name, count=len(messages))
+    def replay(self, inbound: InboundMessage) -> Coroutine[Any, Any, None] | None:
+        """The coroutine that answers a message accepted before a restart; None when it cannot
+        be answered any more (its platform account is gone from the config)."""
+        return None
+
+    async def resume(self, messages: list[InboundMessage]) -> None:
+        """Answer messages accepted before a restart (from the durable inbox)."""
+        for inbound in messages:
+            coro = self.replay(inbound)
+            if coro is None:
+                log.warning("a message accepted before the restart cannot be answered: its account is no longer "
+                            "configured; dropped", connector=self.name, bot=inbound.bot)
+                await self.dispatcher.finished(inbound)
+            else:
+                self._spawn(coro)

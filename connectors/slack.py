@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -195,7 +195,6 @@ class SlackConnector(Connector):
     def __init__(self, dispatcher: Dispatcher, config: Config) -> None:
         super().__init__(dispatcher, config)
         self.apps = {name: _SlackApp(name, cfg) for name, cfg in config.slack.items()}
-        self._tasks: set[asyncio.Task[None]] = set()
         for sa in self.apps.values():
             self._register(sa)
 
@@ -329,19 +328,9 @@ class SlackConnector(Connector):
         if await self.dispatcher.accept(inbound, self.name):
             self._spawn(self._answer(sa, inbound))
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def resume(self, messages: list[InboundMessage]) -> None:
-        for inbound in messages:
-            sa = self.apps.get(inbound.route.get("account", inbound.bot))
-            if sa is None:
-                log.warning("a message accepted before the restart has no Slack app now; dropped", bot=inbound.bot)
-                await self.dispatcher.finished(inbound)
-                continue
-            self._spawn(self._answer(sa, inbound))
+    def replay(self, inbound: InboundMessage) -> Coroutine[Any, Any, None] | None:
+        target = self.apps.get(inbound.route.get("account", inbound.bot))
+        return self._answer(target, inbound) if target is not None else None
 
     async def _answer(self, sa: _SlackApp, inbound: InboundMessage) -> None:
         r = inbound.route

@@ -20,7 +20,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 # python-telegram-bot 22 moves RetryAfter.retry_after to timedelta; opt in now (both are handled).
@@ -211,7 +211,6 @@ class TelegramConnector(Connector):
     def __init__(self, dispatcher: Dispatcher, config: Config) -> None:
         super().__init__(dispatcher, config)
         self.bots = {name: _TgBot(name, cfg) for name, cfg in config.telegram.items()}
-        self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
 
     @classmethod
@@ -285,20 +284,9 @@ class TelegramConnector(Connector):
         if inbound is not None and await self.dispatcher.accept(inbound, self.name):
             self._spawn(self._answer(tg, inbound))
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def resume(self, messages: list[InboundMessage]) -> None:
-        for inbound in messages:
-            tg = self.bots.get(inbound.route.get("account", inbound.bot))
-            if tg is None or not tg.username:
-                log.warning("a message accepted before the restart has no Telegram bot now; dropped",
-                            bot=inbound.bot, chat_id=inbound.route.get("chat_id"))
-                await self.dispatcher.finished(inbound)
-                continue
-            self._spawn(self._answer(tg, inbound))
+    def replay(self, inbound: InboundMessage) -> Coroutine[Any, Any, None] | None:
+        target = self.bots.get(inbound.route.get("account", inbound.bot))
+        return self._answer(target, inbound) if target is not None and target.username else None
 
     async def _poll(self, tg: _TgBot) -> None:
         offset: int | None = None

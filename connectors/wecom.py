@@ -24,7 +24,7 @@ import hmac
 import os
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 from urllib.parse import unquote
 
@@ -334,7 +334,6 @@ class WeComConnector(Connector):
         super().__init__(dispatcher, config)
         self.apps = {bot: _App(bot, cfg) for bot, cfg in config.wecom.items()}
         self._session: aiohttp.ClientSession | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
     def enabled(cls, config: Config) -> bool:
@@ -428,19 +427,9 @@ class WeComConnector(Connector):
         # An empty 200 is "received, no passive reply"; the answer follows via message/send.
         return web.Response(status=200, text="")
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def resume(self, messages: list[InboundMessage]) -> None:
-        for inbound in messages:
-            app = self.apps.get(inbound.route.get("account", inbound.bot))
-            if app is None:
-                log.warning("a message accepted before the restart has no WeCom app now; dropped", bot=inbound.bot)
-                await self.dispatcher.finished(inbound)
-                continue
-            self._spawn(self._handle(app, inbound))
+    def replay(self, inbound: InboundMessage) -> Coroutine[Any, Any, None] | None:
+        target = self.apps.get(inbound.route.get("account", inbound.bot))
+        return self._handle(target, inbound) if target is not None else None
 
     async def _allowed(self, app: _App, user: str) -> bool:
         cfg = app.cfg
