@@ -75,9 +75,15 @@ class Embedder:
         return int(get_dim())
 
     def encode(self, texts: Sequence[str], progress: Callable[[int], None] | None = None,
-               step: int = 1024) -> np.ndarray:
-        """Embed ``texts`` (blocking: call off the event loop); ``progress(n_done)`` after each step."""
+               step: int | None = None) -> np.ndarray:
+        """Embed ``texts`` (blocking: call off the event loop); ``progress(n_done)`` after each step.
+
+        The model is used by one thread at a time (Hugging Face tokenizers fail when shared
+        across threads), one step at a time: a long ingest holds it for a step only (a batch
+        by default), so the daemon's question embeddings slip in between.
+        """
         self.load()
+        step = step or self.batch_size
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         parts = []
