@@ -58,10 +58,16 @@ class Runtime:
             return
         r = cfg.retrieval
         embedder = Embedder(cfg.embeddings.model, cfg.embeddings.batch_size)
-        if self.retriever is not None and self.retriever.embedder.model_id == embedder.model_id:
-            embedder = self.retriever.embedder
-        self.retriever = Retriever(cfg.server.state_dir, embedder, candidates=r.candidates, top_k=r.top_k,
-                                   min_similarity=r.min_similarity, min_coverage=r.min_coverage)
+        old = self.retriever
+        same_model = old is not None and old.embedder.model_id == embedder.model_id
+        if same_model:
+            embedder = old.embedder
+        retriever = Retriever(cfg.server.state_dir, embedder, candidates=r.candidates, top_k=r.top_k,
+                              min_similarity=r.min_similarity, min_coverage=r.min_coverage)
+        if same_model:
+            # A reload keeps serving the indexes already loaded while the new ones load.
+            retriever.adopt(old, list(cfg.knowledge))
+        self.retriever = retriever
 
     async def load_knowledge(self) -> None:
         """Load the embedding model and every knowledge base's index (in a thread)."""

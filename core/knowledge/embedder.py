@@ -86,13 +86,17 @@ class Embedder:
         step = step or self.batch_size
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        parts = []
-        for start in range(0, len(texts), step):
+        # Longest first, as sentence-transformers sorts within one call: steps of like lengths
+        # pad little, so small steps cost no throughput.
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for start in range(0, len(order), step):
+            idx = order[start : start + step]
             with self._encode_lock:
-                vecs = self._model.encode(list(texts[start : start + step]), batch_size=self.batch_size,
+                vecs = self._model.encode([texts[i] for i in idx], batch_size=self.batch_size,
                                           normalize_embeddings=True, convert_to_numpy=True,
                                           show_progress_bar=False)
-            parts.append(np.asarray(vecs, dtype=np.float32))
+            out[idx] = np.asarray(vecs, dtype=np.float32)
             if progress is not None:
                 progress(min(start + step, len(texts)))
-        return np.ascontiguousarray(np.vstack(parts))
+        return out

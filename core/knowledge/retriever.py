@@ -87,6 +87,12 @@ class Retriever:
                     log.info("knowledge base loaded", kb=name, chunks=len(index), version=index.version)
         return reloaded
 
+    def adopt(self, other: Retriever, names: Sequence[str]) -> None:
+        """Take over ``other``'s loaded indexes for ``names`` (same embedding model)."""
+        for name in names:
+            if name in other._indexes:
+                self._indexes[name] = other._indexes[name]
+
     def size(self, name: str) -> int:
         entry = self._indexes.get(name)
         return len(entry[1]) if entry and entry[1] is not None else 0
