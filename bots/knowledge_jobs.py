@@ -18,6 +18,7 @@ from apscheduler.triggers.cron import CronTrigger
 from core import metrics
 from core.knowledge.embedder import EmbeddingError
 from core.knowledge.ingest import IngestReport, ingest
+from core.knowledge.store import KnowledgeStore
 from core.runtime import Runtime
 
 log = structlog.get_logger("botd.knowledge")
@@ -42,6 +43,11 @@ class KnowledgeJobs:
                                   id=f"ingest:{name}", max_instances=1, coalesce=True, misfire_grace_time=3600)
         scheduler.add_job(self.watch, "interval", seconds=WATCH_EVERY_S, id="watch", max_instances=1,
                           coalesce=True)
+        # A base that was never ingested is built now, in the background, rather than at 03:00.
+        for name in cfg.knowledge:
+            if KnowledgeStore(cfg.server.state_dir, name).current_name() is None:
+                log.info("knowledge base has no index yet: ingesting it now", kb=name)
+                scheduler.add_job(self.ingest, args=[name], id=f"first-ingest:{name}")
         scheduler.start()
         self._scheduler = scheduler
         log.info("knowledge schedules", **{name: kb.schedule or "off" for name, kb in cfg.knowledge.items()})

@@ -407,3 +407,46 @@ async def test_the_api_returns_sources_and_reaches_only_the_bots_it_is_given(tmp
         assert status == 404
         status, models = await api.get("/v1/models")
         assert [m["id"] for m in models["data"]] == [cfg.model.name, "hr"]
+
+
+async def test_a_reload_changes_knowledge_grants_without_a_restart(tmp_path, redis_server, corpus):
+    from core.config import load_config
+
+    hr, fin = corpus
+    cfg = kb_config(tmp_path, f"redis://127.0.0.1:{redis_server.port}/0", hr, fin)
+    ingest_all(cfg)
+    path = _write_toml(tmp_path, cfg)
+    text = path.read_text().replace("[server]\n", "[server]\nport = 0\n").replace(
+        "[api]", f'[redis]\nurl = "redis://127.0.0.1:{redis_server.port}/0"\n\n[api]')
+    path.write_text(text)
+    async with running_daemon(load_config(path)) as api:
+        service = api.daemon.service
+        question = "Who approves client dinners?"
+        answer = await service.dispatch(InboundMessage(platform="api", bot="hr", chat="c", user="u", text=question))
+        assert isinstance(answer, TextAnswer) and answer.text == NO_DOCUMENT_TEXT  # hr cannot see finance
+
+        # The finance documents move to the hr bot: [bots.hr] knowledge = ["hr", "finance"].
+        path.write_text(text.replace('[bots.hr]\nknowledge = ["hr"]', '[bots.hr]\nknowledge = ["hr", "finance"]')
+                        .replace('[bots.finance]\nknowledge = ["finance"]', '[bots.finance]\nknowledge = []'))
+        assert await api.daemon.reload()
+        answer = await service.dispatch(InboundMessage(platform="api", bot="hr", chat="c", user="u", text=question))
+        assert isinstance(answer, JobAnswer) and answer.hits[0].source == "expenses.md"
+        answer.cancel()
+        answer = await service.dispatch(InboundMessage(platform="api", bot="finance", chat="c", user="u",
+                                                       text=question))
+        assert isinstance(answer, JobAnswer) and not answer.hits  # no knowledge left: a plain answer
+        answer.cancel()
+
+
+async def test_a_base_never_ingested_is_built_when_the_daemon_starts(tmp_path, redis_server, corpus):
+    hr, fin = corpus
+    cfg = kb_config(tmp_path, f"redis://127.0.0.1:{redis_server.port}/0", hr, fin)
+    assert KnowledgeStore(cfg.server.state_dir, "hr").current_name() is None
+    async with running_daemon(cfg) as api:
+        retriever = api.daemon.runtime.retriever
+
+        async def built() -> bool:
+            return retriever.size("hr") > 0 and retriever.size("finance") > 0
+
+        await wait_for(built, timeout=60)
+        assert retriever.search(["hr"], HR_QUESTION)[0].source == "leave.md"
