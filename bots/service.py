@@ -20,7 +20,7 @@ from bots.commands import HELP_TEXT, KB_HELP, parse_command
 from bots.prompt import BuiltPrompt, InputTooLong, PromptBuilder, fit_documents, with_documents
 from core import metrics
 from core.config import BotConfig, Config
-from core.dispatch import Busy, Rejected
+from core.dispatch import Busy, Interrupted, Rejected
 from core.engines import GenerationRequest
 from core.engines.base import TemplateError
 from core.jobs import Job, QueueFull
@@ -236,6 +236,9 @@ class ChatService:
             timeout_s=self.cfg.queue.job_timeout_s,
             id=msg.request_id,
         )
+        if msg.durable and not self.runtime.worker.accepting:
+            # Shutting down: a recorded message stays in the inbox for the next start, unanswered now.
+            raise Interrupted(msg.request_id)
         try:
             # Replayed messages were accepted before the restart: they take their place regardless of bounds.
             self.runtime.worker.submit(job, force=msg.resumed)

@@ -1,8 +1,9 @@
 """The contract between connectors and the bots layer.
 
 A connector is handed a :class:`Dispatcher`; it turns platform events into
-:class:`~core.messages.InboundMessage` and calls ``dispatch``, which either raises at
-once (:class:`Busy`, :class:`Rejected`) or returns an :class:`Answer` to stream.
+:class:`~core.messages.InboundMessage`, records them (``accept``) and calls ``dispatch``,
+which either raises at once (:class:`Busy`, :class:`Rejected`; :class:`Interrupted` for a
+recorded message while the daemon stops) or returns an :class:`Answer` to stream.
 Connectors never see models, prompts or Redis keys.
 """
 

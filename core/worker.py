@@ -121,6 +121,11 @@ class InferenceWorker:
             job.finish("cancelled")
 
     @property
+    def accepting(self) -> bool:
+        """False once :meth:`stop` has begun."""
+        return self._accepting
+
+    @property
     def busy(self) -> bool:
         return self._current is not None
 
