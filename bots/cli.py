@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(f"config error: {exc}")
     if args.command == "check-config":
-        print(f"{args.config}: ok (model {cfg.model.resolved_path()}, {len(cfg.bots)} bot(s))")
+        print(f"{args.config}: ok (model {cfg.model.resolved_path()}, {len(cfg.bots)} bot(s), "
+              f"{len(cfg.knowledge)} knowledge base(s))")
         return 0
     if args.command == "run":
         return _run(cfg)
