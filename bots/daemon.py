@@ -31,7 +31,8 @@ from core.runtime import Runtime
 log = structlog.get_logger("botd.daemon")
 
 # Read once at start: changing these needs a restart (a reload keeps the running values).
-_RESTART_ONLY = {"server": ("host", "port", "state_dir", "max_body_bytes"), "redis": ("url", "key_prefix")}
+_RESTART_ONLY = {"server": ("host", "port", "state_dir", "max_body_bytes", "instance"),
+                 "redis": ("url", "key_prefix")}
 
 
 class StartupError(RuntimeError):

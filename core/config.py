@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -47,6 +48,12 @@ class ServerConfig(_Section):
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
     # SIGTERM: how long the running generation may go on before it is stopped (and replayed after the restart).
     shutdown_grace_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
+    # This daemon's name among several sharing one Redis (empty: the host name): after a
+    # restart it answers only the messages it had accepted itself.
+    instance: Annotated[str, Field(max_length=128)] = ""
+
+    def instance_name(self) -> str:
+        return self.instance or socket.gethostname()
 
     def is_loopback(self) -> bool:
         if self.host == "localhost":

@@ -47,16 +47,17 @@ return 0
 """
 
 
-def _encode(msg: InboundMessage, connector: str) -> str:
+def _encode(msg: InboundMessage, connector: str, owner: str) -> str:
     data = asdict(msg)
     for runtime_only in ("durable", "resumed", "progress", "final_answer"):
         data.pop(runtime_only)
     data["history"] = None if msg.history is None else [t.as_dict() for t in msg.history]
     data["stop"] = list(msg.stop)
-    return json.dumps({"connector": connector, "seq": time.time_ns(), "msg": data}, ensure_ascii=False)
+    return json.dumps({"connector": connector, "owner": owner, "seq": time.time_ns(), "msg": data},
+                      ensure_ascii=False)
 
 
-def _decode(raw: str) -> tuple[str, int, InboundMessage]:
+def _decode(raw: str) -> tuple[str, str, int, InboundMessage]:
     rec = json.loads(raw)
     data = dict(rec["msg"])
     if data.get("history") is not None:
@@ -64,13 +65,15 @@ def _decode(raw: str) -> tuple[str, int, InboundMessage]:
     data["stop"] = tuple(data.get("stop") or ())
     known = InboundMessage.__dataclass_fields__
     msg = InboundMessage(**{k: v for k, v in data.items() if k in known})
-    return rec["connector"], int(rec["seq"]), msg
+    return rec["connector"], str(rec.get("owner", "")), int(rec["seq"]), msg
 
 
 class Inbox:
-    def __init__(self, redis: RedisManager, prefix: str, seen_ttl_s: int = 24 * 3600) -> None:
+    def __init__(self, redis: RedisManager, prefix: str, owner: str, seen_ttl_s: int = 24 * 3600) -> None:
         self.redis = redis
         self.prefix = prefix
+        # Several daemons may share one Redis: each replays only what it accepted itself.
+        self.owner = owner
         self.seen_ttl_s = seen_ttl_s
         self.key = f"{prefix}:inbox"
         self.progress_key = f"{prefix}:inbox:progress"
@@ -86,7 +89,7 @@ class Inbox:
         try:
             fresh = await self.redis.run(
                 "inbox accept", self.redis.client.eval, _ACCEPT, 2, seen, self.key,
-                self.seen_ttl_s, msg.request_id, _encode(msg, connector),
+                self.seen_ttl_s, msg.request_id, _encode(msg, connector, self.owner),
             )
         except StoreUnavailable:
             log.warning("inbox unavailable: redis unreachable; answering without a durable record",
@@ -148,11 +151,13 @@ class Inbox:
         found: list[tuple[int, str, InboundMessage]] = []
         for rid, raw in records.items():
             try:
-                connector, seq, msg = _decode(raw)
+                connector, owner, seq, msg = _decode(raw)
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("damaged inbox record dropped", request_id=rid, error=f"{type(exc).__name__}: {exc}")
                 await self.redis.run("inbox drop", self.redis.client.hdel, self.key, rid)
                 continue
+            if owner and owner != self.owner:
+                continue  # another daemon's message: it answers it when it restarts
             msg.durable, msg.resumed = True, True
             try:
                 msg.progress = dict(json.loads(progress[rid])) if rid in progress else {}

@@ -42,7 +42,7 @@ class Runtime:
             self.engine, self.queue, max_wait_s=cfg.queue.max_wait_s, on_finished=self._observe
         )
         self.dedupe = Deduper(self.redis, cfg.redis.key_prefix)
-        self.inbox = Inbox(self.redis, cfg.redis.key_prefix)
+        self.inbox = Inbox(self.redis, cfg.redis.key_prefix, cfg.server.instance_name())
         self.cache = KeyValueCache(self.redis, cfg.redis.key_prefix)
         self.limits = RateLimiter(self.redis, cfg.redis.key_prefix, cfg.limits)
         self.audit = AuditLog(cfg.audit)

@@ -93,3 +93,30 @@ async def test_wecom_messages_queued_at_shutdown_are_answered_once_after_the_res
 
     to = sorted(s["touser"] for s in fake.sent)
     assert to == ["lisi", "wangwu"], fake.sent
+
+
+async def test_daemons_sharing_redis_replay_only_their_own_messages(tmp_path, redis_server):
+    from conftest import make_config
+
+    from core.inbox import Inbox
+    from core.messages import InboundMessage
+    from core.redis_store import RedisManager
+
+    manager = RedisManager(make_config(tmp_path, redis_server.url).redis, tmp_path)
+    await manager.start()
+    try:
+        a, b = Inbox(manager, "botd", "host-a"), Inbox(manager, "botd", "host-b")
+        msg = InboundMessage(platform="slack", bot="assistant", chat="C1", user="U1", text="hi", event_id="Ev1",
+                             route={"channel": "C1"})
+        assert await a.accept(msg, "slack")
+        # The same event delivered to the other daemon is a duplicate there too.
+        assert not await b.accept(InboundMessage(platform="slack", bot="assistant", chat="C1", user="U1",
+                                                 text="hi", event_id="Ev1"), "slack")
+        assert await b.pending() == []
+        [(connector, again)] = await a.pending()
+        assert connector == "slack" and again.request_id == msg.request_id and again.route == {"channel": "C1"}
+        assert again.resumed and again.durable
+        await a.done(again)
+        assert await a.pending() == []
+    finally:
+        await manager.close()
