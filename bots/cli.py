@@ -132,9 +132,7 @@ def _kb(cfg: Config, args: argparse.Namespace) -> int:
         bot = cfg.bots.get(args.bot)
         if bot is None:
             return _fail(f"no bot named {args.bot!r}; bots: {', '.join(sorted(cfg.bots))}")
-        r = cfg.retrieval
-        retriever = Retriever(cfg.server.state_dir, embedder, candidates=r.candidates, top_k=r.top_k,
-                              min_similarity=r.min_similarity, min_coverage=r.min_coverage)
+        retriever = Retriever.from_config(cfg, embedder)
         retriever.refresh(bot.knowledge)
         hits = retriever.search(bot.knowledge, args.question)
         if not hits:

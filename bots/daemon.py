@@ -206,9 +206,9 @@ class Daemon:
                 log.error("reload: the new model did not load; the old model and model settings stay",
                           error=f"model.path: {exc}")
                 new = new.model_copy(update={"model": old.model})
-        self.runtime.apply(new)
+        knowledge_changed = self.runtime.apply(new)
         self.service.apply(new)
-        if (new.knowledge, new.embeddings, new.retrieval) != (old.knowledge, old.embeddings, old.retrieval):
+        if knowledge_changed:
             try:
                 await self.runtime.load_knowledge()
             except EmbeddingError as exc:

@@ -203,11 +203,7 @@ class ChatService:
                 metrics.MESSAGES.labels(msg.platform, "no_document").inc()
                 log.info("no relevant document; answered so", platform=msg.platform, bot=msg.bot,
                          knowledge=bot.knowledge)
-                self.runtime.audit.record(
-                    question=msg.text, answer=bot.no_match_text, request_id=msg.request_id, platform=msg.platform,
-                    bot=msg.bot, chat=msg.chat, thread=msg.thread, user=msg.user, finish="no_document", sources=[],
-                    knowledge=bot.knowledge, tokens_in=0, tokens_out=0, latency_ms=0, queue_wait_ms=0,
-                )
+                self._audit(msg, bot.no_match_text, "no_document", knowledge=bot.knowledge)
                 return TextAnswer(bot.no_match_text, msg.request_id)
         try:
             built, hits = await loop.run_in_executor(None, self._build, system, hits, history, msg.text, budget)
@@ -295,7 +291,8 @@ class ChatService:
             retriever = self.runtime.retriever
             lines = []
             for kb in bot.knowledge:
-                files = retriever.sources(kb) if retriever is not None else {}
+                # Counting 100k chunks is CPU work: off the event loop.
+                files = await asyncio.to_thread(retriever.sources, kb) if retriever is not None else {}
                 lines.append(f"{kb}: {len(files)} documents, {sum(files.values())} chunks")
                 lines += [f"- {src} ({n} chunks)" for src, n in sorted(files.items())]
             return "\n".join(lines)
@@ -334,13 +331,8 @@ class ChatService:
         started = job.started_at or job.finished_at or t0
         latency = (job.finished_at or time.monotonic()) - job.enqueued_at
         decode_s = (job.finished_at or 0) - (job.first_token_at or 0)
-        self.runtime.audit.record(
-            question=msg.text, answer=job.text, request_id=msg.request_id, platform=msg.platform, bot=msg.bot,
-            chat=msg.chat, thread=msg.thread, user=msg.user, finish=reason,
-            sources=[{"kb": h.kb, "file": h.source, "heading": h.heading} for h in hits],
-            tokens_in=job.usage.prompt_tokens, tokens_out=job.usage.completion_tokens,
-            latency_ms=round(latency * 1000), queue_wait_ms=round((started - job.enqueued_at) * 1000),
-        )
+        self._audit(msg, job.text, reason, hits, job.usage, latency_ms=round(latency * 1000),
+                    queue_wait_ms=round((started - job.enqueued_at) * 1000))
         log.info(
             "answered" if reason in ("stop", "length") else f"finished: {reason}",
             platform=msg.platform, bot=msg.bot, chat=msg.chat, thread=msg.thread, user=msg.user,
@@ -350,6 +342,17 @@ class ChatService:
             tokens_per_s=round((job.usage.completion_tokens - 1) / decode_s, 1) if decode_s > 0 else None,
             history_used=used, history_dropped=dropped, history_stored=stored, degraded=degraded,
             sources=cite_list(hits),
+        )
+
+    def _audit(self, msg: InboundMessage, answer: str, finish: str, hits: Sequence[Hit] = (),
+               usage: Usage | None = None, latency_ms: int = 0, queue_wait_ms: int = 0, **extra: Any) -> None:
+        usage = usage or Usage()
+        self.runtime.audit.record(
+            question=msg.text, answer=answer, request_id=msg.request_id, platform=msg.platform, bot=msg.bot,
+            chat=msg.chat, thread=msg.thread, user=msg.user, finish=finish,
+            sources=[{"kb": h.kb, "file": h.source, "heading": h.heading} for h in hits],
+            tokens_in=usage.prompt_tokens, tokens_out=usage.completion_tokens, latency_ms=latency_ms,
+            queue_wait_ms=queue_wait_ms, **extra,
         )
 
     async def drain(self, timeout_s: float = 10.0) -> None:

@@ -56,14 +56,12 @@ class Runtime:
         if not cfg.knowledge:
             self.retriever = None
             return
-        r = cfg.retrieval
         embedder = Embedder(cfg.embeddings.model, cfg.embeddings.batch_size)
         old = self.retriever
         same_model = old is not None and old.embedder.model_id == embedder.model_id
         if same_model:
             embedder = old.embedder
-        retriever = Retriever(cfg.server.state_dir, embedder, candidates=r.candidates, top_k=r.top_k,
-                              min_similarity=r.min_similarity, min_coverage=r.min_coverage)
+        retriever = Retriever.from_config(cfg, embedder)
         if same_model:
             # A reload keeps serving the indexes already loaded while the new ones load.
             retriever.adopt(old, list(cfg.knowledge))
@@ -102,8 +100,9 @@ class Runtime:
         await self.worker.swap_engine(engine)
         self.engine, self.tokenizer = engine, tokenizer
 
-    def apply(self, cfg: Config) -> None:
-        """Take the settings of a reloaded config that need no restart (queue, limits, audit, history)."""
+    def apply(self, cfg: Config) -> bool:
+        """Take the settings of a reloaded config that need no restart (queue, limits, audit, history,
+        knowledge); True when the knowledge settings changed (load them with :meth:`load_knowledge`)."""
         self.queue.max_size, self.queue.per_user = cfg.queue.max_size, cfg.queue.per_user
         self.queue.retry_after_s = cfg.queue.retry_after_s
         self.worker.max_wait_s = cfg.queue.max_wait_s
@@ -112,10 +111,12 @@ class Runtime:
         if cfg.audit != self.cfg.audit:
             old, self.audit = self.audit, AuditLog(cfg.audit)
             old.close()
-        if (cfg.knowledge, cfg.embeddings, cfg.retrieval) != (self.cfg.knowledge, self.cfg.embeddings,
-                                                               self.cfg.retrieval):
+        knowledge_changed = (cfg.knowledge, cfg.embeddings, cfg.retrieval) != (
+            self.cfg.knowledge, self.cfg.embeddings, self.cfg.retrieval)
+        if knowledge_changed:
             self._make_retriever(cfg)
         self.cfg = cfg
+        return knowledge_changed
 
     def _observe(self, job: Job) -> None:
         metrics.QUEUE_DEPTH.set(len(self.queue))

@@ -12,16 +12,21 @@ from test_wecom import post_callback, text_xml, wechatpy_encrypt, wecom_config
 from core.config import Config
 
 
-async def inbox_size(redis_server) -> int:
-    return redis_server.client().hlen("botd:inbox")
-
-
 async def stop_while_busy(cfg: Config, send) -> None:
     """Start a daemon, send platform messages while the model is busy, stop it before they are answered."""
     async with running_daemon(cfg) as api:
         async with busy_model(api, jobs=2):
             await send(api)
             await api.daemon.stop(grace_s=0)
+
+
+async def restart_until_answered(cfg: Config, redis_server) -> None:
+    """A new daemon on the same Redis, until it has answered everything left in the inbox."""
+    async with running_daemon(cfg):
+        async def done() -> bool:
+            return redis_server.client().hlen("botd:inbox") == 0
+
+        await wait_for(done, timeout=60)
 
 
 @pytest.fixture
@@ -45,11 +50,7 @@ async def test_slack_messages_queued_at_shutdown_are_answered_once_after_the_res
         assert redis_server.client().hlen("botd:inbox") == 2  # kept for the next start
         posts_before = len(fake.of("chat.postMessage"))
 
-        async with running_daemon(cfg):
-            async def done() -> bool:
-                return redis_server.client().hlen("botd:inbox") == 0
-
-            await wait_for(done, timeout=60)
+        await restart_until_answered(cfg, redis_server)
 
     posts = fake.of("chat.postMessage")
     # One message per question in all: a placeholder posted before the shutdown is updated, not reposted.
@@ -85,11 +86,7 @@ async def test_wecom_messages_queued_at_shutdown_are_answered_once_after_the_res
         assert redis_server.client().hlen("botd:inbox") == 2
         assert not [s for s in fake.sent if s["touser"] in ("lisi", "wangwu")]
 
-        async with running_daemon(cfg):
-            async def done() -> bool:
-                return redis_server.client().hlen("botd:inbox") == 0
-
-            await wait_for(done, timeout=60)
+        await restart_until_answered(cfg, redis_server)
 
     to = sorted(s["touser"] for s in fake.sent)
     assert to == ["lisi", "wangwu"], fake.sent

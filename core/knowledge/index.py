@@ -24,16 +24,13 @@ class Candidate:
 class KnowledgeIndex:
     def __init__(self, name: str, version: Version) -> None:
         import bm25s
-        import faiss
 
         self.name = name
         self.version = version.path.name
         self.chunks = version.chunks
         self.dim = version.manifest.dim
         self.model = version.manifest.model
-        self.faiss = faiss.IndexFlatIP(self.dim)
-        if len(version.vectors):
-            self.faiss.add(version.vectors)
+        self.faiss = version.index
         self.bm25 = None
         if self.chunks:
             self.bm25 = bm25s.BM25()

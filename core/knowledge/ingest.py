@@ -112,6 +112,7 @@ def ingest(name: str, folders: list[Path], state_dir: Path, embedder: Embedder, 
             log.warning("the current index cannot be read; rebuilding it", kb=name, error=str(exc))
             old = None
         same_space = old is not None and old.manifest.model == embedder.model_id
+        old_vectors = old.vectors if old is not None and same_space else None
         files = discover(folders)
         report.files = len(files)
 
@@ -130,7 +131,7 @@ def ingest(name: str, folders: list[Path], state_dir: Path, embedder: Embedder, 
             if prev is not None and prev["hash"] == digest:
                 first, count = int(prev["first"]), int(prev["count"])
                 plans.append(_FilePlan(source, digest, old.chunks[first : first + count],
-                                       old.vectors[first : first + count]))
+                                       old_vectors[first : first + count]))
                 report.files_unchanged += 1
                 continue
             try:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import structlog
 
+from core.config import Config
 from core.knowledge.embedder import Embedder
 from core.knowledge.index import Candidate, KnowledgeIndex
 from core.knowledge.store import KnowledgeStore
@@ -56,6 +57,14 @@ class Retriever:
         self.min_coverage = min_coverage
         self._indexes: dict[str, tuple[tuple[str | None, int], KnowledgeIndex | None]] = {}
         self._reload_lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, cfg: Config, embedder: Embedder | None = None) -> Retriever:
+        """The retriever ``[retrieval]`` describes, over the indexes in ``server.state_dir``."""
+        r = cfg.retrieval
+        return cls(cfg.server.state_dir, embedder or Embedder(cfg.embeddings.model, cfg.embeddings.batch_size),
+                   candidates=r.candidates, top_k=r.top_k, min_similarity=r.min_similarity,
+                   min_coverage=r.min_coverage)
 
     # -- loading (blocking: call in a thread) ------------------------------------------------------
 

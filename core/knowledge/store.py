@@ -54,7 +54,14 @@ class Version:
     path: Path
     manifest: Manifest
     chunks: list[StoredChunk]
-    vectors: np.ndarray
+    index: Any  # faiss.IndexFlatIP, searched as loaded
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """The stored vectors (read out of the flat index: an ingest reuses them)."""
+        if not self.index.ntotal:
+            return np.zeros((0, self.manifest.dim), np.float32)
+        return np.ascontiguousarray(self.index.reconstruct_n(0, self.index.ntotal), dtype=np.float32)
 
 
 class KnowledgeStore:
@@ -91,10 +98,9 @@ class KnowledgeStore:
             for line in f:
                 chunks.append(StoredChunk(**json.loads(line)))
         index = faiss.read_index(str(path / "index.faiss"))
-        vectors = index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, manifest.dim), np.float32)
-        if len(chunks) != len(vectors):
-            raise ValueError(f"{path}: {len(chunks)} chunks but {len(vectors)} vectors")
-        return Version(path, manifest, chunks, np.ascontiguousarray(vectors, dtype=np.float32))
+        if len(chunks) != index.ntotal:
+            raise ValueError(f"{path}: {len(chunks)} chunks but {index.ntotal} vectors")
+        return Version(path, manifest, chunks, index)
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
