@@ -1,7 +1,8 @@
 """The daemon assembly: config -> runtime -> chat service -> connectors -> one HTTP server.
 
-``Daemon.start`` brings everything up in order (Redis, model, server, connectors), then
-answers the messages a previous run accepted but did not finish (the durable inbox).
+``Daemon.start`` brings everything up in order (Redis, model, connectors), starts answering
+the messages a previous run accepted but did not finish (the durable inbox), and only then
+opens the port.
 ``Daemon.reload`` (SIGHUP) applies an edited config.toml without dropping a job;
 ``Daemon.stop`` (SIGTERM) stops taking events, lets the running answer finish within
 ``server.shutdown_grace_s`` and leaves what is still queued in the inbox for the next start.
@@ -78,6 +79,11 @@ class Daemon:
         # handler_cancellation: a client that disconnects cancels its handler, which stops its job.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
+        # Connectors are up (Telegram's getMe answered: group mentions can be read) and what an
+        # earlier run left is being answered before the port takes its first webhook.
+        for c in self.connectors.values():
+            await c.start()
+        await self._resume()
         site = web.TCPSite(self._runner, self.cfg.server.host, self.cfg.server.port, reuse_address=True)
         try:
             await site.start()
@@ -89,9 +95,7 @@ class Daemon:
         self._site = site
         sockets = site._server.sockets if site._server else []  # the real port when port = 0 in tests
         self.port = sockets[0].getsockname()[1] if sockets else self.cfg.server.port
-        for c in self.connectors.values():
-            await c.start()
-        await self._resume()
+        self.runtime.ready = True
         log.info(
             "botd is ready", url=f"http://{self.cfg.server.host}:{self.port}", model=self.cfg.model.name,
             model_file=str(self.cfg.model.resolved_path()), redis=self.runtime.redis.description,
@@ -133,6 +137,7 @@ class Daemon:
 
     async def stop(self, grace_s: float | None = None) -> None:
         grace = self.cfg.server.shutdown_grace_s if grace_s is None else grace_s
+        self.runtime.ready = False
         self.knowledge.stop()
         # No new platform events: the listener closes and polling / sockets stop.
         if self._site is not None:

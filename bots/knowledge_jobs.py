@@ -4,6 +4,8 @@ APScheduler's asyncio scheduler runs each knowledge base's cron schedule in the 
 event loop; the ingest itself (reading, embedding, writing) runs in a thread, so answers
 go on meanwhile, and the new version is swapped into the retriever when it is complete.
 A watch every 30 s also picks up versions written by ``botd kb ingest`` from a shell.
+A base that was never ingested is built at start; the retriever is told so
+(``builds_missing``), so loading it says "ingesting it now" once instead of warning.
 """
 
 from __future__ import annotations
@@ -31,9 +33,17 @@ class KnowledgeJobs:
         self.runtime = runtime
         self._scheduler: AsyncIOScheduler | None = None
         self._locks: dict[str, asyncio.Lock] = {}
+        self._claim_missing()
+
+    def _claim_missing(self) -> None:
+        # Before the runtime loads the indexes: a missing one is this daemon's to build, not the
+        # admin's (the retriever passes the claim on to its successor at a reload).
+        if self.runtime.retriever is not None:
+            self.runtime.retriever.builds_missing = True
 
     def start(self) -> None:
         cfg = self.runtime.cfg
+        self._claim_missing()
         if not cfg.knowledge:
             return
         scheduler = AsyncIOScheduler()
@@ -47,6 +57,7 @@ class KnowledgeJobs:
         for name in cfg.knowledge:
             if KnowledgeStore(cfg.server.state_dir, name).current_name() is None:
                 log.info("knowledge base has no index yet: ingesting it now", kb=name)
+                self.runtime.set_knowledge_state(name, "building")
                 scheduler.add_job(self.ingest, args=[name], id=f"first-ingest:{name}")
         scheduler.start()
         self._scheduler = scheduler
@@ -82,9 +93,17 @@ class KnowledgeJobs:
                 metrics.INGESTS.labels(name, "failed").inc()
                 log.error("ingest failed; the previous index stays in use", kb=name,
                           error=f"{type(exc).__name__}: {exc}")
+                if self.runtime.knowledge_state.get(name) != "ready":
+                    self.runtime.set_knowledge_state(name, "failed")
                 return None
             metrics.INGESTS.labels(name, "ok").inc()
-            await asyncio.to_thread(retriever.refresh, [name])
+            try:
+                await asyncio.to_thread(retriever.refresh, [name])
+            finally:
+                if retriever.has_index(name):
+                    self.runtime.set_knowledge_state(name, "ready")
+                elif self.runtime.knowledge_state.get(name) != "ready":
+                    self.runtime.set_knowledge_state(name, "failed")
             return report
 
     async def watch(self) -> None:

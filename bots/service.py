@@ -18,6 +18,7 @@ import structlog
 
 from bots.commands import HELP_TEXT, KB_HELP, parse_command
 from bots.prompt import BuiltPrompt, InputTooLong, PromptBuilder, fit_documents, with_documents
+from bots.texts import KNOWLEDGE_LOADING
 from core import metrics
 from core.config import BotConfig, Config
 from core.dispatch import Busy, Interrupted, Rejected
@@ -198,6 +199,14 @@ class ChatService:
         loop = asyncio.get_running_loop()
         hits: list[Hit] = []
         if bot.knowledge:
+            # A base still being read or built must not look like a base without the answer.
+            loading = await self.runtime.wait_knowledge(list(bot.knowledge), self.cfg.queue.max_wait_s)
+            if loading:
+                retry = self.cfg.queue.retry_after_s
+                metrics.MESSAGES.labels(msg.platform, "busy").inc()
+                log.info("knowledge still loading; answered busy", bot=msg.bot, knowledge=loading)
+                raise Busy(f"the knowledge base {', '.join(loading)} is still loading", retry,
+                           user_message=KNOWLEDGE_LOADING.format(s=retry))
             hits = await self._retrieve(bot, msg)
             if not hits and bot.no_match == "refuse":
                 metrics.MESSAGES.labels(msg.platform, "no_document").inc()
@@ -231,6 +240,7 @@ class ChatService:
             keep_thinking=model.keep_thinking,
             timeout_s=self.cfg.queue.job_timeout_s,
             id=msg.request_id,
+            replayed=msg.resumed,
         )
         if msg.durable and not self.runtime.worker.accepting:
             # Shutting down: a recorded message stays in the inbox for the next start, unanswered now.

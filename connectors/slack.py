@@ -37,6 +37,7 @@ from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
 from connectors.base import Connector
+from connectors.texts import BUSY, FAILED
 from core.config import Config, SlackConfig
 from core.dispatch import Busy, Dispatcher, Interrupted
 from core.markdown import Markup
@@ -52,8 +53,6 @@ PLATFORM = "slack"
 # Slack truncates text past 40,000 characters; shorter messages read better in a thread.
 PART_CHARS = 3500
 THINKING = "_…_"
-BUSY = "I am busy right now; please try again in {s} s."
-FAILED = "Sorry, something went wrong while answering. Please try again."
 HELP = ("Mention me in a channel (I answer in the thread and follow up there), or message me directly.\n"
         "`{cmd} reset` forgets our direct-message conversation; in a thread, mention me with `/reset`.")
 _FOLLOW_TTL_S = 7 * 24 * 3600
@@ -95,6 +94,7 @@ class _Streamer(LiveMessage):
     """Posts the answer once and updates it in place; long answers continue in new messages."""
 
     failed_text = FAILED
+    busy_text = BUSY
 
     def __init__(self, client: AsyncWebClient, channel: str, thread_ts: str | None, interval: float,
                  already_sent: list[str] | None = None,
@@ -344,7 +344,7 @@ class SlackConnector(Connector):
         streamer = _Streamer(sa.client, channel, root or None, sa.cfg.update_interval_s,
                              already_sent=inbound.progress.get("sent", []), on_post=posted)
         try:
-            if await streamer.reply(self.dispatcher, inbound, BUSY, placeholder=THINKING) and (
+            if await streamer.reply(self.dispatcher, inbound, placeholder=THINKING) and (
                     root and not r.get("dm") and sa.cfg.follow_threads):
                 with contextlib.suppress(StoreUnavailable):
                     await self.dispatcher.cache.set(self._follow_key(sa, channel, root), "1", _FOLLOW_TTL_S)

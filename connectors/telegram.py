@@ -41,6 +41,7 @@ from telegram.error import (
 )
 
 from connectors.base import Connector
+from connectors.texts import BUSY, FAILED
 from core.config import Config, TelegramConfig
 from core.dispatch import Dispatcher, Interrupted
 from core.markdown import Markup
@@ -59,8 +60,6 @@ PART_CHARS = 4000
 TYPING_EVERY_S = 4.0
 COMMANDS = ("start", "help", "reset", "kb")
 TEXT_ONLY = "I read text only. Please send your question as a text message."
-BUSY = "I am busy right now; please try again in {s} s."
-FAILED = "Sorry, something went wrong while answering. Please try again."
 
 
 # -- Markdown -> Telegram HTML -------------------------------------------------------------------
@@ -123,6 +122,11 @@ def command_of(text: str, username: str) -> str | None:
     return name if name in COMMANDS else None
 
 
+def _in_group(update: Update) -> bool:
+    msg = update.message
+    return msg is not None and msg.chat.type != "private"
+
+
 # -- one streamed answer -----------------------------------------------------------------------------
 
 
@@ -130,6 +134,7 @@ class _Streamer(LiveMessage):
     """Shows an answer as it grows: one message edited in place, further messages past 4096."""
 
     failed_text = FAILED
+    busy_text = BUSY
 
     def __init__(self, bot: Bot, chat_id: int, thread_id: int | None, reply_to: int | None, interval: float,
                  already_sent: list[int] | None = None,
@@ -197,11 +202,18 @@ class _TgBot:
     def __init__(self, name: str, cfg: TelegramConfig) -> None:
         self.name = name
         self.cfg = cfg
-        self.bot = Bot(resolve_secret(cfg.token), base_url=cfg.api_base)
+        token = resolve_secret(cfg.token)
+        self.bot = Bot(token, base_url=cfg.api_base)
         self.secret = resolve_secret(cfg.webhook_secret) if cfg.webhook_secret else ""
+        # The bot's user id is the token's numeric part (public, unlike the rest): known before
+        # getMe, so event ids (dedupe keys) are the same in every run from the first update on.
+        head = token.partition(":")[0]
+        self.id = int(head) if head.isdigit() else 0
+        self.key = str(self.id) if self.id else name
+        # Learned from getMe; until then group messages (mentions, /cmd@bot) cannot be read.
         self.username = ""
-        self.id = 0
         self.poller: asyncio.Task[None] | None = None
+        self.starter: asyncio.Task[None] | None = None
 
 
 class TelegramConnector(Connector):
@@ -222,27 +234,44 @@ class TelegramConnector(Connector):
 
     async def start(self) -> None:
         for tg in self.bots.values():
-            try:
-                await tg.bot.initialize()  # getMe: our username, for mentions and /cmd@bot
-            except InvalidToken:
-                log.error("telegram rejected the bot token; this bot stays offline", bot=tg.name)
-                continue
-            except (NetworkError, TelegramError) as exc:
-                log.error("telegram getMe failed; this bot stays offline", bot=tg.name, error=type(exc).__name__)
-                continue
-            tg.username, tg.id = tg.bot.username, tg.bot.id
-            log.info("telegram bot ready", bot=tg.name, username=tg.username, mode=tg.cfg.mode)
-            if tg.cfg.mode == "polling":
-                tg.poller = asyncio.create_task(self._poll(tg), name=f"telegram-poll-{tg.name}")
+            if not await self._get_me(tg, first=True):
+                tg.starter = asyncio.create_task(self._retry_get_me(tg), name=f"telegram-getme-{tg.name}")
+
+    async def _get_me(self, tg: _TgBot, first: bool = False) -> bool | None:
+        """getMe (our username, for mentions and /cmd@bot), then polling; None: the token is refused."""
+        try:
+            await tg.bot.initialize()
+        except InvalidToken:
+            log.error("telegram rejected the bot token; this bot stays offline", bot=tg.name)
+            return None
+        except (NetworkError, TelegramError) as exc:
+            if first:
+                log.error("telegram getMe failed; retrying in the background (private chats are answered "
+                          "meanwhile in webhook mode)", bot=tg.name, error=type(exc).__name__)
+            return False
+        tg.username, tg.id = tg.bot.username, tg.bot.id
+        log.info("telegram bot ready", bot=tg.name, username=tg.username, mode=tg.cfg.mode)
+        if tg.cfg.mode == "polling" and not self._stopping:
+            tg.poller = asyncio.create_task(self._poll(tg), name=f"telegram-poll-{tg.name}")
+        return True
+
+    async def _retry_get_me(self, tg: _TgBot) -> None:
+        delay = 2.0
+        while not self._stopping:
+            await asyncio.sleep(delay)
+            if await self._get_me(tg) is not False:
+                return
+            delay = min(delay * 2, 60.0)
 
     async def stop_receiving(self) -> None:
         self._stopping = True
         for tg in self.bots.values():
-            if tg.poller:
-                tg.poller.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await tg.poller
-                tg.poller = None
+            for task in (tg.starter, tg.poller):
+                if task:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            tg.starter = tg.poller = None
 
     async def stop(self, grace_s: float = 30.0) -> None:
         await self.stop_receiving()
@@ -271,6 +300,11 @@ class TelegramConnector(Connector):
             update = Update.de_json(data, tg.bot)
         except (TypeError, ValueError, KeyError) as exc:
             raise web.HTTPBadRequest(text=f"malformed update: {type(exc).__name__}") from None
+        if not tg.username and _in_group(update):
+            # Whether a group message is for us (a mention, /cmd@bot) needs our username, which
+            # getMe has not told yet: Telegram keeps the update and delivers it again.
+            raise web.HTTPServiceUnavailable(text="the bot is starting (getMe has not answered yet)",
+                                             headers={"Retry-After": "5"})
         await self._accept(tg, update)
         return web.Response(status=200, text="")
 
@@ -286,7 +320,7 @@ class TelegramConnector(Connector):
 
     def replay(self, inbound: InboundMessage) -> Coroutine[Any, Any, None] | None:
         target = self.bots.get(inbound.route.get("account", inbound.bot))
-        return self._answer(target, inbound) if target is not None and target.username else None
+        return self._answer(target, inbound) if target is not None else None
 
     async def _poll(self, tg: _TgBot) -> None:
         offset: int | None = None
@@ -357,7 +391,7 @@ class TelegramConnector(Connector):
         # The route decides the bot (and so its knowledge bases); nothing in the message can.
         bot = cfg.routes.get(str(chat.id), tg.name)
         return InboundMessage(platform=PLATFORM, bot=bot, chat=str(chat.id), thread=thread, user=str(user.id),
-                              text=text or "(not text)", event_id=f"{tg.id}:{update.update_id}", route=route)
+                              text=text or "(not text)", event_id=f"{tg.key}:{update.update_id}", route=route)
 
     async def _answer(self, tg: _TgBot, inbound: InboundMessage) -> None:
         r = inbound.route
@@ -378,7 +412,7 @@ class TelegramConnector(Connector):
             else:
                 typing = asyncio.create_task(self._typing(tg.bot, chat_id, thread_id))
                 try:
-                    await streamer.reply(self.dispatcher, inbound, BUSY)
+                    await streamer.reply(self.dispatcher, inbound)
                 finally:
                     typing.cancel()
         except Interrupted:

@@ -37,10 +37,11 @@ from defusedxml import DefusedXmlException
 from defusedxml import ElementTree as SafeET
 
 from connectors.base import Connector
+from connectors.texts import BUSY, FAILED
 from core.config import Config, WecomConfig
 from core.dispatch import Busy, Dispatcher, Interrupted, Rejected
 from core.kv import KeyValueCache
-from core.messages import InboundMessage
+from core.messages import Finish, InboundMessage
 from core.redis_store import StoreUnavailable
 from core.secrets import resolve_secret
 from core.textsplit import split_text, utf8_len
@@ -297,8 +298,6 @@ class WeComApi:
 
 NOT_TEXT = "抱歉，我目前只能阅读文字消息。Sorry, I can only read text messages."
 NOT_ALLOWED = "抱歉，您没有使用此助手的权限。Sorry, you are not allowed to use this assistant."
-BUSY = "现在有点忙，请 {s} 秒后再试。I am busy right now; please try again in {s} s."
-FAILED = "抱歉，回答时出错了，请稍后再试。Sorry, something went wrong; please try again later."
 
 
 def _raw_query(query_string: str) -> dict[str, str]:
@@ -478,9 +477,12 @@ class WeComConnector(Connector):
         async for ev in answer.events():
             if ev.done:
                 final = ev
-        if final is not None and final.finish_reason == "shutdown":
+        if final is not None and final.finish_reason == Finish.SHUTDOWN:
             raise Interrupted(inbound.request_id)
-        if final is None or final.finish_reason in ("error", "cancelled") or not final.text.strip():
+        if final is not None and final.finish_reason == Finish.BUSY:
+            await self._reply(app, inbound, BUSY.format(s=final.retry_after or 5))
+            return
+        if final is None or final.finish_reason in (Finish.ERROR, Finish.CANCELLED) or not final.text.strip():
             await self._reply(app, inbound, FAILED)
             return
         await self._reply(app, inbound, final.text)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import asdict
 from typing import Any
 
@@ -47,17 +48,17 @@ return 0
 """
 
 
-def _encode(msg: InboundMessage, connector: str, owner: str) -> str:
+def _encode(msg: InboundMessage, connector: str, owner: str, run: str) -> str:
     data = asdict(msg)
     for runtime_only in ("durable", "resumed", "progress", "final_answer"):
         data.pop(runtime_only)
     data["history"] = None if msg.history is None else [t.as_dict() for t in msg.history]
     data["stop"] = list(msg.stop)
-    return json.dumps({"connector": connector, "owner": owner, "seq": time.time_ns(), "msg": data},
+    return json.dumps({"connector": connector, "owner": owner, "run": run, "seq": time.time_ns(), "msg": data},
                       ensure_ascii=False)
 
 
-def _decode(raw: str) -> tuple[str, str, int, InboundMessage]:
+def _decode(raw: str) -> tuple[str, str, str, int, InboundMessage]:
     rec = json.loads(raw)
     data = dict(rec["msg"])
     if data.get("history") is not None:
@@ -65,7 +66,7 @@ def _decode(raw: str) -> tuple[str, str, int, InboundMessage]:
     data["stop"] = tuple(data.get("stop") or ())
     known = InboundMessage.__dataclass_fields__
     msg = InboundMessage(**{k: v for k, v in data.items() if k in known})
-    return rec["connector"], str(rec.get("owner", "")), int(rec["seq"]), msg
+    return rec["connector"], str(rec.get("owner", "")), str(rec.get("run", "")), int(rec["seq"]), msg
 
 
 class Inbox:
@@ -74,6 +75,9 @@ class Inbox:
         self.prefix = prefix
         # Several daemons may share one Redis: each replays only what it accepted itself.
         self.owner = owner
+        # This process's records: a replay takes only records an earlier run left, never a
+        # message this run accepted a moment ago (it is being answered already).
+        self.run = uuid.uuid4().hex
         self.seen_ttl_s = seen_ttl_s
         self.key = f"{prefix}:inbox"
         self.progress_key = f"{prefix}:inbox:progress"
@@ -89,7 +93,7 @@ class Inbox:
         try:
             fresh = await self.redis.run(
                 "inbox accept", self.redis.client.eval, _ACCEPT, 2, seen, self.key,
-                self.seen_ttl_s, msg.request_id, _encode(msg, connector, self.owner),
+                self.seen_ttl_s, msg.request_id, _encode(msg, connector, self.owner, self.run),
             )
         except StoreUnavailable:
             log.warning("inbox unavailable: redis unreachable; answering without a durable record",
@@ -138,7 +142,7 @@ class Inbox:
         msg.durable = False
 
     async def pending(self) -> list[tuple[str, InboundMessage]]:
-        """Records left by an earlier run, oldest first, as (connector name, message)."""
+        """Records left by an earlier run of this daemon, oldest first, as (connector name, message)."""
 
         async def _read() -> tuple[dict[Any, Any], dict[Any, Any], dict[Any, Any]]:
             async with self.redis.client.pipeline(transaction=True) as pipe:
@@ -151,13 +155,15 @@ class Inbox:
         found: list[tuple[int, str, InboundMessage]] = []
         for rid, raw in records.items():
             try:
-                connector, owner, seq, msg = _decode(raw)
+                connector, owner, run, seq, msg = _decode(raw)
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("damaged inbox record dropped", request_id=rid, error=f"{type(exc).__name__}: {exc}")
                 await self.redis.run("inbox drop", self.redis.client.hdel, self.key, rid)
                 continue
             if owner and owner != self.owner:
                 continue  # another daemon's message: it answers it when it restarts
+            if run == self.run:
+                continue  # accepted by this run: already being answered
             msg.durable, msg.resumed = True, True
             try:
                 msg.progress = dict(json.loads(progress[rid])) if rid in progress else {}

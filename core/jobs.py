@@ -16,7 +16,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from core.engines.base import GenerationRequest
-from core.messages import ReplyEvent, ThreadKey, Usage
+from core.messages import Finish, ReplyEvent, ThreadKey, Usage
 from core.thinking import ThinkFilter
 
 
@@ -44,7 +44,9 @@ class Job:
     first_token_at: float | None = None
     finished_at: float | None = None
     text: str = ""
-    finish_reason: str | None = None
+    finish_reason: Finish | None = None
+    # A message accepted before a restart: it is answered however long it waits (never "busy").
+    replayed: bool = False
     usage: Usage = field(default_factory=Usage)
     # Set from any thread: the worker checks it between tokens.
     stop_flag: threading.Event = field(default_factory=threading.Event)
@@ -88,9 +90,11 @@ class Job:
             self.text += visible
             self._events.put_nowait(ReplyEvent(delta=visible))
 
-    def finish(self, reason: str, usage: Usage | None = None, error: str | None = None) -> None:
+    def finish(self, reason: Finish | str, usage: Usage | None = None, error: str | None = None,
+               retry_after: int | None = None) -> None:
         if self._done.done():
             return
+        reason = Finish(reason)
         if self._filter:
             tail = self._filter.flush()
             if tail:
@@ -100,7 +104,8 @@ class Job:
         self.finish_reason = reason
         if usage is not None:
             self.usage = usage
-        self._events.put_nowait(ReplyEvent(finish_reason=reason, text=self.text, usage=self.usage, error=error))
+        self._events.put_nowait(ReplyEvent(finish_reason=reason, text=self.text, usage=self.usage, error=error,
+                                           retry_after=retry_after))
         self._done.set_result(reason)
 
     # -- consumers ------------------------------------------------------------------
@@ -112,7 +117,7 @@ class Job:
             if ev.done:
                 return
 
-    async def wait(self) -> str:
+    async def wait(self) -> Finish:
         return await asyncio.shield(self._done)
 
     @property

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant"]
@@ -86,21 +87,39 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+class Finish(StrEnum):
+    """How an answer ended. A ``StrEnum``: each member equals its plain string."""
+
+    STOP = "stop"  # the model finished (or a command / fixed text was answered)
+    LENGTH = "length"  # the token budget was spent
+    TIMEOUT = "timeout"  # [queue] job_timeout_s stopped the generation
+    CANCELLED = "cancelled"  # the client went away
+    SHUTDOWN = "shutdown"  # the daemon stopped first; a platform message is answered after the restart
+    BUSY = "busy"  # it waited past [queue] max_wait_s without being started: nothing was generated
+    ERROR = "error"  # the generation failed
+
+    @property
+    def complete(self) -> bool:
+        """The text is the whole answer the model meant to give (or was allowed to)."""
+        return self in (Finish.STOP, Finish.LENGTH, Finish.TIMEOUT)
+
+
 @dataclass(frozen=True, slots=True)
 class ReplyEvent:
     """One step of an answer: a text delta, or the end with its reason and usage.
 
-    ``finish_reason`` is set on the last event only: "stop", "length" (token budget or
-    time limit), "cancelled" or "error". ``text`` on the last event is the whole answer.
+    ``finish_reason`` (a :class:`Finish`) is set on the last event only. ``text`` on the
+    last event is the whole answer; ``retry_after`` (seconds) comes with ``busy``.
     """
 
     delta: str = ""
-    finish_reason: str | None = None
+    finish_reason: Finish | None = None
     text: str = ""
     usage: Usage | None = None
     error: str | None = None
     # On the last event: the documents the answer was given ("file › heading").
     sources: tuple[str, ...] = ()
+    retry_after: int | None = None
 
     @property
     def done(self) -> bool:

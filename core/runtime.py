@@ -50,6 +50,13 @@ class Runtime:
         self.retriever: Retriever | None = None
         self._make_retriever(cfg)
         self.started_at = time.time()
+        # Set by the daemon once connectors run and earlier messages are replayed: /healthz says
+        # "starting" until then.
+        self.ready = False
+        # Each knowledge base: "loading" (reading its index), "building" (first ingest under way),
+        # "ready", "failed" (no index could be built or read). Answers wait while loading/building.
+        self.knowledge_state: dict[str, str] = {}
+        self._knowledge_changed = asyncio.Event()
 
     def _make_retriever(self, cfg: Config) -> None:
         # No knowledge bases configured: torch and sentence-transformers are never imported.
@@ -69,9 +76,46 @@ class Runtime:
 
     async def load_knowledge(self) -> None:
         """Load the embedding model and every knowledge base's index (in a thread)."""
-        if self.retriever is not None:
+        for name in list(self.knowledge_state):
+            if name not in self.cfg.knowledge:
+                del self.knowledge_state[name]
+        if self.retriever is None:
+            return
+        names = list(self.cfg.knowledge)
+        for name in names:
+            if self.knowledge_state.get(name) != "ready":
+                self.set_knowledge_state(name, "loading")
+        try:
             await asyncio.to_thread(self.retriever.embedder.load)
-            await asyncio.to_thread(self.retriever.refresh, list(self.cfg.knowledge))
+            await asyncio.to_thread(self.retriever.refresh, names)
+        except BaseException:
+            for name in names:
+                if self.knowledge_state.get(name) == "loading":
+                    self.set_knowledge_state(name, "failed")
+            raise
+        for name in names:
+            if self.knowledge_state.get(name) == "loading":
+                self.set_knowledge_state(name, "ready" if self.retriever.has_index(name) else "failed")
+
+    def set_knowledge_state(self, name: str, state: str) -> None:
+        self.knowledge_state[name] = state
+        # Wake every waiter; later waiters wait on a fresh event.
+        self._knowledge_changed.set()
+        self._knowledge_changed = asyncio.Event()
+
+    async def wait_knowledge(self, names: list[str], timeout_s: float) -> list[str]:
+        """Wait (up to ``timeout_s``) until none of ``names`` is loading or being built; returns
+        those still loading when the time is up."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            waiting = [n for n in names if self.knowledge_state.get(n) in ("loading", "building")]
+            left = deadline - time.monotonic()
+            if not waiting or left <= 0:
+                return waiting
+            try:
+                await asyncio.wait_for(self._knowledge_changed.wait(), left)
+            except TimeoutError:
+                pass
 
     async def start(self) -> None:
         self.cfg.server.state_dir.mkdir(parents=True, exist_ok=True)
@@ -140,5 +184,7 @@ class Runtime:
             "queue_depth": len(self.queue),
             "queue_capacity": self.queue.max_size,
             "generating": self.worker.busy,
+            "ready": self.ready,
+            "knowledge": dict(self.knowledge_state),
             "uptime_s": round(time.time() - self.started_at, 1),
         }

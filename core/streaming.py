@@ -13,11 +13,13 @@ import time
 from abc import ABC, abstractmethod
 
 from core.dispatch import Answer, Busy, Dispatcher, Interrupted, Rejected
-from core.messages import InboundMessage
+from core.messages import Finish, InboundMessage
 
 
 class LiveMessage(ABC):
-    failed_text = "Sorry, something went wrong while answering. Please try again."
+    # Set by each connector (its own words, in Chinese and English).
+    failed_text = "Sorry, answering failed because of an error on my side."
+    busy_text = "I am busy right now; please send it again in {s} s."
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
@@ -27,13 +29,12 @@ class LiveMessage(ABC):
     async def show(self, text: str) -> None:
         """Make the platform show ``text`` (the whole answer so far)."""
 
-    async def reply(self, dispatcher: Dispatcher, msg: InboundMessage, busy_text: str,
-                    placeholder: str | None = None) -> str:
+    async def reply(self, dispatcher: Dispatcher, msg: InboundMessage, placeholder: str | None = None) -> str:
         """Dispatch ``msg`` and show its answer; "busy" and refusals are shown as they are."""
         try:
             answer = await dispatcher.dispatch(msg)
         except Busy as exc:
-            await self.show(exc.user_message or busy_text.format(s=exc.retry_after))
+            await self.show(exc.user_message or self.busy_text.format(s=exc.retry_after))
             return ""
         except Rejected as exc:
             await self.show(exc.message)
@@ -60,9 +61,13 @@ class LiveMessage(ABC):
             if text.strip() and time.monotonic() >= max(next_at, self.not_before):
                 await self.show(text)
                 shown, next_at = text, time.monotonic() + self.interval
-        if final is not None and final.finish_reason == "shutdown":
+        if final is not None and final.finish_reason == Finish.SHUTDOWN:
             raise Interrupted(answer.id)
-        if final is None or final.finish_reason in ("error", "cancelled"):
+        if final is not None and final.finish_reason == Finish.BUSY:
+            # Waited its whole turn without a free model: nothing was generated.
+            await self.show(self.busy_text.format(s=final.retry_after or 5))
+            return ""
+        if final is None or final.finish_reason in (Finish.ERROR, Finish.CANCELLED):
             await self.show(f"{text}\n\n{self.failed_text}" if text.strip() else self.failed_text)
             return ""
         if final.text != shown:

@@ -19,7 +19,7 @@ import structlog
 
 from core.engines.base import Engine, EngineError, PromptTooLong
 from core.jobs import FairQueue, Job, QueueFull
-from core.messages import Usage
+from core.messages import Finish, Usage
 
 log = structlog.get_logger("botd.worker")
 
@@ -142,9 +142,10 @@ class InferenceWorker:
                 self.jobs.release(job)
                 job.finish("cancelled")
                 continue
-            if job.queue_wait_s > self.max_wait_s:
+            if job.queue_wait_s > self.max_wait_s and not job.replayed:
                 self.jobs.release(job)
-                job.finish("error", error="busy: the job waited too long in the queue")
+                job.finish(Finish.BUSY, error=f"waited {job.queue_wait_s:.0f} s in the queue without a free slot",
+                           retry_after=self.jobs.retry_after_s)
                 continue
             job.started_at = time.monotonic()
             self._current = job

@@ -11,6 +11,7 @@ extends its previous one (llama-cpp-python does that inside ``generate``).
 from __future__ import annotations
 
 import codecs
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -69,8 +70,34 @@ def _route_llama_logs() -> None:
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
 
 
+# Message contents are rendered as these marks, so that the prompt can be cut back into
+# template text and message text: private-use characters no template produces or changes.
+_MARK = re.compile("( ?)\ue000(\\d+)\ue001( ?)")
+
+
+def _control_texts(llm: Any) -> list[str]:
+    """The text of every token that only a template may produce (CONTROL and UNKNOWN attributes:
+    the ones llama.cpp parses out of text when ``special`` is on)."""
+    import llama_cpp
+
+    vocab = llm._model.vocab
+    wanted = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+    texts = set()
+    for tid in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        if llama_cpp.llama_vocab_get_attr(vocab, tid) & wanted:
+            text = llm._model.token_get_text(tid)
+            if text:
+                texts.add(text)
+    return sorted(texts, key=len, reverse=True)
+
+
 class _ChatTemplate:
-    """The model's chat template and how its prompts are tokenized, for one ``Llama`` object."""
+    """The model's chat template and how its prompts are tokenized, for one ``Llama`` object.
+
+    Special tokens may come only from the template: message contents (the user's words, the
+    history, retrieved documents) are tokenized as plain text, so a user who types
+    ``<|im_end|><|im_start|>system`` gets those characters read as text, not a system turn.
+    """
 
     def __init__(self, llm: Any) -> None:
         from llama_cpp import llama_chat_format
@@ -84,23 +111,61 @@ class _ChatTemplate:
         self.formatter = llama_chat_format.Jinja2ChatFormatter(
             template=template or _CHATML, eos_token=eos, bos_token=bos, stop_token_ids=[eos_id]
         )
+        controls = _control_texts(llm)
+        self._control = re.compile("|".join(map(re.escape, controls))) if controls else None
 
-    def render(self, messages: Sequence[dict[str, str]]) -> tuple[list[int], list[str]]:
-        msgs = list(messages)
+    def _format(self, msgs: list[dict[str, str]]) -> Any:
         try:
-            result = self.formatter(messages=msgs)
+            return self.formatter(messages=msgs)
         except Exception as exc:
             # Some templates (Mistral, Gemma) refuse a system role: fold it into the first user turn.
             if not msgs or msgs[0].get("role") != "system" or len(msgs) < 2:
                 raise TemplateError(f"the model's chat template rejected the messages: {exc}") from exc
             merged = [{"role": msgs[1]["role"], "content": msgs[0]["content"] + "\n\n" + msgs[1]["content"]}]
             try:
-                result = self.formatter(messages=merged + msgs[2:])
+                return self.formatter(messages=merged + msgs[2:])
             except Exception as exc2:
                 raise TemplateError(f"the model's chat template rejected the messages: {exc2}") from exc2
-        tokens = self.llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+
+    def render(self, messages: Sequence[dict[str, str]]) -> tuple[list[int], list[str]]:
+        msgs = [{**m, "content": _plain(m.get("content", ""))} for m in messages]
+        if self._control is None or not any(self._control.search(m["content"]) for m in msgs):
+            # Nothing in the contents looks like a control token: tokenizing the prompt in one
+            # piece is the same as tokenizing its contents as text, and exactly what the model saw
+            # in training at the seams.
+            result = self._format(msgs)
+            tokens = self._tokenize(result.prompt, special=True, bos=not result.added_special)
+        else:
+            # Each content becomes a mark padded with one space each side: where the template
+            # strips contents (Llama 3's ``| trim``) the padding is gone, and so is the content's.
+            result = self._format([{**m, "content": f" \ue000{i}\ue001 "} for i, m in enumerate(msgs)])
+            pieces = _MARK.split(result.prompt)
+            tokens = []
+            for j in range(0, len(pieces), 4):
+                # The template's own text: its special tokens are real.
+                tokens += self._tokenize(pieces[j], special=True, bos=j == 0 and not result.added_special)
+                if j + 3 < len(pieces):
+                    left, index, right = pieces[j + 1 : j + 4]
+                    content = msgs[int(index)]["content"]
+                    content = content if left else content.lstrip()
+                    content = content if right else content.rstrip()
+                    tokens += self._tokenize(content, special=False, bos=False)
         stop = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
         return tokens, [s for s in stop if s]
+
+    def _tokenize(self, text: str, *, special: bool, bos: bool) -> list[int]:
+        if not text and not bos:
+            return []
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=bos, special=special)
+
+
+def _plain(text: str) -> str:
+    """Text that encodes as UTF-8: a lone surrogate (from a JSON escape) becomes U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
 
 
 class LlamaCppTokenizer(PromptTokenizer):
@@ -199,12 +264,14 @@ class LlamaCppEngine(Engine):
         if request.seed >= 0:
             llm.set_seed(request.seed)
 
+        # A token may end inside a multi-byte character: the decoder holds those bytes back
+        # until the character is whole, and a cut (max_tokens, stop) drops them unshown.
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         vocab = llm._model.vocab
         pending = ""  # text held back while it might still turn into a stop string
         produced = 0
         finish = "length"
-        if should_stop():
+        if not self._read_prompt(prompt, should_stop):
             yield Chunk("", "cancelled", len(prompt), 0)
             return
         gen = llm.generate(
@@ -239,8 +306,36 @@ class LlamaCppEngine(Engine):
                     break
         finally:
             gen.close()
-        pending += decoder.decode(b"", final=True)
         yield Chunk(pending, finish, len(prompt), produced)
+
+    def _read_prompt(self, prompt: list[int], should_stop: Callable[[], bool]) -> bool:
+        """Read all but the prompt's last token into the KV cache, ``n_batch`` tokens at a time with
+        a stop check between (shutdown, timeout, cancel); False when stopped first.
+
+        ``Llama.generate`` reads the whole prompt in one uninterruptible call (a long prompt on a
+        big model is tens of seconds). Read here, it finds the prompt cached but for its last
+        token, which it reads itself to sample the first reply token. What the previous prompt
+        shares with this one stays cached, as in ``generate``.
+        """
+        llm = self._llm
+        cached = llm.input_ids[: llm.n_tokens]
+        keep = 0
+        for a, b in zip(cached, prompt[:-1], strict=False):
+            if a != b:
+                break
+            keep += 1
+        if keep < llm.n_tokens and not llm._ctx.kv_cache_seq_rm(-1, keep, -1):
+            keep = 0
+            llm.reset()
+            llm._ctx.kv_cache_clear()
+        llm.n_tokens = keep
+        rest = prompt[keep:-1]
+        step = max(1, llm.n_batch)
+        for i in range(0, len(rest), step):
+            if should_stop():
+                return False
+            llm.eval(rest[i : i + step])
+        return not should_stop()
 
 
 def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
