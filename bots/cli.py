@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import os
 import sys
+import time
 from pathlib import Path
 
 # Nothing at run time may reach a model hub; set before any ML library is imported.
@@ -64,10 +65,24 @@ def _fail(message: str) -> int:
     return 1
 
 
+def _secrets_used(args: argparse.Namespace) -> bool | tuple[str, ...]:
+    """The secrets a command uses (all, none, or those under some keys): only these must be set.
+
+    ``kb ingest`` run by hand must not need the chat platforms' tokens, for example.
+    """
+    if args.command == "kb":
+        return False
+    if args.command == "chat":
+        return ("redis",)
+    if args.command == "telegram":
+        return (f"telegram.{args.bot}",)
+    return True  # run, check-config
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, check_secrets=_secrets_used(args))
     except ConfigError as exc:
         return _fail(f"config error: {exc}")
     if args.command == "check-config":
@@ -109,7 +124,7 @@ def _kb(cfg: Config, args: argparse.Namespace) -> int:
     from core.logging import configure
 
     configure(cfg.server.log_level, cfg.server.log_format)
-    embedder = Embedder(cfg.embeddings.model, cfg.embeddings.batch_size)
+    embedder = Embedder(cfg.embeddings.model, cfg.embeddings.batch_size, cfg.embeddings.languages)
     try:
         if args.action == "ingest":
             from core.knowledge.ingest import ingest
@@ -120,6 +135,10 @@ def _kb(cfg: Config, args: argparse.Namespace) -> int:
                 return _fail(f"no [knowledge.{args.name}] in the config; knowledge bases: {known}")
             if not names:
                 return _fail("no knowledge bases configured; add a [knowledge.NAME] section with paths")
+            # Loaded once, up front and timed apart: each base's rate is its own work.
+            started = time.monotonic()
+            embedder.load()
+            print(f"embedding model loaded in {time.monotonic() - started:.1f} s ({embedder.path.name})")
             for name in names:
                 kb = cfg.knowledge[name]
                 report = ingest(name, [Path(p) for p in kb.paths], cfg.server.state_dir, embedder, kb.chunk_chars)
@@ -138,7 +157,8 @@ def _kb(cfg: Config, args: argparse.Namespace) -> int:
         if not hits:
             print(f"nothing relevant in {', '.join(bot.knowledge) or 'no knowledge base'}")
         for h in hits:
-            print(f"[{h.kb}] {h.cite}  (fused {h.score:.4f}, cosine {h.similarity:.2f}, terms {h.coverage:.0%})")
+            cosine = "n/a" if h.similarity is None else f"{h.similarity:.2f}"  # None: a language the model cannot judge
+            print(f"[{h.kb}] {h.cite}  (fused {h.score:.4f}, cosine {cosine}, terms {h.coverage:.0%})")
             print(f"    {h.text[:200]}")
         return 0
     except EmbeddingError as exc:

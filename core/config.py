@@ -13,8 +13,10 @@ import os
 import re
 import socket
 import tomllib
+import types
+from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -25,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from core.secrets import Secret, SecretError, resolve_secret
+from core.secrets import SECRET_MARK, Secret, SecretError, is_secret_type, resolve_secret
 
 DEFAULT_CONFIG_PATH = Path("config.toml")
 
@@ -173,6 +175,24 @@ class EmbeddingsConfig(_Section):
     # sentence-transformers folder, e.g. "/opt/models/bge-small-zh-v1.5" for Chinese.
     model: str = ""
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
+    # The languages the model understands (ISO 639-1 codes, e.g. ["en"], ["zh", "en"]) or "all";
+    # a question mostly in another script is matched by its words only, never by similarity.
+    # Empty: ["en"] for the default model, "all" for a model named in `model`.
+    languages: list[str] = Field(default_factory=list)
+
+    @field_validator("languages", mode="before")
+    @classmethod
+    def _languages(cls, v: Any) -> Any:
+        from core.knowledge.scripts import ALL, LANGUAGES
+
+        v = [v] if isinstance(v, str) else v
+        if isinstance(v, list):
+            v = [x.strip().lower() if isinstance(x, str) else x for x in v]
+            unknown = [x for x in v if isinstance(x, str) and x != ALL and x not in LANGUAGES]
+            if unknown:
+                raise ValueError(f"unknown language {unknown[0]!r}; use ISO 639-1 codes "
+                                 f"({', '.join(sorted(LANGUAGES))}) or \"all\"")
+        return v
 
 
 class KnowledgeConfig(_Section):
@@ -356,6 +376,17 @@ class Config(_Section):
                 for chat, bot in conn.routes.items():
                     if bot not in self.bots:
                         raise _KeyError(f"{section}.{name}.routes.{chat}", f"names no bot {bot!r} (bots: {bots})")
+        for name, bot in self.bots.items():
+            # Without keys an API caller names itself in `user`: "api:local:<user>" would let
+            # anyone who can reach the port become this bot's admin.
+            api_admins = [a for a in bot.admins if a.startswith("api:")]
+            if api_admins and not self.api.keys:
+                raise _KeyError(
+                    f"bots.{name}.admins",
+                    f"{api_admins[0]!r} names an HTTP API caller, but [api] keys is empty, so any caller can "
+                    "claim any user name; set [api] keys and write API admins as \"api:<key id>:<user>\" "
+                    "(key id: the first 12 hex characters of the key's SHA-256)",
+                )
         granted: dict[str, list[str]] = {}
         for name, bot in self.bots.items():
             for kb in bot.knowledge:
@@ -400,6 +431,30 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-after")))
 
 
+def _in_secret(loc: tuple[Any, ...]) -> bool:
+    """Whether an error's location lies in a :data:`Secret` field, found by type through the schema."""
+    tp: Any = Config
+    for part in loc:
+        if is_secret_type(tp):
+            return True
+        if get_origin(tp) in (Union, types.UnionType):  # "Section | None": the section
+            members = [a for a in get_args(tp) if a is not type(None)]
+            tp = members[0] if len(members) == 1 else tp
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(part) if isinstance(part, str) else None
+            if field is None:
+                return False
+            if any(m is SECRET_MARK for m in field.metadata):
+                return True
+            tp = field.annotation
+        elif get_origin(tp) is dict:
+            tp = get_args(tp)[1]
+        elif get_origin(tp) in (list, tuple) and isinstance(part, int):
+            tp = get_args(tp)[0]
+        # Otherwise the part names a pydantic step (a validator, a union member): same type.
+    return is_secret_type(tp)
+
+
 def _format_validation_error(path: Path, err: ValidationError) -> str:
     parts = []
     for e in err.errors():
@@ -414,14 +469,23 @@ def _format_validation_error(path: Path, err: ValidationError) -> str:
         elif e["type"] == "missing":
             msg = "required key is missing"
         given = e.get("input")
-        if e["type"] not in ("extra_forbidden", "missing") and not isinstance(given, dict | list):
+        # What was written in a secret field may be the secret itself: never repeat it.
+        if (e["type"] not in ("extra_forbidden", "missing") and not isinstance(given, dict | list)
+                and not _in_secret(e["loc"])):
             msg = f"{msg} (got {given!r})"
         parts.append(f"{key}: {msg}" if key else msg)
     return f"{path}: " + "; ".join(parts)
 
 
-def load_config(path: Path | str | None = None, *, check_files: bool = True) -> Config:
-    """Read, validate and resolve a config file. Raises :class:`ConfigError` with a one-line reason."""
+def load_config(path: Path | str | None = None, *, check_files: bool = True,
+                check_secrets: bool | Collection[str] = True) -> Config:
+    """Read, validate and resolve a config file. Raises :class:`ConfigError` with a one-line reason.
+
+    ``check_files`` checks what the file points at on this machine: the model, the document
+    folders and, as ``check_secrets`` says, the secrets' values: all of them (True), none
+    (False: only their form was checked), or those under the given keys (e.g. ``["redis"]``).
+    A command that uses no secret must run where the bots' secrets are not set.
+    """
     path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
     try:
         raw = path.read_bytes()
@@ -435,10 +499,12 @@ def load_config(path: Path | str | None = None, *, check_files: bool = True) -> 
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return config_from_dict(data, path, check_files=check_files)
+    return config_from_dict(data, path, check_files=check_files, check_secrets=check_secrets)
 
 
-def config_from_dict(data: dict[str, Any], path: Path | str, *, check_files: bool = True) -> Config:
+def config_from_dict(data: dict[str, Any], path: Path | str, *, check_files: bool = True,
+                     check_secrets: bool | Collection[str] = True) -> Config:
+    """Validate already-parsed config data; ``check_files`` and ``check_secrets`` as in :func:`load_config`."""
     path = Path(path)
     try:
         cfg = Config.model_validate(data)
@@ -448,6 +514,8 @@ def config_from_dict(data: dict[str, Any], path: Path | str, *, check_files: boo
     cfg = _resolve_paths(cfg, base, path)
     if check_files:
         _check_files(cfg, path)
+        if check_secrets:
+            _check_secrets(cfg, path, None if check_secrets is True else tuple(check_secrets))
     return cfg
 
 
@@ -498,33 +566,57 @@ def _check_files(cfg: Config, path: Path) -> None:
     if cfg.embeddings.model and not Path(cfg.embeddings.model).expanduser().is_dir():
         raise ConfigError(f"{path}: embeddings.model: {cfg.embeddings.model!r} is not a folder "
                           "(a local sentence-transformers model; nothing is downloaded)")
-    secrets: list[tuple[str, Secret]] = [(f"api.keys[{i}]", s) for i, s in enumerate(cfg.api.keys)]
-    if cfg.redis.password is not None:
-        secrets.append(("redis.password", cfg.redis.password))
-    for name, tg in cfg.telegram.items():
-        secrets.append((f"telegram.{name}.token", tg.token))
-        if tg.webhook_secret is not None:
-            secrets.append((f"telegram.{name}.webhook_secret", tg.webhook_secret))
-    for name, sl in cfg.slack.items():
-        for k in ("bot_token", "signing_secret", "app_token"):
-            if getattr(sl, k) is not None:
-                secrets.append((f"slack.{name}.{k}", getattr(sl, k)))
-    for name, app in cfg.wecom.items():
-        secrets += [(f"wecom.{name}.{k}", getattr(app, k)) for k in ("token", "encoding_aes_key", "secret")]
-    for key, secret in secrets:
-        try:
-            value = resolve_secret(secret)
-        except SecretError as exc:
-            raise ConfigError(f"{path}: {key}: {exc}") from None
-        if key.endswith(".webhook_secret") and not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", value):
-            raise ConfigError(f"{path}: {key}: Telegram accepts 1-256 characters of A-Z, a-z, 0-9, _ and -")
-        if key.endswith(".encoding_aes_key"):
-            import base64
-            import binascii
 
-            try:
-                ok = len(value) == 43 and len(base64.b64decode(value + "=", validate=True)) == 32
-            except (binascii.Error, ValueError):
-                ok = False
-            if not ok:
-                raise ConfigError(f"{path}: {key}: an EncodingAESKey is 43 characters of base64 (from the WeCom admin)")
+
+def secret_references(section: BaseModel, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """Every secret reference in a config as (dotted key, reference), found by the fields' type."""
+    for name, field in type(section).model_fields.items():
+        value = getattr(section, name)
+        key = f"{prefix}{name}"
+        if any(m is SECRET_MARK for m in field.metadata) or is_secret_type(field.annotation):
+            if isinstance(value, str):
+                yield key, value
+            elif isinstance(value, list | tuple):
+                yield from ((f"{key}[{i}]", v) for i, v in enumerate(value))
+        elif isinstance(value, BaseModel):
+            yield from secret_references(value, f"{key}.")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(v, BaseModel):
+                    yield from secret_references(v, f"{key}.{k}.")
+
+
+def _check_secrets(cfg: Config, path: Path, only: tuple[str, ...] | None) -> None:
+    """Resolve the secrets (all, or those under the keys in ``only``) and check their values' form.
+
+    Every unusable secret is named at once, so that an admin sets them all in one round.
+    """
+    problems = []
+    for key, secret in secret_references(cfg):
+        if only is not None and not any(key == o or key.startswith((f"{o}.", f"{o}[")) for o in only):
+            continue
+        try:
+            problem = _secret_value_problem(key, resolve_secret(secret))
+        except SecretError as exc:
+            problem = str(exc)
+        if problem:
+            problems.append(f"{key}: {problem}")
+    if problems:
+        raise ConfigError(f"{path}: " + "; ".join(problems))
+
+
+def _secret_value_problem(key: str, value: str) -> str:
+    """What is wrong with a resolved secret's form, or "" (the value itself is never part of it)."""
+    if key.endswith(".webhook_secret") and not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", value):
+        return "Telegram accepts 1-256 characters of A-Z, a-z, 0-9, _ and -"
+    if key.endswith(".encoding_aes_key"):
+        import base64
+        import binascii
+
+        try:
+            ok = len(value) == 43 and len(base64.b64decode(value + "=", validate=True)) == 32
+        except (binascii.Error, ValueError):
+            ok = False
+        if not ok:
+            return "an EncodingAESKey is 43 characters of base64 (from the WeCom admin)"
+    return ""

@@ -6,23 +6,44 @@ A secret is never written inline in config.toml: the file names where it lives.
 - ``file:PATH``  the first line of the file PATH (e.g. ``/etc/botd/api-key``)
 - ``cred:NAME``  a systemd credential: ``$CREDENTIALS_DIRECTORY/NAME`` (LoadCredential=)
 
-Resolved values never appear in error messages; only the reference does.
+Resolved values never appear in error messages; only the reference does. Every value
+resolved here is also remembered, so that the log (core.logging) shows ``***`` in its
+place wherever it turns up: in a field, an exception's text or another library's line.
+Config fields holding a reference have the type :data:`Secret`, marked so that code can
+find them by type (:func:`is_secret_type`) and never show what was written in them.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import threading
+import types
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Union, get_args, get_origin
+from urllib.parse import quote, quote_plus
 
 from pydantic import AfterValidator
 
 _REF = re.compile(r"^(env|file|cred):(.+)$")
 
+# Shorter values are not masked in the log: "***" in place of every "admin" or "1234"
+# would garble the log and protect nothing.
+MIN_MASKED_CHARS = 6
+
 
 class SecretError(ValueError):
     """A secret reference that cannot be resolved; the message never holds the secret."""
+
+
+class _SecretMark:
+    """Annotated metadata that marks a config field as a secret reference."""
+
+    def __repr__(self) -> str:
+        return "Secret"
+
+
+SECRET_MARK = _SecretMark()
 
 
 def _check_reference(value: str) -> str:
@@ -33,16 +54,57 @@ def _check_reference(value: str) -> str:
             "or \"cred:NAME\" (systemd LoadCredential)"
         )
     kind, rest = m.groups()
+    # What follows "env:" may be a pasted secret, so it is not repeated here.
     if kind in ("env", "cred") and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", rest):
-        raise ValueError(f"{kind}: needs a plain name, got {rest!r}")
+        what = "an environment variable's" if kind == "env" else "a credential's"
+        raise ValueError(f"{kind}: needs {what} name (letters, digits, '_', '.', '-'), not the secret itself")
     return value
 
 
-Secret = Annotated[str, AfterValidator(_check_reference)]
+Secret = Annotated[str, SECRET_MARK, AfterValidator(_check_reference)]
+
+
+def is_secret_type(tp: Any) -> bool:
+    """Whether a type is :data:`Secret` or holds one (``Secret | None``, ``list[Secret]``).
+
+    Models are not looked into: a section holding a secret is not itself one.
+    """
+    if get_origin(tp) is Annotated:
+        return any(m is SECRET_MARK for m in tp.__metadata__) or is_secret_type(get_args(tp)[0])
+    if get_origin(tp) in (Union, types.UnionType, list, tuple, set, frozenset, dict):
+        return any(is_secret_type(a) for a in get_args(tp))
+    return False
+
+
+# The values resolved so far (and their URL-encoded forms), replaced as a whole whenever one
+# is added, so that the logger reads a consistent set without a lock.
+_known: tuple[int, frozenset[str]] = (0, frozenset())
+_known_lock = threading.Lock()
+
+
+def remember_secret(value: str) -> None:
+    """Have the log mask ``value`` from now on (for a resolved secret or a fetched access token)."""
+    global _known
+    forms = {f for f in (value, quote(value, safe=""), quote_plus(value, safe="")) if len(f) >= MIN_MASKED_CHARS}
+    with _known_lock:
+        generation, values = _known
+        if not forms <= values:
+            _known = (generation + 1, values | forms)
+
+
+def known_secrets() -> tuple[int, frozenset[str]]:
+    """The secret values to mask, and a number that changes whenever they change."""
+    return _known
 
 
 def resolve_secret(ref: str) -> str:
     """Return the secret a reference points at, or raise :class:`SecretError`."""
+    value = _read(ref)
+    remember_secret(value)
+    return value
+
+
+def _read(ref: str) -> str:
     m = _REF.match(ref)
     if not m:
         raise SecretError("not a secret reference")
