@@ -94,6 +94,8 @@ class FakeTelegram:
         self.messages: dict[int, dict[str, Any]] = {}
         self._next_id = 1
         self.webhook: dict[str, Any] | None = None
+        # Seconds getMe takes (a slow or distant Bot API at start-up).
+        self.getme_delay = 0.0
 
     def push_update(self, update: dict[str, Any]) -> None:
         self.updates.append(update)
@@ -125,6 +127,7 @@ class FakeTelegram:
             return web.json_response({"ok": True, "result": result})
 
         if method == "getMe":
+            await asyncio.sleep(self.getme_delay)
             return ok(self.BOT)
         if method == "getUpdates":
             offset = int(params.get("offset") or 0)

@@ -450,3 +450,88 @@ async def test_a_base_never_ingested_is_built_when_the_daemon_starts(tmp_path, r
 
         await wait_for(built, timeout=60)
         assert retriever.search(["hr"], HR_QUESTION)[0].source == "leave.md"
+
+
+# -- operations: timing, log lines an admin reads ------------------------------------------------
+
+
+class SlowLoadingEmbedder(Embedder):
+    """The real model with a known load time (a fresh process takes seconds to load torch and it)."""
+
+    LOAD_S = 2.0
+
+    def load(self) -> None:
+        if self._model is None:
+            time.sleep(self.LOAD_S)
+        super().load()
+
+
+def test_an_ingest_report_times_the_base_alone_not_the_model_load(tmp_path, corpus):
+    _, fin = corpus
+    report = ingest("finance", [fin], tmp_path / "state", SlowLoadingEmbedder(), 800)
+    assert report.chunks_embedded > 0
+    # Loading the model is not this base's work: neither its time nor its rate (chunks/s) include it.
+    assert report.seconds < SlowLoadingEmbedder.LOAD_S and report.embed_seconds < SlowLoadingEmbedder.LOAD_S, \
+        report
+
+
+def test_kb_commands_load_the_model_first_and_log_no_library_debug_lines(tmp_path, corpus):
+    hr, fin = corpus
+    cfg = kb_config(tmp_path, "", hr, fin)
+    toml = str(_write_toml(tmp_path, cfg))
+    done = subprocess.run([BOTD, "kb", "ingest", "--config", toml], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    # Loaded once, before the first base: each base's summary times its own work.
+    assert lines[0].startswith("embedding model loaded in "), lines
+    assert lines[1].startswith("finance: ") and lines[2].startswith("hr: "), lines
+    done = subprocess.run([BOTD, "kb", "search", "hr", HR_QUESTION, "--config", toml], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "leave.md" in done.stdout.splitlines()[0]
+    # bm25s sets its own logger to DEBUG when imported; at log_level "info" none of it shows.
+    assert "Building index" not in done.stderr and '"level": "debug"' not in done.stderr, done.stderr
+
+
+async def test_the_daemon_says_it_builds_a_missing_index_instead_of_warning(tmp_path, redis_server, corpus):
+    from structlog.testing import capture_logs
+
+    hr, fin = corpus
+    cfg = kb_config(tmp_path, f"redis://127.0.0.1:{redis_server.port}/0", hr, fin)
+    with capture_logs() as logs:
+        async with running_daemon(cfg) as api:
+            retriever = api.daemon.runtime.retriever
+
+            async def built() -> bool:
+                return retriever.size("hr") > 0 and retriever.size("finance") > 0
+
+            await wait_for(built, timeout=60)
+    events = [e["event"] for e in logs]
+    warned = [e for e in logs if "run `botd kb ingest`" in e["event"]]
+    assert not warned, warned
+    assert events.count("knowledge base has no index yet: ingesting it now") == 2, events
+    # Where nothing will build it (`botd kb search`, `botd chat`), the admin is told what to run.
+    with capture_logs() as logs:
+        Retriever(tmp_path / "elsewhere", Embedder()).refresh(["hr"])
+    assert [(e["event"], e["log_level"]) for e in logs] == [
+        ("knowledge base has no index yet; run `botd kb ingest`", "warning")]
+
+
+def test_pypdf_warnings_name_the_file_they_are_about(tmp_path):
+    from structlog.testing import capture_logs
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    pdf = folder / "remote-work.pdf"
+    write_pdf(pdf, "Remote work policy", ["Employees may work from home up to three days per week."])
+    # A wrong cross-reference offset: pypdf warns, then finds the objects by scanning the file.
+    data = pdf.read_bytes()
+    at = data.rindex(b"startxref\n") + len(b"startxref\n")
+    end = data.index(b"\n", at)
+    pdf.write_bytes(data[:at] + str(int(data[at:end]) + 7).encode() + data[end:])
+    with capture_logs() as logs:
+        report = ingest("remote", [folder], tmp_path / "state", Embedder(), 800)
+    assert report.chunks == 1 and not report.skipped
+    reported = [e for e in logs if e["event"] == "PDF reader reports a problem"]
+    assert reported and all(e["file"] == str(pdf) for e in reported), logs
+    assert any("startxref" in e["detail"] for e in reported), reported

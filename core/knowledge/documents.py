@@ -3,13 +3,24 @@
 Markdown headings and Word heading styles become the heading path ("Leave > Annual
 leave"); PDF pages are labelled "page N"; plain text has no headings. A file that cannot
 be read raises :class:`UnreadableDocument` with a short reason.
+
+pypdf reports what it worked around in a damaged PDF ("incorrect startxref pointer") through
+its own loggers, without saying which file: those records are re-logged here with the file
+being read (a context variable, so concurrent ingests in threads keep their files apart).
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger("botd.knowledge")
 
 SUPPORTED = {".md", ".markdown", ".txt", ".text", ".pdf", ".docx"}
 
@@ -83,15 +94,43 @@ def _markdown(text: str) -> list[Section]:
     return sections
 
 
+# The PDF being read in this thread (or task), for pypdf's log records.
+_READING: contextvars.ContextVar[str | None] = contextvars.ContextVar("botd_pdf_reading", default=None)
+
+
+class _NamingHandler(logging.Handler):
+    """Re-logs pypdf's records through botd's log, naming the file being read."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            log.log(record.levelno, "PDF reader reports a problem", file=_READING.get(), detail=record.getMessage(),
+                    origin=record.name)
+        except Exception:
+            self.handleError(record)
+
+
+@functools.cache
+def _route_pypdf_logs() -> None:
+    # Once per process: pypdf's records go through the naming handler instead of reaching the root
+    # logger nameless.
+    pypdf_log = logging.getLogger("pypdf")
+    pypdf_log.addHandler(_NamingHandler())
+    pypdf_log.propagate = False
+
+
 def _pdf(path: Path) -> list[Section]:
     from pypdf import PdfReader
     from pypdf.errors import PdfReadError
 
+    _route_pypdf_logs()
+    token = _READING.set(str(path))
     try:
         reader = PdfReader(str(path), strict=False)
         pages = [page.extract_text() or "" for page in reader.pages]
     except PdfReadError as exc:
         raise UnreadableDocument(f"damaged PDF: {exc}"[:200]) from None
+    finally:
+        _READING.reset(token)
     sections = [Section(f"page {i}", t.strip()) for i, t in enumerate(pages, start=1) if t.strip()]
     if not sections and pages:
         raise UnreadableDocument("the PDF has no extractable text (a scan?)")

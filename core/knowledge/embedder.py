@@ -6,6 +6,10 @@ for Chinese). Nothing is downloaded: the hub is switched off before the library 
 and a missing folder is an :class:`EmbeddingError` naming the config key. One model
 object per path is shared by the whole process (the daemon's retriever and its ingests).
 Vectors are L2-normalised float32, so inner product is cosine similarity.
+
+An embedder also knows which scripts its model can judge (:attr:`Embedder.scripts`):
+``[embeddings] languages`` when given, else Latin only for the default English model and
+every script for a model an admin chose (he chose it for his documents' language).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from core.knowledge.scripts import ALL, scripts_for
 
 _MODELS: dict[str, Any] = {}
 _LOCK = threading.Lock()
@@ -33,9 +39,12 @@ def default_model_path() -> Path:
 
 
 class Embedder:
-    def __init__(self, model: str = "", batch_size: int = 64) -> None:
+    def __init__(self, model: str = "", batch_size: int = 64, languages: Sequence[str] = ()) -> None:
         self.path = Path(model).expanduser() if model else default_model_path()
         self.batch_size = batch_size
+        # The default all-MiniLM-L6-v2 was trained on English text only.
+        self.languages = tuple(languages) or ((ALL,) if model else ("en",))
+        self.scripts = scripts_for(self.languages)
         self._model: Any = None
         self._encode_lock = threading.Lock()
 

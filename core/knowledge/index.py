@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 
@@ -21,10 +24,19 @@ class Candidate:
     lexical_score: float
 
 
+@functools.cache
+def _bm25s() -> ModuleType:
+    import bm25s
+
+    # Importing bm25s sets its logger to DEBUG, undoing the WARNING core.logging gave it (bm25s is
+    # imported late, when the first index loads), so its "Building index from tokens" reached the log.
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    return bm25s
+
+
 class KnowledgeIndex:
     def __init__(self, name: str, version: Version) -> None:
-        import bm25s
-
+        bm25s = _bm25s()
         self.name = name
         self.version = version.path.name
         self.chunks = version.chunks

@@ -5,7 +5,14 @@ grants from the config (the route decides the bot; nothing in a message can chan
 and opens no other index. For each granted base it takes the top chunks by meaning
 (faiss) and by words (BM25 over words and CJK bigrams), fuses the lists by reciprocal
 rank, and keeps a chunk only if it is relevant enough: cosine similarity at least
-``min_similarity`` or at least ``min_coverage`` of the query's terms found in it.
+``min_similarity`` or at least ``min_coverage`` of the query's terms found in it. Ties
+in the fused score go to the chunk holding more of the query's terms, then to the higher
+BM25 score; never to the order of the files.
+
+Cosine similarity counts only between a question and a chunk the embedding model can both
+read (:mod:`core.knowledge.scripts`): the default English model rates any Chinese question
+0.45–0.85 alike to any Chinese chunk, so for a question mostly in Chinese it would make
+every chunk "relevant" and rank them at random. Such a question is matched by its terms alone.
 
 Indexes are loaded at start and re-loaded when a base's CURRENT pointer changes (after
 a scheduled or command-line ingest), in a thread, swapped in whole.
@@ -23,6 +30,7 @@ import structlog
 from core.config import Config
 from core.knowledge.embedder import Embedder
 from core.knowledge.index import Candidate, KnowledgeIndex
+from core.knowledge.scripts import readable_share, scripts_for
 from core.knowledge.store import KnowledgeStore
 from core.knowledge.tokens import lexical_tokens
 
@@ -38,7 +46,7 @@ class Hit:
     heading: str
     text: str
     score: float  # fused (reciprocal rank)
-    similarity: float
+    similarity: float | None  # cosine; None when the model cannot judge the question or the chunk
     coverage: float
 
     @property
@@ -48,9 +56,15 @@ class Hit:
 
 class Retriever:
     def __init__(self, state_dir: Path, embedder: Embedder, *, candidates: int = 20, top_k: int = 4,
-                 min_similarity: float = 0.3, min_coverage: float = 0.5) -> None:
+                 min_similarity: float = 0.3, min_coverage: float = 0.5,
+                 scripts: frozenset[str] | None = None) -> None:
         self.state_dir = state_dir
         self.embedder = embedder
+        # What the model can judge: ``[embeddings] languages``, else what the embedder says of itself.
+        self.scripts = embedder.scripts if scripts is None else scripts
+        # Whether this process builds a base that has no index yet (the daemon does, at start):
+        # then a missing index is no reason to warn. Set by bots.knowledge_jobs.
+        self.builds_missing = False
         self.candidates = candidates
         self.top_k = top_k
         self.min_similarity = min_similarity
@@ -61,10 +75,10 @@ class Retriever:
     @classmethod
     def from_config(cls, cfg: Config, embedder: Embedder | None = None) -> Retriever:
         """The retriever ``[retrieval]`` describes, over the indexes in ``server.state_dir``."""
-        r = cfg.retrieval
-        return cls(cfg.server.state_dir, embedder or Embedder(cfg.embeddings.model, cfg.embeddings.batch_size),
+        r, e = cfg.retrieval, cfg.embeddings
+        return cls(cfg.server.state_dir, embedder or Embedder(e.model, e.batch_size, e.languages),
                    candidates=r.candidates, top_k=r.top_k, min_similarity=r.min_similarity,
-                   min_coverage=r.min_coverage)
+                   min_coverage=r.min_coverage, scripts=scripts_for(e.languages) if e.languages else None)
 
     # -- loading (blocking: call in a thread) ------------------------------------------------------
 
@@ -91,16 +105,23 @@ class Retriever:
                 self._indexes[name] = (stamp, index)
                 reloaded.append(name)
                 if index is None:
-                    log.warning("knowledge base has no index yet; run `botd kb ingest`", kb=name)
+                    if not self.builds_missing:  # otherwise the daemon says it is building it
+                        log.warning("knowledge base has no index yet; run `botd kb ingest`", kb=name)
                 else:
                     log.info("knowledge base loaded", kb=name, chunks=len(index), version=index.version)
         return reloaded
 
     def adopt(self, other: Retriever, names: Sequence[str]) -> None:
         """Take over ``other``'s loaded indexes for ``names`` (same embedding model)."""
+        self.builds_missing = other.builds_missing
         for name in names:
             if name in other._indexes:
                 self._indexes[name] = other._indexes[name]
+
+    def has_index(self, name: str) -> bool:
+        """Whether an index of ``name`` is loaded (it may hold no chunk)."""
+        entry = self._indexes.get(name)
+        return entry is not None and entry[1] is not None
 
     def size(self, name: str) -> int:
         entry = self._indexes.get(name)
@@ -117,32 +138,45 @@ class Retriever:
 
     # -- searching (blocking: call in a thread) ---------------------------------------------------
 
+    def reads(self, text: str) -> bool:
+        """Whether the embedding model can judge ``text``: most of it is in a script the model knows."""
+        return readable_share(text, self.scripts) >= 0.5
+
     def search(self, granted: Sequence[str], query: str) -> list[Hit]:
         """The relevant chunks for ``query`` from the bases in ``granted`` only, best first."""
         indexes = [(n, e[1]) for n in granted if (e := self._indexes.get(n)) is not None and e[1] is not None]
         if not indexes or not query.strip():
             return []
-        qvec = self.embedder.encode([query])[0]
+        # A question the model cannot read is not embedded at all: its similarities mean nothing.
+        qvec = self.embedder.encode([query])[0] if self.reads(query) else None
         qtokens = lexical_tokens(query)
         pool: list[Candidate] = []
         for _, index in indexes:
             pool.extend(index.search(qvec if index.model == self.embedder.model_id else None, qtokens,
                                      self.candidates))
+        # Nor does a readable question's similarity to a chunk the model cannot read: the English
+        # default rates "What is the weather in Beijing today?" 0.33 alike a Chinese attendance rule.
+        judged = {(c.kb, c.row) for c in pool if c.dense_rank is not None and self.reads(c.chunk.embed_text())}
         # Dense scores share one vector space across bases: one global dense ranking. BM25 scores
         # depend on each base's statistics: one lexical ranking per base.
-        dense_order = sorted((c for c in pool if c.dense_rank is not None), key=lambda c: -c.dense_score)
+        dense_order = sorted((c for c in pool if (c.kb, c.row) in judged), key=lambda c: -c.dense_score)
         dense_rank = {(c.kb, c.row): r for r, c in enumerate(dense_order)}
         qset = set(qtokens)
-        hits = []
+        ranked: list[tuple[tuple[float, float, float, float], Hit]] = []
         for c in pool:
+            key = (c.kb, c.row)
             score = 0.0
-            if (c.kb, c.row) in dense_rank:
-                score += 1.0 / (_RRF_K + dense_rank[(c.kb, c.row)] + 1)
+            if key in dense_rank:
+                score += 1.0 / (_RRF_K + dense_rank[key] + 1)
             if c.lexical_rank is not None:
                 score += 1.0 / (_RRF_K + c.lexical_rank + 1)
             coverage = len(qset & set(lexical_tokens(c.chunk.embed_text()))) / len(qset) if qset else 0.0
-            if c.dense_score < self.min_similarity and coverage < self.min_coverage:
+            similarity = c.dense_score if key in judged else None
+            if (similarity is None or similarity < self.min_similarity) and coverage < self.min_coverage:
                 continue  # neither close in meaning nor sharing enough words: not relevant
-            hits.append(Hit(c.kb, c.chunk.source, c.chunk.heading, c.chunk.text, score, c.dense_score, coverage))
-        hits.sort(key=lambda h: -h.score)
-        return hits[: self.top_k]
+            hit = Hit(c.kb, c.chunk.source, c.chunk.heading, c.chunk.text, score, similarity, coverage)
+            # Rank fusion ties often (dense 0 + lexical 1 = dense 1 + lexical 0): the chunk holding
+            # more of the question's terms wins, then the higher BM25 score, then the closer meaning.
+            ranked.append(((-score, -coverage, -c.lexical_score, -(similarity or 0.0)), hit))
+        ranked.sort(key=lambda pair: pair[0])
+        return [hit for _, hit in ranked[: self.top_k]]
