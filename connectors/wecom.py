@@ -43,7 +43,7 @@ from core.dispatch import Busy, Dispatcher, Interrupted, Rejected
 from core.kv import KeyValueCache
 from core.messages import Finish, InboundMessage
 from core.redis_store import StoreUnavailable
-from core.secrets import resolve_secret
+from core.secrets import remember_secret, resolve_secret
 from core.textsplit import split_text, utf8_len
 
 log = structlog.get_logger("botd.wecom")
@@ -183,6 +183,7 @@ class WeComApi:
     async def access_token(self) -> str:
         cached = await self._shared_token()
         if cached:
+            remember_secret(cached)  # fetched by another daemon: masked in our log all the same
             return cached
         if self._local and self._local[1] > time.monotonic():
             return self._local[0]
@@ -195,6 +196,7 @@ class WeComApi:
             if code != 0 or not data.get("access_token"):
                 raise WeComApiError(code or -1, str(data.get("errmsg", "")))
             token = str(data["access_token"])
+            remember_secret(token)
             # Refresh well before WeCom's expiry (7200 s), so no send races the deadline.
             ttl = max(60, int(data.get("expires_in", 7200)) - 300)
             self._local = (token, time.monotonic() + ttl)
