@@ -348,7 +348,7 @@ class ChatService:
             platform=msg.platform, bot=msg.bot, chat=msg.chat, thread=msg.thread, user=msg.user,
             finish=reason, latency_ms=round(latency * 1000), queue_wait_ms=round((started - job.enqueued_at) * 1000),
             ttft_ms=round(((job.first_token_at or started) - started) * 1000),
-            tokens_in=job.usage.prompt_tokens, tokens_out=job.usage.completion_tokens,
+            tokens_in=job.usage.prompt_tokens, tokens_cached=job.cached_tokens, tokens_out=job.usage.completion_tokens,
             tokens_per_s=round((job.usage.completion_tokens - 1) / decode_s, 1) if decode_s > 0 else None,
             history_used=used, history_dropped=dropped, history_stored=stored, degraded=degraded,
             sources=cite_list(hits),

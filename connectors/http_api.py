@@ -13,6 +13,14 @@ Routes:
 Auth: ``Authorization: Bearer <key>`` against ``[api] keys`` (constant-time compare).
 Conversations are namespaced by the key that created them, so one key can never
 read another key's history.
+
+Outcomes: an answer that did not complete (:class:`~core.messages.Finish` ``busy``,
+``shutdown``, ``cancelled``, ``error``) is never reported as ``finish_reason: "stop"``.
+Before the first token it is an HTTP error (503 + ``Retry-After``, or 500), in both
+modes; once a stream has started, an SSE error event with the same code.
+
+Hostile input is refused at the edge with a 4xx: JSON nested too deeply, strings that
+are not Unicode text (lone surrogates), malformed conversation ids.
 """
 
 from __future__ import annotations
@@ -22,24 +30,82 @@ import hashlib
 import hmac
 import json
 import time
+import unicodedata
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import structlog
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from connectors.base import Connector
 from connectors.server import REQUEST_ID, json_error
 from core.config import Config
 from core.dispatch import Answer, Busy, Dispatcher, Rejected
-from core.messages import ChatTurn, InboundMessage, ReplyEvent, ThreadKey
+from core.messages import ChatTurn, Finish, InboundMessage, ReplyEvent, ThreadKey
 from core.secrets import resolve_secret
 
 log = structlog.get_logger("botd.api")
 
 PLATFORM = "api"
-_FINISH = {"stop": "stop", "length": "length", "timeout": "length"}
+# The OpenAI finish_reason of a complete answer; a timeout is documented as "length" (job_timeout_s).
+_FINISH = {Finish.STOP: "stop", Finish.LENGTH: "length", Finish.TIMEOUT: "length"}
+# Deeper JSON than any real request needs; refused before anything walks it recursively.
+MAX_JSON_DEPTH = 64
+MAX_ID_CHARS = 200
+
+
+# -- edge checks -------------------------------------------------------------------------
+
+
+def _is_text(value: str) -> bool:
+    """False for strings that are not Unicode text: lone surrogates (JSON escapes like
+    ``"\\ud800"``, or undecodable header bytes) cannot be encoded, stored or rendered."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _id_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a conversation id, or None. The same rule for the body field,
+    the X-Conversation-Id header and the URL path: ids end up in Redis keys and logs."""
+    if not value:
+        return "must not be empty"
+    if len(value) > MAX_ID_CHARS:
+        return f"must be at most {MAX_ID_CHARS} characters"
+    if not _is_text(value):
+        return "must be valid UTF-8 text"
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        return "must not hold control characters"
+    return None
+
+
+def _check_id(value: str) -> str:
+    problem = _id_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+ConversationId = Annotated[str, AfterValidator(_check_id)]
+
+
+def _check_tree(data: Any) -> None:
+    """Walk the parsed body without recursion: bound its depth, refuse non-text strings."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str):
+            if not _is_text(node):
+                raise _BadRequest(400, "invalid_request",
+                                  "the body holds a string that is not valid Unicode text (a lone surrogate)")
+        elif isinstance(node, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise _BadRequest(400, "invalid_json", f"the body is nested too deeply (over {MAX_JSON_DEPTH} levels)")
+            items = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+            stack.extend((item, depth + 1) for item in items)
 
 
 # -- request bodies ----------------------------------------------------------------------
@@ -75,7 +141,7 @@ class ChatCompletionBody(_Body):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     n: int = Field(default=1, ge=1, le=1)
     user: str | None = Field(default=None, max_length=256)
-    conversation_id: str | None = Field(default=None, min_length=1, max_length=200)
+    conversation_id: ConversationId | None = None
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
 
@@ -92,7 +158,7 @@ class SimpleChatBody(_Body):
     query: str = Field(min_length=1)
     history: list[tuple[str, str]] | list[ApiMessage] | None = None
     bot: str | None = None
-    conversation_id: str | None = Field(default=None, min_length=1, max_length=200)
+    conversation_id: ConversationId | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     user: str | None = Field(default=None, max_length=256)
@@ -104,7 +170,7 @@ def _explain(err: ValidationError) -> str:
         loc = ""
         for p in e["loc"]:
             loc += f"[{p}]" if isinstance(p, int) else (f".{p}" if loc else str(p))
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "missing":
             msg = "is required"
         out.append(f"{loc}: {msg}" if loc else msg)
@@ -112,9 +178,19 @@ def _explain(err: ValidationError) -> str:
 
 
 class _BadRequest(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+
+    def sse(self) -> bytes:
+        """The same error as a server-sent event, for a stream whose status is already sent."""
+        kind = "overloaded_error" if self.status == 503 else "server_error"
+        err = {"error": {"message": self.message, "type": kind, "code": self.code}}
+        return b"data: " + _dumps(err).encode() + b"\n\n"
 
 
 class HttpApiConnector(Connector):
@@ -154,7 +230,8 @@ class HttpApiConnector(Connector):
             return None
         found = None
         for key, ident in self._keys:  # compare against every key: no early exit to time
-            if hmac.compare_digest(given.strip().encode(), key.encode()):
+            # An undecodable header (lone surrogates) cannot equal a key: compare its bytes.
+            if hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), key.encode()):
                 found = ident
         return found
 
@@ -171,7 +248,7 @@ class HttpApiConnector(Connector):
             try:
                 return await handler(request, ident)
             except _BadRequest as exc:
-                return json_error(exc.status, exc.message, exc.code)
+                return json_error(exc.status, exc.message, exc.code, headers=exc.headers())
             except Rejected as exc:
                 return json_error(exc.status, exc.message, exc.code)
             except Busy as exc:
@@ -200,8 +277,11 @@ class HttpApiConnector(Connector):
             raise _BadRequest(400, "empty_body", "the request body is empty; send a JSON object")
         try:
             data = json.loads(raw)
+        except RecursionError:  # json's C scanner recurses once per level
+            raise _BadRequest(400, "invalid_json", "the body is nested too deeply") from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise _BadRequest(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+        _check_tree(data)
         if not isinstance(data, dict):
             raise _BadRequest(400, "invalid_body", "the body must be a JSON object")
         try:
@@ -232,6 +312,29 @@ class HttpApiConnector(Connector):
     def _user(self, request: web.Request, ident: str, user: str | None) -> str:
         return f"{ident}:{user}" if user else f"{ident}:{request.remote or 'unknown'}"
 
+    def _header_cid(self, request: web.Request) -> str | None:
+        value = request.headers.get("X-Conversation-Id")
+        if not value:  # absent or empty: a stateless call, as before
+            return None
+        problem = _id_problem(value)
+        if problem:
+            raise _BadRequest(400, "invalid_request", f"X-Conversation-Id: {problem}")
+        return value
+
+    def _failure(self, ev: ReplyEvent) -> _BadRequest | None:
+        """The HTTP error for a final event whose answer did not complete; None if it did."""
+        reason = Finish(ev.finish_reason or Finish.STOP)
+        if reason.complete:
+            return None
+        if reason is Finish.ERROR:
+            return _BadRequest(500, "generation_failed", ev.error or "generation failed")
+        retry = ev.retry_after or self.config.queue.retry_after_s
+        if reason is Finish.BUSY:
+            return _BadRequest(503, "busy", f"busy, try again in {retry} s: {ev.error or 'no free slot'}", retry)
+        # shutdown / cancelled: whatever text came is a fragment, not the answer.
+        default = "the daemon is shutting down" if reason is Finish.SHUTDOWN else "the answer was cancelled"
+        return _BadRequest(503, reason.value, f"{ev.error or default}; the answer is incomplete, try again", retry)
+
     # -- POST /v1/chat/completions -----------------------------------------------------------
 
     async def chat_completions(self, request: web.Request, ident: str) -> web.StreamResponse:
@@ -244,7 +347,8 @@ class HttpApiConnector(Connector):
             raise _BadRequest(400, "invalid_request", "messages: the last message must have role 'user'")
         system_parts = [m.text() for m in body.messages if m.role in ("system", "developer")]
         system = "\n\n".join(system_parts) if system_parts else None
-        cid = body.conversation_id or request.headers.get("X-Conversation-Id") or None
+        cid = self._header_cid(request)
+        cid = body.conversation_id or cid
         history: list[ChatTurn] | None = None
         if cid is None:
             history = [ChatTurn(m.role, m.text()) for m in body.messages[:-1] if m.role in ("user", "assistant")]
@@ -269,7 +373,7 @@ class HttpApiConnector(Connector):
             "choices": [{
                 "index": 0,
                 "message": {"role": "assistant", "content": final.text},
-                "finish_reason": _FINISH.get(final.finish_reason or "", "stop"),
+                "finish_reason": _FINISH[Finish(final.finish_reason or Finish.STOP)],
             }],
             "usage": _usage(final),
         }
@@ -290,10 +394,9 @@ class HttpApiConnector(Connector):
             if final is None:
                 answer.cancel()
         assert final is not None
-        if final.finish_reason == "error":
-            busy = (final.error or "").startswith("busy")
-            raise _BadRequest(503 if busy else 500, "busy" if busy else "generation_failed",
-                              final.error or "generation failed")
+        failure = self._failure(final)
+        if failure is not None:
+            raise failure
         return final
 
     async def _stream_completion(
@@ -320,27 +423,39 @@ class HttpApiConnector(Connector):
         def content_chunk(text: str) -> bytes:
             return (head + json.dumps(text, ensure_ascii=False) + tail).encode()
 
+        events = aiter(answer.events())
         finished = False
         try:
+            # The status line goes out with the first event, not before: an answer that ends
+            # before any token (busy, shutdown, error) still gets its real HTTP status.
+            ev = await anext(events)
+            if ev.done:
+                failure = self._failure(ev)
+                if failure is not None:
+                    finished = True
+                    raise failure
             await resp.prepare(request)
             await resp.write(chunk({"role": "assistant", "content": ""}))
-            async for ev in answer.events():
-                if not ev.done:
-                    await resp.write(content_chunk(ev.delta))
-                    continue
-                finished = True
-                if ev.finish_reason == "error":
-                    err = {"error": {"message": ev.error or "generation failed", "type": "server_error",
-                                     "code": "generation_failed"}}
-                    await resp.write(b"data: " + _dumps(err).encode() + b"\n\n")
-                else:
-                    await resp.write(chunk({}, _FINISH.get(ev.finish_reason or "", "stop"), usage=_usage(ev)))
-                    if include_usage:
-                        await resp.write(b"data: " + _dumps({**base, "choices": [], "usage": _usage(ev)}).encode()
-                                         + b"\n\n")
-                await resp.write(b"data: [DONE]\n\n")
+            while not ev.done:
+                await resp.write(content_chunk(ev.delta))
+                ev = await anext(events)
+            finished = True
+            failure = self._failure(ev)
+            if failure is not None:
+                await resp.write(failure.sse())
+            else:
+                finish = _FINISH[Finish(ev.finish_reason or Finish.STOP)]
+                await resp.write(chunk({}, finish, usage=_usage(ev)))
+                if include_usage:
+                    await resp.write(b"data: " + _dumps({**base, "choices": [], "usage": _usage(ev)}).encode()
+                                     + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:
+            # The client closed the socket before aiohttp noticed and cancelled us: the same
+            # event as a cancellation, not a server error. Nothing more can be written.
+            log.info("client went away; generation stopped", request_id=request[REQUEST_ID])
+        except asyncio.CancelledError:
             log.info("client went away; generation stopped", request_id=request[REQUEST_ID])
             raise
         finally:
@@ -378,7 +493,7 @@ class HttpApiConnector(Connector):
         final = await self._collect(await self.dispatcher.dispatch(msg))
         out: dict[str, Any] = {
             "response": final.text,
-            "finish_reason": _FINISH.get(final.finish_reason or "", "stop"),
+            "finish_reason": _FINISH[Finish(final.finish_reason or Finish.STOP)],
             "usage": _usage(final),
             "time": round(time.monotonic() - t0, 3),
         }
@@ -404,8 +519,12 @@ class HttpApiConnector(Connector):
 
     def _conversation(self, request: web.Request, ident: str) -> ThreadKey:
         cid = request.match_info["cid"]
+        problem = _id_problem(cid)
+        if problem:
+            raise _BadRequest(400, "invalid_request", f"conversation id: {problem}")
         bot = request.query.get("bot", self.api.default_bot)
         if bot not in self._bots():
+            # repr() escapes what could not be sent back as UTF-8 (undecodable bytes in the URL).
             raise _BadRequest(404, "unknown_bot", f"unknown bot {bot!r}")
         return ThreadKey(PLATFORM, bot, f"{ident}/{cid}", "")
 

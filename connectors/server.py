@@ -40,7 +40,8 @@ def json_error(status: int, message: str, code: str, headers: dict[str, str] | N
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     rid = request.headers.get("X-Request-Id", "")
-    if not (0 < len(rid) <= 64 and rid.replace("-", "").isalnum()):
+    # ASCII only: the id is echoed in a header and logged; str.isalnum() also passes "²" or "é".
+    if not (0 < len(rid) <= 64 and rid.isascii() and rid.replace("-", "").isalnum()):
         rid = uuid.uuid4().hex[:16]
     request[REQUEST_ID] = rid
     structlog.contextvars.clear_contextvars()
@@ -53,7 +54,12 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             raise
         reason = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
         resp = json_error(exc.status, reason or "error", exc.reason.lower().replace(" ", "_"))
-    except Exception:
+    except Exception as exc:
+        if isinstance(exc, ConnectionResetError) and _client_gone(request):
+            # The client hung up while a streaming handler wrote to it: nobody is left to answer
+            # and nothing failed here. (A reset on an outbound connection still counts as an error.)
+            log.info("client went away", method=request.method, path=request.path)
+            return web.Response(status=499, reason="Client Closed Request")
         log.exception("unhandled error", method=request.method, path=request.path)
         resp = json_error(500, "internal error; see the daemon's log for request " + rid, "internal_error")
     if not resp.prepared:
@@ -64,18 +70,29 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     return resp
 
 
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 def build_app(config: Config, dispatcher: Dispatcher, connectors: Sequence[Connector]) -> web.Application:
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[request_context])
 
     async def healthz(_request: web.Request) -> web.Response:
         info = dispatcher.health()
+        serving = info["model_loaded"] and info.get("ready", True)
         if not info["model_loaded"]:
             status = "loading"
+        elif not info.get("ready", True):
+            status = "starting"
         elif info["redis"] != "ok":
             status = "degraded"
+        elif any(s in ("loading", "building") for s in info.get("knowledge", {}).values()):
+            # Answers work; knowledge bots wait for their bases meanwhile.
+            status = "loading_knowledge"
         else:
             status = "ok"
-        return web.json_response({"status": status, **info}, status=200 if info["model_loaded"] else 503)
+        return web.json_response({"status": status, **info}, status=200 if serving else 503)
 
     async def metrics_view(_request: web.Request) -> web.Response:
         body, ctype = metrics.render()

@@ -74,6 +74,10 @@ class ModelConfig(_Section):
     n_ctx: Annotated[int, Field(ge=256, le=1_048_576)] = 4096
     n_threads: Annotated[int, Field(ge=0, le=1024)] = 0
     n_batch: Annotated[int, Field(ge=8, le=65536)] = 512
+    # Conversations decoded together in one batch (slots); each may use up to n_ctx tokens.
+    parallel: Annotated[int, Field(ge=1, le=64)] = 4
+    # RAM for conversations' saved KV states (a thread whose slot was reused), least recently used out.
+    cache_mb: Annotated[int, Field(ge=0, le=1_048_576)] = 256
     max_tokens: Annotated[int, Field(ge=1)] = 512
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.7
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95
@@ -97,7 +101,8 @@ class ModelConfig(_Section):
 
     def load_settings(self) -> tuple[Any, ...]:
         """What the loaded model depends on: a change here means loading it again."""
-        return (self.engine, self.resolved_path(), self.n_ctx, self.resolved_threads(), self.n_batch)
+        return (self.engine, self.resolved_path(), self.n_ctx, self.resolved_threads(), self.n_batch,
+                self.parallel, self.cache_mb)
 
 
 class QueueConfig(_Section):

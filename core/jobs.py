@@ -48,6 +48,8 @@ class Job:
     # A message accepted before a restart: it is answered however long it waits (never "busy").
     replayed: bool = False
     usage: Usage = field(default_factory=Usage)
+    # Prompt tokens the engine found already read (the thread's earlier turns).
+    cached_tokens: int = 0
     # Set from any thread: the worker checks it between tokens.
     stop_flag: threading.Event = field(default_factory=threading.Event)
     interrupted: bool = False

@@ -24,7 +24,7 @@ import structlog
 from core.secrets import known_secrets
 
 _SECRET_KEYS = re.compile(r"(authorization|password|passwd|secret|token|api_key|apikey|access_token)", re.I)
-_NOT_SECRET_KEYS = frozenset({"tokens_in", "tokens_out", "tokens_per_s"})
+_NOT_SECRET_KEYS = frozenset({"tokens_in", "tokens_out", "tokens_per_s", "tokens_cached"})
 _SECRET_IN_TEXT = re.compile(
     r"(?i)(bearer\s+|(?:password|secret|token|access_token|corpsecret|api_key)=)([^\s&\"',;]+)"
 )

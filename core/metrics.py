@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -35,6 +39,46 @@ INGESTS = Counter("botd_ingests_total", "Knowledge base ingests, by outcome", ["
 DUPLICATES = Counter(
     "botd_duplicates_dropped_total", "Platform redeliveries dropped", ["platform"], registry=REGISTRY
 )
+
+
+class _EngineCollector:
+    """The engine's own counters (slots, batches, prompt tokens read vs reused, state cache),
+    read when /metrics is scraped: the worker thread keeps them as plain numbers."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], dict[str, Any]] | None = None
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        state = self.source() if self.source is not None else {}
+        if not state:
+            return
+        gauges = {"active_sequences": "Sequences being generated now",
+                  "slots": "Sequences the engine decodes at once ([model] parallel)",
+                  "last_batch": "Tokens in the last decode step",
+                  "state_cache_bytes": "Bytes of saved per-thread KV states",
+                  "state_cache_entries": "Threads with a saved KV state"}
+        for key, doc in gauges.items():
+            if key in state:
+                yield GaugeMetricFamily(f"botd_engine_{key}", doc, value=state[key])
+        counters = {"steps": "Decode steps", "batch_tokens": "Tokens decoded in all steps",
+                    "state_cache_evictions": "Saved KV states evicted to stay within [model] cache_mb",
+                    "cache_restores": "Saved KV states restored into a slot"}
+        for key, doc in counters.items():
+            if key in state:
+                yield CounterMetricFamily(f"botd_engine_{key}", doc, value=state[key])
+        if "prompt_tokens_read" in state:
+            prompt = CounterMetricFamily("botd_engine_prompt_tokens", "Prompt tokens read, or found already read "
+                                         "(reused)", labels=["kind"])
+            prompt.add_metric(["read"], state["prompt_tokens_read"])
+            prompt.add_metric(["reused"], state["prompt_tokens_reused"])
+            yield prompt
+
+
+ENGINE = _EngineCollector()
+REGISTRY.register(ENGINE)
 
 
 def render() -> tuple[bytes, str]:

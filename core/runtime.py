@@ -47,6 +47,7 @@ class Runtime:
         self.limits = RateLimiter(self.redis, cfg.redis.key_prefix, cfg.limits)
         self.audit = AuditLog(cfg.audit)
         self.tokenizer: PromptTokenizer | None = None
+        metrics.ENGINE.source = lambda: self.worker.engine.state()
         self.retriever: Retriever | None = None
         self._make_retriever(cfg)
         self.started_at = time.time()
@@ -184,6 +185,7 @@ class Runtime:
             "queue_depth": len(self.queue),
             "queue_capacity": self.queue.max_size,
             "generating": self.worker.busy,
+            "engine": self.worker.engine.state(),
             "ready": self.ready,
             "knowledge": dict(self.knowledge_state),
             "uptime_s": round(time.time() - self.started_at, 1),

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import structlog
 
-from core.engines.base import Engine, EngineError, PromptTooLong
+from core.engines.base import Engine, EngineError, Generation, PromptTooLong
 from core.jobs import FairQueue, Job, QueueFull
 from core.messages import Finish, Usage
 
@@ -51,7 +51,7 @@ class InferenceWorker:
         self._thread: threading.Thread | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._current: Job | None = None
+        self._running: set[Job] = set()
         self._accepting = True
         self.loaded = False
 
@@ -68,10 +68,10 @@ class InferenceWorker:
         self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="botd-dispatcher")
 
     async def stop(self, grace_s: float = 10.0) -> None:
-        """Stop taking jobs, let the running one finish for up to ``grace_s``, then stop the thread."""
+        """Stop taking jobs, let the running ones finish for up to ``grace_s``, then stop the thread."""
         self._accepting = False
-        # Taken before the dispatcher is cancelled: its cleanup forgets the running job.
-        current = self._current
+        # Taken before the dispatcher is cancelled.
+        running = list(self._running)
         if self._dispatcher:
             self._dispatcher.cancel()
             try:
@@ -83,13 +83,15 @@ class InferenceWorker:
         for job in self.jobs.pending():
             self.jobs.remove(job)
             job.finish("shutdown", error="the daemon is shutting down")
-        if current is not None:
-            try:
-                await asyncio.wait_for(current.wait(), grace_s)
-            except TimeoutError:
-                log.warning("shutdown grace period over; stopping the running generation", grace_s=grace_s)
-                current.interrupt()
-                await current.wait()
+        if running:
+            _, late = await asyncio.wait([asyncio.ensure_future(j.wait()) for j in running], timeout=grace_s)
+            if late:
+                log.warning("shutdown grace period over; stopping the running generations", grace_s=grace_s,
+                            running=len(late))
+                for job in running:
+                    if not job.done:
+                        job.interrupt()
+                await asyncio.wait([asyncio.ensure_future(j.wait()) for j in running])
         if self._thread and self._thread.is_alive():
             self._inbox.put(_STOP)
             await asyncio.to_thread(self._thread.join, 30)
@@ -127,7 +129,11 @@ class InferenceWorker:
 
     @property
     def busy(self) -> bool:
-        return self._current is not None
+        return bool(self._running)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
 
     @property
     def queue_depth(self) -> int:
@@ -136,30 +142,42 @@ class InferenceWorker:
     # -- the asyncio side -------------------------------------------------------------
 
     async def _dispatch_loop(self) -> None:
+        # The fair queue decides who gets the next free slot; the thread decodes every running
+        # job together.
+        slots = asyncio.Semaphore(max(1, self.engine.parallel))
         while True:
-            job = await self.jobs.get()
+            await slots.acquire()
+            try:
+                job = await self.jobs.get()
+            except BaseException:
+                slots.release()
+                raise
             if job.cancelled:
                 self.jobs.release(job)
                 job.finish("cancelled")
+                slots.release()
                 continue
             if job.queue_wait_s > self.max_wait_s and not job.replayed:
                 self.jobs.release(job)
                 job.finish(Finish.BUSY, error=f"waited {job.queue_wait_s:.0f} s in the queue without a free slot",
                            retry_after=self.jobs.retry_after_s)
+                slots.release()
                 continue
             job.started_at = time.monotonic()
-            self._current = job
+            self._running.add(job)
             self._inbox.put(job)
+            asyncio.ensure_future(job.wait()).add_done_callback(
+                lambda _f, job=job: self._ended(job, slots))
+
+    def _ended(self, job: Job, slots: asyncio.Semaphore) -> None:
+        self._running.discard(job)
+        self.jobs.release(job)
+        slots.release()
+        if self._on_finished:
             try:
-                await job.wait()
-            finally:
-                self._current = None
-                self.jobs.release(job)
-                if self._on_finished:
-                    try:
-                        self._on_finished(job)
-                    except Exception:  # a metrics hook must never stop the worker
-                        log.exception("on_finished hook failed")
+                self._on_finished(job)
+            except Exception:  # a metrics hook must never stop the worker
+                log.exception("on_finished hook failed")
 
     # -- the worker thread ------------------------------------------------------------
 
@@ -173,15 +191,52 @@ class InferenceWorker:
             loop.call_soon_threadsafe(_set_exception, ready, err)
             return
         loop.call_soon_threadsafe(_set_result, ready)
+        running: list[_Running] = []
+        held: list[Job] = []
+        swap: _Swap | None = None
+        stopping = False
         while True:
-            item = self._inbox.get()
-            if item is _STOP:
+            # Wait for work only when nothing runs; otherwise take what arrived and step on.
+            items: list[object] = [self._inbox.get()] if not running and not held else []
+            while True:
+                try:
+                    items.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            for item in items:
+                if item is _STOP:
+                    stopping = True
+                elif isinstance(item, _Swap):
+                    swap = item
+                else:
+                    assert isinstance(item, Job)
+                    held.append(item)
+            if swap is not None and not running:
+                self._swap(swap, loop)
+                swap = None
+            if swap is None:
+                for job in held:
+                    started = self._open(job, loop)
+                    if started is not None:
+                        running.append(started)
+                held.clear()
+            if stopping and not running and not held:
                 break
-            if isinstance(item, _Swap):
-                self._swap(item, loop)
+            if not running:
                 continue
-            assert isinstance(item, Job)
-            self._run(item, loop)
+            try:
+                self.engine.step([r.generation for r in running])
+            except Exception:  # the worker thread survives any step's failure
+                log.exception("generation step failed")
+                for r in running:
+                    r.generation.failed = True
+                    r.fail("generation failed: step error")
+                    self.engine.release(r.generation)
+                running.clear()
+                continue
+            for r in running:
+                r.drain()
+            running = [r for r in running if not r.finished]
         try:
             self.engine.close()
         except Exception:
@@ -201,59 +256,80 @@ class InferenceWorker:
             log.exception("closing the previous engine failed")
         loop.call_soon_threadsafe(_set_result, swap.done)
 
-    def _run(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
-        deadline = time.monotonic() + job.timeout_s
-        timed_out = False
-
-        def should_stop() -> bool:
-            nonlocal timed_out
-            if job.stop_flag.is_set():
-                return True
-            if time.monotonic() > deadline:
-                timed_out = True
-                return True
-            return False
-
-        # Text waits here until the loop takes it: one wake-up of the loop carries every
-        # token produced since the last one, so a busy loop costs the model no extra time.
-        pending: list[str] = []
-        lock = threading.Lock()
-        scheduled = False
-
-        def hand_over() -> None:
-            nonlocal scheduled
-            with lock:
-                text = "".join(pending)
-                pending.clear()
-                scheduled = False
-            if text:
-                job.push_text(text)
-
-        reason, usage, error = "error", Usage(), None
+    def _open(self, job: Job, loop: asyncio.AbstractEventLoop) -> _Running | None:
+        running = _Running(job, loop)
         try:
-            for chunk in self.engine.generate(job.request, should_stop):
-                if chunk.text:
-                    with lock:
-                        pending.append(chunk.text)
-                        wake = not scheduled
-                        scheduled = True
-                    if wake:
-                        loop.call_soon_threadsafe(hand_over)
-                if chunk.finish_reason:
-                    reason = chunk.finish_reason
-                    usage = Usage(chunk.prompt_tokens, chunk.completion_tokens)
-            if reason == "cancelled" and job.interrupted:
-                reason, error = "shutdown", "the daemon is shutting down"
-            elif reason == "cancelled" and timed_out:
-                reason, error = "timeout", f"generation stopped after {job.timeout_s:g} s"
+            running.generation = self.engine.open(job.request, running.should_stop)
         except PromptTooLong as exc:
-            reason, error = "error", str(exc)
-        except Exception as exc:  # the worker thread survives any single job's failure
-            log.exception("generation failed", job_id=job.id)
-            reason, error = "error", f"generation failed: {type(exc).__name__}"
-        finally:
-            loop.call_soon_threadsafe(hand_over)
-            loop.call_soon_threadsafe(job.finish, reason, usage, error)
+            running.fail(str(exc))
+            return None
+        except Exception as exc:
+            log.exception("generation failed to start", job_id=job.id)
+            running.fail(f"generation failed: {type(exc).__name__}")
+            return None
+        return running
+
+
+class _Running:
+    """A job the thread is generating: its stop check and the hand-over of its text to the loop."""
+
+    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
+        self.job = job
+        self.loop = loop
+        self.deadline = time.monotonic() + job.timeout_s
+        self.timed_out = False
+        self.finished = False
+        self.generation: Generation = Generation()
+        # Text waits here until the loop takes it: one wake-up of the loop carries every piece
+        # produced since the last one, so a busy loop costs the model no extra time.
+        self._pending: list[str] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def should_stop(self) -> bool:
+        if self.job.stop_flag.is_set():
+            return True
+        if time.monotonic() > self.deadline:
+            self.timed_out = True
+            return True
+        return False
+
+    def _hand_over(self) -> None:
+        with self._lock:
+            text = "".join(self._pending)
+            self._pending.clear()
+            self._scheduled = False
+        if text:
+            self.job.push_text(text)
+
+    def drain(self) -> None:
+        out = self.generation.out
+        while out:
+            chunk = out.pop(0)
+            if chunk.text:
+                with self._lock:
+                    self._pending.append(chunk.text)
+                    wake = not self._scheduled
+                    self._scheduled = True
+                if wake:
+                    self.loop.call_soon_threadsafe(self._hand_over)
+            if chunk.finish_reason:
+                reason, error = chunk.finish_reason, chunk.error
+                if reason == "cancelled" and self.job.interrupted:
+                    reason, error = "shutdown", "the daemon is shutting down"
+                elif reason == "cancelled" and self.timed_out:
+                    reason, error = "timeout", f"generation stopped after {self.job.timeout_s:g} s"
+                usage = Usage(chunk.prompt_tokens, chunk.completion_tokens)
+                self.job.cached_tokens = chunk.cached_tokens
+                self._end(reason, usage, error)
+
+    def fail(self, error: str) -> None:
+        self._end("error", Usage(), error)
+
+    def _end(self, reason: str, usage: Usage, error: str | None) -> None:
+        self.finished = True
+        self.loop.call_soon_threadsafe(self._hand_over)
+        self.loop.call_soon_threadsafe(self.job.finish, reason, usage, error)
 
 
 def _set_result(fut: asyncio.Future[None]) -> None:

@@ -100,7 +100,7 @@ def test_user_text_cannot_forge_llama3_control_tokens(llama3):
 
 @pytest.fixture(scope="module")
 def engine() -> LlamaCppEngine:
-    eng = LlamaCppEngine(embedded_model_path(), n_ctx=2048, n_threads=2, n_batch=64, seed=1)
+    eng = LlamaCppEngine(embedded_model_path(), n_ctx=2048, n_threads=2, n_batch=64, seed=1, parallel=1)
     eng.load()
     yield eng
     eng.close()
@@ -125,7 +125,7 @@ def test_stop_is_checked_while_a_long_prompt_is_read(engine):
     assert last.completion_tokens == 0
     assert last.prompt_tokens > 800
     # Only the first n_batch tokens were read before the stop was seen.
-    assert engine._llm.n_tokens <= 64
+    assert len(engine._slots[0].tokens) <= 64
 
     # The next request reads the rest, reusing what was read, and answers normally.
     done = list(engine.generate(request([{"role": "user", "content": long_text}], 4), lambda: False))

@@ -18,5 +18,7 @@ def create_engine(cfg: ModelConfig) -> Engine:
             n_threads=cfg.resolved_threads(),
             n_batch=cfg.n_batch,
             seed=cfg.seed,
+            parallel=cfg.parallel,
+            cache_mb=cfg.cache_mb,
         )
     raise EngineError(f"unknown engine {cfg.engine!r}")

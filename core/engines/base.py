@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from core.messages import ThreadKey
 
@@ -48,6 +49,34 @@ class Chunk:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Prompt tokens whose KV state was already there (the thread's earlier turns, a shared prefix).
+    cached_tokens: int = 0
+    error: str | None = None
+
+
+class Generation:
+    """One reply under way in an engine: :meth:`Engine.step` appends chunks to ``out``."""
+
+    def __init__(self) -> None:
+        self.out: list[Chunk] = []
+        self.done = False
+        self.failed = False
+        self.cached_tokens = 0
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Counters since the engine loaded (read from the event loop: plain ints, no lock needed)."""
+
+    steps: int = 0
+    batch_tokens: int = 0
+    last_batch: int = 0
+    prompt_tokens_read: int = 0
+    prompt_tokens_reused: int = 0
+    cache_restores: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
 
 
 class PromptTokenizer(ABC):
@@ -59,7 +88,11 @@ class PromptTokenizer(ABC):
 
 
 class Engine(ABC):
+    """A model backend. :meth:`open` starts a reply, :meth:`step` advances every open reply by
+    one decode step (a batching engine decodes them together), up to ``parallel`` at once."""
+
     name: str = "engine"
+    parallel: int = 1
 
     @property
     @abstractmethod
@@ -74,8 +107,34 @@ class Engine(ABC):
         """A tokenizer usable from another thread than the worker's."""
 
     @abstractmethod
+    def open(self, request: GenerationRequest, should_stop: Callable[[], bool]) -> Generation:
+        """Start a reply (raises :class:`PromptTooLong` / :class:`TemplateError` at once)."""
+
+    @abstractmethod
+    def step(self, generations: Sequence[Generation]) -> None:
+        """Advance each unfinished generation by one step; checks ``should_stop`` (then it ends
+        with finish "cancelled"); a finished one has its last chunk (``finish_reason``) in ``out``."""
+
+    @abstractmethod
+    def release(self, generation: Generation) -> None:
+        """Give up an unfinished generation (its slot is free again)."""
+
+    def state(self) -> dict[str, Any]:
+        """Figures for /healthz and /metrics."""
+        return {}
+
     def generate(self, request: GenerationRequest, should_stop: Callable[[], bool]) -> Iterator[Chunk]:
-        """Stream a reply. Checks ``should_stop`` between tokens and ends with finish "cancelled"."""
+        """One reply on its own, chunk by chunk."""
+        gen = self.open(request, should_stop)
+        try:
+            while not gen.done:
+                self.step([gen])
+                while gen.out:
+                    yield gen.out.pop(0)
+        finally:
+            if not gen.done:
+                gen.done = True
+                self.release(gen)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the model. Called on the worker thread."""

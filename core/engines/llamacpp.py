@@ -13,7 +13,7 @@ from __future__ import annotations
 import codecs
 import re
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,15 @@ from core.engines.base import (
     Chunk,
     Engine,
     EngineError,
+    EngineStats,
+    Generation,
     GenerationRequest,
     PromptTokenizer,
     PromptTooLong,
     TemplateError,
 )
+from core.engines.state_cache import SavedState, StateCache, common_prefix
+from core.messages import ThreadKey
 
 log = structlog.get_logger("botd.engine")
 
@@ -75,17 +79,17 @@ def _route_llama_logs() -> None:
 _MARK = re.compile("( ?)\ue000(\\d+)\ue001( ?)")
 
 
-def _control_texts(llm: Any) -> list[str]:
+def _control_texts(model: Any) -> list[str]:
     """The text of every token that only a template may produce (CONTROL and UNKNOWN attributes:
     the ones llama.cpp parses out of text when ``special`` is on)."""
     import llama_cpp
 
-    vocab = llm._model.vocab
+    vocab = model.vocab
     wanted = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
     texts = set()
     for tid in range(llama_cpp.llama_vocab_n_tokens(vocab)):
         if llama_cpp.llama_vocab_get_attr(vocab, tid) & wanted:
-            text = llm._model.token_get_text(tid)
+            text = model.token_get_text(tid)
             if text:
                 texts.add(text)
     return sorted(texts, key=len, reverse=True)
@@ -99,19 +103,20 @@ class _ChatTemplate:
     ``<|im_end|><|im_start|>system`` gets those characters read as text, not a system turn.
     """
 
-    def __init__(self, llm: Any) -> None:
+    def __init__(self, model: Any) -> None:
+        """``model``: a ``llama_cpp._internals.LlamaModel`` (vocabulary-only will do)."""
         from llama_cpp import llama_chat_format
 
-        self.llm = llm
-        eos_id, bos_id = llm.token_eos(), llm.token_bos()
-        eos = llm._model.token_get_text(eos_id) if eos_id != -1 else ""
-        bos = llm._model.token_get_text(bos_id) if bos_id != -1 else ""
-        template = llm.metadata.get("tokenizer.chat_template")
+        self.model = model
+        eos_id, bos_id = model.token_eos(), model.token_bos()
+        eos = model.token_get_text(eos_id) if eos_id != -1 else ""
+        bos = model.token_get_text(bos_id) if bos_id != -1 else ""
+        template = model.metadata().get("tokenizer.chat_template")
         self.from_metadata = bool(template)
         self.formatter = llama_chat_format.Jinja2ChatFormatter(
             template=template or _CHATML, eos_token=eos, bos_token=bos, stop_token_ids=[eos_id]
         )
-        controls = _control_texts(llm)
+        controls = _control_texts(model)
         self._control = re.compile("|".join(map(re.escape, controls))) if controls else None
 
     def _format(self, msgs: list[dict[str, str]]) -> Any:
@@ -156,7 +161,7 @@ class _ChatTemplate:
     def _tokenize(self, text: str, *, special: bool, bos: bool) -> list[int]:
         if not text and not bos:
             return []
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=bos, special=special)
+        return self.model.tokenize(text.encode("utf-8"), add_bos=bos, special=special)
 
 
 def _plain(text: str) -> str:
@@ -178,7 +183,7 @@ class LlamaCppTokenizer(PromptTokenizer):
         self._lock = threading.Lock()
         with _LOAD_LOCK:
             self._llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
-        self._template = _ChatTemplate(self._llm)
+        self._template = _ChatTemplate(self._llm._model)
 
     def count_chat(self, messages: Sequence[dict[str, str]]) -> int:
         with self._lock:
@@ -186,7 +191,57 @@ class LlamaCppTokenizer(PromptTokenizer):
         return len(tokens)
 
 
+class _Slot:
+    """One sequence id of the shared KV cache and the tokens whose state it holds."""
+
+    __slots__ = ("busy", "owner", "seq_id", "tokens", "used_at")
+
+    def __init__(self, seq_id: int) -> None:
+        self.seq_id = seq_id
+        self.tokens: list[int] = []
+        self.owner: ThreadKey | None = None
+        self.used_at = 0.0
+        self.busy = False
+
+
+class _Seq(Generation):
+    """One reply being generated in a slot: its prompt still to read, its sampler, its text."""
+
+    def __init__(self, request: GenerationRequest, should_stop: Callable[[], bool], prompt: list[int],
+                 stops: list[str], max_tokens: int, sampler: Any) -> None:
+        super().__init__()
+        self.request = request
+        self.should_stop = should_stop
+        self.prompt = prompt
+        self.stops = stops
+        self.max_tokens = max_tokens
+        self.sampler = sampler
+        self.slot: _Slot | None = None
+        self.read = 0  # prompt tokens in the slot's KV so far
+        self.next_token: int | None = None  # sampled, to be decoded in the next step
+        self.logits_at = -1  # this step's batch row with the logits to sample from
+        # A token may end inside a multi-byte character: the decoder holds those bytes back
+        # until the character is whole, and a cut (max_tokens, stop) drops them unshown.
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending = ""  # text held back while it might still turn into a stop string
+        self.produced = 0
+
+    @property
+    def reading(self) -> bool:
+        return self.read < len(self.prompt)
+
+
 class LlamaCppEngine(Engine):
+    """llama.cpp with ``parallel`` sequences in one KV cache, decoded together.
+
+    Each step is one ``llama_decode`` over a batch holding the next token of every sequence
+    that is generating plus a chunk of the prompt of sequences still reading theirs (so a long
+    prompt never freezes the streams already running). A slot keeps its thread's tokens after
+    the answer: the thread's next turn, or any prompt starting with the same tokens, reads only
+    what is new. A slot handed to another thread first parks its state in the
+    :class:`~core.engines.state_cache.StateCache`.
+    """
+
     name = "llama_cpp"
 
     def __init__(
@@ -197,43 +252,69 @@ class LlamaCppEngine(Engine):
         n_threads: int = 2,
         n_batch: int = 512,
         seed: int = -1,
+        parallel: int = 1,
+        cache_mb: int = 256,
     ) -> None:
         self.path = Path(path)
         self._n_ctx = n_ctx
         self.n_threads = n_threads
         self.n_batch = n_batch
         self.seed = seed
-        self._llm: Any = None
+        self.parallel = parallel
+        self.cache = StateCache(cache_mb * 1024 * 1024)
+        self._model: Any = None
+        self._ctx: Any = None
+        self._batch: Any = None
         self._template: _ChatTemplate | None = None
         self._tokenizer: LlamaCppTokenizer | None = None
+        self._slots: list[_Slot] = []
+        self._can_trim = True
+        self._clock = 0.0
+        self.stats = EngineStats()
 
     @property
     def n_ctx(self) -> int:
         return self._n_ctx
 
+    # -- lifecycle --------------------------------------------------------------------------------
+
     def load(self) -> None:
         import llama_cpp
+        from llama_cpp import _internals as internals
 
         _route_llama_logs()
         try:
             with _LOAD_LOCK:
-                self._llm = llama_cpp.Llama(
-                    model_path=str(self.path),
-                    n_ctx=self._n_ctx,
-                    n_threads=self.n_threads,
-                    n_threads_batch=self.n_threads,
-                    n_batch=min(self.n_batch, self._n_ctx),
-                    seed=self.seed if self.seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED,
-                    verbose=False,
-                )
+                mparams = llama_cpp.llama_model_default_params()
+                mparams.n_gpu_layers = 0
+                self._model = internals.LlamaModel(path_model=str(self.path), params=mparams, verbose=False)
+                cparams = llama_cpp.llama_context_default_params()
+                # One KV cache shared by every slot: each thread may use up to n_ctx of it.
+                cparams.n_ctx = self._n_ctx * self.parallel
+                cparams.n_batch = cparams.n_ubatch = min(self.n_batch, self._n_ctx)
+                cparams.n_seq_max = self.parallel
+                cparams.kv_unified = True
+                cparams.n_threads = cparams.n_threads_batch = self.n_threads
+                cparams.no_perf = True
+                self._ctx = internals.LlamaContext(model=self._model, params=cparams, verbose=False)
+                self._batch = internals.LlamaBatch(n_tokens=cparams.n_batch, embd=0, n_seq_max=1, verbose=False)
         except Exception as exc:
+            self.close()
             raise EngineError(f"cannot load model {str(self.path)!r}: {exc}") from exc
-        self._template = _ChatTemplate(self._llm)
+        self._template = _ChatTemplate(self._model)
         if not self._template.from_metadata:
             log.warning("the GGUF file has no chat template; using ChatML", model=str(self.path))
+        model = self._model.model
+        if llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
+            # Their state cannot lose its tail: a thread whose prompt changed is read again whole.
+            self._can_trim = False
+            log.info("recurrent or hybrid model: a thread's state is reused only when its prompt extends it",
+                     model=self.path.name)
+        self._slots = [_Slot(i) for i in range(self.parallel)]
         log.info(
             "model loaded", model=self.path.name, n_ctx=self._n_ctx, n_threads=self.n_threads,
-            n_ctx_train=self._llm._model.n_ctx_train(),
+            parallel=self.parallel, cache_mb=self.cache.max_bytes // (1024 * 1024),
+            n_ctx_train=self._model.n_ctx_train(),
         )
 
     def tokenizer(self) -> LlamaCppTokenizer:
@@ -242,100 +323,245 @@ class LlamaCppEngine(Engine):
         return self._tokenizer
 
     def close(self) -> None:
-        if self._llm is not None:
-            with _LOAD_LOCK:
-                self._llm.close()
-            self._llm = None
+        with _LOAD_LOCK:
+            for part in (self._batch, self._ctx, self._model):
+                if part is not None:
+                    part.close()
+        self._batch = self._ctx = self._model = None
+        self.cache.clear()
 
-    def generate(self, request: GenerationRequest, should_stop: Callable[[], bool]) -> Iterator[Chunk]:
-        import llama_cpp
+    # -- sequences --------------------------------------------------------------------------------
 
-        llm, template = self._llm, self._template
-        if llm is None or template is None:
+    def open(self, request: GenerationRequest, should_stop: Callable[[], bool]) -> _Seq:
+        if self._model is None or self._template is None:
             raise EngineError("the model is not loaded")
-        prompt, template_stops = template.render(request.messages)
+        prompt, template_stops = self._template.render(request.messages)
         room = self._n_ctx - len(prompt)
         if room < 1:
-            raise PromptTooLong(
-                f"the prompt has {len(prompt)} tokens; the context holds {self._n_ctx}"
-            )
-        max_tokens = min(request.max_tokens, room)
+            raise PromptTooLong(f"the prompt has {len(prompt)} tokens; the context holds {self._n_ctx}")
         stops = [s for s in (*request.stop, *template_stops) if s]
-        if request.seed >= 0:
-            llm.set_seed(request.seed)
+        seq = _Seq(request, should_stop, prompt, stops, min(request.max_tokens, room), self._sampler(request))
+        self._place(seq)
+        return seq
 
-        # A token may end inside a multi-byte character: the decoder holds those bytes back
-        # until the character is whole, and a cut (max_tokens, stop) drops them unshown.
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        vocab = llm._model.vocab
-        pending = ""  # text held back while it might still turn into a stop string
-        produced = 0
-        finish = "length"
-        if not self._read_prompt(prompt, should_stop):
-            yield Chunk("", "cancelled", len(prompt), 0)
+    def _sampler(self, request: GenerationRequest) -> Any:
+        """The sampler chain ``Llama.generate`` builds for these settings, one per sequence."""
+        from llama_cpp import _internals as internals
+
+        sampler = internals.LlamaSampler()
+        sampler.add_penalties(n_vocab=self._model.n_vocab(), penalty_last_n=64,
+                              penalty_repeat=request.repeat_penalty, penalty_freq=0.0, penalty_present=0.0)
+        if request.temperature == 0.0:
+            sampler.add_greedy()
+        else:
+            sampler.add_top_k(40)
+            sampler.add_typical(1.0, 1)
+            sampler.add_top_p(request.top_p, 1)
+            sampler.add_min_p(0.05, 1)
+            sampler.add_temp(request.temperature)
+            seed = request.seed if request.seed >= 0 else self.seed
+            sampler.add_dist(seed if seed >= 0 else 0xFFFFFFFF)
+        return sampler
+
+    def _place(self, seq: _Seq) -> None:
+        """Give ``seq`` a free slot: the one already holding most of its prompt, or, when its
+        thread's parked state holds more, an empty or least recently used slot with that state
+        restored. A slot taken from another thread has that thread's state parked first."""
+        free = [s for s in self._slots if not s.busy]
+        if not free:
+            raise EngineError("no free slot (more sequences than [model] parallel)")
+        key = seq.request.thread_key
+        # Read at least the last prompt token again: its logits give the first reply token.
+        usable = len(seq.prompt) - 1
+
+        def reuse(tokens: Sequence[int]) -> int:
+            return min(common_prefix(tokens, seq.prompt), usable)
+
+        slot = max(free, key=lambda s: (reuse(s.tokens), s.owner == key, s.owner is None, -s.used_at))
+        kept = reuse(slot.tokens)
+        saved = self.cache.take(key)
+        if saved is not None and reuse(saved.tokens) > kept:
+            slot = min(free, key=lambda s: (s.owner is not None, s.used_at))
+            self._park(slot, key)
+            kept = reuse(saved.tokens) if self._restore(slot, saved) else 0
+        else:
+            self._park(slot, key)
+        if not self._trim(slot, kept):
+            kept = 0
+        slot.busy, slot.owner, slot.used_at = True, key, self._tick()
+        seq.slot, seq.read, seq.cached_tokens = slot, kept, kept
+        self.stats.prompt_tokens_reused += kept
+
+    def _trim(self, slot: _Slot, keep: int) -> bool:
+        """Drop the slot's tokens past ``keep``; False when that meant clearing it all."""
+        if keep >= len(slot.tokens):
+            return True
+        if keep > 0 and self._can_trim and self._ctx.kv_cache_seq_rm(slot.seq_id, keep, -1):
+            del slot.tokens[keep:]
+            return True
+        self._ctx.kv_cache_seq_rm(slot.seq_id, -1, -1)
+        slot.tokens.clear()
+        return keep == 0
+
+    def _park(self, slot: _Slot, taker: ThreadKey) -> None:
+        """Save the slot's state for its thread before ``taker`` uses the slot (nothing to save
+        when the slot is empty or already ``taker``'s)."""
+        import ctypes
+
+        import llama_cpp
+
+        if slot.owner is None or slot.owner == taker or not slot.tokens:
+            slot.owner = None if slot.owner != taker else slot.owner
             return
-        gen = llm.generate(
-            prompt,
-            temp=request.temperature,
-            top_p=request.top_p,
-            repeat_penalty=request.repeat_penalty,
-            reset=True,
-        )
+        ctx = self._ctx.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, slot.seq_id)
+        if 0 < size <= self.cache.max_bytes:
+            buf = (ctypes.c_uint8 * size)()
+            written = llama_cpp.llama_state_seq_get_data(ctx, buf, size, slot.seq_id)
+            if written:
+                self.cache.put(slot.owner, SavedState(tuple(slot.tokens), bytes(buf[:written])))
+        slot.owner = None
+
+    def _restore(self, slot: _Slot, saved: SavedState) -> bool:
+        import ctypes
+
+        import llama_cpp
+
+        self._ctx.kv_cache_seq_rm(slot.seq_id, -1, -1)
+        slot.tokens.clear()
+        buf = (ctypes.c_uint8 * len(saved.data)).from_buffer_copy(saved.data)
+        if not llama_cpp.llama_state_seq_set_data(self._ctx.ctx, buf, len(saved.data), slot.seq_id):
+            self._ctx.kv_cache_seq_rm(slot.seq_id, -1, -1)
+            return False
+        slot.tokens = list(saved.tokens)
+        self.stats.cache_restores += 1
+        return True
+
+    def _tick(self) -> float:
+        self._clock += 1
+        return self._clock
+
+    def release(self, seq: Generation) -> None:
+        assert isinstance(seq, _Seq)
+        slot = seq.slot
+        if slot is not None and slot.busy:
+            slot.busy, slot.used_at = False, self._tick()
+            if seq.failed:
+                # What the slot holds is unknown after a failed decode: start it afresh.
+                self._ctx.kv_cache_seq_rm(slot.seq_id, -1, -1)
+                slot.tokens.clear()
+                slot.owner = None
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def step(self, seqs: Sequence[Generation]) -> None:
+        """One ``llama_decode`` for every sequence in ``seqs`` that is not finished."""
+        active: list[_Seq] = []
+        for seq in seqs:
+            assert isinstance(seq, _Seq)
+            if seq.done:
+                continue
+            if seq.should_stop():
+                self._finish(seq, "cancelled")
+                continue
+            active.append(seq)
+        if not active:
+            return
+        batch = self._batch.batch
+        capacity = min(self.n_batch, self._n_ctx)
+        n = 0
+
+        def add(seq: _Seq, token: int, logits: bool) -> None:
+            nonlocal n
+            slot = seq.slot
+            assert slot is not None
+            batch.token[n] = token
+            batch.pos[n] = len(slot.tokens)
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = slot.seq_id
+            batch.logits[n] = logits
+            slot.tokens.append(token)
+            if logits:
+                seq.logits_at = n
+            n += 1
+
+        for seq in active:  # every generating sequence gets its next token in this step
+            seq.logits_at = -1
+            if not seq.reading and seq.next_token is not None:
+                add(seq, seq.next_token, True)
+                seq.next_token = None
+        decoding = n
+        # Prompts share what is left; while others stream, a prompt reads in smaller bites so
+        # their next tokens are not held up by a long read.
+        budget = capacity - n if not decoding else max(32, capacity // 4)
+        for seq in active:
+            if not seq.reading or budget <= 0:
+                continue
+            take = min(budget, len(seq.prompt) - seq.read, capacity - n)
+            for i in range(seq.read, seq.read + take):
+                add(seq, seq.prompt[i], i == len(seq.prompt) - 1)
+            seq.read += take
+            budget -= take
+            self.stats.prompt_tokens_read += take
+        if n == 0:
+            return
+        batch.n_tokens = n
         try:
-            for token in gen:
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    finish = "stop"
-                    break
-                produced += 1
-                pending += decoder.decode(llm.detokenize([token]))
-                cut = _find_stop(pending, stops)
-                if cut is not None:
-                    pending = pending[:cut]
-                    finish = "stop"
-                    break
-                keep = _stop_prefix_len(pending, stops)
-                if len(pending) > keep:
-                    emit = pending[: len(pending) - keep]
-                    pending = pending[len(pending) - keep :]
-                    yield Chunk(emit)
-                if produced >= max_tokens:
-                    finish = "length"
-                    break
-                if should_stop():
-                    finish = "cancelled"
-                    break
-        finally:
-            gen.close()
-        yield Chunk(pending, finish, len(prompt), produced)
+            self._ctx.decode(self._batch)
+        except Exception as exc:
+            log.error("llama_decode failed; the sequences of this step end with an error",
+                      error=str(exc), sequences=len(active), tokens=n)
+            for seq in active:
+                seq.failed = True
+                self._finish(seq, "error", error=f"generation failed: {exc}")
+            return
+        self.stats.steps += 1
+        self.stats.batch_tokens += n
+        self.stats.last_batch = n
+        for seq in active:
+            if seq.logits_at >= 0:
+                self._sample(seq)
 
-    def _read_prompt(self, prompt: list[int], should_stop: Callable[[], bool]) -> bool:
-        """Read all but the prompt's last token into the KV cache, ``n_batch`` tokens at a time with
-        a stop check between (shutdown, timeout, cancel); False when stopped first.
+    def _sample(self, seq: _Seq) -> None:
+        import llama_cpp
 
-        ``Llama.generate`` reads the whole prompt in one uninterruptible call (a long prompt on a
-        big model is tens of seconds). Read here, it finds the prompt cached but for its last
-        token, which it reads itself to sample the first reply token. What the previous prompt
-        shares with this one stays cached, as in ``generate``.
-        """
-        llm = self._llm
-        cached = llm.input_ids[: llm.n_tokens]
-        keep = 0
-        for a, b in zip(cached, prompt[:-1], strict=False):
-            if a != b:
-                break
-            keep += 1
-        if keep < llm.n_tokens and not llm._ctx.kv_cache_seq_rm(-1, keep, -1):
-            keep = 0
-            llm.reset()
-            llm._ctx.kv_cache_clear()
-        llm.n_tokens = keep
-        rest = prompt[keep:-1]
-        step = max(1, llm.n_batch)
-        for i in range(0, len(rest), step):
-            if should_stop():
-                return False
-            llm.eval(rest[i : i + step])
-        return not should_stop()
+        token = seq.sampler.sample(self._ctx, seq.logits_at)
+        if llama_cpp.llama_vocab_is_eog(self._model.vocab, token):
+            self._finish(seq, "stop")
+            return
+        seq.produced += 1
+        seq.pending += seq.decoder.decode(self._model.detokenize([token]))
+        cut = _find_stop(seq.pending, seq.stops)
+        if cut is not None:
+            seq.pending = seq.pending[:cut]
+            self._finish(seq, "stop")
+            return
+        keep = _stop_prefix_len(seq.pending, seq.stops)
+        if len(seq.pending) > keep:
+            seq.out.append(Chunk(seq.pending[: len(seq.pending) - keep]))
+            seq.pending = seq.pending[len(seq.pending) - keep :]
+        if seq.produced >= seq.max_tokens:
+            self._finish(seq, "length")
+            return
+        seq.next_token = token
+
+    def _finish(self, seq: _Seq, reason: str, error: str | None = None) -> None:
+        text = "" if reason in ("error",) else seq.pending
+        seq.out.append(Chunk(text, reason, len(seq.prompt), seq.produced, cached_tokens=seq.cached_tokens,
+                             error=error))
+        seq.pending = ""
+        seq.done = True
+        self.release(seq)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "slots": self.parallel,
+            "active_sequences": sum(1 for s in self._slots if s.busy),
+            "state_cache_bytes": self.cache.bytes,
+            "state_cache_entries": len(self.cache),
+            "state_cache_evictions": self.cache.evictions,
+            **self.stats.as_dict(),
+        }
 
 
 def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:

@@ -1,0 +1,71 @@
+"""The per-thread KV state cache: a chat thread's saved sequence state, kept in RAM between turns.
+
+When a thread's slot is taken by another thread, its KV state (``llama_state_seq_get_data``)
+is parked here, keyed by its thread; when the thread comes back, the state is restored into
+a free slot. Bounded by bytes, least recently used out first.
+
+A saved state is only ever *offered* for its own thread, and the engine restores it only
+when the new prompt really starts with the tokens the state holds (compared token by
+token, as far as they agree): a thread can never be given another thread's state, and a
+stale entry can never stand in for a changed history.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from core.messages import ThreadKey
+
+
+@dataclass(frozen=True, slots=True)
+class SavedState:
+    tokens: tuple[int, ...]
+    data: bytes
+
+
+class StateCache:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[ThreadKey, SavedState] = OrderedDict()
+        self.bytes = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, key: ThreadKey, state: SavedState) -> None:
+        """Keep ``state`` as ``key``'s latest; evict the least recently used past the bound."""
+        self.drop(key)
+        if len(state.data) > self.max_bytes:
+            self.evictions += 1  # larger than the whole cache: not kept
+            return
+        self._entries[key] = state
+        self.bytes += len(state.data)
+        while self.bytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.bytes -= len(old.data)
+            self.evictions += 1
+
+    def take(self, key: ThreadKey) -> SavedState | None:
+        """Remove and return ``key``'s state (it moves into a slot)."""
+        state = self._entries.pop(key, None)
+        if state is not None:
+            self.bytes -= len(state.data)
+        return state
+
+    def drop(self, key: ThreadKey) -> None:
+        self.take(key)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+
+def common_prefix(a: tuple[int, ...] | list[int], b: tuple[int, ...] | list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
