@@ -1,9 +1,10 @@
 """The inference worker: one dedicated thread that owns the engine, fed from the fair queue.
 
-The asyncio side (the dispatcher task) takes the next job from :class:`FairQueue` when
-the thread is free and hands it over; the thread generates and sends every piece of
-text back with ``loop.call_soon_threadsafe``, so the event loop never waits on the
-model. llama.cpp releases the GIL while it computes, so the loop keeps serving
+The asyncio side (the dispatcher task) takes the next job from :class:`FairQueue` whenever
+one of the engine's ``parallel`` slots is free and hands it over; the thread steps every
+running job together (one batched decode per step, a new job joining at the next step) and
+sends every piece of text back with ``loop.call_soon_threadsafe``, so the event loop never
+waits on the model. llama.cpp releases the GIL while it computes, so the loop keeps serving
 requests (health checks included) during generation.
 """
 
@@ -215,11 +216,11 @@ class InferenceWorker:
                 self._swap(swap, loop)
                 swap = None
             if swap is None:
-                for job in held:
-                    started = self._open(job, loop)
+                # More jobs than slots only after a reload made `parallel` smaller: they wait here.
+                while held and len(running) < self.engine.parallel:
+                    started = self._open(held.pop(0), loop)
                     if started is not None:
                         running.append(started)
-                held.clear()
             if stopping and not running and not held:
                 break
             if not running:

@@ -90,8 +90,8 @@ async def test_plain_answers_cut_by_shutdown_are_503_shutdown(tmp_path, redis_se
         running = asyncio.create_task(api.post("/v1/chat/completions", {**LONG, "user": "a"}))
 
         async def generating() -> bool:
-            job = api.daemon.runtime.worker._current
-            return job is not None and len(job.text) > 20
+            jobs = list(api.daemon.runtime.worker._running)
+            return bool(jobs) and len(jobs[0].text) > 20
 
         await wait_for(generating)
         # A second one waits in the queue: it is cut before it starts.

@@ -110,6 +110,8 @@ async def test_daemons_sharing_redis_replay_only_their_own_messages(tmp_path, re
         assert not await b.accept(InboundMessage(platform="slack", bot="assistant", chat="C1", user="U1",
                                                  text="hi", event_id="Ev1"), "slack")
         assert await b.pending() == []
+        # host-a restarts: its new run finds the message its earlier run accepted.
+        a = Inbox(manager, "botd", "host-a")
         [(connector, again)] = await a.pending()
         assert connector == "slack" and again.request_id == msg.request_id and again.route == {"channel": "C1"}
         assert again.resumed and again.durable
