@@ -45,9 +45,10 @@ def redis_server_binary() -> str:
 class RedisServer:
     """A real redis-server on 127.0.0.1 that a test can stop and start again."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, password: str | None = None) -> None:
         self.port = free_port()
         self.workdir = workdir
+        self.password = password  # requirepass: clients must authenticate
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -57,10 +58,11 @@ class RedisServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             "--appendonly", "no", "--dir", str(self.workdir),
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port)
+        client = redis.Redis(port=self.port, password=self.password)
         deadline = time.monotonic() + 10
         while True:
             try:

@@ -13,16 +13,14 @@ import contextlib
 import io
 import json
 import logging
-import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 import structlog
 from aiohttp import web
-from conftest import RedisServer, make_config, redis_server_binary, running_daemon, wait_for
+from conftest import RedisServer, make_config, running_daemon, wait_for
 from fakes import FakeSlack, FakeTelegram, FakeWeCom, serve
 from slack_sdk.signature import SignatureVerifier
 
@@ -153,32 +151,10 @@ def test_libraries_that_print_urls_stay_quiet_at_debug(log: io.StringIO) -> None
 
 # -- each connector in the real daemon --------------------------------------------------------
 
-class PasswordRedis(RedisServer):
-    """redis-server with requirepass: the daemon authenticates with redis.password."""
-
-    def start(self) -> None:
-        password = ENV["BOTD_T_REDIS_PW"]
-        self.proc = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--requirepass", password],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port, password=password)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        client.close()
-
-
 @pytest.fixture
-def locked_redis(tmp_path) -> Iterator[PasswordRedis]:
-    server = PasswordRedis(tmp_path)
+def locked_redis(tmp_path) -> Iterator[RedisServer]:
+    # The daemon authenticates with redis.password.
+    server = RedisServer(tmp_path, password=ENV["BOTD_T_REDIS_PW"])
     server.start()
     yield server
     server.stop()
