@@ -298,6 +298,9 @@ class LlamaCppEngine(Engine):
                 cparams.no_perf = True
                 self._ctx = internals.LlamaContext(model=self._model, params=cparams, verbose=False)
                 self._batch = internals.LlamaBatch(n_tokens=cparams.n_batch, embd=0, n_seq_max=1, verbose=False)
+                # Write the whole KV cache once now: its memory is taken at start, not page by page
+                # as conversations grow (RSS then stays flat in use).
+                llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx.ctx), True)
         except Exception as exc:
             self.close()
             raise EngineError(f"cannot load model {str(self.path)!r}: {exc}") from exc
@@ -419,7 +422,8 @@ class LlamaCppEngine(Engine):
             buf = (ctypes.c_uint8 * size)()
             written = llama_cpp.llama_state_seq_get_data(ctx, buf, size, slot.seq_id)
             if written:
-                self.cache.put(slot.owner, SavedState(tuple(slot.tokens), bytes(buf[:written])))
+                # string_at copies the bytes once (slicing a ctypes array would build a list of ints).
+                self.cache.put(slot.owner, SavedState(tuple(slot.tokens), ctypes.string_at(buf, written)))
         slot.owner = None
 
     def _restore(self, slot: _Slot, saved: SavedState) -> bool:
