@@ -11,6 +11,7 @@ extends its previous one (llama-cpp-python does that inside ``generate``).
 from __future__ import annotations
 
 import codecs
+import mmap
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -419,11 +420,15 @@ class LlamaCppEngine(Engine):
         ctx = self._ctx.ctx
         size = llama_cpp.llama_state_seq_get_size(ctx, slot.seq_id)
         if 0 < size <= self.cache.max_bytes:
-            buf = (ctypes.c_uint8 * size)()
-            written = llama_cpp.llama_state_seq_get_data(ctx, buf, size, slot.seq_id)
-            if written:
-                # string_at copies the bytes once (slicing a ctypes array would build a list of ints).
-                self.cache.put(slot.owner, SavedState(tuple(slot.tokens), ctypes.string_at(buf, written)))
+            # llama.cpp writes the state straight into a map of its own (see SavedState).
+            area = mmap.mmap(-1, size)
+            view = (ctypes.c_uint8 * size).from_buffer(area)
+            written = llama_cpp.llama_state_seq_get_data(ctx, view, size, slot.seq_id)
+            del view  # a live ctypes view would keep the map from closing
+            if written == size:
+                self.cache.put(slot.owner, SavedState(tuple(slot.tokens), area))
+            else:
+                area.close()
         slot.owner = None
 
     def _restore(self, slot: _Slot, saved: SavedState) -> bool:
@@ -433,8 +438,15 @@ class LlamaCppEngine(Engine):
 
         self._ctx.kv_cache_seq_rm(slot.seq_id, -1, -1)
         slot.tokens.clear()
-        buf = (ctypes.c_uint8 * len(saved.data)).from_buffer_copy(saved.data)
-        if not llama_cpp.llama_state_seq_set_data(self._ctx.ctx, buf, len(saved.data), slot.seq_id):
+        size = len(saved.data)
+        if isinstance(saved.data, mmap.mmap):
+            buf = (ctypes.c_uint8 * size).from_buffer(saved.data)
+        else:
+            buf = (ctypes.c_uint8 * size).from_buffer_copy(saved.data)
+        ok = llama_cpp.llama_state_seq_set_data(self._ctx.ctx, buf, size, slot.seq_id)
+        del buf
+        saved.free()
+        if not ok:
             self._ctx.kv_cache_seq_rm(slot.seq_id, -1, -1)
             return False
         slot.tokens = list(saved.tokens)
