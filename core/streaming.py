@@ -17,9 +17,9 @@ from core.messages import Finish, InboundMessage
 
 
 class LiveMessage(ABC):
-    # Set by each connector (its own words, in Chinese and English).
-    failed_text = "Sorry, answering failed because of an error on my side."
-    busy_text = "I am busy right now; please send it again in {s} s."
+    # Each connector's own words (its connectors/texts.py set, in Chinese and English).
+    failed_text: str
+    busy_text: str
 
     def __init__(self, interval: float) -> None:
         self.interval = interval

@@ -414,11 +414,10 @@ class LlamaCppEngine(Engine):
 
         import llama_cpp
 
-        if slot.owner is None or slot.owner == taker or not slot.tokens:
-            slot.owner = None if slot.owner != taker else slot.owner
+        if slot.owner is None or slot.owner == taker:
             return
         ctx = self._ctx.ctx
-        size = llama_cpp.llama_state_seq_get_size(ctx, slot.seq_id)
+        size = llama_cpp.llama_state_seq_get_size(ctx, slot.seq_id) if slot.tokens else 0
         if 0 < size <= self.cache.max_bytes:
             # llama.cpp writes the state straight into a map of its own (see SavedState).
             area = mmap.mmap(-1, size)
@@ -562,7 +561,7 @@ class LlamaCppEngine(Engine):
         seq.next_token = token
 
     def _finish(self, seq: _Seq, reason: str, error: str | None = None) -> None:
-        text = "" if reason in ("error",) else seq.pending
+        text = "" if reason == "error" else seq.pending
         seq.out.append(Chunk(text, reason, len(seq.prompt), seq.produced, cached_tokens=seq.cached_tokens,
                              error=error))
         seq.pending = ""
