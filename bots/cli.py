@@ -182,6 +182,7 @@ def _run(cfg: Config) -> int:
 def _chat(cfg: Config, bot: str | None, conversation: str) -> int:
     from bots.service import ChatService
     from connectors.console import ConsoleConnector
+    from core.config import Settings
     from core.engines import EngineError
     from core.logging import configure
     from core.runtime import Runtime
@@ -192,12 +193,10 @@ def _chat(cfg: Config, bot: str | None, conversation: str) -> int:
     configure("warning", "console" if sys.stderr.isatty() else "json")
 
     async def session() -> None:
-        runtime = Runtime(cfg)
-        await runtime.start()
-        try:
-            await ConsoleConnector(ChatService(cfg, runtime), cfg, bot, conversation=conversation).run()
-        finally:
-            await runtime.stop(grace_s=0)
+        settings = Settings(cfg)
+        async with Runtime(settings) as runtime:
+            service = ChatService(settings, runtime)
+            await ConsoleConnector(service, settings, runtime.cache, bot, conversation=conversation).run()
 
     try:
         asyncio.run(session())

@@ -1,16 +1,19 @@
 """The daemon assembly: config -> runtime -> chat service -> connectors -> one HTTP server.
 
-``Daemon.start`` brings everything up in order (Redis, model, connectors), starts answering
-the messages a previous run accepted but did not finish (the durable inbox), and only then
-opens the port.
-``Daemon.reload`` (SIGHUP) applies an edited config.toml without dropping a job;
-``Daemon.stop`` (SIGTERM) stops taking events, lets the running answer finish within
-``server.shutdown_grace_s`` and leaves what is still queued in the inbox for the next start.
+Every long-lived part is an async context manager entered in one ``AsyncExitStack``
+(runtime: Redis, model, knowledge; the connectors; the HTTP runner), so a failed start
+leaves exactly what it entered. Connectors start, and the messages an earlier run
+accepted but did not finish (the durable inbox) are being answered, before the port
+listens. Stopping has two phases: close intake (the port, polling, sockets) and drain
+(the running answers finish within ``server.shutdown_grace_s``; queued ones stay in the
+inbox for the next start), then exit the stack. A second SIGTERM stops at once.
+``reload`` (SIGHUP) applies an edited config.toml without dropping a job.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from typing import Any
@@ -20,13 +23,14 @@ from aiohttp import web
 
 from bots.knowledge_jobs import KnowledgeJobs
 from bots.service import ChatService
-from connectors import REGISTRY, load_connector
+from connectors import REGISTRY, configured, load_connector
 from connectors.base import Connector
 from connectors.server import build_app
 from core import sdnotify
-from core.config import Config, ConfigError, load_config
+from core.config import Config, ConfigError, Settings, load_config
+from core.engines import EngineError
+from core.errors import BotdError
 from core.knowledge.embedder import EmbeddingError
-from core.redis_store import StoreUnavailable
 from core.runtime import Runtime
 
 log = structlog.get_logger("botd.daemon")
@@ -36,110 +40,114 @@ _RESTART_ONLY = {"server": ("host", "port", "state_dir", "max_body_bytes", "inst
                  "redis": ("url", "key_prefix")}
 
 
-class StartupError(RuntimeError):
+class StartupError(BotdError, RuntimeError):
     """The daemon cannot start; the message is for the admin, one line."""
 
 
 class Daemon:
     def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.runtime = Runtime(cfg)
-        self.service = ChatService(cfg, self.runtime)
+        self.settings = Settings(cfg)
+        self.runtime = Runtime(self.settings)
+        self.service = ChatService(self.settings, self.runtime)
         self.knowledge = KnowledgeJobs(self.runtime)
         self.service.ingest_hook = self.knowledge.ingest
-        # The running connectors by registry name; HTTP routes look their connector up here on
-        # every request, so a reload can replace one under a live server.
+        # The running connectors by registry name; a route finds its connector here on every
+        # request, so a reload can replace one under a live server.
         self.connectors: dict[str, Connector] = {}
-        self._runner: web.AppRunner | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
         self._site: web.TCPSite | None = None
         self._stop = asyncio.Event()
         self._reloading: asyncio.Task[bool] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.port: int | None = None
 
-    async def start(self) -> None:
-        from core.engines import EngineError
+    @property
+    def cfg(self) -> Config:
+        return self.settings.config
 
+    async def __aenter__(self) -> Daemon:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        stack = contextlib.AsyncExitStack()
         try:
-            await self.runtime.start()
+            await self._enter(stack)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+
+    async def _enter(self, stack: contextlib.AsyncExitStack) -> None:
+        cfg = self.cfg
+        try:
+            await stack.enter_async_context(self.runtime)
         except EngineError as exc:
-            await self.runtime.redis.close()
             raise StartupError(f"model.path: {exc}") from None
         except EmbeddingError as exc:
-            await self.runtime.stop(grace_s=0)
             raise StartupError(str(exc)) from None
+        stack.push_async_callback(self.service.drain, 5.0)
         self.knowledge.start()
-        for name in REGISTRY:
-            cls = load_connector(name)
-            if cls.enabled(self.cfg):
-                self.connectors[name] = cls(self.service, self.cfg)
-        app = build_app(self.cfg, self.service, [])
+        stack.callback(self.knowledge.stop)
+        stack.push_async_callback(self._close_connectors)
+        for name in configured(cfg):
+            connector = load_connector(name)(self.service, self.settings, self.runtime.cache)
+            await connector.start()
+            self.connectors[name] = connector
+        app = build_app(cfg.server.max_body_bytes, self.service.health)
         for name, connector in self.connectors.items():
-            app.add_routes(self._forwarding_routes(name, connector))
+            for method, path, handler in connector.routes():
+                app.router.add_route(method, path, self._route(name, handler))
         # handler_cancellation: a client that disconnects cancels its handler, which stops its job.
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        # Connectors are up (Telegram's getMe answered: group mentions can be read) and what an
-        # earlier run left is being answered before the port takes its first webhook.
-        for c in self.connectors.values():
-            await c.start()
-        await self._resume()
-        site = web.TCPSite(self._runner, self.cfg.server.host, self.cfg.server.port, reuse_address=True)
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        # What an earlier run left is being answered before the port takes its first webhook.
+        await self.service.resume(self.connectors)
+        site = web.TCPSite(runner, cfg.server.host, cfg.server.port, reuse_address=True)
         try:
             await site.start()
         except OSError as exc:
-            await self.stop()
             raise StartupError(
-                f"server.port: cannot listen on {self.cfg.server.host}:{self.cfg.server.port}: {exc.strerror}"
-            ) from None
+                f"server.port: cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror}") from None
         self._site = site
-        sockets = site._server.sockets if site._server else []  # the real port when port = 0 in tests
-        self.port = sockets[0].getsockname()[1] if sockets else self.cfg.server.port
+        self.port = runner.addresses[0][1]  # the real port when port = 0 in tests
         self.runtime.ready = True
         log.info(
-            "botd is ready", url=f"http://{self.cfg.server.host}:{self.port}", model=self.cfg.model.name,
-            model_file=str(self.cfg.model.resolved_path()), redis=self.runtime.redis.description,
+            "botd is ready", url=f"http://{cfg.server.host}:{self.port}", model=cfg.model.name,
+            model_file=str(cfg.model.resolved_path()), redis=self.runtime.redis.description,
             connectors=list(self.connectors),
         )
 
-    def _forwarding_routes(self, name: str, connector: Connector) -> list[web.RouteDef]:
-        routes = []
-        for i, rd in enumerate(connector.routes()):
-            async def handler(request: web.Request, name: str = name, i: int = i) -> web.StreamResponse:
-                current = self.connectors.get(name)
-                if current is None:
-                    raise web.HTTPNotFound(text=f"the {name} connector is not enabled")
-                return await current.routes()[i].handler(request)
+    def _route(self, name: str, handler: str) -> Any:
+        async def forward(request: web.Request) -> web.StreamResponse:
+            current = self.connectors.get(name)
+            if current is None:
+                raise web.HTTPNotFound(text=f"the {name} connector is not enabled")
+            return await getattr(current, handler)(request)  # type: ignore[no-any-return]
 
-            routes.append(web.route(rd.method, rd.path, handler))
-        return routes
+        return forward
 
-    async def _resume(self) -> None:
-        """Answer what an earlier run accepted but did not deliver (crash, kill -9, SIGTERM)."""
-        try:
-            pending = await self.runtime.inbox.pending()
-        except StoreUnavailable:
-            log.warning("cannot read the durable inbox: redis unreachable; earlier messages wait for the next start")
-            return
-        if not pending:
-            return
-        by_connector: dict[str, list[Any]] = {}
-        for connector, msg in pending:
-            by_connector.setdefault(connector, []).append(msg)
-        for name, msgs in by_connector.items():
-            log.info("answering messages accepted before the restart", connector=name, count=len(msgs))
-            c = self.connectors.get(name)
-            if c is None:
-                log.warning("their connector is not enabled: they stay in the inbox", connector=name,
-                            count=len(msgs))
-                continue
-            await c.resume(msgs)
+    async def _close_connectors(self) -> None:
+        for c in reversed(list(self.connectors.values())):
+            try:
+                await c.stop_receiving()
+                await c.close()
+            except Exception:
+                log.exception("connector stop failed", connector=c.name)
 
     async def stop(self, grace_s: float | None = None) -> None:
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
         grace = self.cfg.server.shutdown_grace_s if grace_s is None else grace_s
         self.runtime.ready = False
-        self.knowledge.stop()
-        # No new platform events: the listener closes and polling / sockets stop.
+        # Phase 1, close intake and drain: no new platform events (the listener closes, polling
+        # and sockets stop); the running generations finish within the grace period, queued
+        # ones end with "shutdown" and their messages stay in the durable inbox.
         if self._site is not None:
             await self._site.stop()
             self._site = None
@@ -148,24 +156,20 @@ class Daemon:
                 await c.stop_receiving()
             except Exception:
                 log.exception("connector stop failed", connector=c.name)
-        # The running generation finishes (bounded by the grace period); queued jobs end with
-        # "shutdown" and their messages stay in the durable inbox for the next start.
         await self.runtime.worker.stop(grace)
-        for c in reversed(list(self.connectors.values())):
-            try:
-                await c.stop(grace_s=5.0)
-            except Exception:
-                log.exception("connector stop failed", connector=c.name)
-        await self.service.drain()
+        await self.service.drain(5.0)
         if self._background:
             await asyncio.wait(list(self._background), timeout=5.0)
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        await self.runtime.redis.close()
-        self.runtime.audit.close()
+        # Phase 2: leave everything that was entered, in reverse.
+        await stack.aclose()
 
     def request_stop(self) -> None:
+        if self._stop.is_set():
+            # A second signal: the admin does not want to wait. The running generations stop
+            # now; their messages stay in the durable inbox and are answered after the restart.
+            log.warning("second stop signal: stopping the running answers now")
+            self.runtime.worker.interrupt_running()
+            return
         self._stop.set()
 
     def request_reload(self) -> None:
@@ -184,8 +188,6 @@ class Daemon:
             sdnotify.notify("READY=1")
 
     async def _reload(self, path: Any) -> bool:
-        from core.engines import EngineError
-
         old = self.cfg
         try:
             new = await asyncio.to_thread(load_config, path)
@@ -212,7 +214,7 @@ class Daemon:
                           error=f"model.path: {exc}")
                 new = new.model_copy(update={"model": old.model})
         knowledge_changed = self.runtime.apply(new)
-        self.service.apply(new)
+        self.settings.config = new  # the one reference everyone reads
         if knowledge_changed:
             try:
                 await self.runtime.load_knowledge()
@@ -220,36 +222,38 @@ class Daemon:
                 log.error("reload: knowledge bases unavailable", error=str(exc))
             self.knowledge.restart()
         await self._reload_connectors(old, new)
-        self.cfg = new
         changed_sections = [k for k in type(new).model_fields if getattr(old, k) != getattr(new, k)]
         log.info("config reloaded", file=str(path), changed=changed_sections)
         return True
 
     async def _reload_connectors(self, old: Config, new: Config) -> None:
-        for name in REGISTRY:
-            cls = load_connector(name)
+        wanted = configured(new)
+        for name, entry in REGISTRY.items():
             current = self.connectors.get(name)
-            wanted = cls.enabled(new)
             if current is None:
-                if wanted:
+                if name in wanted:
                     log.warning("a connector enabled by the reload starts only with a restart", connector=name)
                 continue
-            if not wanted:
+            if name not in wanted:
                 log.info("connector disabled by the reload", connector=name)
                 del self.connectors[name]
-                self._spawn(current.stop())
+                await current.stop_receiving()
+                self._spawn(self._retire(current))
                 continue
-            if getattr(old, cls.section) == getattr(new, cls.section):
-                current.config = new
+            if getattr(old, entry.section) == getattr(new, entry.section):
                 continue
             # Replaced: the old one stops taking events first (a poller or socket must not run
-            # twice), the new one starts, and the old one finishes its answers in the background.
+            # twice), the new one starts, and the old one closes once its answers are over.
             await current.stop_receiving()
-            replacement = cls(self.service, new)
+            replacement = load_connector(name)(self.service, self.settings, self.runtime.cache)
             await replacement.start()
             self.connectors[name] = replacement
-            self._spawn(current.stop())
+            self._spawn(self._retire(current))
             log.info("connector restarted with its new settings", connector=name)
+
+    async def _retire(self, connector: Connector) -> None:
+        await self.service.drain_connector(connector.name, timeout_s=30.0)
+        await connector.close()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

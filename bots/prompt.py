@@ -11,11 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from core.engines import PromptTokenizer
+from core.errors import BotdError
 from core.knowledge.retriever import Hit
 from core.messages import ChatTurn
 
 
-class InputTooLong(ValueError):
+class InputTooLong(BotdError, ValueError):
     """System prompt + message + reply budget alone exceed the context window."""
 
     def __init__(self, needed: int, n_ctx: int) -> None:

@@ -1,14 +1,20 @@
-"""The chat service: the dispatcher every connector is handed.
+"""The chat service: the one entry of every platform message, and of every API request.
 
-For one inbound message it answers a command directly, or loads the thread's history,
-builds the prompt within the context budget, queues a job for the inference worker
-and returns an answer to stream. When the job finishes, the exchange is appended to
-the thread's history and one log line records latency, tokens and queue wait.
+``receive(message, target)`` takes a platform message: it is recorded durably (platform
+retries dropped in the same step), routed to a bot, checked against the account's
+allow-lists and answered in a background task, streamed into the reply target; the
+record is cleared once the platform has the final answer. ``dispatch(message)`` is the
+request/response path under it: a command's answer, or the thread's history and the
+bot's knowledge built into a prompt within the context budget, queued for the
+inference worker and returned as an answer to stream. When the job finishes, the
+exchange is appended to the thread's history and one log line records latency, tokens
+and queue wait.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -16,18 +22,20 @@ from typing import Any
 
 import structlog
 
-from bots.commands import HELP_TEXT, KB_HELP, parse_command
+from bots import texts
 from bots.prompt import BuiltPrompt, InputTooLong, PromptBuilder, fit_documents, with_documents
-from bots.texts import KNOWLEDGE_LOADING
+from bots.streaming import Delivery
+from connectors.base import Connector
+from connectors.reply import ReplyTarget
 from core import metrics
-from core.config import BotConfig, Config
+from core.commands import parse_command
+from core.config import BotConfig, Config, Settings
 from core.dispatch import Busy, Interrupted, Rejected
 from core.engines import GenerationRequest
 from core.engines.base import TemplateError
 from core.jobs import Job, QueueFull
 from core.knowledge.retriever import Hit
-from core.kv import KeyValueCache
-from core.messages import ChatTurn, InboundMessage, ReplyEvent, ThreadKey, Usage
+from core.messages import ChatTurn, Finish, InboundMessage, ReplyEvent, ThreadKey, Usage
 from core.ratelimit import LimitExceeded
 from core.redis_store import StoreUnavailable
 from core.runtime import Runtime
@@ -52,7 +60,7 @@ class JobAnswer:
                 # The exchange is in the history before the client hears the answer is over,
                 # so an immediate next turn always sees it.
                 await asyncio.shield(self._completion)
-                footer = sources_footer(self.hits) if ev.finish_reason in ("stop", "length") else ""
+                footer = sources_footer(self.hits) if ev.finish_reason in (Finish.STOP, Finish.LENGTH) else ""
                 if footer and ev.text.strip():
                     # Cited by botd, not by the model: the sources are exactly the chunks it was given.
                     yield ReplyEvent(delta=footer)
@@ -71,7 +79,7 @@ def cite_list(hits: Sequence[Hit]) -> list[str]:
 
 def sources_footer(hits: Sequence[Hit]) -> str:
     # Plain text on purpose: it reads the same on Telegram, Slack, WeCom and in the API.
-    return f"\n\nSources: {'; '.join(cite_list(hits))}" if hits else ""
+    return texts.SOURCES.format(cites="; ".join(cite_list(hits))) if hits else ""
 
 
 class TextAnswer:
@@ -83,36 +91,44 @@ class TextAnswer:
 
     async def events(self) -> AsyncIterator[ReplyEvent]:
         yield ReplyEvent(delta=self.text)
-        yield ReplyEvent(finish_reason="stop", text=self.text, usage=Usage())
+        yield ReplyEvent(finish_reason=Finish.STOP, text=self.text, usage=Usage())
 
     def cancel(self) -> None:
         pass
 
 
 class ChatService:
-    def __init__(self, cfg: Config, runtime: Runtime) -> None:
-        self.cfg = cfg
+    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+        self.settings = settings
         self.runtime = runtime
-        self.model_name = cfg.model.name
-        self.n_ctx = cfg.model.n_ctx
         self._builder: PromptBuilder | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        # Every task under way (platform answers, history writes, ingests): one registry, each
+        # with the connector it answers through ("" for none).
+        self._tasks: dict[asyncio.Task[Any], str] = {}
         # Set by the daemon: re-ingest one knowledge base (the admins' "/kb ingest").
         self.ingest_hook: Callable[[str], Awaitable[Any]] | None = None
 
-    def apply(self, cfg: Config) -> None:
-        """Use a reloaded config from the next message on (bots, prompts, model budget)."""
-        self.cfg = cfg
-        self.model_name = cfg.model.name
-        self.n_ctx = cfg.model.n_ctx
-        self._builder = None  # the tokenizer or n_ctx may have changed
+    @property
+    def cfg(self) -> Config:
+        return self.settings.config
+
+    @property
+    def model_name(self) -> str:
+        return self.cfg.model.name
+
+    @property
+    def n_ctx(self) -> int:
+        return self.cfg.model.n_ctx
 
     @property
     def builder(self) -> PromptBuilder:
-        if self._builder is None:
-            assert self.runtime.tokenizer is not None, "runtime not started"
-            self._builder = PromptBuilder(self.runtime.tokenizer, self.cfg.model.n_ctx)
-        return self._builder
+        tokenizer = self.runtime.tokenizer
+        assert tokenizer is not None, "runtime not started"
+        b = self._builder
+        if b is None or b.tokenizer is not tokenizer or b.n_ctx != self.cfg.model.n_ctx:
+            # A reload may have changed the model (its tokenizer) or the context size.
+            b = self._builder = PromptBuilder(tokenizer, self.cfg.model.n_ctx)
+        return b
 
     def bot_names(self) -> list[str]:
         return sorted(self.cfg.bots)
@@ -120,27 +136,116 @@ class ChatService:
     def health(self) -> dict[str, Any]:
         return self.runtime.health()
 
-    async def first_time(self, platform: str, event_id: str) -> bool:
-        return await self.runtime.dedupe.first_time(platform, event_id)
+    # -- platform messages: receive, answer, resume ---------------------------------------
 
-    async def accept(self, msg: InboundMessage, connector: str) -> bool:
-        return await self.runtime.inbox.accept(msg, connector)
+    async def receive(self, msg: InboundMessage, target: ReplyTarget) -> bool:
+        """Record a platform message and answer it in the background; False when it is a
+        platform retry or comes from outside the account's allow-lists."""
+        account = target.account
+        msg.account = msg.account or account.name
+        # The account's routes decide the bot (and so its knowledge bases); nothing in the message can.
+        msg.bot = account.bot_for(msg.chat)
+        if account.admits(msg.chat, msg.user) is False and not account.tell_refused:
+            log.info("message from outside the allow-lists ignored", platform=msg.platform, chat=msg.chat,
+                     user=msg.user)
+            return False
+        if not await self.runtime.inbox.accept(msg, account.connector):
+            return False
+        self._spawn(self._answer(msg, target), account.connector)
+        return True
 
-    async def note_progress(self, msg: InboundMessage, progress: dict[str, Any]) -> None:
-        await self.runtime.inbox.note_progress(msg, progress)
+    async def resume(self, connectors: dict[str, Connector]) -> None:
+        """Answer what an earlier run accepted but did not deliver (crash, kill -9, SIGTERM)."""
+        try:
+            pending = await self.runtime.inbox.pending()
+        except StoreUnavailable:
+            log.warning("cannot read the durable inbox: redis unreachable; earlier messages wait for the next start")
+            return
+        counts: dict[str, int] = {}
+        for name, msg in pending:
+            connector = connectors.get(name)
+            if connector is None:
+                log.warning("a message accepted before the restart waits: its connector is not enabled",
+                            connector=name)
+                continue
+            target = connector.target(msg)
+            if target is None:
+                log.warning("a message accepted before the restart cannot be answered: its account is no longer "
+                            "configured; dropped", connector=name, bot=msg.bot)
+                await self.runtime.inbox.done(msg)
+                continue
+            counts[name] = counts.get(name, 0) + 1
+            self._spawn(self._answer(msg, target), name)
+        if counts:
+            log.info("answering messages accepted before the restart", counts=counts)
 
-    async def finished(self, msg: InboundMessage) -> None:
+    async def _answer(self, msg: InboundMessage, target: ReplyTarget) -> None:
+        structlog.contextvars.bind_contextvars(platform=msg.platform, bot=msg.bot, chat=msg.chat,
+                                               request_id=msg.request_id)
+        delivery = Delivery(msg, target, self.runtime.inbox)
+        try:
+            if not await self._admitted(msg, target):
+                log.info("user not allowed", user=msg.user)
+                await delivery.show(texts.NOT_ALLOWED)
+            elif not msg.readable:
+                await delivery.show(texts.NOT_TEXT)
+            else:
+                typing = asyncio.create_task(self._typing(target)) if target.typing_every_s else None
+                try:
+                    answered = await self._reply(msg, delivery)
+                finally:
+                    if typing is not None:
+                        typing.cancel()
+                if answered:
+                    await target.answered()
+        except Interrupted:
+            log.info("answer interrupted by shutdown; it is answered after the restart")
+            return
+        except Exception as exc:  # one bad message must never take the daemon down
+            await target.failed(exc, delivery.text)
         await self.runtime.inbox.done(msg)
 
-    @property
-    def cache(self) -> KeyValueCache:
-        return self.runtime.cache
+    async def _admitted(self, msg: InboundMessage, target: ReplyTarget) -> bool:
+        verdict = target.account.admits(msg.chat, msg.user)
+        if verdict is None:
+            try:
+                groups = await target.user_groups(msg.user)
+            except Exception as exc:
+                log.warning("cannot look up the user's groups", user=msg.user, error=f"{type(exc).__name__}: {exc}")
+                return False
+            verdict = any(str(g) in target.account.allow_groups for g in groups)
+        return verdict
+
+    async def _reply(self, msg: InboundMessage, delivery: Delivery) -> str:
+        try:
+            answer = await self.dispatch(msg)
+        except Busy as exc:
+            await delivery.show(exc.user_message or texts.BUSY.format(s=exc.retry_after))
+            return ""
+        except Rejected as exc:
+            await delivery.show(exc.message)
+            return ""
+        try:
+            return await delivery.stream(answer)
+        finally:
+            answer.cancel()  # a no-op once finished; stops the generation if showing failed
+
+    @staticmethod
+    async def _typing(target: ReplyTarget) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            while True:
+                with contextlib.suppress(Exception):
+                    await target.typing()
+                await asyncio.sleep(target.typing_every_s or 5)
+
+    # -- request/response ---------------------------------------------------------------------
 
     async def reset(self, thread: ThreadKey) -> bool:
         try:
             return await self.runtime.history.reset(thread)
         except StoreUnavailable as exc:
-            raise Busy("history storage is unreachable; try again shortly", self.cfg.queue.retry_after_s) from exc
+            raise Busy("history storage is unreachable; try again shortly", self.cfg.queue.retry_after_s,
+                       user_message=texts.STORE_DOWN) from exc
 
     async def history(self, thread: ThreadKey) -> list[ChatTurn]:
         try:
@@ -206,7 +311,7 @@ class ChatService:
                 metrics.MESSAGES.labels(msg.platform, "busy").inc()
                 log.info("knowledge still loading; answered busy", bot=msg.bot, knowledge=loading)
                 raise Busy(f"the knowledge base {', '.join(loading)} is still loading", retry,
-                           user_message=KNOWLEDGE_LOADING.format(s=retry))
+                           user_message=texts.KNOWLEDGE_LOADING.format(s=retry))
             hits = await self._retrieve(bot, msg)
             if not hits and bot.no_match == "refuse":
                 metrics.MESSAGES.labels(msg.platform, "no_document").inc()
@@ -276,14 +381,11 @@ class ChatService:
         if name == "kb":
             text = await self._kb_command(msg, args)
         elif name == "reset":
-            existed = await self.reset(msg.thread_key)
-            text = (
-                "Done: I have forgotten this conversation."
-                if existed
-                else "Nothing to forget: this conversation is new."
-            )
+            text = texts.RESET_DONE if await self.reset(msg.thread_key) else texts.RESET_NOTHING
         else:
-            text = HELP_TEXT.format(bot=msg.bot)
+            text = texts.HELP.format(bot=msg.bot)
+            if msg.platform in texts.PLATFORM_HELP:
+                text += "\n\n" + texts.PLATFORM_HELP[msg.platform]
         metrics.MESSAGES.labels(msg.platform, f"command_{name}").inc()
         log.info("command", command=name, platform=msg.platform, bot=msg.bot, chat=msg.chat, user=msg.user)
         return TextAnswer(text, msg.request_id)
@@ -293,32 +395,32 @@ class ChatService:
         who = f"{msg.platform}:{msg.user}"
         if who not in bot.admins:
             log.warning("knowledge admin command refused", who=who, bot=msg.bot, command=args)
-            return "This command is for the administrators of this bot."
+            return texts.KB_ADMINS_ONLY
         action = args.split()[0].lower() if args.split() else ""
         if not bot.knowledge:
-            return "This bot has no knowledge base."
+            return texts.KB_NONE
         if action == "sources":
             retriever = self.runtime.retriever
             lines = []
             for kb in bot.knowledge:
                 # Counting 100k chunks is CPU work: off the event loop.
                 files = await asyncio.to_thread(retriever.sources, kb) if retriever is not None else {}
-                lines.append(f"{kb}: {len(files)} documents, {sum(files.values())} chunks")
+                lines.append(texts.KB_SOURCES_LINE.format(kb=kb, files=len(files), chunks=sum(files.values())))
                 lines += [f"- {src} ({n} chunks)" for src, n in sorted(files.items())]
             return "\n".join(lines)
         if action == "ingest":
             if self.ingest_hook is None:
-                return "Ingest is not available here; run `botd kb ingest` on the server."
+                return texts.KB_NO_INGEST
             for kb in bot.knowledge:
                 self._spawn(self.ingest_hook(kb))
             log.info("knowledge re-ingest requested", who=who, knowledge=bot.knowledge)
-            return f"Re-ingest started for: {', '.join(bot.knowledge)}. New documents are used once it finishes."
-        return KB_HELP
+            return texts.KB_INGEST_STARTED.format(kbs=", ".join(bot.knowledge))
+        return texts.KB_HELP
 
-    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+    def _spawn(self, coro: Any, connector: str = "") -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = connector
+        task.add_done_callback(self._tasks.pop)
         return task
 
     async def _complete(self, msg: InboundMessage, job: Job, used: int, dropped: int, degraded: bool,
@@ -327,7 +429,7 @@ class ChatService:
         t0 = time.monotonic()
         reason = await job.wait()
         stored = False
-        if reason in ("stop", "length", "timeout") and msg.history is None and job.text.strip():
+        if Finish(reason).complete and msg.history is None and job.text.strip():
             try:
                 await self.runtime.history.append_exchange(
                     msg.thread_key, msg.text, job.text,
@@ -344,7 +446,7 @@ class ChatService:
         self._audit(msg, job.text, reason, hits, job.usage, latency_ms=round(latency * 1000),
                     queue_wait_ms=round((started - job.enqueued_at) * 1000))
         log.info(
-            "answered" if reason in ("stop", "length") else f"finished: {reason}",
+            "answered" if reason in (Finish.STOP, Finish.LENGTH) else f"finished: {reason}",
             platform=msg.platform, bot=msg.bot, chat=msg.chat, thread=msg.thread, user=msg.user,
             finish=reason, latency_ms=round(latency * 1000), queue_wait_ms=round((started - job.enqueued_at) * 1000),
             ttft_ms=round(((job.first_token_at or started) - started) * 1000),
@@ -366,8 +468,16 @@ class ChatService:
         )
 
     async def drain(self, timeout_s: float = 10.0) -> None:
-        """Wait (bounded) for the history writes of finished jobs."""
-        if self._tasks:
-            _, pending = await asyncio.wait(list(self._tasks), timeout=timeout_s)
+        """Wait (bounded) for the answers under way and the history writes of finished jobs."""
+        await self._wait(list(self._tasks), timeout_s)
+
+    async def drain_connector(self, connector: str, timeout_s: float) -> None:
+        """Wait (bounded) for the answers going out through ``connector``."""
+        await self._wait([t for t, c in self._tasks.items() if c == connector], timeout_s)
+
+    @staticmethod
+    async def _wait(tasks: list[asyncio.Task[Any]], timeout_s: float) -> None:
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout_s)
             for task in pending:
                 task.cancel()

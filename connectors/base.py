@@ -1,70 +1,93 @@
-"""What every connector looks like to the daemon that runs it."""
+"""What a connector is, and what it is handed.
+
+A platform connector verifies and parses its platform's events, builds an inbound
+message and a reply target, and makes one call, ``service.receive(message, target)``.
+Request/response edges (the HTTP API, ``botd chat``) call ``service.dispatch`` and
+stream the answer themselves. A connector is an async context manager: entering it
+starts receiving (polling loops, sockets, API sessions), leaving it closes them.
+"""
 
 from __future__ import annotations
 
-import asyncio
-from abc import ABC, abstractmethod
-from collections.abc import Coroutine
-from typing import Any
+from types import TracebackType
+from typing import Any, Protocol
 
-import structlog
-from aiohttp import web
-
-from core.config import Config
-from core.dispatch import Dispatcher
-from core.messages import InboundMessage
-
-log = structlog.get_logger("botd.connector")
+from connectors.reply import ReplyTarget
+from core.config import Config, Settings
+from core.dispatch import Answer
+from core.kv import KeyValueCache
+from core.messages import ChatTurn, InboundMessage, ThreadKey
 
 
-class Connector(ABC):
-    """A platform edge. Webhook-style connectors add routes to botd's one aiohttp server;
-    polling or socket connectors run their own tasks between :meth:`start` and :meth:`stop`."""
+class Service(Protocol):
+    """The bots layer, as the connectors see it."""
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def n_ctx(self) -> int: ...
+
+    async def receive(self, msg: InboundMessage, target: ReplyTarget) -> bool:
+        """Take a platform message: recorded durably (platform retries dropped in the same
+        step), routed, answered into ``target`` in the background. Returns once it is
+        recorded (tell the platform "received" then); False for a retry or a refused sender."""
+        ...
+
+    async def dispatch(self, msg: InboundMessage) -> Answer: ...
+
+    async def reset(self, thread: ThreadKey) -> bool: ...
+
+    async def history(self, thread: ThreadKey) -> list[ChatTurn]: ...
+
+    def bot_names(self) -> list[str]: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+
+# (HTTP method, path, name of the connector's handler method)
+Route = tuple[str, str, str]
+
+
+class Connector:
+    """A platform edge. Webhook-style connectors name routes that botd's one aiohttp server
+    serves; polling or socket connectors run their own tasks while entered."""
 
     name: str = ""
-    # The config section this connector reads: a reload that changes it replaces the connector.
-    section: str = ""
 
-    def __init__(self, dispatcher: Dispatcher, config: Config) -> None:
-        self.dispatcher = dispatcher
-        self.config = config
-        # Answers under way: kept so that stop() can wait for them.
-        self._tasks: set[asyncio.Task[Any]] = set()
+    def __init__(self, service: Service, settings: Settings, cache: KeyValueCache) -> None:
+        self.service = service
+        self.settings = settings
+        # Shared key-value cache (access tokens, thread follow-ups) and dead letters.
+        self.cache = cache
 
-    @classmethod
-    @abstractmethod
-    def enabled(cls, config: Config) -> bool:
-        """Whether the config asks for this connector."""
+    @property
+    def config(self) -> Config:
+        """The current config (read at use time: a reload swaps it under a running connector)."""
+        return self.settings.config
 
-    def routes(self) -> list[web.RouteDef]:
+    def routes(self) -> list[Route]:
         return []
 
-    async def start(self) -> None:  # noqa: B027 - optional hook
-        """Begin receiving (polling loops, sockets). Routes are served by the daemon's server."""
-
-    async def stop_receiving(self) -> None:  # noqa: B027 - optional hook
-        """Stop taking new events (polling loops, sockets); answers under way go on."""
-
-    async def stop(self, grace_s: float = 30.0) -> None:  # noqa: B027 - optional hook
-        """Stop receiving, then wait (up to ``grace_s``) for the answers under way and clean up."""
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def replay(self, inbound: InboundMessage) -> Coroutine[Any, Any, None] | None:
-        """The coroutine that answers a message accepted before a restart; None when it cannot
-        be answered any more (its platform account is gone from the config)."""
+    def target(self, msg: InboundMessage) -> ReplyTarget | None:
+        """The reply target of a message recorded before a restart, rebuilt from its route;
+        None when it cannot be answered any more (its account is gone from the config)."""
         return None
 
-    async def resume(self, messages: list[InboundMessage]) -> None:
-        """Answer messages accepted before a restart (from the durable inbox)."""
-        for inbound in messages:
-            coro = self.replay(inbound)
-            if coro is None:
-                log.warning("a message accepted before the restart cannot be answered: its account is no longer "
-                            "configured; dropped", connector=self.name, bot=inbound.bot)
-                await self.dispatcher.finished(inbound)
-            else:
-                self._spawn(coro)
+    async def start(self) -> None:
+        """Begin receiving (polling loops, sockets, API sessions)."""
+
+    async def stop_receiving(self) -> None:
+        """Stop taking new events (polling loops, sockets); answers under way go on."""
+
+    async def close(self) -> None:
+        """Release what :meth:`start` opened (the answers are over by now)."""
+
+    async def __aenter__(self) -> Connector:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop_receiving()
+        await self.close()

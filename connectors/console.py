@@ -13,10 +13,11 @@ import getpass
 import sys
 from typing import TextIO
 
-from connectors.base import Connector
-from core.config import Config
-from core.dispatch import Busy, Dispatcher, Rejected
-from core.messages import InboundMessage
+from connectors.base import Connector, Service
+from core.config import Settings
+from core.dispatch import Busy, Rejected
+from core.kv import KeyValueCache
+from core.messages import Finish, InboundMessage
 
 PLATFORM = "console"
 
@@ -26,23 +27,21 @@ class ConsoleConnector(Connector):
 
     def __init__(
         self,
-        dispatcher: Dispatcher,
-        config: Config,
+        service: Service,
+        settings: Settings,
+        cache: KeyValueCache,
         bot: str,
         stdin: TextIO | None = None,
         stdout: TextIO | None = None,
         conversation: str = "default",
     ) -> None:
-        super().__init__(dispatcher, config)
+        super().__init__(service, settings, cache)
         self.bot = bot
         self.stdin = stdin or sys.stdin
         self.stdout = stdout or sys.stdout
         self.user = getpass.getuser()
         self.conversation = conversation
 
-    @classmethod
-    def enabled(cls, config: Config) -> bool:
-        return False  # started by `botd chat`, never by the daemon
 
     def _print(self, text: str, end: str = "\n") -> None:
         self.stdout.write(text + end)
@@ -55,7 +54,7 @@ class ConsoleConnector(Connector):
         return line.rstrip("\n") if line else None
 
     async def run(self) -> None:
-        self._print(f"botd chat with {self.bot!r} ({self.dispatcher.model_name}). /reset forgets, /quit leaves.")
+        self._print(f"botd chat with {self.bot!r} ({self.service.model_name}). /reset forgets, /quit leaves.")
         while True:
             line = await self._readline("you> ")
             if line is None:
@@ -69,7 +68,7 @@ class ConsoleConnector(Connector):
             msg = InboundMessage(platform=PLATFORM, bot=self.bot, chat=self.user, user=self.user,
                                  thread=self.conversation, text=text)
             try:
-                answer = await self.dispatcher.dispatch(msg)
+                answer = await self.service.dispatch(msg)
             except Busy as exc:
                 self._print(f"[busy: {exc.reason}; try again in {exc.retry_after} s]")
                 continue
@@ -82,9 +81,9 @@ class ConsoleConnector(Connector):
                 async for ev in answer.events():
                     if ev.done:
                         done = True
-                        if ev.finish_reason == "error":
+                        if ev.finish_reason == Finish.ERROR:
                             self._print(f"\n[error: {ev.error}]")
-                        elif ev.finish_reason in ("length", "timeout"):
+                        elif ev.finish_reason in (Finish.LENGTH, Finish.TIMEOUT):
                             self._print(" [cut: reply budget reached]")
                         else:
                             self._print("")

@@ -38,10 +38,11 @@ import structlog
 from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from connectors.base import Connector
+from connectors.base import Connector, Route, Service
 from connectors.server import REQUEST_ID, json_error
-from core.config import Config
-from core.dispatch import Answer, Busy, Dispatcher, Rejected
+from core.config import Settings
+from core.dispatch import Answer, Busy, Rejected
+from core.kv import KeyValueCache
 from core.messages import ChatTurn, Finish, InboundMessage, ReplyEvent, ThreadKey
 from core.secrets import resolve_secret
 
@@ -193,29 +194,55 @@ class _BadRequest(Exception):
         return b"data: " + _dumps(err).encode() + b"\n\n"
 
 
+def _authed(
+    handler: Callable[[HttpApiConnector, web.Request, str], Awaitable[web.StreamResponse]],
+) -> Callable[[HttpApiConnector, web.Request], Awaitable[web.StreamResponse]]:
+    """The key is checked before anything else; the outcomes that are not an answer become
+    their HTTP status here, once for every endpoint."""
+
+    async def wrapped(self: HttpApiConnector, request: web.Request) -> web.StreamResponse:
+        ident = self._identity(request)
+        if ident is None:
+            return json_error(
+                401, "missing or invalid API key (send Authorization: Bearer <key>)", "invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        try:
+            return await handler(self, request, ident)
+        except _BadRequest as exc:
+            return json_error(exc.status, exc.message, exc.code, headers=exc.headers())
+        except Rejected as exc:
+            return json_error(exc.status, exc.message, exc.code)
+        except Busy as exc:
+            status = 429 if exc.per_user else 503
+            return json_error(
+                status, exc.user_message or f"busy, try again in {exc.retry_after} s: {exc.reason}",
+                "rate_limited" if exc.per_user else "busy",
+                headers={"Retry-After": str(exc.retry_after)},
+            )
+
+    return wrapped
+
+
 class HttpApiConnector(Connector):
     name = "http_api"
-    section = "api"
 
-    def __init__(self, dispatcher: Dispatcher, config: Config) -> None:
-        super().__init__(dispatcher, config)
-        self.api = config.api
+    def __init__(self, service: Service, settings: Settings, cache: KeyValueCache) -> None:
+        super().__init__(service, settings, cache)
+        self.api = self.config.api
         # (key, identity): the identity is a short hash, used to namespace conversations.
         self._keys = [
             (k, hashlib.sha256(k.encode()).hexdigest()[:12]) for k in (resolve_secret(r) for r in self.api.keys)
         ]
 
-    @classmethod
-    def enabled(cls, config: Config) -> bool:
-        return config.api.enabled
 
-    def routes(self) -> list[web.RouteDef]:
+    def routes(self) -> list[Route]:
         return [
-            web.post("/v1/chat/completions", self._authed(self.chat_completions)),
-            web.post("/chat", self._authed(self.simple_chat)),
-            web.get("/v1/models", self._authed(self.models)),
-            web.get("/v1/conversations/{cid}", self._authed(self.get_conversation)),
-            web.delete("/v1/conversations/{cid}", self._authed(self.delete_conversation)),
+            ("POST", "/v1/chat/completions", "chat_completions"),
+            ("POST", "/chat", "simple_chat"),
+            ("GET", "/v1/models", "models"),
+            ("GET", "/v1/conversations/{cid}", "get_conversation"),
+            ("DELETE", "/v1/conversations/{cid}", "delete_conversation"),
         ]
 
     # -- auth ----------------------------------------------------------------------------
@@ -234,32 +261,6 @@ class HttpApiConnector(Connector):
             if hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), key.encode()):
                 found = ident
         return found
-
-    def _authed(
-        self, handler: Callable[[web.Request, str], Awaitable[web.StreamResponse]]
-    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-        async def wrapped(request: web.Request) -> web.StreamResponse:
-            ident = self._identity(request)
-            if ident is None:
-                return json_error(
-                    401, "missing or invalid API key (send Authorization: Bearer <key>)", "invalid_api_key",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-            try:
-                return await handler(request, ident)
-            except _BadRequest as exc:
-                return json_error(exc.status, exc.message, exc.code, headers=exc.headers())
-            except Rejected as exc:
-                return json_error(exc.status, exc.message, exc.code)
-            except Busy as exc:
-                status = 429 if exc.per_user else 503
-                return json_error(
-                    status, exc.user_message or f"busy, try again in {exc.retry_after} s: {exc.reason}",
-                    "rate_limited" if exc.per_user else "busy",
-                    headers={"Retry-After": str(exc.retry_after)},
-                )
-
-        return wrapped
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -292,21 +293,21 @@ class HttpApiConnector(Connector):
     def _bots(self) -> list[str]:
         """The bots this API may address: [api] bots, or every bot when that list is empty."""
         allowed = self.api.bots
-        return [b for b in self.dispatcher.bot_names() if not allowed or b in allowed]
+        return [b for b in self.service.bot_names() if not allowed or b in allowed]
 
     def _bot_for_model(self, model: str | None) -> str:
-        if model is None or model == self.dispatcher.model_name:
+        if model is None or model == self.service.model_name:
             return self.api.default_bot
         if model in self._bots():
             return model
-        names = [self.dispatcher.model_name, *self._bots()]
+        names = [self.service.model_name, *self._bots()]
         raise _BadRequest(404, "model_not_found", f"unknown model {model!r}; available: {', '.join(names)}")
 
     def _check_budget(self, max_tokens: int | None) -> None:
-        if max_tokens is not None and max_tokens >= self.dispatcher.n_ctx:
+        if max_tokens is not None and max_tokens >= self.service.n_ctx:
             raise _BadRequest(
                 400, "invalid_request",
-                f"max_tokens: {max_tokens} does not fit the model's context of {self.dispatcher.n_ctx} tokens",
+                f"max_tokens: {max_tokens} does not fit the model's context of {self.service.n_ctx} tokens",
             )
 
     def _user(self, request: web.Request, ident: str, user: str | None) -> str:
@@ -337,6 +338,7 @@ class HttpApiConnector(Connector):
 
     # -- POST /v1/chat/completions -----------------------------------------------------------
 
+    @_authed
     async def chat_completions(self, request: web.Request, ident: str) -> web.StreamResponse:
         body: ChatCompletionBody = await self._read_json(request, ChatCompletionBody)
         bot = self._bot_for_model(body.model)
@@ -359,8 +361,8 @@ class HttpApiConnector(Connector):
             system=system, max_tokens=max_tokens, temperature=body.temperature,
             request_id=request[REQUEST_ID], stop=tuple(stops),
         )
-        answer = await self.dispatcher.dispatch(msg)
-        model_name = body.model or self.dispatcher.model_name
+        answer = await self.service.dispatch(msg)
+        model_name = body.model or self.service.model_name
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         if body.stream:
             return await self._stream_completion(request, answer, model_name, cid, include_usage)
@@ -465,6 +467,7 @@ class HttpApiConnector(Connector):
 
     # -- POST /chat ----------------------------------------------------------------------------
 
+    @_authed
     async def simple_chat(self, request: web.Request, ident: str) -> web.StreamResponse:
         body: SimpleChatBody = await self._read_json(request, SimpleChatBody)
         bot = body.bot or self.api.default_bot
@@ -490,7 +493,7 @@ class HttpApiConnector(Connector):
             max_tokens=body.max_tokens, temperature=body.temperature, request_id=request[REQUEST_ID],
         )
         t0 = time.monotonic()
-        final = await self._collect(await self.dispatcher.dispatch(msg))
+        final = await self._collect(await self.service.dispatch(msg))
         out: dict[str, Any] = {
             "response": final.text,
             "finish_reason": _FINISH[Finish(final.finish_reason or Finish.STOP)],
@@ -512,8 +515,9 @@ class HttpApiConnector(Connector):
 
     # -- models and conversations ----------------------------------------------------------------
 
+    @_authed
     async def models(self, _request: web.Request, _ident: str) -> web.StreamResponse:
-        names = [self.dispatcher.model_name, *self._bots()]
+        names = [self.service.model_name, *self._bots()]
         return web.json_response({"object": "list", "data": [
             {"id": n, "object": "model", "owned_by": "botd", "created": 0} for n in names]})
 
@@ -528,12 +532,14 @@ class HttpApiConnector(Connector):
             raise _BadRequest(404, "unknown_bot", f"unknown bot {bot!r}")
         return ThreadKey(PLATFORM, bot, f"{ident}/{cid}", "")
 
+    @_authed
     async def delete_conversation(self, request: web.Request, ident: str) -> web.StreamResponse:
-        existed = await self.dispatcher.reset(self._conversation(request, ident))
+        existed = await self.service.reset(self._conversation(request, ident))
         return web.json_response({"id": request.match_info["cid"], "deleted": existed})
 
+    @_authed
     async def get_conversation(self, request: web.Request, ident: str) -> web.StreamResponse:
-        turns = await self.dispatcher.history(self._conversation(request, ident))
+        turns = await self.service.history(self._conversation(request, ident))
         return web.json_response({"id": request.match_info["cid"], "messages": [t.as_dict() for t in turns]},
                                  dumps=_dumps)
 

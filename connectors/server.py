@@ -10,15 +10,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 from aiohttp import web
 
-from connectors.base import Connector
 from core import metrics
-from core.config import Config
-from core.dispatch import Dispatcher
 
 log = structlog.get_logger("botd.http")
 
@@ -75,11 +73,12 @@ def _client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
-def build_app(config: Config, dispatcher: Dispatcher, connectors: Sequence[Connector]) -> web.Application:
-    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[request_context])
+def build_app(max_body_bytes: int, health: Callable[[], dict[str, Any]]) -> web.Application:
+    """The server's own routes; the daemon adds each connector's."""
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[request_context])
 
     async def healthz(_request: web.Request) -> web.Response:
-        info = dispatcher.health()
+        info = health()
         serving = info["model_loaded"] and info.get("ready", True)
         if not info["model_loaded"]:
             status = "loading"
@@ -101,6 +100,4 @@ def build_app(config: Config, dispatcher: Dispatcher, connectors: Sequence[Conne
         return resp
 
     app.add_routes([web.get("/healthz", healthz), web.get("/metrics", metrics_view)])
-    for c in connectors:
-        app.add_routes(c.routes())
     return app

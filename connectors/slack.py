@@ -17,11 +17,8 @@ with ``chat.update`` no more often than the configured interval; 429s are obeyed
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import time
-from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -36,16 +33,15 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
-from connectors.base import Connector
-from connectors.texts import BUSY, FAILED
-from core.config import Config, SlackConfig
-from core.dispatch import Busy, Dispatcher, Interrupted
-from core.markdown import Markup
-from core.messages import InboundMessage, ThreadKey
+from connectors.base import Connector, Route, Service
+from connectors.markdown import Markup
+from connectors.reply import ReplyTarget
+from core.config import Settings, SlackConfig
+from core.dispatch import Busy, Rejected
+from core.kv import KeyValueCache
+from core.messages import Account, InboundMessage
 from core.redis_store import StoreUnavailable
 from core.secrets import resolve_secret
-from core.streaming import LiveMessage
-from core.textsplit import split_text
 
 log = structlog.get_logger("botd.slack")
 
@@ -53,8 +49,6 @@ PLATFORM = "slack"
 # Slack truncates text past 40,000 characters; shorter messages read better in a thread.
 PART_CHARS = 3500
 THINKING = "_…_"
-HELP = ("Mention me in a channel (I answer in the thread and follow up there), or message me directly.\n"
-        "`{cmd} reset` forgets our direct-message conversation; in a thread, mention me with `/reset`.")
 _FOLLOW_TTL_S = 7 * 24 * 3600
 
 
@@ -87,82 +81,71 @@ class _Mrkdwn(Markup):
 markdown_to_mrkdwn = _Mrkdwn().render
 
 
-# -- one streamed answer --------------------------------------------------------------------------
+# -- where an answer goes --------------------------------------------------------------------------
 
 
-class _Streamer(LiveMessage):
-    """Posts the answer once and updates it in place; long answers continue in new messages."""
+class _Again(Exception):
+    """Nothing reached Slack (or repeating is harmless): try once more after a second."""
 
-    failed_text = FAILED
-    busy_text = BUSY
 
-    def __init__(self, client: AsyncWebClient, channel: str, thread_ts: str | None, interval: float,
-                 already_sent: list[str] | None = None,
-                 on_post: Callable[[list[str]], Awaitable[None]] | None = None) -> None:
-        super().__init__(interval)
+class SlackReply(ReplyTarget):
+    """Posted once in the thread and updated in place; long answers continue in new messages.
+    A ``chat.postMessage`` that may have landed (a timeout after sending) is never repeated."""
+
+    limit = PART_CHARS
+    placeholder = THINKING
+
+    def __init__(self, account: Account, client: AsyncWebClient, cache: KeyValueCache, route: dict[str, Any],
+                 interval: float, follow: bool, sent: list[Any] | None = None) -> None:
+        super().__init__(account, interval, sent or ())
         self.client = client
-        self.channel = channel
-        self.thread_ts = thread_ts
-        # (ts, the source text it shows); messages posted before a restart are updated, not reposted.
-        self.sent: list[tuple[str, str]] = [(str(ts), "") for ts in already_sent or ()]
-        self.on_post = on_post
+        self.cache = cache
+        self.channel = str(route["channel"])
+        self.root = str(route.get("root") or "")
+        self.follow = follow and bool(self.root) and not route.get("dm")
 
-    async def _wait_turn(self) -> None:
-        wait = self.not_before - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
+    async def post(self, part: str, first: bool) -> str:
+        kwargs: dict[str, Any] = {"channel": self.channel, "text": markdown_to_mrkdwn(part)}
+        if self.root:
+            kwargs["thread_ts"] = self.root
+        try:
+            resp = await self.client.chat_postMessage(**kwargs)
+        except aiohttp.ClientConnectorError as exc:
+            raise _Again from exc  # not connected at all, so nothing was posted
+        return str(resp["ts"])
 
-    def _rate_limited(self, exc: SlackApiError) -> bool:
-        if exc.response is None or exc.response.status_code != 429:
-            return False
-        secs = float(exc.response.headers.get("Retry-After", exc.response.headers.get("retry-after", 1)) or 1)
-        self.not_before = time.monotonic() + secs
-        log.info("slack rate limit: waiting", retry_after_s=secs, channel=self.channel)
-        return True
+    async def edit(self, ref: Any, part: str) -> None:
+        try:
+            await self.client.chat_update(channel=self.channel, ts=str(ref), text=markdown_to_mrkdwn(part))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _Again from exc  # an update is idempotent: repeating it is harmless
 
-    async def _post(self, source: str) -> str:
-        for _ in range(5):
-            await self._wait_turn()
-            kwargs: dict[str, Any] = {"channel": self.channel, "text": markdown_to_mrkdwn(source)}
-            if self.thread_ts:
-                kwargs["thread_ts"] = self.thread_ts
-            try:
-                resp = await self.client.chat_postMessage(**kwargs)
-                return str(resp["ts"])
-            except SlackApiError as exc:
-                if not self._rate_limited(exc):  # a 429 was not processed by Slack: safe to repeat
-                    raise
-            except aiohttp.ClientConnectorError:
-                # Not connected at all, so nothing was posted: safe to repeat. A timeout after
-                # sending is not repeated (the message may have landed).
-                await asyncio.sleep(1)
-        raise RuntimeError("chat.postMessage kept being rate limited")
+    def retry_after(self, exc: Exception) -> float | None:
+        if isinstance(exc, _Again):
+            return 1.0
+        if isinstance(exc, SlackApiError) and exc.response is not None and exc.response.status_code == 429:
+            # A 429 was not processed by Slack: safe to repeat, even a post.
+            headers = exc.response.headers
+            return float(headers.get("Retry-After", headers.get("retry-after", 1)) or 1)
+        return None
 
-    async def _update(self, ts: str, source: str) -> None:
-        for _ in range(5):
-            await self._wait_turn()
-            try:
-                await self.client.chat_update(channel=self.channel, ts=ts, text=markdown_to_mrkdwn(source))
-                return
-            except SlackApiError as exc:
-                if not self._rate_limited(exc):
-                    raise
-            except (aiohttp.ClientError, TimeoutError):
-                await asyncio.sleep(1)  # an update is idempotent: repeating it is harmless
-        raise RuntimeError("chat.update kept failing")
+    async def answered(self) -> None:
+        if self.follow:
+            with contextlib.suppress(StoreUnavailable):
+                await self.cache.set(follow_key(self.account.name, self.channel, self.root), "1", _FOLLOW_TTL_S)
 
-    async def show(self, text: str) -> None:
-        parts = [p for p in split_text(text, PART_CHARS) if p.strip()] or [THINKING]
-        for i, part in enumerate(parts):
-            if i < len(self.sent):
-                ts, shown = self.sent[i]
-                if shown != part:
-                    await self._update(ts, part)
-                    self.sent[i] = (ts, part)
-            else:
-                self.sent.append((await self._post(part), part))
-                if self.on_post is not None:
-                    await self.on_post([ts for ts, _ in self.sent])
+    async def failed(self, exc: Exception, text: str) -> None:
+        if isinstance(exc, SlackApiError):
+            log.error("slack reply failed", error=str(exc.response.get("error") if exc.response else exc))
+        elif isinstance(exc, TimeoutError | aiohttp.ClientError):
+            # Not repeated: Slack may have posted it already, and an answer must not appear twice.
+            log.error("slack did not answer in time; the reply is not re-posted", error=type(exc).__name__)
+        else:
+            log.error("slack answer failed", exc_info=exc)
+
+
+def follow_key(account: str, channel: str, thread_ts: str) -> str:
+    return f"slack:follow:{account}:{channel}:{thread_ts}"
 
 
 # -- the connector ---------------------------------------------------------------------------------
@@ -186,24 +169,22 @@ class _SlackApp:
         self.user_id = ""
         self.bot_id = ""
         self.team_id = ""
+        self.account = Account(connector="slack", name=name, routes=cfg.routes,
+                               allow_chats=frozenset(cfg.allow_channels), allow_users=frozenset(cfg.allow_users))
 
 
 class SlackConnector(Connector):
     name = "slack"
-    section = "slack"
 
-    def __init__(self, dispatcher: Dispatcher, config: Config) -> None:
-        super().__init__(dispatcher, config)
-        self.apps = {name: _SlackApp(name, cfg) for name, cfg in config.slack.items()}
+    def __init__(self, service: Service, settings: Settings, cache: KeyValueCache) -> None:
+        super().__init__(service, settings, cache)
+        self.apps = {name: _SlackApp(name, cfg) for name, cfg in self.config.slack.items()}
         for sa in self.apps.values():
             self._register(sa)
 
-    @classmethod
-    def enabled(cls, config: Config) -> bool:
-        return bool(config.slack)
 
-    def routes(self) -> list[web.RouteDef]:
-        return [web.post("/slack/events", self.events), web.post("/slack/events/{bot}", self.events)]
+    def routes(self) -> list[Route]:
+        return [("POST", "/slack/events", "events"), ("POST", "/slack/events/{bot}", "events")]
 
     async def start(self) -> None:
         for sa in self.apps.values():
@@ -230,11 +211,6 @@ class SlackConnector(Connector):
                 with contextlib.suppress(Exception):
                     await sa.socket.close_async()
                 sa.socket = None
-
-    async def stop(self, grace_s: float = 30.0) -> None:
-        await self.stop_receiving()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=grace_s)
 
     # -- HTTP: POST /slack/events -----------------------------------------------------------------
 
@@ -285,9 +261,6 @@ class SlackConnector(Connector):
         sa.app.event("message")(on_event)
         sa.app.command(sa.cfg.slash_command)(on_command)
 
-    def _follow_key(self, sa: _SlackApp, channel: str, thread_ts: str) -> str:
-        return f"slack:follow:{sa.name}:{channel}:{thread_ts}"
-
     async def _on_event(self, sa: _SlackApp, body: dict[str, Any], event: dict[str, Any]) -> None:
         # Loops: never answer ourselves or another bot, nor edits, joins and the like.
         if event.get("bot_id") or event.get("subtype") or not event.get("user") or event.get("user") == sa.user_id:
@@ -302,78 +275,45 @@ class SlackConnector(Connector):
         answer = event.get("type") == "app_mention" or is_dm or mentioned
         if not answer and thread_ts and sa.cfg.follow_threads:
             try:
-                answer = bool(await self.dispatcher.cache.get(self._follow_key(sa, channel, thread_ts)))
+                answer = bool(await self.cache.get(follow_key(sa.name, channel, thread_ts)))
             except StoreUnavailable:
                 answer = False
         if not answer:
             return
-        cfg = sa.cfg
-        if (cfg.allow_channels and channel not in cfg.allow_channels) or (
-                cfg.allow_users and user not in cfg.allow_users):
-            log.info("slack message from outside the allow-lists ignored", channel=channel, user=user)
-            return
         team = body.get("team_id") or sa.team_id
-        event_id = body.get("event_id")
-        if event_id and not await self.dispatcher.first_time(PLATFORM, f"{team}:event:{event_id}"):
-            return
         if sa.user_id:
             text = text.replace(f"<@{sa.user_id}>", "").strip()
         # DMs: top-level messages are one conversation; channels: each thread is one.
         root = thread_ts or ("" if is_dm else ts)
-        # The route decides the bot (and so its knowledge bases); nothing in the message can.
-        inbound = InboundMessage(platform=PLATFORM, bot=cfg.routes.get(channel, sa.name), chat=channel, thread=root,
+        # One record per message (channel + ts), whatever the event: a retried event, or a mention
+        # also delivered as a channel message, is dropped when it is recorded.
+        inbound = InboundMessage(platform=PLATFORM, bot=sa.name, account=sa.name, chat=channel, thread=root,
                                  user=user, text=text or "/help", event_id=f"{team}:msg:{channel}:{ts}",
-                                 route={"account": sa.name, "channel": channel, "root": root, "dm": is_dm})
-        # One record per message (channel + ts): a mention also delivered as a channel message is dropped here.
-        if await self.dispatcher.accept(inbound, self.name):
-            self._spawn(self._answer(sa, inbound))
+                                 route={"channel": channel, "root": root, "dm": is_dm})
+        await self.service.receive(inbound, self._target(sa, inbound))
 
-    def replay(self, inbound: InboundMessage) -> Coroutine[Any, Any, None] | None:
-        target = self.apps.get(inbound.route.get("account", inbound.bot))
-        return self._answer(target, inbound) if target is not None else None
+    def _target(self, sa: _SlackApp, inbound: InboundMessage) -> SlackReply:
+        return SlackReply(sa.account, sa.client, self.cache, inbound.route, sa.cfg.update_interval_s,
+                          sa.cfg.follow_threads, sent=inbound.progress.get("sent", []))
 
-    async def _answer(self, sa: _SlackApp, inbound: InboundMessage) -> None:
-        r = inbound.route
-        channel, root = str(r["channel"]), str(r.get("root") or "")
-        structlog.contextvars.bind_contextvars(platform=PLATFORM, bot=sa.name, channel=channel,
-                                               request_id=inbound.request_id)
-
-        async def posted(ts_list: list[str]) -> None:
-            await self.dispatcher.note_progress(inbound, {"sent": ts_list})
-
-        streamer = _Streamer(sa.client, channel, root or None, sa.cfg.update_interval_s,
-                             already_sent=inbound.progress.get("sent", []), on_post=posted)
-        try:
-            if await streamer.reply(self.dispatcher, inbound, placeholder=THINKING) and (
-                    root and not r.get("dm") and sa.cfg.follow_threads):
-                with contextlib.suppress(StoreUnavailable):
-                    await self.dispatcher.cache.set(self._follow_key(sa, channel, root), "1", _FOLLOW_TTL_S)
-        except Interrupted:
-            log.info("slack answer interrupted by shutdown; it is answered after the restart")
-            return
-        except SlackApiError as exc:
-            log.error("slack reply failed", error=str(exc.response.get("error") if exc.response else exc))
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            # Not repeated: Slack may have posted it already, and an answer must not appear twice.
-            log.error("slack did not answer in time; the reply is not re-posted", error=type(exc).__name__)
-        except Exception:  # one bad event must never take the connector down
-            log.exception("slack event failed")
-        await self.dispatcher.finished(inbound)
+    def target(self, msg: InboundMessage) -> SlackReply | None:
+        sa = self.apps.get(msg.account or msg.route.get("account", msg.bot))
+        return self._target(sa, msg) if sa is not None else None
 
     async def _on_command(self, sa: _SlackApp, ack: Any, command: dict[str, Any]) -> None:
+        """``/assistant reset`` in a direct message forgets it; anything else gets the help."""
         arg = command.get("text", "").strip().lower().lstrip("/")
-        channel = command.get("channel_id", "")
-        if arg == "reset":
-            if channel.startswith("D"):
-                try:
-                    bot = sa.cfg.routes.get(channel, sa.name)
-                    existed = await self.dispatcher.reset(ThreadKey(PLATFORM, bot, channel, ""))
-                except Busy:
-                    await ack(response_type="ephemeral", text="I cannot reach my memory right now; try again soon.")
-                    return
-                text = "Done: I have forgotten our conversation." if existed else "Nothing to forget yet."
-            else:
-                text = "In a channel, each thread is its own conversation: mention me with `/reset` in the thread."
-        else:
-            text = HELP.format(cmd=sa.cfg.slash_command)
-        await ack(response_type="ephemeral", text=text)
+        channel, user = command.get("channel_id", ""), command.get("user_id", "")
+        text = "/reset" if arg == "reset" and channel.startswith("D") else "/help"
+        msg = InboundMessage(platform=PLATFORM, bot=sa.account.bot_for(channel), account=sa.name, chat=channel,
+                             user=user, text=text)
+        try:
+            answer = await self.service.dispatch(msg)
+            reply = ""
+            async for ev in answer.events():
+                reply = ev.text if ev.done else reply
+        except Busy as exc:
+            reply = exc.user_message or exc.reason
+        except Rejected as exc:
+            reply = exc.message
+        await ack(response_type="ephemeral", text=reply)

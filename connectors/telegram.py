@@ -19,8 +19,6 @@ import html
 import json
 import os
 import re
-import time
-from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 # python-telegram-bot 22 moves RetryAfter.retry_after to timedelta; opt in now (both are handled).
@@ -40,15 +38,14 @@ from telegram.error import (
     TelegramError,
 )
 
-from connectors.base import Connector
-from connectors.texts import BUSY, FAILED
-from core.config import Config, TelegramConfig
-from core.dispatch import Dispatcher, Interrupted
-from core.markdown import Markup
-from core.messages import InboundMessage
+from connectors.base import Connector, Route, Service
+from connectors.markdown import Markup
+from connectors.reply import ReplyTarget
+from core.commands import parse_command
+from core.config import Settings, TelegramConfig
+from core.kv import KeyValueCache
+from core.messages import Account, InboundMessage
 from core.secrets import resolve_secret
-from core.streaming import LiveMessage
-from core.textsplit import split_text
 
 log = structlog.get_logger("botd.telegram")
 
@@ -58,8 +55,6 @@ ALLOWED_UPDATES = ["message"]
 # rendering Markdown may move around.
 PART_CHARS = 4000
 TYPING_EVERY_S = 4.0
-COMMANDS = ("start", "help", "reset", "kb")
-TEXT_ONLY = "I read text only. Please send your question as a text message."
 
 
 # -- Markdown -> Telegram HTML -------------------------------------------------------------------
@@ -112,14 +107,10 @@ def mentions_bot(msg: Message, username: str, bot_id: int) -> bool:
 
 
 def command_of(text: str, username: str) -> str | None:
-    """``/reset`` or ``/reset@thisbot`` -> "reset"; a command for another bot -> None."""
-    m = re.match(r"^/([A-Za-z0-9_]+)(?:@([A-Za-z0-9_]+))?(?:\s|$)", text.strip())
-    if not m:
-        return None
-    name, at = m.group(1).lower(), m.group(2)
-    if at and at.lower() != username.lower():
-        return None
-    return name if name in COMMANDS else None
+    """``/reset`` or ``/reset@thisbot`` -> "reset"; a command for another bot (or for any
+    bot while our own username is not known yet) -> None."""
+    cmd = parse_command(text, username or "\0")
+    return cmd.name if cmd is not None else None
 
 
 def _in_group(update: Update) -> bool:
@@ -127,72 +118,68 @@ def _in_group(update: Update) -> bool:
     return msg is not None and msg.chat.type != "private"
 
 
-# -- one streamed answer -----------------------------------------------------------------------------
+# -- where an answer goes ----------------------------------------------------------------------------
 
 
-class _Streamer(LiveMessage):
-    """Shows an answer as it grows: one message edited in place, further messages past 4096."""
+class TelegramReply(ReplyTarget):
+    """An answer in a chat: one message edited in place, further messages past 4096 characters,
+    Markdown as Telegram HTML (plain text when Telegram rejects the entities)."""
 
-    failed_text = FAILED
-    busy_text = BUSY
+    limit = PART_CHARS
+    typing_every_s = TYPING_EVERY_S
 
-    def __init__(self, bot: Bot, chat_id: int, thread_id: int | None, reply_to: int | None, interval: float,
-                 already_sent: list[int] | None = None,
-                 on_post: Callable[[list[int]], Awaitable[None]] | None = None) -> None:
-        super().__init__(interval)
+    def __init__(self, account: Account, bot: Bot, route: dict[str, Any], interval: float,
+                 sent: list[Any] | None = None) -> None:
+        super().__init__(account, interval, sent or ())
         self.bot = bot
-        self.chat_id = chat_id
-        self.thread_id = thread_id
-        self.reply_to = reply_to
+        self.chat_id = int(route["chat_id"])
+        self.thread_id: int | None = route.get("thread_id")
+        self.reply_to: int | None = route.get("reply_to")
         self.html = True
-        # (message_id, the source text it shows); messages posted before a restart are edited, not reposted.
-        self.sent: list[tuple[int, str]] = [(int(mid), "") for mid in already_sent or ()]
-        self.on_post = on_post
 
-    async def _call(self, fn: Any, source: str, **kwargs: Any) -> Any:
-        """One Bot API call, obeying 429s; falls back to plain text if entities are rejected."""
-        for _ in range(5):
-            wait = self.not_before - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            try:
-                if self.html:
-                    return await fn(text=markdown_to_html(source), parse_mode=ParseMode.HTML, **kwargs)
-                return await fn(text=source, **kwargs)
-            except RetryAfter as exc:
-                ra = exc.retry_after
-                secs = ra.total_seconds() if isinstance(ra, dtm.timedelta) else float(ra)
-                self.not_before = time.monotonic() + secs
-                log.info("telegram rate limit: waiting", retry_after_s=secs, chat_id=self.chat_id)
-            except BadRequest as exc:
-                reason = str(exc).lower()
-                if "not modified" in reason:
-                    return None
-                if "parse entities" in reason and self.html:
-                    log.info("telegram rejected the formatting; sending plain text", chat_id=self.chat_id)
-                    self.html = False
-                else:
-                    raise
-        raise RetryAfter(int(max(1, self.not_before - time.monotonic())))
+    async def _send(self, fn: Any, source: str, **kwargs: Any) -> Any:
+        try:
+            if self.html:
+                return await fn(text=markdown_to_html(source), parse_mode=ParseMode.HTML, **kwargs)
+        except BadRequest as exc:
+            if "parse entities" not in str(exc).lower():
+                raise
+            log.info("telegram rejected the formatting; sending plain text", chat_id=self.chat_id)
+            self.html = False
+        return await fn(text=source, **kwargs)
 
-    async def show(self, text: str) -> None:
-        parts = [p for p in split_text(text, PART_CHARS) if p.strip()]
-        for i, part in enumerate(parts):
-            if i < len(self.sent):
-                mid, shown = self.sent[i]
-                if shown != part:
-                    await self._call(self.bot.edit_message_text, part, chat_id=self.chat_id, message_id=mid)
-                    self.sent[i] = (mid, part)
-                continue
-            extra: dict[str, Any] = {}
-            if self.thread_id is not None:
-                extra["message_thread_id"] = self.thread_id
-            if self.reply_to is not None and not self.sent:
-                extra["reply_parameters"] = ReplyParameters(self.reply_to, allow_sending_without_reply=True)
-            msg = await self._call(self.bot.send_message, part, chat_id=self.chat_id, **extra)
-            self.sent.append((msg.message_id, part))
-            if self.on_post is not None:
-                await self.on_post([mid for mid, _ in self.sent])
+    async def post(self, part: str, first: bool) -> int:
+        extra: dict[str, Any] = {}
+        if self.thread_id is not None:
+            extra["message_thread_id"] = self.thread_id
+        if self.reply_to is not None and first:
+            extra["reply_parameters"] = ReplyParameters(self.reply_to, allow_sending_without_reply=True)
+        msg = await self._send(self.bot.send_message, part, chat_id=self.chat_id, **extra)
+        return int(msg.message_id)
+
+    async def edit(self, ref: Any, part: str) -> None:
+        try:
+            await self._send(self.bot.edit_message_text, part, chat_id=self.chat_id, message_id=int(ref))
+        except BadRequest as exc:
+            if "not modified" not in str(exc).lower():
+                raise
+
+    def retry_after(self, exc: Exception) -> float | None:
+        if not isinstance(exc, RetryAfter):
+            return None
+        ra = exc.retry_after
+        return ra.total_seconds() if isinstance(ra, dtm.timedelta) else float(ra)
+
+    async def typing(self) -> None:
+        await self.bot.send_chat_action(self.chat_id, ChatAction.TYPING, message_thread_id=self.thread_id)
+
+    async def failed(self, exc: Exception, text: str) -> None:
+        if isinstance(exc, Forbidden):
+            log.info("telegram: the bot was blocked or removed from the chat", chat_id=self.chat_id)
+        elif isinstance(exc, TelegramError):
+            log.error("telegram reply failed", error=f"{type(exc).__name__}: {exc}")
+        else:
+            log.error("telegram answer failed", exc_info=exc)
 
 
 # -- the connector ---------------------------------------------------------------------------------------
@@ -214,23 +201,22 @@ class _TgBot:
         self.username = ""
         self.poller: asyncio.Task[None] | None = None
         self.starter: asyncio.Task[None] | None = None
+        self.account = Account(
+            connector="telegram", name=name, routes=cfg.routes,
+            allow_chats=frozenset(map(str, cfg.allow_chats)), allow_users=frozenset(map(str, cfg.allow_users)))
 
 
 class TelegramConnector(Connector):
     name = "telegram"
-    section = "telegram"
 
-    def __init__(self, dispatcher: Dispatcher, config: Config) -> None:
-        super().__init__(dispatcher, config)
-        self.bots = {name: _TgBot(name, cfg) for name, cfg in config.telegram.items()}
+    def __init__(self, service: Service, settings: Settings, cache: KeyValueCache) -> None:
+        super().__init__(service, settings, cache)
+        self.bots = {name: _TgBot(name, cfg) for name, cfg in self.config.telegram.items()}
         self._stopping = False
 
-    @classmethod
-    def enabled(cls, config: Config) -> bool:
-        return bool(config.telegram)
 
-    def routes(self) -> list[web.RouteDef]:
-        return [web.post("/telegram/{bot}", self.webhook)]
+    def routes(self) -> list[Route]:
+        return [("POST", "/telegram/{bot}", "webhook")]
 
     async def start(self) -> None:
         for tg in self.bots.values():
@@ -273,10 +259,7 @@ class TelegramConnector(Connector):
                         await task
             tg.starter = tg.poller = None
 
-    async def stop(self, grace_s: float = 30.0) -> None:
-        await self.stop_receiving()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=grace_s)
+    async def close(self) -> None:
         for tg in self.bots.values():
             with contextlib.suppress(Exception):
                 await tg.bot.shutdown()
@@ -309,18 +292,25 @@ class TelegramConnector(Connector):
         return web.Response(status=200, text="")
 
     async def _accept(self, tg: _TgBot, update: Update) -> None:
-        """Record an addressed message durably (before Telegram hears "received"), then answer it."""
+        """Hand an addressed message up (recorded before Telegram hears "received")."""
         try:
             inbound = self._inbound(tg, update)
         except Exception:  # one odd update must never take the connector down
             log.exception("telegram update not understood", update_id=update.update_id)
             return
-        if inbound is not None and await self.dispatcher.accept(inbound, self.name):
-            self._spawn(self._answer(tg, inbound))
+        if inbound is not None:
+            await self.service.receive(inbound, self._target(tg, inbound))
 
-    def replay(self, inbound: InboundMessage) -> Coroutine[Any, Any, None] | None:
-        target = self.bots.get(inbound.route.get("account", inbound.bot))
-        return self._answer(target, inbound) if target is not None else None
+    def _target(self, tg: _TgBot, inbound: InboundMessage) -> TelegramReply:
+        r = inbound.route
+        cfg = tg.cfg
+        return TelegramReply(tg.account, tg.bot, r,
+                             cfg.edit_interval_private_s if r.get("private") else cfg.edit_interval_group_s,
+                             sent=inbound.progress.get("sent", []))
+
+    def target(self, msg: InboundMessage) -> TelegramReply | None:
+        tg = self.bots.get(msg.account or msg.route.get("account", msg.bot))
+        return self._target(tg, msg) if tg is not None else None
 
     async def _poll(self, tg: _TgBot) -> None:
         offset: int | None = None
@@ -363,9 +353,6 @@ class TelegramConnector(Connector):
             return None
         chat, user = msg.chat, msg.from_user
         cfg = tg.cfg
-        if (cfg.allow_chats and chat.id not in cfg.allow_chats) or (cfg.allow_users and user.id not in cfg.allow_users):
-            log.info("telegram message from outside the allow-lists ignored", chat_id=chat.id, user_id=user.id)
-            return None
         private = chat.type == "private"
         text = msg.text or ""
         command = command_of(text, tg.username) if text else None
@@ -386,53 +373,11 @@ class TelegramConnector(Connector):
             text = re.sub(rf"@{re.escape(tg.username)}\b", "", text, flags=re.I).strip() or text
         topic = str(thread_id) if thread_id is not None else ""
         thread = topic if private or cfg.group_history == "chat" else f"{topic}/{user.id}"
-        route = {"account": tg.name, "chat_id": chat.id, "thread_id": thread_id, "private": private,
-                 "reply_to": None if private else msg.message_id, "text_only": not text}
-        # The route decides the bot (and so its knowledge bases); nothing in the message can.
-        bot = cfg.routes.get(str(chat.id), tg.name)
-        return InboundMessage(platform=PLATFORM, bot=bot, chat=str(chat.id), thread=thread, user=str(user.id),
-                              text=text or "(not text)", event_id=f"{tg.key}:{update.update_id}", route=route)
-
-    async def _answer(self, tg: _TgBot, inbound: InboundMessage) -> None:
-        r = inbound.route
-        chat_id, thread_id = int(r["chat_id"]), r.get("thread_id")
-        cfg = tg.cfg
-
-        async def posted(ids: list[int]) -> None:
-            await self.dispatcher.note_progress(inbound, {"sent": ids})
-
-        streamer = _Streamer(tg.bot, chat_id, thread_id, r.get("reply_to"),
-                             cfg.edit_interval_private_s if r.get("private") else cfg.edit_interval_group_s,
-                             already_sent=inbound.progress.get("sent", []), on_post=posted)
-        structlog.contextvars.bind_contextvars(platform=PLATFORM, bot=tg.name, chat_id=chat_id,
-                                               request_id=inbound.request_id)
-        try:
-            if r.get("text_only"):
-                await streamer.show(TEXT_ONLY)
-            else:
-                typing = asyncio.create_task(self._typing(tg.bot, chat_id, thread_id))
-                try:
-                    await streamer.reply(self.dispatcher, inbound)
-                finally:
-                    typing.cancel()
-        except Interrupted:
-            log.info("telegram answer interrupted by shutdown; it is answered after the restart")
-            return
-        except Forbidden:
-            log.info("telegram: the bot was blocked or removed from the chat")
-        except TelegramError as exc:
-            log.error("telegram reply failed", error=f"{type(exc).__name__}: {exc}")
-        except Exception:  # one bad update must never take the connector down
-            log.exception("telegram answer failed")
-        await self.dispatcher.finished(inbound)
-
-    async def _typing(self, bot: Bot, chat_id: int, thread_id: int | None) -> None:
-        with contextlib.suppress(asyncio.CancelledError):
-            while True:
-                with contextlib.suppress(TelegramError):
-                    await bot.send_chat_action(chat_id, ChatAction.TYPING, message_thread_id=thread_id)
-                await asyncio.sleep(TYPING_EVERY_S)
-
+        route = {"chat_id": chat.id, "thread_id": thread_id, "private": private,
+                 "reply_to": None if private else msg.message_id}
+        return InboundMessage(platform=PLATFORM, bot=tg.name, account=tg.name, chat=str(chat.id), thread=thread,
+                              user=str(user.id), text=text or "(not text)", readable=bool(text),
+                              event_id=f"{tg.key}:{update.update_id}", route=route)
 
 # -- `botd telegram set-webhook / delete-webhook` ------------------------------------------------------
 

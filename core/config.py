@@ -27,12 +27,13 @@ from pydantic import (
     model_validator,
 )
 
+from core.errors import BotdError
 from core.secrets import SECRET_MARK, Secret, SecretError, is_secret_type, resolve_secret
 
 DEFAULT_CONFIG_PATH = Path("config.toml")
 
 
-class ConfigError(Exception):
+class ConfigError(BotdError):
     """A configuration problem, already phrased for an admin: file, key and reason."""
 
 
@@ -407,6 +408,14 @@ class Config(_Section):
             if not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:
                 raise _KeyError(f"knowledge.{name}", "use letters, digits, '-' and '_' only")
         return self
+
+
+class Settings:
+    """The one owner of the validated config. Everyone holds this and reads ``config`` at use
+    time; a reload validates a new file and swaps this one reference."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
 
 
 class _KeyError(ValueError):

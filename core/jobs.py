@@ -16,11 +16,12 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from core.engines.base import GenerationRequest
+from core.errors import BotdError
 from core.messages import Finish, ReplyEvent, ThreadKey, Usage
 from core.thinking import ThinkFilter
 
 
-class QueueFull(Exception):
+class QueueFull(BotdError):
     """The queue (or this user's share of it) is full; try again after ``retry_after`` seconds."""
 
     def __init__(self, reason: str, retry_after: int, per_user: bool = False) -> None:

@@ -7,6 +7,7 @@ with a stream of :class:`ReplyEvent`. Nothing here knows about a platform or a m
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
@@ -62,6 +63,10 @@ class InboundMessage:
     temperature: float | None = None
     stop: tuple[str, ...] = ()
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    # The platform account (a Telegram bot, a Slack app, a WeCom app) that received it.
+    account: str = ""
+    # False for what the bot cannot read (a photo, a sticker): it is told so, not answered.
+    readable: bool = True
     # Where the answer goes on the platform (chat ids, thread ts, ...): JSON-able, kept with
     # the durable record so that a restarted daemon can answer.
     route: dict[str, Any] = field(default_factory=dict)
@@ -75,6 +80,38 @@ class InboundMessage:
     @property
     def thread_key(self) -> ThreadKey:
         return ThreadKey(self.platform, self.bot, self.chat, self.thread)
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """One configured platform account (a Telegram bot, a Slack app, a WeCom app) as the bots
+    layer sees it: which bot answers where, and who may talk to it. Each connector builds
+    these from its own config section; the rules are applied once, above the connectors.
+    """
+
+    connector: str  # the registry name of the connector that owns it
+    name: str  # the config key, which is also the bot that answers by default
+    # chat id -> bot: some chats go to another bot (and so to its knowledge bases).
+    routes: Mapping[str, str] = field(default_factory=dict)
+    # Empty sets allow everyone; ``groups`` (departments) are looked up by the reply target.
+    allow_chats: frozenset[str] = frozenset()
+    allow_users: frozenset[str] = frozenset()
+    allow_groups: frozenset[str] = frozenset()
+    # Say "not allowed" to a refused user (a private app) rather than stay silent (a group).
+    tell_refused: bool = False
+
+    def bot_for(self, chat: str) -> str:
+        return self.routes.get(chat, self.name)
+
+    def admits(self, chat: str, user: str) -> bool | None:
+        """True: allowed; False: refused; None: only the user's groups can tell."""
+        if self.allow_chats and chat not in self.allow_chats:
+            return False
+        if not self.allow_users and not self.allow_groups:
+            return True
+        if user in self.allow_users:
+            return True
+        return None if self.allow_groups else False
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,11 +8,12 @@ from __future__ import annotations
 import time
 
 from core.config import LimitsConfig
+from core.errors import BotdError
 from core.messages import InboundMessage
 from core.redis_store import RedisManager, StoreUnavailable
 
 
-class LimitExceeded(Exception):
+class LimitExceeded(BotdError):
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
         self.message = message

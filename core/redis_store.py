@@ -23,12 +23,13 @@ from redis.retry import Retry
 
 from core import metrics
 from core.config import RedisConfig
+from core.errors import BotdError
 from core.secrets import resolve_secret
 
 log = structlog.get_logger("botd.redis")
 
 
-class StoreUnavailable(RuntimeError):
+class StoreUnavailable(BotdError, RuntimeError):
     """Redis could not be reached or answered with an error."""
 
 

@@ -13,8 +13,7 @@ import structlog
 
 from core import metrics
 from core.audit import AuditLog
-from core.config import Config
-from core.dedupe import Deduper
+from core.config import Config, Settings
 from core.engines import Engine, PromptTokenizer, create_engine
 from core.history import HistoryStore
 from core.inbox import Inbox
@@ -30,8 +29,11 @@ log = structlog.get_logger("botd.runtime")
 
 
 class Runtime:
-    def __init__(self, cfg: Config, engine: Engine | None = None) -> None:
-        self.cfg = cfg
+    """Everything below the bots layer, started and stopped together: ``async with Runtime(...)``."""
+
+    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+        self.settings = settings
+        cfg = settings.config
         self.redis = RedisManager(cfg.redis, cfg.server.state_dir)
         self.history = HistoryStore(
             self.redis, cfg.redis.key_prefix, cfg.redis.history_ttl_s, cfg.redis.history_max_messages
@@ -41,7 +43,6 @@ class Runtime:
         self.worker = InferenceWorker(
             self.engine, self.queue, max_wait_s=cfg.queue.max_wait_s, on_finished=self._observe
         )
-        self.dedupe = Deduper(self.redis, cfg.redis.key_prefix)
         self.inbox = Inbox(self.redis, cfg.redis.key_prefix, cfg.server.instance_name())
         self.cache = KeyValueCache(self.redis, cfg.redis.key_prefix)
         self.limits = RateLimiter(self.redis, cfg.redis.key_prefix, cfg.limits)
@@ -118,7 +119,26 @@ class Runtime:
             except TimeoutError:
                 pass
 
+    @property
+    def cfg(self) -> Config:
+        return self.settings.config
+
+    async def __aenter__(self) -> Runtime:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop(grace_s=0)
+
     async def start(self) -> None:
+        """Redis, the model and the knowledge indexes; on failure, what was started is stopped."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(grace_s=0)
+            raise
+
+    async def _start(self) -> None:
         self.cfg.server.state_dir.mkdir(parents=True, exist_ok=True)
         await self.redis.start()
         # The vocabulary-only tokenizer loads off the event loop, beside the model.
@@ -160,7 +180,6 @@ class Runtime:
             self.cfg.knowledge, self.cfg.embeddings, self.cfg.retrieval)
         if knowledge_changed:
             self._make_retriever(cfg)
-        self.cfg = cfg
         return knowledge_changed
 
     def _observe(self, job: Job) -> None:

@@ -25,6 +25,8 @@ from urllib.parse import quote, quote_plus
 
 from pydantic import AfterValidator
 
+from core.errors import BotdError
+
 _REF = re.compile(r"^(env|file|cred):(.+)$")
 
 # Shorter values are not masked in the log: "***" in place of every "admin" or "1234"
@@ -32,7 +34,7 @@ _REF = re.compile(r"^(env|file|cred):(.+)$")
 MIN_MASKED_CHARS = 6
 
 
-class SecretError(ValueError):
+class SecretError(BotdError, ValueError):
     """A secret reference that cannot be resolved; the message never holds the secret."""
 
 

@@ -98,6 +98,12 @@ class InferenceWorker:
             await asyncio.to_thread(self._thread.join, 30)
         self.loaded = False
 
+    def interrupt_running(self) -> None:
+        """Stop every running generation now (they end with "shutdown")."""
+        for running in list(self._running):
+            if not running.done:
+                running.interrupt()
+
     async def swap_engine(self, engine: Engine) -> None:
         """Load ``engine`` on the worker thread once the running job is over, then use it.
 

@@ -16,9 +16,9 @@ from fakes import FakeTelegram, serve
 from test_telegram import SECRET, group_update, private_update, stored, tg_config
 
 from bots.daemon import Daemon
-from bots.texts import KNOWLEDGE_LOADING
+from bots.texts import BUSY, FAILED, KNOWLEDGE_LOADING
 from connectors.telegram import TelegramConnector
-from connectors.texts import BUSY, FAILED
+from core.config import Settings
 from core.inbox import Inbox
 from core.messages import InboundMessage
 from core.redis_store import RedisManager
@@ -116,7 +116,7 @@ def test_telegram_event_ids_do_not_depend_on_getme(tmp_path):
     from telegram import Update
 
     cfg = tg_config(tmp_path, "redis://127.0.0.1:1/0", "http://127.0.0.1:1")
-    connector = TelegramConnector(None, cfg)  # type: ignore[arg-type]  # _inbound needs no dispatcher
+    connector = TelegramConnector(None, Settings(cfg), None)  # type: ignore[arg-type]  # _inbound needs neither
     tg = connector.bots["assistant"]
     update = Update.de_json(private_update("hi", update_id=777), tg.bot)
     before = connector._inbound(tg, update)

@@ -13,8 +13,9 @@ from fakes import FakeTelegram, serve
 from telegram import Bot
 
 from bots.service import TextAnswer
-from connectors.telegram import _Streamer, command_of, markdown_to_html
-from core.messages import ThreadKey
+from bots.streaming import Delivery
+from connectors.telegram import TelegramReply, command_of, markdown_to_html
+from core.messages import Account, InboundMessage, ThreadKey
 
 SECRET = "wh-secret_123"
 USER = {"id": 4242, "is_bot": False, "first_name": "Ada"}
@@ -223,8 +224,10 @@ async def test_5000_character_answer_arrives_as_two_messages():
     assert 4096 < len(text) < 6000
     async with serve(fake.app()) as base:
         async with Bot("123456:TEST-token", base_url=base + "/bot") as bot:
-            streamer = _Streamer(bot, 4242, None, None, interval=0.1)
-            await streamer.stream(TextAnswer(text, "r1"))
+            # The reply target alone, with the bots layer's streaming policy and no model.
+            target = TelegramReply(Account("telegram", "assistant"), bot, {"chat_id": 4242}, interval=0.1)
+            msg = InboundMessage(platform="telegram", bot="assistant", chat="4242", user="1", text="q")
+            await Delivery(msg, target).stream(TextAnswer(text, "r1"))
     sends = fake.of("sendMessage")
     assert len(sends) == 2
     assert all(len(p["text"]) <= 4096 for p in sends)

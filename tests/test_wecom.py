@@ -17,11 +17,12 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from fakes import FakeWeCom, serve
 from wechatpy.enterprise.crypto import WeChatCrypto
 
-from connectors.wecom import WeComApi, WeComCrypto, WeComCryptoError
+from connectors.textsplit import split_text, utf8_len
+from connectors.wecom import WeComApi, WeComCrypto, WeComCryptoError, WeComReply
 from core.config import WecomConfig
 from core.kv import KeyValueCache
+from core.messages import Account
 from core.redis_store import RedisManager
-from core.textsplit import split_text, utf8_len
 
 # Tencent's WXBizMsgCrypt sample values
 TOKEN = "hJqcu3uJ9Tn2gXPmxx2w9kkCkCE2EPYo"
@@ -293,9 +294,11 @@ async def test_long_chinese_answer_is_delivered_in_parts(tmp_path, redis_server)
         async with serve(fake.app()) as base, aiohttp.ClientSession() as session:
             cfg = WecomConfig(corp_id=CORP, agent_id=1000002, token="env:X", encoding_aes_key="env:Y",
                               secret="env:Z", api_base=base)
-            api = WeComApi(cfg, "app-secret-value", KeyValueCache(manager, "botd"), session, backoff_s=0.01)
+            cache = KeyValueCache(manager, "botd")
+            api = WeComApi(cfg, "app-secret-value", cache, session, backoff_s=0.01)
             fake.fail_next_sends = [-1]  # one "system busy": retried with backoff
-            await api.send("wangwu", text)
+            # The reply target alone against the fake WeCom API: no model, no daemon.
+            await WeComReply(Account("wecom", "assistant"), api, cache, "wangwu").show(text)
     finally:
         await manager.close()
     parts = [s["text"]["content"] for s in fake.sent]

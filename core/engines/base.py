@@ -12,10 +12,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from core.errors import BotdError
 from core.messages import ThreadKey
 
 
-class EngineError(RuntimeError):
+class EngineError(BotdError, RuntimeError):
     """The engine could not load its model or run a request."""
 
 
@@ -23,7 +24,7 @@ class PromptTooLong(EngineError):
     """The prompt leaves no room for a reply in the context window."""
 
 
-class TemplateError(ValueError):
+class TemplateError(BotdError, ValueError):
     """The model's chat template cannot render these messages (e.g. roles that do not alternate)."""
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import structlog
 
+from core.errors import BotdError
+
 log = structlog.get_logger("botd.knowledge")
 
 SUPPORTED = {".md", ".markdown", ".txt", ".text", ".pdf", ".docx"}
@@ -28,7 +30,7 @@ _MD_HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
 _FENCE = re.compile(r"^\s*(```|~~~)")
 
 
-class UnreadableDocument(Exception):
+class UnreadableDocument(BotdError):
     """The file could not be read or parsed; the message says why."""
 
 

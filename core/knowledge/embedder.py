@@ -22,13 +22,14 @@ from typing import Any
 
 import numpy as np
 
+from core.errors import BotdError
 from core.knowledge.scripts import ALL, scripts_for
 
 _MODELS: dict[str, Any] = {}
 _LOCK = threading.Lock()
 
 
-class EmbeddingError(Exception):
+class EmbeddingError(BotdError):
     """The embedding model cannot be loaded; the message names the config key."""
 
 

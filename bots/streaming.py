@@ -1,0 +1,72 @@
+"""Showing an answer while it is written: the policy, the same for every platform.
+
+The reply target (``connectors/reply.py``) says *how* to show a text on its platform;
+:class:`Delivery` decides *when*: a placeholder first where the platform has one, the
+first text as soon as there is some, then no more often than the target's interval
+(later still when the platform asked to slow down), and once more at the end with the
+whole answer. Targets that cannot edit get the final text only. After every new post
+the posted ids are recorded in the durable inbox, so that a replay edits, never reposts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from bots import texts
+from connectors.reply import ReplyTarget
+from core.dispatch import Answer, Interrupted
+from core.inbox import Inbox
+from core.messages import Finish, InboundMessage, ReplyEvent
+
+
+class Delivery:
+    """One message's answer going to its reply target."""
+
+    def __init__(self, msg: InboundMessage, target: ReplyTarget, inbox: Inbox | None = None) -> None:
+        self.msg = msg
+        self.target = target
+        self.inbox = inbox
+        self.shown = ""
+        self.text = ""  # the last text given to the target (shown, or being shown)
+
+    async def show(self, text: str) -> None:
+        self.text = text
+        async for sent in self.target.updates(text):
+            if self.inbox is not None:
+                await self.inbox.note_progress(self.msg, {"sent": sent})
+        self.shown = text
+
+    async def stream(self, answer: Answer) -> str:
+        """Show the answer as it grows; returns the final text ("" when it failed)."""
+        target = self.target
+        next_at = 0.0
+        if target.placeholder is not None and target.edits and not target.sent:
+            await self.show(target.placeholder)
+            next_at = time.monotonic() + target.interval
+        text = ""
+        final: ReplyEvent | None = None
+        async for ev in answer.events():
+            if ev.done:
+                final = ev
+                break
+            text += ev.delta
+            if target.edits and text.strip() and time.monotonic() >= max(next_at, target.not_before):
+                await self.show(text)
+                next_at = time.monotonic() + target.interval
+        if final is not None and final.finish_reason == Finish.SHUTDOWN:
+            raise Interrupted(answer.id)
+        if final is not None and final.finish_reason == Finish.BUSY:
+            # Waited its whole turn without a free model: nothing was generated.
+            await self.show(texts.BUSY.format(s=final.retry_after or 5))
+            return ""
+        if final is None or final.finish_reason in (Finish.ERROR, Finish.CANCELLED) or (
+                not target.edits and not final.text.strip()):
+            await self.show(f"{text}\n\n{texts.FAILED}" if text.strip() and target.edits else texts.FAILED)
+            return ""
+        if final.text != self.shown:
+            wait = next_at - time.monotonic()
+            if wait > 0:  # the last edit keeps the interval too
+                await asyncio.sleep(wait)
+            await self.show(final.text if final.text.strip() else texts.EMPTY)
+        return final.text

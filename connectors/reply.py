@@ -1,0 +1,123 @@
+"""Reply targets: where one message's answer goes on its platform, and how it gets there.
+
+A connector builds one :class:`ReplyTarget` per message beside the inbound message and
+hands both up in one call. The target knows the platform's side of showing an answer:
+post, edit in place, split past the length limit, remember what it posted (so that a
+replay after a restart edits instead of posting twice) and obey "429, retry after".
+*When* to show (the first text, then at most every ``interval``, once more at the end)
+is the bots layer's policy, not the target's.
+
+A platform subclass says only how to post one part and how to edit one, how long a
+part may be, and which of its errors mean "slow down".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import structlog
+
+from connectors.textsplit import split_text
+from core.messages import Account
+
+log = structlog.get_logger("botd.reply")
+
+_ATTEMPTS = 5
+
+
+class RateLimited(Exception):
+    """The platform kept answering "slow down" for one call."""
+
+
+class ReplyTarget(ABC):
+    """One message's answer on its platform: a list of posted parts, edited as the text grows."""
+
+    # Whether a posted part can be changed: False sends each part once, with its final text.
+    edits: bool = True
+    # Shown while the model has not written anything yet (None: nothing).
+    placeholder: str | None = None
+    # The longest part the platform accepts, in ``measure`` units.
+    limit: int = 4000
+    measure: Callable[[str], int] = staticmethod(len)
+    # How often "typing…" must be repeated while the answer is prepared (None: not shown).
+    typing_every_s: float | None = None
+
+    def __init__(self, account: Account, interval: float, sent: Sequence[Any] = ()) -> None:
+        self.account = account
+        self.interval = interval
+        # Platform ids of the parts posted so far, with the text each shows; parts posted
+        # before a restart are known by id only (their text: unknown, so edited again).
+        self.sent: list[tuple[Any, str]] = [(ref, "") for ref in sent]
+        self.not_before = 0.0  # "retry after": no call before this monotonic time
+
+    # -- what a platform says --------------------------------------------------------------
+
+    @abstractmethod
+    async def post(self, part: str, first: bool) -> Any:
+        """Post one new part; returns its platform id. ``first``: the answer's first part."""
+
+    async def edit(self, ref: Any, part: str) -> None:
+        """Make the posted part ``ref`` show ``part`` (only called when :attr:`edits`)."""
+        raise NotImplementedError
+
+    def retry_after(self, exc: Exception) -> float | None:
+        """Seconds to wait when ``exc`` means "slow down, then repeat"; None: it does not."""
+        return None
+
+    async def typing(self) -> None:  # noqa: B027 - optional
+        """Show "typing…" once."""
+
+    async def user_groups(self, user: str) -> Sequence[str]:
+        """The groups (departments) ``user`` belongs to, for accounts that allow by group."""
+        return ()
+
+    async def answered(self) -> None:  # noqa: B027 - optional
+        """The whole answer is shown (e.g. Slack follows the thread from now on)."""
+
+    async def failed(self, exc: Exception, text: str) -> None:
+        """The platform did not take ``text``; log it the way its errors read best."""
+        log.error("reply failed", connector=self.account.connector, error=f"{type(exc).__name__}: {exc}")
+
+    # -- the shared loop --------------------------------------------------------------------
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """One platform call, repeated after the waits the platform asks for."""
+        for _ in range(_ATTEMPTS):
+            wait = self.not_before - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            try:
+                return await fn()
+            except Exception as exc:
+                secs = self.retry_after(exc)
+                if secs is None:
+                    raise
+                self.not_before = time.monotonic() + secs
+                log.info("platform rate limit: waiting", connector=self.account.connector, retry_after_s=secs)
+        raise RateLimited(f"{self.account.connector}: still rate limited after {_ATTEMPTS} attempts")
+
+    def parts(self, text: str) -> list[str]:
+        return [p for p in split_text(text, self.limit, self.measure) if p.strip()]
+
+    async def updates(self, text: str) -> AsyncIterator[list[Any]]:
+        """Show ``text`` (the whole answer so far); yields the posted ids after each new post,
+        so that the caller can record them before the next one."""
+        for i, part in enumerate(self.parts(text)):
+            if i < len(self.sent):
+                ref, shown = self.sent[i]
+                if self.edits and shown != part:
+                    await self.call(lambda ref=ref, part=part: self.edit(ref, part))
+                    self.sent[i] = (ref, part)
+                continue
+            ref = await self.call(lambda part=part, first=not self.sent: self.post(part, first))
+            self.sent.append((ref, part))
+            yield [r for r, _ in self.sent]
+
+    async def show(self, text: str) -> None:
+        """Show ``text`` without recording progress (tests, one-off notices)."""
+        async for _ in self.updates(text):
+            pass
