@@ -127,7 +127,7 @@ class Daemon:
             current = self.connectors.get(name)
             if current is None:
                 raise web.HTTPNotFound(text=f"the {name} connector is not enabled")
-            return await getattr(current, handler)(request)  # type: ignore[no-any-return]
+            return await getattr(current, handler)(request)
 
         return forward
 

@@ -43,4 +43,4 @@ def load_connector(name: str) -> type[Connector]:
     except KeyError:
         raise LookupError(f"no connector named {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
     module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(module), cls)

@@ -14,6 +14,7 @@ part may be, and which of its errors mean "slow down".
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -110,10 +111,10 @@ class ReplyTarget(ABC):
             if i < len(self.sent):
                 ref, shown = self.sent[i]
                 if self.edits and shown != part:
-                    await self.call(lambda ref=ref, part=part: self.edit(ref, part))
+                    await self.call(functools.partial(self.edit, ref, part))
                     self.sent[i] = (ref, part)
                 continue
-            ref = await self.call(lambda part=part, first=not self.sent: self.post(part, first))
+            ref = await self.call(functools.partial(self.post, part, not self.sent))
             self.sent.append((ref, part))
             yield [r for r, _ in self.sent]
 

@@ -8,6 +8,8 @@ on one line, so the CLI can print it without a traceback.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import os
 import re
@@ -28,7 +30,7 @@ from pydantic import (
 )
 
 from core.errors import BotdError
-from core.secrets import SECRET_MARK, Secret, SecretError, is_secret_type, resolve_secret
+from core.secrets import SECRET_MARK, Secret, SecretError, SecretForm, is_secret_type, resolve_secret, secret_form
 
 DEFAULT_CONFIG_PATH = Path("config.toml")
 
@@ -237,6 +239,14 @@ class RetrievalConfig(_Section):
     context_tokens: Annotated[int, Field(ge=64)] = 1024
 
 
+def _encoding_aes_key_problem(value: str) -> str:
+    try:
+        ok = len(value) == 43 and len(base64.b64decode(value + "=", validate=True)) == 32
+    except (binascii.Error, ValueError):
+        ok = False
+    return "" if ok else "an EncodingAESKey is 43 characters of base64 (from the WeCom admin)"
+
+
 class WecomConfig(_Section):
     """One WeCom self-built app (自建应用) in callback mode, answering as the bot of the same name."""
 
@@ -244,7 +254,7 @@ class WecomConfig(_Section):
     agent_id: Annotated[int, Field(ge=1)]
     # Callback Token and EncodingAESKey (接收消息 API), and the app's Secret: secret references.
     token: Secret
-    encoding_aes_key: Secret
+    encoding_aes_key: Annotated[Secret, SecretForm(_encoding_aes_key_problem)]
     secret: Secret
     api_base: str = "https://qyapi.weixin.qq.com"
     # Only these user ids / department ids may use the app; empty lists allow everyone.
@@ -263,6 +273,11 @@ class WecomConfig(_Section):
         return v.rstrip("/")
 
 
+def _webhook_secret_problem(value: str) -> str:
+    ok = re.fullmatch(r"[A-Za-z0-9_-]{1,256}", value) is not None
+    return "" if ok else "Telegram accepts 1-256 characters of A-Z, a-z, 0-9, _ and -"
+
+
 class TelegramConfig(_Section):
     """One Telegram bot (from @BotFather), answering as the botd bot of the same name."""
 
@@ -272,7 +287,7 @@ class TelegramConfig(_Section):
     # Public HTTPS URL that `botd telegram set-webhook` registers (webhook mode).
     webhook_url: str = ""
     # Secret Telegram sends back in X-Telegram-Bot-Api-Secret-Token (webhook mode).
-    webhook_secret: Secret | None = None
+    webhook_secret: Annotated[Secret, SecretForm(_webhook_secret_problem)] | None = None
     api_base: str = "https://api.telegram.org/bot"
     # In groups: one history per chat/topic ("chat") or per member ("member").
     group_history: Literal["chat", "member"] = "chat"
@@ -582,16 +597,19 @@ def _check_files(cfg: Config, path: Path) -> None:
                           "(a local sentence-transformers model; nothing is downloaded)")
 
 
-def secret_references(section: BaseModel, prefix: str = "") -> Iterator[tuple[str, str]]:
-    """Every secret reference in a config as (dotted key, reference), found by the fields' type."""
+def secret_references(section: BaseModel, prefix: str = "") -> Iterator[tuple[str, str, SecretForm | None]]:
+    """Every secret reference in a config as (dotted key, reference, the rule for its value),
+    found by the fields' type."""
     for name, field in type(section).model_fields.items():
         value = getattr(section, name)
         key = f"{prefix}{name}"
         if any(m is SECRET_MARK for m in field.metadata) or is_secret_type(field.annotation):
+            form = next((m for m in field.metadata if isinstance(m, SecretForm)), None) or secret_form(
+                field.annotation)
             if isinstance(value, str):
-                yield key, value
+                yield key, value, form
             elif isinstance(value, list | tuple):
-                yield from ((f"{key}[{i}]", v) for i, v in enumerate(value))
+                yield from ((f"{key}[{i}]", v, form) for i, v in enumerate(value))
         elif isinstance(value, BaseModel):
             yield from secret_references(value, f"{key}.")
         elif isinstance(value, dict):
@@ -606,31 +624,16 @@ def _check_secrets(cfg: Config, path: Path, only: tuple[str, ...] | None) -> Non
     Every unusable secret is named at once, so that an admin sets them all in one round.
     """
     problems = []
-    for key, secret in secret_references(cfg):
+    for key, secret, form in secret_references(cfg):
         if only is not None and not any(key == o or key.startswith((f"{o}.", f"{o}[")) for o in only):
             continue
         try:
-            problem = _secret_value_problem(key, resolve_secret(secret))
+            value = resolve_secret(secret)
+            # The value itself is never part of a problem's text.
+            problem = form.check(value) if form is not None else ""
         except SecretError as exc:
             problem = str(exc)
         if problem:
             problems.append(f"{key}: {problem}")
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
-
-
-def _secret_value_problem(key: str, value: str) -> str:
-    """What is wrong with a resolved secret's form, or "" (the value itself is never part of it)."""
-    if key.endswith(".webhook_secret") and not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", value):
-        return "Telegram accepts 1-256 characters of A-Z, a-z, 0-9, _ and -"
-    if key.endswith(".encoding_aes_key"):
-        import base64
-        import binascii
-
-        try:
-            ok = len(value) == 43 and len(base64.b64decode(value + "=", validate=True)) == 32
-        except (binascii.Error, ValueError):
-            ok = False
-        if not ok:
-            return "an EncodingAESKey is 43 characters of base64 (from the WeCom admin)"
-    return ""

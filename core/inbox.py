@@ -149,7 +149,7 @@ class Inbox:
                 pipe.hgetall(self.key)
                 pipe.hgetall(self.progress_key)
                 pipe.hgetall(self.answer_key)
-                return tuple(await pipe.execute())  # type: ignore[return-value]
+                return tuple(await pipe.execute())
 
         records, progress, answers = await self.redis.run("inbox read", _read)
         found: list[tuple[int, str, InboundMessage]] = []

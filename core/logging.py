@@ -17,9 +17,11 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
+from structlog.typing import Processor
 
 from core.secrets import known_secrets
 
@@ -82,7 +84,7 @@ def _scrub(value: Any, values: re.Pattern[str] | None) -> Any:
     return value if masked == text else masked
 
 
-def redact_secrets(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def redact_secrets(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     values = _values_pattern()
     for k, v in list(event.items()):
         if k.startswith("_"):  # structlog's own bookkeeping (the stdlib LogRecord), never rendered
@@ -104,7 +106,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
         structlog.dev.ConsoleRenderer(colors=True, exception_formatter=structlog.dev.plain_traceback)
         if fmt == "console" else structlog.processors.JSONRenderer(ensure_ascii=False)
     )
-    shared = [
+    shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

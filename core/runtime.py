@@ -68,10 +68,10 @@ class Runtime:
         embedder = Embedder(cfg.embeddings.model, cfg.embeddings.batch_size)
         old = self.retriever
         same_model = old is not None and old.embedder.model_id == embedder.model_id
-        if same_model:
+        if old is not None and same_model:
             embedder = old.embedder
         retriever = Retriever.from_config(cfg, embedder)
-        if same_model:
+        if old is not None and same_model:
             # A reload keeps serving the indexes already loaded while the new ones load.
             retriever.adopt(old, list(cfg.knowledge))
         self.retriever = retriever

@@ -19,6 +19,8 @@ import os
 import re
 import threading
 import types
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
 from urllib.parse import quote, quote_plus
@@ -64,6 +66,24 @@ def _check_reference(value: str) -> str:
 
 
 Secret = Annotated[str, SECRET_MARK, AfterValidator(_check_reference)]
+
+
+@dataclass(frozen=True, slots=True)
+class SecretForm:
+    """A platform's rule for a secret's value, beside the field it belongs to:
+    ``Annotated[Secret, SecretForm(check)]``; ``check`` returns what is wrong, or ""."""
+
+    check: Callable[[str], str]
+
+
+def secret_form(tp: Any) -> SecretForm | None:
+    """The :class:`SecretForm` a field's type carries (also inside ``... | None``), if any."""
+    if get_origin(tp) is Annotated:
+        found = next((m for m in tp.__metadata__ if isinstance(m, SecretForm)), None)
+        return found or secret_form(get_args(tp)[0])
+    if get_origin(tp) in (Union, types.UnionType, list, tuple):
+        return next((f for f in map(secret_form, get_args(tp)) if f is not None), None)
+    return None
 
 
 def is_secret_type(tp: Any) -> bool:

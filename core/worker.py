@@ -11,6 +11,7 @@ requests (health checks included) during generation.
 from __future__ import annotations
 
 import asyncio
+import functools
 import queue
 import threading
 import time
@@ -174,7 +175,10 @@ class InferenceWorker:
             self._running.add(job)
             self._inbox.put(job)
             asyncio.ensure_future(job.wait()).add_done_callback(
-                lambda _f, job=job: self._ended(job, slots))
+                functools.partial(self._on_wait_done, job, slots))
+
+    def _on_wait_done(self, job: Job, slots: asyncio.Semaphore, _done: object) -> None:
+        self._ended(job, slots)
 
     def _ended(self, job: Job, slots: asyncio.Semaphore) -> None:
         self._running.discard(job)

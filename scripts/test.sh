@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Installs botd with its test tools and runs the linter and the whole test suite
+# Installs botd with its test tools and runs the linter, the type checker and the whole test suite
 # (real model, real redis-server, real HTTP on 127.0.0.1). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
 VENV="${BOTD_VENV:-.venv}"
 "$VENV/bin/ruff" check .
+"$VENV/bin/mypy" core connectors bots
 exec "$VENV/bin/python" -m pytest -q "$@"

@@ -122,14 +122,14 @@ class _ChatTemplate:
 
     def _format(self, msgs: list[dict[str, str]]) -> Any:
         try:
-            return self.formatter(messages=msgs)
+            return self.formatter(messages=msgs)  # type: ignore[arg-type]  # plain role/content dicts
         except Exception as exc:
             # Some templates (Mistral, Gemma) refuse a system role: fold it into the first user turn.
             if not msgs or msgs[0].get("role") != "system" or len(msgs) < 2:
                 raise TemplateError(f"the model's chat template rejected the messages: {exc}") from exc
             merged = [{"role": msgs[1]["role"], "content": msgs[0]["content"] + "\n\n" + msgs[1]["content"]}]
             try:
-                return self.formatter(messages=merged + msgs[2:])
+                return self.formatter(messages=merged + msgs[2:])  # type: ignore[arg-type]
             except Exception as exc2:
                 raise TemplateError(f"the model's chat template rejected the messages: {exc2}") from exc2
 
@@ -379,7 +379,7 @@ class LlamaCppEngine(Engine):
         usable = len(seq.prompt) - 1
 
         def reuse(tokens: Sequence[int]) -> int:
-            return min(common_prefix(tokens, seq.prompt), usable)
+            return min(common_prefix(list(tokens), seq.prompt), usable)
 
         slot = max(free, key=lambda s: (reuse(s.tokens), s.owner == key, s.owner is None, -s.used_at))
         kept = reuse(slot.tokens)

@@ -65,7 +65,7 @@ class KnowledgeIndex:
                     dense[int(row)] = (rank, float(score))
         lexical: dict[int, tuple[int, float]] = {}
         known = [t for t in query_tokens if t in self.bm25.vocab_dict] if self.bm25 is not None else []
-        if known:
+        if known and self.bm25 is not None:
             ids, scores = self.bm25.retrieve([known], k=k, show_progress=False, n_threads=1)
             rank = 0
             for row, score in zip(ids[0], scores[0], strict=True):

@@ -133,7 +133,7 @@ def ingest(name: str, folders: list[Path], state_dir: Path, embedder: Embedder, 
                 log.warning("document skipped: cannot read it", kb=name, file=str(path), reason=exc.strerror)
                 continue
             prev = old.manifest.files.get(source) if (old is not None and same_space) else None
-            if prev is not None and prev["hash"] == digest:
+            if prev is not None and prev["hash"] == digest and old is not None and old_vectors is not None:
                 first, count = int(prev["first"]), int(prev["count"])
                 plans.append(_FilePlan(source, digest, old.chunks[first : first + count],
                                        old_vectors[first : first + count]))
