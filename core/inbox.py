@@ -127,19 +127,19 @@ class Inbox:
         if not msg.durable:
             return
 
-        async def _tx() -> None:
-            async with self.redis.client.pipeline(transaction=True) as pipe:
-                pipe.hdel(self.key, msg.request_id)
-                pipe.hdel(self.progress_key, msg.request_id)
-                pipe.hdel(self.answer_key, msg.request_id)
-                await pipe.execute()
-
         try:
-            await self.redis.run("inbox done", _tx)
+            await self.redis.run("inbox done", self._drop, msg.request_id)
         except StoreUnavailable:
             # It will be answered again after a restart; the recorded answer keeps the words the same.
             log.warning("could not clear the inbox record: redis unreachable", request_id=msg.request_id)
         msg.durable = False
+
+    async def _drop(self, rid: str) -> None:
+        async with self.redis.client.pipeline(transaction=True) as pipe:
+            pipe.hdel(self.key, rid)
+            pipe.hdel(self.progress_key, rid)
+            pipe.hdel(self.answer_key, rid)
+            await pipe.execute()
 
     async def pending(self) -> list[tuple[str, InboundMessage]]:
         """Records left by an earlier run of this daemon, oldest first, as (connector name, message)."""
@@ -158,7 +158,7 @@ class Inbox:
                 connector, owner, run, seq, msg = _decode(raw)
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("damaged inbox record dropped", request_id=rid, error=f"{type(exc).__name__}: {exc}")
-                await self.redis.run("inbox drop", self.redis.client.hdel, self.key, rid)
+                await self.redis.run("inbox drop", self._drop, rid)
                 continue
             if owner and owner != self.owner:
                 continue  # another daemon's message: it answers it when it restarts

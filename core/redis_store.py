@@ -17,7 +17,7 @@ import structlog
 from redis import asyncio as aioredis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -122,6 +122,11 @@ class RedisManager:
         """Run one Redis call; connection problems become :class:`StoreUnavailable`."""
         try:
             result = await coro_fn(*args, **kwargs)
+        except ResponseError as exc:
+            # Redis answered, and refused this command (a key of the wrong type, say): the
+            # store is not down, this one operation failed.
+            log.error("redis refused a command", op=op, error=f"{type(exc).__name__}: {exc}")
+            raise StoreUnavailable(f"redis {op} refused: {type(exc).__name__}") from exc
         except (RedisError, OSError, TimeoutError) as exc:
             self._mark_down(exc)
             raise StoreUnavailable(f"redis {op} failed: {type(exc).__name__}") from exc

@@ -84,7 +84,8 @@ class InferenceWorker:
         # durable inbox and are answered after the restart.
         for job in self.jobs.pending():
             self.jobs.remove(job)
-            job.finish("shutdown", error="the daemon is shutting down")
+            job.finish(Finish.SHUTDOWN, error="the daemon is shutting down")
+            self._notify(job)
         if running:
             _, late = await asyncio.wait([asyncio.ensure_future(j.wait()) for j in running], timeout=grace_s)
             if late:
@@ -128,7 +129,8 @@ class InferenceWorker:
         """The client went away: drop the job if it waits, stop it between tokens if it runs."""
         job.cancel()
         if self.jobs.remove(job):
-            job.finish("cancelled")
+            job.finish(Finish.CANCELLED)
+            self._notify(job)
 
     @property
     def accepting(self) -> bool:
@@ -162,14 +164,16 @@ class InferenceWorker:
                 raise
             if job.cancelled:
                 self.jobs.release(job)
-                job.finish("cancelled")
+                job.finish(Finish.CANCELLED)
                 slots.release()
+                self._notify(job)
                 continue
             if job.queue_wait_s > self.max_wait_s and not job.replayed:
                 self.jobs.release(job)
                 job.finish(Finish.BUSY, error=f"waited {job.queue_wait_s:.0f} s in the queue without a free slot",
                            retry_after=self.jobs.retry_after_s)
                 slots.release()
+                self._notify(job)
                 continue
             job.started_at = time.monotonic()
             self._running.add(job)
@@ -184,6 +188,10 @@ class InferenceWorker:
         self._running.discard(job)
         self.jobs.release(job)
         slots.release()
+        self._notify(job)
+
+    def _notify(self, job: Job) -> None:
+        """Every job that ends, started or not, reaches the hook (queue depth, wait times)."""
         if self._on_finished:
             try:
                 self._on_finished(job)
