@@ -56,7 +56,7 @@ class Delivery:
                 next_at = time.monotonic() + target.interval
         if final is not None and final.finish_reason == Finish.SHUTDOWN:
             raise Interrupted(answer.id)
-        if final is not None and final.finish_reason == Finish.BUSY:
+        if final is not None and final.finish_reason == Finish.EXPIRED:
             # Waited its whole turn without a free model: nothing was generated.
             await self.show(texts.BUSY.format(s=final.retry_after or 5))
             return ""

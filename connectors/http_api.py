@@ -330,7 +330,7 @@ class HttpApiConnector(Connector):
         if reason is Finish.ERROR:
             return _BadRequest(500, "generation_failed", ev.error or "generation failed")
         retry = ev.retry_after or self.config.queue.retry_after_s
-        if reason is Finish.BUSY:
+        if reason is Finish.EXPIRED:
             return _BadRequest(503, "busy", f"busy, try again in {retry} s: {ev.error or 'no free slot'}", retry)
         # shutdown / cancelled: whatever text came is a fragment, not the answer.
         default = "the daemon is shutting down" if reason is Finish.SHUTDOWN else "the answer was cancelled"

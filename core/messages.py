@@ -132,7 +132,7 @@ class Finish(StrEnum):
     TIMEOUT = "timeout"  # [queue] job_timeout_s stopped the generation
     CANCELLED = "cancelled"  # the client went away
     SHUTDOWN = "shutdown"  # the daemon stopped first; a platform message is answered after the restart
-    BUSY = "busy"  # it waited past [queue] max_wait_s without being started: nothing was generated
+    EXPIRED = "expired"  # it waited past [queue] max_wait_s without being started: nothing was generated
     ERROR = "error"  # the generation failed
 
     @property
@@ -146,7 +146,7 @@ class ReplyEvent:
     """One step of an answer: a text delta, or the end with its reason and usage.
 
     ``finish_reason`` (a :class:`Finish`) is set on the last event only. ``text`` on the
-    last event is the whole answer; ``retry_after`` (seconds) comes with ``busy``.
+    last event is the whole answer; ``retry_after`` (seconds) comes with ``expired``.
     """
 
     delta: str = ""

@@ -170,7 +170,7 @@ class InferenceWorker:
                 continue
             if job.queue_wait_s > self.max_wait_s and not job.replayed:
                 self.jobs.release(job)
-                job.finish(Finish.BUSY, error=f"waited {job.queue_wait_s:.0f} s in the queue without a free slot",
+                job.finish(Finish.EXPIRED, error=f"waited {job.queue_wait_s:.0f} s in the queue without a free slot",
                            retry_after=self.jobs.retry_after_s)
                 slots.release()
                 self._notify(job)

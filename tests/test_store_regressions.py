@@ -80,7 +80,7 @@ async def test_on_finished_is_called_for_jobs_that_never_start(tmp_path):
         worker.submit(b)
         await asyncio.sleep(0.4)
         worker.cancel(a)
-        assert await b.wait() == Finish.BUSY
+        assert await b.wait() == Finish.EXPIRED
         await asyncio.sleep(0.1)
         # The last value a Runtime puts in botd_queue_depth: 0, the queue being empty and idle.
         assert len(queue) == 0

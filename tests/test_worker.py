@@ -220,9 +220,9 @@ async def test_a_job_that_waited_past_max_wait_ends_busy_without_generating(tmp_
         steps_before = engine.stats.steps
         worker.cancel(blocker)
         assert await asyncio.wait_for(blocker.wait(), 30) == Finish.CANCELLED
-        assert await asyncio.wait_for(late.wait(), 10) == Finish.BUSY
+        assert await asyncio.wait_for(late.wait(), 10) == Finish.EXPIRED
         last = (await asyncio.wait_for(collect(late), 5))[-1]
-        assert last.finish_reason == Finish.BUSY and last.retry_after == worker.jobs.retry_after_s
+        assert last.finish_reason == Finish.EXPIRED and last.retry_after == worker.jobs.retry_after_s
         assert last.error and "waited" in last.error
         assert late.started_at is None and late.first_token_at is None and late.text == ""
         assert late.usage.prompt_tokens == late.usage.completion_tokens == 0
@@ -240,7 +240,7 @@ async def test_a_replayed_job_is_answered_however_long_it_waited(tmp_path):
                                                                   replayed=True)
         worker.submit(stale)
         worker.submit(replayed, force=True)
-        assert await asyncio.wait_for(stale.wait(), 10) == Finish.BUSY
+        assert await asyncio.wait_for(stale.wait(), 10) == Finish.EXPIRED
         assert await asyncio.wait_for(replayed.wait(), 60) == Finish.LENGTH
         assert replayed.usage.completion_tokens == 4 and replayed.text
 
