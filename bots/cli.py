@@ -1,4 +1,4 @@
-"""The ``botd`` command: ``run``, ``check-config`` and ``chat``.
+"""The ``botd`` command: ``run``, ``check-config``, ``chat``, ``kb``, ``telegram``, ``console`` and ``token``.
 
 Every failure an admin can cause (bad config, missing model, busy port) ends in one
 readable line on stderr and exit status 1, never a traceback.
@@ -48,6 +48,20 @@ def _parser() -> argparse.ArgumentParser:
                          ("delete-webhook", "remove the webhook (for long polling)")):
         sp = with_config(tg_sub.add_parser(action, help=text))
         sp.add_argument("bot", help="the bot's name ([telegram.BOT] in config.toml)")
+    console = sub.add_parser("console", help="web console users")
+    console_sub = console.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sp = console_sub.add_parser("passwd", help="hash a password and print the [console.users.NAME] section")
+    sp.add_argument("name", help="the user's login name")
+    sp.add_argument("--role", choices=["admin", "department", "viewer"], default="department",
+                    help="admin: everything; department: only --bots; viewer: reads only (default: department)")
+    sp.add_argument("--bots", default="", help="comma-separated bots the user may see (department, viewer)")
+    sp.add_argument("--stdin", action="store_true", help="read the password from the first line of stdin")
+    token = sub.add_parser("token", help="JWT bearer tokens for the HTTP API")
+    token_sub = token.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sp = with_config(token_sub.add_parser("issue", help="print a token that may use the given bots"))
+    sp.add_argument("--bots", required=True, help="comma-separated bots the token may use, e.g. hr")
+    sp.add_argument("--user", required=True, help="who the token is for (its conversations are its own)")
+    sp.add_argument("--ttl", default="7d", help="lifetime: e.g. 3600, 90m, 12h, 7d (default 7d, at most 365d)")
     return p
 
 
@@ -76,11 +90,15 @@ def _secrets_used(args: argparse.Namespace) -> bool | tuple[str, ...]:
         return ("redis",)
     if args.command == "telegram":
         return (f"telegram.{args.bot}",)
+    if args.command == "token":
+        return ("console.signing_key",)
     return True  # run, check-config
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "console":  # needs no config: it prints a section to paste into one
+        return _console_passwd(args)
     try:
         cfg = load_config(args.config, check_secrets=_secrets_used(args))
     except ConfigError as exc:
@@ -97,7 +115,86 @@ def main(argv: list[str] | None = None) -> int:
         return _kb(cfg, args)
     if args.command == "telegram":
         return _telegram(cfg, args.action, args.bot)
+    if args.command == "token":
+        return _token_issue(cfg, args)
     return 2
+
+
+def _console_passwd(args: argparse.Namespace) -> int:
+    import getpass
+    import re
+
+    from core.auth import hash_password
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", args.name):
+        return _fail(f"user name {args.name!r}: use 1-64 letters, digits, '.', '-' and '_'")
+    bots = [b.strip() for b in args.bots.split(",") if b.strip()]
+    if args.role == "admin" and bots:
+        return _fail("an admin sees every bot: leave out --bots (or use --role viewer)")
+    if args.role == "department" and not bots:
+        return _fail("a department user needs --bots (the bots it may see), e.g. --bots hr")
+    if args.stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        try:
+            password = getpass.getpass(f"password for {args.name}: ")
+            if getpass.getpass("again: ") != password:
+                return _fail("the two passwords differ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return _fail("no password given")
+    if len(password) < 8:
+        return _fail("a password needs at least 8 characters")
+    print(f"[console.users.{args.name}]")
+    print(f'password_hash = "{hash_password(password)}"')
+    print(f'role = "{args.role}"')
+    if bots:
+        print("bots = [" + ", ".join(f'"{b}"' for b in bots) + "]")
+    print("# paste the lines above into config.toml, then: systemctl reload botd", file=sys.stderr)
+    return 0
+
+
+def parse_ttl(text: str) -> int:
+    """Seconds in "3600", "3600s", "90m", "12h" or "7d"; ValueError otherwise."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text.lower())
+    if not m:
+        raise ValueError(f"{text!r} is not a duration (e.g. 3600, 90m, 12h, 7d)")
+    seconds = int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    if not 60 <= seconds <= 365 * 86400:
+        raise ValueError(f"{text!r}: a token lives between 1 minute and 365 days")
+    return seconds
+
+
+def _token_issue(cfg: Config, args: argparse.Namespace) -> int:
+    import re
+
+    from core.auth import API_AUDIENCE, Tokens
+    from core.secrets import resolve_secret
+
+    if cfg.console.signing_key is None:
+        return _fail('no [console] signing_key to sign with; set one, e.g. signing_key = "env:BOTD_CONSOLE_KEY"')
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", args.user):
+        return _fail(f"--user {args.user!r}: use 1-64 letters, digits, '.', '-' and '_'")
+    bots = [b.strip() for b in args.bots.split(",") if b.strip()]
+    if not bots:
+        return _fail("--bots: name at least one bot")
+    for b in bots:
+        if b not in cfg.bots:
+            return _fail(f"--bots: no bot named {b!r}; bots: {', '.join(sorted(cfg.bots))}")
+        if cfg.api.bots and b not in cfg.api.bots:
+            return _fail(f"--bots: {b!r} is not served by the HTTP API ([api] bots: {', '.join(cfg.api.bots)})")
+    try:
+        ttl = parse_ttl(args.ttl)
+    except ValueError as exc:
+        return _fail(f"--ttl: {exc}")
+    token = Tokens(resolve_secret(cfg.console.signing_key)).issue(args.user, API_AUDIENCE, ttl, bots=bots)
+    print(token)
+    expires = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() + ttl))
+    print(f"# for {args.user}, bots {', '.join(bots)}, valid until {expires}; "
+          "send it as: Authorization: Bearer <token>", file=sys.stderr)
+    return 0
 
 
 def _telegram(cfg: Config, action: str, bot: str) -> int:

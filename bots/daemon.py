@@ -40,6 +40,12 @@ _RESTART_ONLY = {"server": ("host", "port", "state_dir", "max_body_bytes", "inst
                  "redis": ("url", "key_prefix")}
 
 
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 class StartupError(BotdError, RuntimeError):
     """The daemon cannot start; the message is for the admin, one line."""
 
@@ -107,6 +113,9 @@ class Daemon:
         stack.push_async_callback(runner.cleanup)
         # What an earlier run left is being answered before the port takes its first webhook.
         await self.service.resume(self.connectors)
+        # Kept fresh while answered; other daemons' abandoned messages taken over (one Redis).
+        serving = asyncio.create_task(self.service.serve(self.connectors), name="botd-inbox")
+        stack.push_async_callback(_cancel, serving)
         site = web.TCPSite(runner, cfg.server.host, cfg.server.port, reuse_address=True)
         try:
             await site.start()

@@ -11,8 +11,10 @@ A base that was never ingested is built at start; the retriever is told so
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from core import metrics
 from core.knowledge.embedder import EmbeddingError
 from core.knowledge.ingest import IngestReport, ingest
 from core.knowledge.store import KnowledgeStore
+from core.redis_store import StoreUnavailable
 from core.runtime import Runtime
 
 log = structlog.get_logger("botd.knowledge")
@@ -76,7 +79,7 @@ class KnowledgeJobs:
         scheduler = AsyncIOScheduler()
         for name, kb in cfg.knowledge.items():
             if kb.schedule:
-                scheduler.add_job(self.ingest, CronTrigger.from_crontab(kb.schedule), args=[name],
+                scheduler.add_job(self.scheduled_ingest, CronTrigger.from_crontab(kb.schedule), args=[name],
                                   id=f"ingest:{name}", max_instances=1, coalesce=True, misfire_grace_time=3600)
         scheduler.add_job(self.watch, "interval", seconds=WATCH_EVERY_S, id="watch", max_instances=1,
                           coalesce=True)
@@ -85,7 +88,7 @@ class KnowledgeJobs:
             if KnowledgeStore(cfg.server.state_dir, name).current_name() is None:
                 log.info("knowledge base has no index yet: ingesting it now", kb=name)
                 self.runtime.set_knowledge_state(name, "building")
-                scheduler.add_job(self.ingest, args=[name], id=f"first-ingest:{name}")
+                scheduler.add_job(self.first_ingest, args=[name], id=f"first-ingest:{name}")
         scheduler.start()
         self._scheduler = scheduler
         log.info("knowledge schedules", **{name: kb.schedule or "off" for name, kb in cfg.knowledge.items()})
@@ -99,6 +102,28 @@ class KnowledgeJobs:
         """After a reload: the schedules of the new config."""
         self.stop()
         self.start()
+
+    async def scheduled_ingest(self, name: str) -> IngestReport | None:
+        """A scheduled run: once across all daemons on one Redis (the others pick the new version
+        up from the shared index folder within WATCH_EVERY_S)."""
+        slot = round(time.time() / 60)  # the scheduled minute, the same on every daemon
+        if not await self.runtime.cache.claim_once(f"ingest:{name}:{slot}", 24 * 3600):
+            log.info("scheduled ingest runs on another daemon", kb=name)
+            return None
+        return await self.ingest(name)
+
+    async def first_ingest(self, name: str) -> IngestReport | None:
+        """Build a base that has no index yet: by one daemon at a time (they share the index
+        folder); a daemon that dies while building lets another try after 15 minutes."""
+        claim = f"first-ingest:{name}"
+        if not await self.runtime.cache.claim_once(claim, 15 * 60):
+            log.info("another daemon is building this knowledge base; its index is picked up when ready", kb=name)
+            return None
+        try:
+            return await self.ingest(name)
+        finally:
+            with contextlib.suppress(StoreUnavailable):
+                await self.runtime.cache.delete(f"once:{claim}")
 
     async def ingest(self, name: str) -> IngestReport | None:
         """Re-ingest one knowledge base in a thread and load the result; None when it failed."""
@@ -137,4 +162,8 @@ class KnowledgeJobs:
     async def watch(self) -> None:
         retriever = self.runtime.retriever
         if retriever is not None:
-            await asyncio.to_thread(retriever.refresh, list(self.runtime.cfg.knowledge))
+            names = list(self.runtime.cfg.knowledge)
+            await asyncio.to_thread(retriever.refresh, names)
+            for name in names:  # built by another daemon (or `botd kb ingest`) into the shared folder
+                if retriever.has_index(name) and self.runtime.knowledge_state.get(name) in ("building", "failed"):
+                    self.runtime.set_knowledge_state(name, "ready")

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -35,6 +36,7 @@ from core.engines import GenerationRequest
 from core.engines.base import TemplateError
 from core.jobs import Job, QueueFull
 from core.knowledge.retriever import Hit
+from core.lease import Fenced, Lease, turn
 from core.messages import ChatTurn, Finish, InboundMessage, ReplyEvent, ThreadKey, Usage
 from core.ratelimit import LimitExceeded
 from core.redis_store import StoreUnavailable
@@ -105,6 +107,9 @@ class ChatService:
         # Every task under way (platform answers, history writes, ingests): one registry, each
         # with the connector it answers through ("" for none).
         self._tasks: dict[asyncio.Task[Any], str] = {}
+        # The thread turns held by the answers under way (request id -> lease): the history
+        # write is refused once a turn has moved to another daemon.
+        self._turns: dict[str, Lease] = {}
         # Set by the daemon: re-ingest one knowledge base (the admins' "/kb ingest").
         self.ingest_hook: Callable[[str], Awaitable[Any]] | None = None
 
@@ -161,6 +166,24 @@ class ChatService:
         except StoreUnavailable:
             log.warning("cannot read the durable inbox: redis unreachable; earlier messages wait for the next start")
             return
+        await self._take_over(pending, connectors, "answering messages accepted before the restart")
+
+    async def serve(self, connectors: dict[str, Connector]) -> None:
+        """Until cancelled: keep this daemon's messages from being taken over (they are being
+        answered) and take over those of daemons that stopped answering theirs."""
+        lease = self.cfg.redis.lease_s
+        while True:
+            await asyncio.sleep(lease / 3)
+            try:
+                await self.runtime.inbox.keep_alive()
+                if self.runtime.worker.accepting:  # a stopping daemon takes on nothing new
+                    claimed = await self.runtime.inbox.claim()
+                    await self._take_over(claimed, connectors, "answering messages another daemon left")
+            except StoreUnavailable:
+                pass  # logged by the store; tried again next round
+
+    async def _take_over(self, pending: list[tuple[str, InboundMessage]], connectors: dict[str, Connector],
+                         event: str) -> None:
         counts: dict[str, int] = {}
         for name, msg in pending:
             connector = connectors.get(name)
@@ -177,7 +200,7 @@ class ChatService:
             counts[name] = counts.get(name, 0) + 1
             self._spawn(self._answer(msg, target), name)
         if counts:
-            log.info("answering messages accepted before the restart", counts=counts)
+            log.info(event, counts=counts)
 
     async def _answer(self, msg: InboundMessage, target: ReplyTarget) -> None:
         structlog.contextvars.bind_contextvars(platform=msg.platform, bot=msg.bot, chat=msg.chat,
@@ -190,12 +213,19 @@ class ChatService:
             elif not msg.readable:
                 await delivery.show(texts.NOT_TEXT)
             else:
-                typing = asyncio.create_task(self._typing(target)) if target.typing_every_s else None
-                try:
-                    answered = await self._reply(msg, delivery)
-                finally:
-                    if typing is not None:
-                        typing.cancel()
+                # One answer at a time per thread, across daemons: the next message of the thread
+                # waits, and its prompt holds this exchange.
+                async with turn(self.runtime.redis, self.cfg.redis.key_prefix, f"thread:{msg.thread_key}",
+                                self.cfg.redis.lease_s, self.cfg.server.instance_name()) as lease:
+                    if lease is not None:
+                        self._turns[msg.request_id] = lease
+                    typing = asyncio.create_task(self._typing(target)) if target.typing_every_s else None
+                    try:
+                        answered = await self._reply(msg, delivery)
+                    finally:
+                        self._turns.pop(msg.request_id, None)
+                        if typing is not None:
+                            typing.cancel()
                 if answered:
                     await target.answered()
         except Interrupted:
@@ -434,10 +464,14 @@ class ChatService:
                 await self.runtime.history.append_exchange(
                     msg.thread_key, msg.text, job.text,
                     also=lambda pipe: self.runtime.inbox.add_answer(pipe, msg, job.text),
+                    fence=self._turns.get(msg.request_id),
                 )
                 stored = True
             except StoreUnavailable:
                 log.warning("could not store the exchange: redis unreachable", thread=str(msg.thread_key))
+            except Fenced:
+                log.warning("the thread's turn moved to another daemon (this one paused past its lease): "
+                            "the exchange is not stored", thread=str(msg.thread_key))
         metrics.MESSAGES.labels(msg.platform, reason).inc()
         await self.runtime.limits.spend(msg, job.usage.total_tokens)
         started = job.started_at or job.finished_at or t0
@@ -481,3 +515,222 @@ class ChatService:
             _, pending = await asyncio.wait(tasks, timeout=timeout_s)
             for task in pending:
                 task.cancel()
+
+    # -- the web console: what it reads and steers ---------------------------------------------
+    # Each takes the bots the asking user may see; the console decides who that is.
+
+    async def conversations(self, bots: Collection[str], platform: str | None = None,
+                            limit: int = 500) -> list[dict[str, Any]]:
+        """The threads with a history in Redis for ``bots`` (newest first): platform, bot, chat,
+        thread, messages, last message time, seconds until they expire."""
+        redis, prefix = self.runtime.redis, f"{self.runtime.history.prefix}:hist:"
+        wanted = set(bots)
+
+        async def scan() -> list[tuple[str, ThreadKey]]:
+            found: list[tuple[str, ThreadKey]] = []
+            seen = 0
+            async for key in redis.client.scan_iter(match=prefix + "*", count=1000):
+                seen += 1
+                thread = self.thread_of(key[len(prefix):])
+                if thread is not None and thread.bot in wanted and (not platform or thread.platform == platform):
+                    found.append((key, thread))
+                if seen >= 50_000 or len(found) >= 5 * limit:  # a bounded look, not a full walk
+                    break
+            return found
+
+        async def details(keys: list[str]) -> list[Any]:
+            async with redis.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.llen(key)
+                    pipe.lindex(key, -1)
+                    pipe.ttl(key)
+                return list(await pipe.execute())
+
+        try:
+            found = await redis.run("SCAN", scan)
+            values = await redis.run("LLEN", details, [k for k, _ in found]) if found else []
+        except StoreUnavailable as exc:
+            raise Busy("history storage is unreachable; try again shortly", self.cfg.queue.retry_after_s) from exc
+        out = []
+        for i, (_key, t) in enumerate(found):
+            length, last, ttl = values[3 * i: 3 * i + 3]
+            if not length:
+                continue
+            try:
+                ts = float(json.loads(last).get("ts", 0)) if last else None
+            except (ValueError, AttributeError, TypeError):
+                ts = None
+            out.append({"id": t.redis_suffix(), "platform": t.platform, "bot": t.bot, "chat": t.chat,
+                        "thread": t.thread, "messages": int(length), "last_ts": ts,
+                        "expires_in_s": int(ttl) if ttl and int(ttl) >= 0 else None})
+        out.sort(key=lambda c: -(c["last_ts"] or 0))
+        return out[:limit]
+
+    async def conversation(self, thread: ThreadKey) -> list[dict[str, Any]]:
+        """One thread's stored messages, oldest first, with their times."""
+        redis = self.runtime.redis
+        try:
+            raw = await redis.run("LRANGE", redis.client.lrange, self.runtime.history.key(thread), 0, -1)
+        except StoreUnavailable as exc:
+            raise Busy("history storage is unreachable; try again shortly", self.cfg.queue.retry_after_s) from exc
+        out = []
+        for item in raw:
+            try:
+                d = json.loads(item)
+                if d.get("role") in ("user", "assistant") and isinstance(d.get("content"), str):
+                    out.append({"role": d["role"], "content": d["content"], "ts": d.get("ts")})
+            except (ValueError, AttributeError):
+                continue
+        return out
+
+    async def knowledge_status(self, bots: Collection[str]) -> list[dict[str, Any]]:
+        """The knowledge bases granted to ``bots``: state, documents and chunk counts of the live
+        index, when it was built, and the console's last re-ingest of it."""
+        granted: dict[str, list[str]] = {}
+        for name in sorted(bots):
+            bot = self.cfg.bots.get(name)
+            for kb in bot.knowledge if bot is not None else []:
+                granted.setdefault(kb, []).append(name)
+        state_dir = self.cfg.server.state_dir
+
+        def manifest(kb: str) -> dict[str, Any]:
+            from core.knowledge.store import KnowledgeStore
+
+            store = KnowledgeStore(state_dir, kb)
+            version = store.current_name()
+            if version is None:
+                return {}
+            try:
+                return dict(json.loads((store.dir / version / "manifest.json").read_text(encoding="utf-8")))
+            except (OSError, ValueError):
+                return {}
+
+        out = []
+        for kb in sorted(granted):
+            if kb not in self.cfg.knowledge:
+                continue
+            m = await asyncio.to_thread(manifest, kb)
+            files = m.get("files") or {}
+            run = self._console_ingests.get(kb, {})
+            out.append({
+                "name": kb, "bots": granted[kb], "paths": list(self.cfg.knowledge[kb].paths),
+                "state": "ingesting" if run.get("running") else self.runtime.knowledge_state.get(kb, "unknown"),
+                "chunks": sum(int(f.get("count", 0)) for f in files.values()),
+                "documents": [{"source": s, "chunks": int(f.get("count", 0))} for s, f in sorted(files.items())],
+                "built_at": m.get("built_at") or None, "model": m.get("model", ""),
+                "last_ingest": {k: v for k, v in run.items() if k != "running"} or None,
+                "schedule": self.cfg.knowledge[kb].schedule,
+            })
+        return out
+
+    @property
+    def _console_ingests(self) -> dict[str, dict[str, Any]]:
+        runs: dict[str, dict[str, Any]] | None = self.__dict__.get("_console_ingest_runs")
+        if runs is None:
+            runs = self.__dict__["_console_ingest_runs"] = {}
+        return runs
+
+    def reingest(self, kb: str) -> bool:
+        """Start re-ingesting ``kb`` in the background; False when one is already running (or none can)."""
+        runs = self._console_ingests
+        if self.ingest_hook is None or kb not in self.cfg.knowledge or runs.get(kb, {}).get("running"):
+            return False
+        hook = self.ingest_hook
+        runs[kb] = {"running": True, "started_at": time.time()}
+
+        async def run() -> None:
+            report: Any = None
+            try:
+                report = await hook(kb)
+            finally:
+                runs[kb] = {"started_at": runs[kb]["started_at"], "finished_at": time.time(),
+                            "ok": report is not None,
+                            "summary": report.summary() if report is not None else "failed or already running; "
+                                                                                   "see the daemon's log",
+                            "skipped": [list(s) for s in report.skipped] if report is not None else []}
+
+        self._spawn(run())
+        return True
+
+    @staticmethod
+    def answer_details(answer: Any) -> dict[str, Any]:
+        """Timings and token counts of a finished answer (empty for a fixed text)."""
+        if not isinstance(answer, JobAnswer):
+            return {}
+        job = answer.job
+        started = job.started_at or job.enqueued_at
+        decode_s = (job.finished_at or 0) - (job.first_token_at or 0)
+        return {
+            "queue_wait_ms": round((started - job.enqueued_at) * 1000),
+            "ttft_ms": round(((job.first_token_at or started) - started) * 1000),
+            "total_ms": round(((job.finished_at or time.monotonic()) - job.enqueued_at) * 1000),
+            "tokens_per_s": round((job.usage.completion_tokens - 1) / decode_s, 1)
+            if decode_s > 0 and job.usage.completion_tokens > 1 else None,
+            "prompt_tokens": job.usage.prompt_tokens,
+            "prompt_tokens_reused": job.cached_tokens,
+            "completion_tokens": job.usage.completion_tokens,
+            "sources": [{"kb": h.kb, "cite": h.cite, "score": round(h.score, 4),
+                         "similarity": None if h.similarity is None else round(h.similarity, 3)}
+                        for h in answer.hits],
+        }
+
+    async def audit_tail(self, bots: Collection[str] | None, *, user: str = "", day: str = "",
+                         limit: int = 200, max_bytes: int = 2_000_000) -> list[dict[str, Any]] | None:
+        """The newest audit lines (newest first) about ``bots`` (None: every line, console actions
+        included), filtered by user (part of it) and day ("YYYY-MM-DD"); None without an audit log."""
+        path = self.cfg.audit.file
+        if not path:
+            return None
+
+        def tail() -> list[str]:
+            try:
+                with open(path, "rb") as f:
+                    f.seek(0, 2)
+                    size = f.tell()
+                    f.seek(max(0, size - max_bytes))
+                    data = f.read()
+            except FileNotFoundError:
+                return []
+            lines = data.decode("utf-8", errors="replace").splitlines()
+            return lines[1:] if size > max_bytes else lines  # the first may be cut
+
+        out: list[dict[str, Any]] = []
+        wanted = None if bots is None else set(bots)
+        for line in reversed(await asyncio.to_thread(tail)):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(entry, dict):
+                continue
+            if wanted is not None and entry.get("bot") not in wanted:
+                continue
+            if user and user not in str(entry.get("user", "")):
+                continue
+            if day and not str(entry.get("ts", "")).startswith(day):
+                continue
+            out.append(entry)
+            if len(out) >= limit:
+                break
+        return out
+
+    def audit_action(self, who: str, action: str, **details: Any) -> None:
+        """One console action in the audit log (who, what, when) and in the daemon's log."""
+        log.info("console action", who=who, action=action, **details)
+        self.runtime.audit.record(question="", answer="", platform="console", user=who, action=action,
+                                  finish="console", **details)
+
+    @staticmethod
+    def thread_of(conversation_id: str) -> ThreadKey | None:
+        """The thread a console conversation id (a history key's suffix, as :meth:`conversations`
+        gives it) names, or None when it is malformed."""
+        parts = conversation_id.split(":")
+        if len(parts) != 4:
+            return None
+
+        def unesc(part: str) -> str:
+            return part.replace("%3A", ":").replace("%25", "%")
+
+        platform, bot, chat, thread = (unesc(p) for p in parts)
+        return ThreadKey(platform, bot, chat, thread)
+

@@ -29,6 +29,7 @@ REGISTRY: dict[str, Entry] = {
     "wecom": Entry("connectors.wecom:WeComConnector", "wecom", lambda c: bool(c.wecom)),
     "telegram": Entry("connectors.telegram:TelegramConnector", "telegram", lambda c: bool(c.telegram)),
     "slack": Entry("connectors.slack:SlackConnector", "slack", lambda c: bool(c.slack)),
+    "web_console": Entry("connectors.web_console:WebConsoleConnector", "console", lambda c: c.console.enabled),
 }
 
 

@@ -9,6 +9,7 @@ starts receiving (polling loops, sockets, API sessions), leaving it closes them.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -43,6 +44,26 @@ class Service(Protocol):
     def bot_names(self) -> list[str]: ...
 
     def health(self) -> dict[str, Any]: ...
+
+    # What the web console reads and steers; each takes the bots the asking user may see.
+
+    async def conversations(self, bots: Collection[str], platform: str | None = None,
+                            limit: int = 500) -> list[dict[str, Any]]: ...
+
+    async def conversation(self, thread: ThreadKey) -> list[dict[str, Any]]: ...
+
+    def thread_of(self, conversation_id: str) -> ThreadKey | None: ...
+
+    async def knowledge_status(self, bots: Collection[str]) -> list[dict[str, Any]]: ...
+
+    def reingest(self, kb: str) -> bool: ...
+
+    def answer_details(self, answer: Any) -> dict[str, Any]: ...
+
+    async def audit_tail(self, bots: Collection[str] | None, *, user: str = "", day: str = "",
+                         limit: int = 200, max_bytes: int = 2_000_000) -> list[dict[str, Any]] | None: ...
+
+    def audit_action(self, who: str, action: str, **details: Any) -> None: ...
 
 
 # (HTTP method, path, name of the connector's handler method)

@@ -10,9 +10,10 @@ Routes:
   local-deployment guides use.
 - ``GET /v1/models``, ``GET|DELETE /v1/conversations/{id}``.
 
-Auth: ``Authorization: Bearer <key>`` against ``[api] keys`` (constant-time compare).
-Conversations are namespaced by the key that created them, so one key can never
-read another key's history.
+Auth: ``Authorization: Bearer <key>`` against ``[api] keys`` (constant-time compare),
+or a JWT issued by ``botd token issue`` (signed with ``[console] signing_key``), which
+may use only the bots it names. Conversations are namespaced by the key (or the token's
+user) that created them, so one key can never read another key's history.
 
 Outcomes: an answer that did not complete (:class:`~core.messages.Finish` ``busy``,
 ``shutdown``, ``cancelled``, ``error``) is never reported as ``finish_reason: "stop"``.
@@ -29,6 +30,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import re
 import time
 import unicodedata
 from collections.abc import Awaitable, Callable
@@ -40,6 +42,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from connectors.base import Connector, Route, Service
 from connectors.server import REQUEST_ID, json_error
+from core.auth import API_AUDIENCE, AuthError, Tokens, looks_like_jwt
 from core.config import Settings
 from core.dispatch import Answer, Busy, Rejected
 from core.kv import KeyValueCache
@@ -54,6 +57,9 @@ _FINISH = {Finish.STOP: "stop", Finish.LENGTH: "length", Finish.TIMEOUT: "length
 # Deeper JSON than any real request needs; refused before anything walks it recursively.
 MAX_JSON_DEPTH = 64
 MAX_ID_CHARS = 200
+# The bots a JWT bearer token may use (absent for API keys: every bot the API serves).
+TOKEN_BOTS = web.RequestKey("token_bots", tuple)
+_TOKEN_USER = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 # -- edge checks -------------------------------------------------------------------------
@@ -234,6 +240,8 @@ class HttpApiConnector(Connector):
         self._keys = [
             (k, hashlib.sha256(k.encode()).hexdigest()[:12]) for k in (resolve_secret(r) for r in self.api.keys)
         ]
+        signing_key = self.config.console.signing_key
+        self._tokens = Tokens(resolve_secret(signing_key)) if signing_key else None
 
 
     def routes(self) -> list[Route]:
@@ -249,10 +257,14 @@ class HttpApiConnector(Connector):
 
     def _identity(self, request: web.Request) -> str | None:
         """The caller's key identity, "local" when no keys are configured, None if refused."""
-        if not self._keys:
-            return "local"
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
+        if self._tokens is not None and scheme.lower() == "bearer" and looks_like_jwt(given.strip()):
+            token_ident = self._token_identity(request, given.strip())
+            if token_ident is not None or not self._keys:
+                return token_ident
+        if not self._keys:
+            return "local"
         if scheme.lower() != "bearer" or not given:
             return None
         found = None
@@ -261,6 +273,21 @@ class HttpApiConnector(Connector):
             if hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), key.encode()):
                 found = ident
         return found
+
+    def _token_identity(self, request: web.Request, token: str) -> str | None:
+        """A JWT bearer token: its user is the identity ("jwt.<user>"); its bots bound the request."""
+        assert self._tokens is not None
+        try:
+            claims = self._tokens.decode(token, API_AUDIENCE)
+        except AuthError as exc:
+            log.info("API token refused", reason=exc.reason)
+            return None
+        bots = claims.get("bots")
+        if not isinstance(bots, list) or not all(isinstance(b, str) for b in bots) \
+                or not _TOKEN_USER.match(claims["sub"]):
+            return None
+        request[TOKEN_BOTS] = tuple(bots)
+        return f"jwt.{claims['sub']}"
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -290,17 +317,29 @@ class HttpApiConnector(Connector):
         except ValidationError as err:
             raise _BadRequest(400, "invalid_request", _explain(err)) from None
 
-    def _bots(self) -> list[str]:
-        """The bots this API may address: [api] bots, or every bot when that list is empty."""
+    def _bots(self, request: web.Request | None = None) -> list[str]:
+        """The bots this API may address: [api] bots, or every bot when that list is empty; for a
+        JWT bearer token, only those of them the token names."""
         allowed = self.api.bots
-        return [b for b in self.service.bot_names() if not allowed or b in allowed]
+        token_bots = request.get(TOKEN_BOTS) if request is not None else None
+        return [b for b in self.service.bot_names()
+                if (not allowed or b in allowed) and (token_bots is None or b in token_bots)]
 
-    def _bot_for_model(self, model: str | None) -> str:
-        if model is None or model == self.service.model_name:
+    def _default_bot(self, request: web.Request) -> str:
+        """[api] default_bot, or for a token that may not use it, the first bot the token names."""
+        bots = self._bots(request)
+        if request.get(TOKEN_BOTS) is None or self.api.default_bot in bots:
             return self.api.default_bot
-        if model in self._bots():
+        if not bots:
+            raise _BadRequest(403, "no_bot", "this token names no bot this API serves")
+        return next(b for b in request[TOKEN_BOTS] if b in bots)
+
+    def _bot_for_model(self, model: str | None, request: web.Request) -> str:
+        if model is None or model == self.service.model_name:
+            return self._default_bot(request)
+        if model in self._bots(request):
             return model
-        names = [self.service.model_name, *self._bots()]
+        names = [self.service.model_name, *self._bots(request)]
         raise _BadRequest(404, "model_not_found", f"unknown model {model!r}; available: {', '.join(names)}")
 
     def _check_budget(self, max_tokens: int | None) -> None:
@@ -341,7 +380,7 @@ class HttpApiConnector(Connector):
     @_authed
     async def chat_completions(self, request: web.Request, ident: str) -> web.StreamResponse:
         body: ChatCompletionBody = await self._read_json(request, ChatCompletionBody)
-        bot = self._bot_for_model(body.model)
+        bot = self._bot_for_model(body.model, request)
         max_tokens = body.max_completion_tokens or body.max_tokens
         self._check_budget(max_tokens)
         last = body.messages[-1]
@@ -470,9 +509,9 @@ class HttpApiConnector(Connector):
     @_authed
     async def simple_chat(self, request: web.Request, ident: str) -> web.StreamResponse:
         body: SimpleChatBody = await self._read_json(request, SimpleChatBody)
-        bot = body.bot or self.api.default_bot
-        if bot not in self._bots():
-            names = ", ".join(self._bots())
+        bot = body.bot or self._default_bot(request)
+        if bot not in self._bots(request):
+            names = ", ".join(self._bots(request))
             raise _BadRequest(404, "unknown_bot", f"unknown bot {bot!r}; bots: {names}")
         self._check_budget(body.max_tokens)
         if body.conversation_id and body.history:
@@ -516,8 +555,8 @@ class HttpApiConnector(Connector):
     # -- models and conversations ----------------------------------------------------------------
 
     @_authed
-    async def models(self, _request: web.Request, _ident: str) -> web.StreamResponse:
-        names = [self.service.model_name, *self._bots()]
+    async def models(self, request: web.Request, _ident: str) -> web.StreamResponse:
+        names = [self.service.model_name, *self._bots(request)]
         return web.json_response({"object": "list", "data": [
             {"id": n, "object": "model", "owned_by": "botd", "created": 0} for n in names]})
 
@@ -526,8 +565,8 @@ class HttpApiConnector(Connector):
         problem = _id_problem(cid)
         if problem:
             raise _BadRequest(400, "invalid_request", f"conversation id: {problem}")
-        bot = request.query.get("bot", self.api.default_bot)
-        if bot not in self._bots():
+        bot = request.query["bot"] if "bot" in request.query else self._default_bot(request)
+        if bot not in self._bots(request):
             # repr() escapes what could not be sent back as UTF-8 (undecodable bytes in the URL).
             raise _BadRequest(404, "unknown_bot", f"unknown bot {bot!r}")
         return ThreadKey(PLATFORM, bot, f"{ident}/{cid}", "")

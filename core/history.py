@@ -12,7 +12,9 @@ import time
 from collections.abc import Callable
 
 from redis.asyncio.client import Pipeline
+from redis.exceptions import WatchError
 
+from core.lease import Fenced, Lease
 from core.messages import ChatTurn, ThreadKey
 from core.redis_store import RedisManager
 
@@ -42,8 +44,10 @@ class HistoryStore:
         return turns
 
     async def append_exchange(self, thread: ThreadKey, user_text: str, assistant_text: str,
-                              also: Callable[[Pipeline], None] | None = None) -> None:
-        """Append one exchange; ``also`` adds commands to the same MULTI (the inbox's "answered")."""
+                              also: Callable[[Pipeline], None] | None = None, fence: Lease | None = None) -> None:
+        """Append one exchange; ``also`` adds commands to the same MULTI (the inbox's "answered").
+        With ``fence`` (the thread's turn), nothing is written once the turn has moved to
+        another daemon (raises :class:`~core.lease.Fenced`)."""
         now = time.time()
         key = self.key(thread)
         items = [
@@ -53,12 +57,17 @@ class HistoryStore:
 
         async def _tx() -> None:
             async with self.redis.client.pipeline(transaction=True) as pipe:
+                if fence is not None:
+                    await fence.guard(pipe)
                 pipe.rpush(key, *items)
                 pipe.ltrim(key, -self.max_messages, -1)
                 pipe.expire(key, self.ttl_s)
                 if also is not None:
                     also(pipe)
-                await pipe.execute()
+                try:
+                    await pipe.execute()
+                except WatchError:
+                    raise Fenced(f"the turn of {thread} moved to another daemon") from None
 
         await self.redis.run("append", _tx)
 

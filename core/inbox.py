@@ -1,35 +1,40 @@
-"""The durable inbox: every platform message botd has acknowledged, until its answer is delivered.
+"""The durable inbox: every platform message botd has acknowledged, until its answer is delivered,
+shared by every daemon on one Redis.
 
-A connector calls :meth:`Inbox.accept` before it answers the platform "got it". One Lua
-call both claims the platform's event id (dedupe) and records the message, so a message
-is either recorded or refused as a duplicate, never half of each. The record stays in
-Redis while the message waits, is generated and is shown; the connector removes it
-(:meth:`done`) once the platform has the final answer. A daemon that starts finds the
-records left by a previous run (SIGTERM, crash, ``kill -9``) and answers them.
+A connector's message is recorded before the platform hears "got it". One Lua call
+claims the platform's event id (dedupe, the same key space for every daemon), records
+the message and adds it to a Redis Stream read by one consumer group, one consumer per
+daemon (``[server] instance``), delivering the entry to the daemon that accepted it; a
+message is either recorded and owned, or refused as a duplicate, never half of each.
+While a daemon answers, it keeps its entries fresh (``XCLAIM ... JUSTID`` resets their
+idle time); the entries of a daemon that died go idle, and after ``[redis] lease_s``
+another daemon claims them (``XAUTOCLAIM``) and answers them. A daemon that starts
+answers what its own consumer left (SIGTERM, crash, ``kill -9``). The record is removed
+(:meth:`done`: ``XACK`` + ``XDEL`` + the record) once the platform has the final answer.
 
-Two companions make a replay exactly-once for the user:
+Two companions make a replay exactly-once for the user, whichever daemon replays:
 
-* ``progress`` — what the connector has already posted (message ids, parts sent), so a
-  replay edits the message it started instead of posting a second one;
+* ``progress`` — what has already been posted (message ids, parts sent), so a replay
+  edits the message it started instead of posting a second one;
 * ``answer`` — the finished answer text, written in the same MULTI as the thread's
   history, so a replay after the history was stored re-shows that answer instead of
   generating (and storing) a second one.
 
-Keys (hashes keyed by request id): ``{prefix}:inbox``, ``{prefix}:inbox:progress``,
-``{prefix}:inbox:answer``. A plain hash rather than a stream: records are updated
-(progress) and removed out of order, and replay order comes from ``seq``.
+Keys: ``{prefix}:inbox`` (hash: request id -> record), ``{prefix}:inbox:progress``,
+``{prefix}:inbox:answer`` (hashes keyed by request id), ``{prefix}:inbox:stream`` (the
+stream; group ``botd``).
 """
 
 from __future__ import annotations
 
 import json
 import time
-import uuid
 from dataclasses import asdict
 from typing import Any
 
 import structlog
 from redis.asyncio.client import Pipeline
+from redis.exceptions import ResponseError
 
 from core import metrics
 from core.messages import ChatTurn, InboundMessage
@@ -37,75 +42,90 @@ from core.redis_store import RedisManager, StoreUnavailable
 
 log = structlog.get_logger("botd.inbox")
 
-# KEYS: seen-key, inbox; ARGV: ttl, request id, record. Claims the event id and records the
-# message atomically: 1 recorded, 0 a duplicate.
+GROUP = "botd"
+
+# KEYS: seen-key, inbox, stream; ARGV: ttl, request id, record, group, consumer. Claims the
+# event id, records the message and hands its stream entry to this daemon, atomically:
+# the entry id, or 0 for a duplicate. Every entry is delivered inside the script that adds
+# it, so ">" returns exactly this one.
 _ACCEPT = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[1])) then
-  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-  return 1
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[1])) then
+  return 0
 end
-return 0
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.pcall('XGROUP', 'CREATE', KEYS[3], ARGV[4], '$', 'MKSTREAM')
+redis.call('XADD', KEYS[3], '*', 'rid', ARGV[2])
+local got = redis.call('XREADGROUP', 'GROUP', ARGV[4], ARGV[5], 'COUNT', 1, 'STREAMS', KEYS[3], '>')
+return got[1][2][1][1]
 """
 
 
-def _encode(msg: InboundMessage, connector: str, owner: str, run: str) -> str:
+_RUNTIME_ONLY = ("durable", "resumed", "progress", "final_answer", "entry")
+
+
+def _encode(msg: InboundMessage, connector: str, owner: str) -> str:
     data = asdict(msg)
-    for runtime_only in ("durable", "resumed", "progress", "final_answer"):
+    for runtime_only in _RUNTIME_ONLY:
         data.pop(runtime_only)
     data["history"] = None if msg.history is None else [t.as_dict() for t in msg.history]
     data["stop"] = list(msg.stop)
-    return json.dumps({"connector": connector, "owner": owner, "run": run, "seq": time.time_ns(), "msg": data},
+    # "v": 2 — recorded with a stream entry (records of botd before 0.2 have none).
+    return json.dumps({"v": 2, "connector": connector, "owner": owner, "seq": time.time_ns(), "msg": data},
                       ensure_ascii=False)
 
 
-def _decode(raw: str) -> tuple[str, str, str, int, InboundMessage]:
+def _decode(raw: str) -> tuple[str, InboundMessage]:
     rec = json.loads(raw)
     data = dict(rec["msg"])
     if data.get("history") is not None:
         data["history"] = [ChatTurn(t["role"], t["content"]) for t in data["history"]]
     data["stop"] = tuple(data.get("stop") or ())
     known = InboundMessage.__dataclass_fields__
-    msg = InboundMessage(**{k: v for k, v in data.items() if k in known})
-    return rec["connector"], str(rec.get("owner", "")), str(rec.get("run", "")), int(rec["seq"]), msg
+    msg = InboundMessage(**{k: v for k, v in data.items() if k in known and k not in _RUNTIME_ONLY})
+    return str(rec["connector"]), msg
 
 
 class Inbox:
-    def __init__(self, redis: RedisManager, prefix: str, owner: str, seen_ttl_s: int = 24 * 3600) -> None:
+    def __init__(self, redis: RedisManager, prefix: str, owner: str, seen_ttl_s: int = 24 * 3600,
+                 lease_s: float = 30.0) -> None:
         self.redis = redis
         self.prefix = prefix
-        # Several daemons may share one Redis: each replays only what it accepted itself.
+        # This daemon's consumer in the group: several daemons share one Redis.
         self.owner = owner
-        # This process's records: a replay takes only records an earlier run left, never a
-        # message this run accepted a moment ago (it is being answered already).
-        self.run = uuid.uuid4().hex
         self.seen_ttl_s = seen_ttl_s
+        # How long an entry may go untouched before another daemon takes it over.
+        self.lease_s = lease_s
         self.key = f"{prefix}:inbox"
         self.progress_key = f"{prefix}:inbox:progress"
         self.answer_key = f"{prefix}:inbox:answer"
+        self.stream_key = f"{prefix}:inbox:stream"
+        # Entries this process is answering: kept fresh, never replayed by itself.
+        self.mine: set[str] = set()
 
     async def accept(self, msg: InboundMessage, connector: str) -> bool:
-        """Record ``msg`` (claiming its event id); False when the platform delivered it before.
+        """Record ``msg`` (claiming its event id) as this daemon's to answer; False when the
+        platform delivered it before (to any daemon).
 
         With Redis unreachable the message is answered anyway (an answer beats none) but
         is not durable; that is logged.
         """
         seen = f"{self.prefix}:seen:{msg.platform}:{msg.event_id or msg.request_id}"
         try:
-            fresh = await self.redis.run(
-                "inbox accept", self.redis.client.eval, _ACCEPT, 2, seen, self.key,
-                self.seen_ttl_s, msg.request_id, _encode(msg, connector, self.owner, self.run),
+            entry = await self.redis.run(
+                "inbox accept", self.redis.client.eval, _ACCEPT, 3, seen, self.key, self.stream_key,
+                self.seen_ttl_s, msg.request_id, _encode(msg, connector, self.owner), GROUP, self.owner,
             )
         except StoreUnavailable:
             log.warning("inbox unavailable: redis unreachable; answering without a durable record",
                         platform=msg.platform)
             return True
-        if not fresh:
+        if not entry:
             metrics.DUPLICATES.labels(msg.platform).inc()
             log.info("duplicate delivery dropped", platform=msg.platform, event_id=msg.event_id)
             return False
-        msg.durable = True
+        msg.durable, msg.entry = True, str(entry)
+        self.mine.add(msg.entry)
         return True
-
     async def note_progress(self, msg: InboundMessage, progress: dict[str, Any]) -> None:
         """Remember what has been posted for ``msg`` (merged into ``msg.progress``)."""
         msg.progress.update(progress)
@@ -124,52 +144,134 @@ class Inbox:
 
     async def done(self, msg: InboundMessage) -> None:
         """The platform has the final answer (or a final refusal): forget the record."""
+        self.mine.discard(msg.entry)
         if not msg.durable:
             return
 
         try:
-            await self.redis.run("inbox done", self._drop, msg.request_id)
+            await self.redis.run("inbox done", self._drop, msg.request_id, msg.entry)
         except StoreUnavailable:
             # It will be answered again after a restart; the recorded answer keeps the words the same.
             log.warning("could not clear the inbox record: redis unreachable", request_id=msg.request_id)
         msg.durable = False
 
-    async def _drop(self, rid: str) -> None:
+    async def _drop(self, rid: str, entry: str = "") -> None:
         async with self.redis.client.pipeline(transaction=True) as pipe:
+            if entry:
+                pipe.xack(self.stream_key, GROUP, entry)
+                pipe.xdel(self.stream_key, entry)
             pipe.hdel(self.key, rid)
             pipe.hdel(self.progress_key, rid)
             pipe.hdel(self.answer_key, rid)
             await pipe.execute()
 
     async def pending(self) -> list[tuple[str, InboundMessage]]:
-        """Records left by an earlier run of this daemon, oldest first, as (connector name, message)."""
+        """What this daemon's consumer left unfinished in an earlier run, oldest first, as
+        (connector name, message)."""
+        try:
+            got = await self.redis.run("inbox read", self.redis.client.xreadgroup, GROUP, self.owner,
+                                       {self.stream_key: "0"}, count=10_000)
+        except StoreUnavailable as exc:
+            if "NOGROUP" not in str(exc.__cause__):
+                raise
+            got = []  # nothing was accepted on this Redis since it started
+            await self.redis.run("inbox group", self._create_group)
+        entries = [(eid, fields) for _, items in got for eid, fields in items]
+        found = await self._load([e for e in entries if e[0] not in self.mine])
+        return await self._sweep() + found
 
-        async def _read() -> tuple[dict[Any, Any], dict[Any, Any], dict[Any, Any]]:
-            async with self.redis.client.pipeline(transaction=True) as pipe:
-                pipe.hgetall(self.key)
-                pipe.hgetall(self.progress_key)
-                pipe.hgetall(self.answer_key)
-                return tuple(await pipe.execute())
-
-        records, progress, answers = await self.redis.run("inbox read", _read)
-        found: list[tuple[int, str, InboundMessage]] = []
+    async def _sweep(self) -> list[tuple[str, InboundMessage]]:
+        """Records with no stream entry: a damaged one is dropped (and logged); one this daemon
+        wrote before the inbox had a stream (botd < 0.2) gets an entry and is answered."""
+        records: dict[str, str] = await self.redis.run("inbox read", self.redis.client.hgetall, self.key)
+        adopted: list[tuple[int, str]] = []
         for rid, raw in records.items():
             try:
-                connector, owner, run, seq, msg = _decode(raw)
-            except (ValueError, KeyError, TypeError) as exc:
+                rec = json.loads(raw)
+                _decode(raw)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 log.error("damaged inbox record dropped", request_id=rid, error=f"{type(exc).__name__}: {exc}")
                 await self.redis.run("inbox drop", self._drop, rid)
                 continue
-            if owner and owner != self.owner:
-                continue  # another daemon's message: it answers it when it restarts
-            if run == self.run:
-                continue  # accepted by this run: already being answered
-            msg.durable, msg.resumed = True, True
+            if rec.get("v") is None and rec.get("owner", "") in ("", self.owner):
+                adopted.append((int(rec.get("seq", 0)), rid))
+                records[rid] = json.dumps({**rec, "v": 2}, ensure_ascii=False)
+        if not adopted:
+            return []
+
+        async def _adopt() -> list[str]:
+            async with self.redis.client.pipeline(transaction=True) as pipe:
+                for _, rid in sorted(adopted):
+                    pipe.xadd(self.stream_key, {"rid": rid})
+                    pipe.hset(self.key, rid, records[rid])
+                return [str(e) for e in (await pipe.execute())[::2]]
+
+        ids = await self.redis.run("inbox adopt", _adopt)
+        # Delivered to this daemon's consumer like any accepted message (nothing else is ever
+        # left undelivered, so ">" reads exactly these).
+        await self.redis.run("inbox adopt", self.redis.client.xreadgroup, GROUP, self.owner, {self.stream_key: ">"},
+                             count=len(ids))
+        log.info("inbox records of an earlier botd version adopted", count=len(ids))
+        return await self._load([(eid, {"rid": rid}) for eid, (_, rid) in zip(ids, sorted(adopted), strict=True)])
+
+    async def _create_group(self) -> None:
+        try:
+            await self.redis.client.xgroup_create(self.stream_key, GROUP, id="$", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def claim(self, count: int = 50) -> list[tuple[str, InboundMessage]]:
+        """Take over the entries of daemons that stopped answering them (idle past the lease)."""
+        try:
+            got = await self.redis.run("inbox claim", self.redis.client.xautoclaim, self.stream_key, GROUP,
+                                       self.owner, int(self.lease_s * 1000), "0-0", count=count)
+        except StoreUnavailable as exc:
+            if "NOGROUP" in str(exc.__cause__):
+                return []
+            raise
+        entries = [e for e in got[1] if e[0] not in self.mine]
+        found = await self._load(entries)
+        if found:
+            log.warning("taking over messages another daemon did not finish", count=len(found))
+        return found
+
+    async def keep_alive(self) -> None:
+        """Reset the idle time of the entries this daemon is answering, so that no other daemon
+        takes them over (call more often than every ``lease_s``)."""
+        if self.mine:
+            await self.redis.run("inbox keep-alive", self.redis.client.xclaim, self.stream_key, GROUP,
+                                 self.owner, 0, list(self.mine), justid=True)
+
+    async def _load(self, entries: list[tuple[str, dict[str, str]]]) -> list[tuple[str, InboundMessage]]:
+        """The messages of stream entries, with their progress and stored answers; entries whose
+        record is gone or damaged are dropped."""
+        if not entries:
+            return []
+        rids = [(fields or {}).get("rid", "") for _, fields in entries]
+
+        async def _read() -> list[Any]:
+            async with self.redis.client.pipeline(transaction=False) as pipe:
+                pipe.hmget(self.key, rids)
+                pipe.hmget(self.progress_key, rids)
+                pipe.hmget(self.answer_key, rids)
+                return list(await pipe.execute())
+
+        records, progress, answers = await self.redis.run("inbox read", _read)
+        found: list[tuple[str, InboundMessage]] = []
+        for (entry, _), rid, raw, prog, answer in zip(entries, rids, records, progress, answers, strict=True):
             try:
-                msg.progress = dict(json.loads(progress[rid])) if rid in progress else {}
+                connector, msg = _decode(raw)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("damaged inbox record dropped", request_id=rid, error=f"{type(exc).__name__}: {exc}")
+                await self.redis.run("inbox drop", self._drop, rid, entry)
+                continue
+            msg.durable, msg.resumed, msg.entry = True, True, entry
+            try:
+                msg.progress = dict(json.loads(prog)) if prog else {}
             except (ValueError, TypeError):
                 msg.progress = {}
-            msg.final_answer = answers.get(rid)
-            found.append((seq, connector, msg))
-        found.sort(key=lambda t: t[0])
-        return [(c, m) for _, c, m in found]
+            msg.final_answer = answer
+            self.mine.add(entry)
+            found.append((connector, msg))
+        return found

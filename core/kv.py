@@ -11,7 +11,7 @@ import json
 import time
 from typing import Any
 
-from core.redis_store import RedisManager
+from core.redis_store import RedisManager, StoreUnavailable
 
 
 class KeyValueCache:
@@ -27,6 +27,15 @@ class KeyValueCache:
 
     async def set(self, name: str, value: str, ttl_s: int) -> None:
         await self.redis.run("SET", self.redis.client.set, self._key(name), value, ex=max(1, ttl_s))
+
+    async def claim_once(self, name: str, ttl_s: int) -> bool:
+        """True for exactly one caller among all daemons within ``ttl_s`` (a scheduled job's run);
+        True as well when Redis is unreachable (doing it twice beats not at all)."""
+        try:
+            return bool(await self.redis.run("SET NX", self.redis.client.set, self._key(f"once:{name}"), "1",
+                                             nx=True, ex=max(1, ttl_s)))
+        except StoreUnavailable:
+            return True
 
     async def delete(self, name: str) -> None:
         await self.redis.run("DEL", self.redis.client.delete, self._key(name))

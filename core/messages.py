@@ -76,6 +76,8 @@ class InboundMessage:
     resumed: bool = False
     progress: dict[str, Any] = field(default_factory=dict)
     final_answer: str | None = None
+    # Its entry in the inbox's stream (the daemon answering it keeps the entry fresh).
+    entry: str = ""
 
     @property
     def thread_key(self) -> ThreadKey:

@@ -43,7 +43,7 @@ class Runtime:
         self.worker = InferenceWorker(
             self.engine, self.queue, max_wait_s=cfg.queue.max_wait_s, on_finished=self._observe
         )
-        self.inbox = Inbox(self.redis, cfg.redis.key_prefix, cfg.server.instance_name())
+        self.inbox = Inbox(self.redis, cfg.redis.key_prefix, cfg.server.instance_name(), lease_s=cfg.redis.lease_s)
         self.cache = KeyValueCache(self.redis, cfg.redis.key_prefix)
         self.limits = RateLimiter(self.redis, cfg.redis.key_prefix, cfg.limits)
         self.audit = AuditLog(cfg.audit)
@@ -171,6 +171,7 @@ class Runtime:
         self.queue.max_size, self.queue.per_user = cfg.queue.max_size, cfg.queue.per_user
         self.queue.retry_after_s = cfg.queue.retry_after_s
         self.worker.max_wait_s = cfg.queue.max_wait_s
+        self.inbox.lease_s = cfg.redis.lease_s
         self.limits.cfg = cfg.limits
         self.history.ttl_s, self.history.max_messages = cfg.redis.history_ttl_s, cfg.redis.history_max_messages
         if cfg.audit != self.cfg.audit:

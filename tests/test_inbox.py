@@ -53,7 +53,9 @@ async def test_accept_records_the_message_and_claims_its_event_id(manager, redis
     assert msg.durable is True and msg.resumed is False
     client = redis_server.client()
     stored = json.loads(client.hget(KEY, msg.request_id))
-    assert stored["connector"] == "slack" and stored["owner"] == "host-a" and stored["run"] == inbox.run
+    assert stored["connector"] == "slack" and stored["owner"] == "host-a"
+    # Its stream entry is delivered to this daemon's consumer at once.
+    assert client.xpending(f"{PREFIX}:inbox:stream", "botd")["consumers"] == [{"name": "host-a", "pending": 1}]
     assert stored["msg"]["text"] == "hi" and stored["msg"]["route"] == {"channel": "C1", "ts": "1.2"}
     # Runtime-only state is not written.
     assert not {"durable", "resumed", "progress", "final_answer"} & set(stored["msg"])
@@ -178,7 +180,6 @@ async def test_pending_returns_earlier_runs_of_this_owner_oldest_first(manager):
     # Another owner's record and one of the current run's own are not for this run.
     assert await Inbox(manager, PREFIX, "host-b").accept(message(text="theirs", event_id="EvB"), "slack")
     now = Inbox(manager, PREFIX, "host-a")
-    assert now.run != earlier.run
     assert await now.accept(message(text="mine now", event_id="EvNow"), "slack")
 
     pending = await now.pending()
@@ -272,3 +273,35 @@ async def test_redis_lost_after_accept_keeps_the_record_for_a_later_run(manager,
     assert msg.durable is False and msg.progress == {"ts": "5"}
     [(_, replay)] = await Inbox(manager, PREFIX, "host-a").pending()
     assert replay.request_id == msg.request_id and replay.progress == {}
+
+
+async def test_a_dead_daemons_messages_are_taken_over_after_the_lease_and_a_live_ones_are_not(manager):
+    dead = Inbox(manager, PREFIX, "host-a", lease_s=0.3)
+    alive = Inbox(manager, PREFIX, "host-b", lease_s=0.3)
+    taker = Inbox(manager, PREFIX, "host-c", lease_s=0.3)
+    lost, kept = message(text="lost", event_id="E-a"), message(text="kept", event_id="E-b")
+    assert await dead.accept(lost, "slack") and await alive.accept(kept, "slack")
+    await dead.note_progress(lost, {"sent": ["1.0"]})
+    assert await taker.claim() == []  # nothing has been idle for the lease yet
+    for _ in range(4):  # host-b keeps answering (keep-alive); host-a has died
+        await asyncio.sleep(0.15)
+        await alive.keep_alive()
+    claimed = await taker.claim()
+    assert [(c, m.text) for c, m in claimed] == [("slack", "lost")]
+    got = claimed[0][1]
+    assert got.resumed and got.durable and got.progress == {"sent": ["1.0"]}  # edits, never re-posts
+    assert await taker.claim() == []  # taken once: it is host-c's now
+    await taker.done(got)
+    assert await Inbox(manager, PREFIX, "host-a").pending() == []  # host-a, restarted, finds nothing
+
+
+async def test_records_of_an_inbox_without_a_stream_are_adopted(manager, redis_server):
+    """An upgrade: records botd wrote before the inbox had a stream are answered after it."""
+    old = {"connector": "telegram", "owner": "host-a", "run": "r1", "seq": 5,
+           "msg": {"platform": "telegram", "bot": "assistant", "chat": "1", "user": "1", "text": "from before",
+                   "request_id": "old1", "route": {"chat_id": 1}}}
+    redis_server.client().hset(KEY, "old1", json.dumps(old))
+    pending = await Inbox(manager, PREFIX, "host-a").pending()
+    assert [(c, m.text) for c, m in pending] == [("telegram", "from before")]
+    again = await Inbox(manager, PREFIX, "host-a").pending()  # a second restart: still pending, once
+    assert [m.request_id for _, m in again] == ["old1"]

@@ -1,4 +1,8 @@
-"""Inference engines behind one small interface; ``create_engine`` picks one by config name."""
+"""Inference engines behind one small interface; ``create_engine`` picks one by config name.
+
+Each engine's module is imported only when it is chosen, so that an engine's library (llama-cpp-python,
+aiohttp's client, ctransformers) is needed only by the deployments that use it.
+"""
 
 from __future__ import annotations
 
@@ -20,5 +24,30 @@ def create_engine(cfg: ModelConfig) -> Engine:
             seed=cfg.seed,
             parallel=cfg.parallel,
             cache_mb=cfg.cache_mb,
+            n_gpu_layers=cfg.n_gpu_layers,
+            main_gpu=cfg.main_gpu,
+            flash_attn=cfg.flash_attn_setting(),
         )
+    if cfg.engine == "openai":
+        from core.engines.openai import RemoteEngine
+        from core.secrets import SecretError, resolve_secret
+
+        try:
+            key = resolve_secret(cfg.api_key) if cfg.api_key else None
+        except SecretError as exc:
+            raise EngineError(f"model.api_key: {exc}") from None
+        return RemoteEngine(
+            cfg.base_url,
+            api_key=key,
+            model=cfg.model,
+            n_ctx=cfg.n_ctx,
+            timeout_s=cfg.timeout_s,
+            max_concurrent=cfg.max_concurrent,
+            tokenizer_path=cfg.tokenizer_path,
+        )
+    if cfg.engine == "ctransformers":
+        from core.engines.ctransformers import CTransformersEngine
+
+        return CTransformersEngine(cfg.resolved_path(), cfg.model_type, n_ctx=cfg.n_ctx,
+                                   n_threads=cfg.resolved_threads(), n_batch=cfg.n_batch, seed=cfg.seed)
     raise EngineError(f"unknown engine {cfg.engine!r}")

@@ -45,6 +45,109 @@ _CHATML = (
 
 _log_callback: Any = None
 
+# How an admin gets a llama.cpp that can offload: the one line every "no GPU" refusal ends with.
+GPU_BUILD_HINT = ("install the GPU build with `BOTD_GPU=cuda bash scripts/run.sh` (it rebuilds llama-cpp-python "
+                  "with CUDA; needs the CUDA toolkit (nvcc) and an NVIDIA driver), or set model.n_gpu_layers = 0 "
+                  "to run on the CPU")
+# n_gpu_layers = -1 ("all") is passed as this: llama.cpp caps it at the model's layer count, and
+# older versions read a negative count as "none".
+_ALL_LAYERS = 1_000_000
+
+
+class _Device:
+    """One ggml backend device (the CPU, a GPU) as llama.cpp sees it."""
+
+    def __init__(self, name: str, description: str, kind: int, free: int, total: int) -> None:
+        self.name, self.description, self.kind, self.free, self.total = name, description, kind, free, total
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind in (1, 2)  # GGML_BACKEND_DEVICE_TYPE_GPU, _IGPU
+
+    def describe(self) -> str:
+        mib = 1024 * 1024
+        return f"{self.name} ({self.description}, {self.free // mib} of {self.total // mib} MiB free)"
+
+
+def _devices() -> list[_Device] | None:
+    """The devices llama.cpp can use, or None when this build does not let us ask.
+
+    llama-cpp-python does not bind ggml's device registry, so it is read through ctypes from
+    the libggml next to libllama (loaded already, so this opens no second copy).
+    """
+    import ctypes
+    import sys
+
+    import llama_cpp
+
+    base = Path(getattr(llama_cpp.llama_cpp, "_base_path", Path(llama_cpp.__file__).parent / "lib"))
+    name = {"win32": "ggml.dll", "darwin": "libggml.dylib"}.get(sys.platform, "libggml.so")
+    try:
+        lib = ctypes.CDLL(str(base / name))
+        lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+        lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+        lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+        for fn in (lib.ggml_backend_dev_name, lib.ggml_backend_dev_description):
+            fn.argtypes, fn.restype = [ctypes.c_void_p], ctypes.c_char_p
+        lib.ggml_backend_dev_type.argtypes, lib.ggml_backend_dev_type.restype = [ctypes.c_void_p], ctypes.c_int
+        lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                                ctypes.POINTER(ctypes.c_size_t)]
+        found = []
+        for i in range(lib.ggml_backend_dev_count()):
+            dev = lib.ggml_backend_dev_get(i)
+            free, total = ctypes.c_size_t(), ctypes.c_size_t()
+            lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+            found.append(_Device((lib.ggml_backend_dev_name(dev) or b"").decode(errors="replace"),
+                                 (lib.ggml_backend_dev_description(dev) or b"").decode(errors="replace"),
+                                 lib.ggml_backend_dev_type(dev), free.value, total.value))
+        return found
+    except (OSError, AttributeError):
+        return None
+
+
+def gpu_offload_problem(n_gpu_layers: int, main_gpu: int = -1) -> str:
+    """Why ``n_gpu_layers`` layers cannot be offloaded by this llama-cpp-python on this machine,
+    or "" when they can (or none are asked for). The config check and :meth:`LlamaCppEngine.load`
+    both ask: offload that is asked for either happens or stops the start, it never quietly
+    runs on the CPU (which llama.cpp itself would do)."""
+    if n_gpu_layers == 0:
+        return ""
+    import llama_cpp
+
+    if not llama_cpp.llama_supports_gpu_offload():
+        return (f"model.n_gpu_layers: {n_gpu_layers} asks for GPU offload, but this llama-cpp-python build "
+                f"has no GPU support (a CPU build); {GPU_BUILD_HINT}")
+    devices = _devices()
+    gpus = [d for d in devices or [] if d.is_gpu]
+    if devices is not None and not gpus:
+        return (f"model.n_gpu_layers: {n_gpu_layers} asks for GPU offload, but llama.cpp finds no GPU on this "
+                "machine (is the NVIDIA driver loaded? is CUDA_VISIBLE_DEVICES empty?); set model.n_gpu_layers = 0 "
+                "to run on the CPU")
+    if gpus and main_gpu >= len(gpus):
+        return f"model.main_gpu: {main_gpu}, but llama.cpp finds {len(gpus)} GPU(s) (numbered from 0)"
+    return ""
+
+
+def _backend_line(model: Any, n_gpu_layers: int) -> dict[str, Any]:
+    """What the "llama.cpp backend" log line says: the CPU and its features, or the GPUs and how
+    many of the model's layers went to them."""
+    import llama_cpp
+
+    if n_gpu_layers == 0:
+        info = llama_cpp.llama_print_system_info().decode(errors="replace")
+        # "CPU : SSE3 = 1 | AVX2 = 1 | ..." -> "SSE3 AVX2 ..."
+        features = [p.split("=")[0].split(":")[-1].strip() for p in info.split("|") if p.strip().endswith("= 1")]
+        cpu = next((d.description for d in _devices() or [] if d.kind == 0), "")
+        line = {"backend": "CPU", "cpu": cpu, "cpu_features": " ".join(features)}
+        if llama_cpp.llama_supports_gpu_offload():
+            line["note"] = "a GPU build: llama.cpp may still send large prompt batches to the GPU"
+        return line
+    # Layers plus the output layer: what llama.cpp counts in "offloaded N/M layers".
+    layers = llama_cpp.llama_model_n_layer(model) + 1
+    offloaded = layers if n_gpu_layers < 0 else min(n_gpu_layers, layers)
+    gpus = [d.describe() for d in _devices() or [] if d.is_gpu]
+    return {"backend": "GPU offload", "gpus": gpus, "layers_offloaded": f"{offloaded}/{layers}"}
+
 # llama-cpp-python silences loading by dup2-ing /dev/null over fds 1 and 2 and back. Two
 # loads at once (model and tokenizer) interleave those swaps and can leave stderr pointing
 # at /dev/null for good, so every Llama() construction takes this lock.
@@ -255,8 +358,17 @@ class LlamaCppEngine(Engine):
         seed: int = -1,
         parallel: int = 1,
         cache_mb: int = 256,
+        n_gpu_layers: int = 0,
+        main_gpu: int = -1,
+        flash_attn: bool | None = None,
     ) -> None:
         self.path = Path(path)
+        # 0: CPU only; -1: every layer; N: llama.cpp puts the model's last N layers on the GPU.
+        self.n_gpu_layers = n_gpu_layers
+        # -1: llama.cpp spreads the layers over every GPU; N: the whole model on GPU N.
+        self.main_gpu = main_gpu
+        # None: llama.cpp decides (auto).
+        self.flash_attn = flash_attn
         self._n_ctx = n_ctx
         self.n_threads = n_threads
         self.n_batch = n_batch
@@ -284,10 +396,16 @@ class LlamaCppEngine(Engine):
         from llama_cpp import _internals as internals
 
         _route_llama_logs()
+        problem = gpu_offload_problem(self.n_gpu_layers, self.main_gpu)
+        if problem:
+            raise EngineError(problem)
         try:
             with _LOAD_LOCK:
                 mparams = llama_cpp.llama_model_default_params()
-                mparams.n_gpu_layers = 0
+                mparams.n_gpu_layers = _ALL_LAYERS if self.n_gpu_layers < 0 else self.n_gpu_layers
+                if self.main_gpu >= 0:
+                    mparams.main_gpu = self.main_gpu
+                    mparams.split_mode = llama_cpp.LLAMA_SPLIT_MODE_NONE
                 self._model = internals.LlamaModel(path_model=str(self.path), params=mparams, verbose=False)
                 cparams = llama_cpp.llama_context_default_params()
                 # One KV cache shared by every slot: each thread may use up to n_ctx of it.
@@ -297,6 +415,9 @@ class LlamaCppEngine(Engine):
                 cparams.kv_unified = True
                 cparams.n_threads = cparams.n_threads_batch = self.n_threads
                 cparams.no_perf = True
+                if self.flash_attn is not None:
+                    cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn
+                                               else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
                 self._ctx = internals.LlamaContext(model=self._model, params=cparams, verbose=False)
                 self._batch = internals.LlamaBatch(n_tokens=cparams.n_batch, embd=0, n_seq_max=1, verbose=False)
                 # Write the whole KV cache once now: its memory is taken at start, not page by page
@@ -315,6 +436,7 @@ class LlamaCppEngine(Engine):
             log.info("recurrent or hybrid model: a thread's state is reused only when its prompt extends it",
                      model=self.path.name)
         self._slots = [_Slot(i) for i in range(self.parallel)]
+        log.info("llama.cpp backend", model=self.path.name, **_backend_line(model, self.n_gpu_layers))
         log.info(
             "model loaded", model=self.path.name, n_ctx=self._n_ctx, n_threads=self.n_threads,
             parallel=self.parallel, cache_mb=self.cache.max_bytes // (1024 * 1024),

@@ -1,0 +1,153 @@
+"""Leases in Redis: one holder at a time among all daemons on one Redis, with a fencing token.
+
+A lease is a key set with ``NX`` and an expiry, holding a token from one counter shared by
+every lease (``{prefix}:fence``): a later holder always has a larger token, so a write
+guarded by the token (:meth:`Lease.guard`) is refused once the lease has moved on, even
+from a holder that paused past its expiry. The holder renews it well before it expires
+(every third of ``ttl_s``); a holder that dies lets it expire and another takes over.
+
+Used for the singletons (Telegram long polling) and for a thread's turn (one answer at a
+time per conversation, across daemons). Redis' own ``SET NX PX`` and two short Lua
+scripts are all it needs; a library (e.g. redis-py's ``Lock``) has no fencing token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+
+import structlog
+from redis.asyncio.client import Pipeline
+
+from core.errors import BotdError
+from core.redis_store import RedisManager, StoreUnavailable
+
+log = structlog.get_logger("botd.lease")
+
+# KEYS: the lease; ARGV: value ("token|owner/run"), ttl ms, owner, owner/run. Taken when free,
+# or when held by an earlier run of this same daemon (same instance name, so that run is gone:
+# a restart does not wait out its own leases).
+_ACQUIRE = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local holder = string.match(cur, '|(.*)$') or ''
+  local owner = string.match(holder, '^(.*)/[^/]*$') or ''
+  if ARGV[3] == '' or owner ~= ARGV[3] or holder == ARGV[4] then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+return 1
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class Fenced(BotdError):
+    """The lease moved to another holder: the guarded write was not made."""
+
+
+# This process: a restart is a new run of the same daemon (instance name).
+RUN = uuid.uuid4().hex[:12]
+
+
+class Lease:
+    def __init__(self, redis: RedisManager, prefix: str, name: str, ttl_s: float, owner: str = "") -> None:
+        self.redis = redis
+        self.name = name
+        self.key = f"{prefix}:lease:{name}"
+        self._fence = f"{prefix}:fence"
+        self.ttl_ms = int(ttl_s * 1000)
+        # The daemon's instance name: its own leases from an earlier run are taken back at once.
+        self.owner = owner
+        self.token: str | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.token is not None
+
+    async def acquire(self) -> bool:
+        """Take the lease if nobody holds it (or renew it if we do)."""
+        if self.token is not None:
+            return await self.renew()
+        token = f"{await self.redis.run('INCR', self.redis.client.incr, self._fence)}|{self.owner}/{RUN}"
+        if await self.redis.run("acquire", self.redis.client.eval, _ACQUIRE, 1, self.key, token, self.ttl_ms,
+                                self.owner, f"{self.owner}/{RUN}"):
+            self.token = token
+            return True
+        return False
+
+    async def renew(self) -> bool:
+        if self.token is None:
+            return False
+        ok = await self.redis.run("renew", self.redis.client.eval, _RENEW, 1, self.key, self.token, self.ttl_ms)
+        if not ok:
+            log.warning("lease lost to another holder", lease=self.name)
+            self.token = None
+        return bool(ok)
+
+    async def release(self) -> None:
+        token, self.token = self.token, None
+        if token is not None:
+            with contextlib.suppress(StoreUnavailable):
+                await self.redis.run("release", self.redis.client.eval, _RELEASE, 1, self.key, token)
+
+    async def guard(self, pipe: Pipeline) -> None:
+        """On a pipeline about to run a MULTI: WATCH the lease and check it is still ours, so the
+        transaction is refused (:class:`Fenced`) if the lease moves before it runs."""
+        await pipe.watch(self.key)
+        if self.token is None or await pipe.get(self.key) != self.token:
+            raise Fenced(f"the lease {self.name} is no longer held here")
+        pipe.multi()
+
+    async def keep(self, on_change: asyncio.Event | None = None) -> None:
+        """Hold the lease whenever it is free, renew it while held, until cancelled (then release)."""
+        try:
+            while True:
+                was = self.held
+                try:
+                    await self.acquire()
+                except StoreUnavailable:
+                    self.token = None  # unknown: another daemon may take it; do not act as holder
+                if self.held != was:
+                    log.info("lease taken" if self.held else "lease lost", lease=self.name)
+                    if on_change is not None:
+                        on_change.set()
+                await asyncio.sleep(self.ttl_ms / 3000)
+        finally:
+            await asyncio.shield(self.release())
+
+
+@contextlib.asynccontextmanager
+async def turn(redis: RedisManager, prefix: str, name: str, ttl_s: float, owner: str = "",
+               poll_s: float = 0.05) -> AsyncIterator[Lease | None]:
+    """Wait for, hold and release the lease ``name`` (renewed meanwhile). Yields the lease, or
+    None when Redis is unreachable: the caller goes on unguarded (an answer beats none)."""
+    lease = Lease(redis, prefix, name, ttl_s, owner)
+    try:
+        while not await lease.acquire():
+            await asyncio.sleep(poll_s)
+            poll_s = min(poll_s * 1.5, 0.5)
+    except StoreUnavailable:
+        log.warning("redis unreachable: going on without the lease", lease=name)
+        yield None
+        return
+    renewer = asyncio.create_task(lease.keep())
+    try:
+        yield lease
+    finally:
+        renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewer
