@@ -88,11 +88,12 @@ def _gpu_offload_problem(n_gpu_layers: int, main_gpu: int) -> str:
     validating, so that `botd check-config`, a start and a reload all refuse it in one line."""
     if n_gpu_layers == 0 and main_gpu < 0:
         return ""
+    from core.engines.llamacpp import gpu_offload_problem
+
     try:
-        from core.engines.llamacpp import gpu_offload_problem
-    except ImportError as exc:  # llama-cpp-python missing: the engine's own start reports that
+        return gpu_offload_problem(n_gpu_layers, main_gpu)
+    except ImportError as exc:  # llama-cpp-python itself is missing or broken
         return f"model.n_gpu_layers: llama-cpp-python cannot be imported ({exc})"
-    return gpu_offload_problem(n_gpu_layers, main_gpu)
 
 
 def _is_gguf(path: str) -> bool:

@@ -168,14 +168,9 @@ class Inbox:
     async def pending(self) -> list[tuple[str, InboundMessage]]:
         """What this daemon's consumer left unfinished in an earlier run, oldest first, as
         (connector name, message)."""
-        try:
-            got = await self.redis.run("inbox read", self.redis.client.xreadgroup, GROUP, self.owner,
-                                       {self.stream_key: "0"}, count=10_000)
-        except StoreUnavailable as exc:
-            if "NOGROUP" not in str(exc.__cause__):
-                raise
-            got = []  # nothing was accepted on this Redis since it started
-            await self.redis.run("inbox group", self._create_group)
+        await self.redis.run("inbox group", self._create_group)
+        got = await self.redis.run("inbox read", self.redis.client.xreadgroup, GROUP, self.owner,
+                                   {self.stream_key: "0"}, count=10_000)
         entries = [(eid, fields) for _, items in got for eid, fields in items]
         found = await self._load([e for e in entries if e[0] not in self.mine])
         return await self._sweep() + found

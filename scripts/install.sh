@@ -55,6 +55,8 @@ case "${BOTD_GPU:-}" in
             CUDACXX="$nvcc" CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$arch ${CMAKE_ARGS:-}" \
                 "$VENV/bin/python" -m pip install --quiet --progress-bar off --no-cache-dir --force-reinstall \
                 --no-deps --no-binary llama-cpp-python "$spec"
+            # Its own requirements (numpy, jinja2, ...), which --no-deps left out of a new venv.
+            "$VENV/bin/python" -m pip install --quiet --progress-bar off "$spec"
             if ! "$VENV/bin/python" -c 'import sys, llama_cpp; sys.exit(not llama_cpp.llama_supports_gpu_offload())'
             then
                 echo "the CUDA build of llama-cpp-python installed but reports no GPU offload" >&2

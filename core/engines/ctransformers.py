@@ -32,7 +32,8 @@ from core.engines.llamacpp import _find_stop, _stop_prefix_len
 
 log = structlog.get_logger("botd.engine")
 
-INSTALL_HINT = "pip install 'botd[ctransformers]' (ctransformers 0.2.27, prebuilt for x86-64 Linux, macOS, Windows)"
+INSTALL_HINT = ("pip install 'botd[ctransformers]' (in a checkout: .venv/bin/pip install -e '.[ctransformers]'); "
+                "ctransformers 0.2.27 ships prebuilt libraries for x86-64 Linux, macOS and Windows")
 # ChatML: GGML files carry no template, and the chat models of that era that had one mostly used it.
 _IM_START, _IM_END = "<|im_start|>", "<|im_end|>"
 
@@ -136,7 +137,7 @@ class CTransformersEngine(Engine):
             from ctransformers.llm import LLM
         except ImportError as exc:
             raise EngineError(f'engine = "ctransformers" needs the optional extra: {INSTALL_HINT} ({exc})') from None
-        self._probe(Config)
+        self._probe()
         config = Config(context_length=self._n_ctx, threads=self.n_threads, batch_size=self.n_batch,
                         seed=self.seed, gpu_layers=0)
         try:
@@ -147,7 +148,7 @@ class CTransformersEngine(Engine):
             raise EngineError(f"ctransformers cannot load {str(self.path)!r} as a {self.model_type!r} GGML model "
                               f"(check model.model_type): {exc}") from None
 
-    def _probe(self, config_type: Any) -> None:
+    def _probe(self) -> None:
         """Load the file once in a child process first: given the wrong ``model_type`` (or a
         damaged file), ctransformers' C++ code may abort or crash the process that loads it
         (measured: a GPT-2 file loaded as "mpt" dies of std::bad_alloc), and that must not be
@@ -155,12 +156,18 @@ class CTransformersEngine(Engine):
         import subprocess
         import sys
 
-        code = ("import sys\nfrom ctransformers import Config\nfrom ctransformers.llm import LLM\n"
+        # A wrong type can also read a size from the wrong place and ask for hundreds of GB (measured:
+        # "gpt_neox" on a GPT-2 file was killed by the kernel's OOM killer): the child's address
+        # space is capped at twice the file plus 8 GiB, so such a load fails at once instead.
+        limit = 2 * self.path.stat().st_size + (8 << 30)
+        code = ("import resource, sys\n"
+                "resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[5]), int(sys.argv[5])))\n"
+                "from ctransformers import Config\nfrom ctransformers.llm import LLM\n"
                 "LLM(sys.argv[1], sys.argv[2], config=Config(context_length=int(sys.argv[3]), threads=1),"
                 " lib=sys.argv[4] or None)\n")
         try:
             done = subprocess.run([sys.executable, "-c", code, str(self.path), self.model_type, str(self._n_ctx),
-                                   _cpu_lib() or ""], capture_output=True, text=True, timeout=600)
+                                   _cpu_lib() or "", str(limit)], capture_output=True, text=True, timeout=600)
         except subprocess.TimeoutExpired:
             raise EngineError(f"ctransformers took over 600 s to load {str(self.path)!r}") from None
         if done.returncode != 0:

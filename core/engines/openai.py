@@ -48,6 +48,9 @@ log = structlog.get_logger("botd.engine")
 # How long step() waits for the remote when nothing has arrived: long enough that the worker
 # thread does not spin, short enough that a cancel is noticed at once.
 STEP_WAIT_S = 0.05
+# The longest the start waits for the remote's /models and /tokenize: an unreachable remote
+# must not hold up the daemon's start for timeout_s.
+_PROBE_S = 10.0
 # The outcomes a call can end with. An overloaded remote is botd's "no free model, try again":
 # nothing was generated, and the user is told "busy" (HTTP 503), not "failed".
 BUSY = Finish.EXPIRED.value
@@ -141,7 +144,9 @@ class _Loop:
     async def _session(limit: int) -> aiohttp.ClientSession:
         # One connection per request in flight (and a spare for /models); proxies from the
         # environment are not used: the remote is named by base_url.
-        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit + 1), trust_env=False)
+        # read_bufsize: the longest line of the stream (aiohttp's 64 KiB would fail one big piece).
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit + 1), trust_env=False,
+                                     read_bufsize=1 << 20)
 
     def submit(self, coro: Any) -> concurrent.futures.Future[Any]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -219,7 +224,7 @@ class RemoteEngine(Engine):
         """
         self._loop = _Loop(self.parallel)
         try:
-            models = self._loop.call(self._models(), self.timeout_s + 5)
+            models = self._loop.call(self._models(), _PROBE_S + 5)
         except _Fail as exc:
             self.close()
             raise EngineError(exc.message) from None
@@ -238,7 +243,7 @@ class RemoteEngine(Engine):
     async def _models(self) -> list[str] | None:
         """The ids of GET {base_url}/models; None when the remote has no such list."""
         assert self._loop is not None
-        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        timeout = aiohttp.ClientTimeout(total=min(self.timeout_s, _PROBE_S))
         try:
             async with self._loop.session.get(f"{self.base_url}/models", headers=self._headers,
                                               timeout=timeout) as resp:
@@ -260,7 +265,7 @@ class RemoteEngine(Engine):
         with self._tokenizer_lock:
             if self._tokenizer is None:
                 self._tokenizer = _choose_tokenizer(self.base_url, self._headers, self.model, self.tokenizer_path,
-                                                    min(self.timeout_s, 10.0))
+                                                    min(self.timeout_s, _PROBE_S))
             return self._tokenizer
 
     def close(self) -> None:
@@ -560,8 +565,10 @@ def count_remote(root: str, kind: str, headers: dict[str, str], model: str, mess
         tokens = _post_json(f"{root}/tokenize", {"content": prompt, "add_special": True, "parse_special": True},
                             headers, timeout)["tokens"]
         return len(tokens)
-    data = _post_json(f"{root}/tokenize", {"model": model, "messages": messages, "add_generation_prompt": True},
-                      headers, timeout)
+    body: dict[str, Any] = {"messages": messages, "add_generation_prompt": True}
+    if model:  # vLLM takes its one model when none is named
+        body["model"] = model
+    data = _post_json(f"{root}/tokenize", body, headers, timeout)
     return int(data["count"])
 
 
