@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import signal
 import time
 from typing import Any
@@ -40,10 +41,17 @@ _RESTART_ONLY = {"server": ("host", "port", "state_dir", "max_body_bytes", "inst
                  "redis": ("url", "key_prefix")}
 
 
-async def _cancel(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+async def _stop(event: asyncio.Event, task: asyncio.Task[Any]) -> None:
+    event.set()
+    await task
+
+
+def _log_tasks() -> None:
+    """SIGUSR1: where every task of the daemon is waiting, in the log (a stuck answer's stack)."""
+    for task in asyncio.all_tasks():
+        out = io.StringIO()
+        task.print_stack(limit=12, file=out)
+        log.warning("task", name=task.get_name(), stack=out.getvalue())
 
 
 class StartupError(BotdError, RuntimeError):
@@ -114,8 +122,9 @@ class Daemon:
         # What an earlier run left is being answered before the port takes its first webhook.
         await self.service.resume(self.connectors)
         # Kept fresh while answered; other daemons' abandoned messages taken over (one Redis).
-        serving = asyncio.create_task(self.service.serve(self.connectors), name="botd-inbox")
-        stack.push_async_callback(_cancel, serving)
+        stop_serving = asyncio.Event()
+        serving = asyncio.create_task(self.service.serve(self.connectors, stop_serving), name="botd-inbox")
+        stack.push_async_callback(_stop, stop_serving, serving)
         site = web.TCPSite(runner, cfg.server.host, cfg.server.port, reuse_address=True)
         try:
             await site.start()
@@ -275,6 +284,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        loop.add_signal_handler(signal.SIGUSR1, _log_tasks)
         # Ready only now: model loaded, Redis tried, listeners up.
         sdnotify.notify(f"READY=1\nSTATUS=listening on {self.cfg.server.host}:{self.port}")
         pinger = None

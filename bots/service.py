@@ -168,12 +168,15 @@ class ChatService:
             return
         await self._take_over(pending, connectors, "answering messages accepted before the restart")
 
-    async def serve(self, connectors: dict[str, Connector]) -> None:
-        """Until cancelled: keep this daemon's messages from being taken over (they are being
-        answered) and take over those of daemons that stopped answering theirs."""
-        lease = self.cfg.redis.lease_s
-        while True:
-            await asyncio.sleep(lease / 3)
+    async def serve(self, connectors: dict[str, Connector], stop: asyncio.Event) -> None:
+        """Until ``stop`` is set: keep this daemon's messages from being taken over (they are
+        being answered) and take over those of daemons that stopped answering theirs. (An
+        event, not a cancellation, ends it: redis-py can swallow a cancellation.)"""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.cfg.redis.lease_s / 3)
+            if stop.is_set():
+                return
             try:
                 await self.runtime.inbox.keep_alive()
                 if self.runtime.worker.accepting:  # a stopping daemon takes on nothing new

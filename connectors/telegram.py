@@ -319,14 +319,13 @@ class TelegramConnector(Connector):
         within the lease time when it dies."""
         lease = Lease(self.cache.redis, self.cache.prefix, f"telegram:poll:{tg.key}", self.config.redis.lease_s,
                       self.config.server.instance_name())
-        changed = asyncio.Event()
-        keeper = asyncio.create_task(lease.keep(changed), name=f"telegram-lease-{tg.name}")
+        changed, stop = asyncio.Event(), asyncio.Event()
+        keeper = asyncio.create_task(lease.keep(stop, changed), name=f"telegram-lease-{tg.name}")
         try:
             await self._poll_while_held(tg, lease, changed)
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            stop.set()
+            await asyncio.shield(keeper)
 
     async def _poll_while_held(self, tg: _TgBot, lease: Lease, changed: asyncio.Event) -> None:
         offset: int | None = None

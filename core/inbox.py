@@ -168,9 +168,7 @@ class Inbox:
     async def pending(self) -> list[tuple[str, InboundMessage]]:
         """What this daemon's consumer left unfinished in an earlier run, oldest first, as
         (connector name, message)."""
-        await self.redis.run("inbox group", self._create_group)
-        got = await self.redis.run("inbox read", self.redis.client.xreadgroup, GROUP, self.owner,
-                                   {self.stream_key: "0"}, count=10_000)
+        got = await self.redis.run("inbox read", self._read_own)
         entries = [(eid, fields) for _, items in got for eid, fields in items]
         found = await self._load([e for e in entries if e[0] not in self.mine])
         return await self._sweep() + found
@@ -201,6 +199,7 @@ class Inbox:
                     pipe.hset(self.key, rid, records[rid])
                 return [str(e) for e in (await pipe.execute())[::2]]
 
+        await self.redis.run("inbox group", self._create_group)
         ids = await self.redis.run("inbox adopt", _adopt)
         # Delivered to this daemon's consumer like any accepted message (nothing else is ever
         # left undelivered, so ">" reads exactly these).
@@ -208,6 +207,14 @@ class Inbox:
                              count=len(ids))
         log.info("inbox records of an earlier botd version adopted", count=len(ids))
         return await self._load([(eid, {"rid": rid}) for eid, (_, rid) in zip(ids, sorted(adopted), strict=True)])
+
+    async def _read_own(self) -> Any:
+        try:
+            return await self.redis.client.xreadgroup(GROUP, self.owner, {self.stream_key: "0"}, count=10_000)
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                return []  # nothing was accepted on this Redis yet
+            raise
 
     async def _create_group(self) -> None:
         try:

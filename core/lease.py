@@ -112,10 +112,12 @@ class Lease:
             raise Fenced(f"the lease {self.name} is no longer held here")
         pipe.multi()
 
-    async def keep(self, on_change: asyncio.Event | None = None) -> None:
-        """Hold the lease whenever it is free, renew it while held, until cancelled (then release)."""
+    async def keep(self, stop: asyncio.Event, on_change: asyncio.Event | None = None) -> None:
+        """Hold the lease whenever it is free, renew it while held, until ``stop`` is set (then
+        release it). Stopped by an event, not by cancelling: redis-py can swallow a
+        cancellation that lands inside a command, and the loop would then renew forever."""
         try:
-            while True:
+            while not stop.is_set():
                 was = self.held
                 try:
                     await self.acquire()
@@ -125,7 +127,8 @@ class Lease:
                     log.info("lease taken" if self.held else "lease lost", lease=self.name)
                     if on_change is not None:
                         on_change.set()
-                await asyncio.sleep(self.ttl_ms / 3000)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.ttl_ms / 3000)
         finally:
             await asyncio.shield(self.release())
 
@@ -144,10 +147,10 @@ async def turn(redis: RedisManager, prefix: str, name: str, ttl_s: float, owner:
         log.warning("redis unreachable: going on without the lease", lease=name)
         yield None
         return
-    renewer = asyncio.create_task(lease.keep())
+    stop = asyncio.Event()
+    renewer = asyncio.create_task(lease.keep(stop))
     try:
         yield lease
     finally:
-        renewer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await renewer
+        stop.set()
+        await renewer

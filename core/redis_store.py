@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 from redis import asyncio as aioredis
+from redis.asyncio.connection import BlockingConnectionPool, UnixDomainSocketConnection
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
@@ -27,6 +28,10 @@ from core.errors import BotdError
 from core.secrets import resolve_secret
 
 log = structlog.get_logger("botd.redis")
+
+# Connections to Redis at most, and how long a call waits for a free one.
+POOL_SIZE = 64
+POOL_WAIT_S = 10.0
 
 
 class StoreUnavailable(BotdError, RuntimeError):
@@ -64,14 +69,20 @@ class RedisManager:
             "health_check_interval": 15,
             "decode_responses": True,
         }
+        # A burst (hundreds of webhooks at once, each answer with its own Redis calls) waits
+        # for a free connection rather than failing: the default pool raises past 100
+        # connections, which would read as "Redis is down".
         if self.cfg.url:
             password = resolve_secret(self.cfg.password) if self.cfg.password else None
             if password is not None:
                 common["password"] = password
-            self._client = aioredis.from_url(self.cfg.url, **common)
+            self._client = aioredis.Redis(connection_pool=BlockingConnectionPool.from_url(
+                self.cfg.url, max_connections=POOL_SIZE, timeout=POOL_WAIT_S, **common))
         else:
             socket = await asyncio.to_thread(self._start_embedded)
-            self._client = aioredis.Redis(unix_socket_path=socket, **common)
+            self._client = aioredis.Redis(connection_pool=BlockingConnectionPool(
+                connection_class=UnixDomainSocketConnection, path=socket, max_connections=POOL_SIZE,
+                timeout=POOL_WAIT_S, **common))
         await self.check()
         if not self.healthy:
             log.warning("redis unreachable at start; continuing and retrying", redis=self.description,
