@@ -91,12 +91,12 @@ api_base = "{tg}/bot"
 async def start_daemon(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "TG_TOKEN": "123:abc", "TG_SECRET": SECRET}
     with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "bots.cli", "run", "--config", str(config)],
-                                env=env, stdout=out, stderr=out, cwd=ROOT)
+        proc = await asyncio.to_thread(subprocess.Popen, [sys.executable, "-m", "bots.cli", "run", "--config",
+                                                          str(config)], env=env, stdout=out, stderr=out, cwd=ROOT)
     async with aiohttp.ClientSession() as s:
         for _ in range(600):
             if proc.poll() is not None:
-                raise RuntimeError(f"botd exited: {log.read_text()[-2000:]}")
+                raise RuntimeError(f"botd exited: {(await asyncio.to_thread(log.read_text))[-2000:]}")
             try:
                 async with s.get(f"http://127.0.0.1:{port}/healthz") as r:
                     if r.status == 200:
@@ -149,7 +149,9 @@ async def run(daemons: int, messages: int, concurrency: int, offset: int) -> dic
                     await asyncio.gather(*(post(n) for n in range(messages)))
                     accept_s = time.perf_counter() - t0
                 accepted = command_calls(client)
-                while client.hlen("botd:inbox") or len(fake.of("sendMessage")) < messages:
+                for _ in range(12_000):  # every answer posted and its record cleared (at most 10 minutes)
+                    if not client.hlen("botd:inbox") and len(fake.of("sendMessage")) >= messages:
+                        break
                     await asyncio.sleep(0.05)
                 total_s = time.perf_counter() - t0
                 done = command_calls(client)

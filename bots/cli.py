@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(f"config error: {exc}")
     if args.command == "check-config":
-        print(f"{args.config}: ok (model {cfg.model.resolved_path()}, {len(cfg.bots)} bot(s), "
+        from bots.daemon import model_source
+
+        print(f"{args.config}: ok (model {model_source(cfg)}, {len(cfg.bots)} bot(s), "
               f"{len(cfg.knowledge)} knowledge base(s))")
         return 0
     if args.command == "run":
@@ -298,7 +300,9 @@ def _chat(cfg: Config, bot: str | None, conversation: str) -> int:
     try:
         asyncio.run(session())
     except EngineError as exc:
-        return _fail(f"model.path: {exc}")
+        from bots.daemon import model_error
+
+        return _fail(model_error(exc))
     except KeyboardInterrupt:
         print(file=sys.stderr)
     return 0

@@ -46,6 +46,17 @@ async def _stop(event: asyncio.Event, task: asyncio.Task[Any]) -> None:
     await task
 
 
+def model_source(cfg: Config) -> str:
+    """Where the model comes from: its file, or the remote server's URL."""
+    return cfg.model.base_url if cfg.model.engine == "openai" else str(cfg.model.resolved_path())
+
+
+def model_error(exc: Exception) -> str:
+    """An engine's error as a config line: it names its key itself, or it is about model.path."""
+    text = str(exc)
+    return text if text.startswith("model.") else f"model.path: {text}"
+
+
 def _log_tasks() -> None:
     """SIGUSR1: where every task of the daemon is waiting, in the log (a stuck answer's stack)."""
     for task in asyncio.all_tasks():
@@ -72,6 +83,13 @@ class Daemon:
         self._site: web.TCPSite | None = None
         self._stop = asyncio.Event()
         self._reloading: asyncio.Task[bool] | None = None
+
+        def reload_from_console() -> asyncio.Task[bool] | None:
+            # The console's "Reload": the same as SIGHUP; the console waits for the task.
+            self.request_reload()
+            return self._reloading
+
+        self.service.reload_hook = reload_from_console
         self._background: set[asyncio.Task[Any]] = set()
         self.port: int | None = None
 
@@ -100,7 +118,7 @@ class Daemon:
         try:
             await stack.enter_async_context(self.runtime)
         except EngineError as exc:
-            raise StartupError(f"model.path: {exc}") from None
+            raise StartupError(model_error(exc)) from None
         except EmbeddingError as exc:
             raise StartupError(str(exc)) from None
         stack.push_async_callback(self.service.drain, 5.0)
@@ -136,7 +154,7 @@ class Daemon:
         self.runtime.ready = True
         log.info(
             "botd is ready", url=f"http://{cfg.server.host}:{self.port}", model=cfg.model.name,
-            model_file=str(cfg.model.resolved_path()), redis=self.runtime.redis.description,
+            model_file=model_source(cfg), redis=self.runtime.redis.description,
             connectors=list(self.connectors),
         )
 
@@ -175,7 +193,8 @@ class Daemon:
             except Exception:
                 log.exception("connector stop failed", connector=c.name)
         await self.runtime.worker.stop(grace)
-        await self.service.drain(5.0)
+        # The answers whose generation ended show their last words and clear their records.
+        await self.service.drain(15.0)
         if self._background:
             await asyncio.wait(list(self._background), timeout=5.0)
         # Phase 2: leave everything that was entered, in reverse.
@@ -224,12 +243,12 @@ class Daemon:
             log.warning("these settings change only with a restart; running values kept", keys=kept)
         if new.model.load_settings() != old.model.load_settings():
             log.info("model settings changed: loading the new model once the running answer is done",
-                     model_file=str(new.model.resolved_path()))
+                     model_file=model_source(new))
             try:
                 await self.runtime.swap_model(new)
             except EngineError as exc:
                 log.error("reload: the new model did not load; the old model and model settings stay",
-                          error=f"model.path: {exc}")
+                          error=model_error(exc))
                 new = new.model_copy(update={"model": old.model})
         knowledge_changed = self.runtime.apply(new)
         self.settings.config = new  # the one reference everyone reads

@@ -30,7 +30,7 @@ from connectors.base import Connector
 from connectors.reply import ReplyTarget
 from core import metrics
 from core.commands import parse_command
-from core.config import BotConfig, Config, Settings
+from core.config import NO_DOCUMENT_TEXT, BotConfig, Config, Settings
 from core.dispatch import Busy, Interrupted, Rejected
 from core.engines import GenerationRequest
 from core.engines.base import TemplateError
@@ -49,10 +49,11 @@ class JobAnswer:
     """An answer produced by the inference worker; ``hits`` are the documents it was given."""
 
     def __init__(self, job: Job, service: ChatService, completion: asyncio.Task[None],
-                 hits: Sequence[Hit] = ()) -> None:
+                 hits: Sequence[Hit] = (), lang: texts.Lang = "both") -> None:
         self.job = job
         self.id = job.id
         self.hits = list(hits)
+        self.lang = lang
         self._service = service
         self._completion = completion
 
@@ -62,7 +63,8 @@ class JobAnswer:
                 # The exchange is in the history before the client hears the answer is over,
                 # so an immediate next turn always sees it.
                 await asyncio.shield(self._completion)
-                footer = sources_footer(self.hits) if ev.finish_reason in (Finish.STOP, Finish.LENGTH) else ""
+                stopped = ev.finish_reason in (Finish.STOP, Finish.LENGTH)
+                footer = sources_footer(self.hits, self.lang) if stopped else ""
                 if footer and ev.text.strip():
                     # Cited by botd, not by the model: the sources are exactly the chunks it was given.
                     yield ReplyEvent(delta=footer)
@@ -79,9 +81,9 @@ def cite_list(hits: Sequence[Hit]) -> list[str]:
     return list(dict.fromkeys(h.cite for h in hits))
 
 
-def sources_footer(hits: Sequence[Hit]) -> str:
+def sources_footer(hits: Sequence[Hit], lang: texts.Lang = "both") -> str:
     # Plain text on purpose: it reads the same on Telegram, Slack, WeCom and in the API.
-    return texts.SOURCES.format(cites="; ".join(cite_list(hits))) if hits else ""
+    return texts.say("SOURCES", lang, cites="; ".join(cite_list(hits))) if hits else ""
 
 
 class TextAnswer:
@@ -112,6 +114,9 @@ class ChatService:
         self._turns: dict[str, Lease] = {}
         # Set by the daemon: re-ingest one knowledge base (the admins' "/kb ingest").
         self.ingest_hook: Callable[[str], Awaitable[Any]] | None = None
+        # Set by the daemon: reload config.toml as SIGHUP does (the console's "Reload"); returns
+        # the reload's task (True: applied), or None when none could start.
+        self.reload_hook: Callable[[], Awaitable[bool] | None] | None = None
 
     @property
     def cfg(self) -> Config:
@@ -191,8 +196,9 @@ class ChatService:
         for name, msg in pending:
             connector = connectors.get(name)
             if connector is None:
-                log.warning("a message accepted before the restart waits: its connector is not enabled",
-                            connector=name)
+                # Not kept alive here: another daemon that runs this connector takes it over.
+                self.runtime.inbox.mine.discard(msg.entry)
+                log.warning("a message waits for a daemon that runs its connector", connector=name)
                 continue
             target = connector.target(msg)
             if target is None:
@@ -208,13 +214,15 @@ class ChatService:
     async def _answer(self, msg: InboundMessage, target: ReplyTarget) -> None:
         structlog.contextvars.bind_contextvars(platform=msg.platform, bot=msg.bot, chat=msg.chat,
                                                request_id=msg.request_id)
-        delivery = Delivery(msg, target, self.runtime.inbox)
+        # The language of every text botd says about this message: decided once, here.
+        lang = self.language(msg)
+        delivery = Delivery(msg, target, self.runtime.inbox, lang)
         try:
             if not await self._admitted(msg, target):
                 log.info("user not allowed", user=msg.user)
-                await delivery.show(texts.NOT_ALLOWED)
+                await delivery.show(texts.say("NOT_ALLOWED", lang))
             elif not msg.readable:
-                await delivery.show(texts.NOT_TEXT)
+                await delivery.show(texts.say("NOT_TEXT", lang))
             else:
                 # One answer at a time per thread, across daemons: the next message of the thread
                 # waits, and its prompt holds this exchange.
@@ -253,7 +261,7 @@ class ChatService:
         try:
             answer = await self.dispatch(msg)
         except Busy as exc:
-            await delivery.show(exc.user_message or texts.BUSY.format(s=exc.retry_after))
+            await delivery.show(exc.user_message or texts.say("BUSY", delivery.lang, s=exc.retry_after))
             return ""
         except Rejected as exc:
             await delivery.show(exc.message)
@@ -273,12 +281,12 @@ class ChatService:
 
     # -- request/response ---------------------------------------------------------------------
 
-    async def reset(self, thread: ThreadKey) -> bool:
+    async def reset(self, thread: ThreadKey, lang: texts.Lang = "both") -> bool:
         try:
             return await self.runtime.history.reset(thread)
         except StoreUnavailable as exc:
             raise Busy("history storage is unreachable; try again shortly", self.cfg.queue.retry_after_s,
-                       user_message=texts.STORE_DOWN) from exc
+                       user_message=texts.say("STORE_DOWN", lang)) from exc
 
     async def history(self, thread: ThreadKey) -> list[ChatTurn]:
         try:
@@ -292,8 +300,15 @@ class ChatService:
             raise Rejected(404, "unknown_bot", f"no bot named {name!r}; bots: {', '.join(self.bot_names())}")
         return bot
 
+    def language(self, msg: InboundMessage) -> texts.Lang:
+        """The language botd's own texts take for ``msg``: the bot's ``language``, or with "auto"
+        the message's (Chinese characters: zh, else en; nothing to judge: both)."""
+        bot = self.cfg.bots.get(msg.bot)
+        return texts.language(bot.language if bot is not None else "auto", msg.text if msg.readable else "")
+
     async def dispatch(self, msg: InboundMessage) -> JobAnswer | TextAnswer:
         bot = self._bot(msg.bot)
+        lang = self.language(msg)
         structlog.contextvars.bind_contextvars(request_id=msg.request_id)
         if len(msg.text) > self.cfg.api.max_input_chars:
             raise Rejected(
@@ -309,7 +324,7 @@ class ChatService:
         if msg.history is None:
             cmd = parse_command(msg.text)
             if cmd is not None:
-                return await self._command(cmd.name, msg, cmd.args)
+                return await self._command(cmd.name, msg, cmd.args, lang)
 
         if not msg.resumed:  # a replayed message was admitted (and counted) before the restart
             try:
@@ -317,7 +332,9 @@ class ChatService:
             except LimitExceeded as exc:
                 metrics.MESSAGES.labels(msg.platform, "rate_limited").inc()
                 log.info("rate limited", platform=msg.platform, user=msg.user, chat=msg.chat)
-                raise Busy(exc.message, exc.retry_after, per_user=True, user_message=exc.message) from None
+                told = exc.message if lang == "en" else texts.say(
+                    "RATE_LIMITED", lang, wait=texts.wait_text(exc.retry_after, lang), detail=exc.message)
+                raise Busy(exc.message, exc.retry_after, per_user=True, user_message=told) from None
 
         history: list[ChatTurn]
         degraded = False
@@ -344,14 +361,17 @@ class ChatService:
                 metrics.MESSAGES.labels(msg.platform, "busy").inc()
                 log.info("knowledge still loading; answered busy", bot=msg.bot, knowledge=loading)
                 raise Busy(f"the knowledge base {', '.join(loading)} is still loading", retry,
-                           user_message=texts.KNOWLEDGE_LOADING.format(s=retry))
+                           user_message=texts.say("KNOWLEDGE_LOADING", lang, s=retry))
             hits = await self._retrieve(bot, msg)
             if not hits and bot.no_match == "refuse":
                 metrics.MESSAGES.labels(msg.platform, "no_document").inc()
                 log.info("no relevant document; answered so", platform=msg.platform, bot=msg.bot,
                          knowledge=bot.knowledge)
-                self._audit(msg, bot.no_match_text, "no_document", knowledge=bot.knowledge)
-                return TextAnswer(bot.no_match_text, msg.request_id)
+                # The admin's own refusal as written; the default one in the message's language.
+                refusal = bot.no_match_text if bot.no_match_text != NO_DOCUMENT_TEXT or lang == "en" \
+                    else texts.say("NO_DOCUMENT", lang)
+                self._audit(msg, refusal, "no_document", knowledge=bot.knowledge)
+                return TextAnswer(refusal, msg.request_id)
         try:
             built, hits = await loop.run_in_executor(None, self._build, system, hits, history, msg.text, budget)
         except InputTooLong as exc:
@@ -392,7 +412,7 @@ class ChatService:
             raise Busy(exc.reason, exc.retry_after, exc.per_user) from None
         metrics.QUEUE_DEPTH.set(len(self.runtime.queue))
         task = self._spawn(self._complete(msg, job, built.history_used, built.history_dropped, degraded, hits))
-        return JobAnswer(job, self, task, hits)
+        return JobAnswer(job, self, task, hits, lang)
 
     async def _retrieve(self, bot: BotConfig, msg: InboundMessage) -> list[Hit]:
         retriever = self.runtime.retriever
@@ -410,45 +430,45 @@ class ChatService:
         used = fit_documents(self.builder.tokenizer, hits, self.cfg.retrieval.context_tokens)
         return self.builder.build(with_documents(system, used), history, text, budget), used
 
-    async def _command(self, name: str, msg: InboundMessage, args: str = "") -> TextAnswer:
+    async def _command(self, name: str, msg: InboundMessage, args: str = "", lang: texts.Lang = "both") -> TextAnswer:
         if name == "kb":
-            text = await self._kb_command(msg, args)
+            text = await self._kb_command(msg, args, lang)
         elif name == "reset":
-            text = texts.RESET_DONE if await self.reset(msg.thread_key) else texts.RESET_NOTHING
+            text = texts.say("RESET_DONE" if await self.reset(msg.thread_key, lang) else "RESET_NOTHING", lang)
         else:
-            text = texts.HELP.format(bot=msg.bot)
+            text = texts.say("HELP", lang, bot=msg.bot)
             if msg.platform in texts.PLATFORM_HELP:
-                text += "\n\n" + texts.PLATFORM_HELP[msg.platform]
+                text += "\n\n" + texts.say(texts.PLATFORM_HELP[msg.platform], lang)
         metrics.MESSAGES.labels(msg.platform, f"command_{name}").inc()
         log.info("command", command=name, platform=msg.platform, bot=msg.bot, chat=msg.chat, user=msg.user)
         return TextAnswer(text, msg.request_id)
 
-    async def _kb_command(self, msg: InboundMessage, args: str) -> str:
+    async def _kb_command(self, msg: InboundMessage, args: str, lang: texts.Lang = "both") -> str:
         bot = self._bot(msg.bot)
         who = f"{msg.platform}:{msg.user}"
         if who not in bot.admins:
             log.warning("knowledge admin command refused", who=who, bot=msg.bot, command=args)
-            return texts.KB_ADMINS_ONLY
+            return texts.say("KB_ADMINS_ONLY", lang)
         action = args.split()[0].lower() if args.split() else ""
         if not bot.knowledge:
-            return texts.KB_NONE
+            return texts.say("KB_NONE", lang)
         if action == "sources":
             retriever = self.runtime.retriever
             lines = []
             for kb in bot.knowledge:
                 # Counting 100k chunks is CPU work: off the event loop.
                 files = await asyncio.to_thread(retriever.sources, kb) if retriever is not None else {}
-                lines.append(texts.KB_SOURCES_LINE.format(kb=kb, files=len(files), chunks=sum(files.values())))
-                lines += [f"- {src} ({n} chunks)" for src, n in sorted(files.items())]
+                lines.append(texts.say("KB_SOURCES_LINE", lang, kb=kb, files=len(files), chunks=sum(files.values())))
+                lines += [texts.say("KB_SOURCE_ITEM", lang, src=src, n=n) for src, n in sorted(files.items())]
             return "\n".join(lines)
         if action == "ingest":
             if self.ingest_hook is None:
-                return texts.KB_NO_INGEST
+                return texts.say("KB_NO_INGEST", lang)
             for kb in bot.knowledge:
                 self._spawn(self.ingest_hook(kb))
             log.info("knowledge re-ingest requested", who=who, knowledge=bot.knowledge)
-            return texts.KB_INGEST_STARTED.format(kbs=", ".join(bot.knowledge))
-        return texts.KB_HELP
+            return texts.say("KB_INGEST_STARTED", lang, kbs=", ".join(bot.knowledge))
+        return texts.say("KB_HELP", lang)
 
     def _spawn(self, coro: Any, connector: str = "") -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
@@ -737,3 +757,58 @@ class ChatService:
         platform, bot, chat, thread = (unesc(p) for p in parts)
         return ThreadKey(platform, bot, chat, thread)
 
+    # -- the web console: documents, search, config (the console checks who may) ----------------
+
+    async def search_knowledge(self, kbs: Sequence[str], query: str) -> list[dict[str, Any]]:
+        """The chunks a question retrieves from ``kbs``, best first, with their scores."""
+        retriever = self.runtime.retriever
+        if retriever is None or not kbs:
+            return []
+        hits = await asyncio.get_running_loop().run_in_executor(None, retriever.search, list(kbs), query)
+        return [{"kb": h.kb, "source": h.source, "heading": h.heading, "cite": h.cite, "text": h.text,
+                 "score": round(h.score, 4), "similarity": None if h.similarity is None else round(h.similarity, 3),
+                 "coverage": round(h.coverage, 3)} for h in hits]
+
+    def knowledge_folder(self, kb: str) -> str | None:
+        """Where an uploaded document of ``kb`` goes: its first configured folder (not a file)."""
+        import os
+
+        for p in self.cfg.knowledge[kb].paths:
+            if os.path.isdir(p):
+                return os.path.realpath(p)
+        return None
+
+    def knowledge_document(self, kb: str, source: str) -> str | None:
+        """The file behind a document's source label (as the index names it), or None: only a
+        file that ingestion would find can be named, so no path outside the base's folders can
+        (blocking)."""
+        from pathlib import Path
+
+        from core.knowledge.ingest import discover
+
+        for label, path in discover([Path(p) for p in self.cfg.knowledge[kb].paths]):
+            if label == source:
+                return str(path)
+        return None
+
+    def ingest_progress(self, kb: str) -> dict[str, Any] | None:
+        """The console's re-ingest of ``kb`` under way or last finished (None: none yet)."""
+        run = self._console_ingests.get(kb)
+        if run is None:
+            return None
+        now = time.time()
+        return {**run, "running": bool(run.get("running")),
+                "elapsed_s": round((run.get("finished_at") or now) - run["started_at"], 1)}
+
+    async def reload_config(self, timeout_s: float = 60.0) -> bool | None:
+        """Reload config.toml as SIGHUP does: True applied, False refused, None unknown (no hook,
+        or still running after ``timeout_s``)."""
+        if self.reload_hook is None:
+            return None
+        task = self.reload_hook()
+        if task is None:
+            return None
+        try:
+            return bool(await asyncio.wait_for(asyncio.shield(task), timeout_s))
+        except TimeoutError:
+            return None

@@ -23,10 +23,14 @@ from core.messages import Finish, InboundMessage, ReplyEvent
 class Delivery:
     """One message's answer going to its reply target."""
 
-    def __init__(self, msg: InboundMessage, target: ReplyTarget, inbox: Inbox | None = None) -> None:
+    def __init__(self, msg: InboundMessage, target: ReplyTarget, inbox: Inbox | None = None,
+                 lang: texts.Lang | None = None) -> None:
         self.msg = msg
         self.target = target
         self.inbox = inbox
+        # The language of botd's own texts for this message (the service decides it from the
+        # bot's setting); without one, the message's own language.
+        self.lang: texts.Lang = lang or texts.language("auto", msg.text if msg.readable else "")
         self.shown = ""
         self.text = ""  # the last text given to the target (shown, or being shown)
 
@@ -58,15 +62,16 @@ class Delivery:
             raise Interrupted(answer.id)
         if final is not None and final.finish_reason == Finish.EXPIRED:
             # Waited its whole turn without a free model: nothing was generated.
-            await self.show(texts.BUSY.format(s=final.retry_after or 5))
+            await self.show(texts.say("BUSY", self.lang, s=final.retry_after or 5))
             return ""
         if final is None or final.finish_reason in (Finish.ERROR, Finish.CANCELLED) or (
                 not target.edits and not final.text.strip()):
-            await self.show(f"{text}\n\n{texts.FAILED}" if text.strip() and target.edits else texts.FAILED)
+            failed = texts.say("FAILED", self.lang)
+            await self.show(f"{text}\n\n{failed}" if text.strip() and target.edits else failed)
             return ""
         if final.text != self.shown:
             wait = next_at - time.monotonic()
             if wait > 0:  # the last edit keeps the interval too
                 await asyncio.sleep(wait)
-            await self.show(final.text if final.text.strip() else texts.EMPTY)
+            await self.show(final.text if final.text.strip() else texts.say("EMPTY", self.lang))
         return final.text

@@ -161,13 +161,6 @@ class ModelConfig(_Section):
             raise ValueError('use true, false or "auto"')
         return v
 
-    @field_validator("tokenizer_path")
-    @classmethod
-    def _absolute(cls, v: str) -> str:
-        if v and not Path(v).expanduser().is_absolute():
-            raise ValueError("use an absolute path to a .gguf file")
-        return v
-
     @model_validator(mode="after")
     def _budget_fits(self) -> ModelConfig:
         if self.max_tokens >= self.n_ctx:
@@ -293,6 +286,10 @@ class BotConfig(_Section):
     # Who may use the admin commands (/kb sources, /kb ingest): "platform:user id",
     # e.g. "telegram:4242", "slack:U012AB3CD", "wecom:zhangsan", "api:<conversation owner>".
     admins: list[str] = Field(default_factory=list)
+    # The language of the texts botd itself says (busy, failed, help, refusals, commands' answers):
+    # "zh", "en", or "auto" -- the language of the user's message (any Chinese character: zh, else
+    # en); a message with no text to judge (a photo) gets both.
+    language: Literal["zh", "en", "auto"] = "auto"
 
 
 class EmbeddingsConfig(_Section):
@@ -749,6 +746,9 @@ def _resolve_paths(cfg: Config, base: Path, path: Path) -> Config:
     model_path = cfg.model.path
     if model_path and not Path(model_path).expanduser().is_absolute():
         model_path = str(base / model_path)
+    tokenizer_path = cfg.model.tokenizer_path
+    if tokenizer_path and not Path(tokenizer_path).expanduser().is_absolute():
+        tokenizer_path = str(base / tokenizer_path)
     audit_file = cfg.audit.file
     if audit_file and not Path(audit_file).expanduser().is_absolute():
         audit_file = str(base / audit_file)
@@ -766,22 +766,32 @@ def _resolve_paths(cfg: Config, base: Path, path: Path) -> Config:
             "embeddings": embeddings,
             "audit": cfg.audit.model_copy(update={"file": audit_file}),
             "server": cfg.server.model_copy(update={"state_dir": state_dir}),
-            "model": cfg.model.model_copy(update={"path": model_path}),
+            "model": cfg.model.model_copy(update={"path": model_path, "tokenizer_path": tokenizer_path}),
             "source": path,
         }
     )
 
 
 def _check_files(cfg: Config, path: Path) -> None:
-    try:
-        model = cfg.model.resolved_path()
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: model.path: empty, and {exc}; set model.path to a GGUF file") from None
-    if not model.is_file():
-        raise ConfigError(f"{path}: model.path: no such file {str(model)!r}")
-    with model.open("rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise ConfigError(f"{path}: model.path: {str(model)!r} is not a GGUF file")
+    engine = cfg.model.engine
+    if engine != "openai":  # a remote engine loads no local model
+        try:
+            model = cfg.model.resolved_path()
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: model.path: empty, and {exc}; set model.path to a GGUF file") from None
+        if not model.is_file():
+            raise ConfigError(f"{path}: model.path: no such file {str(model)!r}")
+        with model.open("rb") as fh:
+            gguf = fh.read(4) == b"GGUF"
+        if engine == "llama_cpp" and not gguf:
+            raise ConfigError(f"{path}: model.path: {str(model)!r} is not a GGUF file (older GGML .bin files: "
+                              'engine = "ctransformers")')
+        if engine == "ctransformers" and gguf:
+            raise ConfigError(f"{path}: model.path: {str(model)!r} is a GGUF file, which ctransformers cannot "
+                              'load; use engine = "llama_cpp"')
+    tok = cfg.model.tokenizer_path
+    if tok and not Path(tok).expanduser().is_file():
+        raise ConfigError(f"{path}: model.tokenizer_path: no such file {tok!r}")
     for name, kb in cfg.knowledge.items():
         for i, folder in enumerate(kb.paths):
             if not Path(folder).expanduser().exists():

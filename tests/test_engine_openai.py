@@ -517,8 +517,6 @@ def test_openai_config_builds_the_remote_engine(tmp_path, monkeypatch):
      "written inline"),
     ({"engine": "openai", "base_url": "http://x/v1", "path": "/m.gguf"}, "model.path: engine = \"openai\" loads no "
      "local model"),
-    ({"engine": "openai", "base_url": "http://x/v1", "tokenizer_path": "vocab.gguf"}, "model.tokenizer_path: use "
-     "an absolute path"),
     ({"engine": "openai", "base_url": "http://x/v1", "max_concurrent": 0}, "model.max_concurrent"),
     ({"base_url": "http://x/v1"}, 'model.base_url: is only read by engine = "openai"'),
     ({"max_concurrent": 9}, 'model.max_concurrent: is only read by engine = "openai"'),
@@ -528,6 +526,15 @@ def test_openai_config_errors(tmp_path, model, expected):
         config_from_dict({"model": model}, tmp_path / "config.toml", check_files=False)
     assert expected in str(exc.value), str(exc.value)
     assert "sk-inline" not in str(exc.value)
+
+
+def test_a_relative_tokenizer_path_is_read_from_the_config_folder(tmp_path):
+    model = {"engine": "openai", "base_url": "http://x/v1", "tokenizer_path": "vocab.gguf"}
+    with pytest.raises(ConfigError, match=r"model\.tokenizer_path: no such file .*vocab\.gguf"):
+        config_from_dict({"model": model}, tmp_path / "config.toml")
+    (tmp_path / "vocab.gguf").write_bytes(b"GGUF")
+    cfg = config_from_dict({"model": model}, tmp_path / "config.toml")
+    assert cfg.model.tokenizer_path == str(tmp_path / "vocab.gguf")
 
 
 def test_an_unset_key_variable_is_a_config_error(tmp_path):

@@ -20,27 +20,35 @@ every bot, and changes nothing. A bot that exists but is not the user's is 403.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import csv
 import functools
 import hashlib
+import io
 import json
+import os
 import re
 import secrets
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
+import unicodedata
+import urllib.parse
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import jinja2
 import structlog
 from aiohttp import web
+from pydantic import BaseModel
 
 from connectors.base import Connector, Route, Service
 from connectors.server import REQUEST_ID
 from connectors.web_console import i18n
 from core import stats
 from core.auth import CONSOLE_AUDIENCE, AuthError, DenyList, LoginLimiter, Tokens, TooManyAttempts, verify_password
-from core.config import ConsoleConfig, ConsoleUserConfig, Settings
+from core.config import ConsoleConfig, ConsoleUserConfig, Settings, secret_references
 from core.dispatch import Busy, Rejected
 from core.kv import KeyValueCache
 from core.messages import Finish, InboundMessage, ThreadKey
@@ -58,6 +66,10 @@ STATIC = HERE / "static"
 _STATIC_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml", ".png": "image/png",
                  ".txt": "text/plain"}
 _CONVERSATION = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# The document types a knowledge base reads, and how an upload's first bytes must look.
+UPLOAD_TYPES = {".md": b"", ".markdown": b"", ".txt": b"", ".text": b"", ".pdf": b"%PDF-", ".docx": b"PK\x03\x04"}
+_UPLOAD_NAME = re.compile(r"^[^/\\\x00-\x1f\x7f:*?\"<>|]{1,150}$")
+MASK = "********"
 # How often the status figures are sampled (the charts show one-minute buckets).
 SAMPLE_EVERY_S = 5.0
 _SECURITY_HEADERS = {
@@ -107,6 +119,20 @@ class _NoSession(Exception):
         self.reason = reason
 
 
+class ConsoleService(Service, Protocol):
+    """What the console needs of the service beyond :class:`connectors.base.Service`."""
+
+    async def search_knowledge(self, kbs: Sequence[str], query: str) -> list[dict[str, Any]]: ...
+
+    def knowledge_folder(self, kb: str) -> str | None: ...
+
+    def knowledge_document(self, kb: str, source: str) -> str | None: ...
+
+    def ingest_progress(self, kb: str) -> dict[str, Any] | None: ...
+
+    async def reload_config(self, timeout_s: float = 60.0) -> bool | None: ...
+
+
 Handler = Callable[["WebConsoleConnector", web.Request, Session], Awaitable[web.StreamResponse]]
 
 
@@ -124,6 +150,7 @@ def _page(handler: Handler) -> Callable[[WebConsoleConnector, web.Request], Awai
         try:
             return await handler(self, request, session)
         except _Refused as exc:
+            self._audit_refusal(request, session, exc)
             key = {403: "forbidden", 404: "not_found"}.get(exc.status, "")
             return self._error_page(request, session, exc.status, key, exc.message)
         except (Busy, StoreUnavailable):
@@ -148,10 +175,12 @@ def _api(write: bool = False) -> Callable[[Handler], Callable[[WebConsoleConnect
             if write and not self.tokens.csrf_ok(session.jti, await _csrf_given(request)):
                 log.warning("console request without a valid CSRF token refused", user=session.name,
                             path=request.path)
+                self.service.audit_action(session.name, "refused", path=request.path, status=403, reason="csrf")
                 return _json_error(403, "csrf", "missing or wrong CSRF token (send X-CSRF-Token)")
             try:
                 return await handler(self, request, session)
             except _Refused as exc:
+                self._audit_refusal(request, session, exc)
                 return _json_error(exc.status, exc.code, exc.message)
             except Rejected as exc:
                 return _json_error(exc.status, exc.code, exc.message)
@@ -215,6 +244,15 @@ class WebConsoleConnector(Connector):
         self._sampler: asyncio.Task[None] | None = None
 
     @property
+    def svc(self) -> ConsoleService:
+        return cast(ConsoleService, self.service)
+
+    def _audit_refusal(self, request: web.Request, session: Session, exc: _Refused) -> None:
+        """A refused attempt (403) is a console action too: who tried what."""
+        if exc.status == 403:
+            self.service.audit_action(session.name, "refused", path=request.path, status=403, reason=exc.message)
+
+    @property
     def console(self) -> ConsoleConfig:
         return self.config.console
 
@@ -252,7 +290,12 @@ class WebConsoleConnector(Connector):
             ("GET", p + "/api/conversations", "api_conversations"),
             ("GET", p + "/api/conversation", "api_conversation"),
             ("POST", p + "/api/conversation/delete", "api_delete_conversation"),
-            ("GET", p + "/api/audit", "api_audit"),
+            ("GET", p + "/api/audit", "api_audit"), ("GET", p + "/api/audit.csv", "api_audit_csv"),
+            ("POST", p + "/api/knowledge/upload", "api_upload"),
+            ("POST", p + "/api/knowledge/delete", "api_delete_document"),
+            ("GET", p + "/api/knowledge/search", "api_search"),
+            ("GET", p + "/config", "config_page"), ("GET", p + "/api/config", "api_config"),
+            ("POST", p + "/api/config/reload", "api_reload"),
             ("GET", p + "/static/{name}", "static"),
         ]
 
@@ -449,8 +492,17 @@ class WebConsoleConnector(Connector):
     @_page
     async def knowledge_page(self, request: web.Request, session: Session) -> web.StreamResponse:
         bases = await self.service.knowledge_status(session.bots)
+        query = request.query.get("q", "")
+        kb = request.query.get("kb", "")
+        hits: list[dict[str, Any]] | None = None
+        if query:
+            hits = await self._search(session, query, kb)
+        for b in bases:
+            b["writable"] = self._kb_writable(session, b["name"])
+            b["progress"] = self.svc.ingest_progress(b["name"])
         return self._render(request, "knowledge.html", session, bases=bases, notice=request.query.get("notice", ""),
-                            notice_kb=request.query.get("kb", ""))
+                            notice_kb=kb, query=query, hits=hits, search_kb=kb,
+                            upload_types=", ".join(UPLOAD_TYPES), upload_max=self.config.server.max_body_bytes)
 
     @_page
     async def conversations_page(self, request: web.Request, session: Session) -> web.StreamResponse:
@@ -470,6 +522,12 @@ class WebConsoleConnector(Connector):
             raise _Refused(404, "not_found", "no such conversation (or it has expired)")
         return self._render(request, "conversation.html", session, thread=thread, cid=thread.redis_suffix(),
                             messages=messages)
+
+    @_page
+    async def config_page(self, request: web.Request, session: Session) -> web.StreamResponse:
+        self._need_admin(session)
+        return self._render(request, "config.html", session, config_json=json.dumps(
+            self._masked_config(), indent=2, ensure_ascii=False), notice=request.query.get("notice", ""))
 
     @_page
     async def audit_page(self, request: web.Request, session: Session) -> web.StreamResponse:
@@ -581,7 +639,10 @@ class WebConsoleConnector(Connector):
     async def api_knowledge(self, request: web.Request, session: Session) -> web.StreamResponse:
         bot = request.query.get("bot")
         bots = [self._bot(session, bot)] if bot else list(session.bots)
-        return _json({"knowledge": await self.service.knowledge_status(bots)})
+        bases = await self.service.knowledge_status(bots)
+        for b in bases:
+            b["progress"] = self.svc.ingest_progress(b["name"])
+        return _json({"knowledge": bases})
 
     @_api(write=True)
     async def api_ingest(self, request: web.Request, session: Session) -> web.StreamResponse:
@@ -628,13 +689,141 @@ class WebConsoleConnector(Connector):
             return _redirect(f"{self.base}/conversations?notice=deleted")
         return _json({"id": thread.redis_suffix(), "deleted": deleted})
 
+    # -- knowledge: documents and search -----------------------------------------------------------
+
+    def _kb(self, session: Session, kb: str, write: bool = False) -> str:
+        """``kb`` if this user may see it (``write``: change its documents): 404 / 403 otherwise."""
+        cfg = self.config
+        if not kb or kb not in cfg.knowledge:
+            raise _Refused(404, "unknown_knowledge", f"no knowledge base {kb!r}")
+        if not any(kb in cfg.bots[b].knowledge for b in session.bots if b in cfg.bots):
+            log.warning("console: a knowledge base outside the user's grants refused", user=session.name, kb=kb)
+            raise _Refused(403, "forbidden", f"knowledge base {kb!r} is not yours")
+        if write and not self._kb_writable(session, kb):
+            raise _Refused(403, "forbidden", f"you may not change the documents of {kb!r}")
+        return kb
+
+    def _kb_writable(self, session: Session, kb: str) -> bool:
+        """Admins change any base; a department user only a base no other department's bot reads."""
+        if session.is_admin:
+            return True
+        if not session.can_write:
+            return False
+        readers = {name for name, bot in self.config.bots.items() if kb in bot.knowledge}
+        return bool(readers) and readers <= set(session.bots)
+
+    async def _search(self, session: Session, query: str, kb: str) -> list[dict[str, Any]]:
+        query = query.strip()
+        if not query or len(query) > 1000:
+            raise _Refused(400, "invalid_query", "q: a question of 1 to 1000 characters")
+        cfg = self.config
+        kbs = [self._kb(session, kb)] if kb else sorted({k for b in session.bots if b in cfg.bots
+                                                          for k in cfg.bots[b].knowledge if k in cfg.knowledge})
+        hits = await self.svc.search_knowledge(kbs, query)
+        self.service.audit_action(session.name, "search", knowledge=kbs, chars=len(query), hits=len(hits))
+        return hits
+
+    @_api()
+    async def api_search(self, request: web.Request, session: Session) -> web.StreamResponse:
+        query = request.query.get("q", "")
+        hits = await self._search(session, query, request.query.get("kb", ""))
+        return _json({"query": query, "hits": hits})
+
+    @_api(write=True)
+    async def api_upload(self, request: web.Request, session: Session) -> web.StreamResponse:
+        if request.content_type != "multipart/form-data":
+            raise _Refused(415, "not_multipart", "send the file as multipart/form-data (field 'file')")
+        form = await request.post()
+        kb = self._kb(session, str(form.get("kb", "")), write=True)
+        upload = form.get("file")
+        if not isinstance(upload, web.FileField):
+            raise _Refused(400, "no_file", "file: no file was sent")
+        name = unicodedata.normalize("NFC", str(form.get("name") or upload.filename or "")).strip()
+        # A client may percent-encode the name (RFC 7578): the decoded form must be as plain.
+        if not _UPLOAD_NAME.match(name) or not _UPLOAD_NAME.match(urllib.parse.unquote(name)) \
+                or name.startswith("."):
+            raise _Refused(400, "invalid_name", "the file name may not hold a path, start with '.', or hold "
+                                                "control characters")
+        suffix = Path(name).suffix.lower()
+        if suffix not in UPLOAD_TYPES:
+            raise _Refused(415, "unsupported_type", f"a knowledge base reads {', '.join(UPLOAD_TYPES)} files")
+        data = upload.file.read(self.config.server.max_body_bytes + 1)
+        if not data:
+            raise _Refused(400, "empty_file", "the file is empty")
+        if len(data) > self.config.server.max_body_bytes:
+            raise _Refused(413, "too_large", f"a document may have {self.config.server.max_body_bytes} bytes")
+        if not _looks_like(suffix, data):
+            raise _Refused(415, "wrong_content", f"the file's content is not a {suffix} document")
+        folder = self.svc.knowledge_folder(kb)
+        if folder is None:
+            raise _Refused(409, "no_folder", f"{kb!r} has no folder to upload into (only files are configured)")
+        replace = str(form.get("replace", "")) in ("1", "true", "on")
+        try:
+            written = await asyncio.to_thread(_write_atomically, Path(folder), name, data, replace)
+        except OSError as exc:
+            log.error("console upload failed", kb=kb, file=name, error=str(exc))
+            raise _Refused(500, "write_failed", "the file could not be written; see the daemon's log") from None
+        if not written:
+            raise _Refused(409, "exists", f"{name!r} exists in {kb!r}; send replace=1 to overwrite it")
+        started = self.service.reingest(kb)
+        self.service.audit_action(session.name, "upload_document", knowledge=kb, document=name, bytes=len(data),
+                                  reingest=started)
+        if _is_form(request) and request.headers.get("Accept", "").find("json") < 0:
+            return _redirect(f"{self.base}/knowledge?notice=uploaded&kb={kb}")
+        return _json({"kb": kb, "document": name, "bytes": len(data), "reingest": started}, status=201)
+
+    @_api(write=True)
+    async def api_delete_document(self, request: web.Request, session: Session) -> web.StreamResponse:
+        fields = await self._fields(request)
+        kb = self._kb(session, fields.get("kb", ""), write=True)
+        source = fields.get("source", "")
+        path = await asyncio.to_thread(self.svc.knowledge_document, kb, source) if source else None
+        if path is None:
+            raise _Refused(404, "unknown_document", f"no document {source!r} in {kb!r}")
+        try:
+            await asyncio.to_thread(os.unlink, path)
+        except FileNotFoundError:
+            raise _Refused(404, "unknown_document", f"no document {source!r} in {kb!r}") from None
+        started = self.service.reingest(kb)
+        self.service.audit_action(session.name, "delete_document", knowledge=kb, document=source, reingest=started)
+        if _is_form(request):
+            return _redirect(f"{self.base}/knowledge?notice=document_deleted&kb={kb}")
+        return _json({"kb": kb, "document": source, "deleted": True, "reingest": started})
+
+    # -- config ----------------------------------------------------------------------------------------
+
+    def _masked_config(self) -> dict[str, Any]:
+        """The running config as JSON, every secret reference (found by type), password hash and
+        password in a URL replaced by a mask; a secret's value is never resolved here."""
+        cfg = self.config
+        secret_keys = {key for key, _ref, _form in secret_references(cfg)}
+        return cast(dict[str, Any], _mask(cfg, "", secret_keys))
+
+    @_api()
+    async def api_config(self, request: web.Request, session: Session) -> web.StreamResponse:
+        self._need_admin(session)
+        return _json({"config": self._masked_config()})
+
+    @_api(write=True)
+    async def api_reload(self, request: web.Request, session: Session) -> web.StreamResponse:
+        self._need_admin(session)
+        result = await self.svc.reload_config(timeout_s=30.0)
+        outcome = {True: "applied", False: "refused", None: "pending"}[result]
+        self.service.audit_action(session.name, "reload_config", outcome=outcome)
+        if _is_form(request):
+            return _redirect(f"{self.base}/config?notice=reload_{outcome}")
+        return _json({"reload": outcome}, status={"applied": 200, "refused": 422, "pending": 202}[outcome])
+
+    # -- audit ---------------------------------------------------------------------------------------
+
     async def _audit_lines(self, request: web.Request, session: Session) -> list[dict[str, Any]] | None:
         bot = request.query.get("bot") or None
         day = request.query.get("day", "")
         if day and not re.fullmatch(r"\d{4}(-\d{2}(-\d{2})?)?", day):
             raise _Refused(400, "invalid_day", "day: YYYY-MM-DD")
+        most = 50_000 if request.path.endswith(".csv") else 1000
         try:
-            limit = max(1, min(1000, int(request.query.get("limit", "200"))))
+            limit = max(1, min(most, int(request.query.get("limit", "200" if most == 1000 else str(most)))))
         except ValueError:
             raise _Refused(400, "invalid_limit", "limit: a number") from None
         # Admins see every line (console actions included); others only lines about their bots.
@@ -646,6 +835,25 @@ class WebConsoleConnector(Connector):
     async def api_audit(self, request: web.Request, session: Session) -> web.StreamResponse:
         lines = await self._audit_lines(request, session)
         return _json({"enabled": lines is not None, "lines": lines or []})
+
+    @_api()
+    async def api_audit_csv(self, request: web.Request, session: Session) -> web.StreamResponse:
+        lines = await self._audit_lines(request, session)
+        if lines is None:
+            raise _Refused(404, "no_audit_log", "no audit log is configured ([audit] file)")
+        out = io.StringIO()
+        w = csv.writer(out)
+        w.writerow((*CSV_COLUMNS, "details"))
+        for line in lines:
+            rest = {k: v for k, v in line.items() if k not in CSV_COLUMNS}
+            w.writerow([_cell(line.get(c)) for c in CSV_COLUMNS] + [_cell(rest) if rest else ""])
+        self.service.audit_action(session.name, "audit_export", lines=len(lines),
+                                  **{k: request.query[k] for k in ("bot", "user", "day") if request.query.get(k)})
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        # A BOM: Excel then reads the Chinese text as UTF-8.
+        return web.Response(body=("\ufeff" + out.getvalue()).encode(), headers={
+            **_SECURITY_HEADERS, "Content-Type": "text/csv; charset=utf-8",
+            "Content-Disposition": f'attachment; filename="botd-audit-{stamp}.csv"'})
 
     async def _fields(self, request: web.Request) -> dict[str, str]:
         if _is_form(request):
@@ -669,6 +877,75 @@ class WebConsoleConnector(Connector):
             raise web.HTTPNotFound(text="no such file")
         return web.Response(body=path.read_bytes(), content_type=_STATIC_TYPES[path.suffix],
                             headers={"Cache-Control": "public, max-age=86400", "X-Content-Type-Options": "nosniff"})
+
+
+CSV_COLUMNS = ("ts", "platform", "user", "bot", "action", "finish", "question", "answer", "tokens_in", "tokens_out",
+               "latency_ms")
+
+
+def _cell(value: Any) -> str:
+    """One CSV cell; a text a spreadsheet would run as a formula is quoted with a leading '."""
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def _looks_like(suffix: str, data: bytes) -> bool:
+    magic = UPLOAD_TYPES[suffix]
+    if magic:
+        return data.startswith(magic)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return "\x00" not in text
+
+
+def _write_atomically(folder: Path, name: str, data: bytes, replace: bool) -> bool:
+    """``folder/name`` := ``data``, all or nothing: a hidden temporary file in the same folder
+    (ingestion skips it), fsync, rename. False when the file exists and ``replace`` is not set."""
+    target = folder / name
+    if target.parent.resolve() != folder.resolve() or target.is_symlink():
+        raise ValueError("the file name leaves the knowledge base's folder")
+    if target.exists() and not replace:
+        return False
+    fd, tmp = tempfile.mkstemp(prefix=".upload-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return True
+
+
+_URL_PASSWORD = re.compile(r"(?<=://)([^/@:]*):[^/@]*@")
+
+
+def _mask(value: Any, key: str, secret_keys: set[str]) -> Any:
+    """A config value as JSON, walked with the dotted keys :func:`secret_references` uses."""
+    if key in secret_keys:
+        return MASK if value is not None else None
+    if isinstance(value, BaseModel):
+        return {name: _mask(getattr(value, name), f"{key}.{name}" if key else name, secret_keys)
+                for name in type(value).model_fields}
+    if isinstance(value, dict):
+        return {str(k): _mask(v, f"{key}.{k}", secret_keys) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_mask(v, f"{key}[{i}]", secret_keys) for i, v in enumerate(value)]
+    if key.endswith(("password_hash", "password")) and value:
+        return MASK
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}:{MASK}@", value)
+    if isinstance(value, int | float | bool) or value is None:
+        return value
+    return str(value)
 
 
 def _redirect(location: str, status: int = 303) -> web.Response:

@@ -36,7 +36,7 @@
   /* Forms that delete something ask first. */
   document.querySelectorAll("form.confirm").forEach(function (f) {
     f.addEventListener("submit", function (ev) {
-      if (!window.confirm(T.confirm_delete)) ev.preventDefault();
+      if (!window.confirm(f.getAttribute("data-confirm") || T.confirm_delete)) ev.preventDefault();
     });
   });
 
@@ -306,9 +306,29 @@
 
   function initKnowledge() {
     var root = document.getElementById("knowledge");
-    if (root && root.getAttribute("data-live") === "1") {
-      setTimeout(function () { window.location.replace(base + "/knowledge"); }, 3000);
-    }
+    if (!root || root.getAttribute("data-live") !== "1") return;
+    // An ingest runs: show its time going up, and reload the page (documents, chunk counts,
+    // the run's summary) once it is over.
+    var timer = setInterval(async function () {
+      try {
+        var r = await fetch(base + "/api/knowledge", { credentials: "same-origin" });
+        if (r.status === 401) { toLogin(); return; }
+        if (!r.ok) return;
+        var running = false;
+        (await r.json()).knowledge.forEach(function (kb) {
+          var p = kb.progress;
+          if (p && p.running) running = true;
+          var line = root.querySelector('.progress-line[data-kb="' + kb.name + '"] .elapsed');
+          if (line && p) line.textContent = p.elapsed_s;
+        });
+        if (!running) {
+          clearInterval(timer);
+          var u = new URL(window.location.href);
+          u.searchParams.delete("notice");
+          window.location.replace(u.toString());
+        }
+      } catch (x) { /* try again at the next tick */ }
+    }, 1000);
   }
 
   localize(document);
