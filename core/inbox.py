@@ -225,13 +225,16 @@ class Inbox:
 
     async def claim(self, count: int = 50) -> list[tuple[str, InboundMessage]]:
         """Take over the entries of daemons that stopped answering them (idle past the lease)."""
-        try:
-            got = await self.redis.run("inbox claim", self.redis.client.xautoclaim, self.stream_key, GROUP,
-                                       self.owner, int(self.lease_s * 1000), "0-0", count=count)
-        except StoreUnavailable as exc:
-            if "NOGROUP" in str(exc.__cause__):
-                return []
-            raise
+        async def _claim() -> Any:
+            try:
+                return await self.redis.client.xautoclaim(self.stream_key, GROUP, self.owner,
+                                                          int(self.lease_s * 1000), "0-0", count=count)
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    return ["0-0", []]  # nothing was accepted on this Redis yet
+                raise
+
+        got = await self.redis.run("inbox claim", _claim)
         entries = [e for e in got[1] if e[0] not in self.mine]
         found = await self._load(entries)
         if found:

@@ -305,3 +305,16 @@ async def test_records_of_an_inbox_without_a_stream_are_adopted(manager, redis_s
     assert [(c, m.text) for c, m in pending] == [("telegram", "from before")]
     again = await Inbox(manager, PREFIX, "host-a").pending()  # a second restart: still pending, once
     assert [m.request_id for _, m in again] == ["old1"]
+
+
+async def test_a_fresh_redis_is_no_error(manager, redis_server):
+    """Before any message was accepted there is no stream: reading and claiming find nothing,
+    log no error, and create no key (the daemon runs these every few seconds)."""
+    inbox = Inbox(manager, PREFIX, "host-a")
+    with capture_logs() as logs:
+        assert await inbox.pending() == []
+        assert await inbox.claim() == []
+        await inbox.keep_alive()
+    assert not [e for e in logs if e["log_level"] == "error"], logs
+    assert manager.healthy
+    assert redis_server.client().keys(f"{PREFIX}:*") == []
