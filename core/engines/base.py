@@ -139,3 +139,31 @@ class Engine(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the model. Called on the worker thread."""
+
+
+def hand_over(pending: str, stops: Sequence[str]) -> tuple[str, str, bool]:
+    """Split the text decoded so far into (what the client may see now, what is kept back,
+    whether a stop string was reached). Kept back: a tail that could still grow into a stop
+    string; at a stop string, the text before it (the reply's last words, never the stop)."""
+    cut = _find_stop(pending, stops)
+    if cut is not None:
+        return "", pending[:cut], True
+    keep = _stop_prefix_len(pending, stops)
+    n = len(pending) - keep
+    return pending[:n], pending[n:], False
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of ``text`` that could still grow into a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if s.startswith(text[-n:]):
+                best = n
+                break
+    return best
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int | None:
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None

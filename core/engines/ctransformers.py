@@ -27,8 +27,8 @@ from core.engines.base import (
     GenerationRequest,
     PromptTokenizer,
     PromptTooLong,
+    hand_over,
 )
-from core.engines.llamacpp import _find_stop, _stop_prefix_len
 
 log = structlog.get_logger("botd.engine")
 
@@ -244,16 +244,12 @@ class CTransformersEngine(Engine):
                 return
             piece = self._llm.detokenize([token], decode=False)
         gen.produced += 1
-        gen.pending += gen.decoder.decode(piece)
-        cut = _find_stop(gen.pending, gen.stops)
-        if cut is not None:
-            gen.pending = gen.pending[:cut]
+        text, gen.pending, stopped = hand_over(gen.pending + gen.decoder.decode(piece), gen.stops)
+        if text:
+            gen.out.append(Chunk(text))
+        if stopped:
             self._finish(gen, "stop")
             return
-        keep = _stop_prefix_len(gen.pending, gen.stops)
-        if len(gen.pending) > keep:
-            gen.out.append(Chunk(gen.pending[: len(gen.pending) - keep]))
-            gen.pending = gen.pending[len(gen.pending) - keep :]
         if gen.produced >= gen.max_tokens:
             self._finish(gen, "length")
             return

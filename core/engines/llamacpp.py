@@ -30,6 +30,7 @@ from core.engines.base import (
     PromptTokenizer,
     PromptTooLong,
     TemplateError,
+    hand_over,
 )
 from core.engines.state_cache import SavedState, StateCache, common_prefix
 from core.messages import ThreadKey
@@ -667,16 +668,13 @@ class LlamaCppEngine(Engine):
             self._finish(seq, "stop")
             return
         seq.produced += 1
-        seq.pending += seq.decoder.decode(self._model.detokenize([token]))
-        cut = _find_stop(seq.pending, seq.stops)
-        if cut is not None:
-            seq.pending = seq.pending[:cut]
+        text, seq.pending, stopped = hand_over(seq.pending + seq.decoder.decode(self._model.detokenize([token])),
+                                               seq.stops)
+        if text:
+            seq.out.append(Chunk(text))
+        if stopped:
             self._finish(seq, "stop")
             return
-        keep = _stop_prefix_len(seq.pending, seq.stops)
-        if len(seq.pending) > keep:
-            seq.out.append(Chunk(seq.pending[: len(seq.pending) - keep]))
-            seq.pending = seq.pending[len(seq.pending) - keep :]
         if seq.produced >= seq.max_tokens:
             self._finish(seq, "length")
             return
@@ -699,19 +697,3 @@ class LlamaCppEngine(Engine):
             "state_cache_evictions": self.cache.evictions,
             **self.stats.as_dict(),
         }
-
-
-def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest tail of ``text`` that could still grow into a stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if s.startswith(text[-n:]):
-                best = n
-                break
-    return best
-
-
-def _find_stop(text: str, stops: Sequence[str]) -> int | None:
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
