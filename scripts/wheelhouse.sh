@@ -33,8 +33,10 @@ if [ -n "${CMAKE_ARGS:-}" ]; then cache=(--no-cache-dir); fi
 
 start=$(date +%s)
 echo "building wheels into $OUT (the first time compiles llama.cpp: about 4 minutes on 2 cores)..." >&2
-# pip, setuptools and wheel too, so the offline venv can upgrade its own pip from the folder.
-"$PYTHON" -m pip wheel --progress-bar off "${cache[@]}" --wheel-dir "$OUT" pip setuptools wheel
+# pip, setuptools and wheel too, so the offline venv can upgrade its own pip from the folder; and
+# async-timeout, which redis-py needs on Python older than 3.11.3 (Debian 12's python3 is 3.11.2):
+# pip resolves for the Python that runs this script, and would leave it out.
+"$PYTHON" -m pip wheel --progress-bar off "${cache[@]}" --wheel-dir "$OUT" pip setuptools wheel "async-timeout>=4.0.3"
 "$PYTHON" -m pip wheel --progress-bar off "${cache[@]}" --wheel-dir "$OUT" ".$extras"
 
 # What is inside, for the admin who carries the folder across.

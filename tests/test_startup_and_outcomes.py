@@ -16,7 +16,7 @@ from fakes import FakeTelegram, serve
 from test_telegram import SECRET, group_update, private_update, stored, tg_config
 
 from bots.daemon import Daemon
-from bots.texts import BUSY, FAILED, KNOWLEDGE_LOADING
+from bots.texts import BUSY, FAILED, say
 from connectors.telegram import TelegramConnector
 from core.config import Settings
 from core.inbox import Inbox
@@ -153,7 +153,7 @@ async def test_a_message_that_waited_too_long_is_told_busy_and_dropped_from_the_
         cfg = cfg.model_copy(update={"queue": cfg.queue.model_copy(update={"max_wait_s": 0.5})})
         async with running_daemon(cfg) as api, busy_model(api, jobs=3):
             assert await post_update(api.session, api.daemon.port, private_update("Hi?", chat_id=7001)) == 200
-            busy = BUSY.format(s=cfg.queue.retry_after_s)
+            busy = say("BUSY", "en", s=cfg.queue.retry_after_s)  # "Hi?" is English: English only
             await wait_for(lambda: _async(shown_in(fake, 7001) == [busy]), timeout=60)
             await wait_for(lambda: _async(not redis_server.client().hgetall("botd:inbox")), timeout=10)
             assert stored(redis_server, 7001) == []
@@ -238,7 +238,7 @@ async def test_a_knowledge_bot_says_busy_when_its_base_takes_too_long(tmp_path, 
         assert status == 503, data
         assert headers["Retry-After"] == "7"
         assert data["error"]["code"] == "busy" and "loading" in data["error"]["message"]
-        assert KNOWLEDGE_LOADING.format(s=7) == data["error"]["message"]
+        assert say("KNOWLEDGE_LOADING", "en", s=7) == data["error"]["message"]  # an English question
 
 
 # -- 19.4: busy and failed read differently ----------------------------------------------------------
