@@ -232,13 +232,11 @@ class ChatService:
                         self._turns[msg.request_id] = lease
                     typing = asyncio.create_task(self._typing(target)) if target.typing_every_s else None
                     try:
-                        answered = await self._reply(msg, delivery)
+                        await self._reply(msg, delivery)
                     finally:
                         self._turns.pop(msg.request_id, None)
                         if typing is not None:
                             typing.cancel()
-                if answered:
-                    await target.answered()
         except Interrupted:
             log.info("answer interrupted by shutdown; it is answered after the restart")
             return

@@ -69,6 +69,9 @@ class Delivery:
             failed = texts.say("FAILED", self.lang)
             await self.show(f"{text}\n\n{failed}" if text.strip() and target.edits else failed)
             return ""
+        # Complete: the target's after-effects (Slack follows the thread) happen before the user
+        # can see the last words, so a reply to them finds them done.
+        await target.answered()
         if final.text != self.shown:
             wait = next_at - time.monotonic()
             if wait > 0:  # the last edit keeps the interval too

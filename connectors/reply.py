@@ -77,7 +77,8 @@ class ReplyTarget(ABC):
         return ()
 
     async def answered(self) -> None:  # noqa: B027 - optional
-        """The whole answer is shown (e.g. Slack follows the thread from now on)."""
+        """The answer is complete; called just before its last words are shown (e.g. Slack
+        follows the thread from now on, before the user can reply to them)."""
 
     async def failed(self, exc: Exception, text: str) -> None:
         """The platform did not take ``text``; log it the way its errors read best."""
