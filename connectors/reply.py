@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 
 from connectors.textsplit import split_text
+from core.errors import BotdError
 from core.messages import Account
 
 log = structlog.get_logger("botd.reply")
@@ -30,7 +31,7 @@ log = structlog.get_logger("botd.reply")
 _ATTEMPTS = 5
 
 
-class RateLimited(Exception):
+class RateLimited(BotdError):
     """The platform kept answering "slow down" for one call."""
 
 
