@@ -23,6 +23,7 @@ import redis
 
 from bots.daemon import Daemon
 from core.config import Config, config_from_dict
+from core.redis_store import RedisManager
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -90,6 +91,19 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+async def manager(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[RedisManager]:
+    """A started RedisManager on the test's redis-server: a store tested alone, no daemon."""
+    cfg = make_config(tmp_path, redis_server.url, redis={"socket_timeout_s": 0.5})
+    mgr = RedisManager(cfg.redis, tmp_path)
+    await mgr.start()
+    assert mgr.healthy
+    try:
+        yield mgr
+    finally:
+        await mgr.close()
 
 
 def make_config(tmp_path: Path, redis_url: str = "", **sections: dict[str, Any]) -> Config:

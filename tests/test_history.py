@@ -11,10 +11,8 @@ hook runs in the same MULTI; and with Redis down every call raises ``StoreUnavai
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 
 import pytest
-from conftest import RedisServer, make_config
 from redis.exceptions import ResponseError
 
 from core.history import HistoryStore
@@ -23,18 +21,6 @@ from core.redis_store import RedisManager, StoreUnavailable
 
 PREFIX = "hx"
 TTL_S = 3600
-
-
-@pytest.fixture
-async def manager(tmp_path, redis_server: RedisServer) -> AsyncIterator[RedisManager]:
-    cfg = make_config(tmp_path, redis_server.url, redis={"socket_timeout_s": 0.5})
-    mgr = RedisManager(cfg.redis, tmp_path)
-    await mgr.start()
-    assert mgr.healthy
-    try:
-        yield mgr
-    finally:
-        await mgr.close()
 
 
 def store(mgr: RedisManager, max_messages: int = 200) -> HistoryStore:

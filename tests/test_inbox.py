@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 
 import pytest
-from conftest import RedisServer, free_port, make_config
+from conftest import free_port, make_config
 from structlog.testing import capture_logs
 
 from core.history import HistoryStore
@@ -27,18 +26,6 @@ from core.redis_store import RedisManager, StoreUnavailable
 
 PREFIX = "ibx"
 KEY, PROGRESS, ANSWER = f"{PREFIX}:inbox", f"{PREFIX}:inbox:progress", f"{PREFIX}:inbox:answer"
-
-
-@pytest.fixture
-async def manager(tmp_path, redis_server: RedisServer) -> AsyncIterator[RedisManager]:
-    cfg = make_config(tmp_path, redis_server.url, redis={"socket_timeout_s": 0.5})
-    mgr = RedisManager(cfg.redis, tmp_path)
-    await mgr.start()
-    assert mgr.healthy
-    try:
-        yield mgr
-    finally:
-        await mgr.close()
 
 
 def message(text: str = "hi", event_id: str = "Ev1", platform: str = "slack", **extra) -> InboundMessage:

@@ -41,6 +41,7 @@ ENV = {
     "BOTD_T_WECOM_TOKEN": "wecom-callback-SECRET-token",
     "BOTD_T_WECOM_AES": "SECRETwecomAESkey0123456789abcdefghijklmnop",  # 43 characters of base64
     "BOTD_T_WECOM_CORP": "wecom-corp-SECRET-value",
+    "BOTD_T_CONSOLE_KEY": "console-signing-SECRET-key-0123456789abcdef",
 }
 CORP = "ww0000000000test"
 
@@ -263,3 +264,31 @@ async def test_wecom(tmp_path, locked_redis, log) -> None:
             await wait_for(sent, timeout=30)
             assert fake.tokens_issued >= 1
     assert_no_secret(log.getvalue())
+
+
+async def test_web_console(tmp_path, locked_redis, log) -> None:
+    """Its signing key, a user's password (right and wrong) and the login's JWT never reach the log."""
+    import aiohttp
+    from test_console import Browser
+
+    from core.auth import hash_password
+
+    password = "console-SECRET-password-1"
+    cfg = config(tmp_path, locked_redis.url, console={
+        "enabled": True, "signing_key": "env:BOTD_T_CONSOLE_KEY",
+        "users": {"root": {"password_hash": hash_password(password), "role": "admin"}}})
+    # unsafe: the jar keeps cookies of an IP address (127.0.0.1)
+    async with running_daemon(cfg) as api, aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as other:
+            assert (await Browser(api, other).login("root", "wrong-SECRET-guess")).status != 303
+        browser = Browser(api, session)
+        assert (await browser.login("root", password)).status == 303
+        status, _, _ = await browser.chat("assistant", "hi", max_tokens=4)
+        assert status == 200
+        jwts = [c.value for c in session.cookie_jar if c.value.count(".") == 2]
+        assert jwts  # the login's token, in its cookie
+        assert (await browser.post("/logout"))[0] in (200, 303)
+        await answered_on(log, "web")
+    text = log.getvalue()
+    assert_no_secret(text)
+    assert not any(j in text for j in jwts)
