@@ -215,12 +215,15 @@ def _json(data: Any, status: int = 200) -> web.Response:
                              dumps=lambda o: json.dumps(o, ensure_ascii=False))
 
 
-def _static_version() -> str:
+def _load_assets() -> tuple[dict[str, bytes], str]:
+    """The shipped static files, read once (served from memory, never from disk on the event
+    loop), and a version of them for cache-busting URLs."""
+    assets = {p.name: p.read_bytes() for p in sorted(STATIC.glob("*"))
+              if p.is_file() and p.suffix in _STATIC_TYPES}
     h = hashlib.sha256()
-    for p in sorted(STATIC.glob("*")):
-        if p.is_file():
-            h.update(p.name.encode() + p.read_bytes())
-    return h.hexdigest()[:10]
+    for name, body in assets.items():
+        h.update(name.encode() + body)
+    return assets, h.hexdigest()[:10]
 
 
 class WebConsoleConnector(Connector):
@@ -240,7 +243,7 @@ class WebConsoleConnector(Connector):
         )
         self.env.filters["when"] = _when
         self.env.filters["duration"] = _duration
-        self.static_version = _static_version()
+        self.assets, self.static_version = _load_assets()
         self._sampler: asyncio.Task[None] | None = None
 
     @property
@@ -871,11 +874,10 @@ class WebConsoleConnector(Connector):
 
     async def static(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
-        path = STATIC / name
-        if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", name) or path.suffix not in _STATIC_TYPES \
-                or not path.is_file():
+        body = self.assets.get(name)
+        if body is None:
             raise web.HTTPNotFound(text="no such file")
-        return web.Response(body=path.read_bytes(), content_type=_STATIC_TYPES[path.suffix],
+        return web.Response(body=body, content_type=_STATIC_TYPES[Path(name).suffix],
                             headers={"Cache-Control": "public, max-age=86400", "X-Content-Type-Options": "nosniff"})
 
 
