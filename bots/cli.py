@@ -237,7 +237,7 @@ def _kb(cfg: Config, args: argparse.Namespace) -> int:
             # Loaded once, up front and timed apart: each base's rate is its own work.
             started = time.monotonic()
             embedder.load()
-            print(f"embedding model loaded in {time.monotonic() - started:.1f} s ({embedder.path.name})")
+            print(f"embedding model loaded in {time.monotonic() - started:.1f} s ({embedder.name})")
             for name in names:
                 kb = cfg.knowledge[name]
                 report = ingest(name, [Path(p) for p in kb.paths], cfg.server.state_dir, embedder, kb.chunk_chars)

@@ -22,6 +22,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from bots import texts
 from bots.knowledge_jobs import KnowledgeJobs
 from bots.service import ChatService
 from connectors import REGISTRY, configured, load_connector
@@ -32,6 +33,7 @@ from core.config import Config, ConfigError, Settings, load_config
 from core.engines import EngineError
 from core.errors import BotdError
 from core.knowledge.embedder import EmbeddingError
+from core.notify import Notifier
 from core.runtime import Runtime
 
 log = structlog.get_logger("botd.daemon")
@@ -74,7 +76,11 @@ class Daemon:
         self.settings = Settings(cfg)
         self.runtime = Runtime(self.settings)
         self.service = ChatService(self.settings, self.runtime)
-        self.knowledge = KnowledgeJobs(self.runtime)
+        # Admin alerts to a WeCom group robot ([notify]); a no-op without that section.
+        self.notifier = Notifier(self.settings, texts.alert)
+        self.knowledge = KnowledgeJobs(self.runtime, self.notifier.post)
+        self.runtime.redis.on_change = self._redis_changed
+        self._redis_down_at: float | None = None
         self.service.ingest_hook = self.knowledge.ingest
         # The running connectors by registry name; a route finds its connector here on every
         # request, so a reload can replace one under a live server.
@@ -115,6 +121,8 @@ class Daemon:
 
     async def _enter(self, stack: contextlib.AsyncExitStack) -> None:
         cfg = self.cfg
+        # First in, last out: it tells of a Redis outage at start and sends "stopping" at the end.
+        await stack.enter_async_context(self.notifier)
         try:
             await stack.enter_async_context(self.runtime)
         except EngineError as exc:
@@ -157,6 +165,18 @@ class Daemon:
             model_file=model_source(cfg), redis=self.runtime.redis.description,
             connectors=list(self.connectors),
         )
+        self.notifier.post("started", model=cfg.model.name, url=f"http://{cfg.server.host}:{self.port}")
+
+    def _redis_changed(self, up: bool, error: str | None) -> None:
+        """Redis went away or came back (told once per change by the runtime's Redis monitor)."""
+        redis = self.runtime.redis.description
+        if up:
+            down_s = round(time.monotonic() - self._redis_down_at) if self._redis_down_at is not None else 0
+            self._redis_down_at = None
+            self.notifier.post("redis_up", redis=redis, down_s=down_s)
+        else:
+            self._redis_down_at = time.monotonic()
+            self.notifier.post("redis_down", redis=redis, error=error or "")
 
     def _route(self, name: str, handler: str) -> Any:
         async def forward(request: web.Request) -> web.StreamResponse:
@@ -181,6 +201,7 @@ class Daemon:
             return
         grace = self.cfg.server.shutdown_grace_s if grace_s is None else grace_s
         self.runtime.ready = False
+        self.notifier.post("stopping")
         # Phase 1, close intake and drain: no new platform events (the listener closes, polling
         # and sockets stop); the running generations finish within the grace period, queued
         # ones end with "shutdown" and their messages stay in the durable inbox.
@@ -192,7 +213,7 @@ class Daemon:
                 await c.stop_receiving()
             except Exception:
                 log.exception("connector stop failed", connector=c.name)
-        await self.runtime.worker.stop(grace)
+        await self.runtime.models.stop(grace)
         # The answers whose generation ended show their last words and clear their records.
         await self.service.drain(15.0)
         if self._background:
@@ -205,7 +226,7 @@ class Daemon:
             # A second signal: the admin does not want to wait. The running generations stop
             # now; their messages stay in the durable inbox and are answered after the restart.
             log.warning("second stop signal: stopping the running answers now")
-            self.runtime.worker.interrupt_running()
+            self.runtime.models.interrupt_running()
             return
         self._stop.set()
 
@@ -230,6 +251,7 @@ class Daemon:
             new = await asyncio.to_thread(load_config, path)
         except ConfigError as exc:
             log.error("reload refused: the running config stays", error=str(exc))
+            self.notifier.post("reload_failed", error=str(exc))
             return False
         # Settings read once at start keep their running values; say so rather than ignore silently.
         kept = []
@@ -246,10 +268,13 @@ class Daemon:
                      model_file=model_source(new))
             try:
                 await self.runtime.swap_model(new)
-            except EngineError as exc:
+            except (EngineError, ValueError) as exc:  # llama-cpp-python: ValueError for a file it cannot read
                 log.error("reload: the new model did not load; the old model and model settings stay",
                           error=model_error(exc))
+                self.notifier.post("model_failed", model=new.model.name, error=model_error(exc))
                 new = new.model_copy(update={"model": old.model})
+            else:
+                self.notifier.post("model_reload", model=new.model.name, source=model_source(new))
         knowledge_changed = self.runtime.apply(new)
         self.settings.config = new  # the one reference everyone reads
         if knowledge_changed:

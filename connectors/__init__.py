@@ -27,6 +27,8 @@ class Entry:
 REGISTRY: dict[str, Entry] = {
     "http_api": Entry("connectors.http_api:HttpApiConnector", "api", lambda c: c.api.enabled),
     "wecom": Entry("connectors.wecom:WeComConnector", "wecom", lambda c: bool(c.wecom)),
+    "wecom_aibot": Entry("connectors.wecom_aibot:WecomAibotConnector", "wecom_aibot",
+                         lambda c: any(b.enabled for b in c.wecom_aibot.values())),
     "telegram": Entry("connectors.telegram:TelegramConnector", "telegram", lambda c: bool(c.telegram)),
     "slack": Entry("connectors.slack:SlackConnector", "slack", lambda c: bool(c.slack)),
     "web_console": Entry("connectors.web_console:WebConsoleConnector", "console", lambda c: c.console.enabled),

@@ -43,6 +43,10 @@ class Service(Protocol):
 
     def bot_names(self) -> list[str]: ...
 
+    def answered_by(self, answer: Answer) -> str:
+        """The name of the model that generates ``answer`` ("" for a fixed text)."""
+        ...
+
     def health(self) -> dict[str, Any]: ...
 
     # What the web console reads and steers; each takes the bots the asking user may see.

@@ -42,6 +42,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from connectors.base import Connector, Route, Service
 from connectors.server import REQUEST_ID, json_error
+from core import toolcalls
 from core.auth import API_AUDIENCE, AuthError, Tokens, looks_like_jwt
 from core.config import Settings
 from core.dispatch import Answer, Busy, Rejected
@@ -128,15 +129,67 @@ class ContentPart(BaseModel):
     text: str
 
 
+_TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class ApiFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: Annotated[str, Field(pattern=_TOOL_NAME)]
+    description: Annotated[str, Field(max_length=4096)] = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class ApiTool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: ApiFunction
+
+
+class ApiCalledFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: Annotated[str, Field(pattern=_TOOL_NAME)]
+    arguments: str = "{}"
+
+
+class ApiToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: Annotated[str, Field(max_length=256)] = ""
+    type: Literal["function"] = "function"
+    function: ApiCalledFunction
+
+
+class ApiToolChoiceFunction(BaseModel):
+    name: Annotated[str, Field(pattern=_TOOL_NAME)]
+
+
+class ApiToolChoice(BaseModel):
+    type: Literal["function"]
+    function: ApiToolChoiceFunction
+
+
 class ApiMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # None only for an assistant turn that made tool calls.
+    content: str | list[ContentPart] | None = None
+    tool_calls: list[ApiToolCall] | None = None
+    tool_call_id: str | None = Field(default=None, max_length=256)
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as the engine renders it (core/toolcalls.py)."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class ChatCompletionBody(_Body):
@@ -151,6 +204,9 @@ class ChatCompletionBody(_Body):
     conversation_id: ConversationId | None = None
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
+    tools: Annotated[list[ApiTool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ApiToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @field_validator("stop")
     @classmethod
@@ -384,12 +440,18 @@ class HttpApiConnector(Connector):
         max_tokens = body.max_completion_tokens or body.max_tokens
         self._check_budget(max_tokens)
         last = body.messages[-1]
-        if last.role != "user":
-            raise _BadRequest(400, "invalid_request", "messages: the last message must have role 'user'")
+        tools, choice = self._tools(body)
+        with_tools = tools is not None or any(m.role == "tool" or m.tool_calls for m in body.messages)
+        if last.role != "user" and not (with_tools and last.role == "tool"):
+            raise _BadRequest(400, "invalid_request", "messages: the last message must have role 'user'"
+                              " (or 'tool', answering the assistant's tool calls)")
         system_parts = [m.text() for m in body.messages if m.role in ("system", "developer")]
         system = "\n\n".join(system_parts) if system_parts else None
         cid = self._header_cid(request)
         cid = body.conversation_id or cid
+        if cid is not None and with_tools:
+            raise _BadRequest(400, "invalid_request", "tools and tool messages need the client's own history: "
+                              "send the whole conversation without conversation_id")
         history: list[ChatTurn] | None = None
         if cid is None:
             history = [ChatTurn(m.role, m.text()) for m in body.messages[:-1] if m.role in ("user", "assistant")]
@@ -399,23 +461,31 @@ class HttpApiConnector(Connector):
             user=self._user(request, ident, body.user), text=last.text(), history=history,
             system=system, max_tokens=max_tokens, temperature=body.temperature,
             request_id=request[REQUEST_ID], stop=tuple(stops),
+            tools=tools, tool_choice=choice,
+            messages=[m.as_dict() for m in body.messages if m.role not in ("system", "developer")]
+            if with_tools else None,
         )
         answer = await self.service.dispatch(msg)
-        model_name = body.model or self.service.model_name
+        # The model that answers (a bot may use a [models.NAME] of its own), not the name asked for.
+        model_name = self.service.answered_by(answer) or body.model or self.service.model_name
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         if body.stream:
-            return await self._stream_completion(request, answer, model_name, cid, include_usage)
+            return await self._stream_completion(request, answer, model_name, cid, include_usage, bool(tools))
         final = await self._collect(answer)
+        message: dict[str, Any] = {"role": "assistant", "content": final.text}
+        finish = _FINISH[Finish(final.finish_reason or Finish.STOP)]
+        if tools:
+            content, calls = toolcalls.parse(final.text)
+            if calls:
+                message = {"role": "assistant", "content": content or None,
+                           "tool_calls": [c.openai() for c in calls]}
+                finish = "tool_calls"
         payload = {
             "id": f"chatcmpl-{answer.id}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model_name,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": final.text},
-                "finish_reason": _FINISH[Finish(final.finish_reason or Finish.STOP)],
-            }],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
             "usage": _usage(final),
         }
         if cid:
@@ -423,6 +493,27 @@ class HttpApiConnector(Connector):
         if final.sources:
             payload["sources"] = list(final.sources)
         return web.json_response(payload, dumps=_dumps)
+
+    def _tools(self, body: ChatCompletionBody) -> tuple[list[dict[str, Any]] | None, str]:
+        """The client's tools in OpenAI's format and its choice; a schema the grammar cannot
+        follow, or a choice naming no tool, is the client's error (400)."""
+        choice = body.tool_choice
+        name = choice.function.name if isinstance(choice, ApiToolChoice) else (choice or "auto")
+        if not body.tools or name == "none":
+            if isinstance(choice, ApiToolChoice) or choice == "required":
+                raise _BadRequest(400, "invalid_request", "tool_choice: no tools given")
+            return None, "none"
+        tools = [t.model_dump() for t in body.tools]
+        names = toolcalls.tool_names(tools)
+        if len(set(names)) != len(names):
+            raise _BadRequest(400, "invalid_request", "tools: two tools have the same name")
+        if isinstance(choice, ApiToolChoice) and name not in names:
+            raise _BadRequest(400, "invalid_request", f"tool_choice: no tool named {name!r} in tools")
+        try:
+            toolcalls.grammar(tools)
+        except Exception as exc:  # the converter's own errors: unsupported schema keywords
+            raise _BadRequest(400, "invalid_request", f"tools: a parameters schema cannot be followed: {exc}") from None
+        return tools, name
 
     async def _collect(self, answer: Answer) -> ReplyEvent:
         """Wait for the whole answer; if the client goes away, aiohttp cancels us and we stop the job."""
@@ -441,7 +532,8 @@ class HttpApiConnector(Connector):
         return final
 
     async def _stream_completion(
-        self, request: web.Request, answer: Answer, model: str, cid: str | None, include_usage: bool
+        self, request: web.Request, answer: Answer, model: str, cid: str | None, include_usage: bool,
+        tools: bool = False,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={
             "Content-Type": "text/event-stream; charset=utf-8",
@@ -477,15 +569,34 @@ class HttpApiConnector(Connector):
                     raise failure
             await resp.prepare(request)
             await resp.write(chunk({"role": "assistant", "content": ""}))
+            # With tools, the start of the answer is held back until it shows whether it is a
+            # tool call (sent whole, as OpenAI's ``tool_calls`` delta, at the end) or prose.
+            held: str | None = "" if tools else None
             while not ev.done:
-                await resp.write(content_chunk(ev.delta))
+                if held is None:
+                    await resp.write(content_chunk(ev.delta))
+                else:
+                    held += ev.delta
+                    start = held.lstrip()
+                    if not (toolcalls.OPEN.startswith(start) or start.startswith(toolcalls.OPEN)):
+                        await resp.write(content_chunk(held))
+                        held = None
                 ev = await anext(events)
             finished = True
             failure = self._failure(ev)
+            calls: list[toolcalls.ToolCall] = []
+            if held and failure is None:
+                content, calls = toolcalls.parse(held)
+                if calls:
+                    if content:
+                        await resp.write(content_chunk(content))
+                    await resp.write(chunk({"tool_calls": [c.openai(i) for i, c in enumerate(calls)]}))
+                else:
+                    await resp.write(content_chunk(held))
             if failure is not None:
                 await resp.write(failure.sse())
             else:
-                finish = _FINISH[Finish(ev.finish_reason or Finish.STOP)]
+                finish = "tool_calls" if calls else _FINISH[Finish(ev.finish_reason or Finish.STOP)]
                 await resp.write(chunk({}, finish, usage=_usage(ev)))
                 if include_usage:
                     await resp.write(b"data: " + _dumps({**base, "choices": [], "usage": _usage(ev)}).encode()

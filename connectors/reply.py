@@ -81,6 +81,10 @@ class ReplyTarget(ABC):
         """The answer is complete; called just before its last words are shown (e.g. Slack
         follows the thread from now on, before the user can reply to them)."""
 
+    async def closed(self, text: str) -> None:  # noqa: B027 - optional
+        """The answer is over (complete, refused or failed) and ``text`` was the last text shown.
+        For a platform whose message stays open until told (a WeCom AI bot stream)."""
+
     async def failed(self, exc: Exception, text: str) -> None:
         """The platform did not take ``text``; log it the way its errors read best."""
         log.error("reply failed", connector=self.account.connector, error=f"{type(exc).__name__}: {exc}")

@@ -1,4 +1,5 @@
-"""The chat command vocabulary every platform shares: /start, /help, /reset and the admins' /kb.
+"""The chat command vocabulary every platform shares: /start, /help, /reset, the admins' /kb,
+and the tool commands /calc and /tool.
 
 Connectors read it to tell a command addressed to this bot from other text (Telegram's
 ``/reset@OtherBot``); the bots layer answers them.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-KNOWN = ("start", "help", "reset", "kb")
+KNOWN = ("start", "help", "reset", "kb", "calc", "tool")
 
 
 @dataclass(frozen=True, slots=True)

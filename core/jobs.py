@@ -54,6 +54,8 @@ class Job:
     # Set from any thread: the worker checks it between tokens.
     stop_flag: threading.Event = field(default_factory=threading.Event)
     interrupted: bool = False
+    # The model that answers it ("default": [model], or a [models.NAME] name); set when queued.
+    model: str = "default"
 
     def __post_init__(self) -> None:
         self._events: asyncio.Queue[ReplyEvent] = asyncio.Queue()

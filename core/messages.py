@@ -62,6 +62,12 @@ class InboundMessage:
     max_tokens: int | None = None
     temperature: float | None = None
     stop: tuple[str, ...] = ()
+    # A client running its own tools (OpenAI API): their definitions, its choice ("auto",
+    # "none", "required" or a tool's name), and its whole conversation with the calls and
+    # results in it (rendered as given, never stored).
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str = "auto"
+    messages: list[dict[str, Any]] | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     # The platform account (a Telegram bot, a Slack app, a WeCom app) that received it.
     account: str = ""

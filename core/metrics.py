@@ -39,6 +39,14 @@ INGESTS = Counter("botd_ingests_total", "Knowledge base ingests, by outcome", ["
 DUPLICATES = Counter(
     "botd_duplicates_dropped_total", "Platform redeliveries dropped", ["platform"], registry=REGISTRY
 )
+# Tool calls ([tools.NAME]; an MCP server's tools as NAME__tool), by outcome: ok, error, timeout,
+# refused, invalid (arguments that do not fit the schema).
+TOOL_CALLS = Counter("botd_tool_calls_total", "Tool calls, by tool and outcome", ["tool", "outcome"],
+                     registry=REGISTRY)
+TOOL_SECONDS = Histogram(
+    "botd_tool_call_seconds", "Time per tool call", ["tool"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60), registry=REGISTRY,
+)
 
 
 class _EngineCollector:
@@ -79,6 +87,37 @@ class _EngineCollector:
 
 ENGINE = _EngineCollector()
 REGISTRY.register(ENGINE)
+
+
+class _ModelsCollector:
+    """Each configured model ([model] is "default"): loaded or not, queue, running answers, loads."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], dict[str, dict[str, Any]]] | None = None
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        models = self.source() if self.source is not None else {}
+        if not models:
+            return
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+            "loaded": GaugeMetricFamily("botd_model_loaded", "1 when the model is in memory", labels=["model"]),
+            "queue_depth": GaugeMetricFamily("botd_model_queue_depth", "Jobs waiting for the model", labels=["model"]),
+            "running": GaugeMetricFamily("botd_model_running", "Answers the model is generating", labels=["model"]),
+            "loads": CounterMetricFamily("botd_model_loads", "Times the model was loaded", labels=["model"]),
+            "unloads": CounterMetricFamily("botd_model_unloads", "Times the model was unloaded to make room",
+                                           labels=["model"]),
+        }
+        for name, state in models.items():
+            for key, family in families.items():
+                family.add_metric([name], float(state.get(key) or 0))
+        yield from families.values()
+
+
+MODELS = _ModelsCollector()
+REGISTRY.register(MODELS)
 
 
 def render() -> tuple[bytes, str]:

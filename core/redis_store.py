@@ -10,6 +10,7 @@ the recovery once, and the client reconnects by itself on the next command.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,8 @@ class RedisManager:
         self._monitor: asyncio.Task[None] | None = None
         self.healthy = False
         self.last_error: str | None = None
+        # Told once per change of health (and of an outage found at start): (reachable, error).
+        self.on_change: Callable[[bool, str | None], None] | None = None
 
     @property
     def client(self) -> aioredis.Redis:
@@ -111,18 +114,31 @@ class RedisManager:
         return True
 
     def _mark_down(self, exc: BaseException) -> None:
+        first = self.healthy or self.last_error is None  # was up, or never checked yet
         self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         metrics.REDIS_ERRORS.inc()
         if self.healthy:
             log.error("redis is unreachable; history and dedupe are degraded until it returns",
                       redis=self.description, error=self.last_error)
         self.healthy = False
+        if first:
+            self._changed(False)
 
     def _mark_up(self) -> None:
-        if not self.healthy and self.last_error is not None:
+        back = not self.healthy and self.last_error is not None
+        if back:
             log.info("redis is reachable again", redis=self.description)
         self.healthy = True
         self.last_error = None
+        if back:
+            self._changed(True)
+
+    def _changed(self, up: bool) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(up, self.last_error)
+            except Exception:
+                log.exception("redis health listener failed")
 
     async def _watch(self) -> None:
         while True:

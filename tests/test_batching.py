@@ -177,7 +177,7 @@ def test_a_saved_state_whose_tokens_do_not_match_is_never_restored():
         alone(eng, req("someone-else", ask("payroll secrets of finance"), 8))
         # A state saved under this thread's key, but of other tokens (what a key collision or a
         # stale entry would look like): it must not be used for this thread's prompt.
-        eng.cache.put(key, SavedState(tuple(range(5000, 5100)), b"\0" * 1000))
+        eng.cache.put(eng._cache_key(key, ()), SavedState(tuple(range(5000, 5100)), b"\0" * 1000))
         restores = eng.stats.cache_restores
         gen = eng.open(req("victim", ask("the sea"), 8), never)
         assert eng.stats.cache_restores == restores

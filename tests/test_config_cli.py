@@ -192,22 +192,33 @@ def test_every_config_key_is_documented_in_the_readme_and_the_shipped_config():
         BotConfig,
         Config,
         KnowledgeConfig,
+        ModelConfig,
+        NotifyConfig,
+        RouteConfig,
         SlackConfig,
         TelegramConfig,
+        WecomAibotConfig,
         WecomConfig,
     )
 
     readme = (REPO / "README.md").read_text()
     shipped = (REPO / "config.toml").read_text()
     named = {"bots": BotConfig, "knowledge": KnowledgeConfig, "wecom": WecomConfig, "telegram": TelegramConfig,
-             "slack": SlackConfig}
+             "slack": SlackConfig, "notify": NotifyConfig, "wecom_aibot": WecomAibotConfig,
+             "models": ModelConfig, "routes": RouteConfig}
     missing = []
     for section, field in Config.model_fields.items():
         if field.exclude:
             continue
         model = named.get(section) or field.annotation
-        assert isinstance(model, type) and issubclass(model, BaseModel), section
-        for key in model.model_fields:
+        if section == "tools":  # [tools.NAME]: a union on `type`, every member's keys
+            from core.tools.config import CalculatorToolConfig, HttpToolConfig, McpToolConfig, SearchToolConfig
+
+            models: list[type[BaseModel]] = [CalculatorToolConfig, HttpToolConfig, SearchToolConfig, McpToolConfig]
+        else:
+            assert isinstance(model, type) and issubclass(model, BaseModel), section
+            models = [model]
+        for key in (k for m in models for k in m.model_fields):
             if f"`{key}`" not in readme and f"`{section}.{key}`" not in readme and f"`{section}.NAME.{key}`" \
                     not in readme:
                 missing.append(f"README: {section}.{key}")

@@ -120,6 +120,8 @@ class FakeOpenAI:
         return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
 
     async def apply_template(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):  # llama-server --api-key guards these too
+            return web.json_response({"error": {"message": "invalid api key"}}, status=401)
         if self.tokenize != "llama-server":
             raise web.HTTPNotFound()
         body = await request.json()
@@ -128,6 +130,8 @@ class FakeOpenAI:
     async def tokenize_handler(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.tokenize_calls += 1
+        if not self._authorized(request):
+            return web.json_response({"error": {"message": "invalid api key"}}, status=401)
         if self.tokenize == "llama-server" and "content" in body:
             return web.json_response({"tokens": list(body["content"].encode())})
         if self.tokenize == "vllm" and "messages" in body:
@@ -311,9 +315,16 @@ def test_a_wrong_key_stops_the_start_naming_model_api_key():
     server.start()
     try:
         engine = RemoteEngine(server.url, api_key="wrong-key-456", model="fake-model", timeout_s=5)
-        with pytest.raises(EngineError, match=r"^model\.api_key: the remote engine at .* refused the key \(HTTP 401"):
-            engine.load()
-        assert server.requests == []
+        refused = r"^model\.api_key: the remote engine at .* refused the key \(HTTP 401"
+        with capture_logs() as logs:
+            # The daemon asks for the prompt tokenizer first: its first probe already says it.
+            with pytest.raises(EngineError, match=refused):
+                engine.tokenizer()
+            with pytest.raises(EngineError, match=refused):
+                engine.load()
+        assert server.requests == [] and server.tokenize_calls <= 1
+        # A refused tokenizer probe is the key's fault, not "no tokenizer here": no estimate warning.
+        assert [e for e in logs if e["log_level"] == "warning"] == []
     finally:
         server.stop()
 

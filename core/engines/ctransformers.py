@@ -29,6 +29,7 @@ from core.engines.base import (
     PromptTooLong,
     hand_over,
 )
+from core.toolcalls import plain_messages
 
 log = structlog.get_logger("botd.engine")
 
@@ -80,7 +81,8 @@ class CTransformersTokenizer(PromptTokenizer):
     def __init__(self, engine: CTransformersEngine) -> None:
         self.engine = engine
 
-    def count_chat(self, messages: Sequence[dict[str, str]]) -> int:
+    def count_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> int:
+        messages = plain_messages(messages, tools) if tools else messages
         return len(self.engine.tokenize(render_chatml(messages)))
 
 
@@ -198,7 +200,8 @@ class CTransformersEngine(Engine):
             raise EngineError("the model is not loaded")
         if self._active is not None:
             raise EngineError("no free slot (ctransformers runs one conversation at a time)")
-        tokens = self.tokenize(render_chatml(request.messages))
+        messages = plain_messages(request.messages, request.tools) if request.tools else request.messages
+        tokens = self.tokenize(render_chatml(messages))
         room = min(self._n_ctx, self._llm.context_length) - len(tokens)
         if room < 1:
             raise PromptTooLong(f"the prompt has {len(tokens)} tokens; the context holds {self._n_ctx}")

@@ -34,6 +34,7 @@ from core.engines.base import (
 )
 from core.engines.state_cache import SavedState, StateCache, common_prefix
 from core.messages import ThreadKey
+from core.toolcalls import TRIGGER, plain_messages
 
 log = structlog.get_logger("botd.engine")
 
@@ -218,37 +219,44 @@ class _ChatTemplate:
         bos = model.token_get_text(bos_id) if bos_id != -1 else ""
         template = model.metadata().get("tokenizer.chat_template")
         self.from_metadata = bool(template)
+        # A template that names tools renders their definitions and earlier calls itself.
+        self.knows_tools = bool(template) and "tools" in template
         self.formatter = llama_chat_format.Jinja2ChatFormatter(
             template=template or _CHATML, eos_token=eos, bos_token=bos, stop_token_ids=[eos_id]
         )
         controls = _control_texts(model)
         self._control = re.compile("|".join(map(re.escape, controls))) if controls else None
 
-    def _format(self, msgs: list[dict[str, str]]) -> Any:
+    def _format(self, msgs: list[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> Any:
         try:
-            return self.formatter(messages=msgs)  # type: ignore[arg-type]  # plain role/content dicts
+            return self.formatter(messages=msgs, tools=tools)  # type: ignore[arg-type]  # plain dicts
         except Exception as exc:
             # Some templates (Mistral, Gemma) refuse a system role: fold it into the first user turn.
             if not msgs or msgs[0].get("role") != "system" or len(msgs) < 2:
                 raise TemplateError(f"the model's chat template rejected the messages: {exc}") from exc
             merged = [{"role": msgs[1]["role"], "content": msgs[0]["content"] + "\n\n" + msgs[1]["content"]}]
             try:
-                return self.formatter(messages=merged + msgs[2:])  # type: ignore[arg-type]
+                return self.formatter(messages=merged + msgs[2:], tools=tools)  # type: ignore[arg-type]
             except Exception as exc2:
                 raise TemplateError(f"the model's chat template rejected the messages: {exc2}") from exc2
 
-    def render(self, messages: Sequence[dict[str, str]]) -> tuple[list[int], list[str]]:
-        msgs = [{**m, "content": _plain(m.get("content", ""))} for m in messages]
+    def render(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+               ) -> tuple[list[int], list[str]]:
+        if self.knows_tools:
+            tools = tools or None
+        else:
+            messages, tools = plain_messages(messages, tools), None
+        msgs = [{**m, "content": _plain(m.get("content") or "")} for m in messages]
         if self._control is None or not any(self._control.search(m["content"]) for m in msgs):
             # Nothing in the contents looks like a control token: tokenizing the prompt in one
             # piece is the same as tokenizing its contents as text, and exactly what the model saw
             # in training at the seams.
-            result = self._format(msgs)
+            result = self._format(msgs, tools)
             tokens = self._tokenize(result.prompt, special=True, bos=not result.added_special)
         else:
             # Each content becomes a mark padded with one space each side: where the template
             # strips contents (Llama 3's ``| trim``) the padding is gone, and so is the content's.
-            result = self._format([{**m, "content": f" \ue000{i}\ue001 "} for i, m in enumerate(msgs)])
+            result = self._format([{**m, "content": f" \ue000{i}\ue001 "} for i, m in enumerate(msgs)], tools)
             pieces = _MARK.split(result.prompt)
             tokens = []
             for j in range(0, len(pieces), 4):
@@ -290,21 +298,27 @@ class LlamaCppTokenizer(PromptTokenizer):
             self._llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
         self._template = _ChatTemplate(self._llm._model)
 
-    def count_chat(self, messages: Sequence[dict[str, str]]) -> int:
+    def count_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> int:
         with self._lock:
-            tokens, _ = self._template.render(messages)
+            tokens, _ = self._template.render(messages, tools)
         return len(tokens)
+
+
+# A request's LoRA adapters: ((GGUF path, scale), ...); () for the base model alone.
+Adapters = tuple[tuple[str, float], ...]
 
 
 class _Slot:
     """One sequence id of the shared KV cache and the tokens whose state it holds."""
 
-    __slots__ = ("busy", "owner", "seq_id", "tokens", "used_at")
+    __slots__ = ("adapters", "busy", "owner", "seq_id", "tokens", "used_at")
 
     def __init__(self, seq_id: int) -> None:
         self.seq_id = seq_id
         self.tokens: list[int] = []
         self.owner: ThreadKey | None = None
+        # The LoRA adapter set the slot's KV state was computed under: reused only under the same.
+        self.adapters: Adapters = ()
         self.used_at = 0.0
         self.busy = False
 
@@ -382,6 +396,11 @@ class LlamaCppEngine(Engine):
         self._template: _ChatTemplate | None = None
         self._tokenizer: LlamaCppTokenizer | None = None
         self._slots: list[_Slot] = []
+        # LoRA adapters loaded for this model (GGUF path -> llama_adapter_lora *), once each, and
+        # the set the context applies now; a step decodes only the sequences of one set.
+        self._adapters: dict[str, Any] = {}
+        self._applied: Adapters = ()
+        self._turn = 0
         self._can_trim = True
         self._clock = 0.0
         self.stats = EngineStats()
@@ -449,8 +468,37 @@ class LlamaCppEngine(Engine):
             self._tokenizer = LlamaCppTokenizer(self.path)
         return self._tokenizer
 
+    def memory_estimate(self) -> int:
+        """RAM the loaded model takes, roughly: the file x 1.2 (weights and compute buffers) plus
+        the KV cache (f16 K and V of every layer for n_ctx x parallel cells) plus the state cache.
+        0 when layers go to a GPU (its memory is llama.cpp's to check)."""
+        if self.n_gpu_layers != 0:
+            return 0
+        # The shape, from the GGUF metadata (the vocabulary-only copy has it; per-layer figures it has not).
+        meta = self.tokenizer()._llm._model.metadata()
+        arch = meta.get("general.architecture", "")
+
+        def num(key: str, default: int = 0) -> int:
+            try:
+                return int(float(meta.get(f"{arch}.{key}", default)))
+            except ValueError:
+                return default
+
+        n_embd, n_head = num("embedding_length"), max(1, num("attention.head_count", 1))
+        n_head_kv = num("attention.head_count_kv", n_head)
+        k_len = num("attention.key_length", n_embd // n_head)
+        v_len = num("attention.value_length", n_embd // n_head)
+        kv = num("block_count") * self._n_ctx * self.parallel * n_head_kv * (k_len + v_len) * 2
+        return int(self.path.stat().st_size * 1.2) + kv + self.cache.max_bytes
+
     def close(self) -> None:
+        import llama_cpp
+
         with _LOAD_LOCK:
+            for adapter in self._adapters.values():
+                llama_cpp.llama_adapter_lora_free(adapter)
+            self._adapters.clear()
+            self._applied = ()
             for part in (self._batch, self._ctx, self._model):
                 if part is not None:
                     part.close()
@@ -462,11 +510,13 @@ class LlamaCppEngine(Engine):
     def open(self, request: GenerationRequest, should_stop: Callable[[], bool]) -> _Seq:
         if self._model is None or self._template is None:
             raise EngineError("the model is not loaded")
-        prompt, template_stops = self._template.render(request.messages)
+        prompt, template_stops = self._template.render(request.messages, request.tools)
         room = self._n_ctx - len(prompt)
         if room < 1:
             raise PromptTooLong(f"the prompt has {len(prompt)} tokens; the context holds {self._n_ctx}")
         stops = [s for s in (*request.stop, *template_stops) if s]
+        for path, _scale in request.adapters:
+            self._adapter(path)
         seq = _Seq(request, should_stop, prompt, stops, min(request.max_tokens, room), self._sampler(request))
         self._place(seq)
         return seq
@@ -474,8 +524,16 @@ class LlamaCppEngine(Engine):
     def _sampler(self, request: GenerationRequest) -> Any:
         """The sampler chain ``Llama.generate`` builds for these settings, one per sequence."""
         from llama_cpp import _internals as internals
+        from llama_cpp.llama_grammar import LlamaGrammar
 
         sampler = internals.LlamaSampler()
+        if request.grammar:
+            # First in the chain, as llama.cpp's own sampler does: the others pick among what it allows.
+            grammar = LlamaGrammar.from_string(request.grammar)
+            if request.grammar_lazy:
+                sampler.add_grammar_lazy_patterns(self._model, grammar, [TRIGGER], [])
+            else:
+                sampler.add_grammar(self._model, grammar)
         sampler.add_penalties(n_vocab=self._model.n_vocab(), penalty_last_n=64,
                               penalty_repeat=request.repeat_penalty, penalty_freq=0.0, penalty_present=0.0)
         if request.temperature == 0.0:
@@ -490,32 +548,70 @@ class LlamaCppEngine(Engine):
             sampler.add_dist(seed if seed >= 0 else 0xFFFFFFFF)
         return sampler
 
+    def _adapter(self, path: str) -> Any:
+        """The LoRA adapter in ``path``, loaded for this model on first use."""
+        import llama_cpp
+
+        adapter = self._adapters.get(path)
+        if adapter is None:
+            with _LOAD_LOCK:
+                adapter = llama_cpp.llama_adapter_lora_init(self._model.model, path.encode("utf-8"))
+            if not adapter:
+                raise EngineError(f"cannot load the LoRA adapter {path!r} for the model {self.path.name!r} "
+                                  "(not a LoRA GGUF, or made for another model)")
+            self._adapters[path] = adapter
+            log.info("LoRA adapter loaded", model=self.path.name, adapter=path)
+        return adapter
+
+    def _apply(self, adapters: Adapters) -> None:
+        """Make the context compute with exactly ``adapters`` (none: the base model)."""
+        import ctypes
+
+        import llama_cpp
+
+        if adapters == self._applied:
+            return
+        n = len(adapters)
+        arr = (llama_cpp.llama_adapter_lora_p_ctypes * n)(*(self._adapter(p) for p, _ in adapters)) if n else None
+        scales = (ctypes.c_float * n)(*(s for _, s in adapters)) if n else None
+        llama_cpp.llama_set_adapters_lora(self._ctx.ctx, arr, n, scales)
+        self._applied = adapters
+
+    def _cache_key(self, thread: ThreadKey, adapters: Adapters) -> tuple[str, Adapters, ThreadKey]:
+        """A parked state's key: the model, the adapter set it was computed under, the thread."""
+        return str(self.path), adapters, thread
+
     def _place(self, seq: _Seq) -> None:
         """Give ``seq`` a free slot: the one already holding most of its prompt, or, when its
         thread's parked state holds more, an empty or least recently used slot with that state
-        restored. A slot taken from another thread has that thread's state parked first."""
+        restored. A slot taken from another thread has that thread's state parked first. KV
+        state counts only under the adapter set it was computed with: a slot or a parked state
+        of another set is never reused."""
         free = [s for s in self._slots if not s.busy]
         if not free:
             raise EngineError("no free slot (more sequences than [model] parallel)")
-        key = seq.request.thread_key
+        key, adapters = seq.request.thread_key, seq.request.adapters
         # Read at least the last prompt token again: its logits give the first reply token.
         usable = len(seq.prompt) - 1
 
-        def reuse(tokens: Sequence[int]) -> int:
-            return min(common_prefix(list(tokens), seq.prompt), usable)
+        def reuse(tokens: Sequence[int], under: Adapters) -> int:
+            return min(common_prefix(list(tokens), seq.prompt), usable) if under == adapters else 0
 
-        slot = max(free, key=lambda s: (reuse(s.tokens), s.owner == key, s.owner is None, -s.used_at))
-        kept = reuse(slot.tokens)
-        saved = self.cache.take(key)
-        if saved is not None and reuse(saved.tokens) > kept:
+        slot = max(free, key=lambda s: (reuse(s.tokens, s.adapters), s.owner == key and s.adapters == adapters,
+                                        s.owner is None, -s.used_at))
+        kept = reuse(slot.tokens, slot.adapters)
+        saved = self.cache.take(self._cache_key(key, adapters))
+        if saved is not None and reuse(saved.tokens, adapters) > kept:
             slot = min(free, key=lambda s: (s.owner is not None, s.used_at))
-            self._park(slot, key)
-            kept = reuse(saved.tokens) if self._restore(slot, saved) else 0
+            self._park(slot, key, adapters)
+            kept = reuse(saved.tokens, adapters) if self._restore(slot, saved) else 0
         else:
-            self._park(slot, key)
+            if saved is not None:
+                saved.free()
+            self._park(slot, key, adapters)
         if not self._trim(slot, kept):
             kept = 0
-        slot.busy, slot.owner, slot.used_at = True, key, self._tick()
+        slot.busy, slot.owner, slot.adapters, slot.used_at = True, key, adapters, self._tick()
         seq.slot, seq.read, seq.cached_tokens = slot, kept, kept
         self.stats.prompt_tokens_reused += kept
 
@@ -530,14 +626,14 @@ class LlamaCppEngine(Engine):
         slot.tokens.clear()
         return keep == 0
 
-    def _park(self, slot: _Slot, taker: ThreadKey) -> None:
+    def _park(self, slot: _Slot, taker: ThreadKey, adapters: Adapters = ()) -> None:
         """Save the slot's state for its thread before ``taker`` uses the slot (nothing to save
-        when the slot is empty or already ``taker``'s)."""
+        when the slot is empty or already ``taker``'s under the same adapters)."""
         import ctypes
 
         import llama_cpp
 
-        if slot.owner is None or slot.owner == taker:
+        if slot.owner is None or (slot.owner == taker and slot.adapters == adapters):
             return
         ctx = self._ctx.ctx
         size = llama_cpp.llama_state_seq_get_size(ctx, slot.seq_id) if slot.tokens else 0
@@ -548,7 +644,7 @@ class LlamaCppEngine(Engine):
             written = llama_cpp.llama_state_seq_get_data(ctx, view, size, slot.seq_id)
             del view  # a live ctypes view would keep the map from closing
             if written == size:
-                self.cache.put(slot.owner, SavedState(tuple(slot.tokens), area))
+                self.cache.put(self._cache_key(slot.owner, slot.adapters), SavedState(tuple(slot.tokens), area))
             else:
                 area.close()
         slot.owner = None
@@ -605,6 +701,14 @@ class LlamaCppEngine(Engine):
             active.append(seq)
         if not active:
             return
+        # One adapter set per decode (the context applies one set at a time): the sets take
+        # turns step by step, so that none waits for another's answers to end.
+        sets = list(dict.fromkeys(seq.request.adapters for seq in active))
+        if len(sets) > 1:
+            chosen = sets[self._turn % len(sets)]
+            self._turn += 1
+            active = [seq for seq in active if seq.request.adapters == chosen]
+        self._apply(active[0].request.adapters)
         batch = self._batch.batch
         capacity = min(self.n_batch, self._n_ctx)
         n = 0
@@ -695,5 +799,6 @@ class LlamaCppEngine(Engine):
             "state_cache_bytes": self.cache.bytes,
             "state_cache_entries": len(self.cache),
             "state_cache_evictions": self.cache.evictions,
+            "lora_adapters": len(self._adapters),
             **self.stats.as_dict(),
         }

@@ -42,6 +42,7 @@ import structlog
 
 from core.engines.base import Chunk, Engine, EngineError, Generation, GenerationRequest, PromptTokenizer
 from core.messages import Finish
+from core.toolcalls import plain_messages
 
 log = structlog.get_logger("botd.engine")
 
@@ -368,7 +369,8 @@ class RemoteEngine(Engine):
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model or "default",
-            "messages": request.messages,
+            # Tools reach the remote as text in its prompt, as for any template without them.
+            "messages": plain_messages(request.messages, request.tools) if request.tools else request.messages,
             "stream": True,
             "stream_options": {"include_usage": True},
             "max_tokens": request.max_tokens,
@@ -501,7 +503,7 @@ class RemoteEngine(Engine):
         if not completion:
             completion = call.pieces  # servers that send no usage: one token per piece, near enough
         if not prompt and self._tokenizer is not None:
-            prompt = await asyncio.to_thread(self._tokenizer.count_chat, call.request.messages)
+            prompt = await asyncio.to_thread(self._tokenizer.count_chat, call.request.messages, call.request.tools)
         self._push(call, Chunk("", reason, prompt, completion, cached_tokens=cached))
 
 
@@ -523,7 +525,8 @@ class EstimatedTokenizer(PromptTokenizer):
 
     PER_MESSAGE = 4
 
-    def count_chat(self, messages: Sequence[dict[str, str]]) -> int:
+    def count_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> int:
+        messages = plain_messages(messages, tools) if tools else messages
         return 2 + sum(self.PER_MESSAGE + self.count_text(m.get("content", "")) for m in messages)
 
     @staticmethod
@@ -547,7 +550,8 @@ class RemoteTokenizer(PromptTokenizer):
         self.fallback = fallback
         self._warned = False
 
-    def count_chat(self, messages: Sequence[dict[str, str]]) -> int:
+    def count_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> int:
+        messages = plain_messages(messages, tools) if tools else messages
         try:
             return count_remote(self.root, self.kind, self.headers, self.model, list(messages), self.timeout)
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -583,6 +587,13 @@ def _choose_tokenizer(base_url: str, headers: dict[str, str], model: str, tokeni
     for kind in ("llama-server", "vllm"):
         try:
             n = count_remote(root, kind, auth, model, probe, timeout)
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                # A refused key is the config error load() reports (asked first, at start), not
+                # "no tokenizer": one line, and no more requests with that key.
+                raise EngineError(f"model.api_key: the remote engine at {base_url} refused the key "
+                                  f"(HTTP {exc.code}: {_error_text(exc.read())})") from None
+            continue
         except (OSError, ValueError, KeyError, TypeError, urllib.error.URLError):
             continue
         if n > 0:

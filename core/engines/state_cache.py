@@ -1,8 +1,8 @@
 """The per-thread KV state cache: a chat thread's saved sequence state, kept in RAM between turns.
 
 When a thread's slot is taken by another thread, its KV state (``llama_state_seq_get_data``)
-is parked here, keyed by its thread; when the thread comes back, the state is restored into
-a free slot. Bounded by bytes, least recently used out first.
+is parked here, keyed by its model, its LoRA adapter set and its thread; when the thread comes
+back (under the same adapters), the state is restored into a free slot. Bounded by bytes, least recently used out first.
 
 A saved state is only ever *offered* for its own thread, and the engine restores it only
 when the new prompt really starts with the tokens the state holds (compared token by
@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import mmap
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
-
-from core.messages import ThreadKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,14 +34,14 @@ class SavedState:
 class StateCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[ThreadKey, SavedState] = OrderedDict()
+        self._entries: OrderedDict[Hashable, SavedState] = OrderedDict()
         self.bytes = 0
         self.evictions = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, key: ThreadKey, state: SavedState) -> None:
+    def put(self, key: Hashable, state: SavedState) -> None:
         """Keep ``state`` as ``key``'s latest; evict the least recently used past the bound."""
         self.drop(key)
         if len(state.data) > self.max_bytes:
@@ -57,14 +56,14 @@ class StateCache:
             self.evictions += 1
             old.free()
 
-    def take(self, key: ThreadKey) -> SavedState | None:
+    def take(self, key: Hashable) -> SavedState | None:
         """Remove and return ``key``'s state (it moves into a slot; the taker frees it)."""
         state = self._entries.pop(key, None)
         if state is not None:
             self.bytes -= len(state.data)
         return state
 
-    def drop(self, key: ThreadKey) -> None:
+    def drop(self, key: Hashable) -> None:
         state = self.take(key)
         if state is not None:
             state.free()

@@ -10,9 +10,12 @@ in the fused score go to the chunk holding more of the query's terms, then to th
 BM25 score; never to the order of the files.
 
 Cosine similarity counts only between a question and a chunk the embedding model can both
-read (:mod:`core.knowledge.scripts`): the default English model rates any Chinese question
-0.45–0.85 alike to any Chinese chunk, so for a question mostly in Chinese it would make
-every chunk "relevant" and rank them at random. Such a question is matched by its terms alone.
+read (:mod:`core.knowledge.scripts`): an English model such as all-MiniLM-L6-v2 rates any
+Chinese question 0.45–0.85 alike to any Chinese chunk, so for a question mostly in Chinese it
+would make every chunk "relevant" and rank them at random. Such a question is matched by its
+terms alone. The default model (multilingual-e5-small) reads Chinese and English alike.
+``min_similarity`` left unset takes the embedding model's own threshold for the question
+(:meth:`core.knowledge.embedder.Embedder.min_similarity_for`).
 
 Indexes are loaded at start and re-loaded when a base's CURRENT pointer changes (after
 a scheduled or command-line ingest), in a thread, swapped in whole.
@@ -56,7 +59,7 @@ class Hit:
 
 class Retriever:
     def __init__(self, state_dir: Path, embedder: Embedder, *, candidates: int = 20, top_k: int = 4,
-                 min_similarity: float = 0.3, min_coverage: float = 0.5,
+                 min_similarity: float | None = None, min_coverage: float = 0.5,
                  scripts: frozenset[str] | None = None) -> None:
         self.state_dir = state_dir
         self.embedder = embedder
@@ -67,6 +70,8 @@ class Retriever:
         self.builds_missing = False
         self.candidates = candidates
         self.top_k = top_k
+        # None: the embedding model's own threshold for each question (E5 similarities sit in a
+        # narrow high band, higher for Chinese than for English).
         self.min_similarity = min_similarity
         self.min_coverage = min_coverage
         self._indexes: dict[str, tuple[tuple[str | None, int], KnowledgeIndex | None]] = {}
@@ -142,26 +147,31 @@ class Retriever:
         """Whether the embedding model can judge ``text``: most of it is in a script the model knows."""
         return readable_share(text, self.scripts) >= 0.5
 
+    def threshold(self, query: str) -> float:
+        """The cosine similarity that makes a chunk relevant to ``query``."""
+        return self.embedder.min_similarity_for(query) if self.min_similarity is None else self.min_similarity
+
     def search(self, granted: Sequence[str], query: str) -> list[Hit]:
         """The relevant chunks for ``query`` from the bases in ``granted`` only, best first."""
         indexes = [(n, e[1]) for n in granted if (e := self._indexes.get(n)) is not None and e[1] is not None]
         if not indexes or not query.strip():
             return []
         # A question the model cannot read is not embedded at all: its similarities mean nothing.
-        qvec = self.embedder.encode([query])[0] if self.reads(query) else None
+        qvec = self.embedder.encode([query], query=True)[0] if self.reads(query) else None
         qtokens = lexical_tokens(query)
         pool: list[Candidate] = []
         for _, index in indexes:
             pool.extend(index.search(qvec if index.model == self.embedder.model_id else None, qtokens,
                                      self.candidates))
         # Nor does a readable question's similarity to a chunk the model cannot read: the English
-        # default rates "What is the weather in Beijing today?" 0.33 alike a Chinese attendance rule.
+        # all-MiniLM-L6-v2 rates "What is the weather in Beijing today?" 0.33 alike a Chinese attendance rule.
         judged = {(c.kb, c.row) for c in pool if c.dense_rank is not None and self.reads(c.chunk.embed_text())}
         # Dense scores share one vector space across bases: one global dense ranking. BM25 scores
         # depend on each base's statistics: one lexical ranking per base.
         dense_order = sorted((c for c in pool if (c.kb, c.row) in judged), key=lambda c: -c.dense_score)
         dense_rank = {(c.kb, c.row): r for r, c in enumerate(dense_order)}
         qset = set(qtokens)
+        threshold = self.threshold(query)
         ranked: list[tuple[tuple[float, float, float, float], Hit]] = []
         for c in pool:
             key = (c.kb, c.row)
@@ -172,7 +182,7 @@ class Retriever:
                 score += 1.0 / (_RRF_K + c.lexical_rank + 1)
             coverage = len(qset & set(lexical_tokens(c.chunk.embed_text()))) / len(qset) if qset else 0.0
             similarity = c.dense_score if key in judged else None
-            if (similarity is None or similarity < self.min_similarity) and coverage < self.min_coverage:
+            if (similarity is None or similarity < threshold) and coverage < self.min_coverage:
                 continue  # neither close in meaning nor sharing enough words: not relevant
             hit = Hit(c.kb, c.chunk.source, c.chunk.heading, c.chunk.text, score, similarity, coverage)
             # Rank fusion ties often (dense 0 + lexical 1 = dense 1 + lexical 0): the chunk holding

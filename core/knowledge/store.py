@@ -84,6 +84,17 @@ class KnowledgeStore:
             return None, 0
         return self.current_name(), st.st_mtime_ns
 
+    def built_with(self) -> str | None:
+        """The embedding model (``Embedder.model_id``) the live version was built with; None when
+        there is none or its manifest cannot be read."""
+        name = self.current_name()
+        if name is None:
+            return None
+        try:
+            return str(json.loads((self.dir / name / "manifest.json").read_text()).get("model", ""))
+        except (OSError, ValueError):
+            return None
+
     def load(self) -> Version | None:
         """The live version, or None when nothing was ingested yet."""
         import faiss
