@@ -484,7 +484,7 @@ class ChatService:
             metrics.MESSAGES.labels(msg.platform, "busy").inc()
             log.info("queue full", platform=msg.platform, user=msg.user, reason=exc.reason)
             raise Busy(exc.reason, exc.retry_after, exc.per_user) from None
-        metrics.QUEUE_DEPTH.set(len(self.runtime.queue))
+        metrics.QUEUE_DEPTH.set(self.runtime.models.queue_depth())
 
     async def _run_round(self, msg: InboundMessage, request: GenerationRequest) -> Job:
         """One round of tool calls: queued like any answer, waited for, never shown."""

@@ -41,6 +41,7 @@ from core.dispatch import Busy, Rejected
 from core.kv import KeyValueCache
 from core.messages import Account, InboundMessage
 from core.redis_store import StoreUnavailable
+from core.routing import route
 from core.secrets import resolve_secret
 
 log = structlog.get_logger("botd.slack")
@@ -305,8 +306,9 @@ class SlackConnector(Connector):
         arg = command.get("text", "").strip().lower().lstrip("/")
         channel, user = command.get("channel_id", ""), command.get("user_id", "")
         text = "/reset" if arg == "reset" and channel.startswith("D") else "/help"
-        msg = InboundMessage(platform=PLATFORM, bot=sa.account.bot_for(channel), account=sa.name, chat=channel,
-                             user=user, text=text)
+        msg = InboundMessage(platform=PLATFORM, bot="", account=sa.name, chat=channel, user=user, text=text)
+        # The same bot as the channel's messages get: [[routes]] first, then the app's routes.
+        msg.bot = await route(self.config.routes, msg, sa.account)
         try:
             answer = await self.service.dispatch(msg)
             reply = ""

@@ -67,7 +67,7 @@ class Runtime:
         self._knowledge_changed = asyncio.Event()
 
     def _make_retriever(self, cfg: Config) -> None:
-        # No knowledge bases configured: torch and sentence-transformers are never imported.
+        # No knowledge bases configured: the embedding model is never loaded.
         if not cfg.knowledge:
             self.retriever = None
             return

@@ -11,9 +11,12 @@ extends its previous one (llama-cpp-python does that inside ``generate``).
 from __future__ import annotations
 
 import codecs
+import hashlib
+import json
 import mmap
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -286,6 +289,41 @@ def _plain(text: str) -> str:
         return text.encode("utf-8", "replace").decode("utf-8")
 
 
+class _Rendered:
+    """Prompts the tokenizer rendered, kept by their content for the engine of the same file.
+
+    The prompt builder renders the chosen prompt on an executor thread to count it; the engine
+    would render the same messages again on the worker thread, where every millisecond holds up
+    every stream (~10 ms for 2k tokens). Keyed by the file and a digest of the messages and tools
+    themselves, an entry can only ever be the tokens of exactly those messages.
+    """
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        self._items: OrderedDict[tuple[str, bytes], tuple[list[int], list[str]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(path: Path, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None
+            ) -> tuple[str, bytes]:
+        blob = json.dumps([messages, tools], ensure_ascii=False, default=str).encode("utf-8", "surrogatepass")
+        return str(path), hashlib.blake2b(blob, digest_size=16).digest()
+
+    def put(self, key: tuple[str, bytes], value: tuple[list[int], list[str]]) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+    def take(self, key: tuple[str, bytes]) -> tuple[list[int], list[str]] | None:
+        with self._lock:
+            return self._items.pop(key, None)
+
+
+RENDERED = _Rendered()
+
+
 class LlamaCppTokenizer(PromptTokenizer):
     """A vocabulary-only copy of the model (no weights, ~0.1 s to load) for counting tokens."""
 
@@ -293,6 +331,7 @@ class LlamaCppTokenizer(PromptTokenizer):
         import llama_cpp
 
         _route_llama_logs()
+        self.path = Path(path)
         self._lock = threading.Lock()
         with _LOAD_LOCK:
             self._llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
@@ -300,8 +339,10 @@ class LlamaCppTokenizer(PromptTokenizer):
 
     def count_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> int:
         with self._lock:
-            tokens, _ = self._template.render(messages, tools)
-        return len(tokens)
+            rendered = self._template.render(messages, tools)
+        # The last prompt counted is most often the one sent: the engine takes it from here.
+        RENDERED.put(RENDERED.key(self.path, messages, tools), rendered)
+        return len(rendered[0])
 
 
 # A request's LoRA adapters: ((GGUF path, scale), ...); () for the base model alone.
@@ -510,7 +551,8 @@ class LlamaCppEngine(Engine):
     def open(self, request: GenerationRequest, should_stop: Callable[[], bool]) -> _Seq:
         if self._model is None or self._template is None:
             raise EngineError("the model is not loaded")
-        prompt, template_stops = self._template.render(request.messages, request.tools)
+        rendered = RENDERED.take(RENDERED.key(self.path, request.messages, request.tools))
+        prompt, template_stops = rendered or self._template.render(request.messages, request.tools)
         room = self._n_ctx - len(prompt)
         if room < 1:
             raise PromptTooLong(f"the prompt has {len(prompt)} tokens; the context holds {self._n_ctx}")

