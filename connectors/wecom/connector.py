@@ -11,7 +11,6 @@ WeCom's 2048-byte limit on character boundaries. XML is parsed with defusedxml.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import unquote
 
 import aiohttp
 import structlog
@@ -23,7 +22,8 @@ from connectors.base import Connector, Route, Service
 from connectors.reply import ReplyTarget
 from connectors.textsplit import utf8_len
 from connectors.wecom.api import WeComApi, WeComApiError, errcode_meaning
-from connectors.wecom.crypto import WeComCrypto, WeComCryptoError
+from connectors.wecom.callback import open_body, signed_query, verify_url
+from connectors.wecom.crypto import WeComCrypto
 from core.config import Settings, WecomConfig
 from core.kv import KeyValueCache
 from core.messages import Account, InboundMessage
@@ -69,16 +69,6 @@ class WeComReply(ReplyTarget):
                 "bot": self.account.name, "user": self.user, "text": text, "errcode": exc.errcode})
         except StoreUnavailable:
             log.error("dead letter lost: redis unreachable", user=self.user)
-
-
-def _raw_query(query_string: str) -> dict[str, str]:
-    """Query parameters with '%xx' decoded but '+' kept: WeCom's base64 echostr holds raw '+'."""
-    out: dict[str, str] = {}
-    for pair in query_string.split("&"):
-        if pair:
-            k, _, v = pair.partition("=")
-            out[unquote(k)] = unquote(v)
-    return out
 
 
 def _parse_xml(data: bytes | str) -> dict[str, str]:
@@ -132,28 +122,13 @@ class WeComConnector(Connector):
 
     async def verify_url(self, request: web.Request) -> web.StreamResponse:
         app = self._app(request)
-        q = _raw_query(request.rel_url.raw_query_string)
-        missing = [k for k in ("msg_signature", "timestamp", "nonce", "echostr") if not q.get(k)]
-        if missing:
-            raise web.HTTPBadRequest(text=f"missing query parameter(s): {', '.join(missing)}")
-        if not app.crypto.check_signature(q["msg_signature"], q["timestamp"], q["nonce"], q["echostr"]):
-            log.warning("wecom url verification: bad signature", bot=app.bot)
-            raise web.HTTPForbidden(text="bad msg_signature")
-        try:
-            plain = app.crypto.decrypt(q["echostr"])
-        except WeComCryptoError as exc:
-            raise web.HTTPBadRequest(text=f"echostr: {exc}") from None
-        log.info("wecom url verified", bot=app.bot)
-        return web.Response(text=plain, content_type="text/plain")
+        return verify_url(request, app.crypto, what="wecom", bot=app.bot)
 
     # -- POST: messages ----------------------------------------------------------------------
 
     async def callback(self, request: web.Request) -> web.StreamResponse:
         app = self._app(request)
-        q = _raw_query(request.rel_url.raw_query_string)
-        missing = [k for k in ("msg_signature", "timestamp", "nonce") if not q.get(k)]
-        if missing:
-            raise web.HTTPBadRequest(text=f"missing query parameter(s): {', '.join(missing)}")
+        q = signed_query(request)
         body = await request.read()
         try:
             envelope = _parse_xml(body)
@@ -162,15 +137,9 @@ class WeComConnector(Connector):
         encrypt = envelope.get("Encrypt", "").strip()
         if not encrypt:
             raise web.HTTPBadRequest(text="no Encrypt element")
-        # The signature is checked before anything is decrypted.
-        if not app.crypto.check_signature(q["msg_signature"], q["timestamp"], q["nonce"], encrypt):
-            log.warning("wecom callback: bad signature", bot=app.bot)
-            raise web.HTTPForbidden(text="bad msg_signature")
+        plain = open_body(q, encrypt, app.crypto, what="wecom", bot=app.bot)
         try:
-            msg = _parse_xml(app.crypto.decrypt(encrypt))
-        except WeComCryptoError as exc:
-            log.warning("wecom callback rejected", bot=app.bot, reason=str(exc))
-            raise web.HTTPBadRequest(text=str(exc)) from None
+            msg = _parse_xml(plain)
         except (SafeET.ParseError, DefusedXmlException, ValueError) as exc:
             raise web.HTTPBadRequest(text=f"decrypted message is not acceptable XML: {type(exc).__name__}") from None
         sender = msg.get("FromUserName", "")

@@ -28,14 +28,14 @@ import json
 import re
 import time
 from typing import Any
-from urllib.parse import unquote
 
 import aiohttp
 import structlog
 from aiohttp import web
 
 from connectors.base import Connector, Route, Service
-from connectors.wecom.crypto import WeComCrypto, WeComCryptoError
+from connectors.wecom.callback import open_body, signed_query, verify_url
+from connectors.wecom.crypto import WeComCrypto
 from connectors.wecom_aibot.reply import PLATFORM, AibotReply, Slot, Slots
 from connectors.wecom_aibot.ws import AibotError, AibotLink, NotConnected, errcode_meaning, new_req_id
 from core.config import Settings, WecomAibotConfig
@@ -72,16 +72,6 @@ def text_of(body: dict[str, Any]) -> str:
         return "\n".join(str((i.get("text") or {}).get("content", "")) for i in items
                          if isinstance(i, dict) and i.get("msgtype") == "text").strip()
     return ""
-
-
-def _raw_query(query_string: str) -> dict[str, str]:
-    """Query parameters with '%xx' decoded but '+' kept: WeCom's base64 echostr holds raw '+'."""
-    out: dict[str, str] = {}
-    for pair in query_string.split("&"):
-        if pair:
-            k, _, v = pair.partition("=")
-            out[unquote(k)] = unquote(v)
-    return out
 
 
 # -- how stream updates and pushes reach WeCom ----------------------------------------------------
@@ -374,28 +364,13 @@ class WecomAibotConnector(Connector):
     async def verify_url(self, request: web.Request) -> web.StreamResponse:
         bot = self._bot(request)
         assert bot.crypto is not None
-        q = _raw_query(request.rel_url.raw_query_string)
-        missing = [k for k in ("msg_signature", "timestamp", "nonce", "echostr") if not q.get(k)]
-        if missing:
-            raise web.HTTPBadRequest(text=f"missing query parameter(s): {', '.join(missing)}")
-        if not bot.crypto.check_signature(q["msg_signature"], q["timestamp"], q["nonce"], q["echostr"]):
-            log.warning("wecom ai bot url verification: bad signature", bot=bot.name)
-            raise web.HTTPForbidden(text="bad msg_signature")
-        try:
-            plain = bot.crypto.decrypt(q["echostr"])
-        except WeComCryptoError as exc:
-            raise web.HTTPBadRequest(text=f"echostr: {exc}") from None
-        log.info("wecom ai bot url verified", bot=bot.name)
-        return web.Response(text=plain, content_type="text/plain")
+        return verify_url(request, bot.crypto, what="wecom ai bot", bot=bot.name)
 
     async def callback(self, request: web.Request) -> web.StreamResponse:
         bot = self._bot(request)
         crypto = bot.crypto
         assert crypto is not None
-        q = _raw_query(request.rel_url.raw_query_string)
-        missing = [k for k in ("msg_signature", "timestamp", "nonce") if not q.get(k)]
-        if missing:
-            raise web.HTTPBadRequest(text=f"missing query parameter(s): {', '.join(missing)}")
+        q = signed_query(request)
         try:
             envelope = json.loads(await request.read())
         except ValueError:
@@ -403,15 +378,9 @@ class WecomAibotConnector(Connector):
         encrypt = envelope.get("encrypt") if isinstance(envelope, dict) else None
         if not isinstance(encrypt, str) or not encrypt:
             raise web.HTTPBadRequest(text="no encrypt field")
-        # The signature is checked before anything is decrypted.
-        if not crypto.check_signature(q["msg_signature"], q["timestamp"], q["nonce"], encrypt):
-            log.warning("wecom ai bot callback: bad signature", bot=bot.name)
-            raise web.HTTPForbidden(text="bad msg_signature")
+        plain = open_body(q, encrypt, crypto, what="wecom ai bot", bot=bot.name)
         try:
-            body = json.loads(crypto.decrypt(encrypt))
-        except WeComCryptoError as exc:
-            log.warning("wecom ai bot callback rejected", bot=bot.name, reason=str(exc))
-            raise web.HTTPBadRequest(text=str(exc)) from None
+            body = json.loads(plain)
         except ValueError:
             raise web.HTTPBadRequest(text="the decrypted message is not JSON") from None
         if not isinstance(body, dict):

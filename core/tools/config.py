@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.secrets import Secret
 
@@ -53,6 +53,15 @@ def _headers_check(headers: dict[str, str], secret: bool = False) -> dict[str, s
     return headers
 
 
+def _secret_headers_check(headers: dict[str, str]) -> dict[str, str]:
+    return _headers_check(headers, secret=True)
+
+
+# Header maps as every tool type takes them: plain values, and secret references apart.
+Headers = Annotated[dict[str, str], AfterValidator(_headers_check)]
+SecretHeaders = Annotated[dict[str, Secret], AfterValidator(_secret_headers_check)]
+
+
 def _http_base(v: str) -> str:
     if not re.match(r"^https?://[^/?#@\s]+(/[^?#@\s]*)?$", v):
         raise ValueError('must be an http(s) URL without user, query or fragment, e.g. "https://api.example.com/v1"')
@@ -78,9 +87,9 @@ class HttpToolConfig(_ToolSection):
     path: Annotated[str, Field(max_length=1000)] = ""
     # The arguments' JSON schema (an object), checked before every call.
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: Headers = Field(default_factory=dict)
     # Headers whose values are secret references ("env:NAME", "file:/path", "cred:NAME").
-    secret_headers: dict[str, Secret] = Field(default_factory=dict)
+    secret_headers: SecretHeaders = Field(default_factory=dict)
     max_response_bytes: Annotated[int, Field(ge=256, le=50_000_000)] = 1_000_000
     # A dotted path into a JSON answer ("current.temp_c", "items.0.name"): only that part is shown.
     select: Annotated[str, Field(max_length=500)] = ""
@@ -91,16 +100,6 @@ class HttpToolConfig(_ToolSection):
     @classmethod
     def _base(cls, v: str) -> str:
         return _http_base(v)
-
-    @field_validator("headers")
-    @classmethod
-    def _hdr(cls, v: dict[str, str]) -> dict[str, str]:
-        return _headers_check(v)
-
-    @field_validator("secret_headers")
-    @classmethod
-    def _secret_hdr(cls, v: dict[str, str]) -> dict[str, str]:
-        return _headers_check(v, secret=True)
 
     @field_validator("path")
     @classmethod
@@ -168,19 +167,9 @@ class SearchToolConfig(_ToolSection):
     url_field: str = "url"
     snippet_field: str = "content"
     top_n: Annotated[int, Field(ge=1, le=20)] = 5
-    headers: dict[str, str] = Field(default_factory=dict)
-    secret_headers: dict[str, Secret] = Field(default_factory=dict)
+    headers: Headers = Field(default_factory=dict)
+    secret_headers: SecretHeaders = Field(default_factory=dict)
     max_response_bytes: Annotated[int, Field(ge=256, le=50_000_000)] = 2_000_000
-
-    @field_validator("headers")
-    @classmethod
-    def _hdr(cls, v: dict[str, str]) -> dict[str, str]:
-        return _headers_check(v)
-
-    @field_validator("secret_headers")
-    @classmethod
-    def _secret_hdr(cls, v: dict[str, str]) -> dict[str, str]:
-        return _headers_check(v, secret=True)
 
     @field_validator("url")
     @classmethod
@@ -210,23 +199,13 @@ class McpToolConfig(_ToolSection):
     cwd: str = ""
     # Streamable HTTP: the server's endpoint, e.g. "http://127.0.0.1:9000/mcp".
     url: str = ""
-    headers: dict[str, str] = Field(default_factory=dict)
-    secret_headers: dict[str, Secret] = Field(default_factory=dict)
+    headers: Headers = Field(default_factory=dict)
+    secret_headers: SecretHeaders = Field(default_factory=dict)
     # The server's tools that may be used, by their name on the server; no other is listed or called.
     allow: Annotated[list[str], Field(min_length=1)]
     # Longest wait for the server to start and list its tools.
     startup_timeout_s: Annotated[float, Field(gt=0, le=300)] = 20.0
     timeout_s: Annotated[float, Field(gt=0, le=600)] = 30.0
-
-    @field_validator("headers")
-    @classmethod
-    def _hdr(cls, v: dict[str, str]) -> dict[str, str]:
-        return _headers_check(v)
-
-    @field_validator("secret_headers")
-    @classmethod
-    def _secret_hdr(cls, v: dict[str, str]) -> dict[str, str]:
-        return _headers_check(v, secret=True)
 
     @field_validator("allow")
     @classmethod
