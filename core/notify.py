@@ -267,7 +267,6 @@ class Notifier:
         if len(key) >= 6:
             remember_secret(key)  # masked wherever it might turn up in the log
         body = self._body(cfg, alert.text)
-        self._sent.append(self.clock())
         self.posts += 1
         try:
             if self._session is None:
@@ -280,10 +279,15 @@ class Notifier:
                 except ValueError:  # not JSON: not the robot's API
                     answer = None
         except (aiohttp.ClientError, TimeoutError) as exc:
+            self._sent.append(self.clock())
             # The exception's text may hold the URL: only its kind is logged.
             self._failed("unreachable", "alert not sent: the webhook cannot be reached", alert,
                          error=type(exc).__name__)
             return
+        # Counted from its answer, the latest moment the platform can have counted it: the window
+        # then starts no earlier than the platform's own (a slow first connection cannot make
+        # the 21st POST arrive inside the platform's minute).
+        self._sent.append(self.clock())
         if status != 200 or not isinstance(answer, dict):
             self._failed(f"http {status}", "alert not sent: the webhook answered with an error", alert,
                          status=status)
