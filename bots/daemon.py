@@ -131,7 +131,7 @@ class Daemon:
             raise StartupError(str(exc)) from None
         stack.push_async_callback(self.service.drain, 5.0)
         self.knowledge.start()
-        stack.callback(self.knowledge.stop)
+        stack.callback(self.knowledge.close)
         stack.push_async_callback(self._close_connectors)
         for name in configured(cfg):
             connector = load_connector(name)(self.service, self.settings, self.runtime.cache)

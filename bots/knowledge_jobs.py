@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -25,7 +26,7 @@ from apscheduler.triggers.cron import CronTrigger
 
 from core import metrics
 from core.knowledge.embedder import EmbeddingError, limit_threads_here
-from core.knowledge.ingest import IngestReport, ingest
+from core.knowledge.ingest import IngestReport, IngestStopped, ingest
 from core.knowledge.store import KnowledgeStore
 from core.redis_store import StoreUnavailable
 from core.runtime import Runtime
@@ -62,6 +63,9 @@ class KnowledgeJobs:
         # One ingest thread, kept at low priority (an executor's threads are reused: a niced
         # thread must not go on to serve anything else).
         self._ingest_thread = ThreadPoolExecutor(1, thread_name_prefix="botd-ingest", initializer=_yield_to_the_model)
+        # Set when the daemon stops: a running ingest ends at its next step (the process would
+        # otherwise wait for it at exit, minutes for a large base).
+        self._closing = threading.Event()
         self._claim_missing()
 
     def _claim_missing(self) -> None:
@@ -105,6 +109,12 @@ class KnowledgeJobs:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
 
+    def close(self) -> None:
+        """The daemon is stopping: no more schedules, and a running ingest stops at its next step."""
+        self.stop()
+        self._closing.set()
+        self._ingest_thread.shutdown(wait=False, cancel_futures=True)
+
     def restart(self) -> None:
         """After a reload: the schedules of the new config."""
         self.stop()
@@ -146,9 +156,15 @@ class KnowledgeJobs:
             log.info("ingest started", kb=name)
             try:
                 report = await asyncio.get_running_loop().run_in_executor(
-                    self._ingest_thread, ingest, name, [Path(p) for p in kb.paths],
-                                                 self.runtime.cfg.server.state_dir, retriever.embedder,
-                                                 kb.chunk_chars)
+                    self._ingest_thread, functools.partial(
+                        ingest, name, [Path(p) for p in kb.paths], self.runtime.cfg.server.state_dir,
+                        retriever.embedder, kb.chunk_chars, should_stop=self._closing.is_set))
+            except (IngestStopped, RuntimeError) as exc:
+                if not self._closing.is_set():  # RuntimeError: the executor refuses work once closed
+                    raise
+                log.info("ingest stopped: the daemon is stopping; the previous index stays", kb=name,
+                         reason=str(exc))
+                return None
             except (OSError, EmbeddingError, ValueError) as exc:
                 metrics.INGESTS.labels(name, "failed").inc()
                 log.error("ingest failed; the previous index stays in use", kb=name,

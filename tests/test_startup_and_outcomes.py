@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import aiohttp
@@ -241,6 +242,13 @@ async def test_a_knowledge_bot_says_busy_when_its_base_takes_too_long(tmp_path, 
         assert headers["Retry-After"] == "7"
         assert data["error"]["code"] == "busy" and "loading" in data["error"]["message"]
         assert say("KNOWLEDGE_LOADING", "en", s=7) == data["error"]["message"]  # an English question
+        t_stop = time.monotonic()
+    # Stopping the daemon stops the ingest at its next step: nothing keeps the process alive.
+    ingesting = [t for t in threading.enumerate() if t.name.startswith("botd-ingest")]
+    for t in ingesting:
+        t.join(timeout=15)
+    assert not any(t.is_alive() for t in ingesting), "the ingest went on after the daemon stopped"
+    print(f"ingest ended {time.monotonic() - t_stop:.1f} s after the stop began")
 
 
 # -- 19.4: busy and failed read differently ----------------------------------------------------------
