@@ -554,13 +554,14 @@ class ChatService:
         try:
             arguments = box.parse_command(tool, rest)
         except ToolError as exc:
-            return TextAnswer(f"{tool}: error: {exc.reason}", msg.request_id)
+            return TextAnswer(texts.say("TOOL_FAILED", lang, tool=tool, reason=exc.reason), msg.request_id)
         result = await box.call(tool, arguments, bot=msg.bot, user=f"{msg.platform}:{msg.user}", allowed=bot.tools)
         metrics.MESSAGES.labels(msg.platform, f"command_{name}").inc()
         if question:
             return f"{question}\n\n[{tool}]\n{result.text}"
         self._audit(msg, result.text, "tool" if result.ok else "tool_error", tool=tool)
-        return TextAnswer(result.text, msg.request_id)
+        told = result.text if result.ok else texts.say("TOOL_FAILED", lang, tool=tool, reason=result.error)
+        return TextAnswer(told, msg.request_id)
 
     async def _kb_command(self, msg: InboundMessage, args: str, lang: texts.Lang = "both") -> str:
         bot = self._bot(msg.bot)

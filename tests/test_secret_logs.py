@@ -21,6 +21,7 @@ import pytest
 import structlog
 from aiohttp import web
 from conftest import RedisServer, make_config, running_daemon, wait_for
+from fake_wecom_aibot import FakeAibot
 from fakes import FakeSlack, FakeTelegram, FakeWeCom, serve
 from slack_sdk.signature import SignatureVerifier
 
@@ -42,6 +43,7 @@ ENV = {
     "BOTD_T_WECOM_AES": "SECRETwecomAESkey0123456789abcdefghijklmnop",  # 43 characters of base64
     "BOTD_T_WECOM_CORP": "wecom-corp-SECRET-value",
     "BOTD_T_CONSOLE_KEY": "console-signing-SECRET-key-0123456789abcdef",
+    "BOTD_T_AIBOT": "aibot-SECRET-long-connection-secret",
 }
 CORP = "ww0000000000test"
 
@@ -292,3 +294,24 @@ async def test_web_console(tmp_path, locked_redis, log) -> None:
     text = log.getvalue()
     assert_no_secret(text)
     assert not any(j in text for j in jwts)
+
+
+async def test_wecom_ai_bot(tmp_path, locked_redis, log) -> None:
+    fake = FakeAibot(secret=ENV["BOTD_T_AIBOT"])
+    async with serve(fake.app()) as base:
+        fake.url = base
+        cfg = config(tmp_path, locked_redis.url, wecom_aibot={"assistant": {
+            "mode": "websocket", "bot_id": fake.bot_id, "secret": "env:BOTD_T_AIBOT", "ws_url": fake.ws_url}})
+        async with running_daemon(cfg):
+            async def subscribed() -> bool:
+                return fake.connected()
+
+            await wait_for(subscribed, timeout=30)
+            await fake.send_message("zhangsan", "hello")
+            await answered_on(log, "wecom_aibot")
+
+            async def shown() -> bool:
+                return fake.answers("zhangsan") >= 1
+
+            await wait_for(shown, timeout=30)
+    assert_no_secret(log.getvalue())

@@ -149,7 +149,10 @@ async def test_calc_and_tool_commands_answer_in_the_users_language(tmp_path, red
         assert await say("helper", "/tool fx__add a=2 b=40") == "42"
         assert "no tool named fx__shout" in await say("helper", "/tool fx__shout text=hi")
         refused = await say("helper", "/calc 9**9**9**9")
-        assert refused.startswith("error:"), refused
+        # Refused, in both languages (a command without Chinese words), the tool's reason kept.
+        assert refused.startswith("工具 calc 未能完成：") and "\nThe tool calc could not answer: " in refused, refused
+        zh = await say("helper", "/calc 九的九次方 9**9**9**9")
+        assert zh.startswith("工具 calc 未能完成：") and "The tool" not in zh, zh
         # "-- question": the model answers from the result (a generated answer, not the raw result).
         answered = await say("helper", "/tool fact -- What is the code word?")
         assert hits["fact"] == 2 and answered.strip()
