@@ -22,8 +22,11 @@ async def _busy_worker(api, n_running: float = 1) -> None:
 async def test_full_queue_answers_503_with_retry_after_at_once(tmp_path, redis_server):
     cfg = make_config(tmp_path, redis_server.url, queue={"max_size": 2, "per_user": 10, "retry_after_s": 7})
     async with running_daemon(cfg) as api:
-        tasks = [asyncio.create_task(api.post("/v1/chat/completions", {**LONG, "user": f"u{i}"})) for i in range(3)]
+        # The first one running before the two others arrive: sent together, all three could reach
+        # the queue before the worker takes one, and the third would be (rightly) refused.
+        tasks = [asyncio.create_task(api.post("/v1/chat/completions", {**LONG, "user": "u0"}))]
         await _busy_worker(api)
+        tasks += [asyncio.create_task(api.post("/v1/chat/completions", {**LONG, "user": f"u{i}"})) for i in (1, 2)]
 
         async def two_waiting() -> bool:
             return len(api.daemon.runtime.queue) == 2
