@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import logging
 import os
 import socket
 import subprocess
@@ -20,9 +22,11 @@ from typing import Any
 import aiohttp
 import pytest
 import redis
+import structlog
 
 from bots.daemon import Daemon
 from core.config import Config, config_from_dict
+from core.logging import configure
 from core.redis_store import RedisManager
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -192,3 +196,18 @@ async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> 
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(interval)
+
+
+@contextlib.contextmanager
+def captured(level: str = "debug", fmt: str = "json") -> Iterator[io.StringIO]:
+    """botd's logging configured into a string; the previous logging restored afterwards."""
+    root = logging.getLogger()
+    handlers, root_level = root.handlers[:], root.level
+    stream = io.StringIO()
+    configure(level=level, fmt=fmt, stream=stream)
+    try:
+        yield stream
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:] = handlers
+        root.setLevel(root_level)

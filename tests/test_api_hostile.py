@@ -6,43 +6,24 @@ over a socket so that headers can carry what an HTTP library would refuse to sen
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
-import logging
 import random
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote_from_bytes
 
 import pytest
-import structlog
-from conftest import Client, make_config, running_daemon, wait_for
+from conftest import Client, captured, make_config, running_daemon, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from core.logging import configure
 
 KEY = "fuzz-key-0123456789"
 DEEP = 10_000
 
-
-@contextlib.contextmanager
-def captured_log() -> Iterator[io.StringIO]:
-    """botd's log as JSON lines in a string; the previous logging restored afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    stream = io.StringIO()
-    configure(level="info", fmt="json", stream=stream)
-    try:
-        yield stream
-    finally:
-        structlog.reset_defaults()
-        root.handlers[:] = handlers
-        root.setLevel(level)
 
 
 def log_events(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -273,7 +254,7 @@ def requests(draw: st.DrawFn) -> tuple[str, str, bytes | None, list[tuple[str, b
 async def keyed_api(tmp_path, redis_server, monkeypatch) -> AsyncIterator[tuple[Client, io.StringIO]]:
     monkeypatch.setenv("TEST_BOTD_KEY", KEY)
     cfg = make_config(tmp_path, redis_server.url, api={"keys": ["env:TEST_BOTD_KEY"]}, model={"max_tokens": 2})
-    with captured_log() as stream:
+    with captured("info") as stream:
         async with running_daemon(cfg) as client:
             yield client, stream
 
@@ -330,7 +311,7 @@ async def _abort_mid_stream(port: int, lines: int, reset: bool, stall: bool) -> 
 async def test_clients_that_vanish_mid_stream_leave_one_info_line_each(tmp_path, redis_server):
     rounds = 15
     rng = random.Random(11)
-    with captured_log() as log:
+    with captured("info") as log:
         cfg = make_config(tmp_path, redis_server.url, model={"max_tokens": 1000})
         async with running_daemon(cfg) as api:
             worker = api.daemon.runtime.worker

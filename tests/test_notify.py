@@ -18,9 +18,8 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import free_port, make_config, running_daemon, wait_for
+from conftest import captured, free_port, make_config, running_daemon, wait_for
 from fakes import serve
-from test_secret_logs import captured
 
 from bots import texts
 from bots.daemon import Daemon

@@ -9,7 +9,6 @@ captured. Every secret holds the marker ``SECRET``, so that a partial leak shows
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import logging
@@ -20,13 +19,12 @@ from typing import Any
 import pytest
 import structlog
 from aiohttp import web
-from conftest import RedisServer, make_config, running_daemon, wait_for
+from conftest import RedisServer, captured, make_config, running_daemon, wait_for
 from fake_wecom_aibot import FakeAibot
 from fakes import FakeSlack, FakeTelegram, FakeWeCom, serve
 from slack_sdk.signature import SignatureVerifier
 
 from connectors.wecom import WeComCrypto
-from core.logging import configure
 from core.secrets import resolve_secret
 
 MARK = "SECRET"
@@ -53,20 +51,6 @@ def secret_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)
 
-
-@contextlib.contextmanager
-def captured(level: str, fmt: str) -> Iterator[io.StringIO]:
-    """botd's logging configured into a string; the previous logging restored afterwards."""
-    root = logging.getLogger()
-    handlers, root_level = root.handlers[:], root.level
-    stream = io.StringIO()
-    configure(level=level, fmt=fmt, stream=stream)
-    try:
-        yield stream
-    finally:
-        structlog.reset_defaults()
-        root.handlers[:] = handlers
-        root.setLevel(root_level)
 
 
 @pytest.fixture

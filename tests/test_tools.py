@@ -7,24 +7,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import io
 import json
-import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from aiohttp import web
+from conftest import captured
 from pydantic import TypeAdapter
 from yarl import URL
 
 from core import metrics
 from core.config import ConfigError, config_from_dict
-from core.logging import configure
 from core.tools import ToolBox, ToolError, ToolResult
 from core.tools._net import under
 from core.tools.calculator import CalcError, calculate
@@ -38,19 +35,6 @@ def tools(**sections: dict[str, Any]) -> dict[str, Any]:
     adapter: TypeAdapter[Any] = TypeAdapter(ToolConfig)
     return {name: adapter.validate_python(cfg) for name, cfg in sections.items()}
 
-
-@contextlib.contextmanager
-def captured() -> Iterator[io.StringIO]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    stream = io.StringIO()
-    configure(level="debug", fmt="json", stream=stream)
-    try:
-        yield stream
-    finally:
-        structlog.reset_defaults()
-        root.handlers[:] = handlers
-        root.setLevel(level)
 
 
 def calls(tool: str, outcome: str) -> float:
