@@ -21,8 +21,8 @@ again in a final table as a ratio against a baseline measured in the same run:
 (e) ``--ingest``: (a)'s 8 users again while a knowledge-base ingest of a few hundred
     generated documents runs inside the daemon (started with the admins' ``/kb ingest``), as
     aggregate tokens/s during the ingest ÷ (a) without it (goal >= 0.7), and how long the
-    ingest took (the users stop after ``--ingest-max-s``; then the ingest's total time is
-    still reported). ``--rss``: 2,000 messages over 200 ``conversation_id`` threads, 8 at a
+    ingest took (the users stop after ``--ingest-max-s``; then the bench waits for the ingest
+    to finish alone, ``--ingest-wait-s`` at most, and reports its total time). ``--rss``: 2,000 messages over 200 ``conversation_id`` threads, 8 at a
     time, 4-token answers (with ``cache_mb = 256`` when the config has that key); RSS growth
     of the daemon process after a warm-up pass over every thread (goal < 300 MB). The KV
     cache's size is printed with it: its pages count in RSS only once first written. This
@@ -521,8 +521,9 @@ class UnderIngest:
 
 
 async def under_ingest(target: Target, folder: Path, n_docs: int, users: int, max_tokens: int,
-                       max_s: float) -> UnderIngest:
-    """(a)'s users in a loop while ``/kb ingest`` runs, for at most ``max_s``; then the ingest alone."""
+                       max_s: float, wait_s: float) -> UnderIngest:
+    """(a)'s users in a loop while ``/kb ingest`` runs, for at most ``max_s``; then the ingest alone, for at most
+    ``wait_s``."""
     write_docs(folder, n_docs, random.Random(11))
     before = await asyncio.to_thread(ingests_done, target)
     stop = asyncio.Event()
@@ -550,12 +551,16 @@ async def under_ingest(target: Target, folder: Path, n_docs: int, users: int, ma
         await asyncio.gather(*loops)
         if not finished:
             say(f"  the ingest had not finished after {t1 - t0:.0f} s under load; users stopped, waiting for it "
-                f"(at most {max_s:.0f} s more) ...")
-            while time.perf_counter() - t1 < max_s:
+                f"(at most {wait_s:.0f} s more) ...")
+            said = t1
+            while time.perf_counter() - t1 < wait_s:
                 if await asyncio.to_thread(ingests_done, target) > before:
                     finished = True
                     break
                 await asyncio.sleep(0.25)
+                if time.perf_counter() - said >= 60:
+                    said = time.perf_counter()
+                    say(f"  ... still ingesting, {said - t0:.0f} s since the command")
         t2 = time.perf_counter()
     in_window = 0.0
     for r in replies:
@@ -564,6 +569,26 @@ async def under_ingest(target: Target, folder: Path, n_docs: int, users: int, ma
             in_window += r.tokens * inside / len(r.stamps)
     under_load = t1 - t0 if finished and t2 == t1 else None
     return UnderIngest(in_window / (t1 - t0), t1 - t0, round(in_window), under_load, t2 - t0 if finished else None)
+
+
+def engine_gauge(target: Target, name: str) -> float:
+    """One ``botd_engine_*`` figure from /metrics (0 when absent)."""
+    with urllib.request.urlopen(target.base + "/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(f"botd_engine_{name} "):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def memory_parts(pid: int) -> dict[str, float]:
+    """The daemon's RSS split as the kernel counts it (MiB): anonymous memory, mapped files."""
+    parts: dict[str, float] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile", "RssShmem"):
+                parts[key] = int(value.split()[0]) / 1024
+    return parts
 
 
 class RssSampler(threading.Thread):
@@ -625,14 +650,19 @@ async def rss_run(target: Target, messages: int, threads: int, concurrency: int,
                     warm.set()
                     out["warm"] = sampler.rss() / mib
                     out["warm_s"] = time.perf_counter() - t0
+                    out["warm_cache"] = engine_gauge(target, "state_cache_bytes") / mib
+                    out["warm_parts"] = memory_parts(target.proc.pid)
                     say(f"  warm-up pass over {threads} threads done in {out['warm_s']:.0f} s: "
                         f"RSS {out['warm']:.0f} MiB")
                 elif done % max(1, messages // 10) == 0:
                     say(f"  {done}/{messages} messages, {time.perf_counter() - t0:.0f} s, "
-                        f"RSS {sampler.rss() / mib:.0f} MiB")
+                        f"RSS {sampler.rss() / mib:.0f} MiB (state cache "
+                        f"{engine_gauge(target, 'state_cache_bytes') / mib:.0f} MiB)")
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     out["end"] = sampler.rss() / mib
+    out["end_cache"] = engine_gauge(target, "state_cache_bytes") / mib
+    out["end_parts"] = memory_parts(target.proc.pid)
     sampler.stop_flag.set()
     out["peak"] = max(sampler.peak, sampler.rss()) / mib
     out["children"] = sampler.children_rss() / mib
@@ -751,7 +781,8 @@ class Run:
         say(f"(e) {a.users} users while a knowledge-base ingest of {a.ingest_docs} documents runs "
             f"(users stop after {a.ingest_max_s:.0f} s at most) ...")
         base = self.botd_a[1].tps
-        r = asyncio.run(under_ingest(botd, kb_folder, a.ingest_docs, a.users, a.max_tokens, a.ingest_max_s))
+        r = asyncio.run(under_ingest(botd, kb_folder, a.ingest_docs, a.users, a.max_tokens, a.ingest_max_s,
+                                     a.ingest_wait_s))
         failed = ingest_failed(botd)
         if r.under_load_s is not None:
             took = f"ingest took {r.under_load_s:.1f} s under load"
@@ -759,7 +790,7 @@ class Run:
             took = (f"ingest NOT finished after {r.window:.0f} s under load; it finished {r.total_s - r.window:.0f} s "
                     f"after the users stopped ({r.total_s:.0f} s in all)")
         else:
-            took = f"ingest NOT finished {r.window:.0f} s under load plus {a.ingest_max_s:.0f} s without"
+            took = f"ingest NOT finished {r.window:.0f} s under load plus {a.ingest_wait_s:.0f} s without"
         say(f"  {took}{' (FAILED: see the daemon log)' if failed else ''}; {r.tokens} tokens in {r.window:.1f} s "
             f"of load: {r.tps:.1f} tokens/s vs {base:.1f} without ingest")
         say(f"(e) ingest ratio {r.tps / base:.2f} (goal >= 0.7)")
@@ -798,6 +829,12 @@ class Run:
         say(f"  daemon RSS: start {out['start']:.0f} MiB, after warm-up {out['warm']:.0f}, end {out['end']:.0f}, "
             f"peak {out['peak']:.0f}; growth after warm-up {growth:.0f} MiB (goal < 300); "
             f"its child processes {out['children']:.0f} MiB; {out['wall']:.0f} s")
+        cache = out["end_cache"] - out.get("warm_cache", 0.0)
+        parts = " ".join(f"{k} {out.get('warm_parts', {}).get(k, 0):.0f}->{v:.0f}"
+                         for k, v in out["end_parts"].items())
+        say(f"  of the growth, the state cache (bounded by cache_mb) grew {cache:.0f} MiB "
+            f"({out.get('warm_cache', 0):.0f} -> {out['end_cache']:.0f}); the rest {growth - cache:.0f} MiB; "
+            f"kernel's split (MiB, warm-up -> end): {parts}")
         self.rows.append(Row("(e) daemon RSS growth after warm-up (MiB)", f"{growth:.0f}",
                              f"{out['warm']:.0f} at warm-up", "", "< 300", "yes" if growth < 300 else "NO"))
 
@@ -854,7 +891,9 @@ def main() -> int:
     ap.add_argument("--ingest", action="store_true", help="(e) tokens/s during a knowledge-base ingest")
     ap.add_argument("--ingest-docs", type=int, default=300)
     ap.add_argument("--ingest-max-s", type=float, default=180,
-                    help="stop the users after this long if the ingest has not finished (then wait as long again)")
+                    help="stop the users after this long if the ingest has not finished")
+    ap.add_argument("--ingest-wait-s", type=float, default=1800,
+                    help="then wait this long at most for the ingest to finish alone")
     ap.add_argument("--rss", action="store_true", help="(e) RSS growth over many threads")
     ap.add_argument("--rss-messages", type=int, default=2000)
     ap.add_argument("--rss-threads", type=int, default=200)

@@ -719,6 +719,9 @@ class LlamaCppEngine(Engine):
 
     def release(self, seq: Generation) -> None:
         assert isinstance(seq, _Seq)
+        # llama-cpp-python's sampler frees its C chain only when the cyclic garbage collector
+        # finds it (it refers to itself); freed here, its buffers never pile up between collections.
+        seq.sampler.close()
         slot = seq.slot
         if slot is not None and slot.busy:
             slot.busy, slot.used_at = False, self._tick()
