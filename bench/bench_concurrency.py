@@ -30,7 +30,7 @@ again in a final table as a ratio against a baseline measured in the same run:
     (anonymous, file, shared memory: the state cache is shared anonymous memory). The KV
     cache is written once at load, so its pages are in RSS before the warm-up. This one is
     long: ~20 minutes with the 0.5B-shaped model on 2 cores (histories outgrow the
-state cache and are read again); ``--rss-messages``/``--rss-threads`` shrink it.
+    state cache and are read again); ``--rss-messages``/``--rss-threads`` shrink it.
 
 The model: by default a Qwen2.5-0.5B-shaped Q4_0 file with random weights and the real Qwen2
 tokenizer (``bench/qwen_shaped.py``, built once into ``bench/.cache``); its special tokens
