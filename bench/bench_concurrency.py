@@ -265,7 +265,7 @@ def start_llama_server(binary: Path, work: Path, model: Path, args: argparse.Nam
     log = work / "llama-server.log"
     cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
            "-t", str(args.threads), "-tb", str(args.threads), "-np", str(args.users),
-           "-c", str(args.users * args.n_ctx), "-b", "512", "-ub", "512", "--kv-unified", "--cache-prompt",
+           "-c", str(args.users * args.n_ctx), "-b", "512", "-ub", "512", "--cache-prompt",
            "--no-webui", "--offline", "--seed", "1"]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     t = Target("llama-server", f"http://127.0.0.1:{port}", {}, False, proc, log)
@@ -475,6 +475,44 @@ def raw_decode(llm, i: int, max_tokens: int) -> tuple[float, float, int]:
         if n >= max_tokens:
             break
     return first - t0, (n - 1) / (last - first), n
+
+
+def raw_batched(model: Path, threads: int, seqs: int, steps: int, prompt_tokens: int = 48) -> float:
+    """Tokens/s of bare ``llama_decode`` steps with one new token for each of ``seqs`` sequences
+    (logits for every row, no sampling, no server): what llama.cpp's kernels allow on this box,
+    the ceiling for (a)'s ratio."""
+    import llama_cpp
+    from llama_cpp import _internals as internals
+
+    with quiet_fds():
+        mparams = llama_cpp.llama_model_default_params()
+        lm = internals.LlamaModel(path_model=str(model), params=mparams, verbose=False)
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = seqs * (prompt_tokens + steps + 64)
+        cparams.n_batch = cparams.n_ubatch = 512
+        cparams.n_seq_max = seqs
+        cparams.kv_unified = False
+        cparams.n_threads = cparams.n_threads_batch = threads
+        ctx = internals.LlamaContext(model=lm, params=cparams, verbose=False)
+    batch = internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=1, verbose=False)
+    b = batch.batch
+
+    def put(rows: list[tuple[int, int, int, bool]]) -> None:
+        for n, (tok, pos, seq, logits) in enumerate(rows):
+            b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = tok, pos, 1, logits
+            b.seq_id[n][0] = seq
+        b.n_tokens = len(rows)
+        ctx.decode(batch)
+
+    for q in range(seqs):  # a short prompt per sequence, as (a)'s users have
+        put([(1000 + 7 * q + i, i, q, i == prompt_tokens - 1) for i in range(prompt_tokens)])
+    t0 = time.perf_counter()
+    for k in range(steps):
+        put([(2000 + 13 * q + k, prompt_tokens + k, q, True) for q in range(seqs)])
+    tps = seqs * steps / (time.perf_counter() - t0)
+    ctx.close()
+    lm.close()
+    return tps
 
 
 async def botd_decode(target: Target, i: int, max_tokens: int) -> tuple[float, float, int]:
@@ -754,6 +792,16 @@ class Run:
         say(f"(a) ratio {many.tps / one.tps:.2f} (goal >= 2.5)")
         self.rows.append(Row(f"(a) tokens/s, {a.users} users ÷ 1 alone", f"{many.tps:.1f}", f"{one.tps:.1f}",
                              fmt_ratio(many.tps / one.tps), ">= 2.5", "yes" if many.tps >= 2.5 * one.tps else "NO"))
+        # The ceiling, measured now on the same box: bare llama_decode steps of `users` sequences
+        # vs one (botd idles meanwhile).
+        steps = a.max_tokens
+        r1 = raw_batched(self.model, a.threads, 1, steps)
+        rn = raw_batched(self.model, a.threads, a.users, steps)
+        r1 = max(r1, raw_batched(self.model, a.threads, 1, steps))
+        say(f"(a) ceiling: bare llama_decode, {a.users} sequences {rn:.1f} tokens/s, 1 sequence {r1:.1f}: "
+            f"{rn / r1:.2f}x; botd reaches {(many.tps / one.tps) / (rn / r1):.0%} of it")
+        self.rows.append(Row(f"(a) ceiling: bare llama_decode, {a.users} sequences ÷ 1", f"{rn:.1f}", f"{r1:.1f}",
+                             fmt_ratio(rn / r1), "", ""))
 
     def _turns(self, target: Target) -> Turns:
         a = self.args

