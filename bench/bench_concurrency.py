@@ -873,8 +873,7 @@ class Run:
         a = self.args
         kv = self.kv_mib()
         say(f"(e) RSS: {a.rss_messages} messages over {a.rss_threads} threads ..."
-            + (f" (botd's KV cache is {kv:.0f} MiB: its pages count in RSS once first written, so part of "
-               "any growth may be cells used for the first time)" if kv else ""))
+            + (f" (botd's KV cache is {kv:.0f} MiB, written once at load: in RSS from the start)" if kv else ""))
         out = asyncio.run(rss_run(botd, a.rss_messages, a.rss_threads, a.rss_concurrency, a.rss_tokens))
         growth = out["end"] - out["warm"]
         say(f"  daemon RSS: start {out['start']:.0f} MiB, after warm-up {out['warm']:.0f}, end {out['end']:.0f}, "
