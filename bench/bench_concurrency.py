@@ -778,10 +778,18 @@ class Run:
     def _aggregate(self, target: Target) -> tuple[Aggregate, Aggregate]:
         a = self.args
         one = asyncio.run(aggregate(target, 1, max(2, a.requests), a.max_tokens, "bench-a1"))
+        steps = (engine_gauge(target, "steps_total"), engine_gauge(target, "batch_tokens_total")) \
+            if target.name == "botd" else None
         many = asyncio.run(aggregate(target, a.users, a.requests, a.max_tokens, "bench-a8"))
+        batching = ""
+        if steps is not None:
+            n = engine_gauge(target, "steps_total") - steps[0]
+            tokens = engine_gauge(target, "batch_tokens_total") - steps[1]
+            batching = f"; {n:.0f} decode steps, {tokens / max(n, 1):.1f} tokens a step"
         say(f"  {target.name} alone: {one.tps:.1f} tokens/s ({one.tokens} tokens in {one.wall:.1f} s); "
             f"{a.users} users: {many.tps:.1f} tokens/s ({many.tokens} tokens in {many.wall:.1f} s, "
-            f"median TTFT {statistics.median(many.ttfts) * 1000:.0f} ms, max {max(many.ttfts) * 1000:.0f} ms)")
+            f"median TTFT {statistics.median(many.ttfts) * 1000:.0f} ms, max {max(many.ttfts) * 1000:.0f} ms"
+            f"{batching})")
         return one, many
 
     def aggregate(self, botd: Target) -> None:
