@@ -78,10 +78,11 @@ class _EngineCollector:
             if key in state:
                 yield CounterMetricFamily(f"botd_engine_{key}", doc, value=state[key])
         if "prompt_tokens_read" in state:
-            prompt = CounterMetricFamily("botd_engine_prompt_tokens", "Prompt tokens read, or found already read "
-                                         "(reused)", labels=["kind"])
+            prompt = CounterMetricFamily("botd_engine_prompt_tokens", "Prompt tokens read, found already read "
+                                         "(reused), or read ahead while idle", labels=["kind"])
             prompt.add_metric(["read"], state["prompt_tokens_read"])
             prompt.add_metric(["reused"], state["prompt_tokens_reused"])
+            prompt.add_metric(["ahead"], state.get("prompt_tokens_ahead", 0))
             yield prompt
 
 

@@ -238,6 +238,21 @@ class InferenceWorker:
 
     # -- the worker thread ------------------------------------------------------------
 
+    def _next_when_idle(self) -> object:
+        """The next item for an idle worker: what arrived, else the engine's idle work first
+        (a piece at a time, looking for new items between pieces), then wait."""
+        while True:
+            try:
+                return self._inbox.get_nowait()
+            except queue.Empty:
+                pass
+            try:
+                if not self.engine.read_ahead():
+                    return self._inbox.get()
+            except Exception:  # idle work is optional: never let it stop the worker
+                log.exception("the engine's idle work failed")
+                return self._inbox.get()
+
     def _thread_main(self, ready: asyncio.Future[None]) -> None:
         loop = self._loop
         assert loop is not None
@@ -253,8 +268,11 @@ class InferenceWorker:
         swap: _Swap | None = None
         stopping = False
         while True:
-            # Wait for work only when nothing runs; otherwise take what arrived and step on.
-            items: list[object] = [self._inbox.get()] if not running and not held else []
+            # Wait for work only when nothing runs (after the engine's idle work, one piece at a
+            # time, each time nothing arrived); otherwise take what arrived and step on.
+            items: list[object] = []
+            if not running and not held:
+                items.append(self._next_when_idle())
             while True:
                 try:
                     items.append(self._inbox.get_nowait())

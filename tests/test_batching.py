@@ -221,7 +221,7 @@ async def test_eight_api_conversations_stream_interleaved_and_each_gets_its_own_
     import json
     import time
 
-    from conftest import make_config, running_daemon
+    from conftest import make_config, running_daemon, wait_for
 
     cfg = make_config(tmp_path, redis_server.url, model={"parallel": 8, "max_tokens": 40})
     async with running_daemon(cfg) as api:
@@ -246,3 +246,79 @@ async def test_eight_api_conversations_stream_interleaved_and_each_gets_its_own_
         assert starts[-1] < ends[0], "a stream started only after another had finished"
         status, health = await api.get("/healthz")
         assert health["engine"]["slots"] == 8 and health["engine"]["steps"] > 0
+
+        # Idle now: the worker reads each answered thread's next-turn opening (5 tokens in ChatML).
+        async def read_ahead() -> bool:
+            _, health = await api.get("/healthz")
+            return health["engine"]["prompt_tokens_ahead"] == 8 * 5
+
+        await wait_for(read_ahead, timeout=30)
+
+
+def finish(engine: LlamaCppEngine, gen) -> tuple[str, str]:
+    text, reason = "", ""
+    while not gen.done:
+        engine.step([gen])
+        for c in gen.out:
+            text += c.text
+            reason = c.finish_reason or reason
+        gen.out.clear()
+    return text, reason
+
+
+def test_the_opening_of_a_threads_next_turn_is_read_while_idle_and_used_only_if_it_follows(engine):
+    opening = engine._template.next_turn_opening()
+    assert [engine._model.token_get_text(t) for t in opening] == ["<|im_end|>", "Ċ", "<|im_start|>", "user", "Ċ"]
+    while engine.read_ahead():  # what earlier tests left
+        pass
+    first = echo(SENTENCES[2])
+    gen = engine.open(req("ahead", first), never)
+    answer, reason = finish(engine, gen)
+    assert (answer, reason) == (SENTENCES[2], "stop")
+    slot = gen.slot
+    answered = len(slot.tokens)
+    ahead = engine.stats.prompt_tokens_ahead
+    assert engine.read_ahead() and not engine.read_ahead()
+    assert slot.tokens[answered:] == opening and engine.stats.prompt_tokens_ahead == ahead + len(opening)
+
+    # The follow-up reads only its own words and the generation prompt; its answer is unchanged.
+    second = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": SENTENCES[3]}]
+    gen = engine.open(req("ahead", second), never)
+    assert gen.cached_tokens == answered + len(opening)
+    assert finish(engine, gen) == (SENTENCES[3], "stop")
+
+    # A next prompt that does not go on that way (the history was edited) keeps only what agrees.
+    assert engine.read_ahead()
+    edited = [*first, {"role": "assistant", "content": "something else"},
+              {"role": "user", "content": SENTENCES[4]}]
+    gen = engine.open(req("ahead", edited), never)
+    assert gen.cached_tokens < answered
+    assert finish(engine, gen) == (SENTENCES[4], "stop")
+
+    # A turn that comes before the engine was idle finds the opening still pending: it is
+    # dropped, never read on top of the new prompt.
+    held = list(gen.slot.tokens)
+    assert gen.slot.ahead == opening
+    ahead = engine.stats.prompt_tokens_ahead
+    third = [*edited, {"role": "assistant", "content": SENTENCES[4]}, {"role": "user", "content": SENTENCES[5]}]
+    gen = engine.open(req("ahead", third), never)
+    assert gen.slot.ahead == [] and gen.cached_tokens == len(held)
+    assert finish(engine, gen)[1] == "stop"
+    assert engine.stats.prompt_tokens_ahead == ahead
+
+
+def test_an_answer_cut_at_max_tokens_has_its_last_token_and_the_opening_read_ahead(engine):
+    while engine.read_ahead():
+        pass
+    first = echo(SENTENCES[6])
+    gen = engine.open(req("ahead-cut", first, 3), never)
+    answer, reason = finish(engine, gen)
+    assert reason == "length" and SENTENCES[6].startswith(answer)
+    slot = gen.slot
+    answered = len(slot.tokens)  # the prompt and the first two answer tokens: the third was never read
+    assert engine.read_ahead()
+    assert len(slot.tokens) == answered + 1 + len(engine._template.next_turn_opening())
+    second = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": SENTENCES[7]}]
+    gen = engine.open(req("ahead-cut", second), never)
+    assert gen.cached_tokens == len(slot.tokens) == answered + 6
+    assert finish(engine, gen) == (SENTENCES[7], "stop")

@@ -82,6 +82,8 @@ class EngineStats:
     last_batch: int = 0
     prompt_tokens_read: int = 0
     prompt_tokens_reused: int = 0
+    # Read while idle, before the prompt that needs them came (LlamaCppEngine.read_ahead).
+    prompt_tokens_ahead: int = 0
     cache_restores: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -132,6 +134,11 @@ class Engine(ABC):
     def state(self) -> dict[str, Any]:
         """Figures for /healthz and /metrics."""
         return {}
+
+    def read_ahead(self) -> bool:
+        """Work worth doing while no generation runs and no job waits (the worker asks between
+        jobs, one piece at a time); returns whether there was some."""
+        return False
 
     def generate(self, request: GenerationRequest, should_stop: Callable[[], bool]) -> Iterator[Chunk]:
         """One reply on its own, chunk by chunk."""

@@ -279,6 +279,24 @@ class _ChatTemplate:
             return []
         return self.model.tokenize(text.encode("utf-8"), add_bos=bos, special=special)
 
+    def next_turn_opening(self) -> list[int]:
+        """The tokens that follow an answer in every next prompt, up to the user's words (ChatML:
+        ``<|im_end|>``, newline, ``<|im_start|>user``, newline); [] when the template does not
+        show one. Found by rendering two conversations that differ only in the next user's
+        words and cutting where they part."""
+        first = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+        try:
+            one, _ = self.render([*first, {"role": "user", "content": "c"}])
+            two, _ = self.render([*first, {"role": "user", "content": "你"}])
+            asked, _ = self.render(first[:1])  # ends with the generation prompt
+        except TemplateError:
+            return []
+        answered = asked + self._tokenize("b", special=False, bos=False)
+        parted = common_prefix(one, two)
+        if one[: len(answered)] != answered or parted <= len(answered):
+            return []
+        return one[len(answered) : parted]
+
 
 def _plain(text: str) -> str:
     """Text that encodes as UTF-8: a lone surrogate (from a JSON escape) becomes U+FFFD."""
@@ -352,11 +370,13 @@ Adapters = tuple[tuple[str, float], ...]
 class _Slot:
     """One sequence id of the shared KV cache and the tokens whose state it holds."""
 
-    __slots__ = ("adapters", "busy", "owner", "seq_id", "tokens", "used_at")
+    __slots__ = ("adapters", "ahead", "busy", "owner", "seq_id", "tokens", "used_at")
 
     def __init__(self, seq_id: int) -> None:
         self.seq_id = seq_id
         self.tokens: list[int] = []
+        # Tokens to read while the engine is idle: the opening of the thread's next turn.
+        self.ahead: list[int] = []
         self.owner: ThreadKey | None = None
         # The LoRA adapter set the slot's KV state was computed under: reused only under the same.
         self.adapters: Adapters = ()
@@ -443,6 +463,7 @@ class LlamaCppEngine(Engine):
         self._applied: Adapters = ()
         self._turn = 0
         self._can_trim = True
+        self._opening: list[int] = []
         self._clock = 0.0
         self.stats = EngineStats()
 
@@ -499,6 +520,7 @@ class LlamaCppEngine(Engine):
             log.info("recurrent or hybrid model: a thread's state is reused only when its prompt extends it",
                      model=self.path.name)
         self._slots = [_Slot(i) for i in range(self.parallel)]
+        self._opening = self._template.next_turn_opening() if self._can_trim else []
         log.info("llama.cpp backend", model=self.path.name, **_backend_line(model, self.n_gpu_layers))
         log.info(
             "model loaded", model=self.path.name, n_ctx=self._n_ctx, n_threads=self.n_threads,
@@ -655,6 +677,7 @@ class LlamaCppEngine(Engine):
             self._park(slot, key, adapters)
         if not self._trim(slot, kept):
             kept = 0
+        slot.ahead = []
         slot.busy, slot.owner, slot.adapters, slot.used_at = True, key, adapters, self._tick()
         seq.slot, seq.read, seq.cached_tokens = slot, kept, kept
         self.stats.prompt_tokens_reused += kept
@@ -732,6 +755,36 @@ class LlamaCppEngine(Engine):
                 self._ctx.kv_cache_seq_rm(slot.seq_id, -1, -1)
                 slot.tokens.clear()
                 slot.owner = None
+
+    def read_ahead(self) -> bool:
+        """Read the opening of a finished thread's next turn into its slot (the most recently
+        answered first): a follow-up question then reads only its own words. One slot per call;
+        the worker calls this only while nothing runs and nothing waits."""
+        pending = [s for s in self._slots if s.ahead and not s.busy]
+        if not pending:
+            return False
+        slot = max(pending, key=lambda s: s.used_at)
+        tokens, slot.ahead = slot.ahead, []
+        self._apply(slot.adapters)
+        batch = self._batch.batch
+        for n, token in enumerate(tokens):
+            batch.token[n] = token
+            batch.pos[n] = len(slot.tokens) + n
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = slot.seq_id
+            batch.logits[n] = False
+        batch.n_tokens = len(tokens)
+        try:
+            self._ctx.decode(self._batch)
+        except Exception as exc:
+            log.warning("reading ahead failed; the slot starts afresh", error=str(exc))
+            self._ctx.kv_cache_seq_rm(slot.seq_id, -1, -1)
+            slot.tokens.clear()
+            slot.owner = None
+            return True
+        slot.tokens += tokens
+        self.stats.prompt_tokens_ahead += len(tokens)
+        return True
 
     # -- one step -------------------------------------------------------------------------------
 
@@ -817,6 +870,7 @@ class LlamaCppEngine(Engine):
         token = seq.sampler.sample(self._ctx, seq.logits_at)
         if llama_cpp.llama_vocab_is_eog(self._model.vocab, token):
             self._finish(seq, "stop")
+            self._ahead_after(seq, [])
             return
         seq.produced += 1
         text, seq.pending, stopped = hand_over(seq.pending + seq.decoder.decode(self._model.detokenize([token])),
@@ -828,8 +882,19 @@ class LlamaCppEngine(Engine):
             return
         if seq.produced >= seq.max_tokens:
             self._finish(seq, "length")
+            self._ahead_after(seq, [token])  # the answer's last token was sampled, never read
             return
         seq.next_token = token
+
+    def _ahead_after(self, seq: _Seq, last: list[int]) -> None:
+        """The answer is whole (not cut at a stop string, whose tokens the stored text lacks): the
+        thread's next prompt will almost surely go on with it and the template's opening of a user
+        turn. Read those while idle (:meth:`read_ahead`); the next turn keeps them only if its
+        tokens really follow (compared, as always)."""
+        slot = seq.slot
+        ahead = last + self._opening
+        if slot is not None and self._opening and len(slot.tokens) + len(ahead) < self._n_ctx:
+            slot.ahead = ahead
 
     def _finish(self, seq: _Seq, reason: str, error: str | None = None) -> None:
         text = "" if reason == "error" else seq.pending
