@@ -26,6 +26,8 @@ from core.messages import Finish, Usage
 log = structlog.get_logger("botd.worker")
 
 _STOP = object()
+# How long the worker waits without news before the engine's idle work (reading ahead).
+IDLE_S = 0.25
 
 
 class _Swap:
@@ -239,11 +241,12 @@ class InferenceWorker:
     # -- the worker thread ------------------------------------------------------------
 
     def _next_when_idle(self) -> object:
-        """The next item for an idle worker: what arrived, else the engine's idle work first
-        (a piece at a time, looking for new items between pieces), then wait."""
+        """The next item for an idle worker. The engine's idle work (a piece at a time) waits for
+        IDLE_S without news first: a request that comes right after an answer (a client's next
+        call) would otherwise wait behind it, while people take seconds to write their next turn."""
         while True:
             try:
-                return self._inbox.get_nowait()
+                return self._inbox.get(timeout=IDLE_S)
             except queue.Empty:
                 pass
             try:
