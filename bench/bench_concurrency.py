@@ -810,6 +810,7 @@ class Run:
                              fmt_ratio(many.tps / one.tps), ">= 2.5", "yes" if many.tps >= 2.5 * one.tps else "NO"))
         # The ceiling, measured now on the same box: bare llama_decode steps of `users` sequences
         # vs one (botd idles meanwhile).
+        time.sleep(3)  # botd reads ahead for a moment after its answers (0.25 s idle, then ~60 ms a slot)
         pairs = []
         for _ in range(a.a_rounds):
             r1 = raw_batched(self.model, a.threads, 1, a.max_tokens)
