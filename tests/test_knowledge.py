@@ -390,6 +390,7 @@ async def test_an_ingest_step_takes_every_core_once_the_models_are_quiet_and_one
 
         def step_in_ingest_thread() -> tuple[bool, int, int]:
             stop = jobs._between_steps()
+            assert os.sched_getscheduler(0) == os.SCHED_IDLE
             return stop, gomp[0].omp_get_max_threads(), os.getpriority(os.PRIO_PROCESS, 0)
 
         models = api.daemon.runtime.models
