@@ -605,7 +605,7 @@ class ChatService:
         if Finish(reason).complete and msg.history is None and job.text.strip():
             try:
                 await self.runtime.history.append_exchange(
-                    msg.thread_key, msg.text, job.text,
+                    msg.thread_key, msg.text, job.history_text(),
                     also=lambda pipe: self.runtime.inbox.add_answer(pipe, msg, job.text),
                     fence=self._turns.get(msg.request_id),
                 )

@@ -86,6 +86,11 @@ class Job:
 
     # -- called on the event loop by the worker -------------------------------------
 
+    def history_text(self) -> str:
+        """The answer as the thread's history keeps it: the shown text, with any leading
+        whitespace the model produced (hidden from users, but part of the tokens its KV holds)."""
+        return (self._filter.dropped_lead if self._filter else "") + self.text
+
     def push_text(self, raw: str) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()

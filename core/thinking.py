@@ -26,6 +26,11 @@ class ThinkFilter:
         self._buf = ""
         self._inside = False
         self._started = False  # leading whitespace after a removed block is dropped too
+        self._removed = False  # a block was removed before any visible text
+        # Leading whitespace of the model's own, dropped from what is shown (no block before it):
+        # the history keeps it, so that the thread's next prompt still starts with the tokens
+        # the model produced and its KV state is reused (see Job.history_text).
+        self.dropped_lead = ""
 
     def feed(self, delta: str) -> str:
         self._buf += delta
@@ -41,6 +46,7 @@ class ThinkFilter:
                 self._inside = False
                 if not self._started:
                     self._buf = self._buf.lstrip()
+                    self._removed = True
                 continue
             start = self._buf.find(OPEN)
             if start >= 0:
@@ -55,7 +61,10 @@ class ThinkFilter:
             break
         text = "".join(out)
         if text and not self._started:
-            text = text.lstrip()
+            shown = text.lstrip()
+            if not self._removed:
+                self.dropped_lead += text[: len(text) - len(shown)]
+            text = shown
             self._started = bool(text)
         return text
 

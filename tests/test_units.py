@@ -36,6 +36,15 @@ def test_think_filter(pieces, expected):
     assert run_filter(pieces) == expected
 
 
+def test_think_filter_keeps_the_models_own_leading_whitespace_for_the_history():
+    f = ThinkFilter()
+    assert f.feed("\n") + f.feed("\n Hello") + f.flush() == "Hello"
+    assert f.dropped_lead == "\n\n "  # the history keeps what the model produced
+    f = ThinkFilter()
+    assert f.feed("<think>x</think>\n\nHi") + f.flush() == "Hi"
+    assert f.dropped_lead == ""  # whitespace after a removed block is not the answer's
+
+
 async def test_job_strips_thinking_from_stream_and_final_text():
     req = GenerationRequest(ThreadKey("t", "b", "c"), [], 10)
     job = Job(user="u", request=req)
