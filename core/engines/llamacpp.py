@@ -384,6 +384,16 @@ class _Slot:
         self.busy = False
 
 
+def _put(batch: Any, n: int, slot: _Slot, token: int, logits: bool) -> None:
+    """Row ``n`` of ``batch``: ``token`` next in ``slot``'s sequence (the slot now holds it)."""
+    batch.token[n] = token
+    batch.pos[n] = len(slot.tokens)
+    batch.n_seq_id[n] = 1
+    batch.seq_id[n][0] = slot.seq_id
+    batch.logits[n] = logits
+    slot.tokens.append(token)
+
+
 class _Seq(Generation):
     """One reply being generated in a slot: its prompt still to read, its sampler, its text."""
 
@@ -751,10 +761,13 @@ class LlamaCppEngine(Engine):
         if slot is not None and slot.busy:
             slot.busy, slot.used_at = False, self._tick()
             if seq.failed:
-                # What the slot holds is unknown after a failed decode: start it afresh.
-                self._ctx.kv_cache_seq_rm(slot.seq_id, -1, -1)
-                slot.tokens.clear()
-                slot.owner = None
+                self._forget(slot)
+
+    def _forget(self, slot: _Slot) -> None:
+        """What the slot holds is unknown after a failed decode: start it afresh."""
+        self._ctx.kv_cache_seq_rm(slot.seq_id, -1, -1)
+        slot.tokens.clear()
+        slot.owner = None
 
     def read_ahead(self) -> bool:
         """Read the opening of a finished thread's next turn into its slot (the most recently
@@ -768,21 +781,14 @@ class LlamaCppEngine(Engine):
         self._apply(slot.adapters)
         batch = self._batch.batch
         for n, token in enumerate(tokens):
-            batch.token[n] = token
-            batch.pos[n] = len(slot.tokens) + n
-            batch.n_seq_id[n] = 1
-            batch.seq_id[n][0] = slot.seq_id
-            batch.logits[n] = False
+            _put(batch, n, slot, token, False)
         batch.n_tokens = len(tokens)
         try:
             self._ctx.decode(self._batch)
         except Exception as exc:
             log.warning("reading ahead failed; the slot starts afresh", error=str(exc))
-            self._ctx.kv_cache_seq_rm(slot.seq_id, -1, -1)
-            slot.tokens.clear()
-            slot.owner = None
+            self._forget(slot)
             return True
-        slot.tokens += tokens
         self.stats.prompt_tokens_ahead += len(tokens)
         return True
 
@@ -815,14 +821,8 @@ class LlamaCppEngine(Engine):
 
         def add(seq: _Seq, token: int, logits: bool) -> None:
             nonlocal n
-            slot = seq.slot
-            assert slot is not None
-            batch.token[n] = token
-            batch.pos[n] = len(slot.tokens)
-            batch.n_seq_id[n] = 1
-            batch.seq_id[n][0] = slot.seq_id
-            batch.logits[n] = logits
-            slot.tokens.append(token)
+            assert seq.slot is not None
+            _put(batch, n, seq.slot, token, logits)
             if logits:
                 seq.logits_at = n
             n += 1
