@@ -215,6 +215,27 @@ async def test_http_tool_validates_arguments_and_stays_on_its_host(api, monkeypa
         assert not under(URL(bad, encoded=True), b), bad
 
 
+async def test_http_tool_never_forwards_undeclared_arguments(api, monkeypatch) -> None:
+    """``/tool weather city=x admin=true`` against a schema that declares city and units (and,
+    as most hand-written schemas, says nothing of additionalProperties): admin is dropped."""
+    base, seen = api
+    monkeypatch.setenv("BOTD_T_TOOL_KEY", SECRET)
+    params = {"type": "object", "properties": {"city": {"type": "string"}, "units": {"type": "string"}},
+              "required": ["city"]}
+    open_schema = {**params, "additionalProperties": True}
+    async with ToolBox(tools(weather=http_tool(base, parameters=params),
+                             wide=http_tool(base, parameters=open_schema))) as box:
+        args = box.parse_command("weather", "city=x admin=true units=c")
+        assert args == {"city": "x", "admin": "true", "units": "c"}  # the user's words, as typed
+        result = await box.call("weather", args, bot="b", user="u")
+        body = await box.call("weather", '{"city": "y", "admin": 1, "debug": {"sql": "drop"}}', bot="b", user="u")
+        wide = await box.call("wide", {"city": "z", "extra": "kept"}, bot="b", user="u")
+    assert result.ok and body.ok and wide.ok
+    assert seen[0]["query"] == {"units": "c"}  # admin never reached the API
+    assert seen[1]["query"] == {}
+    assert seen[2]["query"] == {"extra": "kept"}  # the schema allows more: forwarded as asked
+
+
 async def test_http_tool_times_out_and_truncates(api, monkeypatch) -> None:
     base, _ = api
     monkeypatch.setenv("BOTD_T_TOOL_KEY", SECRET)

@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import structlog
 from yarl import URL
 
 from core.tools._net import build_headers, fetch, pick, render
@@ -16,6 +17,41 @@ from core.tools.config import HttpToolConfig, SearchToolConfig
 from core.tools.errors import ToolError
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+log = structlog.get_logger("botd.tools")
+
+
+def declared(args: dict[str, Any], schema: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``args`` without the names ``schema`` does not declare, and the names dropped.
+
+    JSON Schema lets an object carry any undeclared property unless it says
+    ``"additionalProperties": false``; a company API must still get only what the admin
+    described (``/tool weather city=x admin=true`` must not send ``admin``), so anything
+    undeclared is dropped unless the schema opts in (``additionalProperties`` true or a
+    schema, or a matching ``patternProperties``). Nested objects are filtered the same way.
+    """
+    extra = schema.get("additionalProperties")
+    if extra is True or isinstance(extra, dict):
+        return args, []
+    props: dict[str, Any] = schema.get("properties") or {}
+    patterns = []
+    for p in schema.get("patternProperties") or {}:
+        try:
+            patterns.append(re.compile(p))
+        except re.error:
+            continue  # not a Python regex: its properties are not recognised, so dropped
+    kept: dict[str, Any] = {}
+    dropped: list[str] = []
+    for key, value in args.items():
+        sub = props.get(key)
+        if sub is None and not any(p.search(key) for p in patterns):
+            dropped.append(key)
+            continue
+        if isinstance(value, dict) and isinstance(sub, dict) and isinstance(sub.get("properties"), dict):
+            value, inner = declared(value, sub)
+            dropped += [f"{key}.{n}" for n in inner]
+        kept[key] = value
+    return kept, dropped
 
 
 def _scalar(v: Any) -> str:
@@ -53,6 +89,10 @@ class HttpTool:
 
     async def run(self, function: str, args: dict[str, Any], session: aiohttp.ClientSession) -> str:
         cfg = self.cfg
+        args, dropped = declared(args, cfg.parameters)
+        if dropped:
+            log.info("tool_arguments_dropped", tool=self.name, names=dropped[:30],
+                     reason="not declared in the tool's parameters")
         url, rest = self.url_for(args)
         params = json_body = None
         if cfg.method in ("GET", "DELETE"):
