@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 
 from bots import texts, tooluse
-from bots.prompt import BuiltPrompt, InputTooLong, PromptBuilder, fit_documents, with_documents
+from bots.prompt import BuiltPrompt, InputTooLong, PromptBuilder, fit_documents, with_documents, with_rules
 from bots.streaming import Delivery
 from connectors.base import Connector
 from connectors.reply import ReplyTarget
@@ -34,6 +34,7 @@ from core.config import DEFAULT_MODEL, NO_DOCUMENT_TEXT, BotConfig, Config, Sett
 from core.dispatch import Busy, Interrupted, Rejected
 from core.engines import GenerationRequest
 from core.engines.base import TemplateError
+from core.inbox import NotOwned
 from core.jobs import Job, QueueFull
 from core.knowledge.retriever import Hit
 from core.lease import Fenced, Lease, turn
@@ -226,7 +227,7 @@ class ChatService:
             connector = connectors.get(name)
             if connector is None:
                 # Not kept alive here: another daemon that runs this connector takes it over.
-                self.runtime.inbox.mine.discard(msg.entry)
+                self.runtime.inbox.let_go(msg)
                 log.warning("a message waits for a daemon that runs its connector", connector=name)
                 continue
             target = connector.target(msg)
@@ -269,10 +270,16 @@ class ChatService:
         except Interrupted:
             log.info("answer interrupted by shutdown; it is answered after the restart")
             return
+        except NotOwned:
+            # Another daemon answers it now (this one was cut off from Redis past the lease):
+            # nothing more is shown from here, and its record is the other daemon's to clear.
+            return
         except Exception as exc:  # one bad message must never take the daemon down
             await target.failed(exc, delivery.text)
         try:
             await target.closed(delivery.text)  # a stream that stays open until told (WeCom AI bot)
+        except NotOwned:
+            return
         except Exception as exc:
             await target.failed(exc, delivery.text)
         await self.runtime.inbox.done(msg)
@@ -352,19 +359,13 @@ class ChatService:
             # Answered and stored before a restart, not yet shown: show the same words again.
             log.info("replaying a stored answer", platform=msg.platform, bot=msg.bot, chat=msg.chat)
             return TextAnswer(msg.final_answer, msg.request_id)
-        tool_ran = False
-        if msg.history is None:
-            cmd = parse_command(msg.text)
-            tool_ran = cmd is not None and cmd.name in ("calc", "tool")
-            if tool_ran:
-                assert cmd is not None
-                told = await self._tool_command(cmd.name, msg, cmd.args, lang)
-                if isinstance(told, TextAnswer):
-                    return told
-                msg.text = told  # "/tool NAME ARGS -- QUESTION": the model answers from the result
-            elif cmd is not None:
-                return await self._command(cmd.name, msg, cmd.args, lang)
+        cmd = parse_command(msg.text) if msg.history is None else None
+        tool_ran = cmd is not None and cmd.name in ("calc", "tool")
+        if cmd is not None and not tool_ran:
+            return await self._command(cmd.name, msg, cmd.args, lang)
 
+        # Counted before anything runs, tool commands included: a "/tool ... -- question" that
+        # is refused here has called no tool.
         if not msg.resumed:  # a replayed message was admitted (and counted) before the restart
             try:
                 await self.runtime.limits.admit(msg)
@@ -374,6 +375,12 @@ class ChatService:
                 told = exc.message if lang == "en" else texts.say(
                     "RATE_LIMITED", lang, wait=texts.wait_text(exc.retry_after, lang), detail=exc.message)
                 raise Busy(exc.message, exc.retry_after, per_user=True, user_message=told) from None
+        if tool_ran:
+            assert cmd is not None
+            told = await self._tool_command(cmd.name, msg, cmd.args, lang)
+            if isinstance(told, TextAnswer):
+                return told
+            msg.text = told  # "/tool NAME ARGS -- QUESTION": the model answers from the result
 
         history: list[ChatTurn]
         degraded = False
@@ -391,6 +398,8 @@ class ChatService:
         builder = await self.builder_for(msg.bot)
         budget = msg.max_tokens or bot.max_tokens or model.max_tokens
         system = msg.system if msg.system is not None else bot.system_prompt
+        if bot.knowledge:
+            system = with_rules(system)
         loop = asyncio.get_running_loop()
         hits: list[Hit] = []
         if bot.knowledge:
@@ -417,7 +426,8 @@ class ChatService:
             tooluse.offered(bot, msg.text, self.runtime.tools)
         try:
             if msg.messages is not None:
-                built = await loop.run_in_executor(None, builder.given, system, msg.messages, budget, msg.tools)
+                built, hits = await loop.run_in_executor(
+                    None, self._given, system, hits, msg.messages, budget, msg.tools, builder)
             else:
                 built, hits = await loop.run_in_executor(
                     None, self._build, system, hits, history, msg.text, budget, offered or None, builder)
@@ -459,12 +469,15 @@ class ChatService:
         if job is None:
             job = self._job(msg, request)
             self._submit(msg, job)
-        task = self._spawn(self._complete(msg, job, built.history_used, built.history_dropped, degraded, hits))
+        # The question as the model was given it (with its documents) is what the history keeps.
+        shown = built.messages[-1]["content"] if msg.messages is None else None
+        task = self._spawn(self._complete(msg, job, built.history_used, built.history_dropped, degraded, hits,
+                                          shown))
         return JobAnswer(job, self, task, hits, lang, note)
 
     def _job(self, msg: InboundMessage, request: GenerationRequest) -> Job:
         return Job(
-            user=f"{msg.platform}:{msg.user}",
+            user=msg.quota_key,  # the queue's fairness and per-user cap: the authenticated identity
             request=request,
             keep_thinking=self.cfg.named_model(self._bot(msg.bot).model).keep_thinking,
             timeout_s=self.cfg.queue.job_timeout_s,
@@ -510,10 +523,22 @@ class ChatService:
     def _build(self, system: str | None, hits: list[Hit], history: list[ChatTurn], text: str,
                budget: int, tools: list[dict[str, Any]] | None = None,
                builder: PromptBuilder | None = None) -> tuple[BuiltPrompt, list[Hit]]:
-        """The prompt, with as many retrieved chunks as fit ``[retrieval] context_tokens`` (blocking)."""
+        """The prompt, with as many retrieved chunks as fit ``[retrieval] context_tokens`` in the
+        user's turn (blocking)."""
         builder = builder or self.builder
         used = fit_documents(builder.tokenizer, hits, self.cfg.retrieval.context_tokens)
-        return builder.build(with_documents(system, used), history, text, budget, tools), used
+        return builder.build(system, history, with_documents(text, used), budget, tools), used
+
+    def _given(self, system: str | None, hits: list[Hit], messages: list[dict[str, Any]], budget: int,
+               tools: list[dict[str, Any]] | None, builder: PromptBuilder) -> tuple[BuiltPrompt, list[Hit]]:
+        """A client's own conversation, with the retrieved chunks in its last turn when that is
+        the user's question; otherwise none are given, and so none are cited (blocking)."""
+        last = messages[-1] if messages else {}
+        used: list[Hit] = []
+        if hits and last.get("role") == "user" and isinstance(last.get("content"), str):
+            used = fit_documents(builder.tokenizer, hits, self.cfg.retrieval.context_tokens)
+            messages = [*messages[:-1], {**last, "content": with_documents(last["content"], used)}]
+        return builder.given(system, messages, budget, tools), used
 
     async def _command(self, name: str, msg: InboundMessage, args: str = "", lang: texts.Lang = "both") -> TextAnswer:
         if name == "kb":
@@ -555,7 +580,16 @@ class ChatService:
             arguments = box.parse_command(tool, rest)
         except ToolError as exc:
             return TextAnswer(texts.say("TOOL_FAILED", lang, tool=tool, reason=exc.reason), msg.request_id)
-        result = await box.call(tool, arguments, bot=msg.bot, user=f"{msg.platform}:{msg.user}", allowed=bot.tools)
+        try:
+            # One of the user's few places for a running tool call (a burst is refused, not queued).
+            with self.runtime.limits.tool_call(msg):
+                result = await box.call(tool, arguments, bot=msg.bot, user=f"{msg.platform}:{msg.user}",
+                                        allowed=bot.tools)
+        except LimitExceeded as exc:
+            metrics.MESSAGES.labels(msg.platform, "rate_limited").inc()
+            log.info("tool calls at the user's cap", platform=msg.platform, user=msg.user, tool=tool)
+            raise Busy(exc.message, exc.retry_after, per_user=True, user_message=texts.say(
+                "TOOL_BUSY", lang, n=self.cfg.limits.user_tool_calls_in_flight)) from None
         metrics.MESSAGES.labels(msg.platform, f"command_{name}").inc()
         if question:
             return f"{question}\n\n[{tool}]\n{result.text}"
@@ -597,7 +631,7 @@ class ChatService:
         return task
 
     async def _complete(self, msg: InboundMessage, job: Job, used: int, dropped: int, degraded: bool,
-                        hits: Sequence[Hit] = ()) -> None:
+                        hits: Sequence[Hit] = (), shown: str | None = None) -> None:
         structlog.contextvars.bind_contextvars(request_id=msg.request_id, job_id=job.id)
         t0 = time.monotonic()
         reason = await job.wait()
@@ -607,7 +641,7 @@ class ChatService:
                 await self.runtime.history.append_exchange(
                     msg.thread_key, msg.text, job.history_text(),
                     also=lambda pipe: self.runtime.inbox.add_answer(pipe, msg, job.text),
-                    fence=self._turns.get(msg.request_id),
+                    fence=self._turns.get(msg.request_id), user_shown=shown,
                 )
                 stored = True
             except StoreUnavailable:

@@ -1,7 +1,8 @@
 """Thread histories in Redis: one list per thread, appended one exchange at a time.
 
 Key: ``{prefix}:hist:{platform}:{bot}:{chat}:{thread}``; each item is a JSON object
-``{"role", "content", "ts"}``. An exchange (user + assistant) is appended in one
+``{"role", "content", "ts"}``, plus ``"shown"`` when the model was given more than the
+user wrote (the documents retrieved for a question). An exchange (user + assistant) is appended in one
 MULTI/EXEC with the trim and the idle expiry, so a reader never sees half of it.
 """
 
@@ -38,20 +39,26 @@ class HistoryStore:
             try:
                 d = json.loads(item)
                 if d.get("role") in ("user", "assistant") and isinstance(d.get("content"), str):
-                    turns.append(ChatTurn(d["role"], d["content"]))
+                    shown = d.get("shown")
+                    turns.append(ChatTurn(d["role"], d["content"], shown if isinstance(shown, str) else None))
             except (ValueError, AttributeError):
                 continue  # a foreign or damaged entry is skipped, not fatal
         return turns
 
     async def append_exchange(self, thread: ThreadKey, user_text: str, assistant_text: str,
-                              also: Callable[[Pipeline], None] | None = None, fence: Lease | None = None) -> None:
+                              also: Callable[[Pipeline], None] | None = None, fence: Lease | None = None,
+                              user_shown: str | None = None) -> None:
         """Append one exchange; ``also`` adds commands to the same MULTI (the inbox's "answered").
         With ``fence`` (the thread's turn), nothing is written once the turn has moved to
-        another daemon (raises :class:`~core.lease.Fenced`)."""
+        another daemon (raises :class:`~core.lease.Fenced`). ``user_shown``: the user turn as
+        the model was given it, when that differs from ``user_text``."""
         now = time.time()
         key = self.key(thread)
+        user: dict[str, object] = {"role": "user", "content": user_text, "ts": now}
+        if user_shown is not None and user_shown != user_text:
+            user["shown"] = user_shown
         items = [
-            json.dumps({"role": "user", "content": user_text, "ts": now}, ensure_ascii=False),
+            json.dumps(user, ensure_ascii=False),
             json.dumps({"role": "assistant", "content": assistant_text, "ts": now}, ensure_ascii=False),
         ]
 

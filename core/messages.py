@@ -37,11 +37,25 @@ class ThreadKey:
 
 @dataclass(frozen=True, slots=True)
 class ChatTurn:
+    """One turn of a thread. ``content`` is what its author wrote (what people are shown);
+    ``shown`` is the text the model was given for it when that differs (a question with the
+    documents retrieved for it), kept so that the next turn's prompt repeats it token for
+    token and the thread's KV prefix stays valid."""
+
     role: Role
     content: str
+    shown: str | None = None
 
     def as_dict(self) -> dict[str, str]:
         return {"role": self.role, "content": self.content}
+
+    def for_model(self) -> dict[str, str]:
+        """The turn as the model saw it."""
+        return {"role": self.role, "content": self.content if self.shown is None else self.shown}
+
+    def plain(self) -> ChatTurn:
+        """The turn without what was added for the model."""
+        return self if self.shown is None else ChatTurn(self.role, self.content)
 
 
 @dataclass(slots=True)
@@ -71,6 +85,10 @@ class InboundMessage:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     # The platform account (a Telegram bot, a Slack app, a WeCom app) that received it.
     account: str = ""
+    # Who the connector authenticated, when that is not ``user`` itself: the API key, the
+    # token's subject, an anonymous caller's address. The API's ``user`` field is the caller's
+    # word: it may narrow the identity (its own history), never widen its quota.
+    principal: str = ""
     # False for what the bot cannot read (a photo, a sticker): it is told so, not answered.
     readable: bool = True
     # Where the answer goes on the platform (chat ids, thread ts, ...): JSON-able, kept with
@@ -88,6 +106,12 @@ class InboundMessage:
     @property
     def thread_key(self) -> ThreadKey:
         return ThreadKey(self.platform, self.bot, self.chat, self.thread)
+
+    @property
+    def quota_key(self) -> str:
+        """Whose limits and queue share this message counts against: the authenticated
+        principal when the connector named one, else the platform's (verified) user."""
+        return f"{self.platform}:{self.principal or self.user}"
 
 
 @dataclass(frozen=True, slots=True)

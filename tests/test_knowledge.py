@@ -222,7 +222,7 @@ async def test_hr_answer_cites_its_file_and_finance_chat_never_sees_hr_knowledge
             hr_answer = await api.daemon.service.dispatch(InboundMessage(
                 platform="telegram", bot="hr", chat=str(HR_CHAT), user="7", text=HR_QUESTION))
             assert isinstance(hr_answer, JobAnswer)
-            assert hr_answer.hits[0].source == "leave.md" and HR_FACT in hr_answer.job.request.messages[0]["content"]
+            assert hr_answer.hits[0].source == "leave.md" and HR_FACT in hr_answer.job.request.messages[-1]["content"]
             async for _ in hr_answer.events():
                 pass
 
