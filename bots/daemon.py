@@ -80,6 +80,8 @@ class Daemon:
         self.notifier = Notifier(self.settings, texts.alert)
         self.knowledge = KnowledgeJobs(self.runtime, self.notifier.post)
         self.runtime.redis.on_change = self._redis_changed
+        # A message handed out [redis] max_deliveries times without an answer: the admins hear of it.
+        self.runtime.inbox.on_dead = lambda **fields: self.notifier.post("dead_letter", **fields)
         self._redis_down_at: float | None = None
         self.service.ingest_hook = self.knowledge.ingest
         # The running connectors by registry name; a route finds its connector here on every

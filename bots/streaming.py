@@ -6,6 +6,9 @@ first text as soon as there is some, then no more often than the target's interv
 (later still when the platform asked to slow down), and once more at the end with the
 whole answer. Targets that cannot edit get the final text only. After every new post
 the posted ids are recorded in the durable inbox, so that a replay edits, never reposts.
+Before every post and edit the inbox confirms the message is still this daemon's (the
+target's fence): once another daemon has taken it over, :class:`~core.inbox.NotOwned`
+stops this delivery and nothing more is shown from here.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class Delivery:
         self.lang: texts.Lang = lang or texts.language("auto", msg.text if msg.readable else "")
         self.shown = ""
         self.text = ""  # the last text given to the target (shown, or being shown)
+        if inbox is not None:
+            target.fence = inbox.fence(msg)
 
     async def show(self, text: str) -> None:
         self.text = text

@@ -9,6 +9,10 @@ is the bots layer's policy, not the target's.
 
 A platform subclass says only how to post one part and how to edit one, how long a
 part may be, and which of its errors mean "slow down".
+
+Every platform call that shows something goes through :meth:`ReplyTarget.call`, which first
+awaits the target's ``fence`` when it has one (the bots layer sets it: "is this message
+still this daemon's to answer?"); a fence that raises stops the answer before the call.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import asyncio
 import functools
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
@@ -55,6 +59,9 @@ class ReplyTarget(ABC):
         # before a restart are known by id only (their text: unknown, so edited again).
         self.sent: list[tuple[Any, str]] = [(ref, "") for ref in sent]
         self.not_before = 0.0  # "retry after": no call before this monotonic time
+        # Awaited before every platform call that shows something; raises to stop the answer
+        # (another daemon answers this message now). None: nothing to check.
+        self.fence: Callable[[], Awaitable[None]] | None = None
 
     # -- what a platform says --------------------------------------------------------------
 
@@ -92,11 +99,14 @@ class ReplyTarget(ABC):
     # -- the shared loop --------------------------------------------------------------------
 
     async def call(self, fn: Callable[[], Any]) -> Any:
-        """One platform call, repeated after the waits the platform asks for."""
+        """One platform call, repeated after the waits the platform asks for; each attempt only
+        while the fence (if any) lets it."""
         for _ in range(_ATTEMPTS):
             wait = self.not_before - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
+            if self.fence is not None:
+                await self.fence()
             try:
                 return await fn()
             except Exception as exc:

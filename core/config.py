@@ -238,6 +238,10 @@ class RedisConfig(_Section):
     # by another after this many seconds; also the lease of singletons (Telegram polling) and
     # of a thread's lock (one answer at a time per thread).
     lease_s: Annotated[float, Field(ge=2, le=3600)] = 30.0
+    # A message handed to daemons this many times (restarts, take-overs) without being answered
+    # goes to the dead-letter list ({key_prefix}:inbox:dead) with an alert, not to a next try:
+    # a message that crashes the process is not replayed forever.
+    max_deliveries: Annotated[int, Field(ge=1, le=1000)] = 5
 
     @field_validator("url")
     @classmethod
@@ -597,9 +601,9 @@ class SlackConfig(_Section):
 
 # The alerts [notify] can send; NOTIFY_DEFAULT_EVENTS is what it sends unless `events` says otherwise.
 NOTIFY_EVENTS = ("ingest_failed", "ingest_skipped", "redis_down", "redis_up", "model_reload", "model_failed",
-                 "reload_failed", "started", "stopping")
+                 "reload_failed", "dead_letter", "started", "stopping")
 NOTIFY_DEFAULT_EVENTS = ("ingest_failed", "ingest_skipped", "redis_down", "redis_up", "model_reload",
-                         "model_failed", "reload_failed")
+                         "model_failed", "reload_failed", "dead_letter")
 
 
 def _robot_key_problem(value: str) -> str:

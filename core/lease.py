@@ -6,6 +6,12 @@ guarded by the token (:meth:`Lease.guard`) is refused once the lease has moved o
 from a holder that paused past its expiry. The holder renews it well before it expires
 (every third of ``ttl_s``); a holder that dies lets it expire and another takes over.
 
+While Redis is out of reach the holder keeps acting as holder only for half the TTL since
+its last successful renewal (nobody can take the lease before the TTL has run out); past
+that it lets go. A thread's turn, once lost, is never taken again by the same holder: the
+answer it guarded has moved to another daemon, and a fresh token would let its stale
+history write through.
+
 Used for the singletons (Telegram long polling) and for a thread's turn (one answer at a
 time per conversation, across daemons). Redis' own ``SET NX PX`` and two short Lua
 scripts are all it needs; a library (e.g. redis-py's ``Lock``) has no fencing token.
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -64,7 +71,8 @@ RUN = uuid.uuid4().hex[:12]
 
 
 class Lease:
-    def __init__(self, redis: RedisManager, prefix: str, name: str, ttl_s: float, owner: str = "") -> None:
+    def __init__(self, redis: RedisManager, prefix: str, name: str, ttl_s: float, owner: str = "",
+                 regain: bool = True) -> None:
         self.redis = redis
         self.name = name
         self.key = f"{prefix}:lease:{name}"
@@ -73,6 +81,10 @@ class Lease:
         # The daemon's instance name: its own leases from an earlier run are taken back at once.
         self.owner = owner
         self.token: str | None = None
+        # Whether :meth:`keep` takes the lease again after losing it (singletons: yes; a turn: no).
+        self.regain = regain
+        # monotonic time at which the last successful acquire or renewal was sent.
+        self._renewed_at = 0.0
 
     @property
     def held(self) -> bool:
@@ -83,19 +95,23 @@ class Lease:
         if self.token is not None:
             return await self.renew()
         token = f"{await self.redis.run('INCR', self.redis.client.incr, self._fence)}|{self.owner}/{RUN}"
+        sent_at = time.monotonic()
         if await self.redis.run("acquire", self.redis.client.eval, _ACQUIRE, 1, self.key, token, self.ttl_ms,
                                 self.owner, f"{self.owner}/{RUN}"):
-            self.token = token
+            self.token, self._renewed_at = token, sent_at
             return True
         return False
 
     async def renew(self) -> bool:
         if self.token is None:
             return False
+        sent_at = time.monotonic()
         ok = await self.redis.run("renew", self.redis.client.eval, _RENEW, 1, self.key, self.token, self.ttl_ms)
         if not ok:
             log.warning("lease lost to another holder", lease=self.name)
             self.token = None
+        else:
+            self._renewed_at = sent_at
         return bool(ok)
 
     async def release(self) -> None:
@@ -120,9 +136,13 @@ class Lease:
             while not stop.is_set():
                 was = self.held
                 try:
-                    await self.acquire()
+                    if self.held or self.regain:
+                        await self.acquire()
                 except StoreUnavailable:
-                    self.token = None  # unknown: another daemon may take it; do not act as holder
+                    # Still ours until the TTL since the last renewal runs out; past half of it,
+                    # another daemon may take it soon: do not act as holder.
+                    if time.monotonic() - self._renewed_at >= self.ttl_ms / 2000:
+                        self.token = None
                 if self.held != was:
                     log.info("lease taken" if self.held else "lease lost", lease=self.name)
                     if on_change is not None:
@@ -138,7 +158,7 @@ async def turn(redis: RedisManager, prefix: str, name: str, ttl_s: float, owner:
                poll_s: float = 0.05) -> AsyncIterator[Lease | None]:
     """Wait for, hold and release the lease ``name`` (renewed meanwhile). Yields the lease, or
     None when Redis is unreachable: the caller goes on unguarded (an answer beats none)."""
-    lease = Lease(redis, prefix, name, ttl_s, owner)
+    lease = Lease(redis, prefix, name, ttl_s, owner, regain=False)
     try:
         while not await lease.acquire():
             await asyncio.sleep(poll_s)

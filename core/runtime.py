@@ -46,7 +46,8 @@ class Runtime:
         self.engine: Engine = self.models.default.engine
         self.queue: FairQueue = self.models.default.queue
         self.worker: InferenceWorker = self.models.default.worker
-        self.inbox = Inbox(self.redis, cfg.redis.key_prefix, cfg.server.instance_name(), lease_s=cfg.redis.lease_s)
+        self.inbox = Inbox(self.redis, cfg.redis.key_prefix, cfg.server.instance_name(), lease_s=cfg.redis.lease_s,
+                           max_deliveries=cfg.redis.max_deliveries)
         self.cache = KeyValueCache(self.redis, cfg.redis.key_prefix)
         self.limits = RateLimiter(self.redis, cfg.redis.key_prefix, cfg.limits)
         self.audit = AuditLog(cfg.audit)
@@ -186,7 +187,7 @@ class Runtime:
         self.queue.retry_after_s = cfg.queue.retry_after_s
         self.worker.max_wait_s = cfg.queue.max_wait_s
         self.models.apply(cfg)
-        self.inbox.lease_s = cfg.redis.lease_s
+        self.inbox.lease_s, self.inbox.max_deliveries = cfg.redis.lease_s, cfg.redis.max_deliveries
         self.limits.cfg = cfg.limits
         self.history.ttl_s, self.history.max_messages = cfg.redis.history_ttl_s, cfg.redis.history_max_messages
         if cfg.audit != self.cfg.audit:

@@ -305,3 +305,124 @@ async def test_a_fresh_redis_is_no_error(manager, redis_server):
     assert not [e for e in logs if e["log_level"] == "error"], logs
     assert manager.healthy
     assert redis_server.client().keys(f"{PREFIX}:*") == []
+
+
+# -- ownership: a daemon cut off past the lease never acts on a message another daemon took ----------
+
+
+async def _claimed_by_b(manager, lease_s: float = 0.3) -> tuple[Inbox, Inbox, InboundMessage, InboundMessage]:
+    """host-a accepts a message and then goes quiet (cut off) past the lease; host-b claims it."""
+    a = Inbox(manager, PREFIX, "host-a", lease_s=lease_s)
+    b = Inbox(manager, PREFIX, "host-b", lease_s=lease_s)
+    msg = message(text="contested", event_id="E-cut")
+    assert await a.accept(msg, "slack")
+    await a.note_progress(msg, {"sent": ["1.0"]})
+    await asyncio.sleep(lease_s + 0.1)
+    [(_, taken)] = await b.claim()
+    return a, b, msg, taken
+
+
+async def test_keep_alive_never_takes_back_a_message_another_daemon_claimed(manager, redis_server):
+    a, b, msg, taken = await _claimed_by_b(manager)
+    client = redis_server.client()
+    stream = f"{PREFIX}:inbox:stream"
+    # host-a is back and runs its keep-alive round: the entry stays host-b's.
+    await a.keep_alive()
+    [pel] = client.xpending_range(stream, "botd", "-", "+", 10)
+    assert pel["consumer"] == "host-b"
+    assert msg.entry not in a.mine
+    # host-a's delivery stops at its next post or edit, whatever its cache says.
+    fence = a.fence(msg)
+    assert fence is None or await _raises_not_owned(fence)
+    # host-b still owns it and goes on.
+    fence_b = b.fence(taken)
+    assert fence_b is not None
+    await fence_b()
+    await b.keep_alive()
+    assert client.xpending_range(stream, "botd", "-", "+", 10)[0]["consumer"] == "host-b"
+
+
+async def test_a_fence_stops_a_delivery_once_another_daemon_claimed_the_message(manager):
+    a = Inbox(manager, PREFIX, "host-a", lease_s=0.3)
+    b = Inbox(manager, PREFIX, "host-b", lease_s=0.3)
+    msg = message(text="contested", event_id="E-fence")
+    assert await a.accept(msg, "slack")
+    fence = a.fence(msg)
+    assert fence is not None
+    await fence()  # fresh: this daemon's
+    await asyncio.sleep(0.4)  # host-a paused past the lease (no keep-alive)
+    assert [m.text for _, m in await b.claim()] == ["contested"]
+    assert await _raises_not_owned(fence)
+    assert await _raises_not_owned(fence)  # and stays stopped
+
+
+async def test_a_fence_stops_a_delivery_when_redis_is_out_of_reach_past_the_lease(manager, redis_server):
+    a = Inbox(manager, PREFIX, "host-a", lease_s=2.0)
+    msg = message(text="cut off", event_id="E-down")
+    assert await a.accept(msg, "slack")
+    fence = a.fence(msg)
+    assert fence is not None
+    redis_server.stop()
+    await fence()  # within half the lease of the last check: still this daemon's
+    await asyncio.sleep(1.1)
+    with capture_logs() as logs:
+        assert await _raises_not_owned(fence)
+    assert [e["event"] for e in logs if e["log_level"] == "warning"][-1] == (
+        "stopped answering a message: it is no longer this daemon's")
+    assert msg.entry not in a.mine  # not kept fresh: whoever claims it after the lease answers it
+
+
+async def test_done_after_losing_the_message_leaves_the_new_owners_record(manager, redis_server):
+    a, b, msg, taken = await _claimed_by_b(manager)
+    client = redis_server.client()
+    await a.done(msg)  # host-a finished its (stale) delivery anyway
+    assert client.hkeys(KEY) == [msg.request_id]
+    assert client.hget(PROGRESS, msg.request_id) is not None
+    assert client.xpending(f"{PREFIX}:inbox:stream", "botd")["consumers"] == [{"name": "host-b", "pending": 1}]
+    await b.done(taken)
+    assert client.hlen(KEY) == 0 and client.xlen(f"{PREFIX}:inbox:stream") == 0
+
+
+async def _raises_not_owned(fence) -> bool:
+    from core.inbox import NotOwned
+
+    with pytest.raises(NotOwned):
+        await fence()
+    return True
+
+
+# -- dead letters: a message handed out max_deliveries times is not handed out again --------------------
+
+
+async def test_a_message_handed_out_too_often_goes_to_the_dead_letters_once(manager, redis_server):
+    alerts: list[dict] = []
+    msg = message(text="crashes every daemon", event_id="E-poison")
+    assert await Inbox(manager, PREFIX, "host-a", max_deliveries=3).accept(msg, "slack")  # delivery 1
+    # The daemon dies while answering, restarts, dies again: deliveries 2 and 3 (a restart reads its own).
+    for _ in range(2):
+        [(_, again)] = await Inbox(manager, PREFIX, "host-a", max_deliveries=3).pending()
+        assert again.request_id == msg.request_id
+    await asyncio.sleep(0.35)
+    # The next daemon to pick it up (another one taking it over, here) does not answer it.
+    taker = Inbox(manager, PREFIX, "host-b", lease_s=0.3, max_deliveries=3)
+    taker.on_dead = lambda **fields: alerts.append(fields)
+    with capture_logs() as logs:
+        assert await taker.claim() == []
+    client = redis_server.client()
+    assert client.hlen(KEY) == 0 and client.xlen(f"{PREFIX}:inbox:stream") == 0
+    assert client.xpending(f"{PREFIX}:inbox:stream", "botd")["pending"] == 0
+    [letter] = [json.loads(x) for x in client.lrange(f"{PREFIX}:inbox:dead", 0, -1)]
+    assert letter["request_id"] == msg.request_id and letter["deliveries"] == 4 and letter["by"] == "host-b"
+    assert letter["record"]["msg"]["text"] == "crashes every daemon"
+    errors = [e for e in logs if e["log_level"] == "error"]
+    assert [e["event"] for e in errors] == [
+        "message moved to the dead letters: handed out too often without being answered"]
+    assert errors[0]["request_id"] == msg.request_id and errors[0]["deliveries"] == 4
+    assert alerts == [{"platform": "slack", "bot": "assistant", "chat": "C1", "request_id": msg.request_id,
+                       "deliveries": 4, "key": f"{PREFIX}:inbox:dead"}]
+    # Not replayed: by no daemon, at no restart.
+    await asyncio.sleep(0.35)
+    for owner in ("host-a", "host-b", "host-c"):
+        assert await Inbox(manager, PREFIX, owner, lease_s=0.3).pending() == []
+        assert await Inbox(manager, PREFIX, owner, lease_s=0.3).claim() == []
+    assert client.llen(f"{PREFIX}:inbox:dead") == 1 and len(alerts) == 1
