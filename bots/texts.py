@@ -148,10 +148,10 @@ _TEXTS: dict[str, tuple[str, ...]] = {
                              "[botd {instance}] Reload refused: the config file has an error; the running "
                              "config stays: {error}"),
     "NOTIFY_DEAD_LETTER": ("【botd {instance}】一条 {platform} 消息（机器人 {bot}，会话 {chat}）已被处理 {deliveries} "
-                           "次仍未答完，不再重试，已移入死信列表 {key}（request_id {request_id}）。",
+                           "次仍未答完，不再重试，已移入死信列表 {list_name}（request_id {request_id}）。",
                            "[botd {instance}] A {platform} message (bot {bot}, chat {chat}) was handed out "
                            "{deliveries} times without being answered; it is not tried again and was moved to the "
-                           "dead-letter list {key} (request_id {request_id})."),
+                           "dead-letter list {list_name} (request_id {request_id})."),
     "NOTIFY_STARTED": ("【botd {instance}】已启动：模型 {model}，监听 {url}。",
                        "[botd {instance}] Started: model {model}, listening on {url}."),
     "NOTIFY_STOPPING": ("【botd {instance}】正在停止。", "[botd {instance}] Stopping."),

@@ -490,6 +490,6 @@ class Inbox:
         if self.on_dead is not None:
             try:
                 self.on_dead(platform=msg.platform, bot=msg.bot, chat=msg.chat, request_id=rid,
-                             deliveries=deliveries, key=self.dead_key)
+                             deliveries=deliveries, list_name=self.dead_key)
             except Exception:
                 log.exception("dead letter listener failed")

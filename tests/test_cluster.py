@@ -18,6 +18,9 @@ import aiohttp
 import pytest
 from conftest import Client, free_port, make_config, wait_for
 from fakes import FakeSlack, FakeTelegram, FakeWeCom, serve
+from tcp_proxy import PausableProxy
+from test_notify import KEY as ROBOT_KEY
+from test_notify import FakeRobot
 from test_service import DaemonProcess, post_update
 from test_slack import SIGNING, event, post_event
 from test_wecom import AES_KEY, CORP, TOKEN, post_callback, text_xml, wechatpy_encrypt
@@ -37,7 +40,8 @@ def platform_env(monkeypatch):
 
 
 def cluster_config(folder: Path, port: int, redis_url: str, name: str, *, tg: str, slack: str = "",
-                   wecom: str = "", telegram_mode: str = "webhook", max_tokens: int = 12) -> Path:
+                   wecom: str = "", telegram_mode: str = "webhook", max_tokens: int = 12, lease_s: float = LEASE_S,
+                   tg_token: str = "env:TG_TOKEN", redis_extra: str = "", extra: str = "") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     text = f"""
 [server]
@@ -58,13 +62,14 @@ parallel = 2
 
 [redis]
 url = "{redis_url}"
-lease_s = {LEASE_S}
+lease_s = {lease_s}
+{redis_extra}
 
 [bots.assistant]
 system_prompt = "You are a helpful assistant. Answer in one short sentence."
 
 [telegram.assistant]
-token = "env:TG_TOKEN"
+token = "{tg_token}"
 mode = "{telegram_mode}"
 api_base = "{tg}/bot"
 edit_interval_private_s = 0.2
@@ -91,7 +96,7 @@ secret = "env:WECOM_SECRET"
 api_base = "{wecom}"
 """
     path = folder / "config.toml"
-    path.write_text(text)
+    path.write_text(text + extra)
     return path
 
 
@@ -274,6 +279,124 @@ async def test_a_scheduled_ingest_runs_once_across_daemons(tmp_path, redis_serve
     finally:
         await two.stop(grace_s=1)
         await one.stop(grace_s=1)
+
+
+class TokenTelegram(FakeTelegram):
+    """The fake Bot API, also recording which bot token made each call: two daemons configured
+    with two tokens of one bot (same id) tell apart who posted and who edited."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_token: list[tuple[str, str, float]] = []  # (token, method, monotonic time)
+
+    async def handle(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        self.by_token.append((request.match_info["token"], request.match_info["method"], time.monotonic()))
+        return await super().handle(request)
+
+    def shown_by(self, token: str) -> list[tuple[str, float]]:
+        return [(m, t) for tok, m, t in self.by_token if tok == token and m in ("sendMessage", "editMessageText")]
+
+
+async def test_a_daemon_cut_off_from_redis_stops_answering_and_the_message_is_answered_once(
+        tmp_path, redis_server, monkeypatch):
+    """Daemon A reaches Redis through a proxy; mid-answer the proxy stops forwarding for well over
+    the lease. Daemon B takes the message over and finishes it, editing A's message. A must not
+    post or edit once it lost the message: not while cut off (it cannot confirm it still owns
+    it past half the lease), not after the partition heals (B owns it)."""
+    lease = 2
+    monkeypatch.setenv("TG_TOKEN_B", "123:bbb")  # the same bot (id 123), told apart by the fake
+    tg = TokenTelegram()
+    r = redis_server.client()
+    fast_fail = "socket_timeout_s = 0.5"
+    async with serve(tg.app()) as tgb, PausableProxy(redis_server.port) as proxy, aiohttp.ClientSession() as s:
+        via_proxy = f"redis://127.0.0.1:{proxy.port}/0"
+        port_a, port_b = free_port(), free_port()
+        a = DaemonProcess(cluster_config(tmp_path / "a", port_a, via_proxy, "box-a", tg=tgb, max_tokens=400,
+                                         lease_s=lease, redis_extra=fast_fail), port_a, tmp_path / "a.log")
+        b = DaemonProcess(cluster_config(tmp_path / "b", port_b, redis_server.url, "box-b", tg=tgb, max_tokens=400,
+                                         lease_s=lease, redis_extra=fast_fail, tg_token="env:TG_TOKEN_B"),
+                          port_b, tmp_path / "b.log")
+        try:
+            await asyncio.gather(a.start(), b.start())
+            update = telegram_update(1, "Write a long essay about the sea, its storms and its sailors.")
+            assert await post_update(s, port_a, update) == 200
+            # A answers: its first words are on screen and recorded (so a take-over edits them).
+            await wait_for(lambda: _async(tg.shown_by("123:abc") and r.hlen("botd:inbox:progress")), timeout=60,
+                           interval=0.02)
+            proxy.pause()
+            cut_at = time.monotonic()
+            await asyncio.sleep(lease * 2.5)  # cut off for well over the lease
+            proxy.resume()
+            await wait_for(lambda: _async(r.hlen("botd:inbox") == 0), timeout=90, interval=0.1)
+            await asyncio.sleep(lease * 1.5)  # anything A still had to say would come now
+        finally:
+            for d in (a, b):
+                if d.proc is not None and d.proc.poll() is None:
+                    d.signal(signal.SIGTERM)
+            for d in (a, b):
+                if d.proc is not None:
+                    await d.wait()
+                d.ensure_dead()
+    logs_b = [json.loads(x) for x in (tmp_path / "b.log").read_text().splitlines() if x.startswith("{")]
+    assert any(x.get("event") == "answering messages another daemon left" for x in logs_b), "B did not take over"
+    by_a, by_b = tg.shown_by("123:abc"), tg.shown_by("123:bbb")
+    assert by_b, "B showed nothing"
+    # The user sees one message: A posted it, B finished it by editing.
+    assert [m for m, _ in by_a + by_b].count("sendMessage") == 1, (by_a, by_b)
+    assert len(tg.messages) == 1
+    # A stopped before B started, and never spoke again.
+    assert max(t for _, t in by_a) < min(t for _, t in by_b), (
+        f"A still posting {max(t for _, t in by_a) - min(t for _, t in by_b):.1f} s after B began")
+    assert max(t for _, t in by_a) < cut_at + lease, "A went on showing text past the lease while cut off"
+    [shown] = tg.messages.values()
+    assert shown["text"].strip() and "error on my side" not in shown["text"]
+
+
+async def test_a_message_that_kills_every_daemon_goes_to_the_dead_letters(tmp_path, redis_server):
+    """A message whose answer takes the process down (here: kill -9 while answering it) is not
+    replayed at every start forever: handed out max_deliveries times, it goes to the dead-letter
+    list with one error line and an admin alert, and the daemon runs on."""
+    tg, robot = FakeTelegram(), FakeRobot()
+    r = redis_server.client()
+    async with serve(tg.app()) as tgb, serve(robot.app()) as robot_url, aiohttp.ClientSession() as s:
+        port = free_port()
+        notify = f'\n[notify]\nwecom_webhook = "env:BOTD_T_ROBOT"\nurl = "{robot_url}"\nlanguage = "en"\n'
+        cfg = cluster_config(tmp_path / "d", port, redis_server.url, "box-d", tg=tgb, max_tokens=400,
+                             redis_extra="max_deliveries = 2", extra=notify)
+        env_robot = {"BOTD_T_ROBOT": ROBOT_KEY}
+        update = telegram_update(7, "Write a long essay about the sea, its storms and its sailors.")
+        log = tmp_path / "d.log"
+        daemon = DaemonProcess(cfg, port, log)
+        try:
+            with pytest.MonkeyPatch.context() as mp:
+                for k, v in env_robot.items():
+                    mp.setenv(k, v)
+                await daemon.start()
+                assert await post_update(s, port, update) == 200  # delivery 1
+                for _ in range(2):  # it kills the daemon; systemd restarts it; it kills it again
+                    daemon.signal(signal.SIGKILL)
+                    await daemon.wait()
+                    assert r.hlen("botd:inbox") == 1
+                    daemon = DaemonProcess(cfg, port, log)
+                    await daemon.start()  # delivery 2, then 3: past max_deliveries
+                await wait_for(lambda: _async(r.hlen("botd:inbox") == 0), timeout=30, interval=0.05)
+                await wait_for(lambda: _async(robot.posts), timeout=15)
+                await asyncio.sleep(1.0)
+                assert await post_update(s, port, telegram_update(8, "/help")) == 200  # it runs on
+                await wait_for(lambda: _async(any(int(p["chat_id"]) == 9008 for p in tg.of("sendMessage"))),
+                               timeout=30)
+                daemon.signal(signal.SIGTERM)
+                assert await daemon.wait() == 0
+        finally:
+            daemon.ensure_dead()
+    [letter] = [json.loads(x) for x in r.lrange("botd:inbox:dead", 0, -1)]
+    assert letter["deliveries"] == 3 and letter["record"]["msg"]["chat"] == "9007"
+    lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    dead = [x for x in lines if x.get("event", "").startswith("message moved to the dead letters")]
+    assert len(dead) == 1 and dead[0]["level"] == "error" and dead[0]["deliveries"] == 3
+    [alert] = [c for c in robot.contents if "dead-letter" in c]
+    assert "handed out 3 times" in alert and "botd:inbox:dead" in alert
+    assert r.xlen("botd:inbox:stream") == 0
 
 
 async def _async(value: object) -> bool:

@@ -419,7 +419,12 @@ async def test_a_message_handed_out_too_often_goes_to_the_dead_letters_once(mana
         "message moved to the dead letters: handed out too often without being answered"]
     assert errors[0]["request_id"] == msg.request_id and errors[0]["deliveries"] == 4
     assert alerts == [{"platform": "slack", "bot": "assistant", "chat": "C1", "request_id": msg.request_id,
-                       "deliveries": 4, "key": f"{PREFIX}:inbox:dead"}]
+                       "deliveries": 4, "list_name": f"{PREFIX}:inbox:dead"}]
+    # The daemon's alert text takes exactly these fields, in both languages.
+    from bots import texts
+
+    text = texts.alert("dead_letter", "both", instance="node-1", **alerts[0])
+    assert "死信" in text and "dead-letter list ibx:inbox:dead" in text and "4" in text
     # Not replayed: by no daemon, at no restart.
     await asyncio.sleep(0.35)
     for owner in ("host-a", "host-b", "host-c"):
