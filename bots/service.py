@@ -451,7 +451,10 @@ class ChatService:
             adapters=tuple((a.path, a.scale) for a in bot.lora),  # the bot's LoRA adapters, its requests only
         )
         if msg.tools:
-            grammar, lazy = tooluse.choice_grammar(msg.tools, msg.tool_choice)
+            try:
+                grammar, lazy = await tooluse.choice_grammar(msg.tools, msg.tool_choice)
+            except ValueError as exc:  # the HTTP API refuses these first (core/schema_limits.py)
+                raise Rejected(400, "invalid_request", f"tools: {exc}") from None
             request = replace(request, tools=msg.tools, grammar=grammar, grammar_lazy=lazy)
         note = ""
         job: Job | None = None

@@ -40,14 +40,15 @@ def offered(bot: BotConfig, text: str, tools: ToolBox | None) -> list[dict[str, 
     return tools.definitions(bot.tools)
 
 
-def choice_grammar(tools: list[dict[str, Any]], choice: str) -> tuple[str | None, bool]:
+async def choice_grammar(tools: list[dict[str, Any]], choice: str) -> tuple[str | None, bool]:
     """(GBNF, lazy) for a tool choice: "none" nothing; "auto" lazy (prose or a well-formed
-    call); "required" a call to any; a tool's name a call to that one."""
+    call); "required" a call to any; a tool's name a call to that one. Built on an executor
+    thread; raises ValueError (:class:`~core.schema_limits.SchemaLimitError` included) for
+    schemas over a limit or that llama.cpp cannot follow."""
     if not tools or choice == "none":
         return None, False
-    if choice == "auto":
-        return toolcalls.grammar(tools), True
-    return toolcalls.grammar(tools, None if choice == "required" else choice), False
+    only = None if choice in ("auto", "required") else choice
+    return await toolcalls.build_grammar(tools, only), choice == "auto"
 
 
 @dataclass
@@ -80,7 +81,14 @@ async def run_rounds(
     # By the functions' names (an MCP server's section grants each of its allowed tools).
     granted = box.function_names(bot.tools)
     for n in range(bot.max_tool_rounds):
-        grammar, lazy = choice_grammar(tools, choice if n == 0 else "auto")
+        try:
+            grammar, lazy = await choice_grammar(tools, choice if n == 0 else "auto")
+        except ValueError as exc:
+            # A tool server's schema that cannot be a grammar: its calls go unconstrained (and are
+            # still checked against the schema before they run), rather than the answer failing.
+            log.warning("tool calls not constrained: a tool's schema cannot be a grammar", bot=bot_name,
+                        error=str(exc)[:300])
+            grammar, lazy = None, False
         job = await run_job(replace(request, messages=messages, tools=tools, grammar=grammar, grammar_lazy=lazy))
         if not Finish(job.finish_reason or Finish.ERROR).complete:
             return Rounds(job, messages, used, finished=True)

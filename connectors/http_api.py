@@ -48,6 +48,7 @@ from core.config import Settings
 from core.dispatch import Answer, Busy, Rejected
 from core.kv import KeyValueCache
 from core.messages import ChatTurn, Finish, InboundMessage, ReplyEvent, ThreadKey
+from core.schema_limits import SchemaLimitError
 from core.secrets import resolve_secret
 
 log = structlog.get_logger("botd.api")
@@ -440,7 +441,7 @@ class HttpApiConnector(Connector):
         max_tokens = body.max_completion_tokens or body.max_tokens
         self._check_budget(max_tokens)
         last = body.messages[-1]
-        tools, choice = self._tools(body)
+        tools, choice = await self._tools(body)
         with_tools = tools is not None or any(m.role == "tool" or m.tool_calls for m in body.messages)
         if last.role != "user" and not (with_tools and last.role == "tool"):
             raise _BadRequest(400, "invalid_request", "messages: the last message must have role 'user'"
@@ -494,9 +495,10 @@ class HttpApiConnector(Connector):
             payload["sources"] = list(final.sources)
         return web.json_response(payload, dumps=_dumps)
 
-    def _tools(self, body: ChatCompletionBody) -> tuple[list[dict[str, Any]] | None, str]:
-        """The client's tools in OpenAI's format and its choice; a schema the grammar cannot
-        follow, or a choice naming no tool, is the client's error (400)."""
+    async def _tools(self, body: ChatCompletionBody) -> tuple[list[dict[str, Any]] | None, str]:
+        """The client's tools in OpenAI's format and its choice; a schema over a limit
+        (core/schema_limits.py), one the grammar cannot follow, or a choice naming no tool, is
+        the client's error (400). The grammar is built off the loop, and kept for the answer."""
         choice = body.tool_choice
         name = choice.function.name if isinstance(choice, ApiToolChoice) else (choice or "auto")
         if not body.tools or name == "none":
@@ -510,7 +512,9 @@ class HttpApiConnector(Connector):
         if isinstance(choice, ApiToolChoice) and name not in names:
             raise _BadRequest(400, "invalid_request", f"tool_choice: no tool named {name!r} in tools")
         try:
-            toolcalls.grammar(tools)
+            await toolcalls.build_grammar(tools)
+        except SchemaLimitError as exc:
+            raise _BadRequest(400, "schema_limit_exceeded", str(exc)) from None
         except Exception as exc:  # the converter's own errors: unsupported schema keywords
             raise _BadRequest(400, "invalid_request", f"tools: a parameters schema cannot be followed: {exc}") from None
         return tools, name

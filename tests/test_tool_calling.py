@@ -13,6 +13,7 @@ from openai import AsyncOpenAI, BadRequestError
 from core import toolcalls
 from core.config import embedded_model_path
 from core.engines import GenerationRequest
+from core.engines.base import EngineError
 from core.engines.llamacpp import LlamaCppEngine
 from core.messages import ThreadKey
 
@@ -211,3 +212,18 @@ def test_the_engine_takes_the_prompt_the_tokenizer_rendered_and_only_for_the_sam
     # Other messages never find it: the key is their content.
     tok.count_chat(cases[0])
     assert RENDERED.take(RENDERED.key(engine.path, [{"role": "user", "content": "Hi!"}], None)) is None
+
+
+@pytest.mark.parametrize("bad", [
+    'root ::= "\\d"',  # an escape llama.cpp does not know: no sampler
+    'root ::= a\na ::= a "x" | "y"',  # left recursion: no sampler
+    "root ::= " + "(" * 3000 + '"a"' + ")?" * 3000,  # nested past the limit: the parser would recurse 3000 deep
+])
+def test_a_grammar_llama_cpp_cannot_take_is_an_error_not_a_crash(engine, bad):
+    req = GenerationRequest(ThreadKey("t", "b", "c", "bad"), [{"role": "user", "content": "Hi"}], 4,
+                            temperature=0.0, grammar=bad)
+    with pytest.raises(ValueError if bad.count("(") > 100 else EngineError):
+        _run(engine, req)
+    # the engine is unharmed
+    ok = GenerationRequest(ThreadKey("t", "b", "c", "ok"), [{"role": "user", "content": "Hi"}], 4, temperature=0.0)
+    assert _run(engine, ok)

@@ -37,6 +37,7 @@ from core.engines.base import (
 )
 from core.engines.state_cache import SavedState, StateCache, common_prefix
 from core.messages import ThreadKey
+from core.schema_limits import check_grammar
 from core.toolcalls import TRIGGER, plain_messages
 
 log = structlog.get_logger("botd.engine")
@@ -599,17 +600,25 @@ class LlamaCppEngine(Engine):
 
     def _sampler(self, request: GenerationRequest) -> Any:
         """The sampler chain ``Llama.generate`` builds for these settings, one per sequence."""
+        import llama_cpp
         from llama_cpp import _internals as internals
         from llama_cpp.llama_grammar import LlamaGrammar
 
         sampler = internals.LlamaSampler()
         if request.grammar:
+            # The parser recurses per group: never hand it one unbounded (whoever built it).
+            check_grammar(request.grammar)
             # First in the chain, as llama.cpp's own sampler does: the others pick among what it allows.
             grammar = LlamaGrammar.from_string(request.grammar)
             if request.grammar_lazy:
                 sampler.add_grammar_lazy_patterns(self._model, grammar, [TRIGGER], [])
             else:
                 sampler.add_grammar(self._model, grammar)
+            # A grammar llama.cpp refuses adds no sampler, and a chain holding none crashes the
+            # process at the first token (core/toolcalls.check_gbnf refuses such grammars earlier).
+            if not llama_cpp.llama_sampler_chain_get(sampler.sampler, 0):
+                sampler.close()
+                raise EngineError("llama.cpp refused the request's grammar")
         sampler.add_penalties(n_vocab=self._model.n_vocab(), penalty_last_n=64,
                               penalty_repeat=request.repeat_penalty, penalty_freq=0.0, penalty_present=0.0)
         if request.temperature == 0.0:
