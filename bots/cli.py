@@ -1,4 +1,5 @@
-"""The ``botd`` command: ``run``, ``check-config``, ``chat``, ``kb``, ``telegram``, ``console`` and ``token``.
+"""The ``botd`` command: ``run``, ``check-config``, ``chat``, ``kb``, ``telegram``, ``console`` and ``token``
+(``issue``, ``revoke``).
 
 Every failure an admin can cause (bad config, missing model, busy port) ends in one
 readable line on stderr and exit status 1, never a traceback.
@@ -62,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--bots", required=True, help="comma-separated bots the token may use, e.g. hr")
     sp.add_argument("--user", required=True, help="who the token is for (its conversations are its own)")
     sp.add_argument("--ttl", default="7d", help="lifetime: e.g. 3600, 90m, 12h, 7d (default 7d, at most 365d)")
+    sp = with_config(token_sub.add_parser("revoke", help="end one API token now (the running daemon refuses it)"))
+    sp.add_argument("token", help="the token, or - to read it from the first line of stdin")
     return p
 
 
@@ -91,7 +94,7 @@ def _secrets_used(args: argparse.Namespace) -> bool | tuple[str, ...]:
     if args.command == "telegram":
         return (f"telegram.{args.bot}",)
     if args.command == "token":
-        return ("console.signing_key",)
+        return ("console.signing_key", "redis") if args.action == "revoke" else ("console.signing_key",)
     return True  # run, check-config
 
 
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "telegram":
         return _telegram(cfg, args.action, args.bot)
     if args.command == "token":
-        return _token_issue(cfg, args)
+        return _token_revoke(cfg, args) if args.action == "revoke" else _token_issue(cfg, args)
     return 2
 
 
@@ -196,6 +199,41 @@ def _token_issue(cfg: Config, args: argparse.Namespace) -> int:
     expires = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() + ttl))
     print(f"# for {args.user}, bots {', '.join(bots)}, valid until {expires}; "
           "send it as: Authorization: Bearer <token>", file=sys.stderr)
+    return 0
+
+
+def _token_revoke(cfg: Config, args: argparse.Namespace) -> int:
+    """Put a token's id on the deny-list in Redis (the one the daemon uses) until it expires."""
+    from core.auth import API_AUDIENCE, AuthError, DenyList, Tokens
+    from core.kv import KeyValueCache
+    from core.redis_store import RedisManager, StoreUnavailable
+    from core.secrets import resolve_secret
+
+    if cfg.console.signing_key is None:
+        return _fail("no [console] signing_key: there are no API tokens to revoke")
+    token = (sys.stdin.readline() if args.token == "-" else args.token).strip()
+    try:
+        # Checked with the current key: a token signed with an earlier key already stopped
+        # working at the reload that brought the new key.
+        claims = Tokens(resolve_secret(cfg.console.signing_key)).decode(token, API_AUDIENCE)
+    except AuthError as exc:
+        return _fail(f"not revoked: {exc.reason} (an expired token, or one signed with another key, "
+                     "is refused already)")
+
+    async def revoke() -> None:
+        redis = RedisManager(cfg.redis, cfg.server.state_dir)
+        await redis.start()
+        try:
+            await DenyList(KeyValueCache(redis, cfg.redis.key_prefix)).revoke(claims["jti"], int(claims["exp"]))
+        finally:
+            await redis.close()
+
+    try:
+        asyncio.run(revoke())
+    except StoreUnavailable as exc:
+        return _fail(f"not revoked: redis is unreachable ({exc})")
+    expires = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(int(claims["exp"])))
+    print(f"revoked the token of {claims['sub']} (id {claims['jti']}, would have expired {expires})")
     return 0
 
 

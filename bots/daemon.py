@@ -27,14 +27,15 @@ from bots.knowledge_jobs import KnowledgeJobs
 from bots.service import ChatService
 from connectors import REGISTRY, configured, load_connector
 from connectors.base import Connector
-from connectors.server import build_app
+from connectors.server import ConnectionGuard, GuardedRunner, build_app
 from core import sdnotify
-from core.config import Config, ConfigError, Settings, load_config
+from core.config import Config, ConfigError, Settings, load_config, secret_references
 from core.engines import EngineError
 from core.errors import BotdError
 from core.knowledge.embedder import EmbeddingError
 from core.notify import Notifier
 from core.runtime import Runtime
+from core.secrets import secrets_digest
 
 log = structlog.get_logger("botd.daemon")
 
@@ -57,6 +58,14 @@ def model_error(exc: Exception) -> str:
     """An engine's error as a config line: it names its key itself, or it is about model.path."""
     text = str(exc)
     return text if text.startswith("model.") else f"model.path: {text}"
+
+
+def _secrets_of(cfg: Config, name: str) -> str:
+    """A digest of the secret values connector ``name`` reads: its own section's, and those of
+    the sections it names in ``secret_sections`` (the HTTP API checks JWTs with [console]'s key)."""
+    cls = load_connector(name)
+    sections = (REGISTRY[name].section, *getattr(cls, "secret_sections", ()))
+    return secrets_digest(ref for s in sections for _, ref, _ in secret_references(getattr(cfg, s)))
 
 
 def _log_tasks() -> None:
@@ -87,6 +96,8 @@ class Daemon:
         # The running connectors by registry name; a route finds its connector here on every
         # request, so a reload can replace one under a live server.
         self.connectors: dict[str, Connector] = {}
+        # The resolved secrets each running connector was built with (a reload compares them).
+        self._secrets: dict[str, str] = {}
         self._stack: contextlib.AsyncExitStack | None = None
         self._site: web.TCPSite | None = None
         self._stop = asyncio.Event()
@@ -136,15 +147,19 @@ class Daemon:
         stack.callback(self.knowledge.close)
         stack.push_async_callback(self._close_connectors)
         for name in configured(cfg):
+            self._secrets[name] = _secrets_of(cfg, name)
             connector = load_connector(name)(self.service, self.settings, self.runtime.cache)
             await connector.start()
             self.connectors[name] = connector
-        app = build_app(cfg.server.max_body_bytes, self.service.health)
+        app = build_app(cfg.server.max_body_bytes, self.service.health, self._health_details)
         for name, connector in self.connectors.items():
             for method, path, handler in connector.routes():
                 app.router.add_route(method, path, self._route(name, handler))
         # handler_cancellation: a client that disconnects cancels its handler, which stops its job.
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        # A read deadline and a connection cap (aiohttp has neither); idle keep-alives end as soon.
+        guard = ConnectionGuard(cfg.server.request_read_timeout_s, cfg.server.max_connections)
+        runner = GuardedRunner(app, guard, handler_cancellation=True, access_log=None,
+                               keepalive_timeout=min(75.0, cfg.server.request_read_timeout_s))
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         # What an earlier run left is being answered before the port takes its first webhook.
@@ -179,6 +194,14 @@ class Daemon:
         else:
             self._redis_down_at = time.monotonic()
             self.notifier.post("redis_down", redis=redis, error=error or "")
+
+    async def _health_details(self, request: web.Request) -> bool:
+        """/healthz in full and /metrics: for anyone with health_details = "public", else for a
+        caller with an API key or token (never an anonymous one)."""
+        if self.cfg.server.health_details == "public":
+            return True
+        api = self.connectors.get("http_api")
+        return api is not None and await api.credentialed(request)  # type: ignore[attr-defined]
 
     def _route(self, name: str, handler: str) -> Any:
         async def forward(request: web.Request) -> web.StreamResponse:
@@ -304,8 +327,10 @@ class Daemon:
                 await current.stop_receiving()
                 self._spawn(self._retire(current))
                 continue
-            if getattr(old, entry.section) == getattr(new, entry.section):
+            secrets = _secrets_of(new, name)
+            if getattr(old, entry.section) == getattr(new, entry.section) and secrets == self._secrets.get(name):
                 continue
+            self._secrets[name] = secrets
             # Replaced: the old one stops taking events first (a poller or socket must not run
             # twice), the new one starts, and the old one closes once its answers are over.
             await current.stop_receiving()

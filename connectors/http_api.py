@@ -11,9 +11,16 @@ Routes:
 - ``GET /v1/models``, ``GET|DELETE /v1/conversations/{id}``.
 
 Auth: ``Authorization: Bearer <key>`` against ``[api] keys`` (constant-time compare),
-or a JWT issued by ``botd token issue`` (signed with ``[console] signing_key``), which
-may use only the bots it names. Conversations are namespaced by the key (or the token's
-user) that created them, so one key can never read another key's history.
+or a JWT issued by ``botd token issue`` (signed with ``[console] signing_key``, checked
+against the deny-list of ``botd token revoke``), which may use only the bots it names.
+Conversations are namespaced by the key (or the token's user) that created them, so one
+key can never read another key's history.
+
+A caller without a credential ("anonymous") may use the bots named in ``[api]
+anonymous_bots``; besides them, when no keys are configured, a local caller (loopback, not
+forwarded by a proxy) may use the bots that read no knowledge base. Anonymous requests
+must name this server in ``Host`` (DNS rebinding), and every POST must be
+``application/json`` (a web page cannot send that cross-site without a preflight).
 
 Outcomes: an answer that did not complete (:class:`~core.messages.Finish` ``busy``,
 ``shutdown``, ``cancelled``, ``error``) is never reported as ``finish_reason: "stop"``.
@@ -29,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import json
 import re
 import time
@@ -43,11 +51,12 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from connectors.base import Connector, Route, Service
 from connectors.server import REQUEST_ID, json_error
 from core import toolcalls
-from core.auth import API_AUDIENCE, AuthError, Tokens, looks_like_jwt
+from core.auth import API_AUDIENCE, AuthError, DenyList, Tokens, looks_like_jwt
 from core.config import Settings
 from core.dispatch import Answer, Busy, Rejected
 from core.kv import KeyValueCache
 from core.messages import ChatTurn, Finish, InboundMessage, ReplyEvent, ThreadKey
+from core.redis_store import StoreUnavailable
 from core.schema_limits import SchemaLimitError
 from core.secrets import resolve_secret
 
@@ -61,6 +70,9 @@ MAX_JSON_DEPTH = 64
 MAX_ID_CHARS = 200
 # The bots a JWT bearer token may use (absent for API keys: every bot the API serves).
 TOKEN_BOTS = web.RequestKey("token_bots", tuple)
+# Headers a reverse proxy adds: a request carrying one is not taken for a local caller.
+_FORWARDED = ("Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Real-IP", "Via")
+_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 _TOKEN_USER = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -264,7 +276,18 @@ def _authed(
     their HTTP status here, once for every endpoint."""
 
     async def wrapped(self: HttpApiConnector, request: web.Request) -> web.StreamResponse:
-        ident = self._identity(request)
+        # JSON only: a web page can POST text/plain or a form to any address without asking
+        # first (no CORS preflight); application/json it cannot.
+        if request.method == "POST" and request.content_type != "application/json":
+            return json_error(415, f"send JSON with Content-Type: application/json, not {request.content_type}",
+                              "unsupported_media_type")
+        try:
+            ident = await self._identity(request)
+        except _BadRequest as exc:
+            return json_error(exc.status, exc.message, exc.code, headers=exc.headers())
+        except StoreUnavailable:
+            return json_error(503, "redis is unreachable: the token cannot be checked against the revocations",
+                              "store_unavailable", headers={"Retry-After": "5"})
         if ident is None:
             return json_error(
                 401, "missing or invalid API key (send Authorization: Bearer <key>)", "invalid_api_key",
@@ -289,6 +312,9 @@ def _authed(
 
 class HttpApiConnector(Connector):
     name = "http_api"
+    # API JWTs are signed with [console] signing_key: a new key (even behind the same
+    # reference) rebuilds this connector at the reload, so the old tokens stop working.
+    secret_sections = ("console",)
 
     def __init__(self, service: Service, settings: Settings, cache: KeyValueCache) -> None:
         super().__init__(service, settings, cache)
@@ -299,7 +325,14 @@ class HttpApiConnector(Connector):
         ]
         signing_key = self.config.console.signing_key
         self._tokens = Tokens(resolve_secret(signing_key)) if signing_key else None
+        self._denied = DenyList(cache)
+        server = self.config.server
+        self._hosts = _LOCAL_HOSTS | {_host_name(h) for h in (server.host, *self.api.allowed_hosts)}
 
+    async def start(self) -> None:
+        if self.api.anonymous_bots:
+            log.warning("the HTTP API answers callers without a credential, from anywhere, for these bots "
+                        "(their knowledge bases included): [api] anonymous_bots", bots=self.api.anonymous_bots)
 
     def routes(self) -> list[Route]:
         return [
@@ -312,26 +345,74 @@ class HttpApiConnector(Connector):
 
     # -- auth ----------------------------------------------------------------------------
 
-    def _identity(self, request: web.Request) -> str | None:
-        """The caller's key identity, "local" when no keys are configured, None if refused."""
+    async def _identity(self, request: web.Request) -> str | None:
+        """The caller's key identity ("local" for a caller without a credential), None if refused.
+
+        A wrong key or token is refused, not taken for no credential. With no keys configured, a
+        bearer that is not a JWT counts as none (OpenAI clients always send some key)."""
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
-        if self._tokens is not None and scheme.lower() == "bearer" and looks_like_jwt(given.strip()):
-            token_ident = self._token_identity(request, given.strip())
+        given = given.strip()
+        bearer = scheme.lower() == "bearer" and bool(given)
+        if self._tokens is not None and bearer and looks_like_jwt(given):
+            token_ident = await self._token_identity(request, given)
             if token_ident is not None or not self._keys:
                 return token_ident
-        if not self._keys:
-            return "local"
-        if scheme.lower() != "bearer" or not given:
-            return None
-        found = None
-        for key, ident in self._keys:  # compare against every key: no early exit to time
-            # An undecodable header (lone surrogates) cannot equal a key: compare its bytes.
-            if hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), key.encode()):
-                found = ident
-        return found
+        if self._keys and bearer:
+            found = None
+            for key, ident in self._keys:  # compare against every key: no early exit to time
+                # An undecodable header (lone surrogates) cannot equal a key: compare its bytes.
+                if hmac.compare_digest(given.encode("utf-8", "surrogateescape"), key.encode()):
+                    found = ident
+            return found
+        return self._anonymous(request)
 
-    def _token_identity(self, request: web.Request, token: str) -> str | None:
+    async def credentialed(self, request: web.Request) -> bool:
+        """Whether the request carries a valid API key or token (for /healthz and /metrics)."""
+        try:
+            return await self._identity(request) not in (None, "local")
+        except (_BadRequest, StoreUnavailable):
+            return False
+
+    def _anonymous(self, request: web.Request) -> str | None:
+        """A caller without a credential: "local" scoped to the bots it may use, or None (401)."""
+        host = request.headers.get("Host")
+        if host is not None and not self._host_ok(host):
+            # DNS rebinding: a web page whose name now points at 127.0.0.1 sends its own name.
+            raise _BadRequest(421, "misdirected_request",
+                              f"Host {host[:100]!r} is not a name this server answers to without a credential: "
+                              "send an API key, or add the name to [api] allowed_hosts")
+        bots = [b for b in self.api.anonymous_bots if b in self.service.bot_names()]
+        if not self._keys and self._local(request):
+            # The quick start: chat from this machine with no key, but never with a bot that
+            # reads knowledge (a proxy on this machine forwards from loopback too).
+            bots += [b for b in self.service.bot_names()
+                     if b not in bots and (bc := self.config.bots.get(b)) is not None and not bc.knowledge]
+        if not bots:
+            return None
+        request[TOKEN_BOTS] = tuple(bots)
+        return "local"
+
+    def _host_ok(self, host: str) -> bool:
+        name = _host_name(host)
+        if name in self._hosts:
+            return True
+        try:
+            return ipaddress.ip_address(name).is_loopback
+        except ValueError:
+            return False
+
+    @staticmethod
+    def _local(request: web.Request) -> bool:
+        """From this machine and not forwarded by a reverse proxy (whose headers it carries)."""
+        if any(h in request.headers for h in _FORWARDED):
+            return False
+        try:
+            return ipaddress.ip_address(request.remote or "").is_loopback
+        except ValueError:
+            return False
+
+    async def _token_identity(self, request: web.Request, token: str) -> str | None:
         """A JWT bearer token: its user is the identity ("jwt.<user>"); its bots bound the request."""
         assert self._tokens is not None
         try:
@@ -343,16 +424,16 @@ class HttpApiConnector(Connector):
         if not isinstance(bots, list) or not all(isinstance(b, str) for b in bots) \
                 or not _TOKEN_USER.match(claims["sub"]):
             return None
+        if await self._denied.revoked(claims["jti"]):  # `botd token revoke`
+            log.info("API token refused", reason="revoked", user=claims["sub"])
+            return None
         request[TOKEN_BOTS] = tuple(bots)
         return f"jwt.{claims['sub']}"
 
     # -- helpers -------------------------------------------------------------------------
 
     async def _read_json(self, request: web.Request, model: type[BaseModel]) -> Any:
-        ctype = request.content_type
-        # Any type is read as JSON (curl -d sends form-urlencoded), except forms with files.
-        if ctype.startswith("multipart/"):
-            raise _BadRequest(415, "unsupported_media_type", f"send JSON (Content-Type: application/json), not {ctype}")
+        # The Content-Type (application/json only) was checked in _authed, before the caller.
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -388,7 +469,7 @@ class HttpApiConnector(Connector):
         if request.get(TOKEN_BOTS) is None or self.api.default_bot in bots:
             return self.api.default_bot
         if not bots:
-            raise _BadRequest(403, "no_bot", "this token names no bot this API serves")
+            raise _BadRequest(403, "no_bot", "this credential may use no bot this API serves")
         return next(b for b in request[TOKEN_BOTS] if b in bots)
 
     def _bot_for_model(self, model: str | None, request: web.Request) -> str:
@@ -696,6 +777,16 @@ class HttpApiConnector(Connector):
         turns = await self.service.history(self._conversation(request, ident))
         return web.json_response({"id": request.match_info["cid"], "messages": [t.as_dict() for t in turns]},
                                  dumps=_dumps)
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header (or a configured host): no port, no brackets, lower case."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
 
 
 def _usage(ev: ReplyEvent) -> dict[str, int]:

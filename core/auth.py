@@ -7,14 +7,16 @@
   (a bearer token for the HTTP API, naming the bots it may use; ``botd token issue``).
 - Revocation: a token's ``jti`` goes on a deny-list in Redis until the token would have
   expired anyway (logout). A token is refused while Redis cannot say it is not revoked.
-- Login attempts are counted in Redis per user name and per client address, in fixed windows;
-  each attempt is counted before the password is checked, so parallel guesses count too.
+- Login limits in Redis (:class:`LoginLimiter`): password checks per client address (IPv6 by
+  /64), counted before the check; wrong passwords per user name and address, counted after it,
+  so that nobody can lock a user out from elsewhere.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import time
 import uuid
 from typing import Any
@@ -121,38 +123,75 @@ class DenyList:
 
 
 class LoginLimiter:
-    """At most ``attempts`` logins per user name (and ``4 * attempts`` per client address) per window."""
+    """Login limits in fixed windows, keyed so that a stranger cannot lock the real user out.
+
+    - Per client address (an IPv6 address by its /64, which one host holds whole): at most
+      ``4 * attempts`` password checks per window. Counted before the check, so that parallel
+      guesses count too (each argon2 check costs 64 MiB); a right password is not counted.
+    - Per user name *and* address: at most ``attempts`` wrong passwords. Counted only after the
+      password was checked and was wrong, and never shared between addresses: wrong guesses
+      for ``admin`` from one address do not stop ``admin`` logging in from another.
+    """
 
     def __init__(self, cache: KeyValueCache, attempts: int, window_s: int) -> None:
         self.cache = cache
         self.attempts = attempts
         self.window_s = window_s
 
-    def _keys(self, user: str, client: str) -> list[tuple[str, int]]:
-        digest = hashlib.sha256(user.encode(errors="replace")).hexdigest()[:16]
-        return [(f"{self.cache.prefix}:auth:login:user:{digest}", self.attempts),
-                (f"{self.cache.prefix}:auth:login:addr:{client}", 4 * self.attempts)]
+    def _keys(self, user: str, client: str) -> tuple[str, str]:
+        group = address_group(client)
+        digest = hashlib.sha256(user.encode(errors="replace") + b"\0" + group.encode()).hexdigest()[:16]
+        return f"{self.cache.prefix}:auth:login:user:{digest}", f"{self.cache.prefix}:auth:login:addr:{group}"
+
+    async def _count(self, key: str, by: int) -> tuple[int, int]:
+        redis = self.cache.redis
+
+        async def count() -> tuple[int, int]:
+            async with redis.client.pipeline(transaction=True) as pipe:
+                # The window starts with the first attempt (SET NX EX: Redis 6 has no EXPIRE NX).
+                pipe.set(key, 0, ex=self.window_s, nx=True)
+                pipe.incrby(key, by)
+                pipe.ttl(key)
+                _, n, ttl = await pipe.execute()
+            return int(n), int(ttl)
+
+        return await redis.run("INCR", count)
 
     async def attempt(self, user: str, client: str) -> None:
-        """Count one attempt; :class:`TooManyAttempts` when over a limit (raises
-        :class:`~core.redis_store.StoreUnavailable` when Redis cannot count)."""
+        """Before the password check: :class:`TooManyAttempts` when the address or this name
+        from this address is over its limit (raises :class:`~core.redis_store.StoreUnavailable`
+        when Redis cannot count)."""
+        name_key, addr_key = self._keys(user, client)
+        n, ttl = await self._count(addr_key, 1)
+        if n > 4 * self.attempts:
+            raise TooManyAttempts(max(1, ttl))
         redis = self.cache.redis
-        for key, limit in self._keys(user, client):
+        failures = await redis.run("GET", redis.client.get, name_key)
+        if failures is not None and int(failures) >= self.attempts:
+            await self._count(addr_key, -1)  # refused without a password check: costs the address nothing
+            ttl = await redis.run("TTL", redis.client.ttl, name_key)
+            raise TooManyAttempts(max(1, int(ttl)))
 
-            async def count(key: str = key) -> tuple[int, int]:
-                async with redis.client.pipeline(transaction=True) as pipe:
-                    # The window starts with the first attempt (SET NX EX: Redis 6 has no EXPIRE NX).
-                    pipe.set(key, 0, ex=self.window_s, nx=True)
-                    pipe.incr(key)
-                    pipe.ttl(key)
-                    _, n, ttl = await pipe.execute()
-                return int(n), int(ttl)
-
-            n, ttl = await redis.run("INCR", count)
-            if n > limit:
-                raise TooManyAttempts(max(1, ttl))
+    async def failed(self, user: str, client: str) -> None:
+        """The password was checked and was wrong: count it against this name from this address."""
+        await self._count(self._keys(user, client)[0], 1)
 
     async def succeeded(self, user: str, client: str) -> None:
-        """A right password clears the user name's count (not the address's)."""
-        key = self._keys(user, client)[0][0]
-        await self.cache.redis.run("DEL", self.cache.redis.client.delete, key)
+        """A right password clears this name's failures from this address and is not counted
+        against the address."""
+        name_key, addr_key = self._keys(user, client)
+        await self.cache.redis.run("DEL", self.cache.redis.client.delete, name_key)
+        await self._count(addr_key, -1)
+
+
+def address_group(client: str) -> str:
+    """The unit a login limit counts: an IPv4 address, or an IPv6 address's /64 network."""
+    try:
+        addr = ipaddress.ip_address(client)
+    except ValueError:
+        return client[:64] or "unknown"
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)

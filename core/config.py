@@ -60,6 +60,13 @@ class ServerConfig(_Section):
     # Models ([model] and each [models.NAME]) held in memory at once; loading one more first
     # unloads the least recently used idle one.
     max_loaded: Annotated[int, Field(ge=1, le=64)] = 2
+    # A request's head and body must arrive within this many seconds, or the connection is closed.
+    request_read_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 15.0
+    # Open connections at most; more are closed at once (keep it under the unit's LimitNOFILE).
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    # /healthz and /metrics in full (knowledge bases, engine, Redis errors): "authenticated" shows
+    # them only to an API key or token (others see the status alone); "public" to anyone.
+    health_details: Literal["authenticated", "public"] = "authenticated"
 
     def instance_name(self) -> str:
         return self.instance or socket.gethostname()
@@ -242,6 +249,9 @@ class RedisConfig(_Section):
     # goes to the dead-letter list ({key_prefix}:inbox:dead) with an alert, not to a next try:
     # a message that crashes the process is not replayed forever.
     max_deliveries: Annotated[int, Field(ge=1, le=1000)] = 5
+    # The embedded server's memory ceiling in MB (0: none). Past it, writes fail loudly
+    # (noeviction): nothing in the inbox or a history is dropped silently.
+    embedded_maxmemory_mb: Annotated[int, Field(ge=0)] = 1024
 
     @field_validator("url")
     @classmethod
@@ -259,6 +269,12 @@ class ApiConfig(_Section):
     default_bot: str = "assistant"
     # The bots (and so the knowledge bases) the HTTP API may address; empty: every bot.
     bots: list[str] = Field(default_factory=list)
+    # Bots a caller without a credential may use, by name, even when they read knowledge and even
+    # through a reverse proxy. Empty: with no keys, only a local caller, and only bots without knowledge.
+    anonymous_bots: list[str] = Field(default_factory=list)
+    # Host names (besides 127.0.0.1, localhost, ::1 and server.host) a caller without a credential
+    # may send in its Host header; anything else is refused (DNS rebinding).
+    allowed_hosts: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9.:_\[\]-]{1,253}$")]] = Field(default_factory=list)
 
 
 class LimitsConfig(_Section):
@@ -745,6 +761,10 @@ class Config(_Section):
     def _cross_checks(self) -> Config:
         if self.api.enabled and self.api.default_bot not in self.bots:
             raise _KeyError("api.default_bot", f"names no bot; defined bots: {', '.join(sorted(self.bots))}")
+        for b in self.api.anonymous_bots:
+            if b not in self.bots:
+                raise _KeyError("api.anonymous_bots",
+                                f"names no bot {b!r}; defined bots: {', '.join(sorted(self.bots))}")
         for b in self.api.bots:
             if b not in self.bots:
                 raise _KeyError("api.bots", f"names no bot {b!r}; defined bots: {', '.join(sorted(self.bots))}")

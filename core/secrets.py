@@ -15,11 +15,12 @@ find them by type (:func:`is_secret_type`) and never show what was written in th
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import threading
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
@@ -153,3 +154,19 @@ def _read(ref: str) -> str:
     if not lines or not lines[0].strip():
         raise SecretError(f"secret file {str(path)!r} is empty")
     return lines[0].strip()
+
+
+def secrets_digest(refs: Iterable[str]) -> str:
+    """A digest of the values the references resolve to now (an unresolvable one: its error).
+
+    A reload compares these, not the references: a key replaced inside the file that
+    ``file:/etc/botd/api-key`` names changes nothing in config.toml, but must take effect.
+    """
+    h = hashlib.sha256()
+    for ref in refs:
+        try:
+            value = "=" + resolve_secret(ref)
+        except SecretError as exc:
+            value = "!" + str(exc)
+        h.update(ref.encode() + b"\0" + value.encode("utf-8", "surrogateescape") + b"\0")
+    return h.hexdigest()

@@ -112,7 +112,9 @@ async def manager(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[Re
 
 def make_config(tmp_path: Path, redis_url: str = "", **sections: dict[str, Any]) -> Config:
     data: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": 0, "state_dir": str(tmp_path / "state"), "log_level": "info"},
+        # health_details: tests read the engine's figures from /healthz; test_security checks the terse form.
+        "server": {"host": "127.0.0.1", "port": 0, "state_dir": str(tmp_path / "state"), "log_level": "info",
+                   "health_details": "public"},
         # One sequence at a time unless a test asks for more: the queue tests count on it.
         "model": {"n_ctx": 2048, "max_tokens": 64, "temperature": 0.0, "seed": 42, "n_threads": 2, "parallel": 1},
         "redis": {"url": redis_url},

@@ -292,7 +292,7 @@ async def _abort_mid_stream(port: int, lines: int, reset: bool, stall: bool) -> 
     sock.setblocking(False)
     try:
         await loop.sock_connect(sock, ("127.0.0.1", port))
-        await loop.sock_sendall(sock, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        await loop.sock_sendall(sock, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                                 b"Content-Type: application/json\r\n"
                                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         received = b""

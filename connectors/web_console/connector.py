@@ -440,6 +440,10 @@ class WebConsoleConnector(Connector):
         # Checked in a thread (argon2 takes tens of ms); an unknown name costs the same.
         ok = await asyncio.to_thread(verify_password, user.password_hash if user else None, password)
         if not ok or user is None:
+            try:
+                await self.limiter.failed(name, client)
+            except StoreUnavailable:
+                pass
             log.warning("console login failed", user=name, client=client)
             self.service.audit_action(name, "login_failed", client=client)
             return await self.login_page(request, status=401, error="login_failed", username=name)
