@@ -6,7 +6,8 @@ request carries them.
 Secrets stay out of the log in three ways. botd's own code never logs a secret value.
 Libraries that print request URLs or bodies (httpx prints every Telegram Bot API URL,
 and the URL holds the bot token) log only warnings and errors, whatever botd's level.
-And a last processor, run on botd's lines and on other libraries' lines alike, replaces
+And a last processor, run on botd's lines and on other libraries' lines alike (Python
+warnings included: they are routed into the log), replaces
 every secret value botd has resolved (:func:`core.secrets.resolve_secret`) with ``***``
 wherever it appears, exception text included, plus anything shaped like a secret
 (bearer tokens, ``password=``/``token=``/``secret=`` pairs).
@@ -132,6 +133,10 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    # Python warnings (a library's DeprecationWarning, UserWarning) would otherwise be printed
+    # by the warnings module straight to stderr as plain text, breaking a JSON log: they go
+    # through the logger "py.warnings" instead, rendered and masked like every other line.
+    logging.captureWarnings(True)
     # Other libraries: warnings and errors only, whatever botd's own level. Their info and
     # debug lines print request URLs and bodies (tokens, users' messages) and say nothing an
     # admin needs. The root decides it because slack_bolt gives its loggers the root's level.

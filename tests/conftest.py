@@ -2,6 +2,12 @@
 
 Nothing of botd's is mocked: the daemon runs the embedded SmolLM2 model through
 llama-cpp-python and talks to a real redis-server over TCP.
+
+Process hygiene: every process the tests start inherits :data:`SESSION_MARK` in its
+environment, and every redis-server they start (the fixture's, the one a daemon embeds) works
+in a folder under the session's temporary root (redis-server overwrites its environment with
+its title, so it is known by its working folder). When the session ends, any such process
+still alive is named, killed, and the run fails.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +37,62 @@ from core.logging import configure
 from core.redis_store import RedisManager
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Inherited by every process this test session starts (and by theirs): how the session finds its own.
+SESSION_MARK = "BOTD_TEST_SESSION"
+os.environ[SESSION_MARK] = uuid.uuid4().hex
+
+
+def marked_processes(name: str = SESSION_MARK, value: str | None = None,
+                     under: Path | None = None) -> dict[int, str]:
+    """The live processes (pid -> command line) whose environment holds ``name=value`` (this
+    session's mark by default) or whose working folder is ``under`` or below it; this process
+    excluded. Zombies (exited, not yet reaped) have neither: not listed."""
+    needle = f"{name}={os.environ[name] if value is None else value}".encode()
+    root = str(under.resolve()) if under is not None else None
+    found: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                ours = needle in f.read().split(b"\0")
+            if not ours and root is not None:
+                cwd = os.readlink(f"/proc/{entry}/cwd")
+                ours = cwd == root or cwd.startswith(root + os.sep)
+            if not ours:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                found[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def wait_gone(name: str = SESSION_MARK, value: str | None = None, under: Path | None = None,
+              timeout: float = 3.0) -> dict[int, str]:
+    """The processes :func:`marked_processes` finds still alive after up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while (left := marked_processes(name, value, under)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A finished test run leaves no process of its own: name any, kill them, fail the run."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    basetemp = getattr(factory, "_basetemp", None)  # None: no test asked for a temporary folder
+    left = wait_gone(under=basetemp, timeout=5.0)
+    if not left:
+        return
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, 9)
+    report = "\n".join(f"  pid {pid}: {cmd}" for pid, cmd in sorted(left.items()))
+    tw = session.config.get_terminal_writer()
+    tw.line(f"\nprocess hygiene: {len(left)} process(es) started by the tests outlived them (killed now):\n"
+            f"{report}", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 REPO = Path(__file__).resolve().parent.parent
 BOTD = str(Path(sys.executable).parent / "botd")
@@ -75,6 +138,7 @@ class RedisServer:
                 break
             except redis.ConnectionError:
                 if time.monotonic() > deadline:
+                    self.stop()  # never left running by a failed start
                     raise
                 time.sleep(0.05)
         client.close()
@@ -213,3 +277,4 @@ def captured(level: str = "debug", fmt: str = "json") -> Iterator[io.StringIO]:
         structlog.reset_defaults()
         root.handlers[:] = handlers
         root.setLevel(root_level)
+        logging.captureWarnings(False)
