@@ -31,7 +31,7 @@ import structlog
 
 from core import metrics
 from core.secrets import known_secrets
-from core.tools.calculator import CalcError, CalcRefused, calculate
+from core.tools.calculator import CalcError, CalcRefused, calculate_async
 from core.tools.config import (
     CalculatorToolConfig,
     HttpToolConfig,
@@ -77,9 +77,9 @@ class _Calculator:
             "unit conversions (length, mass, time, data sizes, temperature) and date differences.")
         return {self.name: {"description": description, "parameters": self.PARAMETERS}}
 
-    def run(self, args: dict[str, Any]) -> str:
+    async def run(self, args: dict[str, Any]) -> str:
         try:
-            return calculate(args["expression"])
+            return await calculate_async(args["expression"])  # off the event loop
         except CalcRefused as exc:
             raise ToolError("refused", str(exc)) from None
         except CalcError as exc:
@@ -225,7 +225,7 @@ class ToolBox:
         try:
             async with asyncio.timeout(cfg.timeout_s):
                 if isinstance(tool, _Calculator):
-                    return tool.run(args)
+                    return await tool.run(args)
                 if isinstance(tool, McpServer):
                     return await tool.call(function[len(tool_name) + len(SEPARATOR):], args)
                 return str(await tool.run(function, args, self._session()))

@@ -6,6 +6,14 @@ of nodes, the nesting depth, the size of integers and exponents (checked from th
 sizes before computing), and a wall-clock deadline checked at every node. Anything else is a
 :class:`CalcError` with a short reason.
 
+Bounded by construction, not by a timer: a thread cannot be interrupted, and a process per
+call (or a standing pool) costs more than the work on a small box. So every step is linear or
+capped: the text rewriting uses regexes that cannot backtrack (a number starts only where a
+digit run starts; the unit conversion is read from the right in one pass), at most
+``MAX_NODES`` operations each on integers of at most ``MAX_INT_BITS`` (checked before
+computing), so the worst 500 characters cost milliseconds. :func:`calculate_async` runs it on
+a small thread pool of its own, off the event loop, at most ``POOL_THREADS`` at a time.
+
 Accepted besides plain arithmetic (``+ - * / // % **``, ``^`` for power, parentheses):
 
 - percentages: ``17% of 2340``, ``2340 * 17%``, ``200 + 15%`` (= 230), ``2340的17%``;
@@ -17,6 +25,8 @@ Accepted besides plain arithmetic (``+ - * / // % **``, ``^`` for power, parenth
 from __future__ import annotations
 
 import ast
+import asyncio
+import concurrent.futures
 import datetime as dt
 import math
 import operator
@@ -31,6 +41,7 @@ MAX_NODES = 300
 MAX_DEPTH = 40
 MAX_INT_BITS = 4096  # about 1,233 decimal digits
 MAX_SECONDS = 0.5
+POOL_THREADS = 2
 
 
 class CalcError(ValueError):
@@ -168,20 +179,77 @@ def _temperature(value: float, src: str, dst: str) -> float:
     return {"C": kelvin - 273.15, "F": (kelvin - 273.15) * 9 / 5 + 32, "K": kelvin}[dst]
 
 
-_CONVERT = re.compile(
-    r"^(?P<expr>.*?[\d)\s])\s*(?P<src>°?[A-Za-z\u4e00-\u9fff]+(?: miles?)?)\s*"
-    r"(?:in|to|as|into|->|=|换算成|换成|转成|等于多少|是多少)\s*(?P<dst>°?[A-Za-z\u4e00-\u9fff]+(?: miles?)?)\s*[?？]?$"
-)
+_UNIT_CHAR = re.compile(r"[A-Za-z\u4e00-\u9fff]")
+_KEYWORDS = ("into", "in", "to", "as")  # "->" and "=" are read apart (not letters)
+_EXPR_END = re.compile(r"[\d)\s]")
+
+
+def _unit_left(text: str, end: int) -> tuple[str, int] | None:
+    """The unit that ends at ``end`` (a run of letters, "°" before it, "nautical miles" as one),
+    and where it starts; None if no letter ends there."""
+    start = end
+    while start > 0 and _UNIT_CHAR.match(text[start - 1]):
+        start -= 1
+    if start == end:
+        return None
+    unit = text[start:end]
+    if unit.lower() in ("mile", "miles") and start > 1 and text[start - 1] == " ":
+        before = start - 1
+        while before > 0 and _UNIT_CHAR.match(text[before - 1]):
+            before -= 1
+        joined = text[before:end]
+        if before < start - 1 and (joined in _UNITS or joined.lower() in _UNITS):
+            unit, start = joined, before
+    if start > 0 and text[start - 1] == "°":
+        unit, start = "°" + unit, start - 1
+    return unit, start
+
+
+def _split_conversion(text: str) -> tuple[str, str, str] | None:
+    """("3 ", "km", "m") from "3 km in m": the expression, the source unit and the target unit,
+    read from the right in one pass (the regex this replaces backtracked: quadratic in the
+    text's length), or None when the text is not a conversion."""
+    end = len(text.rstrip())
+    if end and text[end - 1] in "?？":
+        end = len(text[: end - 1].rstrip())
+    found = _unit_left(text, end)
+    if found is None:
+        return None
+    dst, end = found
+    end = len(text[:end].rstrip())
+    symbol = next((k for k in ("->", "=") if text.endswith(k, 0, end)), None)
+    if symbol is not None:
+        end = len(text[: end - len(symbol)].rstrip())
+        src_found = _unit_left(text, end)
+    else:
+        word = _unit_left(text, end)
+        if word is None:
+            return None
+        run, start = word
+        if run.lower() in _KEYWORDS:
+            src_found = _unit_left(text, len(text[:start].rstrip()))
+        else:  # "3kmin m": the keyword written onto the unit
+            keyword = next((k for k in _KEYWORDS if run.endswith(k) and len(run) > len(k)), None)
+            if keyword is None:
+                return None
+            src_found = (run[: -len(keyword)], start)
+    if src_found is None:
+        return None
+    src, start = src_found
+    expr = text[:start]
+    if not expr or not _EXPR_END.match(expr[-1]):
+        return None
+    return expr, src, dst
 
 
 def _convert(text: str, deadline: float) -> str | None:
-    m = _CONVERT.match(text)
-    if not m:
+    parts = _split_conversion(text)
+    if parts is None:
         return None
-    src, dst = m.group("src"), m.group("dst")
+    expr, src, dst = parts
     t_src, t_dst = _TEMPS.get(src.lower()), _TEMPS.get(dst.lower())
     if t_src and t_dst:
-        value = _as_float(_evaluate(m.group("expr"), deadline))
+        value = _as_float(_evaluate(expr, deadline))
         return f"{_fmt(value)} {src} = {_fmt(_temperature(value, t_src, t_dst))} {dst}"
     u_src = _UNITS.get(src) or _UNITS.get(src.lower())
     u_dst = _UNITS.get(dst) or _UNITS.get(dst.lower())
@@ -191,7 +259,7 @@ def _convert(text: str, deadline: float) -> str | None:
         raise CalcError(f"unknown unit {(src if u_src is None else dst)!r}")
     if u_src[0] != u_dst[0]:
         raise CalcError(f"cannot convert {u_src[0]} ({src}) to {u_dst[0]} ({dst})")
-    value = _as_float(_evaluate(m.group("expr"), deadline))
+    value = _as_float(_evaluate(expr, deadline))
     return f"{_fmt(value)} {src} = {_fmt(value * u_src[1] / u_dst[1])} {dst}"
 
 
@@ -208,19 +276,24 @@ def _as_float(v: Any) -> float:
 
 _ZH_WORDS = [("加上", "+"), ("减去", "-"), ("乘以", "*"), ("除以", "/"), ("加", "+"), ("减", "-"),
              ("乘", "*"), ("除", "/"), ("今天", " today ")]
-_NUM = r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
+# A number, matched only from the start of its digits and without giving any back: every
+# search over the text is then linear (from inside a digit run, each failed try rescanned it).
+_NUM = r"(?<![\d.])(?:\d++(?:\.\d*+)?+|\.\d++)(?:[eE][+-]?+\d++)?+"
 
 
 def _normalise(text: str) -> str:
     text = unicodedata.normalize("NFKC", text)
     text = text.replace("×", "*").replace("÷", "/").replace("−", "-").replace("^", "**")
     text = text.replace("，", ",").replace("。", "").replace("=", " = ").strip()
-    text = re.sub(r"\s*[=?？]\s*$", "", text).strip()
+    text = text.rstrip()
+    if text[-1:] in ("=", "?", "？"):  # one trailing "=" or "?" (as str methods: no regex rescans spaces)
+        text = text[:-1].strip()
     # "...是多少" at the end asks for the value; in the middle ("5斤是多少kg") it asks for a unit.
-    text = re.sub(r"\s*(等于多少|是多少|等于|多少)\s*$", "", text)
-    text = re.sub(r"\s*(等于多少|是多少|换算成|换成|转成|多少)\s*", " in ", text)
+    # (?<!\s): a match starts where its spaces start, never inside them (each try rescanned them).
+    text = re.sub(r"(?<!\s)\s*+(等于多少|是多少|等于|多少)\s*+$", "", text)
+    text = re.sub(r"(?<!\s)\s*+(等于多少|是多少|换算成|换成|转成|多少)\s*+", " in ", text)
     # "2340的17%" / "2340 的 17%": the percentage of the number.
-    text = re.sub(rf"({_NUM})\s*的\s*({_NUM})\s*%", r"\2% of \1", text)
+    text = re.sub(rf"({_NUM})\s*+的\s*+({_NUM})\s*+%", r"\2% of \1", text)
     text = re.sub(r"百分之\s*(" + _NUM + ")", r"\1%", text)
     for zh, op in _ZH_WORDS:
         text = text.replace(zh, op)
@@ -442,6 +515,12 @@ def _evaluate(text: str, deadline: float) -> Any:
         return _Walker(deadline).eval(tree)
     except RecursionError:
         raise CalcRefused("expression too complex") from None
+    except CalcError:
+        raise
+    except OverflowError:  # a huge integer met a float (2340的999...9%, gcd(1e309))
+        raise CalcRefused("number too large") from None
+    except (ValueError, ArithmeticError) as exc:  # math's own: sqrt(-1), log(1, 1)
+        raise CalcError(str(exc) or type(exc).__name__) from None
 
 
 def calculate(expression: str) -> str:
@@ -465,3 +544,16 @@ def calculate(expression: str) -> str:
         return converted
     value = _evaluate(text, deadline)
     return f"{expression.strip()} = {_fmt(value)}"
+
+
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+async def calculate_async(expression: str) -> str:
+    """:func:`calculate` off the event loop, on the calculator's own threads (at most
+    ``POOL_THREADS`` at once; more calls wait their turn instead of taking the default
+    executor's threads from the prompt builder)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = concurrent.futures.ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="botd-calc")
+    return await asyncio.get_running_loop().run_in_executor(_POOL, calculate, expression)
