@@ -442,7 +442,7 @@ def test_config_refuses_a_department_knowledge_base_granted_to_two_bots(tmp_path
 async def test_the_api_returns_sources_and_reaches_only_the_bots_it_is_given(tmp_path, redis_server, corpus):
     hr, fin = corpus
     cfg = kb_config(tmp_path, f"redis://127.0.0.1:{redis_server.port}/0", hr, fin,
-                    api={"default_bot": "hr", "bots": ["hr"]}, model={"max_tokens": 16})
+                    api={"default_bot": "hr", "bots": ["hr"], "anonymous_bots": ["hr"]}, model={"max_tokens": 16})
     ingest_all(cfg)
     async with running_daemon(cfg) as api:
         reply = await api.chat(HR_QUESTION)

@@ -151,7 +151,7 @@ async def test_a_chinese_message_gets_chinese_help_refusal_and_commands_over_the
     cfg = make_config(tmp_path, redis_server.url,
                       knowledge={"hr": {"paths": [str(docs)], "schedule": ""}},
                       bots={"hr": {"knowledge": ["hr"]}, "en_only": {"language": "en"}},
-                      api={"default_bot": "hr"})
+                      api={"default_bot": "hr", "anonymous_bots": ["hr"]})
     async with running_daemon(cfg) as api:
         help_zh = (await api.chat("/help 怎么用", cid="z1"))["choices"][0]["message"]["content"]
         assert help_zh == texts.say("HELP", "zh", bot="hr")

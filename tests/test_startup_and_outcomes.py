@@ -203,7 +203,7 @@ async def test_a_knowledge_bot_waits_for_a_base_still_being_built(tmp_path, redi
     cfg = make_config(tmp_path, redis_server.url,
                       knowledge={"hr": {"paths": [str(docs)], "schedule": ""}},
                       bots={"hr": {"knowledge": ["hr"], "no_match_text": "NO-DOCUMENT"}},
-                      api={"default_bot": "hr"}, queue={"max_wait_s": 120})
+                      api={"default_bot": "hr", "anonymous_bots": ["hr"]}, queue={"max_wait_s": 120})
     async with running_daemon(cfg) as api:
         status, health = await api.get("/healthz")
         assert status == 200
@@ -233,7 +233,8 @@ async def test_a_knowledge_bot_says_busy_when_its_base_takes_too_long(tmp_path, 
     cfg = make_config(tmp_path, redis_server.url,
                       knowledge={"hr": {"paths": [str(docs)], "schedule": ""}},
                       bots={"hr": {"knowledge": ["hr"], "no_match_text": "NO-DOCUMENT"}},
-                      api={"default_bot": "hr"}, queue={"max_wait_s": 0.1, "retry_after_s": 7})
+                      api={"default_bot": "hr", "anonymous_bots": ["hr"]},
+                      queue={"max_wait_s": 0.1, "retry_after_s": 7})
     async with running_daemon(cfg) as api:
         status, data, headers = await api.post("/v1/chat/completions", {
             "messages": [{"role": "user", "content": "Which form covers procedure 3?"}], "max_tokens": 8})
