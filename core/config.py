@@ -284,6 +284,8 @@ class LimitsConfig(_Section):
     chat_messages_per_minute: Annotated[int, Field(ge=0)] = 0
     user_tokens_per_day: Annotated[int, Field(ge=0)] = 0
     chat_tokens_per_day: Annotated[int, Field(ge=0)] = 0
+    # Tool commands (/calc, /tool) one user may have running at once; more are refused (0 = no cap).
+    user_tool_calls_in_flight: Annotated[int, Field(ge=0, le=100)] = 2
 
 
 class AuditConfig(_Section):
