@@ -40,9 +40,8 @@ from core.secrets import secrets_digest
 log = structlog.get_logger("botd.daemon")
 
 # Read once at start: changing these needs a restart (a reload keeps the running values).
-_RESTART_ONLY = {"server": ("host", "port", "state_dir", "max_body_bytes", "instance", "request_read_timeout_s",
-                            "max_connections"),
-                 "redis": ("url", "key_prefix", "embedded_maxmemory_mb")}
+_RESTART_ONLY = {"server": ("host", "port", "state_dir", "max_body_bytes", "instance"),
+                 "redis": ("url", "key_prefix")}
 
 
 async def _stop(event: asyncio.Event, task: asyncio.Task[Any]) -> None:
@@ -301,8 +300,6 @@ class Daemon:
                 new = new.model_copy(update={"model": old.model})
             else:
                 self.notifier.post("model_reload", model=new.model.name, source=model_source(new))
-        # Changed tools are replaced before the new grants are read (the old ones refuse calls).
-        await self.runtime.apply_tools(new)
         knowledge_changed = self.runtime.apply(new)
         self.settings.config = new  # the one reference everyone reads
         if knowledge_changed:

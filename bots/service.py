@@ -273,14 +273,12 @@ class ChatService:
         except NotOwned:
             # Another daemon answers it now (this one was cut off from Redis past the lease):
             # nothing more is shown from here, and its record is the other daemon's to clear.
-            target.abandon()
             return
         except Exception as exc:  # one bad message must never take the daemon down
             await target.failed(exc, delivery.text)
         try:
             await target.closed(delivery.text)  # a stream that stays open until told (WeCom AI bot)
         except NotOwned:
-            target.abandon()
             return
         except Exception as exc:
             await target.failed(exc, delivery.text)

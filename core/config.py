@@ -284,8 +284,6 @@ class LimitsConfig(_Section):
     chat_messages_per_minute: Annotated[int, Field(ge=0)] = 0
     user_tokens_per_day: Annotated[int, Field(ge=0)] = 0
     chat_tokens_per_day: Annotated[int, Field(ge=0)] = 0
-    # Tool commands (/calc, /tool) one user may have running at once; more are refused (0 = no cap).
-    user_tool_calls_in_flight: Annotated[int, Field(ge=0, le=100)] = 2
 
 
 class AuditConfig(_Section):
@@ -505,9 +503,6 @@ class WecomAibotConfig(_Section):
     allow_users: list[str] = Field(default_factory=list)
     allow_chats: list[str] = Field(default_factory=list)
     # In group chats: one history per chat ("chat") or per member ("member").
-    # A callback whose signed timestamp (or message CreateTime) is further than this from the
-    # clock is refused unanswered: a captured callback cannot be replayed later.
-    timestamp_window_s: Annotated[int, Field(ge=30, le=3600)] = 300
     group_history: Literal["chat", "member"] = "chat"
     # Shortest time between two updates of a streamed answer, in seconds.
     update_interval_s: Annotated[float, Field(ge=0.1, le=10)] = 0.5
@@ -550,9 +545,6 @@ class WecomAibotConfig(_Section):
 
 def _webhook_secret_problem(value: str) -> str:
     ok = re.fullmatch(r"[A-Za-z0-9_-]{1,256}", value) is not None
-    # Callback mode: a callback whose signed timestamp (or create_time) is further than this
-    # from the clock is refused unanswered (a replay).
-    timestamp_window_s: Annotated[int, Field(ge=30, le=3600)] = 300
     return "" if ok else "Telegram accepts 1-256 characters of A-Z, a-z, 0-9, _ and -"
 
 

@@ -35,6 +35,7 @@ from core.engines.base import (
     TemplateError,
     hand_over,
 )
+from core.engines.special_tokens import control_pattern
 from core.engines.state_cache import SavedState, StateCache, common_prefix
 from core.messages import ThreadKey
 from core.schema_limits import check_grammar
@@ -228,8 +229,8 @@ class _ChatTemplate:
         self.formatter = llama_chat_format.Jinja2ChatFormatter(
             template=template or _CHATML, eos_token=eos, bos_token=bos, stop_token_ids=[eos_id]
         )
-        controls = _control_texts(model)
-        self._control = re.compile("|".join(map(re.escape, controls))) if controls else None
+        self.controls = _control_texts(model)
+        self._control = control_pattern(self.controls)
 
     def _format(self, msgs: list[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> Any:
         try:
@@ -355,6 +356,11 @@ class LlamaCppTokenizer(PromptTokenizer):
         with _LOAD_LOCK:
             self._llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
         self._template = _ChatTemplate(self._llm._model)
+
+    @property
+    def control_texts(self) -> list[str]:
+        """The texts of the vocabulary's control tokens (a remote engine defuses them in contents)."""
+        return self._template.controls
 
     def count_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> int:
         with self._lock:

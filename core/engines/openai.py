@@ -19,6 +19,12 @@ Outcomes, on the last chunk:
 
 Retries happen only before the first piece of text: a retry after it would send the start of
 the answer twice.
+
+Special tokens: the remote renders the chat template and tokenizes the prompt itself, parsing
+special tokens anywhere in it. So every content botd sends (the user's words, history,
+documents, tool results) has its template markers defused first (core/engines/special_tokens.py:
+the model's own control tokens when ``model.tokenizer_path`` names its GGUF, and the known
+families of markers always): ``<|im_start|>system`` typed by a user stays text.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import concurrent.futures
 import json
 import math
 import random
+import re
 import threading
 import time
 import urllib.error
@@ -41,6 +48,7 @@ import aiohttp
 import structlog
 
 from core.engines.base import Chunk, Engine, EngineError, Generation, GenerationRequest, PromptTokenizer
+from core.engines.special_tokens import KNOWN, control_pattern, defuse_messages
 from core.messages import Finish
 from core.toolcalls import plain_messages
 
@@ -209,6 +217,9 @@ class RemoteEngine(Engine):
         self._wake = threading.Event()
         self._calls: set[_Call] = set()
         self._auth_logged = False
+        # The markers defused in every content: the known families, and the model's own control
+        # tokens once a local vocabulary of it is loaded (tokenizer()).
+        self._markers: re.Pattern[str] = KNOWN
         self.stats = {"requests": 0, "retries": 0, "busy": 0, "errors": 0}
 
     @property
@@ -267,6 +278,7 @@ class RemoteEngine(Engine):
             if self._tokenizer is None:
                 self._tokenizer = _choose_tokenizer(self.base_url, self._headers, self.model, self.tokenizer_path,
                                                     min(self.timeout_s, _PROBE_S))
+                self._markers = _markers(self._tokenizer)
             return self._tokenizer
 
     def close(self) -> None:
@@ -367,10 +379,12 @@ class RemoteEngine(Engine):
                                    error=f"remote engine: {type(exc).__name__}: {exc}"))
 
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
+        messages = plain_messages(request.messages, request.tools) if request.tools else request.messages
         body: dict[str, Any] = {
             "model": self.model or "default",
-            # Tools reach the remote as text in its prompt, as for any template without them.
-            "messages": plain_messages(request.messages, request.tools) if request.tools else request.messages,
+            # Tools reach the remote as text in its prompt, as for any template without them; no
+            # content may carry a live template marker (the remote parses them anywhere).
+            "messages": defuse_messages(messages, self._markers),
             "stream": True,
             "stream_options": {"include_usage": True},
             "max_tokens": request.max_tokens,
@@ -548,10 +562,12 @@ class RemoteTokenizer(PromptTokenizer):
         self.model = model
         self.timeout = timeout
         self.fallback = fallback
+        self.markers = _markers(fallback)
         self._warned = False
 
     def count_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> int:
         messages = plain_messages(messages, tools) if tools else messages
+        messages = defuse_messages(messages, self.markers)  # as they will be sent
         try:
             return count_remote(self.root, self.kind, self.headers, self.model, list(messages), self.timeout)
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -608,6 +624,14 @@ def _choose_tokenizer(base_url: str, headers: dict[str, str], model: str, tokeni
                 "characters 1 each); history is trimmed by that estimate. Set model.tokenizer_path to the "
                 "model's GGUF file for exact counts", remote=base_url)
     return estimate
+
+
+def _markers(tokenizer: PromptTokenizer | None) -> re.Pattern[str]:
+    """What to defuse: the known marker families, and the control tokens of the local GGUF
+    vocabulary (model.tokenizer_path) when the tokenizer is, or falls back to, one."""
+    local = tokenizer if hasattr(tokenizer, "control_texts") else getattr(tokenizer, "fallback", None)
+    texts: list[str] = getattr(local, "control_texts", None) or []
+    return control_pattern(texts, known=True) or KNOWN
 
 
 def _local_tokenizer(path: str) -> PromptTokenizer:
