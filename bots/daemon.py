@@ -40,8 +40,9 @@ from core.secrets import secrets_digest
 log = structlog.get_logger("botd.daemon")
 
 # Read once at start: changing these needs a restart (a reload keeps the running values).
-_RESTART_ONLY = {"server": ("host", "port", "state_dir", "max_body_bytes", "instance"),
-                 "redis": ("url", "key_prefix")}
+_RESTART_ONLY = {"server": ("host", "port", "state_dir", "max_body_bytes", "instance", "request_read_timeout_s",
+                            "max_connections"),
+                 "redis": ("url", "key_prefix", "embedded_maxmemory_mb")}
 
 
 async def _stop(event: asyncio.Event, task: asyncio.Task[Any]) -> None:
@@ -65,7 +66,9 @@ def _secrets_of(cfg: Config, name: str) -> str:
     the sections it names in ``secret_sections`` (the HTTP API checks JWTs with [console]'s key)."""
     cls = load_connector(name)
     sections = (REGISTRY[name].section, *getattr(cls, "secret_sections", ()))
-    return secrets_digest(ref for s in sections for _, ref, _ in secret_references(getattr(cfg, s)))
+    # A platform's section is a table of accounts ([slack.NAME], [wecom.NAME]): each one's secrets.
+    models = [m for s in sections for v in [getattr(cfg, s)] for m in (v.values() if isinstance(v, dict) else [v])]
+    return secrets_digest(ref for m in models for _, ref, _ in secret_references(m))
 
 
 def _log_tasks() -> None:
@@ -300,6 +303,8 @@ class Daemon:
                 new = new.model_copy(update={"model": old.model})
             else:
                 self.notifier.post("model_reload", model=new.model.name, source=model_source(new))
+        # Changed tools are replaced before the new grants are read (the old ones refuse calls).
+        await self.runtime.apply_tools(new)
         knowledge_changed = self.runtime.apply(new)
         self.settings.config = new  # the one reference everyone reads
         if knowledge_changed:

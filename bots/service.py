@@ -273,12 +273,14 @@ class ChatService:
         except NotOwned:
             # Another daemon answers it now (this one was cut off from Redis past the lease):
             # nothing more is shown from here, and its record is the other daemon's to clear.
+            target.abandon()
             return
         except Exception as exc:  # one bad message must never take the daemon down
             await target.failed(exc, delivery.text)
         try:
             await target.closed(delivery.text)  # a stream that stays open until told (WeCom AI bot)
         except NotOwned:
+            target.abandon()
             return
         except Exception as exc:
             await target.failed(exc, delivery.text)
@@ -377,10 +379,10 @@ class ChatService:
                 raise Busy(exc.message, exc.retry_after, per_user=True, user_message=told) from None
         if tool_ran:
             assert cmd is not None
-            told = await self._tool_command(cmd.name, msg, cmd.args, lang)
-            if isinstance(told, TextAnswer):
-                return told
-            msg.text = told  # "/tool NAME ARGS -- QUESTION": the model answers from the result
+            outcome = await self._tool_command(cmd.name, msg, cmd.args, lang)
+            if isinstance(outcome, TextAnswer):
+                return outcome
+            msg.text = outcome  # "/tool NAME ARGS -- QUESTION": the model answers from the result
 
         history: list[ChatTurn]
         degraded = False
