@@ -264,6 +264,7 @@ def _kb(cfg: Config, args: argparse.Namespace) -> int:
     embedder = Embedder(cfg.embeddings.model, cfg.embeddings.batch_size, cfg.embeddings.languages)
     try:
         if args.action == "ingest":
+            from core.knowledge.guards import ParseLimits
             from core.knowledge.ingest import ingest
 
             names = [args.name] if args.name else sorted(cfg.knowledge)
@@ -278,7 +279,8 @@ def _kb(cfg: Config, args: argparse.Namespace) -> int:
             print(f"embedding model loaded in {time.monotonic() - started:.1f} s ({embedder.name})")
             for name in names:
                 kb = cfg.knowledge[name]
-                report = ingest(name, [Path(p) for p in kb.paths], cfg.server.state_dir, embedder, kb.chunk_chars)
+                report = ingest(name, [Path(p) for p in kb.paths], cfg.server.state_dir, embedder, kb.chunk_chars,
+                                limits=ParseLimits.from_config(cfg.ingest))
                 print(report.summary())
                 for source, reason in report.skipped:
                     print(f"  skipped {source}: {reason}")

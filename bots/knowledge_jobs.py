@@ -5,7 +5,10 @@ event loop; the ingest itself (reading, embedding, writing) runs in a thread, so
 go on meanwhile, and the new version is swapped into the retriever when it is complete.
 A watch every 30 s also picks up versions written by ``botd kb ingest`` from a shell.
 A base that was never ingested is built at start; the retriever is told so
-(``builds_missing``), so loading it says "ingesting it now" once instead of warning.
+(``builds_missing``), so loading it says "ingesting it now" once instead of warning. So is
+one whose index was built from other folders than its configured ``paths`` (changed, or a
+base re-created under an old name): that index is never served meanwhile. Documents are read
+under the ``[ingest]`` limits, each in a child process with a memory ceiling.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from apscheduler.triggers.cron import CronTrigger
 
 from core import metrics
 from core.knowledge.embedder import EmbeddingError, limit_threads_here
+from core.knowledge.guards import ParseLimits
 from core.knowledge.ingest import IngestReport, IngestStopped, ingest
-from core.knowledge.store import KnowledgeStore
+from core.knowledge.store import KnowledgeStore, source_paths
 from core.redis_store import StoreUnavailable
 from core.runtime import Runtime
 
@@ -114,6 +118,12 @@ class KnowledgeJobs:
                 log.info("knowledge base was built with another embedding model: re-embedding it now", kb=name,
                          built_with=built, configured=model)
                 scheduler.add_job(self.first_ingest, args=[name], id=f"first-ingest:{name}")
+            elif (built_from := store.built_from()) != (wanted := source_paths(cfg.knowledge[name].paths)):
+                # Not served meanwhile (the retriever refuses it); unchanged files keep their vectors.
+                log.info("knowledge base index was built from other folders: rebuilding it now", kb=name,
+                         built_from=built_from, configured=wanted)
+                self.runtime.set_knowledge_state(name, "building")
+                scheduler.add_job(self.first_ingest, args=[name], id=f"first-ingest:{name}")
         scheduler.start()
         self._scheduler = scheduler
         log.info("knowledge schedules", **{name: kb.schedule or "off" for name, kb in cfg.knowledge.items()})
@@ -177,10 +187,19 @@ class KnowledgeJobs:
         async with lock:
             log.info("ingest started", kb=name)
             try:
-                report = await asyncio.get_running_loop().run_in_executor(
-                    self._ingest_thread, functools.partial(
-                        ingest, name, [Path(p) for p in kb.paths], self.runtime.cfg.server.state_dir,
-                        retriever.embedder, kb.chunk_chars, should_stop=self._between_steps))
+                while True:
+                    report = await asyncio.get_running_loop().run_in_executor(
+                        self._ingest_thread, functools.partial(
+                            ingest, name, [Path(p) for p in kb.paths], self.runtime.cfg.server.state_dir,
+                            retriever.embedder, kb.chunk_chars, should_stop=self._between_steps,
+                            limits=ParseLimits.from_config(self.runtime.cfg.ingest)))
+                    # A reload that changed the folders meanwhile: this version would not be served.
+                    now = self.runtime.cfg.knowledge.get(name)
+                    if now is None or source_paths(now.paths) == source_paths(kb.paths):
+                        break
+                    log.info("the knowledge base's folders changed during its ingest: ingesting it again", kb=name)
+                    kb = now
+                    retriever = self.runtime.retriever or retriever  # the reload's, which loads the result
             except (IngestStopped, RuntimeError) as exc:
                 if not self._closing.is_set():  # RuntimeError: the executor refuses work once closed
                     raise

@@ -118,6 +118,8 @@ _TEXTS: dict[str, tuple[str, ...]] = {
     "TOOL_NO_TOOLS": ("此助手没有可用的工具。", "This bot has no tools."),
     # A tool's own reason stays as the tool gave it (technical, e.g. "HTTP 404: ...").
     "TOOL_FAILED": ("工具 {tool} 未能完成：{reason}", "The tool {tool} could not answer: {reason}"),
+    "TOOL_BUSY": ("您已有 {n} 个工具调用正在进行，请等它们完成后再试。",
+                  "You already have {n} tool calls running; please wait for them to finish."),
     "CALC_NONE": ("此助手没有计算器工具。", "This bot has no calculator tool."),
     "TOOL_USAGE": ("用法：/tool 工具名 参数（如 /tool weather city=上海）；加上“ -- 问题”则由模型根据结果回答。"
                    "可用：{names}",

@@ -490,6 +490,12 @@ class HttpApiConnector(Connector):
     def _user(self, request: web.Request, ident: str, user: str | None) -> str:
         return f"{ident}:{user}" if user else f"{ident}:{request.remote or 'unknown'}"
 
+    @staticmethod
+    def _principal(request: web.Request, ident: str) -> str:
+        """Whose limits a request counts against: the key or token; for an anonymous caller its
+        address. Never the body's ``user`` (a fresh one per request would be a fresh quota)."""
+        return f"{ident}@{request.remote or 'unknown'}" if ident == "local" else ident
+
     def _header_cid(self, request: web.Request) -> str | None:
         value = request.headers.get("X-Conversation-Id")
         if not value:  # absent or empty: a stateless call, as before
@@ -540,7 +546,8 @@ class HttpApiConnector(Connector):
         stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         msg = InboundMessage(
             platform=PLATFORM, bot=bot, chat=f"{ident}/{cid}" if cid else f"{ident}/-",
-            user=self._user(request, ident, body.user), text=last.text(), history=history,
+            user=self._user(request, ident, body.user), principal=self._principal(request, ident),
+            text=last.text(), history=history,
             system=system, max_tokens=max_tokens, temperature=body.temperature,
             request_id=request[REQUEST_ID], stop=tuple(stops),
             tools=tools, tool_choice=choice,
@@ -724,7 +731,8 @@ class HttpApiConnector(Connector):
         cid = body.conversation_id
         msg = InboundMessage(
             platform=PLATFORM, bot=bot, chat=f"{ident}/{cid}" if cid else f"{ident}/-",
-            user=self._user(request, ident, body.user), text=body.query, history=history,
+            user=self._user(request, ident, body.user), principal=self._principal(request, ident),
+            text=body.query, history=history,
             max_tokens=body.max_tokens, temperature=body.temperature, request_id=request[REQUEST_ID],
         )
         t0 = time.monotonic()

@@ -4,6 +4,11 @@ Platforms accept narrow, incompatible markups (Telegram's HTML subset, Slack's m
 and general Markdown libraries emit full HTML (``<p>``, ``<h1>``, ``<ul>``) that those
 platforms reject, so the walk over fences, lines and inline marks lives here once and
 each connector says how to write each element in a :class:`Markup`.
+
+Model output (and a tool's output shown by ``/tool``) is untrusted: a link's URL and label
+must never close the platform's link syntax (``[d](https://x.io><!channel>)`` would ping a
+whole Slack channel). :func:`safe_url` percent-encodes every character that could, before
+any platform writes a link; each platform escapes the label.
 """
 
 from __future__ import annotations
@@ -22,6 +27,26 @@ _STRIKE = re.compile(r"~~(?=\S)(.+?)(?<=\S)~~")
 _HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.+?)\s*#*\s*$")
 _BULLET = re.compile(r"^(\s*)[-*+]\s+")
 _SLOT = re.compile(r"\x00(\d+)\x00")
+# Characters that delimit some platform's link or mention syntax ('<url|label>' on Slack,
+# '<!channel>', '<@user>', an HTML attribute's quotes) and that a URL never needs raw:
+# percent-encoded. Non-ASCII is kept (IRIs read better, and a part grows by a few bytes at most).
+_URL_UNSAFE = re.compile(r"[<>|\"'`{}\\^\s\x00-\x1f\x7f]")
+
+
+def safe_url(url: str) -> str:
+    """``url`` with every character that could end a platform's link syntax percent-encoded."""
+    return _URL_UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), url)
+
+
+def neutral_links(md: str) -> str:
+    """Markdown sent to a platform as Markdown (WeCom): each ``[label](url)`` link with its URL
+    made safe and ``<``, ``>``, ``|`` and brackets taken out of its label."""
+
+    def fix(m: re.Match[str]) -> str:
+        label = re.sub(r"[<>|\[\]]", " ", m.group(1)).strip() or "link"
+        return f"[{label}]({safe_url(m.group(2))})"
+
+    return _LINK.sub(fix, md)
 
 
 class Markup(ABC):
@@ -44,7 +69,8 @@ class Markup(ABC):
 
     @abstractmethod
     def link(self, label: str, url: str) -> str:
-        """``label`` is escaped, ``url`` is raw."""
+        """``label`` is escaped; ``url`` went through :func:`safe_url` (no '<', '>', '|', quotes
+        or spaces left in it); escape it further as the platform needs."""
 
     @abstractmethod
     def heading(self, text: str) -> str:
@@ -85,7 +111,7 @@ class Markup(ABC):
             return keep(pair[0]) + inner + keep(pair[1])
 
         text = _CODE.sub(lambda m: keep(self.code_span(m.group(1))), text)
-        text = _LINK.sub(lambda m: keep(self.link(self.escape(m.group(1)), m.group(2))), text)
+        text = _LINK.sub(lambda m: keep(self.link(self.escape(m.group(1)), safe_url(m.group(2)))), text)
         text = self.escape(text)
         text = _BOLD.sub(lambda m: wrap(self.bold, m.group(1) or m.group(2)), text)
         text = _STRIKE.sub(lambda m: wrap(self.strike, m.group(1)), text)

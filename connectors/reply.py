@@ -92,6 +92,10 @@ class ReplyTarget(ABC):
         """The answer is over (complete, refused or failed) and ``text`` was the last text shown.
         For a platform whose message stays open until told (a WeCom AI bot stream)."""
 
+    def abandon(self) -> None:  # noqa: B027 - optional
+        """This daemon stops answering the message (another one answers it now): no platform call
+        follows; stop any background work (a stream's keepalive) and free what it holds."""
+
     async def failed(self, exc: Exception, text: str) -> None:
         """The platform did not take ``text``; log it the way its errors read best."""
         log.error("reply failed", connector=self.account.connector, error=f"{type(exc).__name__}: {exc}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -247,6 +248,12 @@ class GuardedRunner(web.AppRunner):
 
     async def setup(self) -> None:
         await super().setup()
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < self.guard.max_connections + 256:
+            # Past the limit accept() fails for everyone, webhooks included; the cap must come first.
+            log.warning("the open-file limit is below [server] max_connections plus the daemon's own files: "
+                        "raise LimitNOFILE in the unit or lower max_connections",
+                        limit=soft, max_connections=self.guard.max_connections)
         self.guard.start()
 
     async def cleanup(self) -> None:

@@ -284,6 +284,8 @@ class LimitsConfig(_Section):
     chat_messages_per_minute: Annotated[int, Field(ge=0)] = 0
     user_tokens_per_day: Annotated[int, Field(ge=0)] = 0
     chat_tokens_per_day: Annotated[int, Field(ge=0)] = 0
+    # Tool commands (/calc, /tool) one user may have running at once; more are refused (0 = no cap).
+    user_tool_calls_in_flight: Annotated[int, Field(ge=0, le=100)] = 2
 
 
 class AuditConfig(_Section):
@@ -451,6 +453,31 @@ class RetrievalConfig(_Section):
     context_tokens: Annotated[int, Field(ge=64)] = 1024
 
 
+class IngestConfig(_Section):
+    """What reading one document may cost (uploads and folders alike); a document over a limit
+    is skipped with a log line and an entry in the ingest report, the rest of its base ingested."""
+
+    # A .docx (a zip) may unpack to this many MB at most, and no large part of it may expand more
+    # than max_ratio times: both read from its directory, before anything is unpacked.
+    max_uncompressed_mb: Annotated[int, Field(ge=1, le=100_000)] = 200
+    max_ratio: Annotated[int, Field(ge=10, le=1_000_000)] = 100
+    # A PDF's pages, counted before its text is read.
+    max_pages: Annotated[int, Field(ge=1, le=1_000_000)] = 2000
+    # Text read from one document, in MB (UTF-8).
+    max_text_mb: Annotated[int, Field(ge=1, le=10_000)] = 20
+    # Documents are parsed in a child process whose address space is capped at this (0: no cap).
+    memory_mb: Annotated[int, Field(ge=0, le=1_000_000)] = 1024
+    # A document not read within this many seconds is skipped (its process is ended).
+    parse_timeout_s: Annotated[int, Field(ge=1, le=86_400)] = 300
+
+    @field_validator("memory_mb")
+    @classmethod
+    def _memory(cls, v: int) -> int:
+        if 0 < v < 128:
+            raise ValueError("the parsing process needs 128 MB or more (0: no cap)")
+        return v
+
+
 def _encoding_aes_key_problem(value: str) -> str:
     try:
         ok = len(value) == 43 and len(base64.b64decode(value + "=", validate=True)) == 32
@@ -476,6 +503,9 @@ class WecomConfig(_Section):
     reply_format: Literal["text", "markdown"] = "text"
     # Send some user ids to another bot (and so to its knowledge bases): { "<user id>" = "bot" }.
     routes: dict[str, str] = Field(default_factory=dict)
+    # A callback whose signed timestamp (or message CreateTime) is further than this from the
+    # clock is refused unanswered: a captured callback cannot be replayed later.
+    timestamp_window_s: Annotated[int, Field(ge=30, le=3600)] = 300
 
     @field_validator("api_base")
     @classmethod
@@ -518,6 +548,9 @@ class WecomAibotConfig(_Section):
     reconnect_max_s: Annotated[float, Field(ge=1, le=600)] = 60.0
     # Send some user or group chat ids to another bot (and so to its knowledge bases).
     routes: dict[str, str] = Field(default_factory=dict)
+    # Callback mode: a callback whose signed timestamp (or create_time) is further than this
+    # from the clock is refused unanswered (a replay).
+    timestamp_window_s: Annotated[int, Field(ge=30, le=3600)] = 300
 
     @field_validator("ws_url")
     @classmethod
@@ -728,6 +761,7 @@ class Config(_Section):
     bots: dict[str, BotConfig] = Field(default_factory=lambda: {"assistant": BotConfig()})
     embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
     knowledge: dict[str, KnowledgeConfig] = Field(default_factory=dict)
     wecom: dict[str, WecomConfig] = Field(default_factory=dict)
     wecom_aibot: dict[str, WecomAibotConfig] = Field(default_factory=dict)
@@ -997,6 +1031,7 @@ def config_from_dict(data: dict[str, Any], path: Path | str, *, check_files: boo
         raise ConfigError(_format_validation_error(path, err)) from None
     base = path.resolve().parent
     cfg = _resolve_paths(cfg, base, path)
+    _check_knowledge_folders(cfg, path)
     if check_files:
         _check_files(cfg, path)
         if check_secrets:
@@ -1044,6 +1079,25 @@ def _resolve_paths(cfg: Config, base: Path, path: Path) -> Config:
             "source": path,
         }
     )
+
+
+def _check_knowledge_folders(cfg: Config, path: Path) -> None:
+    """A department's documents belong to its base alone: no folder of a base may hold, or lie in,
+    a folder of another, unless both are shared. Otherwise the other base's bot reads them, and
+    the other base's console users may delete them. Symlinks are resolved first."""
+    folders = [(name, p, Path(os.path.realpath(Path(p).expanduser())))
+               for name, kb in cfg.knowledge.items() for p in kb.paths]
+    for i, (a, path_a, real_a) in enumerate(folders):
+        for b, path_b, real_b in folders[i + 1:]:
+            if a == b or (cfg.knowledge[a].shared and cfg.knowledge[b].shared):
+                continue
+            if real_a == real_b or real_a.is_relative_to(real_b) or real_b.is_relative_to(real_a):
+                shown_a = repr(path_a) + ("" if str(real_a) == path_a else f" (= {str(real_a)!r})")
+                shown_b = repr(path_b) + ("" if str(real_b) == path_b else f" (= {str(real_b)!r})")
+                raise ConfigError(
+                    f"{path}: knowledge.{a}.paths and knowledge.{b}.paths overlap: {shown_a} and {shown_b}; "
+                    "a department's folder may not hold or lie in another knowledge base's folder (each bot "
+                    "would read the other's documents) unless both bases are shared")
 
 
 def _check_files(cfg: Config, path: Path) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -66,6 +66,7 @@ class _EngineCollector:
         gauges = {"active_sequences": "Sequences being generated now",
                   "slots": "Sequences the engine decodes at once ([model] parallel)",
                   "last_batch": "Tokens in the last decode step",
+                  "last_micro_batches": "Micro-batches (passes over the weights) of the last decode step",
                   "state_cache_bytes": "Bytes of saved per-thread KV states",
                   "state_cache_entries": "Threads with a saved KV state"}
         for key, doc in gauges.items():
@@ -73,7 +74,10 @@ class _EngineCollector:
                 yield GaugeMetricFamily(f"botd_engine_{key}", doc, value=state[key])
         counters = {"steps": "Decode steps", "batch_tokens": "Tokens decoded in all steps",
                     "state_cache_evictions": "Saved KV states evicted to stay within [model] cache_mb",
-                    "cache_restores": "Saved KV states restored into a slot"}
+                    "cache_restores": "Saved KV states restored into a slot",
+                    "micro_batches": "Micro-batches llama.cpp cut the decode steps into (each one a pass over "
+                                     "the weights; ideally one a step)",
+                    "slot_moves": "KV states moved to another slot to keep a step's sequence ids consecutive"}
         for key, doc in counters.items():
             if key in state:
                 yield CounterMetricFamily(f"botd_engine_{key}", doc, value=state[key])
@@ -84,6 +88,21 @@ class _EngineCollector:
             prompt.add_metric(["reused"], state["prompt_tokens_reused"])
             prompt.add_metric(["ahead"], state.get("prompt_tokens_ahead", 0))
             yield prompt
+        tally = state.get("steps_by_micro_batches")
+        if tally:
+            yield _micro_batch_histogram(tally, state.get("micro_batches", 0))
+
+
+def _micro_batch_histogram(tally: list[int], total: int) -> HistogramMetricFamily:
+    """Decode steps by how many micro-batches each cost, from the engine's tally (index n: steps
+    of n micro-batches; the last index: that many or more)."""
+    buckets, seen = [], 0
+    for n in range(1, len(tally) - 1):
+        seen += tally[n]
+        buckets.append((str(n), seen))
+    buckets.append(("+Inf", seen + tally[-1]))
+    return HistogramMetricFamily("botd_engine_micro_batches_per_step", "Micro-batches a decode step cost",
+                                 buckets=buckets, sum_value=total)
 
 
 ENGINE = _EngineCollector()

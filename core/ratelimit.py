@@ -1,11 +1,18 @@
 """Per-user and per-chat limits kept in Redis, so they hold across restarts and across
 several botd instances: messages per minute (fixed one-minute windows) and tokens per
 day (UTC days). A limit of 0 is off. When Redis is unreachable nothing is limited.
+
+"Per user" is per :attr:`~core.messages.InboundMessage.quota_key`: the identity the
+connector authenticated (an API key, a token's subject), never a name the caller chose.
+Tool commands (``/calc``, ``/tool``) also hold one of the user's few places for
+concurrent tool calls while they run (kept in this process: a place is a running call).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 from core.config import LimitsConfig
 from core.errors import BotdError
@@ -25,11 +32,31 @@ class RateLimiter:
         self.redis = redis
         self.prefix = prefix
         self.cfg = cfg
+        self._tool_calls: dict[str, int] = {}  # quota key -> tool calls running now
+
+    @contextlib.contextmanager
+    def tool_call(self, msg: InboundMessage) -> Iterator[None]:
+        """Hold one of the user's places for a concurrent tool call while the block runs; raise
+        :class:`LimitExceeded` at once when they are all taken (``user_tool_calls_in_flight``)."""
+        cap, key = self.cfg.user_tool_calls_in_flight, msg.quota_key
+        running = self._tool_calls.get(key, 0)
+        if cap and running >= cap:
+            raise LimitExceeded(f"This user already has {running} tool calls running (the limit is {cap}); "
+                                "please wait for them to finish.", 5)
+        self._tool_calls[key] = running + 1
+        try:
+            yield
+        finally:
+            left = self._tool_calls.get(key, 1) - 1
+            if left > 0:
+                self._tool_calls[key] = left
+            else:
+                self._tool_calls.pop(key, None)
 
     def _scopes(self, msg: InboundMessage) -> list[tuple[str, str, int, int]]:
         """(what, id, messages per minute, tokens per day) for the user and for the chat."""
         return [
-            ("user", f"{msg.platform}:{msg.user}", self.cfg.user_messages_per_minute, self.cfg.user_tokens_per_day),
+            ("user", msg.quota_key, self.cfg.user_messages_per_minute, self.cfg.user_tokens_per_day),
             ("chat", f"{msg.platform}:{msg.bot}:{msg.chat}", self.cfg.chat_messages_per_minute,
              self.cfg.chat_tokens_per_day),
         ]

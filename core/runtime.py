@@ -53,6 +53,7 @@ class Runtime:
         self.audit = AuditLog(cfg.audit)
         # The [tools.NAME] bots may call; MCP servers start with the runtime and stop with it.
         self.tools = ToolBox(cfg.tools)
+        self._retiring: set[asyncio.Task[None]] = set()
         self.tokenizer: PromptTokenizer | None = None
         metrics.ENGINE.source = lambda: self.worker.engine.state()
         metrics.MODELS.source = self.models.state
@@ -162,7 +163,27 @@ class Runtime:
         await self.models.stop(grace_s)
         await self.redis.close()
         await self.tools.close()
+        for task in list(self._retiring):  # toolboxes a reload replaced, still finishing their calls
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         self.audit.close()
+
+    async def apply_tools(self, cfg: Config) -> bool:
+        """A reload's ``[tools]``: when they changed, a new toolbox (its MCP servers started)
+        takes over at once and the old one refuses new calls, finishes those under way and
+        closes (so a narrowed ``allow`` list or schema is never left in force). True if replaced."""
+        if self.tools.same_as(cfg.tools):
+            return False
+        changed = sorted(n for n in {*cfg.tools, *self.tools.cfg}
+                         if cfg.tools.get(n) != self.tools.cfg.get(n)) or sorted(cfg.tools)
+        box = ToolBox(cfg.tools)
+        await box.start()
+        old, self.tools = self.tools, box
+        task = asyncio.create_task(old.retire(ToolBox.grace_s(old.cfg)), name="botd-tools-retire")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        log.info("tools reloaded: the new definitions are in force", tools=changed)
+        return True
 
     async def swap_model(self, cfg: Config) -> None:
         """Load the model ``cfg`` names once the worker is idle; the old one serves until then.

@@ -195,6 +195,21 @@ class Client:
         self.base = base
         self.session = session
         self.daemon = daemon
+        self._others: list[aiohttp.ClientSession] = []
+
+    def elsewhere(self, n: int) -> Client:
+        """The same daemon asked by another anonymous caller: from the address 127.0.0.``n``
+        (limits and the queue's fair share are per caller, never per the body's ``user``)."""
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(f"127.0.0.{n}", 0)),
+                                        timeout=aiohttp.ClientTimeout(total=120))
+        self._others.append(session)
+        other = Client(self.base, session, self.daemon)
+        other._others = self._others  # closed with this one
+        return other
+
+    async def close_others(self) -> None:
+        for session in self._others:
+            await session.close()
 
     async def post(self, path: str, body: Any = None, *, raw: bytes | None = None,
                    headers: dict[str, str] | None = None) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
@@ -232,7 +247,11 @@ async def running_daemon(cfg: Config) -> AsyncIterator[Client]:
     await daemon.start()
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-            yield Client(f"http://127.0.0.1:{daemon.port}", session, daemon)
+            client = Client(f"http://127.0.0.1:{daemon.port}", session, daemon)
+            try:
+                yield client
+            finally:
+                await client.close_others()
     finally:
         await daemon.stop(grace_s=5)
 
@@ -240,7 +259,8 @@ async def running_daemon(cfg: Config) -> AsyncIterator[Client]:
 @contextlib.asynccontextmanager
 async def busy_model(api: Client, jobs: int = 10) -> AsyncIterator[None]:
     """The model generating one long answer with ``jobs - 1`` more queued (one user each)."""
-    tasks = [asyncio.create_task(api.post("/v1/chat/completions", {
+    # One caller each (its own address): the queue's per-user cap counts callers, not "user" fields.
+    tasks = [asyncio.create_task(api.elsewhere(100 + i).post("/v1/chat/completions", {
         "messages": [{"role": "user", "content": "Write a long essay about the sea."}],
         "max_tokens": 200, "user": f"load{i}"})) for i in range(jobs)]
 

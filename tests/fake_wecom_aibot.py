@@ -273,10 +273,11 @@ class CallbackSender:
         return re.search(r"<Encrypt><!\[CDATA\[(.*?)\]\]></Encrypt>", xml).group(1)
 
     async def post(self, payload: dict[str, Any] | None = None, *, encrypt: str | None = None,
-                   msg_signature: str | None = None) -> tuple[int, dict[str, Any] | None]:
-        """POST one callback; returns the HTTP status and the decrypted passive reply (None: empty)."""
+                   msg_signature: str | None = None, ts: str | None = None) -> tuple[int, dict[str, Any] | None]:
+        """POST one callback (signed at ``ts``, default now); returns the HTTP status and the
+        decrypted passive reply (None: empty)."""
         enc = encrypt if encrypt is not None else self.encrypt(payload or {})
-        ts, nonce = str(int(time.time())), os.urandom(4).hex()
+        ts, nonce = ts or str(int(time.time())), os.urandom(4).hex()
         sig = msg_signature or signature(self.token, ts, nonce, enc)
         async with self.session.post(f"{self.url}?msg_signature={sig}&timestamp={ts}&nonce={nonce}",
                                      json={"encrypt": enc}) as r:

@@ -2,6 +2,7 @@
 
 Tools: add (allowed in the tests), shout (allowed), secret_file (never allowed: it must be
 neither listed nor callable), fail (raises: an error result), whoami (the HTTP Authorization header).
+With FIXTURE_CALLS set, each call appends the tool's name to that file (what reached the server).
 """
 
 from __future__ import annotations
@@ -15,33 +16,45 @@ from mcp.server.mcpserver.exceptions import ToolError
 server = MCPServer("botd-test")
 
 
+def _record(tool: str) -> None:
+    path = os.environ.get("FIXTURE_CALLS")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(tool + "\n")
+
+
 @server.tool()
 def add(a: int, b: int) -> str:
     """Add two integers."""
+    _record("add")
     return str(a + b)
 
 
 @server.tool()
 def shout(text: str) -> str:
     """Upper-case a text; says which token the server was given."""
+    _record("shout")
     return text.upper() + " " + os.environ.get("FIXTURE_TOKEN", "no-token")
 
 
 @server.tool()
 def secret_file() -> str:
     """Must never be reachable through botd."""
+    _record("secret_file")
     return "TOP-SECRET-CONTENT"
 
 
 @server.tool()
 def fail() -> str:
     """Always fails."""
+    _record("fail")
     raise ToolError("broken on purpose")
 
 
 @server.tool()
 def whoami(ctx: Context) -> str:
     """The Authorization header of the HTTP request (streamable HTTP only)."""
+    _record("whoami")
     return (ctx.headers or {}).get("authorization", "none")
 
 

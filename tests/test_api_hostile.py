@@ -274,6 +274,129 @@ async def test_fuzz_no_request_gets_a_5xx(keyed_api, req):
     assert "unhandled error" not in log.getvalue()[start:]
 
 
+# -- fuzz: the fields that take a JSON schema (tools, tool_choice, tool_calls) ------------------------
+# Schemas become grammars that llama.cpp's C++ parser reads in this very process: a schema it
+# cannot take used to crash it (issue 25 item 1). Hostile schemas must get a 4xx; valid ones
+# (small, random) reach the model with their grammar; nothing may crash the process, answer 5xx
+# or push its memory over RSS_CEILING_MB at any moment of a request. bench/fuzz_api.py runs the
+# same checks for as long as asked.
+
+RSS_CEILING_MB = 1536
+BIG = st.one_of(st.integers(-3, 40), st.integers(990, 1010), st.integers(10**4, 10**7), st.just(10**20))
+PATTERN = st.one_of(
+    st.text(alphabet="ab()[]{}|*+?.^$\\dws0123456789,-\"", max_size=40).map(lambda p: f"^{p}$"),
+    st.integers(0, 10**6).map(lambda n: f"^(ab){{0,{n}}}$"), TEXT)
+REF = st.sampled_from(["#/$defs/a", "#/definitions/b", "#", "#/$defs/nope", "https://example.com/s.json", "a"])
+KIND = st.sampled_from(["string", "integer", "number", "boolean", "array", "object", "null", "bogus"])
+SCHEMA_LEAF = st.fixed_dictionaries({}, optional={
+    "type": st.one_of(KIND, st.lists(KIND, max_size=3), JSONISH), "maxLength": st.one_of(BIG, JSONISH),
+    "minLength": BIG, "maxItems": BIG, "minItems": BIG, "pattern": PATTERN, "const": SCALAR, "$ref": REF,
+    "enum": st.one_of(st.lists(SCALAR, max_size=4), st.integers(0, 400).map(lambda n: list(range(n))), JSONISH),
+    "format": st.sampled_from(["date", "time", "date-time", "uuid", "email", "nope"]),
+})
+
+
+def _schema_level(kids: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    container = st.fixed_dictionaries({}, optional={
+        "properties": st.dictionaries(TEXT, kids, max_size=3), "items": st.one_of(kids, st.lists(kids, max_size=2)),
+        "anyOf": st.lists(kids, max_size=3), "oneOf": st.lists(kids, max_size=3), "allOf": st.lists(kids, max_size=2),
+        "$defs": st.dictionaries(st.sampled_from(["a", "b"]), kids, max_size=2),
+        "additionalProperties": st.one_of(st.booleans(), kids), "required": st.lists(TEXT, max_size=2),
+        "prefixItems": st.lists(kids, max_size=2),
+    })
+    return st.tuples(SCHEMA_LEAF, container).map(lambda t: {**t[0], **t[1]})
+
+
+SCHEMA = st.one_of(st.recursive(SCHEMA_LEAF, _schema_level, max_leaves=10), JSONISH,
+                   st.integers(20, 200).map(lambda n: {"type": "object", "properties": {"x": _nest_schema(n)}}))
+TOOL_NAME = st.one_of(st.sampled_from(["f", "g", "lookup"]), TEXT)
+TOOL = st.one_of(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": TOOL_NAME}, optional={"parameters": SCHEMA, "description": TEXT})}), JSONISH)
+CHOICE = st.one_of(st.sampled_from(["auto", "required", "none", "any"]), st.fixed_dictionaries(
+    {"type": st.just("function"), "function": st.fixed_dictionaries({"name": TOOL_NAME})}), JSONISH)
+DEEP_JSON = st.integers(1, 30_000).map(lambda n: "[" * n + "]" * n)
+CALL = st.fixed_dictionaries({"id": TEXT, "type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": TOOL_NAME, "arguments": st.one_of(TEXT, DEEP_JSON, JSONISH.map(json.dumps), JSONISH)})})
+TOOL_MESSAGES = st.lists(st.one_of(
+    st.fixed_dictionaries({"role": st.just("user"), "content": TEXT}),
+    st.fixed_dictionaries({"role": st.just("assistant"), "content": st.one_of(st.none(), TEXT),
+                           "tool_calls": st.one_of(st.lists(CALL, max_size=2), JSONISH)}),
+    st.fixed_dictionaries({"role": st.just("tool"), "tool_call_id": TEXT, "content": TEXT}),
+), min_size=1, max_size=4)
+HOSTILE_TOOLS = st.fixed_dictionaries({"messages": st.one_of(TOOL_MESSAGES, MESSAGES)}, optional={
+    "tools": st.one_of(st.lists(TOOL, max_size=3), JSONISH), "tool_choice": CHOICE,
+    "parallel_tool_calls": st.one_of(st.booleans(), JSONISH), "max_tokens": st.integers(1, 2),
+    "stream": st.booleans(),
+})
+# Valid schemas, small enough that the model writes a call within its one or two tokens' budget
+# and large enough to exercise the grammar: these reach llama.cpp's parser and sampler.
+SAFE_NAME = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=8)
+SAFE_LEAF = st.one_of(
+    st.builds(lambda n, m: {"type": "string", "minLength": min(n, m), "maxLength": max(n, m)},
+              st.integers(0, 40), st.integers(0, 40)),
+    st.sampled_from([{"type": "integer"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"},
+                     {"type": "string", "format": "date"}, {"type": "string", "pattern": "^[a-z]{1,5}-[0-9]{2}$"},
+                     {"type": ["string", "null"]}, {}]),
+    st.lists(st.one_of(SAFE, st.integers()), min_size=1, max_size=6).map(lambda v: {"enum": v}),
+)
+SAFE_SCHEMA = st.recursive(SAFE_LEAF, lambda kids: st.one_of(
+    st.builds(lambda items, n: {"type": "array", "items": items, "maxItems": n}, kids, st.integers(0, 8)),
+    st.dictionaries(SAFE_NAME, kids, max_size=4).map(
+        lambda p: {"type": "object", "properties": p, "required": list(p)[:2]}),
+    st.lists(kids, min_size=1, max_size=3).map(lambda alts: {"anyOf": alts}),
+), max_leaves=8)
+GOOD_TOOLS = st.fixed_dictionaries({
+    "messages": st.just([{"role": "user", "content": "Call a tool."}]),
+    "tools": st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries({
+        "name": SAFE_NAME, "parameters": SAFE_SCHEMA.map(lambda s: {"type": "object", "properties": {"a": s}})})}),
+        min_size=1, max_size=3, unique_by=lambda t: t["function"]["name"]),
+    "tool_choice": st.sampled_from(["required", "auto"]), "max_tokens": st.integers(1, 2),
+}, optional={"stream": st.booleans()})
+
+
+def _nest_schema(depth: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+def peak_rss_mb() -> float:
+    """The process's peak RSS since the last reset_peak_rss() (VmHWM), in MB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def reset_peak_rss() -> None:
+    """Start the peak over from now (Linux: writing 5 to clear_refs resets VmHWM)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+async def check_schema_request(api: Client, log: io.StringIO, body: dict[str, Any]) -> None:
+    """One request with tools: a 4xx or an answer, never a 5xx, a crash or memory over the ceiling."""
+    start = len(log.getvalue())
+    reset_peak_rss()
+    status, raw = await raw_request(api.daemon.port, "POST", "/v1/chat/completions", json.dumps(body).encode(),
+                                    [("Authorization", b"Bearer " + KEY.encode())])
+    assert status < 500, (status, raw[:300], json.dumps(body)[:300])
+    assert b'"generation_failed"' not in raw and b'"internal_error"' not in raw, raw[-300:]
+    assert "unhandled error" not in log.getvalue()[start:]
+    assert peak_rss_mb() < RSS_CEILING_MB, (peak_rss_mb(), json.dumps(body)[:300])
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(body=st.one_of(HOSTILE_TOOLS, HOSTILE_TOOLS, GOOD_TOOLS))
+async def test_fuzz_schemas_never_crash_or_5xx(keyed_api, body):
+    api, log = keyed_api
+    await check_schema_request(api, log, body)
+
+
 # -- clients that go away mid-stream -------------------------------------------------------------
 
 

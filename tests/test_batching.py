@@ -228,7 +228,8 @@ async def test_eight_api_conversations_stream_interleaved_and_each_gets_its_own_
         async def stream(i: int) -> tuple[str, list[float]]:
             body = {"messages": echo(SENTENCES[i]), "stream": True, "user": f"user{i}", "temperature": 0}
             text, times = "", []
-            async with api.session.post(api.base + "/v1/chat/completions", json=body) as r:
+            # Eight callers (the queue's per-user cap counts callers, not the body's "user").
+            async with api.elsewhere(10 + i).session.post(api.base + "/v1/chat/completions", json=body) as r:
                 assert r.status == 200
                 async for line in r.content:
                     if line.startswith(b"data: {"):
@@ -322,3 +323,52 @@ def test_an_answer_cut_at_max_tokens_has_its_last_token_and_the_opening_read_ahe
     gen = engine.open(req("ahead-cut", second), never)
     assert gen.cached_tokens == len(slot.tokens) == answered + 6
     assert finish(engine, gen) == (SENTENCES[7], "stop")
+
+
+def test_each_step_costs_the_fewest_micro_batches_and_every_answer_is_as_alone(engine):
+    """With a KV stream per slot, llama.cpp makes one micro-batch (a pass over the weights) per run
+    of consecutive sequence ids, in row order (core/engines/batching.py). Follow-ups that come back
+    to their threads' scattered slots, in no particular order, beside new threads: every step is
+    written in the cheapest order, its sequence ids consecutive, and costs what the engine counts."""
+    from core.engines.batching import micro_batches
+
+    def followup(i: int) -> list[dict[str, str]]:
+        return [*echo(SENTENCES[i]), {"role": "assistant", "content": SENTENCES[i]},
+                {"role": "user", "content": SENTENCES[(i + 3) % 8]}]
+
+    expected = {i: alone(engine, req(f"mb-alone-{i}", followup(i), 40)) for i in range(8)}
+    expected |= {8 + i: alone(engine, req(f"mb-alone-new-{i}", echo(SENTENCES[i]), 40)) for i in (0, 2)}
+    assert all(expected[i] == SENTENCES[(i + 3) % 8] for i in range(8))
+    run_together(engine, [req(f"mb-{i}", echo(SENTENCES[i]), 40) for i in range(8)])
+    slot_of = {s.owner.chat: s.seq_id for s in engine._slots if s.owner is not None}
+    # The threads whose slots are every other one come back, latest slot first.
+    back = sorted((i for i in range(8) if slot_of.get(f"mb-{i}", 0) % 2 == 1), key=lambda i: -slot_of[f"mb-{i}"])
+    assert len(back) >= 3
+    requests = [req(f"mb-{i}", followup(i), 40) for i in back]
+    requests += [req(f"mb-new-{i}", echo(SENTENCES[i]), 40) for i in (0, 2)]
+    want = [expected[i] for i in back] + [expected[8], expected[10]]
+    moves = engine.stats.slot_moves
+
+    gens = [engine.open(r, never) for r in requests]
+    # The follow-ups found their threads' tokens (more than the first turn's prompt).
+    assert all(g.cached_tokens > 70 for g in gens[:len(back)]), [g.cached_tokens for g in gens]
+    texts = [""] * len(gens)
+    steps = 0
+    while not all(g.done for g in gens):
+        streaming = any(not g.done and not g.reading for g in gens)
+        engine.step(gens)
+        steps += 1
+        batch = engine._batch.batch
+        rows = [batch.seq_id[i][0] for i in range(engine.stats.last_batch)]
+        count = engine.stats.last_micro_batches
+        assert count == micro_batches(rows, engine.n_batch)
+        assert count == micro_batches(sorted(rows), engine.n_batch), rows  # no cheaper order of these rows
+        if len(rows) == len(set(rows)):  # every sequence decodes one token: one pass
+            assert count == 1, rows
+        elif streaming:  # a prompt read beside answers that stream: one more pass at most
+            assert count <= 2, rows
+        for k, g in enumerate(gens):
+            texts[k] += "".join(c.text for c in g.out)
+            g.out.clear()
+    assert texts == want
+    assert engine.stats.slot_moves > moves  # scattered slots were brought together

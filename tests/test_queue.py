@@ -57,8 +57,11 @@ async def test_per_user_cap_answers_429(tmp_path, redis_server):
         status, data, headers = await api.post("/v1/chat/completions", {**LONG, "user": "greedy"})
         assert status == 429 and int(headers["Retry-After"]) >= 1
         assert data["error"]["code"] == "rate_limited"
-        # another user still gets in
-        other = asyncio.create_task(api.post("/v1/chat/completions", {**LONG, "max_tokens": 2, "user": "polite"}))
+        # another caller still gets in (a fresh "user" field from the same caller would not)
+        status, _, _ = await api.post("/v1/chat/completions", {**LONG, "user": "greedy-in-disguise"})
+        assert status == 429
+        other = asyncio.create_task(api.elsewhere(2).post("/v1/chat/completions", {**LONG, "max_tokens": 2,
+                                                                                   "user": "polite"}))
         status, _, _ = await asyncio.wait_for(other, 120)
         assert status == 200
         for t in tasks:
@@ -74,7 +77,8 @@ async def test_fairness_one_users_ten_jobs_do_not_hold_back_anothers_one(tmp_pat
         async def ask(user: str, i: int) -> None:
             body = {"messages": [{"role": "user", "content": f"Count to ten, attempt {i}."}],
                     "max_tokens": 24, "user": user}
-            status, _, _ = await api.post("/v1/chat/completions", body)
+            # Two callers: alice from 127.0.0.1, bob from 127.0.0.2 (turns are per caller).
+            status, _, _ = await (api if user == "alice" else api.elsewhere(2)).post("/v1/chat/completions", body)
             assert status == 200
             order.append(f"{user}{i}")
 

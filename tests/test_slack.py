@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import time
 
 import pytest
+from aiohttp import web
 from conftest import busy_model, make_config, running_daemon, wait_for
 from fakes import FakeSlack, serve
 from slack_sdk.signature import SignatureVerifier
@@ -239,3 +241,50 @@ def test_mrkdwn_conversion():
         "*Result*\n*Bold* and _italic_ and ~old~ with `x &lt; y`\n"
         "• first item\n• see <https://example.com/a?b=1&c=2|the docs>\n"
         "```if a &lt; b and c &gt; d:\n    pass```\nTom &amp; Jerry &lt;3")
+
+
+# The link attack: a URL (and a label) that closes Slack's <url|label> syntax and opens a
+# channel-wide mention. It comes from a tool's output shown by /tool (an API the model does not
+# control); the model's own output takes the same path (markdown_to_mrkdwn in post and edit).
+EVIL = ("See [d](https://x.io><!channel>) and [a <!here> label|x](https://y.io/a|b) "
+        "and [ok](https://z.io/p?q=1&r=2) <!everyone>")
+
+
+def _links_are_whole(text: str) -> None:
+    assert "<!channel>" not in text and "<!here>" not in text and "<!everyone>" not in text, text
+    assert text.count("<") == text.count(">"), text
+    for inner in re.findall(r"<([^>]*)>", text):
+        url, sep, label = inner.partition("|")
+        assert sep and re.fullmatch(r"https?://[^\s<>|]+", url) and "<" not in label and "|" not in label, inner
+
+
+async def test_a_link_in_tool_output_cannot_ping_the_channel(tmp_path, redis_server):
+    async def evil(request):
+        return web.Response(text=EVIL)
+
+    tool_api = web.Application()
+    tool_api.router.add_get("/api/evil", evil)
+    fake = FakeSlack()
+    async with serve(fake.app()) as base, serve(tool_api) as tool_base:
+        section = {"bot_token": "env:SLACK_BOT_TOKEN", "mode": "http", "api_base": base + "/api/",
+                   "update_interval_s": 0.5, "signing_secret": "env:SLACK_SIGNING_SECRET"}
+        cfg = make_config(tmp_path, redis_server.url, slack={"assistant": section},
+                          tools={"evil": {"type": "http", "base_url": f"{tool_base}/api", "path": "/evil",
+                                          "description": "A tool whose API answers hostile text"}},
+                          bots={"assistant": {"tools": ["evil"]}})
+        async with running_daemon(cfg) as api:
+            await post_event(api, event("message", "/tool evil", channel="D7", channel_type="im"))
+            await until(lambda: any("x.io" in p["text"] for p in fake.of("chat.postMessage") + fake.of("chat.update")),
+                        timeout=30)
+            await asyncio.sleep(0.5)
+    bodies = [p["text"] for p in fake.of("chat.postMessage") + fake.of("chat.update")]
+    for text in bodies:
+        _links_are_whole(text)
+    final = bodies[-1]
+    assert "<https://x.io%3E%3C!channel%3E|d>" in final and "<https://z.io/p?q=1&r=2|ok>" in final, final
+
+
+def test_mrkdwn_links_cannot_break_out():
+    out = markdown_to_mrkdwn(EVIL)
+    _links_are_whole(out)
+    assert "&lt;!everyone&gt;" in out

@@ -49,10 +49,10 @@ def envelope(encrypt: str) -> bytes:
             f"<Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>").encode()
 
 
-def text_xml(user: str, content: str, msgid: int, kind: str = "text") -> str:
+def text_xml(user: str, content: str, msgid: int, kind: str = "text", created: int | None = None) -> str:
     extra = f"<Content><![CDATA[{content}]]></Content>" if kind == "text" else "<PicUrl><![CDATA[http://x/p.jpg]]></PicUrl>"
     return (f"<xml><ToUserName><![CDATA[{CORP}]]></ToUserName><FromUserName><![CDATA[{user}]]></FromUserName>"
-            f"<CreateTime>{int(time.time())}</CreateTime><MsgType><![CDATA[{kind}]]></MsgType>{extra}"
+            f"<CreateTime>{created or int(time.time())}</CreateTime><MsgType><![CDATA[{kind}]]></MsgType>{extra}"
             f"<MsgId>{msgid}</MsgId><AgentID>1000002</AgentID></xml>")
 
 
@@ -81,8 +81,9 @@ def wecom_config(tmp_path, redis_url, api_base, **extra):
     return make_config(tmp_path, redis_url, wecom={"assistant": app}, model={"max_tokens": 24})
 
 
-async def post_callback(api, encrypt: str, *, signature: str | None = None, body: bytes | None = None):
-    ts, nonce = "1700000000", "n0nce"
+async def post_callback(api, encrypt: str, *, signature: str | None = None, body: bytes | None = None,
+                        ts: str | None = None):
+    ts, nonce = ts or str(int(time.time())), "n0nce"
     sig = signature or sign(encrypt, ts, nonce)
     url = f"{api.base}/wecom/assistant?msg_signature={sig}&timestamp={ts}&nonce={nonce}"
     async with api.session.post(url, data=body if body is not None else envelope(encrypt)) as r:
@@ -109,22 +110,25 @@ def test_official_vectors_with_botd_crypto():
 async def test_url_verification_official_vector_and_plus_in_echostr(tmp_path, redis_server, wecom_env):
     fake = FakeWeCom()
     async with serve(fake.app()) as base, running_daemon(wecom_config(tmp_path, redis_server.url, base)) as api:
+        # Tencent's sample is correctly signed but from 2016: outside the timestamp window, refused
+        # (else any captured callback could be replayed here to have it decrypted).
         qs = f"msg_signature={URL_SIG}&timestamp={URL_TS}&nonce={URL_NONCE}&echostr={quote(URL_ECHO, safe='')}"
         async with api.session.get(f"{api.base}/wecom/assistant?{qs}") as r:
-            assert r.status == 200
-            assert await r.read() == b"1288432023552776189"  # bare plaintext: no quotes, no newline
+            assert r.status == 403
         # WeCom sends '+' unescaped in the query string: it must still verify
         for i in range(200):
             echo = wechatpy_encrypt(f"echo-{i}")
             if "+" in echo:
                 break
         assert "+" in echo
-        raw = f"msg_signature={sign(echo, '1', '2')}&timestamp=1&nonce=2&echostr={echo.replace('=', '%3D')}"
+        now = str(int(time.time()))
+        raw = f"msg_signature={sign(echo, now, '2')}&timestamp={now}&nonce=2&echostr={echo.replace('=', '%3D')}"
         async with api.session.get(yarl.URL(f"{api.base}/wecom/assistant?{raw}", encoded=True)) as r:
-            assert r.status == 200 and await r.text() == f"echo-{i}"
+            assert r.status == 200
+            assert await r.read() == f"echo-{i}".encode()  # bare plaintext: no quotes, no newline
         # wrong signature: 403
-        bad = qs.replace(URL_SIG, "0" * 40)
-        async with api.session.get(f"{api.base}/wecom/assistant?{bad}") as r:
+        bad = raw.replace(sign(echo, now, "2"), "0" * 40)
+        async with api.session.get(yarl.URL(f"{api.base}/wecom/assistant?{bad}", encoded=True)) as r:
             assert r.status == 403
         assert fake.calls == []
 
@@ -132,10 +136,15 @@ async def test_url_verification_official_vector_and_plus_in_echostr(tmp_path, re
 async def test_official_message_gets_one_answer_to_the_sender(tmp_path, redis_server, wecom_env):
     fake = FakeWeCom()
     async with serve(fake.app()) as base, running_daemon(wecom_config(tmp_path, redis_server.url, base)) as api:
+        # Tencent's sample message as captured (2016): correctly signed, too old, never answered.
         url = f"{api.base}/wecom/assistant?msg_signature={MSG_SIG}&timestamp={MSG_TS}&nonce={MSG_NONCE}"
+        async with api.session.post(url, data=envelope(MSG_ENCRYPT)) as r:
+            assert r.status == 403
+        # The same message sent now (encrypted by wechatpy).
+        encrypt = wechatpy_encrypt(MSG_PLAIN.replace("1476422779", str(int(time.time()))))
         for _ in range(3):  # WeCom's retries of the same callback
-            async with api.session.post(url, data=envelope(MSG_ENCRYPT)) as r:
-                assert r.status == 200 and await r.text() == ""
+            status, text = await post_callback(api, encrypt)
+            assert status == 200 and text == ""
 
         async def answered() -> bool:
             return len(fake.sent) >= 1
@@ -306,3 +315,30 @@ async def test_long_chinese_answer_is_delivered_in_parts(tmp_path, redis_server)
     assert all(utf8_len(p) <= 2048 for p in parts)
     assert "".join(parts) == text
     assert all(s["enable_duplicate_check"] == 1 for s in fake.sent)
+
+
+@pytest.mark.parametrize("stale", ["url_timestamp", "create_time"])
+async def test_a_correctly_signed_callback_two_hours_old_is_refused(tmp_path, redis_server, wecom_env, stale):
+    """A captured callback replayed two hours later (after the dedupe key could have expired):
+    signed by wechatpy exactly as WeCom signs it, refused before any work, never answered."""
+    import re
+
+    fake = FakeWeCom()
+    old = int(time.time()) - 7200
+    # Replayed as captured (its URL timestamp and CreateTime both two hours old), or under a
+    # fresh URL timestamp with the message's own CreateTime still two hours old.
+    url_ts = str(old) if stale == "url_timestamp" else str(int(time.time()))
+    out = WeChatCrypto(TOKEN, AES_KEY, CORP).encrypt_message(text_xml("lisi", "hello", 8101, created=old), "n0nce",
+                                                            url_ts)
+    encrypt = re.search(r"<Encrypt><!\[CDATA\[(.*?)\]\]></Encrypt>", out).group(1)
+    signature = re.search(r"<MsgSignature><!\[CDATA\[(.*?)\]\]></MsgSignature>", out).group(1)
+    async with serve(fake.app()) as base, running_daemon(wecom_config(tmp_path, redis_server.url, base)) as api:
+        status, _ = await post_callback(api, encrypt, signature=signature, ts=url_ts)
+        assert status == 403
+        await asyncio.sleep(0.5)
+        assert fake.calls == [] and fake.sent == []
+        assert redis_server.client().keys("botd:hist:*") == []
+        assert redis_server.client().hlen("botd:inbox") == 0
+        # The same message signed now is answered: the window is what refused it.
+        status, _ = await post_callback(api, wechatpy_encrypt(text_xml("lisi", "hello", 8102)))
+        assert status == 200

@@ -324,7 +324,9 @@ async def test_callback_mode_checks_the_signature_first_and_answers_through_refr
             echo = sender.encrypt({"echo": 1})
             from fake_wecom_aibot import signature
 
-            q = f"msg_signature={signature(TOKEN, '1', '2', echo)}&timestamp=1&nonce=2&echostr={quote(echo, safe='')}"
+            now = str(int(time.time()))
+            q = (f"msg_signature={signature(TOKEN, now, '2', echo)}&timestamp={now}&nonce=2"
+                 f"&echostr={quote(echo, safe='')}")
             async with session.get(f"{url}?{q}") as resp:
                 assert resp.status == 200 and json.loads(await resp.text()) == {"echo": 1}
             # A bad signature is refused before anything is decrypted (this would be a 400 then).
@@ -358,3 +360,33 @@ async def test_callback_mode_checks_the_signature_first_and_answers_through_refr
 
 def r_keys(redis_server, pattern: str) -> list[str]:
     return redis_server.client().keys(pattern)
+
+
+async def test_callback_mode_refuses_a_correctly_signed_callback_two_hours_old(tmp_path, redis_server):
+    """A captured callback replayed two hours later: correctly signed (wechatpy's crypto, the
+    signature over its old timestamp), refused before any work; nothing is answered."""
+    fake = FakeAibot()
+    async with fake_server(fake):
+        bot = {"mode": "callback", "token": "env:WECOM_AIBOT_TOKEN", "encoding_aes_key": "env:WECOM_AIBOT_AES_KEY",
+               "update_interval_s": 0.1}
+        cfg = make_config(tmp_path, redis_server.url, wecom_aibot={"assistant": bot}, model={"max_tokens": 8})
+        async with running_daemon(cfg) as api, aiohttp.ClientSession() as session:
+            sender = CallbackSender(fake, session, f"{api.base}/wecom_aibot/assistant", TOKEN, AES_KEY)
+            old = int(time.time()) - 7200
+            captured = {**sender.message("mallory", "Say hello.", "cb-old"), "create_time": old}
+            status, reply = await sender.post(captured, ts=str(old))
+            assert status == 403 and reply is None
+            # A fresh URL timestamp does not make the message itself younger.
+            status, reply = await sender.post({**captured, "msgid": "cb-old2"})
+            assert status == 403 and reply is None
+            # Nor is a verification request two hours old answered (it would decrypt what it is given).
+            echo = sender.encrypt({"echo": 1})
+            from fake_wecom_aibot import signature
+
+            q = (f"msg_signature={signature(TOKEN, str(old), '2', echo)}&timestamp={old}&nonce=2"
+                 f"&echostr={quote(echo, safe='')}")
+            async with session.get(f"{api.base}/wecom_aibot/assistant?{q}") as resp:
+                assert resp.status == 403
+            await asyncio.sleep(0.5)
+            assert r_keys(redis_server, "botd:hist:*") == [] and redis_server.client().hlen("botd:inbox") == 0
+            assert fake.pushes == [] and fake.answers("mallory") == 0

@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import structlog
 
+from connectors.markdown import neutral_links
 from core.config import WecomConfig
 from core.errors import BotdError
 from core.kv import KeyValueCache
@@ -174,7 +175,8 @@ class WeComApi:
             "duplicate_check_interval": 1800,
         }
         if self.cfg.reply_format == "markdown":
-            payload |= {"msgtype": "markdown", "markdown": {"content": part}}
+            # Model output: no link may carry markup out of its URL or label.
+            payload |= {"msgtype": "markdown", "markdown": {"content": neutral_links(part)}}
         else:
             payload |= {"msgtype": "text", "text": {"content": part}}
         await self._call("POST", "/cgi-bin/message/send", json=payload)

@@ -22,7 +22,7 @@ from connectors.base import Connector, Route, Service
 from connectors.reply import ReplyTarget
 from connectors.textsplit import utf8_len
 from connectors.wecom.api import WeComApi, WeComApiError, errcode_meaning
-from connectors.wecom.callback import open_body, signed_query, verify_url
+from connectors.wecom.callback import check_fresh, open_body, signed_query, verify_url
 from connectors.wecom.crypto import WeComCrypto
 from core.config import Settings, WecomConfig
 from core.kv import KeyValueCache
@@ -122,13 +122,15 @@ class WeComConnector(Connector):
 
     async def verify_url(self, request: web.Request) -> web.StreamResponse:
         app = self._app(request)
-        return verify_url(request, app.crypto, what="wecom", bot=app.bot)
+        return verify_url(request, app.crypto, what="wecom", bot=app.bot, window_s=app.cfg.timestamp_window_s)
 
     # -- POST: messages ----------------------------------------------------------------------
 
     async def callback(self, request: web.Request) -> web.StreamResponse:
         app = self._app(request)
         q = signed_query(request)
+        window = app.cfg.timestamp_window_s
+        check_fresh(q["timestamp"], window, what="wecom", bot=app.bot)  # a replay: refused before any work
         body = await request.read()
         try:
             envelope = _parse_xml(body)
@@ -145,6 +147,9 @@ class WeComConnector(Connector):
         sender = msg.get("FromUserName", "")
         if not sender:
             raise web.HTTPBadRequest(text="message has no FromUserName")
+        # The message's own time, signed inside the ciphertext: a message re-sent under a fresh
+        # URL timestamp is still as old as it is.
+        check_fresh(msg.get("CreateTime", ""), window, what="wecom", bot=app.bot, field="CreateTime")
         event_id = msg.get("MsgId") or f"{sender}:{msg.get('CreateTime', '')}:{msg.get('Event', '')}"
         kind = msg.get("MsgType", "")
         if kind == "event":

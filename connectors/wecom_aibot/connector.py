@@ -34,7 +34,8 @@ import structlog
 from aiohttp import web
 
 from connectors.base import Connector, Route, Service
-from connectors.wecom.callback import open_body, signed_query, verify_url
+from connectors.markdown import neutral_links
+from connectors.wecom.callback import check_fresh, open_body, signed_query, verify_url
 from connectors.wecom.crypto import WeComCrypto
 from connectors.wecom_aibot.reply import PLATFORM, AibotReply, Slot, Slots
 from connectors.wecom_aibot.ws import AibotError, AibotLink, NotConnected, errcode_meaning, new_req_id
@@ -89,12 +90,12 @@ class SocketChannel:
     async def update(self, stream_id: str, content: str, finish: bool) -> None:
         await self.link.wait_ready(UPDATE_WAIT_S)
         await self.link.request("aibot_respond_msg", self.req_id, {
-            "msgtype": "stream", "stream": {"id": stream_id, "finish": finish, "content": content}})
+            "msgtype": "stream", "stream": {"id": stream_id, "finish": finish, "content": neutral_links(content)}})
 
     async def push(self, content: str) -> None:
         await self.link.wait_ready(PUSH_WAIT_S)
         await self.link.request("aibot_send_msg", new_req_id("aibot_send_msg"), {
-            "chatid": self.chatid, "msgtype": "markdown", "markdown": {"content": content}})
+            "chatid": self.chatid, "msgtype": "markdown", "markdown": {"content": neutral_links(content)}})
 
     def retry_after(self, exc: Exception) -> float | None:
         return 0.5 if isinstance(exc, AibotError) and exc.errcode == 6000 else None
@@ -114,14 +115,15 @@ class CallbackChannel:
         self.live = live
 
     async def update(self, stream_id: str, content: str, finish: bool) -> None:
-        await self.connector.set_state(stream_id, content, finish)
+        await self.connector.set_state(stream_id, neutral_links(content), finish)
 
     async def push(self, content: str) -> None:
         if not self.response_url:
             raise AibotError(-1, "the message has no response_url to push to")
         http = self.connector.http
         assert http is not None, "connector not started"
-        async with http.post(self.response_url, json={"msgtype": "markdown", "markdown": {"content": content}}) as r:
+        async with http.post(self.response_url, json={"msgtype": "markdown", "markdown": {
+                "content": neutral_links(content)}}) as r:
             if r.status >= 400:
                 raise AibotError(-1, f"response_url answered HTTP {r.status}")
             data = await r.json(content_type=None)
@@ -364,13 +366,15 @@ class WecomAibotConnector(Connector):
     async def verify_url(self, request: web.Request) -> web.StreamResponse:
         bot = self._bot(request)
         assert bot.crypto is not None
-        return verify_url(request, bot.crypto, what="wecom ai bot", bot=bot.name)
+        return verify_url(request, bot.crypto, what="wecom ai bot", bot=bot.name, window_s=bot.cfg.timestamp_window_s)
 
     async def callback(self, request: web.Request) -> web.StreamResponse:
         bot = self._bot(request)
         crypto = bot.crypto
         assert crypto is not None
         q = signed_query(request)
+        window = bot.cfg.timestamp_window_s
+        check_fresh(q["timestamp"], window, what="wecom ai bot", bot=bot.name)  # a replay: refused before any work
         try:
             envelope = json.loads(await request.read())
         except ValueError:
@@ -385,6 +389,8 @@ class WecomAibotConnector(Connector):
             raise web.HTTPBadRequest(text="the decrypted message is not JSON") from None
         if not isinstance(body, dict):
             raise web.HTTPBadRequest(text="the decrypted message is not a JSON object")
+        if body.get("create_time") is not None:  # the message's own time, inside the ciphertext
+            check_fresh(body["create_time"], window, what="wecom ai bot", bot=bot.name, field="create_time")
         kind = body.get("msgtype")
         if kind == "stream":
             sid = str((body.get("stream") or {}).get("id", ""))

@@ -281,6 +281,11 @@ class AibotReply(ReplyTarget):
             return 0
         return int(raw) if raw and raw.isdigit() else 0
 
+    def abandon(self) -> None:
+        # Another daemon answers this message now: no keepalive from here, the user's slot freed.
+        self._stop_watch()
+        self._release()
+
     def _release(self) -> None:
         slot, self._slot = self._slot, None
         if slot is not None:

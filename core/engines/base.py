@@ -75,7 +75,7 @@ class Generation:
 
 @dataclass(slots=True)
 class EngineStats:
-    """Counters since the engine loaded (read from the event loop: plain ints, no lock needed)."""
+    """Counters since the engine loaded (read from the event loop: plain numbers, no lock needed)."""
 
     steps: int = 0
     batch_tokens: int = 0
@@ -85,8 +85,21 @@ class EngineStats:
     # Read while idle, before the prompt that needs them came (LlamaCppEngine.read_ahead).
     prompt_tokens_ahead: int = 0
     cache_restores: int = 0
+    # Micro-batches llama.cpp cut the steps into (each one a pass over the weights; see
+    # core/engines/batching.py): in all, in the last step, and steps by their count
+    # (index n: steps of n micro-batches; the last index: that many or more).
+    micro_batches: int = 0
+    last_micro_batches: int = 0
+    steps_by_micro_batches: list[int] = field(default_factory=lambda: [0] * 9)
+    # KV states moved from one slot to another to keep a step's sequence ids consecutive.
+    slot_moves: int = 0
 
-    def as_dict(self) -> dict[str, int]:
+    def count_step(self, micro_batches: int) -> None:
+        self.micro_batches += micro_batches
+        self.last_micro_batches = micro_batches
+        self.steps_by_micro_batches[min(micro_batches, len(self.steps_by_micro_batches) - 1)] += 1
+
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 

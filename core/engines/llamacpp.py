@@ -35,6 +35,7 @@ from core.engines.base import (
     TemplateError,
     hand_over,
 )
+from core.engines.batching import micro_batches, runs_of
 from core.engines.special_tokens import control_pattern
 from core.engines.state_cache import SavedState, StateCache, common_prefix
 from core.messages import ThreadKey
@@ -59,6 +60,9 @@ GPU_BUILD_HINT = ("install the GPU build with `BOTD_GPU=cuda bash scripts/run.sh
 # n_gpu_layers = -1 ("all") is passed as this: llama.cpp caps it at the model's layer count, and
 # older versions read a negative count as "none".
 _ALL_LAYERS = 1_000_000
+# A KV state is moved to another slot (to keep a step's sequence ids consecutive) only if the copy
+# costs less than the passes over the weights it saves in this many steps.
+PAYBACK_STEPS = 4
 
 
 class _Device:
@@ -482,6 +486,8 @@ class LlamaCppEngine(Engine):
         self._can_trim = True
         self._opening: list[int] = []
         self._clock = 0.0
+        self._kv_token_bytes = 0
+        self._weight_bytes = 0
         self.stats = EngineStats()
 
     @property
@@ -537,6 +543,12 @@ class LlamaCppEngine(Engine):
             log.info("recurrent or hybrid model: a thread's state is reused only when its prompt extends it",
                      model=self.path.name)
         self._slots = [_Slot(i) for i in range(self.parallel)]
+        # What a slot move copies per token (K and V, f16, every layer) and what a pass reads.
+        n_head = max(1, llama_cpp.llama_model_n_head(model))
+        head_dim = llama_cpp.llama_model_n_embd(model) // n_head
+        self._kv_token_bytes = llama_cpp.llama_model_n_layer(model) * 2 * llama_cpp.llama_model_n_head_kv(model) \
+            * head_dim * 2
+        self._weight_bytes = self.path.stat().st_size
         self._opening = self._template.next_turn_opening() if self._can_trim else []
         log.info("llama.cpp backend", model=self.path.name, **_backend_line(model, self.n_gpu_layers))
         log.info(
@@ -675,7 +687,8 @@ class LlamaCppEngine(Engine):
     def _place(self, seq: _Seq) -> None:
         """Give ``seq`` a free slot: the one already holding most of its prompt, or, when its
         thread's parked state holds more, an empty or least recently used slot with that state
-        restored. A slot taken from another thread has that thread's state parked first. KV
+        restored; among equals, one next to the busy slots (a step's ids should stay consecutive:
+        see :meth:`_compact`). A slot taken from another thread has that thread's state parked first. KV
         state counts only under the adapter set it was computed with: a slot or a parked state
         of another set is never reused."""
         free = [s for s in self._slots if not s.busy]
@@ -688,12 +701,18 @@ class LlamaCppEngine(Engine):
         def reuse(tokens: Sequence[int], under: Adapters) -> int:
             return min(common_prefix(list(tokens), seq.prompt), usable) if under == adapters else 0
 
+        busy = [s.seq_id for s in self._slots if s.busy]
+
+        def scatter(slot: _Slot) -> int:
+            # Runs of consecutive busy ids with this slot taken: a step costs a pass per run.
+            return runs_of([*busy, slot.seq_id])
+
         slot = max(free, key=lambda s: (reuse(s.tokens, s.adapters), s.owner == key and s.adapters == adapters,
-                                        s.owner is None, -s.used_at))
+                                        -scatter(s), s.owner is None, -s.used_at, -s.seq_id))
         kept = reuse(slot.tokens, slot.adapters)
         saved = self.cache.take(self._cache_key(key, adapters))
         if saved is not None and reuse(saved.tokens, adapters) > kept:
-            slot = min(free, key=lambda s: (s.owner is not None, s.used_at))
+            slot = min(free, key=lambda s: (scatter(s), s.owner is not None, s.used_at, s.seq_id))
             self._park(slot, key, adapters)
             kept = reuse(saved.tokens, adapters) if self._restore(slot, saved) else 0
         else:
@@ -706,6 +725,77 @@ class LlamaCppEngine(Engine):
         slot.busy, slot.owner, slot.adapters, slot.used_at = True, key, adapters, self._tick()
         seq.slot, seq.read, seq.cached_tokens = slot, kept, kept
         self.stats.prompt_tokens_reused += kept
+
+    def _compact(self, active: list[_Seq]) -> None:
+        """Bring the step's sequences to consecutive slot ids when that pays: each run of
+        consecutive ids is a pass over the weights of its own (core/engines/batching.py), and a
+        follow-up finds its thread's tokens wherever its slot happens to be. The fewest KV
+        states are moved (and parked, for a slot whose thread's state must make room) into the
+        window of ids that needs the least copying; a copy is done only if it costs less than
+        the passes it saves in a few steps."""
+        ids = [seq.slot.seq_id for seq in active if seq.slot is not None]
+        runs = runs_of(ids)
+        if runs <= 1 or len(ids) != len(active):
+            return
+        inside = set(ids)
+        blocked = {s.seq_id for s in self._slots if s.busy} - inside
+        best: tuple[int, int] | None = None
+        for start in range(self.parallel - len(ids) + 1):
+            window = range(start, start + len(ids))
+            if any(i in blocked for i in window):
+                continue
+            cost = sum(len(self._slots[i].tokens) for i in inside if i not in window)
+            cost += sum(len(self._slots[i].tokens) for i in window if i not in inside)  # parked first
+            if best is None or cost < best[0]:
+                best = (cost, start)
+        if best is None:
+            return
+        cost, start = best
+        # A copy reads and writes each token's K and V; a pass streams the weights once. Moving
+        # pays if it costs less than the passes it saves over PAYBACK_STEPS steps.
+        if 2 * cost * self._kv_token_bytes > (runs - 1) * PAYBACK_STEPS * self._weight_bytes:
+            return
+        window = range(start, start + len(ids))
+        holes = [self._slots[i] for i in window if i not in inside]
+        for seq in active:
+            assert seq.slot is not None
+            if seq.slot.seq_id not in window:
+                self._move(seq, holes.pop(0))
+
+    def _move(self, seq: _Seq, dst: _Slot) -> None:
+        """Move ``seq``'s KV state from its slot to the free slot ``dst`` (whose thread's state is
+        parked first); on failure it stays where it is."""
+        import ctypes
+
+        import llama_cpp
+
+        src = seq.slot
+        assert src is not None and not dst.busy
+        self._park(dst, src.owner or seq.request.thread_key, src.adapters)
+        self._ctx.kv_cache_seq_rm(dst.seq_id, -1, -1)
+        dst.tokens.clear()
+        if src.tokens:
+            ctx = self._ctx.ctx
+            size = llama_cpp.llama_state_seq_get_size(ctx, src.seq_id)
+            area = mmap.mmap(-1, max(1, size))
+            view = (ctypes.c_uint8 * size).from_buffer(area)
+            try:
+                ok = (llama_cpp.llama_state_seq_get_data(ctx, view, size, src.seq_id) == size
+                      and llama_cpp.llama_state_seq_set_data(ctx, view, size, dst.seq_id) > 0)
+            finally:
+                del view
+                area.close()
+            if not ok:
+                self._ctx.kv_cache_seq_rm(dst.seq_id, -1, -1)
+                dst.owner = None
+                log.warning("moving a sequence to another slot failed; it stays", src=src.seq_id, dst=dst.seq_id)
+                return
+            self._ctx.kv_cache_seq_rm(src.seq_id, -1, -1)
+        dst.tokens, src.tokens = src.tokens, []
+        dst.owner, dst.adapters, dst.used_at, dst.busy, dst.ahead = src.owner, src.adapters, src.used_at, True, []
+        src.owner, src.busy, src.ahead, src.adapters = None, False, [], ()
+        seq.slot = dst
+        self.stats.slot_moves += 1
 
     def _trim(self, slot: _Slot, keep: int) -> bool:
         """Drop the slot's tokens past ``keep``; False when that meant clearing it all."""
@@ -830,35 +920,54 @@ class LlamaCppEngine(Engine):
             self._turn += 1
             active = [seq for seq in active if seq.request.adapters == chosen]
         self._apply(active[0].request.adapters)
-        batch = self._batch.batch
+        self._compact(active)
         capacity = min(self.n_batch, self._n_ctx)
+        # How many rows each sequence writes: its next token while generating; while reading its
+        # prompt, one row, except the reader first in line, which reads a chunk. llama.cpp gives
+        # every micro-batch the same number of rows of each sequence in it, so one row each and
+        # one longer chunk cost two passes at most (see core/engines/batching.py); while others
+        # stream, the chunk is smaller so that their next tokens are not held up by a long read.
+        decoding = [seq for seq in active if not seq.reading and seq.next_token is not None]
+        readers = [seq for seq in active if seq.reading]
+        takes: dict[int, int] = {id(seq): 1 for seq in decoding}
+        # What is left once every reader after the first has its one row.
+        budget = capacity - len(decoding) - max(0, len(readers) - 1)
+        for k, seq in enumerate(readers):
+            left = len(seq.prompt) - seq.read
+            if k == 0:
+                take = min(left, max(32, capacity // 4) if decoding else budget, budget)
+            elif decoding:
+                take = 1
+            else:  # nothing streams yet: the prompts fill the batch, first come first
+                take = min(left, budget + 1)
+            take = max(1, take)
+            takes[id(seq)] = take
+            budget -= take if k == 0 else take - 1
+        batch = self._batch.batch
         n = 0
-
-        def add(seq: _Seq, token: int, logits: bool) -> None:
-            nonlocal n
-            assert seq.slot is not None
-            _put(batch, n, seq.slot, token, logits)
-            if logits:
-                seq.logits_at = n
-            n += 1
-
-        for seq in active:  # every generating sequence gets its next token in this step
+        ids: list[int] = []
+        # Rows in sequence-id order, each sequence's rows together: one micro-batch takes only
+        # consecutive ids, in row order.
+        for seq in sorted(active, key=lambda q: q.slot.seq_id if q.slot is not None else -1):
             seq.logits_at = -1
-            if not seq.reading and seq.next_token is not None:
-                add(seq, seq.next_token, True)
-                seq.next_token = None
-        decoding = n
-        # Prompts share what is left; while others stream, a prompt reads in smaller bites so
-        # their next tokens are not held up by a long read.
-        budget = capacity - n if not decoding else max(32, capacity // 4)
-        for seq in active:
-            if not seq.reading or budget <= 0:
+            take = min(takes.get(id(seq), 0), capacity - n)
+            if take <= 0 or seq.slot is None:
                 continue
-            take = min(budget, len(seq.prompt) - seq.read, capacity - n)
+            if not seq.reading:
+                assert seq.next_token is not None
+                _put(batch, n, seq.slot, seq.next_token, True)
+                seq.logits_at, seq.next_token = n, None
+                ids.append(seq.slot.seq_id)
+                n += 1
+                continue
+            last = len(seq.prompt) - 1
             for i in range(seq.read, seq.read + take):
-                add(seq, seq.prompt[i], i == len(seq.prompt) - 1)
+                _put(batch, n, seq.slot, seq.prompt[i], i == last)
+                if i == last:
+                    seq.logits_at = n
+                ids.append(seq.slot.seq_id)
+                n += 1
             seq.read += take
-            budget -= take
             self.stats.prompt_tokens_read += take
         if n == 0:
             return
@@ -875,6 +984,7 @@ class LlamaCppEngine(Engine):
         self.stats.steps += 1
         self.stats.batch_tokens += n
         self.stats.last_batch = n
+        self.stats.count_step(micro_batches(ids, capacity))
         for seq in active:
             if seq.logits_at >= 0:
                 self._sample(seq)

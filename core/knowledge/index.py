@@ -42,6 +42,7 @@ class KnowledgeIndex:
         self.chunks = version.chunks
         self.dim = version.manifest.dim
         self.model = version.manifest.model
+        self.paths = version.manifest.paths  # the folders it was built from (None: not recorded)
         self.faiss = version.index
         self.bm25 = None
         if self.chunks:

@@ -3,9 +3,11 @@
 Files are found under the configured folders (Markdown, text, PDF, Word .docx), hashed,
 and compared with the live version: an unchanged file keeps its chunks and vectors (no
 re-embedding), a new or changed file is read, chunked and embedded, a deleted file drops
-out. An unreadable file is skipped with a warning naming it; the run goes on. The new
-version is written aside and swapped in atomically (:mod:`core.knowledge.store`).
-Blocking work throughout: the daemon runs it in a thread.
+out. Documents are read in a child process under the ``[ingest]`` limits
+(:mod:`core.knowledge.parse_worker`): an unreadable file, or one over a limit, is skipped
+with a warning naming it and an entry in the report; the run goes on. The new version,
+which records the folders it was built from, is written aside and swapped in atomically
+(:mod:`core.knowledge.store`). Blocking work throughout: the daemon runs it in a thread.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import structlog
 
 from core.errors import BotdError
 from core.knowledge.chunking import chunk_sections
-from core.knowledge.documents import SUPPORTED, UnreadableDocument, read_document
+from core.knowledge.documents import SUPPORTED, UnreadableDocument
 from core.knowledge.embedder import Embedder
-from core.knowledge.store import KnowledgeStore, Manifest, StoredChunk
+from core.knowledge.guards import ParseLimits
+from core.knowledge.parse_worker import Interrupted, ParseWorker
+from core.knowledge.store import KnowledgeStore, Manifest, StoredChunk, source_paths
 
 log = structlog.get_logger("botd.knowledge")
 
@@ -110,12 +114,18 @@ class IngestStopped(BotdError):
 INGEST_STEP = 8
 
 
+def _digest(path: Path) -> str:
+    with path.open("rb") as f:  # in blocks: a huge file never sits in this process's memory
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def ingest(name: str, folders: list[Path], state_dir: Path, embedder: Embedder, chunk_chars: int = 800,
            on_file: Callable[[str], None] | None = None,
-           should_stop: Callable[[], bool] = lambda: False) -> IngestReport:
+           should_stop: Callable[[], bool] = lambda: False, limits: ParseLimits | None = None) -> IngestReport:
     """Bring knowledge base ``name`` up to date with ``folders``; returns what was done.
-    ``should_stop`` is asked between files and embedding steps: when it says so, the ingest
-    raises :class:`IngestStopped` and the previous index stays as it was.
+    ``should_stop`` is asked between files and embedding steps (and while a document is read):
+    when it says so, the ingest raises :class:`IngestStopped` and the previous index stays as it was.
+    ``limits``: what reading one document may cost (the ``[ingest]`` section; its defaults when None).
 
     The embedding model is loaded before the clock starts: the report's times and rate are this
     base's work alone, not the first base's share of loading torch and the model.
@@ -124,7 +134,7 @@ def ingest(name: str, folders: list[Path], state_dir: Path, embedder: Embedder, 
     t0 = time.monotonic()
     report = IngestReport(name)
     store = KnowledgeStore(state_dir, name)
-    with store.writing():
+    with store.writing(), ParseWorker(limits) as reader:
         try:
             old = store.load()
         except Exception as exc:  # a damaged live version is rebuilt from the documents
@@ -143,7 +153,7 @@ def ingest(name: str, folders: list[Path], state_dir: Path, embedder: Embedder, 
             if on_file is not None:
                 on_file(source)
             try:
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                digest = _digest(path)
             except OSError as exc:
                 report.skipped.append((source, exc.strerror or str(exc)))
                 log.warning("document skipped: cannot read it", kb=name, file=str(path), reason=exc.strerror)
@@ -156,7 +166,9 @@ def ingest(name: str, folders: list[Path], state_dir: Path, embedder: Embedder, 
                 report.files_unchanged += 1
                 continue
             try:
-                pieces = chunk_sections(read_document(path), chunk_chars)
+                pieces = chunk_sections(reader.read(path, should_stop), chunk_chars)
+            except Interrupted:
+                raise IngestStopped(f"the ingest of {name} was stopped while reading {source}") from None
             except UnreadableDocument as exc:
                 report.skipped.append((source, str(exc)))
                 log.warning("document skipped: unreadable", kb=name, file=str(path), reason=str(exc))
@@ -192,7 +204,7 @@ def ingest(name: str, folders: list[Path], state_dir: Path, embedder: Embedder, 
             rows.append(vectors)
         dim = embedder.dim
         vectors = np.vstack(rows) if rows else np.zeros((0, dim), np.float32)
-        manifest = Manifest(model=embedder.model_id, dim=dim, files=manifest_files)
+        manifest = Manifest(model=embedder.model_id, dim=dim, files=manifest_files, paths=source_paths(folders))
         store.write(manifest, all_chunks, vectors)
         report.chunks = len(all_chunks)
     report.seconds = time.monotonic() - t0

@@ -18,7 +18,10 @@ terms alone. The default model (multilingual-e5-small) reads Chinese and English
 (:meth:`core.knowledge.embedder.Embedder.min_similarity_for`).
 
 Indexes are loaded at start and re-loaded when a base's CURRENT pointer changes (after
-a scheduled or command-line ingest), in a thread, swapped in whole.
+a scheduled or command-line ingest), in a thread, swapped in whole. An index is served only
+for the folders it was built from (its manifest records them): after a base's ``paths``
+change, or a base is re-created under an old name, the old index is never searched; the
+daemon rebuilds it.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from core.config import Config
 from core.knowledge.embedder import Embedder
 from core.knowledge.index import Candidate, KnowledgeIndex
 from core.knowledge.scripts import readable_share, scripts_for
-from core.knowledge.store import KnowledgeStore
+from core.knowledge.store import KnowledgeStore, source_paths
 from core.knowledge.tokens import lexical_tokens
 
 log = structlog.get_logger("botd.knowledge")
@@ -60,8 +63,11 @@ class Hit:
 class Retriever:
     def __init__(self, state_dir: Path, embedder: Embedder, *, candidates: int = 20, top_k: int = 4,
                  min_similarity: float | None = None, min_coverage: float = 0.5,
-                 scripts: frozenset[str] | None = None) -> None:
+                 scripts: frozenset[str] | None = None, paths: dict[str, list[str]] | None = None) -> None:
         self.state_dir = state_dir
+        # Each base's configured folders: an index built from others is not served. None (a
+        # retriever made without a config, as tests do): any index is.
+        self.paths = paths
         self.embedder = embedder
         # What the model can judge: ``[embeddings] languages``, else what the embedder says of itself.
         self.scripts = embedder.scripts if scripts is None else scripts
@@ -83,9 +89,17 @@ class Retriever:
         r, e = cfg.retrieval, cfg.embeddings
         return cls(cfg.server.state_dir, embedder or Embedder(e.model, e.batch_size, e.languages),
                    candidates=r.candidates, top_k=r.top_k, min_similarity=r.min_similarity,
-                   min_coverage=r.min_coverage, scripts=scripts_for(e.languages) if e.languages else None)
+                   min_coverage=r.min_coverage, scripts=scripts_for(e.languages) if e.languages else None,
+                   paths={name: list(kb.paths) for name, kb in cfg.knowledge.items()})
 
     # -- loading (blocking: call in a thread) ------------------------------------------------------
+
+    def built_elsewhere(self, name: str, built_from: list[str] | None) -> bool:
+        """Whether an index of ``name`` built from ``built_from`` (its manifest's paths; None:
+        not recorded) was built from other folders than the configured ones: it is never served."""
+        if self.paths is None or name not in self.paths:
+            return False
+        return built_from != source_paths(self.paths[name])
 
     def refresh(self, names: Sequence[str]) -> list[str]:
         """(Re)load each named base whose live version changed; returns the names reloaded."""
@@ -99,10 +113,19 @@ class Retriever:
                     continue
                 try:
                     version = store.load()
-                    index = KnowledgeIndex(name, version) if version is not None else None
+                    elsewhere = version is not None and self.built_elsewhere(name, version.manifest.paths)
+                    index = KnowledgeIndex(name, version) if version is not None and not elsewhere else None
                 except Exception as exc:  # keep serving the version already loaded
                     log.error("knowledge base could not be loaded; the loaded version stays", kb=name,
                               error=f"{type(exc).__name__}: {exc}")
+                    continue
+                if elsewhere and version is not None and self.paths is not None:
+                    # Another base's documents, or this base's before its folders changed.
+                    log.warning("knowledge base index was built from other folders; it is not served until it is "
+                                "rebuilt" + ("" if self.builds_missing else ": run `botd kb ingest`"), kb=name,
+                                built_from=version.manifest.paths, configured=source_paths(self.paths[name]))
+                    self._indexes[name] = (stamp, None)
+                    reloaded.append(name)
                     continue
                 if index is not None and index.model != self.embedder.model_id:
                     log.warning("knowledge base was built with another embedding model; re-ingest it", kb=name,
@@ -120,8 +143,10 @@ class Retriever:
         """Take over ``other``'s loaded indexes for ``names`` (same embedding model)."""
         self.builds_missing = other.builds_missing
         for name in names:
-            if name in other._indexes:
-                self._indexes[name] = other._indexes[name]
+            entry = other._indexes.get(name)
+            # Not one this retriever would refuse, nor one refused before (its folders may be back).
+            if entry is not None and entry[1] is not None and not self.built_elsewhere(name, entry[1].paths):
+                self._indexes[name] = entry
 
     def has_index(self, name: str) -> bool:
         """Whether an index of ``name`` is loaded (it may hold no chunk)."""

@@ -5,7 +5,8 @@ Layout under ``{state_dir}/knowledge/{name}/``::
     CURRENT            the name of the live version (replaced with os.replace: atomic)
     v-<ns>/index.faiss the vectors (faiss IndexFlatIP over L2-normalised embeddings)
     v-<ns>/chunks.jsonl one line per vector: source, heading, position, text
-    v-<ns>/manifest.json embedding model, dimension, and per file its hash and chunk rows
+    v-<ns>/manifest.json embedding model, dimension, the folders it was built from (resolved),
+                       and per file its hash and chunk rows
     .lock              held (flock) by whoever writes a new version
 
 A reader follows CURRENT; a writer builds a whole new version directory and only then
@@ -21,7 +22,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,15 @@ class Manifest:
     # source -> {"hash": sha256, "first": row, "count": rows}
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     built_at: float = 0.0
+    # The folders (and files) it was built from, symlinks resolved (source_paths); None: built
+    # before botd recorded them. An index is served only for the folders it was built from.
+    paths: list[str] | None = None
+
+
+def source_paths(folders: Sequence[str | Path]) -> list[str]:
+    """A base's configured folders as an index records them: absolute, symlinks resolved, in order
+    (the order names its files)."""
+    return [os.path.realpath(os.path.expanduser(str(f))) for f in folders]
 
 
 @dataclass(slots=True)
@@ -84,16 +94,28 @@ class KnowledgeStore:
             return None, 0
         return self.current_name(), st.st_mtime_ns
 
-    def built_with(self) -> str | None:
-        """The embedding model (``Embedder.model_id``) the live version was built with; None when
-        there is none or its manifest cannot be read."""
+    def _manifest(self) -> dict[str, Any] | None:
         name = self.current_name()
         if name is None:
             return None
         try:
-            return str(json.loads((self.dir / name / "manifest.json").read_text()).get("model", ""))
+            data = json.loads((self.dir / name / "manifest.json").read_text())
         except (OSError, ValueError):
             return None
+        return data if isinstance(data, dict) else None
+
+    def built_with(self) -> str | None:
+        """The embedding model (``Embedder.model_id``) the live version was built with; None when
+        there is none or its manifest cannot be read."""
+        data = self._manifest()
+        return None if data is None else str(data.get("model", ""))
+
+    def built_from(self) -> list[str] | None:
+        """The folders the live version was built from (:func:`source_paths`); None when there is
+        no version, its manifest cannot be read, or it was built before botd recorded them."""
+        data = self._manifest()
+        paths = None if data is None else data.get("paths")
+        return [str(p) for p in paths] if isinstance(paths, list) else None
 
     def load(self) -> Version | None:
         """The live version, or None when nothing was ingested yet."""

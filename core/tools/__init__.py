@@ -6,9 +6,13 @@
 - ``mcp``: the allowed tools of an MCP server (stdio or streamable HTTP).
 
 One :class:`ToolBox` holds them all (an async context manager: MCP servers start on enter
-and stop on exit). :meth:`ToolBox.call` never raises for a tool's failure: a timeout, a
-refusal, bad arguments or a dead server come back as a :class:`ToolResult` with
-``ok=False`` and ``text="error: ..."``. Every call writes one audit line (structlog event
+and stop on exit). A reload that changes ``[tools]`` builds a new box and *retires* the old
+one (:meth:`ToolBox.retire`): its calls under way finish, every later call on it is refused,
+then its MCP sessions close -- so a narrowed ``allow`` list or schema is in force at once,
+even for a caller still holding the old box.
+
+:meth:`ToolBox.call` never raises for a tool's failure: a timeout, a refusal, bad arguments
+or a dead server come back as a :class:`ToolResult` with ``ok=False`` and ``text="error: ..."``. Every call writes one audit line (structlog event
 ``tool_call``) and counts in ``botd_tool_calls_total`` / ``botd_tool_call_seconds``.
 
 Names the model sees: a tool is called by its ``[tools.NAME]``; an MCP server's tools by
@@ -18,6 +22,7 @@ Names the model sees: a tool is called by its ``[tools.NAME]``; an MCP server's 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import shlex
@@ -30,7 +35,7 @@ import aiohttp
 import structlog
 
 from core import metrics
-from core.secrets import known_secrets
+from core.secrets import known_secrets, resolve_secret
 from core.tools.calculator import CalcError, CalcRefused, calculate_async
 from core.tools.config import (
     CalculatorToolConfig,
@@ -102,6 +107,13 @@ class ToolBox:
             elif isinstance(cfg, McpToolConfig):
                 self._tools[name] = McpServer(name, cfg)
         self._http: aiohttp.ClientSession | None = None
+        # Calls under way, and whether a reload replaced this box (it then refuses new calls).
+        self._running = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.retired = False
+        self.closed = False
+        self._secrets = _started_secrets(self.cfg)
 
     async def __aenter__(self) -> ToolBox:
         await self.start()
@@ -117,11 +129,36 @@ class ToolBox:
             await asyncio.gather(*(s.start() for s in servers))
 
     async def close(self) -> None:
+        self.retired = True  # a closed box must not start its MCP servers again on a late call
         servers = [t for t in self._tools.values() if isinstance(t, McpServer)]
         await asyncio.gather(*(s.close() for s in servers), return_exceptions=True)
         if self._http is not None:
             await self._http.close()
             self._http = None
+        self.closed = True
+
+    async def retire(self, grace_s: float) -> None:
+        """Replaced by a reload: refuse every new call at once, let the calls under way finish
+        (up to ``grace_s``; a call past it is cut), then close."""
+        self.retired = True
+        if self._running:
+            log.info("tools replaced by the reload: closing the old ones after their calls", running=self._running)
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace_s)
+            except TimeoutError:
+                log.warning("old tools closed with calls still running", running=self._running)
+        await self.close()
+
+    def same_as(self, tools_cfg: dict[str, ToolConfig]) -> bool:
+        """Whether ``tools_cfg`` (a reloaded ``[tools]``) is what this box runs: the same sections
+        and the same values behind the secrets its MCP servers were started with (a rotated
+        token file is a change even when its reference is not)."""
+        return dict(tools_cfg) == self.cfg and _started_secrets(tools_cfg) == self._secrets
+
+    @staticmethod
+    def grace_s(tools_cfg: dict[str, ToolConfig]) -> float:
+        """How long a call of these tools may run: how long a retired box waits for its calls."""
+        return max((c.timeout_s for c in tools_cfg.values()), default=0.0) + 5.0
 
     # --- what the model is offered ----------------------------------------------------------
 
@@ -167,7 +204,12 @@ class ToolBox:
         label = name if tool_name is not None else "unknown"
         outcome: Outcome = "ok"
         text = error = ""
+        self._running += 1
+        self._idle.clear()
         try:
+            if self.retired:
+                # Replaced by a reload: the old definitions and grants are out of service.
+                raise ToolError("refused", "the tools were reconfigured; ask again")
             if tool_name is None:
                 raise ToolError("refused", f"unknown tool {name!r}")
             if allowed is not None and tool_name not in allowed:
@@ -179,6 +221,10 @@ class ToolBox:
         except Exception as exc:  # a bug or an unexpected library error: still an answer, logged below
             outcome, error = "error", f"{type(exc).__name__}"
             log.exception("tool_failed", tool=name, bot=bot)
+        finally:
+            self._running -= 1
+            if not self._running:
+                self._idle.set()
         duration = time.monotonic() - start
         budget = self._budget(tool_name)
         if outcome == "ok":
@@ -308,6 +354,21 @@ def _validate(args: dict[str, Any], schema: dict[str, Any]) -> None:
     if error is not None:
         where = ".".join(str(p) for p in error.absolute_path)
         raise ToolError("invalid", f"{where + ': ' if where else ''}{error.message}"[:300])
+
+
+def _started_secrets(tools_cfg: dict[str, ToolConfig]) -> dict[str, str]:
+    """A digest of the secret values each MCP server is started with (never the values)."""
+    out = {}
+    for name, cfg in tools_cfg.items():
+        if isinstance(cfg, McpToolConfig):
+            digest = hashlib.sha256()
+            for ref in [*cfg.secret_env.values(), *cfg.secret_headers.values()]:
+                try:
+                    digest.update(resolve_secret(ref).encode() + b"\0")
+                except Exception:  # unreadable now: compared as such; the server's start says why
+                    digest.update(b"\1unresolved\0")
+            out[name] = digest.hexdigest()
+    return out
 
 
 def _masked(text: str) -> str:
