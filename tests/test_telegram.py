@@ -272,3 +272,14 @@ def test_markdown_to_telegram_html():
         "<b>Title</b>\n<b>bold</b> and <i>it</i> and <i>it2</i> and snake_case_var and a&lt;b &amp; c\n• item\n"
         '<pre><code class="language-py">x = 1 &lt; 2</code></pre>\n'
         'see <a href="https://x.org/a?b=1&amp;c=2">site</a> and <code>co*de*</code> <s>gone</s>')
+
+
+def test_a_link_cannot_break_out_of_its_telegram_tag():
+    """Model or tool output whose link URL or label carries markup: one <a> with a quoted href,
+    nothing else becomes a tag."""
+    import re
+
+    out = markdown_to_html('[d<b>x</b>](https://x.io"><i>pwn</i>) [ok](https://y.io/a|b) <b>raw</b>')
+    assert re.findall(r"<[^>]*>", out) == ['<a href="https://x.io%22%3E%3Ci%3Epwn%3C/i%3E">', "</a>",
+                                           '<a href="https://y.io/a%7Cb">', "</a>"], out
+    assert "d&lt;b&gt;x&lt;/b&gt;" in out and "&lt;b&gt;raw&lt;/b&gt;" in out  # shown as text, never tags

@@ -342,3 +342,26 @@ async def test_a_correctly_signed_callback_two_hours_old_is_refused(tmp_path, re
         # The same message signed now is answered: the window is what refused it.
         status, _ = await post_callback(api, wechatpy_encrypt(text_xml("lisi", "hello", 8102)))
         assert status == 200
+
+
+async def test_markdown_links_cannot_carry_markup_out(tmp_path, redis_server):
+    """reply_format = "markdown": a link in the model's (or a tool's) output whose URL or label
+    holds '<', '>' or '|' reaches WeCom with them encoded (no <@user> mention, no <font> tag)."""
+    import aiohttp
+
+    fake = FakeWeCom()
+    manager = RedisManager(make_config(tmp_path, redis_server.url).redis, tmp_path)
+    await manager.start()
+    try:
+        async with serve(fake.app()) as base, aiohttp.ClientSession() as session:
+            cfg = WecomConfig(corp_id=CORP, agent_id=1000002, token="env:X", encoding_aes_key="env:Y",
+                              secret="env:Z", api_base=base, reply_format="markdown")
+            cache = KeyValueCache(manager, "botd")
+            api = WeComApi(cfg, "app-secret-value", cache, session)
+            await WeComReply(Account("wecom", "assistant"), api, cache, "wangwu").show(
+                "See [d<@zhangsan>](https://x.io><@all>) and [ok](https://y.io/p?a=1&b=2).")
+    finally:
+        await manager.close()
+    (sent,) = [s["markdown"]["content"] for s in fake.sent]
+    assert "<" not in sent and ">" not in sent, sent
+    assert "(https://x.io%3E%3C@all%3E)" in sent and "[ok](https://y.io/p?a=1&b=2)" in sent
