@@ -12,8 +12,9 @@ then its MCP sessions close -- so a narrowed ``allow`` list or schema is in forc
 even for a caller still holding the old box.
 
 :meth:`ToolBox.call` never raises for a tool's failure: a timeout, a refusal, bad arguments
-or a dead server come back as a :class:`ToolResult` with ``ok=False`` and ``text="error: ..."``. Every call writes one audit line (structlog event
-``tool_call``) and counts in ``botd_tool_calls_total`` / ``botd_tool_call_seconds``.
+or a dead server come back as a :class:`ToolResult` with ``ok=False`` and ``text="error: ..."``.
+Every call writes one audit line (structlog event ``tool_call``) and counts in
+``botd_tool_calls_total`` / ``botd_tool_call_seconds``.
 
 Names the model sees: a tool is called by its ``[tools.NAME]``; an MCP server's tools by
 ``NAME__tool`` (``NAME`` the section, ``tool`` the server's name of it).
