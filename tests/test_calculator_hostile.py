@@ -1,6 +1,7 @@
 """The calculator under hostile input (issue 25 item 14): 500-character inputs shaped to make
 its text rewriting backtrack answer at once with a clear error, and the event loop keeps
-turning while many are computed (the calculator runs on its own threads). No model, no Redis."""
+turning while many are computed (the calculator runs on its own threads); and a ``/tool``
+command's typed arguments read in linear time. No model, no Redis."""
 
 from __future__ import annotations
 
@@ -92,3 +93,17 @@ async def test_huge_numbers_and_math_domain_errors_are_said_plainly(expr: str) -
 ])
 def test_conversions_read_from_the_right_still_read_as_before(expr: str, want: Any) -> None:
     assert calculate(expr).endswith(f"= {want}"), calculate(expr)
+
+
+def test_a_long_number_in_a_tool_command_is_read_in_linear_time() -> None:
+    """``/tool lookup n=111...1x``: the number pattern for a "number" property backtracked
+    (quadratic: 8,000 digits took 3.6 s on the event loop)."""
+    cfg = {"type": "http", "base_url": "http://127.0.0.1:9/api", "path": "/n", "description": "d",
+           "parameters": {"type": "object", "properties": {"n": {"type": "number"}}, "required": ["n"]}}
+    box = ToolBox({"lookup": TypeAdapter(ToolConfig).validate_python(cfg)})
+    for value in ("1" * 20_000 + "x", "1" * 10_000 + "." + "1" * 10_000 + "e"):
+        start = time.monotonic()
+        assert box.parse_command("lookup", f"n={value}") == {"n": value}  # not a number: kept as text
+        assert time.monotonic() - start < 0.1
+    assert box.parse_command("lookup", "n=2.5e3") == {"n": 2500.0}
+    assert box.parse_command("lookup", "n=-12") == {"n": -12}

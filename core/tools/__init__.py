@@ -333,7 +333,8 @@ def _typed(value: str, schema: dict[str, Any]) -> Any:
     try:
         if "integer" in kinds and re.fullmatch(r"[+-]?\d+", value):
             return int(value)
-        if "number" in kinds and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value):
+        # One way to match each digit (``\d+\.?\d*`` split a digit run every way: quadratic).
+        if "number" in kinds and re.fullmatch(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", value):
             return float(value) if not re.fullmatch(r"[+-]?\d+", value) else int(value)
         if "boolean" in kinds and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
