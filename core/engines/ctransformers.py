@@ -29,6 +29,7 @@ from core.engines.base import (
     PromptTooLong,
     hand_over,
 )
+from core.engines.special_tokens import defuse
 from core.toolcalls import plain_messages
 
 log = structlog.get_logger("botd.engine")
@@ -40,7 +41,10 @@ _IM_START, _IM_END = "<|im_start|>", "<|im_end|>"
 
 
 def render_chatml(messages: Sequence[dict[str, str]]) -> str:
-    turns = "".join(f"{_IM_START}{m['role']}\n{m.get('content', '')}{_IM_END}\n" for m in messages)
+    # The template and the contents become one text that is tokenized whole: a marker written in a
+    # user's words or a document would be read as the template's own, so contents are defused.
+    turns = "".join(f"{_IM_START}{m['role']}\n{defuse(str(m.get('content') or ''))}{_IM_END}\n"
+                    for m in messages)
     return f"{turns}{_IM_START}assistant\n"
 
 
