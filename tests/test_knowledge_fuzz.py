@@ -11,8 +11,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from document_fuzz import check_document, docx_files, documents, markdown_files, pdf_files
-from hypothesis import HealthCheck, given, settings
+from document_fuzz import check_document, documents, docx_files, markdown_files, pdf_files
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from test_knowledge_hostile import peak_mb, reset_peak, rss_mb
 
@@ -26,7 +26,9 @@ FUZZ_RSS_MB = 300
 # Small limits, so that the fuzz reaches them.
 LIMITS = ParseLimits(max_uncompressed_bytes=50 * MB, max_pages=50, max_text_bytes=2 * MB, memory_bytes=512 * MB,
                      timeout_s=30)
-_FUZZ = settings(deadline=None, database=None, derandomize=False,
+# No shrinking in the suite (a slow document makes it take minutes): the failing file is printed as
+# drawn; bench/fuzz_parsers.py shrinks.
+_FUZZ = settings(deadline=None, database=None, derandomize=False, phases=[Phase.generate], print_blob=True,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                         HealthCheck.large_base_example, HealthCheck.function_scoped_fixture])
 

@@ -157,8 +157,9 @@ def test_pages_and_text_are_counted_before_they_cost(tmp_path):
         read_document(text, ParseLimits(max_text_bytes=MB))
     wordy = tmp_path / "wordy.docx"
     d = docx.Document()
-    for _ in range(3000):
-        d.add_paragraph("Every paragraph of this memo repeats the same long sentence again. " * 8)
+    words = "leave salary invoice budget travel expense laptop pension contract bonus parking canteen".split()
+    for i in range(3000):  # varied text: it packs like a real memo (~5x), not like a bomb
+        d.add_paragraph(" ".join(words[(i * 7 + j * j) % len(words)] + str(i * j % 97) for j in range(60)))
     d.save(str(wordy))
     with pytest.raises(UnreadableDocument, match=r"more than 1\.0 MB of text"):
         read_document(wordy, ParseLimits(max_text_bytes=MB))
@@ -302,7 +303,6 @@ def test_an_index_built_from_other_folders_is_never_served(tmp_path):
     hr, fin = write_corpus(tmp_path / "docs")
     cfg = kb_config(tmp_path, "", hr, fin)
     ingest("hr", [hr], cfg.server.state_dir, Embedder(), 800)
-    assert KnowledgeStore(cfg.server.state_dir, "hr").built_from() == [os.path.realpath(hr)]
     # The base "hr" is re-created for other documents (its old index still on disk).
     other = tmp_path / "docs" / "people"
     other.mkdir()
@@ -315,6 +315,7 @@ def test_an_index_built_from_other_folders_is_never_served(tmp_path):
         r = Retriever.from_config(cfg2, Embedder())
         r.refresh(["hr"])
     assert not r.has_index("hr") and r.search(["hr"], HR_QUESTION) == []
+    assert KnowledgeStore(cfg.server.state_dir, "hr").built_from() == [os.path.realpath(hr)]
     assert any(e["event"].startswith("knowledge base index was built from other folders") for e in logs), logs
     # A reload's retriever does not take it over from the one before either.
     old = Retriever.from_config(cfg, Embedder())

@@ -125,6 +125,12 @@ class _NamingHandler(logging.Handler):
         except Exception:
             self.handleError(record)
 
+    def handleError(self, record: logging.LogRecord) -> None:
+        # pypdf logs from deep inside its recursion on nested arrays: re-logging there can raise
+        # RecursionError. The record is dropped rather than printed as text into a JSON log; the
+        # file's own refusal says what was wrong with it.
+        pass
+
 
 @functools.cache
 def _route_pypdf_logs() -> None:

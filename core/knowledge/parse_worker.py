@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -40,6 +40,9 @@ log = structlog.get_logger("botd.knowledge")
 
 # How often a wait for the child looks at the ingest's stop flag.
 _POLL_S = 0.25
+# Log events of one document passed on at most: a damaged PDF can make pypdf complain thousands
+# of times; the rest are counted in one line.
+MAX_LOG_EVENTS = 20
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "critical": 50, "exception": 40}
 
 
@@ -83,6 +86,9 @@ class ParseWorker:
             if isinstance(event, dict):
                 level = _LEVELS.get(str(event.pop("level", "info")), 20)
                 log.log(level, str(event.pop("event", "")), **{str(k): v for k, v in event.items()})
+        if answer.get("logs_dropped"):
+            log.warning("the document's reader reported more problems, not logged", file=str(path),
+                        count=answer["logs_dropped"])
         if answer.get("fatal"):
             self._end()  # a MemoryError leaves the child in no state to go on
         if "error" in answer:
@@ -221,14 +227,21 @@ def _near_ceiling(limits: ParseLimits) -> bool:
 
 def _serve(limits: ParseLimits, requests: IO[bytes], answers: IO[bytes]) -> int:
     captured: list[dict[str, Any]] = []
+    dropped = 0
 
-    def capture(_logger: Any, _method: str, event: dict[str, Any]) -> Any:
-        captured.append({k: v if isinstance(v, str | int | float | bool | None) else str(v) for k, v in event.items()})
+    def capture(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Any:
+        nonlocal dropped
+        if len(captured) < MAX_LOG_EVENTS:
+            captured.append({k: v if isinstance(v, str | int | float | bool | None) else str(v)[:1000]
+                             for k, v in event.items()})
+        else:
+            dropped += 1
         raise structlog.DropEvent
 
     structlog.configure(processors=[structlog.processors.add_log_level, capture], cache_logger_on_first_use=False)
     for line in requests:
         captured.clear()
+        dropped = 0
         fatal = False
         try:
             path = Path(json.loads(line)["path"])
@@ -247,6 +260,7 @@ def _serve(limits: ParseLimits, requests: IO[bytes], answers: IO[bytes]) -> int:
             answer = {"error": f"needs more than {limits.memory_bytes // MB} MB of memory to read "
                                "([ingest] memory_mb)"}
         answer["logs"] = captured
+        answer["logs_dropped"] = dropped
         answer["fatal"] = fatal
         # "replace": a PDF's text may hold lone surrogates, which no file (nor this pipe) can hold.
         answers.write(json.dumps(answer, ensure_ascii=False).encode("utf-8", "replace") + b"\n")
