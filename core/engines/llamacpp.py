@@ -36,11 +36,11 @@ from core.engines.base import (
     hand_over,
 )
 from core.engines.batching import micro_batches, runs_of
+from core.engines.sampling import TokenSampler
 from core.engines.special_tokens import control_pattern
 from core.engines.state_cache import SavedState, StateCache, common_prefix
 from core.messages import ThreadKey
-from core.schema_limits import check_grammar
-from core.toolcalls import TRIGGER, plain_messages
+from core.toolcalls import plain_messages
 
 log = structlog.get_logger("botd.engine")
 
@@ -488,6 +488,7 @@ class LlamaCppEngine(Engine):
         self._clock = 0.0
         self._kv_token_bytes = 0
         self._weight_bytes = 0
+        self._pieces: list[bytes | None] = []
         self.stats = EngineStats()
 
     @property
@@ -549,6 +550,7 @@ class LlamaCppEngine(Engine):
         self._kv_token_bytes = llama_cpp.llama_model_n_layer(model) * 2 * llama_cpp.llama_model_n_head_kv(model) \
             * head_dim * 2
         self._weight_bytes = self.path.stat().st_size
+        self._pieces = [None] * self._model.n_vocab()
         self._opening = self._template.next_turn_opening() if self._can_trim else []
         log.info("llama.cpp backend", model=self.path.name, **_backend_line(model, self.n_gpu_layers))
         log.info(
@@ -616,40 +618,9 @@ class LlamaCppEngine(Engine):
         self._place(seq)
         return seq
 
-    def _sampler(self, request: GenerationRequest) -> Any:
-        """The sampler chain ``Llama.generate`` builds for these settings, one per sequence."""
-        import llama_cpp
-        from llama_cpp import _internals as internals
-        from llama_cpp.llama_grammar import LlamaGrammar
-
-        sampler = internals.LlamaSampler()
-        if request.grammar:
-            # The parser recurses per group: never hand it one unbounded (whoever built it).
-            check_grammar(request.grammar)
-            # First in the chain, as llama.cpp's own sampler does: the others pick among what it allows.
-            grammar = LlamaGrammar.from_string(request.grammar)
-            if request.grammar_lazy:
-                sampler.add_grammar_lazy_patterns(self._model, grammar, [TRIGGER], [])
-            else:
-                sampler.add_grammar(self._model, grammar)
-            # A grammar llama.cpp refuses adds no sampler, and a chain holding none crashes the
-            # process at the first token (core/toolcalls.check_gbnf refuses such grammars earlier).
-            if not llama_cpp.llama_sampler_chain_get(sampler.sampler, 0):
-                sampler.close()
-                raise EngineError("llama.cpp refused the request's grammar")
-        sampler.add_penalties(n_vocab=self._model.n_vocab(), penalty_last_n=64,
-                              penalty_repeat=request.repeat_penalty, penalty_freq=0.0, penalty_present=0.0)
-        if request.temperature == 0.0:
-            sampler.add_greedy()
-        else:
-            sampler.add_top_k(40)
-            sampler.add_typical(1.0, 1)
-            sampler.add_top_p(request.top_p, 1)
-            sampler.add_min_p(0.05, 1)
-            sampler.add_temp(request.temperature)
-            seed = request.seed if request.seed >= 0 else self.seed
-            sampler.add_dist(seed if seed >= 0 else 0xFFFFFFFF)
-        return sampler
+    def _sampler(self, request: GenerationRequest) -> TokenSampler:
+        """The sequence's sampler: the maths of ``Llama.generate``'s chain, on the logits row."""
+        return TokenSampler(self._model, request, request.seed if request.seed >= 0 else self.seed)
 
     def _adapter(self, path: str) -> Any:
         """The LoRA adapter in ``path``, loaded for this model on first use."""
@@ -859,8 +830,6 @@ class LlamaCppEngine(Engine):
 
     def release(self, seq: Generation) -> None:
         assert isinstance(seq, _Seq)
-        # llama-cpp-python's sampler frees its C chain only when the cyclic garbage collector
-        # finds it (it refers to itself); freed here, its buffers never pile up between collections.
         seq.sampler.close()
         slot = seq.slot
         if slot is not None and slot.busy:
@@ -992,14 +961,13 @@ class LlamaCppEngine(Engine):
     def _sample(self, seq: _Seq) -> None:
         import llama_cpp
 
-        token = seq.sampler.sample(self._ctx, seq.logits_at)
+        token = seq.sampler.sample(self._ctx.ctx, seq.logits_at)
         if llama_cpp.llama_vocab_is_eog(self._model.vocab, token):
             self._finish(seq, "stop")
             self._ahead_after(seq, [])
             return
         seq.produced += 1
-        text, seq.pending, stopped = hand_over(seq.pending + seq.decoder.decode(self._model.detokenize([token])),
-                                               seq.stops)
+        text, seq.pending, stopped = hand_over(seq.pending + seq.decoder.decode(self._piece(token)), seq.stops)
         if text:
             seq.out.append(Chunk(text))
         if stopped:
@@ -1010,6 +978,15 @@ class LlamaCppEngine(Engine):
             self._ahead_after(seq, [token])  # the answer's last token was sampled, never read
             return
         seq.next_token = token
+
+    def _piece(self, token: int) -> bytes:
+        """The token's bytes (what ``detokenize([token])`` gives), from a table filled on first use:
+        one ctypes call and a buffer per token and stream saved on the serial path. The bytes
+        may end inside a multi-byte character: each sequence's incremental decoder joins them."""
+        piece = self._pieces[token]
+        if piece is None:
+            piece = self._pieces[token] = self._model.detokenize([token])
+        return piece
 
     def _ahead_after(self, seq: _Seq, last: list[int]) -> None:
         """The answer is whole (not cut at a stop string, whose tokens the stored text lacks): the
