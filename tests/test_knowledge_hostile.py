@@ -96,6 +96,13 @@ def _status(field: str) -> int:
     raise AssertionError(field)
 
 
+def _alive(pid: int) -> bool:
+    try:  # a zombie waiting for its reaper is not running
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def _sources(cfg, name: str) -> set[str]:
     return set(retriever_for(cfg).sources(name))
 
@@ -211,6 +218,36 @@ def test_a_document_that_never_ends_is_skipped_after_the_time_limit_and_a_stop_e
             worker.read(endless, should_stop=lambda: time.monotonic() > stop_at)
         assert worker._proc is None and not Path(f"/proc/{pid}").exists()
         assert worker.started == 2
+
+
+def test_a_parsing_process_never_outlives_the_process_that_started_it(tmp_path):
+    import signal
+    import sys
+
+    endless = tmp_path / "endless.txt"
+    os.mkfifo(endless)
+    script = ("import sys, threading, time\n"
+              "from pathlib import Path\n"
+              "from core.knowledge.parse_worker import ParseWorker\n"
+              "w = ParseWorker()\n"
+              "threading.Thread(target=w.read, args=(Path(sys.argv[1]),), daemon=True).start()\n"
+              "while w._proc is None: time.sleep(0.01)\n"
+              "print(w._proc.pid, flush=True)\n"
+              "time.sleep(600)\n")
+    ingesting = subprocess.Popen([sys.executable, "-c", script, str(endless)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert ingesting.stdout is not None
+        child = int(ingesting.stdout.readline())
+        assert Path(f"/proc/{child}").exists()
+        ingesting.send_signal(signal.SIGKILL)  # the daemon dies mid-ingest
+        ingesting.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), "the parsing process outlived the daemon"
+    finally:
+        if ingesting.poll() is None:
+            ingesting.kill()
 
 
 def test_kb_ingest_applies_the_ingest_section_of_the_config(tmp_path, bomb):

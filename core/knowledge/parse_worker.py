@@ -110,7 +110,7 @@ class ParseWorker:
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "core.knowledge.parse_worker", json.dumps(self.limits.to_dict()),
-                 str(write_fd)],
+                 str(write_fd), str(os.getpid())],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, pass_fds=(write_fd,), env=env)
         except BaseException:
             os.close(read_fd)
@@ -270,9 +270,24 @@ def _serve(limits: ParseLimits, requests: IO[bytes], answers: IO[bytes]) -> int:
     return 0
 
 
+def _die_with_parent(parent: int) -> None:
+    """Linux: killed when the thread that started this process ends (a daemon killed mid-ingest
+    leaves no parser running on a hostile file); elsewhere the closed stdin ends it after the file."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     limits = ParseLimits(**json.loads(args[0]))
+    if len(args) > 2:
+        _die_with_parent(int(args[2]))
     _set_ceiling(limits.memory_bytes)
     answers = os.fdopen(int(args[1]), "wb")
     # Whatever a library prints goes to stderr, never into an answer.
