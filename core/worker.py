@@ -3,9 +3,11 @@
 The asyncio side (the dispatcher task) takes the next job from :class:`FairQueue` whenever
 one of the engine's ``parallel`` slots is free and hands it over; the thread steps every
 running job together (one batched decode per step, a new job joining at the next step) and
-sends every piece of text back with ``loop.call_soon_threadsafe``, so the event loop never
-waits on the model. llama.cpp releases the GIL while it computes, so the loop keeps serving
-requests (health checks included) during generation.
+hands what every job produced in a step to the event loop in one ``call_soon_threadsafe``
+(one wake of the loop per step, however many streams), so the event loop never waits on the
+model and the model's threads are not interrupted once per stream per token. llama.cpp
+releases the GIL while it computes, so the loop keeps serving requests (health checks
+included) during generation.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class InferenceWorker:
         self._dispatcher: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running: set[Job] = set()
+        # The thread's hand-over to the loop (set when the thread starts).
+        self._delivery: _Delivery | None = None
         self._accepting = True
         self.loaded = False
         # Cleared by :meth:`pause`: the dispatcher takes no new job (the model is to be unloaded).
@@ -266,6 +270,7 @@ class InferenceWorker:
             loop.call_soon_threadsafe(_set_exception, ready, err)
             return
         loop.call_soon_threadsafe(_set_result, ready)
+        self._delivery = delivery = _Delivery(loop)
         running: list[_Running] = []
         held: list[Job] = []
         swap: _Swap | None = None
@@ -295,9 +300,10 @@ class InferenceWorker:
             if swap is None:
                 # More jobs than slots only after a reload made `parallel` smaller: they wait here.
                 while held and len(running) < self.engine.parallel:
-                    started = self._open(held.pop(0), loop)
+                    started = self._open(held.pop(0), delivery)
                     if started is not None:
                         running.append(started)
+            delivery.flush()
             if stopping and not running and not held:
                 break
             if not running:
@@ -311,9 +317,11 @@ class InferenceWorker:
                     r.fail("generation failed: step error")
                     self.engine.release(r.generation)
                 running.clear()
+                delivery.flush()
                 continue
             for r in running:
                 r.drain()
+            delivery.flush()  # one wake of the loop for every stream's text of this step
             running = [r for r in running if not r.finished]
         try:
             self.engine.close()
@@ -334,8 +342,8 @@ class InferenceWorker:
             log.exception("closing the previous engine failed")
         loop.call_soon_threadsafe(_set_result, swap.done)
 
-    def _open(self, job: Job, loop: asyncio.AbstractEventLoop) -> _Running | None:
-        running = _Running(job, loop)
+    def _open(self, job: Job, delivery: _Delivery) -> _Running | None:
+        running = _Running(job, delivery)
         try:
             running.generation = self.engine.open(job.request, running.should_stop)
         except PromptTooLong as exc:
@@ -348,21 +356,73 @@ class InferenceWorker:
         return running
 
 
+class _Delivery:
+    """What the worker thread hands to the event loop: every job's text and endings since the
+    loop last took them, carried by one ``call_soon_threadsafe`` (a wake of the loop's selector)
+    at most per step, whatever the number of streams; none while the previous one is still
+    waiting to run (it will carry the new pieces too)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        # (job, text) and (job, (reason, usage, error)) in the order they happened.
+        self._items: list[tuple[Job, str | tuple[str, Usage, str | None]]] = []
+        self._scheduled = False
+        self.wakes = 0
+
+    def text(self, job: Job, text: str) -> None:
+        with self._lock:
+            self._items.append((job, text))
+
+    def end(self, job: Job, reason: str, usage: Usage, error: str | None) -> None:
+        with self._lock:
+            self._items.append((job, (reason, usage, error)))
+
+    def flush(self) -> None:
+        """Called by the worker thread after each step: wake the loop once if there is news."""
+        with self._lock:
+            if not self._items or self._scheduled:
+                return
+            self._scheduled = True
+        self.wakes += 1
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        """On the loop: each job's pieces joined into one, then its ending after them."""
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+        texts: dict[Job, list[str]] = {}
+        for job, item in items:
+            if isinstance(item, str):
+                texts.setdefault(job, []).append(item)
+                continue
+            pieces = texts.pop(job, None)
+            self._apply(job, "".join(pieces) if pieces else "", item)
+        for job, pieces in texts.items():
+            self._apply(job, "".join(pieces), None)
+
+    @staticmethod
+    def _apply(job: Job, text: str, end: tuple[str, Usage, str | None] | None) -> None:
+        try:  # one job's trouble must not keep the others' text from them
+            if text:
+                job.push_text(text)
+            if end is not None:
+                job.finish(*end)
+        except Exception:
+            log.exception("handing a job's text to the loop failed", job_id=job.id)
+
+
 class _Running:
     """A job the thread is generating: its stop check and the hand-over of its text to the loop."""
 
-    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, job: Job, delivery: _Delivery) -> None:
         self.job = job
-        self.loop = loop
+        self.delivery = delivery
         self.deadline = time.monotonic() + job.timeout_s
         self.timed_out = False
         self.finished = False
         self.generation: Generation = Generation()
-        # Text waits here until the loop takes it: one wake-up of the loop carries every piece
-        # produced since the last one, so a busy loop costs the model no extra time.
-        self._pending: list[str] = []
-        self._lock = threading.Lock()
-        self._scheduled = False
 
     def should_stop(self) -> bool:
         if self.job.stop_flag.is_set():
@@ -372,25 +432,11 @@ class _Running:
             return True
         return False
 
-    def _hand_over(self) -> None:
-        with self._lock:
-            text = "".join(self._pending)
-            self._pending.clear()
-            self._scheduled = False
-        if text:
-            self.job.push_text(text)
-
     def drain(self) -> None:
         out = self.generation.out
-        while out:
-            chunk = out.pop(0)
+        for chunk in out:
             if chunk.text:
-                with self._lock:
-                    self._pending.append(chunk.text)
-                    wake = not self._scheduled
-                    self._scheduled = True
-                if wake:
-                    self.loop.call_soon_threadsafe(self._hand_over)
+                self.delivery.text(self.job, chunk.text)
             if chunk.finish_reason:
                 reason, error = chunk.finish_reason, chunk.error
                 if reason == "cancelled" and self.job.interrupted:
@@ -400,14 +446,14 @@ class _Running:
                 usage = Usage(chunk.prompt_tokens, chunk.completion_tokens)
                 self.job.cached_tokens = chunk.cached_tokens
                 self._end(reason, usage, error)
+        out.clear()
 
     def fail(self, error: str) -> None:
         self._end("error", Usage(), error)
 
     def _end(self, reason: str, usage: Usage, error: str | None) -> None:
         self.finished = True
-        self.loop.call_soon_threadsafe(self._hand_over)
-        self.loop.call_soon_threadsafe(self.job.finish, reason, usage, error)
+        self.delivery.end(self.job, reason, usage, error)
 
 
 def _set_result(fut: asyncio.Future[None]) -> None:

@@ -284,3 +284,66 @@ async def test_the_next_turn_of_a_thread_reuses_its_cached_prompt(tmp_path):
         assert second.cached_tokens >= first.usage.prompt_tokens
         assert second.cached_tokens < second.usage.prompt_tokens
         assert worker.engine.stats.prompt_tokens_reused == second.cached_tokens
+
+
+# Sentences the model repeats word for word (as in test_batching.py): several streams at once
+# give the same text whatever the batch.
+SENTENCES = ["the blue fox sleeps under the old bridge", "seven green apples fell on the kitchen floor",
+             "my uncle builds wooden boats in the summer", "a quiet train crossed the snowy valley at dawn"]
+
+
+def echo(sentence: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": "You repeat the user's sentence exactly."},
+            {"role": "user", "content": "the dog ran home"}, {"role": "assistant", "content": "the dog ran home"},
+            {"role": "user", "content": sentence}]
+
+
+async def test_each_step_wakes_the_loop_once_for_all_streams(tmp_path):
+    """Four streams at once: the worker thread hands a step's text of every stream (and their
+    endings) to the loop in one call_soon_threadsafe, not one per stream per token."""
+    import threading
+
+    async with started_worker(tmp_path, parallel=4) as (worker, _):
+        loop = asyncio.get_running_loop()
+        wakes = {"n": 0}
+        original = loop.call_soon_threadsafe
+
+        def counting(callback, *args, **kwargs):
+            if threading.current_thread().name == "botd-inference":
+                wakes["n"] += 1
+            return original(callback, *args, **kwargs)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        try:
+            steps = worker.engine.stats.steps
+            jobs = [job(echo(s), max_tokens=40, thread=f"wake-{i}", user=f"wake-u{i}") for i, s in enumerate(SENTENCES)]
+            for j in jobs:
+                worker.submit(j)
+            streams = await asyncio.wait_for(asyncio.gather(*(collect(j) for j in jobs)), 180)
+            steps = worker.engine.stats.steps - steps
+        finally:
+            del loop.call_soon_threadsafe  # the loop's own method again
+        assert ["".join(ev.delta or "" for ev in events) for events in streams] == SENTENCES
+        assert all(events[-1].finish_reason == Finish.STOP for events in streams)
+        assert steps > 0
+        assert 0 < wakes["n"] <= steps, (wakes["n"], steps)
+
+
+async def test_chinese_text_split_across_tokens_streams_whole(tmp_path):
+    """Token bytes come from a table; a character whose bytes span tokens (SmolLM2 spells most
+    Chinese characters and emoji byte by byte) reaches the stream whole, never as U+FFFD."""
+    text = "你好，世界！这是一个测试。🌍 naïve"
+    async with started_worker(tmp_path) as (worker, _):
+        request = GenerationRequest(ThreadKey("test", "bot", "zh"), [SYSTEM, {"role": "user", "content": "Say hi."}],
+                                    64, temperature=0.0, grammar=f'root ::= "{text}"')
+        j = Job(user="u1", request=request)
+        worker.submit(j)
+        events = await asyncio.wait_for(collect(j), 120)
+        deltas = [ev.delta for ev in events if ev.delta]
+        assert "".join(deltas) == text
+        assert not any("\ufffd" in d for d in deltas)
+        assert events[-1].finish_reason == Finish.STOP
+        engine = worker.engine
+        pieces = engine._model.tokenize(text.encode(), add_bos=False, special=False)
+        assert [engine._piece(t) for t in pieces] == [engine._model.detokenize([t]) for t in pieces]
+        assert b"".join(engine._piece(t) for t in pieces).decode() == text
