@@ -357,3 +357,19 @@ async def test_the_embedded_redis_has_a_memory_ceiling_that_never_evicts(tmp_pat
         assert got["maxmemory"] == str(64 * 1024 * 1024) and got["maxmemory-policy"] == "noeviction"
     finally:
         await redis.close()
+
+
+def test_a_reload_sees_a_rotated_secret_inside_a_table_of_accounts(tmp_path, redis_server):
+    """[telegram.NAME] is a table of accounts: the digest a reload compares reads each account's secrets."""
+    from bots.daemon import _secrets_of
+
+    token = tmp_path / "tg-token"
+    token.write_text("123456:old-token-0123456789\n")
+    hook = tmp_path / "tg-hook"
+    hook.write_text("webhook-secret-0123456789\n")
+    cfg = make_config(tmp_path, redis_server.url, telegram={"assistant": {
+        "token": f"file:{token}", "mode": "webhook", "webhook_secret": f"file:{hook}"}})
+    before = _secrets_of(cfg, "telegram")
+    assert _secrets_of(cfg, "telegram") == before
+    token.write_text("123456:new-token-9876543210\n")
+    assert _secrets_of(cfg, "telegram") != before
