@@ -791,14 +791,17 @@ class Run:
         rounds: list[tuple[Aggregate, Aggregate]] = []
         for r in range(a.a_rounds):
             one = asyncio.run(aggregate(target, 1, max(2, a.requests), a.max_tokens, f"bench-a1-{r}"))
-            steps = (engine_gauge(target, "steps_total"), engine_gauge(target, "batch_tokens_total")) \
-                if target.name == "botd" else None
+            steps = (engine_gauge(target, "steps_total"), engine_gauge(target, "batch_tokens_total"),
+                     engine_gauge(target, "micro_batches_total")) if target.name == "botd" else None
             many = asyncio.run(aggregate(target, a.users, a.requests, a.max_tokens, f"bench-a8-{r}"))
             batching = ""
             if steps is not None:
                 n = engine_gauge(target, "steps_total") - steps[0]
                 tokens = engine_gauge(target, "batch_tokens_total") - steps[1]
-                batching = f"; {n:.0f} decode steps, {tokens / max(n, 1):.1f} tokens a step"
+                # Each micro-batch is a pass over the weights: 1.0 a step is the ideal (issue 26 item 1).
+                passes = engine_gauge(target, "micro_batches_total") - steps[2]
+                batching = (f"; {n:.0f} decode steps, {tokens / max(n, 1):.1f} tokens and "
+                            f"{passes / max(n, 1):.2f} micro-batches a step")
             say(f"  round {r + 1}: {target.name} alone: {one.tps:.1f} tokens/s ({one.tokens} tokens in "
                 f"{one.wall:.1f} s); {a.users} users: {many.tps:.1f} tokens/s ({many.tokens} tokens in "
                 f"{many.wall:.1f} s, median TTFT {statistics.median(many.ttfts) * 1000:.0f} ms, max "

@@ -155,3 +155,23 @@ def test_the_count_is_what_llama_cpp_does(counting_context, rows):
     before = graphs["n"]
     ctx.decode(batch)
     assert graphs["n"] - before == micro_batches(rows, 64)
+
+
+def test_the_count_is_a_prometheus_histogram_and_counter():
+    from core import metrics
+    from core.engines.base import EngineStats
+
+    stats = EngineStats()
+    for n in (1, 2, 1, 9):
+        stats.count_step(n)
+    saved = metrics.ENGINE.source
+    metrics.ENGINE.source = lambda: {"slots": 8, **stats.as_dict()}
+    try:
+        text = metrics.render()[0].decode()
+    finally:
+        metrics.ENGINE.source = saved
+    assert "botd_engine_micro_batches_total 13.0" in text
+    assert 'botd_engine_micro_batches_per_step_bucket{le="1"} 2.0' in text
+    assert 'botd_engine_micro_batches_per_step_bucket{le="2"} 3.0' in text
+    assert 'botd_engine_micro_batches_per_step_bucket{le="+Inf"} 4.0' in text
+    assert "botd_engine_last_micro_batches 9.0" in text
