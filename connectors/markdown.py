@@ -19,11 +19,15 @@ from abc import ABC, abstractmethod
 _FENCE = re.compile(r"```([\w+-]*)[^\n]*\n?(.*?)(?:```|\Z)", re.S)
 _CODE = re.compile(r"`([^`\n]+)`")
 _LINK = re.compile(r"\[([^\]\n]+)\]\((https?://[^)\s]+)\)")
-_BOLD = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*|__(?=\S)(.+?)(?<=\S)__")
+# An emphasis spans at most _SPAN characters: each unclosed opener scanned the rest of the line,
+# so model output of many unclosed '**' / '__' took quadratic time (16k characters: 0.6 s a
+# pattern). An italic's content holds no '*' (or '_'): its scan ends at the next one.
+_SPAN = 400
+_BOLD = re.compile(rf"\*\*(?=\S)(.{{1,{_SPAN}}}?)(?<=\S)\*\*|__(?=\S)(.{{1,{_SPAN}}}?)(?<=\S)__")
 _ITALIC = re.compile(
-    r"(?<![\w*])\*(?=[^\s*])(.+?)(?<=[^\s*])\*(?![\w*])|(?<![\w_])_(?=[^\s_])(.+?)(?<=[^\s_])_(?![\w_])"
+    r"(?<![\w*])\*(?=[^\s*])([^*]+?)(?<=[^\s*])\*(?![\w*])|(?<![\w_])_(?=[^\s_])([^_]+?)(?<=[^\s_])_(?![\w_])"
 )
-_STRIKE = re.compile(r"~~(?=\S)(.+?)(?<=\S)~~")
+_STRIKE = re.compile(rf"~~(?=\S)(.{{1,{_SPAN}}}?)(?<=\S)~~")
 _HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.+?)\s*#*\s*$")
 _BULLET = re.compile(r"^(\s*)[-*+]\s+")
 _SLOT = re.compile(r"\x00(\d+)\x00")

@@ -98,3 +98,17 @@ async def test_telegram_target_records_each_post_before_the_next_and_edits_after
     assert len(fake.of("sendMessage")) == 2  # nothing posted again after the restart
     assert len(fake.of("editMessageText")) == 2
     assert all("longer answer" in m["text"] for m in fake.messages.values())
+
+
+def test_unclosed_emphasis_in_a_long_answer_renders_in_linear_time():
+    from connectors.slack import _Mrkdwn
+    from connectors.telegram import _TelegramHtml
+
+    for markup in (_Mrkdwn(), _TelegramHtml()):
+        for text in ("*a " * 5400, "__a " * 4000, "**a " * 4000, "~~a " * 4000, "_a " * 5400):
+            t0 = time.process_time()
+            markup.render(text)
+            # Quadratic scanning took 0.6-0.9 s a pattern here; linear takes a few ms.
+            assert time.process_time() - t0 < 0.25, (type(markup).__name__, text[:4])
+    # Emphasis still renders.
+    assert _Mrkdwn().render("**bold** and *it* and ~~gone~~") == "*bold* and _it_ and ~gone~"
