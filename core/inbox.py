@@ -318,14 +318,18 @@ class Inbox:
         it waits for a daemon that runs its connector): not kept fresh any more."""
         self._let_go(msg.entry)
 
+    def _forget(self, pipe: Pipeline, rid: str, entry: str = "") -> None:
+        """Add to ``pipe`` what removes one message: its stream entry, record, progress and answer."""
+        if entry:
+            pipe.xack(self.stream_key, GROUP, entry)
+            pipe.xdel(self.stream_key, entry)
+        pipe.hdel(self.key, rid)
+        pipe.hdel(self.progress_key, rid)
+        pipe.hdel(self.answer_key, rid)
+
     async def _drop(self, rid: str, entry: str = "") -> None:
         async with self.redis.client.pipeline(transaction=True) as pipe:
-            if entry:
-                pipe.xack(self.stream_key, GROUP, entry)
-                pipe.xdel(self.stream_key, entry)
-            pipe.hdel(self.key, rid)
-            pipe.hdel(self.progress_key, rid)
-            pipe.hdel(self.answer_key, rid)
+            self._forget(pipe, rid, entry)
             await pipe.execute()
 
     async def pending(self) -> list[tuple[str, InboundMessage]]:
@@ -476,11 +480,7 @@ class Inbox:
             async with self.redis.client.pipeline(transaction=True) as pipe:
                 pipe.rpush(self.dead_key, letter)
                 pipe.ltrim(self.dead_key, -DEAD_KEPT, -1)
-                pipe.xack(self.stream_key, GROUP, entry)
-                pipe.xdel(self.stream_key, entry)
-                pipe.hdel(self.key, rid)
-                pipe.hdel(self.progress_key, rid)
-                pipe.hdel(self.answer_key, rid)
+                self._forget(pipe, rid, entry)
                 await pipe.execute()
 
         await self.redis.run("inbox dead letter", _move)

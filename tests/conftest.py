@@ -276,6 +276,28 @@ async def busy_model(api: Client, jobs: int = 10) -> AsyncIterator[None]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+@contextlib.asynccontextmanager
+async def loop_gaps(tick_s: float = 0.002) -> AsyncIterator[list[float]]:
+    """The gaps between a ticker's wake-ups while the body runs: how long the event loop was held."""
+    gaps: list[float] = []
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while not done.is_set():
+            await asyncio.sleep(tick_s)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    task = asyncio.create_task(ticker())
+    try:
+        yield gaps
+    finally:
+        done.set()
+        await task
+
+
 async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while not await predicate():
