@@ -700,10 +700,10 @@ class LlamaCppEngine(Engine):
     def _compact(self, active: list[_Seq]) -> None:
         """Bring the step's sequences to consecutive slot ids when that pays: each run of
         consecutive ids is a pass over the weights of its own (core/engines/batching.py), and a
-        follow-up finds its thread's tokens wherever its slot happens to be. The fewest KV
-        states are moved (and parked, for a slot whose thread's state must make room) into the
-        window of ids that needs the least copying; a copy is done only if it costs less than
-        the passes it saves in a few steps."""
+        follow-up finds its thread's tokens wherever its slot happens to be. The KV states are
+        swapped with those of free slots (whose threads keep their states, in the slots left)
+        into the window of ids that needs the least copying; only if the copying costs less
+        than the passes it saves in a few steps."""
         ids = [seq.slot.seq_id for seq in active if seq.slot is not None]
         runs = runs_of(ids)
         if runs <= 1 or len(ids) != len(active):
@@ -716,7 +716,7 @@ class LlamaCppEngine(Engine):
             if any(i in blocked for i in window):
                 continue
             cost = sum(len(self._slots[i].tokens) for i in inside if i not in window)
-            cost += sum(len(self._slots[i].tokens) for i in window if i not in inside)  # parked first
+            cost += sum(len(self._slots[i].tokens) for i in window if i not in inside)  # swapped out
             if best is None or cost < best[0]:
                 best = (cost, start)
         if best is None:
@@ -734,39 +734,77 @@ class LlamaCppEngine(Engine):
                 self._move(seq, holes.pop(0))
 
     def _move(self, seq: _Seq, dst: _Slot) -> None:
-        """Move ``seq``'s KV state from its slot to the free slot ``dst`` (whose thread's state is
-        parked first); on failure it stays where it is."""
+        """Swap the KV states of ``seq``'s slot and the free slot ``dst``: the sequence moves to
+        ``dst``, and the thread ``dst`` kept (if any) to the slot it leaves, with its read-ahead,
+        as if nothing had happened to it. On failure the sequence stays where it is (and a
+        state that could not be put back is forgotten: its thread reads its prompt again)."""
+        src = seq.slot
+        assert src is not None and not dst.busy
+        read_moving, moving = self._state_of(src)
+        read_staying, staying = self._state_of(dst)
+        if not (read_moving and read_staying):
+            for area in (moving, staying):
+                if area is not None:
+                    area.close()
+            return
+        self._ctx.kv_cache_seq_rm(dst.seq_id, -1, -1)
+        if not self._put_state(dst, moving):
+            if staying is not None:
+                staying.close()
+            self._ctx.kv_cache_seq_rm(dst.seq_id, -1, -1)
+            dst.tokens.clear()
+            dst.owner, dst.ahead = None, []
+            log.warning("moving a sequence to another slot failed; it stays", src=src.seq_id, dst=dst.seq_id)
+            return
+        self._ctx.kv_cache_seq_rm(src.seq_id, -1, -1)
+        parked_ok = self._put_state(src, staying)
+        dst.tokens, src.tokens = src.tokens, dst.tokens
+        dst.owner, src.owner = src.owner, dst.owner
+        dst.adapters, src.adapters = src.adapters, dst.adapters
+        dst.used_at, src.used_at = src.used_at, dst.used_at
+        dst.ahead, src.ahead = [], dst.ahead
+        dst.busy, src.busy = True, False
+        if not parked_ok:
+            self._forget(src)
+            src.ahead = []
+        seq.slot = dst
+        self.stats.slot_moves += 1
+
+    def _state_of(self, slot: _Slot) -> tuple[bool, mmap.mmap | None]:
+        """Whether the slot's sequence state could be read, and the state in a memory map of its
+        own (given back to the system when closed, as parked states are: see SavedState); None
+        when the slot holds nothing."""
         import ctypes
 
         import llama_cpp
 
-        src = seq.slot
-        assert src is not None and not dst.busy
-        self._park(dst, src.owner or seq.request.thread_key, src.adapters)
-        self._ctx.kv_cache_seq_rm(dst.seq_id, -1, -1)
-        dst.tokens.clear()
-        if src.tokens:
-            ctx = self._ctx.ctx
-            size = llama_cpp.llama_state_seq_get_size(ctx, src.seq_id)
-            area = mmap.mmap(-1, max(1, size))
-            view = (ctypes.c_uint8 * size).from_buffer(area)
-            try:
-                ok = (llama_cpp.llama_state_seq_get_data(ctx, view, size, src.seq_id) == size
-                      and llama_cpp.llama_state_seq_set_data(ctx, view, size, dst.seq_id) > 0)
-            finally:
-                del view
-                area.close()
-            if not ok:
-                self._ctx.kv_cache_seq_rm(dst.seq_id, -1, -1)
-                dst.owner = None
-                log.warning("moving a sequence to another slot failed; it stays", src=src.seq_id, dst=dst.seq_id)
-                return
-            self._ctx.kv_cache_seq_rm(src.seq_id, -1, -1)
-        dst.tokens, src.tokens = src.tokens, []
-        dst.owner, dst.adapters, dst.used_at, dst.busy, dst.ahead = src.owner, src.adapters, src.used_at, True, []
-        src.owner, src.busy, src.ahead, src.adapters = None, False, [], ()
-        seq.slot = dst
-        self.stats.slot_moves += 1
+        if not slot.tokens:
+            return True, None
+        size = llama_cpp.llama_state_seq_get_size(self._ctx.ctx, slot.seq_id)
+        area = mmap.mmap(-1, max(1, size))
+        view = (ctypes.c_uint8 * size).from_buffer(area)
+        written = llama_cpp.llama_state_seq_get_data(self._ctx.ctx, view, size, slot.seq_id)
+        del view  # a live ctypes view would keep the map from closing
+        if written != size or not size:
+            area.close()
+            return False, None
+        return True, area
+
+    def _put_state(self, slot: _Slot, state: mmap.mmap | None) -> bool:
+        """Write a state from :meth:`_state_of` into the (cleared) slot's sequence; closes it."""
+        import ctypes
+
+        import llama_cpp
+
+        if state is None:
+            return True
+        try:
+            view = (ctypes.c_uint8 * len(state)).from_buffer(state)
+            ok = bool(llama_cpp.llama_state_seq_set_data(self._ctx.ctx, view, len(state), slot.seq_id))
+            del view
+            return ok
+        finally:
+            state.close()
 
     def _trim(self, slot: _Slot, keep: int) -> bool:
         """Drop the slot's tokens past ``keep``; False when that meant clearing it all."""
