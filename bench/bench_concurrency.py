@@ -203,15 +203,22 @@ class Target:
         return "\n  ".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
 
+def fetch(target: Target, path: str, timeout: float) -> bytes:
+    """GET ``path`` with the target's credentials (botd shows /healthz details and /metrics to
+    a key only)."""
+    request = urllib.request.Request(target.base + path, headers=target.headers)
+    with urllib.request.urlopen(request, timeout=timeout) as r:
+        return r.read()
+
+
 def wait_http(target: Target, path: str, timeout: float, ok=lambda body: True) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if target.proc is not None and target.proc.poll() is not None:
             return False
         try:
-            with urllib.request.urlopen(target.base + path, timeout=2) as r:
-                if ok(r.read()):
-                    return True
+            if ok(fetch(target, path, 2)):
+                return True
         except (OSError, urllib.error.HTTPError):
             pass
         time.sleep(0.2)
@@ -546,8 +553,7 @@ def write_docs(folder: Path, n_docs: int, rng: random.Random) -> None:
 
 def ingests_done(target: Target) -> float:
     """botd_ingests_total for the bench base, all outcomes, from /metrics."""
-    with urllib.request.urlopen(target.base + "/metrics", timeout=5) as r:
-        text = r.read().decode()
+    text = fetch(target, "/metrics", 5).decode()
     total = 0.0
     for line in text.splitlines():
         if line.startswith("botd_ingests_total{") and f'kb="{KB}"' in line:
@@ -556,9 +562,8 @@ def ingests_done(target: Target) -> float:
 
 
 def ingest_failed(target: Target) -> bool:
-    with urllib.request.urlopen(target.base + "/metrics", timeout=5) as r:
-        return bool(re.search(rf'botd_ingests_total{{[^}}]*kb="{KB}"[^}}]*outcome="failed"[^}}]*}} [1-9]',
-                              r.read().decode()))
+    return bool(re.search(rf'botd_ingests_total{{[^}}]*kb="{KB}"[^}}]*outcome="failed"[^}}]*}} [1-9]',
+                          fetch(target, "/metrics", 5).decode()))
 
 
 @dataclass
@@ -623,8 +628,7 @@ async def under_ingest(target: Target, folder: Path, n_docs: int, users: int, ma
 
 def engine_gauge(target: Target, name: str) -> float:
     """One ``botd_engine_*`` figure from /metrics (0 when absent)."""
-    with urllib.request.urlopen(target.base + "/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
+    for line in fetch(target, "/metrics", 5).decode().splitlines():
             if line.startswith(f"botd_engine_{name} "):
                 return float(line.rsplit(" ", 1)[1])
     return 0.0
