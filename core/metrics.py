@@ -77,7 +77,9 @@ class _EngineCollector:
                     "cache_restores": "Saved KV states restored into a slot",
                     "micro_batches": "Micro-batches llama.cpp cut the decode steps into (each one a pass over "
                                      "the weights; ideally one a step)",
-                    "slot_moves": "KV states moved to another slot to keep a step's sequence ids consecutive"}
+                    "slot_moves": "KV states moved to another slot to keep a step's sequence ids consecutive",
+                    "shared_prefix_copies": "New threads given their bot's system turn copied from its saved "
+                                            "state instead of reading it"}
         for key, doc in counters.items():
             if key in state:
                 yield CounterMetricFamily(f"botd_engine_{key}", doc, value=state[key])

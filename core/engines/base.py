@@ -93,6 +93,9 @@ class EngineStats:
     steps_by_micro_batches: list[int] = field(default_factory=lambda: [0] * 9)
     # KV states moved from one slot to another to keep a step's sequence ids consecutive.
     slot_moves: int = 0
+    # Bots' shared prefixes (the state of a system turn) saved, and copied into new threads' slots.
+    shared_prefixes_saved: int = 0
+    shared_prefix_copies: int = 0
 
     def count_step(self, micro_batches: int) -> None:
         self.micro_batches += micro_batches

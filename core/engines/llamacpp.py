@@ -16,6 +16,7 @@ import json
 import mmap
 import re
 import threading
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -63,6 +64,9 @@ _ALL_LAYERS = 1_000_000
 # A KV state is moved to another slot (to keep a step's sequence ids consecutive) only if the copy
 # costs less than the passes over the weights it saves in this many steps.
 PAYBACK_STEPS = 4
+# A bot's system turn is kept as a shared prefix (copied into each new thread's slot instead of
+# read again) from this many tokens on: below, reading it costs about as much as the copy.
+SHARED_PREFIX_MIN = 64
 
 
 class _Device:
@@ -426,6 +430,11 @@ class _Seq(Generation):
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.pending = ""  # text held back while it might still turn into a stop string
         self.produced = 0
+        # Where the prompt's system turn ends, while reading has not reached it (0: reached, or
+        # none): reading stops there once (see LlamaCppEngine._place). ``share_key``: the key its
+        # state is saved under as the bot's shared prefix when reading gets there; (): not saved.
+        self.share_at = 0
+        self.share_key: tuple[Any, ...] = ()
 
     @property
     def reading(self) -> bool:
@@ -440,7 +449,9 @@ class LlamaCppEngine(Engine):
     prompt never freezes the streams already running). A slot keeps its thread's tokens after
     the answer: the thread's next turn, or any prompt starting with the same tokens, reads only
     what is new. A slot handed to another thread first parks its state in the
-    :class:`~core.engines.state_cache.StateCache`.
+    :class:`~core.engines.state_cache.StateCache`. A bot's system turn is read once: its state is
+    kept in the same cache and copied into the slot of each new thread of the bot (same model,
+    same adapters, the same tokens), which then reads only its own turn.
     """
 
     name = "llama_cpp"
@@ -489,6 +500,9 @@ class LlamaCppEngine(Engine):
         self._kv_token_bytes = 0
         self._weight_bytes = 0
         self._pieces: list[bytes | None] = []
+        # A bot's system turn is shared by its new threads (see _shared_part); off: each reads it itself.
+        self.share_prefixes = True
+        self._system_turns: OrderedDict[bytes, list[int]] = OrderedDict()
         self.stats = EngineStats()
 
     @property
@@ -678,24 +692,107 @@ class LlamaCppEngine(Engine):
             # Runs of consecutive busy ids with this slot taken: a step costs a pass per run.
             return runs_of([*busy, slot.seq_id])
 
+        def fresh(s: _Slot) -> tuple[int, bool, float, int]:
+            return scatter(s), s.owner is not None, s.used_at, s.seq_id
+
         slot = max(free, key=lambda s: (reuse(s.tokens, s.adapters), s.owner == key and s.adapters == adapters,
                                         -scatter(s), s.owner is None, -s.used_at, -s.seq_id))
         kept = reuse(slot.tokens, slot.adapters)
+        shared, share_key = self._shared_part(seq)
         saved = self.cache.take(self._cache_key(key, adapters))
         if saved is not None and reuse(saved.tokens, adapters) > kept:
-            slot = min(free, key=lambda s: (scatter(s), s.owner is not None, s.used_at, s.seq_id))
+            slot = min(free, key=fresh)
             self._park(slot, key, adapters)
             kept = reuse(saved.tokens, adapters) if self._restore(slot, saved) else 0
         else:
             if saved is not None:
                 saved.free()
-            self._park(slot, key, adapters)
+            prefix = self.cache.peek(share_key) if share_key else None
+            copy = reuse(prefix.tokens, adapters) if prefix is not None else 0
+            # The bot's prefix is copied into the slot when no slot holds more of the prompt, and
+            # also instead of taking another thread's slot for little more than that prefix (its
+            # state would be parked now and restored when it comes back).
+            taking = slot.owner not in (None, key) and kept - copy < SHARED_PREFIX_MIN
+            if copy and (copy > kept or taking):
+                other = min(free, key=fresh)
+                if copy > kept or other is not slot:
+                    slot = other
+                    self._park(slot, key, adapters)
+                    prefix = self.cache.peek(share_key)  # parking may have evicted it
+                    if prefix is not None and self._restore(slot, prefix, shared=True):
+                        kept = copy
+                        self.stats.shared_prefix_copies += 1
+                    else:
+                        kept = reuse(slot.tokens, slot.adapters)
+                else:
+                    self._park(slot, key, adapters)
+            else:
+                self._park(slot, key, adapters)
         if not self._trim(slot, kept):
             kept = 0
+        if shared > kept:
+            # A prompt read from before the end of its system turn reads up to there first, then
+            # the rest: the system turn's state is the same whether it was read or copied, and so
+            # is every answer (llama.cpp's sums depend on how a batch is cut). The first thread to
+            # read it keeps that state for its bot's next threads.
+            seq.share_at = shared
+            seq.share_key = share_key if share_key and self.cache.peek(share_key) is None else ()
         slot.ahead = []
         slot.busy, slot.owner, slot.adapters, slot.used_at = True, key, adapters, self._tick()
         seq.slot, seq.read, seq.cached_tokens = slot, kept, kept
         self.stats.prompt_tokens_reused += kept
+
+    def _shared_part(self, seq: _Seq) -> tuple[int, tuple[Any, ...]]:
+        """How many of the prompt's first tokens are its bot's system turn, and the key its
+        shared state goes by (model, adapter set, a digest of exactly those tokens); 0 when it is
+        too short to be worth sharing, the key () when sharing is off. The part ends where the
+        first user turn's words begin: a user's words and the documents retrieved for them
+        (which come in the user's turn) are never part of it."""
+        if not self._can_trim:
+            return 0, ()
+        n = common_prefix(self._system_turn(seq.request), seq.prompt)
+        if n < SHARED_PREFIX_MIN or n >= len(seq.prompt):
+            return 0, ()
+        if not self.share_prefixes:
+            return n, ()
+        digest = hashlib.blake2b(array("i", seq.prompt[:n]).tobytes(), digest_size=16).digest()
+        return n, ("shared prefix", str(self.path), seq.request.adapters, digest)
+
+    def _system_turn(self, request: GenerationRequest) -> list[int]:
+        """The tokens of the request's system turn and the next turn's opening, as this template
+        renders them: where two prompts that differ only in the first user's words part (found
+        once per system message and tools, then remembered). [] without a system message."""
+        messages = request.messages
+        if not messages or messages[0].get("role") != "system" or self._template is None:
+            return []
+        blob = json.dumps([messages[0], request.tools], ensure_ascii=False, default=str)
+        key = hashlib.blake2b(blob.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        turn = self._system_turns.get(key)
+        if turn is not None:
+            self._system_turns.move_to_end(key)
+            return turn
+        try:
+            one, _ = self._template.render([messages[0], {"role": "user", "content": "a"}], request.tools)
+            two, _ = self._template.render([messages[0], {"role": "user", "content": "b"}], request.tools)
+            turn = one[: common_prefix(one, two)]
+        except TemplateError:
+            turn = []
+        self._system_turns[key] = turn
+        while len(self._system_turns) > 64:
+            self._system_turns.popitem(last=False)
+        return turn
+
+    def _save_shared(self, seq: _Seq) -> None:
+        """Keep the state of the system turn ``seq`` just finished reading as its bot's shared
+        prefix (the slot holds exactly those tokens now)."""
+        slot, n, key = seq.slot, seq.share_at, seq.share_key
+        seq.share_at, seq.share_key = 0, ()
+        if not key or slot is None or slot.tokens != seq.prompt[:n] or self.cache.peek(key) is not None:
+            return
+        ok, area = self._state_of(slot)
+        if ok and area is not None:
+            self.cache.put(key, SavedState(tuple(slot.tokens), area))
+            self.stats.shared_prefixes_saved += 1
 
     def _compact(self, active: list[_Seq]) -> None:
         """Bring the step's sequences to consecutive slot ids when that pays: each run of
@@ -840,7 +937,9 @@ class LlamaCppEngine(Engine):
                 area.close()
         slot.owner = None
 
-    def _restore(self, slot: _Slot, saved: SavedState) -> bool:
+    def _restore(self, slot: _Slot, saved: SavedState, *, shared: bool = False) -> bool:
+        """Write ``saved`` into the slot (cleared first). A parked thread state moves into the
+        slot (freed here); a ``shared`` prefix is copied and stays in the cache."""
         import ctypes
 
         import llama_cpp
@@ -854,12 +953,14 @@ class LlamaCppEngine(Engine):
             buf = (ctypes.c_uint8 * size).from_buffer_copy(saved.data)
         ok = llama_cpp.llama_state_seq_set_data(self._ctx.ctx, buf, size, slot.seq_id)
         del buf
-        saved.free()
+        if not shared:
+            saved.free()
         if not ok:
             self._ctx.kv_cache_seq_rm(slot.seq_id, -1, -1)
             return False
         slot.tokens = list(saved.tokens)
-        self.stats.cache_restores += 1
+        if not shared:
+            self.stats.cache_restores += 1
         return True
 
     def _tick(self) -> float:
@@ -948,6 +1049,8 @@ class LlamaCppEngine(Engine):
             else:  # nothing streams yet: the prompts fill the batch, first come first
                 take = min(left, budget + 1)
             take = max(1, take)
+            if seq.share_at > seq.read:  # stop at the end of the system turn (see _place)
+                take = min(take, seq.share_at - seq.read)
             takes[id(seq)] = take
             budget -= take if k == 0 else take - 1
         batch = self._batch.batch
@@ -993,6 +1096,8 @@ class LlamaCppEngine(Engine):
         self.stats.last_batch = n
         self.stats.count_step(micro_batches(ids, capacity))
         for seq in active:
+            if seq.share_at and seq.read == seq.share_at:
+                self._save_shared(seq)
             if seq.logits_at >= 0:
                 self._sample(seq)
 

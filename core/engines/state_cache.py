@@ -8,6 +8,12 @@ A saved state is only ever *offered* for its own thread, and the engine restores
 when the new prompt really starts with the tokens the state holds (compared token by
 token, as far as they agree): a thread can never be given another thread's state, and a
 stale entry can never stand in for a changed history.
+
+The one other kind of entry is a bot's *shared prefix*: the state of exactly the tokens up to
+the end of a system turn (persona, instructions, tool definitions; never a user's turn, where
+retrieved documents live), keyed by model, adapter set and those exact tokens. It is copied
+(:meth:`StateCache.peek`, not taken) into the slot of any new thread whose prompt starts with
+the same tokens under the same adapters, and used only as far as the tokens agree.
 """
 
 from __future__ import annotations
@@ -61,6 +67,15 @@ class StateCache:
         state = self._entries.pop(key, None)
         if state is not None:
             self.bytes -= len(state.data)
+        return state
+
+    def peek(self, key: Hashable) -> SavedState | None:
+        """``key``'s state, left in the cache (marked recently used): for states that are copied
+        into slots rather than moved (a bot's shared prefix). Valid until the next :meth:`put`,
+        which may evict it."""
+        state = self._entries.get(key)
+        if state is not None:
+            self._entries.move_to_end(key)
         return state
 
     def drop(self, key: Hashable) -> None:
