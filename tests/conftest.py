@@ -298,6 +298,24 @@ async def loop_gaps(tick_s: float = 0.002) -> AsyncIterator[list[float]]:
         await task
 
 
+def _tail(log: Path) -> str:
+    return log.read_text()[-2000:]
+
+
+async def until_healthy(proc: subprocess.Popen[bytes], port: int, log: Path, timeout: float = 60) -> None:
+    """Wait until a ``botd run`` subprocess answers /healthz with 200 (fails at once if it exits)."""
+    async with aiohttp.ClientSession() as s:
+        async def up() -> bool:
+            assert proc.poll() is None, _tail(log)
+            try:
+                async with s.get(f"http://127.0.0.1:{port}/healthz") as r:
+                    return r.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_for(up, timeout=timeout, interval=0.1)
+
+
 async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while not await predicate():

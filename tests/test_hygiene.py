@@ -16,8 +16,7 @@ import uuid
 import warnings
 from pathlib import Path
 
-import aiohttp
-from conftest import BOTD, captured, free_port, make_config, marked_processes, wait_for, wait_gone
+from conftest import BOTD, captured, free_port, make_config, marked_processes, until_healthy, wait_gone
 
 from core.redis_store import RedisManager
 
@@ -51,18 +50,9 @@ n_threads = 1
     with log.open("wb") as out:
         proc = subprocess.Popen([BOTD, "run", "--config", str(config)], stdout=out, stderr=out)
     try:
-        async with aiohttp.ClientSession() as s:
-            async def up() -> bool:
-                assert proc.poll() is None, log.read_text()[-2000:]
-                try:
-                    async with s.get(f"http://127.0.0.1:{port}/healthz") as r:
-                        return r.status == 200
-                except aiohttp.ClientError:
-                    return False
-
-            await wait_for(up, timeout=60, interval=0.1)
-            ours = marked_processes("BOTD_T_HYGIENE", mark, under=tmp_path)
-            assert any("redis-server" in cmd for cmd in ours.values()), ours  # the embedded Redis runs
+        await until_healthy(proc, port, log)
+        ours = marked_processes("BOTD_T_HYGIENE", mark, under=tmp_path)
+        assert any("redis-server" in cmd for cmd in ours.values()), ours  # the embedded Redis runs
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 60) == 0
     finally:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import BOTD, free_port, wait_for
+from conftest import BOTD, free_port, until_healthy, wait_for
 from fakes import FakeTelegram, serve
 
 SECRET = "wh-secret_123"
@@ -75,16 +75,7 @@ class DaemonProcess:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen([BOTD, "run", "--config", str(self.config)], env=env,
                                          stdout=log, stderr=log)
-        async with aiohttp.ClientSession() as s:
-            async def up() -> bool:
-                assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-2000:]
-                try:
-                    async with s.get(f"http://127.0.0.1:{self.port}/healthz") as r:
-                        return r.status == 200
-                except aiohttp.ClientError:
-                    return False
-
-            await wait_for(up, timeout=60, interval=0.1)
+        await until_healthy(self.proc, self.port, self.log)
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
