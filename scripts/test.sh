@@ -7,4 +7,6 @@ bash scripts/install.sh test
 VENV="${BOTD_VENV:-.venv}"
 "$VENV/bin/ruff" check .
 "$VENV/bin/mypy" core connectors bots
+# The documentation site: a broken link or #anchor fails the build (mkdocs.yml, validation).
+NO_MKDOCS_2_WARNING=1 "$VENV/bin/mkdocs" build --strict --quiet
 exec "$VENV/bin/python" -m pytest -q "$@"

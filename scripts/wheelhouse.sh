@@ -13,11 +13,12 @@
 # the same CPU family as the target, or ask for a portable build, which is slower (prompt reading
 # about halved on x86): CMAKE_ARGS="-DGGML_NATIVE=OFF" scripts/wheelhouse.sh
 # pip's wheel cache remembers an earlier build of llama-cpp-python; with CMAKE_ARGS set the cache
-# is skipped, so the flags really apply. Mirrors: set PIP_INDEX_URL (see README, "pip mirrors").
+# is skipped, so the flags really apply. Mirrors: set PIP_INDEX_URL (see docs/deployment.md, "pip mirrors").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
-extras=""
+# The docs extra too: the Docker image builds the documentation site from the wheelhouse.
+extras="[docs]"
 if [ "${1:-}" = "--test" ]; then extras="[test]"; shift; fi
 OUT="${1:-wheelhouse}"
 
