@@ -37,9 +37,9 @@ import aiohttp
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from conftest import free_port, redis_server_binary  # noqa: E402
-from fakes import FakeTelegram, serve  # noqa: E402
+sys.path.insert(0, str(ROOT))
+from tests.fakes import FakeTelegram, serve  # noqa: E402
+from tests.helpers import free_port, redis_server_binary  # noqa: E402
 
 SECRET = "bench-secret"
 

@@ -32,12 +32,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
-import test_api_hostile as fuzz  # noqa: E402
-from conftest import RedisServer, captured, make_config, running_daemon  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+
+from tests import test_api_hostile as fuzz  # noqa: E402
+from tests.helpers import RedisServer, captured, make_config, running_daemon  # noqa: E402
 
 
 def main() -> int:

@@ -28,16 +28,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 import structlog  # noqa: E402
-from document_fuzz import SECONDS_PER_DOCUMENT, check_document, docx_files, markdown_files, pdf_files  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis.strategies import just  # noqa: E402
 
 from core.knowledge.documents import read_document  # noqa: E402
 from core.knowledge.guards import MB, ParseLimits  # noqa: E402
 from core.knowledge.parse_worker import ParseWorker  # noqa: E402
+from tests.document_fuzz import SECONDS_PER_DOCUMENT, check_document, docx_files, markdown_files, pdf_files  # noqa: E402
 
 FORMATS = {"markdown/text": markdown_files(), "docx": docx_files(), "pdf": pdf_files()}
 # Small limits, so that the fuzz reaches them; the parsing process's ceiling as configured by default.

@@ -7,9 +7,9 @@ import json
 import time
 
 import aiohttp
-from conftest import make_config, running_daemon, wait_for
 
 from core.messages import ThreadKey
+from tests.helpers import make_config, running_daemon, wait_for
 
 
 def hist_key(cid: str, bot: str = "assistant") -> str:

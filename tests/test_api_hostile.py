@@ -17,9 +17,10 @@ from typing import Any
 from urllib.parse import quote_from_bytes
 
 import pytest
-from conftest import Client, captured, make_config, running_daemon, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from tests.helpers import Client, captured, make_config, running_daemon, wait_for
 
 KEY = "fuzz-key-0123456789"
 DEEP = 10_000

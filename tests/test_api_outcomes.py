@@ -12,9 +12,9 @@ import json
 from typing import Any
 
 import pytest
-from conftest import Client, busy_model, make_config, running_daemon, wait_for
 
 from core.config import ConfigError, config_from_dict
+from tests.helpers import Client, busy_model, make_config, running_daemon, wait_for
 
 LONG = {"messages": [{"role": "user", "content": "Write a very long essay about the sea."}], "max_tokens": 1000}
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_config, running_daemon
+
+from tests.helpers import make_config, running_daemon
 
 
 @pytest.mark.parametrize("redact", [False, True])

@@ -224,7 +224,7 @@ async def test_eight_api_conversations_stream_interleaved_and_each_gets_its_own_
     import json
     import time
 
-    from conftest import make_config, running_daemon, wait_for
+    from tests.helpers import make_config, running_daemon, wait_for
 
     cfg = make_config(tmp_path, redis_server.url, model={"parallel": 8, "max_tokens": 40})
     async with running_daemon(cfg) as api:

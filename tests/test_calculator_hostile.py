@@ -10,12 +10,12 @@ import time
 from typing import Any
 
 import pytest
-from conftest import loop_gaps
 from pydantic import TypeAdapter
 
 from core.tools import ToolBox
 from core.tools.calculator import MAX_CHARS, CalcError, calculate
 from core.tools.config import ToolConfig
+from tests.helpers import loop_gaps
 
 # Each 500 characters, each quadratic (or worse) for the regexes the calculator used to rewrite with.
 BACKTRACKING = [

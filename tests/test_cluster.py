@@ -16,16 +16,16 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import Client, free_port, make_config, wait_for
-from fakes import FakeSlack, FakeTelegram, FakeWeCom, serve
-from tcp_proxy import PausableProxy
-from test_notify import KEY as ROBOT_KEY
-from test_notify import FakeRobot
-from test_service import DaemonProcess, post_update
-from test_slack import SIGNING, event, post_event
-from test_wecom import AES_KEY, CORP, TOKEN, post_callback, text_xml, wechatpy_encrypt
 
 from bots.daemon import Daemon
+from tests.fakes import FakeSlack, FakeTelegram, FakeWeCom, serve
+from tests.helpers import Client, free_port, make_config, wait_for
+from tests.tcp_proxy import PausableProxy
+from tests.test_notify import KEY as ROBOT_KEY
+from tests.test_notify import FakeRobot
+from tests.test_service import DaemonProcess, post_update
+from tests.test_slack import SIGNING, event, post_event
+from tests.test_wecom import AES_KEY, CORP, TOKEN, post_callback, text_xml, wechatpy_encrypt
 
 LEASE_S = 3
 

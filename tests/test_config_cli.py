@@ -11,9 +11,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import BOTD, REPO, free_port
 
 from core.config import ConfigError, load_config
+from tests.helpers import BOTD, REPO, free_port
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -185,7 +185,6 @@ def test_every_config_key_is_documented_in_the_readme_and_the_shipped_config():
     """The README's configuration reference and config.toml's comments cover every key."""
     import re
 
-    from conftest import REPO
     from pydantic import BaseModel
 
     from core.config import (
@@ -200,6 +199,7 @@ def test_every_config_key_is_documented_in_the_readme_and_the_shipped_config():
         WecomAibotConfig,
         WecomConfig,
     )
+    from tests.helpers import REPO
 
     readme = (REPO / "README.md").read_text()
     shipped = (REPO / "config.toml").read_text()

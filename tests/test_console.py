@@ -19,13 +19,13 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
-from conftest import Client, make_config, running_daemon, wait_for
 
 from bots import cli
 from connectors.web_console import connector as console_module
 from core.auth import API_AUDIENCE, CONSOLE_AUDIENCE, Tokens, hash_password, verify_password
 from core.config import Config, ConfigError, config_from_dict
 from core.messages import ThreadKey
+from tests.helpers import Client, make_config, running_daemon, wait_for
 
 KEY = "console-signing-key-for-the-tests-0123456789"
 PASSWORDS = {"root": "root-password-1", "alice": "alice-password-1", "ivan": "ivan-password-1",

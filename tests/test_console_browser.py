@@ -19,11 +19,11 @@ from typing import Any
 
 import jwt
 import pytest
-from conftest import running_daemon, wait_for
-from test_console import KEY, PASSWORDS, _ready, _signing_key, browsers, console_config
 
 from core.auth import CONSOLE_AUDIENCE, Tokens
 from core.messages import ThreadKey
+from tests.helpers import running_daemon, wait_for
+from tests.test_console import KEY, PASSWORDS, _ready, _signing_key, browsers, console_config
 
 __all__ = ["_signing_key"]  # the autouse fixture: the console's signing key in the environment
 

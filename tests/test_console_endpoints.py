@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from conftest import running_daemon, wait_for
-from test_console import KEY, PASSWORDS, Browser, _ready, _signing_key, browsers, console_config
+
+from tests.helpers import running_daemon, wait_for
+from tests.test_console import KEY, PASSWORDS, Browser, _ready, _signing_key, browsers, console_config
 
 __all__ = ["_signing_key"]  # the autouse fixture: the console's signing key in the environment
 

@@ -41,12 +41,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, free_port, make_config, running_daemon
 from structlog.testing import capture_logs
 
 from bots.daemon import Daemon, StartupError
 from core.config import embedded_model_path
 from core.engines.openai import RemoteEngine, RemoteTokenizer
+from tests.helpers import REPO, free_port, make_config, running_daemon
 
 LLAMA_SERVER = REPO / "bench" / ".cache" / "llama-server-build" / "bin" / "llama-server"
 

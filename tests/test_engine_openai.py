@@ -28,7 +28,6 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import make_config, running_daemon, wait_for
 from structlog.testing import capture_logs
 
 from core.config import ConfigError, config_from_dict, embedded_model_path
@@ -39,6 +38,7 @@ from core.engines.openai import STEP_WAIT_S, EstimatedTokenizer, RemoteEngine, R
 from core.jobs import FairQueue, Job
 from core.messages import Finish, ThreadKey
 from core.worker import InferenceWorker
+from tests.helpers import make_config, running_daemon, wait_for
 
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello to the world."}]
 

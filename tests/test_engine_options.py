@@ -15,7 +15,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import BOTD, make_config
 from structlog.testing import capture_logs
 
 from core.config import ConfigError, config_from_dict, embedded_model_path, load_config
@@ -23,6 +22,7 @@ from core.engines import create_engine
 from core.engines.base import EngineError, GenerationRequest
 from core.engines.llamacpp import LlamaCppEngine, gpu_offload_problem
 from core.messages import ThreadKey
+from tests.helpers import BOTD, make_config
 
 
 def _gpu_build() -> bool:

@@ -16,9 +16,8 @@ import uuid
 import warnings
 from pathlib import Path
 
-from conftest import BOTD, captured, free_port, make_config, marked_processes, until_healthy, wait_gone
-
 from core.redis_store import RedisManager
+from tests.helpers import BOTD, captured, free_port, make_config, marked_processes, until_healthy, wait_gone
 
 
 def _alive(pid: int) -> bool:

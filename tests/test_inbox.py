@@ -16,13 +16,13 @@ import asyncio
 import json
 
 import pytest
-from conftest import free_port, make_config
 from structlog.testing import capture_logs
 
 from core.history import HistoryStore
 from core.inbox import Inbox
 from core.messages import ChatTurn, InboundMessage
 from core.redis_store import RedisManager, StoreUnavailable
+from tests.helpers import free_port, make_config
 
 PREFIX = "ibx"
 KEY, PROGRESS, ANSWER = f"{PREFIX}:inbox", f"{PREFIX}:inbox:progress", f"{PREFIX}:inbox:answer"

@@ -14,8 +14,6 @@ from pathlib import Path
 import docx
 import numpy as np
 import pytest
-from conftest import BOTD, make_config, running_daemon, wait_for
-from fakes import FakeTelegram, serve
 from fpdf import FPDF
 
 from bots.service import JobAnswer, TextAnswer
@@ -25,6 +23,8 @@ from core.knowledge.ingest import ingest
 from core.knowledge.retriever import Retriever
 from core.knowledge.store import KnowledgeStore
 from core.messages import InboundMessage
+from tests.fakes import FakeTelegram, serve
+from tests.helpers import BOTD, make_config, running_daemon, wait_for
 
 SECRET = "wh-secret_123"
 HR_FACT = "parental leave bonus of 1850 euros"

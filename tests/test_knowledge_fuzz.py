@@ -11,15 +11,15 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from document_fuzz import check_document, documents, docx_files, markdown_files, pdf_files
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from test_knowledge_hostile import peak_mb, reset_peak, rss_mb
 
 from core.knowledge.embedder import Embedder
 from core.knowledge.guards import MB, ParseLimits
 from core.knowledge.ingest import ingest
 from core.knowledge.parse_worker import ParseWorker
+from tests.document_fuzz import check_document, documents, docx_files, markdown_files, pdf_files
+from tests.test_knowledge_hostile import peak_mb, reset_peak, rss_mb
 
 # The stated ceiling: reading hostile documents in this process grows its peak RSS by less than this.
 FUZZ_RSS_MB = 300

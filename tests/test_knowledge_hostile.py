@@ -15,8 +15,6 @@ from pathlib import Path
 
 import docx
 import pytest
-from conftest import BOTD, make_config, running_daemon, wait_for
-from test_knowledge import HR_QUESTION, kb_config, retriever_for, write_corpus, write_pdf
 
 from core.config import ConfigError, load_config
 from core.knowledge.documents import UnreadableDocument, read_document
@@ -26,6 +24,8 @@ from core.knowledge.ingest import ingest
 from core.knowledge.retriever import Retriever
 from core.knowledge.store import KnowledgeStore
 from core.messages import InboundMessage
+from tests.helpers import BOTD, make_config, running_daemon, wait_for
+from tests.test_knowledge import HR_QUESTION, kb_config, retriever_for, write_corpus, write_pdf
 
 CORPUS = {"leave.md", "benefits.txt", "remote-work.pdf", "onboarding.docx", "年假.md", "差旅.docx"}
 
@@ -271,8 +271,8 @@ def test_kb_ingest_applies_the_ingest_section_of_the_config(tmp_path, bomb):
 
 async def test_a_docx_bomb_uploaded_in_the_console_is_skipped_and_reported(tmp_path, redis_server, bomb,
                                                                            monkeypatch):
-    from test_console import KEY, browsers, console_config
-    from test_console_endpoints import _ingested, _upload
+    from tests.test_console import KEY, browsers, console_config
+    from tests.test_console_endpoints import _ingested, _upload
 
     monkeypatch.setenv("BOTD_TEST_CONSOLE_KEY", KEY)
     cfg = console_config(tmp_path, redis_server.url, knowledge=True)

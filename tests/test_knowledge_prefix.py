@@ -4,12 +4,11 @@ tokens (real model, real Redis, real embedder, the real service)."""
 
 from __future__ import annotations
 
-from conftest import running_daemon, wait_for
-from test_knowledge import HR_FACT, HR_QUESTION, corpus, ingest_all, kb_config  # noqa: F401
-
 from bots.prompt import KNOWLEDGE_RULES
 from bots.service import JobAnswer
 from core.messages import InboundMessage
+from tests.helpers import running_daemon, wait_for
+from tests.test_knowledge import HR_FACT, HR_QUESTION, corpus, ingest_all, kb_config  # noqa: F401
 
 FOLLOW_UP = "And how many days of annual leave do I get?"
 

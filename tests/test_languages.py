@@ -9,17 +9,17 @@ import re
 import string
 
 import pytest
-from conftest import busy_model, make_config, running_daemon, wait_for
-from fakes import FakeTelegram, serve
 from pydantic import ValidationError
-from test_startup_and_outcomes import post_update, shown_in
-from test_telegram import SECRET, private_update, tg_config
 
 from bots import texts
 from bots.streaming import Delivery
 from connectors.telegram import TelegramReply
 from core.config import NO_DOCUMENT_TEXT, BotConfig
 from core.messages import Account, Finish, InboundMessage, ReplyEvent
+from tests.fakes import FakeTelegram, serve
+from tests.helpers import busy_model, make_config, running_daemon, wait_for
+from tests.test_startup_and_outcomes import post_update, shown_in
+from tests.test_telegram import SECRET, private_update, tg_config
 
 HAN = re.compile("[\u4e00-\u9fff]")
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import free_port, make_config
-from fakes import FakeTelegram, serve
-from test_service import DaemonProcess
 
 from bots.daemon import Daemon, StartupError
+from tests.fakes import FakeTelegram, serve
+from tests.helpers import free_port, make_config
+from tests.test_service import DaemonProcess
 
 
 async def test_a_failed_start_leaves_nothing_running(tmp_path, redis_server, monkeypatch):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import make_config, running_daemon
+from tests.helpers import make_config, running_daemon
 
 
 async def _ask(api, user: str, cid: str = "q"):
@@ -92,7 +92,7 @@ def _tool_api(seen: list[str], delay_s: float = 0.0, running: list[int] | None =
 
 
 async def test_a_tool_command_answered_429_has_called_no_tool(tmp_path, redis_server):
-    from fakes import serve
+    from tests.fakes import serve
 
     seen: list[str] = []
     async with serve(_tool_api(seen)) as base:
@@ -112,7 +112,7 @@ async def test_a_tool_command_answered_429_has_called_no_tool(tmp_path, redis_se
 async def test_a_burst_of_tool_commands_beyond_the_cap_is_refused(tmp_path, redis_server):
     import asyncio
 
-    from fakes import serve
+    from tests.fakes import serve
 
     seen: list[str] = []
     running = [0, 0]  # now, most at once

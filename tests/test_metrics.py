@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 
-from conftest import make_config, running_daemon, wait_for
-from fakes import FakeTelegram, serve
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fakes import FakeTelegram, serve
+from tests.helpers import make_config, running_daemon, wait_for
 
 SECRET = "wh-secret_123"
 

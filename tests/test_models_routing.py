@@ -8,14 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_config, running_daemon
-from test_batching import SENTENCES, alone, echo, never
 
 from core.config import ConfigError, config_from_dict, embedded_model_path
 from core.engines.base import EngineError, GenerationRequest
 from core.engines.llamacpp import LlamaCppEngine
 from core.messages import Account, InboundMessage, ThreadKey
 from core.routing import route
+from tests.helpers import REPO, make_config, running_daemon
+from tests.test_batching import SENTENCES, alone, echo, never
 
 # -- [[routes]] ---------------------------------------------------------------------------------------
 

@@ -18,8 +18,6 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import captured, free_port, make_config, running_daemon, wait_for
-from fakes import serve
 
 from bots import texts
 from bots.daemon import Daemon
@@ -27,6 +25,8 @@ from core.config import NOTIFY_DEFAULT_EVENTS, ConfigError, Settings, config_fro
 from core.knowledge.store import KnowledgeStore
 from core.notify import MAX_BYTES, Notifier, truncate_utf8, webhook_key
 from core.redis_store import StoreUnavailable
+from tests.fakes import serve
+from tests.helpers import captured, free_port, make_config, running_daemon, wait_for
 
 KEY = "693a91f6-7xxx-4bc4-97a0-0ec2SECRETKEY"
 

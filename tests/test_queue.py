@@ -6,7 +6,8 @@ import asyncio
 import time
 
 import aiohttp
-from conftest import make_config, running_daemon, wait_for
+
+from tests.helpers import make_config, running_daemon, wait_for
 
 LONG = {"messages": [{"role": "user", "content": "Write a long essay about the history of the sea."}],
         "max_tokens": 300}

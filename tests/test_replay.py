@@ -4,12 +4,12 @@ daemon on the same Redis answers each of them once (Slack: in the message it had
 from __future__ import annotations
 
 import pytest
-from conftest import busy_model, running_daemon, wait_for
-from fakes import FakeSlack, FakeWeCom, serve
-from test_slack import SIGNING, event, post_event, slack_config
-from test_wecom import post_callback, text_xml, wechatpy_encrypt, wecom_config
 
 from core.config import Config
+from tests.fakes import FakeSlack, FakeWeCom, serve
+from tests.helpers import busy_model, running_daemon, wait_for
+from tests.test_slack import SIGNING, event, post_event, slack_config
+from tests.test_wecom import post_callback, text_xml, wechatpy_encrypt, wecom_config
 
 
 async def stop_while_busy(cfg: Config, send) -> None:
@@ -64,7 +64,7 @@ async def test_slack_messages_queued_at_shutdown_are_answered_once_after_the_res
 
 @pytest.fixture
 def wecom_env(monkeypatch):
-    from test_wecom import AES_KEY, TOKEN
+    from tests.test_wecom import AES_KEY, TOKEN
 
     monkeypatch.setenv("WECOM_TOKEN", TOKEN)
     monkeypatch.setenv("WECOM_AES_KEY", AES_KEY)
@@ -93,11 +93,10 @@ async def test_wecom_messages_queued_at_shutdown_are_answered_once_after_the_res
 
 
 async def test_daemons_sharing_redis_replay_only_their_own_messages(tmp_path, redis_server):
-    from conftest import make_config
-
     from core.inbox import Inbox
     from core.messages import InboundMessage
     from core.redis_store import RedisManager
+    from tests.helpers import make_config
 
     manager = RedisManager(make_config(tmp_path, redis_server.url).redis, tmp_path)
     await manager.start()

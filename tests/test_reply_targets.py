@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 
 import pytest
-from fakes import FakeSlack, FakeTelegram, serve
 from slack_sdk.web.async_client import AsyncWebClient
 from telegram import Bot
 
@@ -19,6 +18,7 @@ from bots.streaming import Delivery
 from connectors.slack import THINKING, SlackReply, markdown_to_mrkdwn
 from connectors.telegram import TelegramReply
 from core.messages import Account, InboundMessage
+from tests.fakes import FakeSlack, FakeTelegram, serve
 
 SLACK = Account("slack", "assistant")
 TELEGRAM = Account("telegram", "assistant")

@@ -6,7 +6,8 @@ import asyncio
 import json
 
 import pytest
-from conftest import make_config, running_daemon, wait_for
+
+from tests.helpers import make_config, running_daemon, wait_for
 
 
 def _state(redis_client) -> list[tuple[str, list[str]]]:

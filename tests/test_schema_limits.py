@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import Client, make_config, running_daemon
 
 from core import schema_limits, toolcalls
 from core.schema_limits import SchemaLimitError
+from tests.helpers import Client, make_config, running_daemon
 
 KEY = "schema-key-0123456789"
 

@@ -10,7 +10,7 @@ import subprocess
 import time
 import urllib.request
 
-from conftest import BOTD, REPO, free_port
+from tests.helpers import BOTD, REPO, free_port
 
 
 def test_ready_after_the_api_answers_then_watchdog_then_stopping(tmp_path):

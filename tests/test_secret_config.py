@@ -8,9 +8,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import BOTD
 
 from core.config import ConfigError, load_config
+from tests.helpers import BOTD
 
 # Each pasted where a secret reference belongs.
 INLINE = {

@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 import structlog
 from aiohttp import web
-from conftest import RedisServer, captured, make_config, running_daemon, wait_for
-from fake_wecom_aibot import FakeAibot
-from fakes import FakeSlack, FakeTelegram, FakeWeCom, serve
 from slack_sdk.signature import SignatureVerifier
 
 from connectors.wecom import WeComCrypto
 from core.secrets import resolve_secret
+from tests.fake_wecom_aibot import FakeAibot
+from tests.fakes import FakeSlack, FakeTelegram, FakeWeCom, serve
+from tests.helpers import RedisServer, captured, make_config, running_daemon, wait_for
 
 MARK = "SECRET"
 ENV = {
@@ -255,9 +255,9 @@ async def test_wecom(tmp_path, locked_redis, log) -> None:
 async def test_web_console(tmp_path, locked_redis, log) -> None:
     """Its signing key, a user's password (right and wrong) and the login's JWT never reach the log."""
     import aiohttp
-    from test_console import Browser
 
     from core.auth import hash_password
+    from tests.test_console import Browser
 
     password = "console-SECRET-password-1"
     cfg = config(tmp_path, locked_redis.url, console={

@@ -29,7 +29,7 @@ from bots.cli import main as cli_main
 from core.auth import API_AUDIENCE, LoginLimiter, Tokens, TooManyAttempts, hash_password
 from core.config import load_config
 from core.kv import KeyValueCache
-from tests.conftest import Client, make_config, running_daemon
+from tests.helpers import Client, make_config, running_daemon
 
 KEY = "security-signing-key-for-the-tests-0123456789"
 NEW_KEY = "security-signing-key-rotated-9876543210-abcdef"
@@ -133,7 +133,7 @@ async def test_a_bot_limited_jwt_gives_nothing_when_its_header_is_left_out(tmp_p
 
 
 async def test_anonymous_bots_opt_in_by_name_is_logged(tmp_path, redis_server):
-    from tests.conftest import captured
+    from tests.helpers import captured
 
     data = knowledge_config(tmp_path, redis_server.url, api={"anonymous_bots": ["finance"]})
     path = write_config(tmp_path, redis_server.url, data)
@@ -331,7 +331,7 @@ async def test_healthz_and_metrics_tell_anonymous_callers_no_names_or_errors(tmp
             return h.get("redis") == "unreachable"
 
         try:
-            from tests.conftest import wait_for
+            from tests.helpers import wait_for
 
             await wait_for(degraded, timeout=15)
             async with api.session.get(api.base + "/healthz") as r:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import BOTD, free_port, until_healthy, wait_for
-from fakes import FakeTelegram, serve
+
+from tests.fakes import FakeTelegram, serve
+from tests.helpers import BOTD, free_port, until_healthy, wait_for
 
 SECRET = "wh-secret_123"
 N_MESSAGES = 20

@@ -8,8 +8,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from test_batching import SENTENCES, alone, never, run_together
-from test_models_routing import make_lora
 
 from bots.prompt import with_rules
 from core.config import embedded_model_path
@@ -17,6 +15,8 @@ from core.engines.base import GenerationRequest
 from core.engines.llamacpp import SHARED_PREFIX_MIN, LlamaCppEngine
 from core.engines.state_cache import common_prefix
 from core.messages import ThreadKey
+from tests.test_batching import SENTENCES, alone, never, run_together
+from tests.test_models_routing import make_lora
 
 # A persona and house rules of a few hundred tokens: what departments' bots carry.
 PERSONA = " ".join([

@@ -11,12 +11,12 @@ import time
 
 import pytest
 from aiohttp import web
-from conftest import busy_model, make_config, running_daemon, wait_for
-from fakes import FakeSlack, serve
 from slack_sdk.signature import SignatureVerifier
 
 from connectors.slack import markdown_to_mrkdwn
 from core.messages import ThreadKey
+from tests.fakes import FakeSlack, serve
+from tests.helpers import busy_model, make_config, running_daemon, wait_for
 
 SIGNING = "test-signing-secret-0123456789"
 _seq = itertools.count(1)

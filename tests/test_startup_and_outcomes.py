@@ -12,9 +12,6 @@ import time
 
 import aiohttp
 import pytest
-from conftest import busy_model, free_port, make_config, running_daemon, wait_for
-from fakes import FakeTelegram, serve
-from test_telegram import SECRET, group_update, private_update, stored, tg_config
 
 from bots.daemon import Daemon
 from bots.texts import BUSY, FAILED, say
@@ -23,6 +20,9 @@ from core.config import Settings
 from core.inbox import Inbox
 from core.messages import InboundMessage
 from core.redis_store import RedisManager
+from tests.fakes import FakeTelegram, serve
+from tests.helpers import busy_model, free_port, make_config, running_daemon, wait_for
+from tests.test_telegram import SECRET, group_update, private_update, stored, tg_config
 
 TOKEN = "123456:TEST-token"
 

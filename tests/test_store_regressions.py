@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 
-from conftest import make_config
-
 from core.engines import create_engine
 from core.engines.base import GenerationRequest
 from core.history import HistoryStore
@@ -15,6 +13,7 @@ from core.inbox import Inbox
 from core.jobs import FairQueue, Job
 from core.messages import Finish, InboundMessage, ThreadKey
 from core.redis_store import RedisManager, StoreUnavailable
+from tests.helpers import make_config
 
 
 async def test_a_damaged_record_is_dropped_with_its_progress_and_answer(tmp_path, redis_server):

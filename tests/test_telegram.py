@@ -8,14 +8,14 @@ import json
 import time
 
 import pytest
-from conftest import make_config, running_daemon, wait_for
-from fakes import FakeTelegram, serve
 from telegram import Bot
 
 from bots.service import TextAnswer
 from bots.streaming import Delivery
 from connectors.telegram import TelegramReply, command_of, markdown_to_html
 from core.messages import Account, InboundMessage, ThreadKey
+from tests.fakes import FakeTelegram, serve
+from tests.helpers import make_config, running_daemon, wait_for
 
 SECRET = "wh-secret_123"
 USER = {"id": 4242, "is_bot": False, "first_name": "Ada"}

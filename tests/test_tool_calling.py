@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_config, running_daemon
 from openai import AsyncOpenAI, BadRequestError
 
 from core import toolcalls
@@ -16,6 +15,7 @@ from core.engines import GenerationRequest
 from core.engines.base import EngineError
 from core.engines.llamacpp import LlamaCppEngine
 from core.messages import ThreadKey
+from tests.helpers import make_config, running_daemon
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city now",

@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
-from conftest import make_config, running_daemon
 
 from bots import tooluse
 from core.engines import GenerationRequest
 from core.messages import Finish, InboundMessage
+from tests.helpers import make_config, running_daemon
 
 CODE_WORD = "PELICAN-4711"
 

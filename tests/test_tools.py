@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from conftest import captured
 from pydantic import TypeAdapter
 from yarl import URL
 
@@ -26,6 +25,7 @@ from core.tools import ToolBox, ToolError, ToolResult
 from core.tools._net import under
 from core.tools.calculator import CalcError, calculate
 from core.tools.config import ToolConfig
+from tests.helpers import captured
 
 FIXTURE = str(Path(__file__).with_name("mcp_server_fixture.py"))
 SECRET = "tool-SECRET-header-value-42"

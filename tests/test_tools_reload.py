@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from conftest import running_daemon
-from fakes import serve
-from test_tools import tools
 
 from core.config import load_config
 from core.tools import ToolBox
+from tests.fakes import serve
+from tests.helpers import running_daemon
+from tests.test_tools import tools
 
 FIXTURE = str(Path(__file__).with_name("mcp_server_fixture.py"))
 

@@ -12,9 +12,7 @@ from urllib.parse import quote
 
 import pytest
 import yarl
-from conftest import busy_model, make_config, running_daemon, wait_for
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from fakes import FakeWeCom, serve
 from wechatpy.enterprise.crypto import WeChatCrypto
 
 from connectors.textsplit import split_text, utf8_len
@@ -23,6 +21,8 @@ from core.config import WecomConfig
 from core.kv import KeyValueCache
 from core.messages import Account
 from core.redis_store import RedisManager
+from tests.fakes import FakeWeCom, serve
+from tests.helpers import busy_model, make_config, running_daemon, wait_for
 
 # Tencent's WXBizMsgCrypt sample values
 TOKEN = "hJqcu3uJ9Tn2gXPmxx2w9kkCkCE2EPYo"

@@ -15,10 +15,6 @@ from urllib.parse import quote
 
 import aiohttp
 import pytest
-from conftest import free_port, make_config, running_daemon, wait_for
-from fake_wecom_aibot import STREAM_BYTES, CallbackSender, FakeAibot
-from fakes import serve
-from test_service import DaemonProcess
 
 from connectors.textsplit import utf8_len
 from connectors.wecom_aibot import AibotLink, AibotReply, Slots
@@ -26,6 +22,10 @@ from connectors.wecom_aibot.connector import SocketChannel
 from core.config import ConfigError, WecomAibotConfig, config_from_dict
 from core.kv import KeyValueCache
 from core.messages import Account
+from tests.fake_wecom_aibot import STREAM_BYTES, CallbackSender, FakeAibot
+from tests.fakes import serve
+from tests.helpers import free_port, make_config, running_daemon, wait_for
+from tests.test_service import DaemonProcess
 
 SECRET = "aibot-long-secret"
 # Tencent's WXBizMsgCrypt sample Token and EncodingAESKey (the AI bot uses the same crypto).
@@ -322,7 +322,7 @@ async def test_callback_mode_checks_the_signature_first_and_answers_through_refr
             sender = CallbackSender(fake, session, url, TOKEN, AES_KEY, refresh_every_s=0.1)
             # URL verification, as for a self-built app (receive id "").
             echo = sender.encrypt({"echo": 1})
-            from fake_wecom_aibot import signature
+            from tests.fake_wecom_aibot import signature
 
             now = str(int(time.time()))
             q = (f"msg_signature={signature(TOKEN, now, '2', echo)}&timestamp={now}&nonce=2"
@@ -381,7 +381,7 @@ async def test_callback_mode_refuses_a_correctly_signed_callback_two_hours_old(t
             assert status == 403 and reply is None
             # Nor is a verification request two hours old answered (it would decrypt what it is given).
             echo = sender.encrypt({"echo": 1})
-            from fake_wecom_aibot import signature
+            from tests.fake_wecom_aibot import signature
 
             q = (f"msg_signature={signature(TOKEN, str(old), '2', echo)}&timestamp={old}&nonce=2"
                  f"&echostr={quote(echo, safe='')}")

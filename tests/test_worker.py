@@ -20,13 +20,13 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from conftest import make_config, wait_for
 
 from core.engines import create_engine
 from core.engines.base import GenerationRequest
 from core.jobs import FairQueue, Job, QueueFull
 from core.messages import Finish, ReplyEvent, ThreadKey
 from core.worker import InferenceWorker
+from tests.helpers import make_config, wait_for
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 # Prompts the model answers at length, so that a generation lasts until its max_tokens.
