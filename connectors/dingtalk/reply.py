@@ -1,0 +1,144 @@
+"""Where a DingTalk answer goes: an AI card streamed in place, or markdown messages.
+
+* :class:`CardReply` (``card_template_id`` set; needs the card permission): the first words
+  create and deliver a card (``createAndDeliver``, the template's content variable filled),
+  each later update streams the whole answer so far into it (``PUT /v1.0/card/streaming``,
+  ``isFull``), no more often than ``update_interval_s``; at the end the card is finalised
+  (``isFinalize``) and its ``flowStatus`` set to finished. A longer answer continues in a new card.
+* :class:`MarkdownReply`: each part sent once, finished, as a markdown message through the
+  message's ``sessionWebhook`` while it is valid, else (expired, or refused) through the
+  robot's OpenAPI send (one-to-one ``oToMessages/batchSend`` or ``groupMessages/send``).
+
+Both wait as DingTalk asks on its throttling codes (:attr:`DingtalkApiError.retry_after`).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+
+from connectors.dingtalk.api import DingtalkApi, DingtalkApiError
+from connectors.markdown import neutral_links
+from connectors.reply import ReplyTarget
+from core.kv import KeyValueCache
+from core.messages import Account
+from core.redis_store import StoreUnavailable
+
+log = structlog.get_logger("botd.dingtalk")
+
+PLATFORM = "dingtalk"
+# Not documented by DingTalk; botd keeps a card's text and a markdown message below these.
+CARD_CHARS = 6000
+MARKDOWN_CHARS = 5000
+# A sessionWebhook is not used in its last minute (the answer may take that long to arrive).
+WEBHOOK_MARGIN_MS = 60_000
+FLOW_INPUTTING, FLOW_FINISHED = "2", "3"
+
+
+class _DingtalkReply(ReplyTarget):
+    def __init__(self, account: Account, api: DingtalkApi, cache: KeyValueCache, route: dict[str, Any],
+                 interval: float, sent: Sequence[Any] = ()) -> None:
+        super().__init__(account, interval, sent)
+        self.api = api
+        self.cache = cache
+        self.route = route
+        self.group = bool(route.get("group"))
+        self.conversation = str(route.get("conversation", ""))
+        self.user = str(route.get("staff_id", ""))
+
+    def retry_after(self, exc: Exception) -> float | None:
+        return exc.retry_after if isinstance(exc, DingtalkApiError) else None
+
+    async def user_groups(self, user: str) -> list[str]:
+        return await self.api.departments(user)
+
+    async def failed(self, exc: Exception, text: str) -> None:
+        log.error("dingtalk reply could not be delivered", robot=self.account.name, user=self.user,
+                  error=f"{type(exc).__name__}: {exc}")
+        try:
+            await self.cache.dead_letter(PLATFORM, {"bot": self.account.name, "user": self.user,
+                                                    "conversation": self.conversation, "text": text,
+                                                    "error": type(exc).__name__})
+        except StoreUnavailable:
+            log.error("dead letter lost: redis unreachable", user=self.user)
+
+
+class CardReply(_DingtalkReply):
+    """The answer streamed into AI cards (one per ``CARD_CHARS``)."""
+
+    edits = True
+    limit = CARD_CHARS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.finalised: set[str] = set()
+
+    async def post(self, part: str, first: bool) -> str:
+        ref = f"botd-{uuid.uuid4().hex}"
+        await self.api.card_create(ref, {self.api.cfg.card_content_key: neutral_links(part),
+                                         "flowStatus": FLOW_INPUTTING},
+                                   group=self.group, conversation=self.conversation, user=self.user)
+        return ref
+
+    async def edit(self, ref: Any, part: str) -> None:
+        await self.api.card_stream(str(ref), neutral_links(part))
+
+    async def closed(self, text: str) -> None:
+        """Finalise every card of the answer with what it shows."""
+        parts = self.parts(text)
+        for i, (ref, shown) in enumerate(self.sent):
+            if ref in self.finalised:
+                continue
+            final = parts[i] if i < len(parts) else shown
+            if not final.strip():
+                continue
+            await self.call(functools.partial(self.api.card_stream, str(ref), neutral_links(final), finalize=True))
+            await self.call(functools.partial(self.api.card_update, str(ref), {
+                self.api.cfg.card_content_key: neutral_links(final), "flowStatus": FLOW_FINISHED}))
+            self.finalised.add(ref)
+
+
+class MarkdownReply(_DingtalkReply):
+    """Each part sent once as markdown: the sessionWebhook while valid, else the OpenAPI send."""
+
+    edits = False
+    limit = MARKDOWN_CHARS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.webhook = str(self.route.get("webhook", ""))
+        self.webhook_until_ms = int(self.route.get("webhook_until_ms") or 0)
+
+    def _webhook_usable(self) -> bool:
+        return bool(self.webhook) and time.time() * 1000 < self.webhook_until_ms - WEBHOOK_MARGIN_MS
+
+    async def post(self, part: str, first: bool) -> int:
+        text = neutral_links(part)
+        title = _title(part)
+        if self._webhook_usable():
+            try:
+                payload: dict[str, Any] = {"msgtype": "markdown", "markdown": {"title": title, "text": text}}
+                await self.api.webhook(self.webhook, payload)
+                return len(self.sent) + 1
+            except DingtalkApiError as exc:
+                if exc.retry_after is not None:
+                    raise
+                # Refused (expired early, revoked): the robot's own send reaches the same place.
+                log.info("dingtalk sessionWebhook refused; sending through the OpenAPI", robot=self.account.name,
+                         code=exc.code)
+                self.webhook = ""
+        await self.api.send_markdown(group=self.group, conversation=self.conversation, user=self.user,
+                                     title=title, text=text)
+        return len(self.sent) + 1
+
+
+def _title(text: str) -> str:
+    """The notification's title: the answer's first words, without markup."""
+    first = next((line for line in text.splitlines() if line.strip()), "…")
+    return re.sub(r"[*_`#>~\[\]]", "", first).strip().lstrip("- ").strip()[:20] or "…"

@@ -1,0 +1,233 @@
+"""DingTalk (钉钉): botd's Stream client, API client and reply targets against the local fake
+(tests/fake_dingtalk.py, written from docs/protocols/dingtalk.md), the official dingtalk-stream
+SDK against the same fake, the connector with a recording service, and the real daemon and
+model answering over the long connection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from connectors.dingtalk.api import DingtalkApi, DingtalkApiError
+from connectors.dingtalk.callback import check_signature, sign
+from connectors.dingtalk.config import DingtalkConfig
+from connectors.dingtalk.reply import CardReply, MarkdownReply
+from connectors.dingtalk.stream import StreamLink
+from core.kv import KeyValueCache
+from core.messages import Account
+from tests.fake_dingtalk import FakeDingtalk
+from tests.fakes import serve
+from tests.helpers import wait_for
+
+SECRET = "dingtalk-app-secret"
+TEMPLATE = "tpl-ai-card.schema"
+
+
+@pytest.fixture(autouse=True)
+def dingtalk_env(monkeypatch):
+    monkeypatch.setenv("DINGTALK_SECRET", SECRET)
+
+
+@contextlib.asynccontextmanager
+async def fake_server(fake: FakeDingtalk) -> AsyncIterator[FakeDingtalk]:
+    async with serve(fake.app()) as base:
+        fake.url = base
+        yield fake
+
+
+def robot_cfg(fake: FakeDingtalk, **extra: Any) -> DingtalkConfig:
+    return DingtalkConfig(client_id=fake.client_id, client_secret="env:DINGTALK_SECRET", api_base=fake.url,
+                          oapi_base=fake.url, **extra)
+
+
+async def _true(value: Any) -> Any:
+    return value
+
+
+# -- the Stream client ---------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def linked(fake: FakeDingtalk, got: list[dict[str, Any]], holding=lambda: True):
+    async def on_message(data: dict[str, Any]) -> None:
+        got.append(data)
+
+    link = StreamLink("assistant", fake.url, fake.client_id, SECRET, on_message)
+    async with aiohttp.ClientSession() as http:
+        task = asyncio.create_task(link.session(http, holding))
+        await asyncio.wait_for(link.connected.wait(), 5)
+        try:
+            yield link, task
+        finally:
+            await link.close()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_stream_acks_every_frame_answers_pings_and_leaves_on_disconnect():
+    fake = FakeDingtalk()
+    got: list[dict[str, Any]] = []
+    async with fake_server(fake), linked(fake, got) as (link, task):
+        [opened] = fake.opens
+        assert {"type": "CALLBACK", "topic": "/v1.0/im/bot/messages/get"} in opened["subscriptions"]
+        mid = await fake.push(fake.robot_message("zhangsan", "你好"))
+        opaque = await fake.ping()
+        await wait_for(lambda: _true(mid in fake.acks and opaque in fake.pongs), timeout=5)
+        assert got[0]["text"]["content"] == "你好"
+        assert json.loads(fake.acks[mid]["data"]) == {"response": None}
+        # The gateway says it goes away: the session ends (the connector reconnects with a new ticket).
+        closing = asyncio.create_task(fake.disconnect(close_after_s=3))
+        await asyncio.wait_for(task, 2)  # ended before the gateway closed it
+        closing.cancel()
+    assert fake.errors == []
+
+
+async def test_the_official_sdk_speaks_with_the_fake(tmp_path):
+    """The fake is checked against dingtalk-stream 0.24.3 itself: it registers, receives a robot
+    message through its ChatbotHandler and ACKs it."""
+    fake = FakeDingtalk()
+    script = tmp_path / "sdk.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        "import dingtalk_stream\n"
+        "from dingtalk_stream import AckMessage, ChatbotMessage\n"
+        "class H(dingtalk_stream.ChatbotHandler):\n"
+        "    async def process(self, cb):\n"
+        "        m = ChatbotMessage.from_dict(cb.data)\n"
+        "        print('GOT', m.conversation_type, m.text.content.strip(), m.sender_staff_id, flush=True)\n"
+        "        return AckMessage.STATUS_OK, 'OK'\n"
+        "c = dingtalk_stream.DingTalkStreamClient(dingtalk_stream.Credential(sys.argv[1], sys.argv[2]))\n"
+        "c.register_callback_handler(ChatbotMessage.TOPIC, H())\n"
+        "asyncio.run(c.start())\n")
+    async with fake_server(fake):
+        env = {**os.environ, "DINGTALK_OPENAPI_ENDPOINT": fake.url}
+        proc = await asyncio.create_subprocess_exec(sys.executable, str(script), fake.client_id, SECRET, env=env,
+                                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            await wait_for(lambda: _true(fake.connected() == 1), timeout=20)
+            mid = await fake.push(fake.robot_message("lisi", "hello sdk", group="cidGroup1"))
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), 10)
+            assert line.decode().split() == ["GOT", "2", "hello", "sdk", "lisi"]
+            await wait_for(lambda: _true(mid in fake.acks), timeout=5)
+        finally:
+            proc.kill()
+            await proc.wait()
+    assert fake.errors == []
+
+
+# -- the API client --------------------------------------------------------------------------------------
+
+
+async def test_the_token_is_shared_cached_and_refreshed_once_when_refused(manager):
+    fake = FakeDingtalk()
+    async with fake_server(fake), aiohttp.ClientSession() as http:
+        cache = KeyValueCache(manager, "botd")
+        one = DingtalkApi(robot_cfg(fake), SECRET, http, cache)
+        two = DingtalkApi(robot_cfg(fake), SECRET, http, cache)  # another daemon of the cluster
+        assert await one.token() == await two.token()
+        assert fake.token_requests == 1
+        fake.departments["wangwu"] = [1, 42]
+        fake.expire_tokens()  # mid-answer, DingTalk stops taking the token
+        assert await two.departments("wangwu") == ["1", "42"]
+        assert fake.token_requests == 2
+        assert await one.departments("wangwu") == ["1", "42"] and fake.user_lookups == ["wangwu"]  # cached
+
+
+async def test_a_wrong_secret_is_a_clear_error(manager):
+    fake = FakeDingtalk()
+    async with fake_server(fake), aiohttp.ClientSession() as http:
+        api = DingtalkApi(robot_cfg(fake), "wrong", http, KeyValueCache(manager, "botd"))
+        with pytest.raises(DingtalkApiError, match="invalidClientIdOrSecret"):
+            await api.token()
+
+
+# -- the reply targets alone ------------------------------------------------------------------------------
+
+
+def _route(fake: FakeDingtalk, user: str, group: str = "", webhook_life_s: float = 5400) -> dict[str, Any]:
+    data = fake.robot_message(user, "q", group=group, webhook_life_s=webhook_life_s)
+    return {"group": bool(group), "conversation": data["conversationId"], "staff_id": user,
+            "webhook": data["sessionWebhook"], "webhook_until_ms": data["sessionWebhookExpiredTime"]}
+
+
+async def test_a_card_grows_in_updates_is_finalised_and_obeys_throttling(manager):
+    fake = FakeDingtalk()
+    async with fake_server(fake), aiohttp.ClientSession() as http:
+        cfg = robot_cfg(fake, card_template_id=TEMPLATE)
+        api = DingtalkApi(cfg, SECRET, http, KeyValueCache(manager, "botd"))
+        target = CardReply(Account("dingtalk", "assistant"), api, KeyValueCache(manager, "botd"),
+                           _route(fake, "zhaoliu", group="cidG"), 0.1)
+        await target.show("钉钉")
+        fake.throttle("/v1.0/card/streaming", 2)
+        t0 = time.monotonic()
+        await target.show("钉钉的 AI 卡片")
+        assert time.monotonic() - t0 >= 1.9  # waited about a second after each 403
+        fake.expire_tokens()
+        await target.show("钉钉的 AI 卡片流式更新")
+        await target.closed("钉钉的 AI 卡片流式更新。")
+    [card] = fake.cards.values()
+    assert card.template == TEMPLATE and card.open_space_id == "dtv1.card//IM_GROUP.cidG"
+    assert card.params["content"] == "钉钉的 AI 卡片流式更新。" and card.params["flowStatus"] == "3"
+    assert card.contents == ["钉钉的 AI 卡片", "钉钉的 AI 卡片流式更新", "钉钉的 AI 卡片流式更新。"]
+    assert card.finalised and len(fake.throttle_hits) == 2 and fake.token_requests == 2
+    assert fake.errors == []
+
+
+async def test_a_long_answer_continues_in_a_second_card(manager):
+    fake = FakeDingtalk()
+    text = "长回答。" * 2000  # 8,000 characters: past one card
+    async with fake_server(fake), aiohttp.ClientSession() as http:
+        api = DingtalkApi(robot_cfg(fake, card_template_id=TEMPLATE), SECRET, http, KeyValueCache(manager, "botd"))
+        target = CardReply(Account("dingtalk", "assistant"), api, KeyValueCache(manager, "botd"),
+                           _route(fake, "sunqi"), 0.1)
+        for n in (100, 5000, len(text)):
+            await target.show(text[:n])
+        await target.closed(text)
+    cards = sorted(fake.cards.values(), key=lambda c: c.created_at)
+    assert len(cards) == 2 and all(c.finalised for c in cards)
+    assert cards[0].open_space_id == "dtv1.card//IM_ROBOT.sunqi"
+    assert "".join(c.params["content"] for c in cards) == text  # nothing lost, nothing twice
+    assert fake.errors == []
+
+
+async def test_markdown_goes_by_session_webhook_then_by_openapi_once_it_expired(manager):
+    fake = FakeDingtalk()
+    async with fake_server(fake), aiohttp.ClientSession() as http:
+        api = DingtalkApi(robot_cfg(fake), SECRET, http, KeyValueCache(manager, "botd"))
+        cache = KeyValueCache(manager, "botd")
+        fresh = MarkdownReply(Account("dingtalk", "assistant"), api, cache, _route(fake, "zhouba"), 0)
+        await fresh.show("**Hello** there")
+        stale = MarkdownReply(Account("dingtalk", "assistant"), api, cache,
+                              _route(fake, "wujiu", group="cidG2", webhook_life_s=30), 0)
+        await stale.show("# Title\nbody")
+        one = MarkdownReply(Account("dingtalk", "assistant"), api, cache, _route(fake, "zheng", webhook_life_s=0), 0)
+        await one.show("one to one")
+    assert [p["markdown"]["text"] for p in fake.webhook_posts] == ["**Hello** there"]
+    assert fake.webhook_posts[0]["markdown"]["title"] == "Hello there"
+    group, single = fake.sends
+    assert group["kind"] == "group" and group["openConversationId"] == "cidG2" and group["param"]["title"] == "Title"
+    assert single["kind"] == "1to1" and single["userIds"] == ["zheng"] and single["robotCode"] == fake.client_id
+
+
+# -- callback mode's signature -------------------------------------------------------------------------------
+
+
+def test_callback_signature():
+    now = int(time.time() * 1000)
+    good = sign(str(now), SECRET)
+    assert check_signature(str(now), good, SECRET, 3600) == ""
+    assert check_signature(str(now), sign(str(now), "other"), SECRET, 3600) == "wrong signature"
+    old = str(now - 3_700_000)
+    assert "window" in check_signature(old, sign(old, SECRET), SECRET, 3600)
+    assert "malformed" in check_signature("x", good, SECRET, 3600)
