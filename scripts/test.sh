@@ -7,6 +7,9 @@ bash scripts/install.sh test
 VENV="${BOTD_VENV:-.venv}"
 "$VENV/bin/ruff" check .
 "$VENV/bin/mypy" core connectors bots
+# The layer rules (pyproject.toml, [tool.importlinter]): imports point down, no platform imports
+# another, no import cycle at any depth.
+"$VENV/bin/lint-imports" --no-cache --no-logo
 # The documentation site: a broken link or #anchor fails the build (mkdocs.yml, validation).
 NO_MKDOCS_2_WARNING=1 "$VENV/bin/mkdocs" build --strict --quiet
 exec "$VENV/bin/python" -m pytest -q "$@"
