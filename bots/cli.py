@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--ttl", default="7d", help="lifetime: e.g. 3600, 90m, 12h, 7d (default 7d, at most 365d)")
     sp = with_config(token_sub.add_parser("revoke", help="end one API token now (the running daemon refuses it)"))
     sp.add_argument("token", help="the token, or - to read it from the first line of stdin")
+    from bots import model_pull
+
+    model_pull.add_parser(sub, with_config)
     return p
 
 
@@ -102,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "console":  # needs no config: it prints a section to paste into one
         return _console_passwd(args)
+    if args.command == "model":  # works before there is a config (reads one if it is there)
+        from bots import model_pull
+
+        return model_pull.main(args)
     try:
         cfg = load_config(args.config, check_secrets=_secrets_used(args))
     except ConfigError as exc:
