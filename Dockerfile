@@ -62,7 +62,7 @@ RUN set -eu; \
     else \
         /tmp/docs-venv/bin/pip install $specs; \
     fi; \
-    NO_MKDOCS_2_WARNING=1 /tmp/docs-venv/bin/mkdocs build --strict --quiet --site-dir /opt/botd/docs; \
+    NO_MKDOCS_2_WARNING=1 /tmp/docs-venv/bin/mkdocs build --strict --site-dir /opt/botd/docs; \
     test -f /opt/botd/docs/index.html -a -f /opt/botd/docs/zh/index.html
 
 FROM ${PYTHON_IMAGE}

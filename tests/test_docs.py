@@ -1,29 +1,37 @@
-"""The documentation and the deployment recipes, checked without building anything (fast).
+"""The documentation and the deployment recipes, checked without booting anything.
 
-- README.zh-CN.md keeps in step with README.md: the same ## and ### sections in the same
-  order (a heading naming a config section, e.g. `[server]`, names the same one in both), and
-  every config key in README's tables (`| key | default | meaning |`) appears in the Chinese
-  README too. Every [bots.NAME] key of the config model is documented.
+- The docs site (mkdocs.yml, docs/): every English page has its Chinese pair (page.md /
+  page.zh.md) with the same ## and ### sections in the same order (a heading naming a config
+  section, e.g. `[server]`, names the same one in both); every config key in a page's tables
+  (`| key | default | meaning |`) appears in its Chinese pair; every page is in the nav; the
+  site builds with --strict (broken links and #anchors fail) and fetches nothing from the
+  network; the security page keeps what an admin exposing botd must know.
+- README.md and README.zh-CN.md stay short: what botd is, the two commands, where to read next.
 - The Dockerfile, compose.yaml, environment.yml, .dockerignore and scripts/wheelhouse.sh
   parse, reference files that exist, and the image's config (config.toml as the Dockerfile
-  and compose.yaml rewrite it) is a valid botd config.
+  and compose.yaml rewrite it) is a valid botd config; the image carries the built docs.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+import yaml  # PyYAML: MkDocs needs it, so the test tools have it
 
-from core.config import BotConfig, config_from_dict
+from connectors.config import config_from_dict
+from core.config import BotConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 README_ZH = ROOT / "README.zh-CN.md"
+DOCS = ROOT / "docs"
 FENCE = re.compile(r"^\s*(```|~~~)")
 
 
@@ -73,42 +81,153 @@ def table_keys(path: Path) -> dict[str, list[str]]:
     return keys
 
 
-def test_both_readmes_have_the_same_sections_in_the_same_order():
-    en, zh = headings(README), headings(README_ZH)
-    pairs = list(zip(en, zh, strict=False))
-    for i, ((le, te), (lz, tz)) in enumerate(pairs):
-        assert le == lz, f"heading {i + 1}: README.md has {'#' * le} {te!r}, README.zh-CN.md has {'#' * lz} {tz!r}"
-        assert config_sections(te) == config_sections(tz), (
-            f"heading {i + 1}: {te!r} and {tz!r} name different config sections")
-    assert len(en) == len(zh), (
-        f"README.md has {len(en)} ## / ### headings, README.zh-CN.md {len(zh)}; first unmatched: "
-        f"{(en[len(zh)] if len(en) > len(zh) else zh[len(en)])!r}")
+def english_pages() -> list[Path]:
+    """docs/**/page.md, the English side of each pair."""
+    pages = sorted(p for p in DOCS.rglob("*.md") if not p.name.endswith(".zh.md"))
+    assert len(pages) >= 15, pages
+    return pages
 
 
-def test_every_documented_config_key_is_in_the_chinese_readme():
-    zh = README_ZH.read_text(encoding="utf-8")
-    keys = table_keys(README)
-    assert sum(len(v) for v in keys.values()) > 100, keys  # the parser found the tables
-    missing = [(section, k) for section, ks in keys.items() for k in ks if f"`{k}`" not in zh]
-    assert not missing, f"config keys documented in README.md but not in README.zh-CN.md: {missing}"
+def chinese(page: Path) -> Path:
+    return page.with_name(page.name[: -len(".md")] + ".zh.md")
+
+
+def all_docs_text(suffix: str) -> str:
+    return "\n".join(p.read_text(encoding="utf-8") for p in sorted(DOCS.rglob("*.md"))
+                     if p.name.endswith(".zh.md") == (suffix == ".zh.md"))
+
+
+# -- the docs site ------------------------------------------------------------------------------
+
+
+def test_every_page_has_a_chinese_pair_with_the_same_sections_in_the_same_order():
+    for page in english_pages():
+        zh_page = chinese(page)
+        assert zh_page.exists(), f"{page.relative_to(ROOT)} has no Chinese pair {zh_page.name}"
+        if page.parent.name == "reference" or page.parent.name == "protocols":
+            continue  # generated from the config models / written per protocol: their own checks
+        en, zh = headings(page), headings(zh_page)
+        name = page.relative_to(DOCS)
+        for i, ((le, te), (lz, tz)) in enumerate(zip(en, zh, strict=False)):
+            assert le == lz, f"{name}, heading {i + 1}: {'#' * le} {te!r} in English, {'#' * lz} {tz!r} in Chinese"
+            assert config_sections(te) == config_sections(tz), (
+                f"{name}, heading {i + 1}: {te!r} and {tz!r} name different config sections")
+        assert len(en) == len(zh), (
+            f"{name}: {len(en)} ## / ### headings in English, {len(zh)} in Chinese; first unmatched: "
+            f"{(en[len(zh)] if len(en) > len(zh) else zh[len(en)])!r}")
+
+
+def test_every_documented_config_key_is_in_the_chinese_page_too():
+    found = 0
+    for page in english_pages():
+        zh = chinese(page).read_text(encoding="utf-8")
+        keys = table_keys(page)
+        found += sum(len(v) for v in keys.values())
+        missing = [(section, k) for section, ks in keys.items() for k in ks if f"`{k}`" not in zh]
+        assert not missing, f"config keys in {page.relative_to(ROOT)} but not in its Chinese pair: {missing}"
+    assert found > 100, found  # the parser found the tables
 
 
 def test_every_bot_key_is_documented():
-    documented = next(v for section, v in table_keys(README).items() if "[bots.NAME]" in section)
-    assert set(BotConfig.model_fields) <= set(documented), set(BotConfig.model_fields) - set(documented)
-    assert "language" in documented
+    en, zh = all_docs_text(".md"), all_docs_text(".zh.md")
+    for key in BotConfig.model_fields:
+        assert f"`{key}`" in en, f"[bots.NAME] {key} is documented nowhere in docs/"
+        assert f"`{key}`" in zh, f"[bots.NAME] {key} is documented nowhere in the Chinese docs"
     assert re.search(r"^language = \"auto\"", (ROOT / "config.toml").read_text(encoding="utf-8"), re.M)
 
 
-def test_the_chinese_readme_is_chinese_and_names_the_models_and_mirrors():
-    zh = README_ZH.read_text(encoding="utf-8")
+def test_the_chinese_docs_are_chinese_and_name_the_models_and_mirrors():
+    zh, en = all_docs_text(".zh.md"), all_docs_text(".md")
     han = len(re.findall("[\u4e00-\u9fff]", zh))
-    assert han > 5000, han
+    assert han > 20000, han
     for needed in ("ModelScope", "Qwen2.5-0.5B-Instruct", "Qwen2.5-7B-Instruct", "Qwen3", "GLM-4",
                    "pypi.tuna.tsinghua.edu.cn", "mirrors.aliyun.com", "PIP_INDEX_URL",
                    "--no-index --find-links", "scripts/wheelhouse.sh", "docker compose", "environment.yml"):
         assert needed in zh, needed
-        assert needed in README.read_text(encoding="utf-8"), needed
+        assert needed in en, needed
+
+
+def nav_pages(nav: object) -> list[str]:
+    """Every page path named in mkdocs.yml's nav."""
+    if isinstance(nav, str):
+        return [nav]
+    if isinstance(nav, list):
+        return [p for item in nav for p in nav_pages(item)]
+    if isinstance(nav, dict):
+        return [p for v in nav.values() for p in nav_pages(v)]
+    return []
+
+
+def mkdocs_config() -> dict:
+    class Loader(yaml.SafeLoader):
+        """Reads mkdocs.yml's !!python/name tags (the slugify function) as plain text."""
+
+    Loader.add_multi_constructor("tag:yaml.org,2002:python/", lambda loader, suffix, node: suffix)
+    return yaml.load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"), Loader=Loader)
+
+
+def test_every_page_is_in_the_nav_and_nothing_fetches_from_the_network():
+    cfg = mkdocs_config()
+    in_nav = set(nav_pages(cfg["nav"]))
+    pages = {str(p.relative_to(DOCS)) for p in english_pages()}
+    assert pages - in_nav == set(), f"pages missing from mkdocs.yml's nav: {sorted(pages - in_nav)}"
+    assert in_nav - pages == set(), f"nav entries without a page: {sorted(in_nav - pages)}"
+    assert cfg["strict"] is True and cfg["theme"]["font"] is False, "Google fonts are fetched unless font: false"
+    plugins = [next(iter(p)) if isinstance(p, dict) else p for p in cfg["plugins"]]
+    assert "social" not in plugins and "privacy" not in plugins and "offline" not in plugins, plugins
+    assert all(v == "warn" for v in cfg["validation"].values()), cfg["validation"]  # --strict fails on them
+    i18n = next(p["i18n"] for p in cfg["plugins"] if isinstance(p, dict) and "i18n" in p)
+    assert i18n["docs_structure"] == "suffix"
+    assert {lang["locale"] for lang in i18n["languages"]} == {"en", "zh"}
+
+
+def test_the_site_builds_strict_and_loads_nothing_from_another_host(tmp_path):
+    """A broken link, a missing #anchor or a page outside the nav fails the build."""
+    mkdocs = Path(sys.executable).parent / "mkdocs"
+    # Not --quiet: it drops the warnings that --strict counts, and a broken build passes.
+    res = subprocess.run([str(mkdocs), "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    site = tmp_path / "site"
+    for page in english_pages():
+        rel = page.relative_to(DOCS).with_suffix(".html")
+        assert (site / rel).exists(), rel
+        assert (site / "zh" / rel).exists(), f"zh/{rel}"
+    loads = set()
+    for html in site.rglob("*.html"):
+        # What a browser loads by itself: scripts, stylesheets, images, fonts (links are clicks).
+        loads |= set(re.findall(r"<(?:script|img|link)[^>]*?(?:src|href)=\"(https?:)?//([^\"/]+)",
+                                html.read_text(encoding="utf-8")))
+    assert not loads, f"the site loads from other hosts: {sorted(loads)}"
+    assert "console-chat.png" in (site / "index.html").read_text(encoding="utf-8")
+
+
+def test_the_security_page_keeps_what_an_admin_exposing_botd_must_know():
+    common = ("[api] keys", "anonymous_bots", "allowed_hosts", "/wecom_aibot/<bot>", "botd token revoke",
+              "noeviction", "max_deliveries")
+    for page, needed in ((DOCS / "security.md", (*common, "Reverse proxy")),
+                         (DOCS / "security.zh.md", (*common, "反向代理"))):
+        text = page.read_text(encoding="utf-8")
+        for n in needed:
+            assert n in text, f"{page.name} lost {n!r}"
+
+
+# -- the READMEs --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("readme", [README, README_ZH], ids=["en", "zh"])
+def test_the_readme_is_short_and_names_the_two_commands_and_the_docs(readme):
+    text = readme.read_text(encoding="utf-8")
+    lines = text.count("\n")
+    assert lines <= 260, f"{readme.name} has {lines} lines: the details belong in docs/"
+    for command in ("bash scripts/run.sh", "bash scripts/test.sh"):
+        assert command in text, command
+        assert (ROOT / command.split()[1]).exists(), command
+    assert "mkdocs serve" in text and "mkdocs build" in text
+    for link in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+        assert (ROOT / link).exists(), f"{readme.name} links to {link}, which does not exist"
+    assert re.search(r"!\[[^\]]*\]\(docs/[^)]+\.png\)", text), "a screenshot"
 
 
 # -- deployment recipes -----------------------------------------------------------------------
@@ -243,3 +362,19 @@ def test_the_wheelhouse_script_parses_and_is_executable():
     text = script.read_text()
     assert "pip\" wheel" in text or "pip wheel" in text
     assert "unset SOURCE_DATE_EPOCH" in text
+
+
+def test_the_image_builds_the_docs_site_and_ships_only_the_html():
+    ins = dockerfile_instructions()
+    first_from = [k for k, (i, _) in enumerate(ins) if i == "FROM"]
+    build_stage, last_stage = ins[first_from[0]:first_from[1]], ins[first_from[1]:]
+    docs_run = [a for i, a in build_stage if i == "RUN" and "mkdocs build" in a]
+    assert docs_run and "--strict" in docs_run[0] and "--site-dir /opt/botd/docs" in docs_run[0]
+    assert "--quiet" not in docs_run[0] and " -q " not in docs_run[0], "--quiet hides what --strict counts"
+    # The versions come from pyproject.toml's docs extra, from the wheelhouse when there is one.
+    pins = re.findall(r'"(mkdocs[a-z0-9-]*==[0-9.]+)"', (ROOT / "pyproject.toml").read_text())
+    assert {p.split("==")[0] for p in pins} == {"mkdocs", "mkdocs-material", "mkdocs-static-i18n"}, pins
+    assert "--no-index --find-links wheelhouse" in docs_run[0]
+    assert '"[docs]"' in (ROOT / "scripts" / "wheelhouse.sh").read_text()
+    assert ("COPY", "--from=build /opt/botd/docs /opt/botd/docs") in last_stage
+    assert not any("mkdocs" in a for i, a in last_stage if i == "RUN"), "MkDocs stays in the build stage"
