@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     from bots import model_pull
 
     model_pull.add_parser(sub, with_config)
+    from bots import doctor
+
+    doctor.add_parser(sub, with_config)
     return p
 
 
@@ -109,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         from bots import model_pull
 
         return model_pull.main(args)
+    if args.command == "doctor":  # reports a config it cannot load as one of its checks
+        from bots import doctor
+
+        return doctor.main(args)
     try:
         cfg = load_config(args.config, check_secrets=_secrets_used(args))
     except ConfigError as exc:

