@@ -1,0 +1,148 @@
+"""Where a Feishu / Lark answer goes: a reply to the user's message (threaded with ``reply``),
+shown one of three ways (``streaming``):
+
+* ``cardkit`` (:class:`CardKitReply`): a card entity in streaming mode (CardKit), sent as the
+  reply; its markdown element is updated with the whole answer so far (``PUT
+  .../elements/answer/content``, ``sequence`` strictly increasing across every operation on the
+  card), no more often than ``update_interval_s``; at the end streaming mode is turned off.
+* ``patch`` (:class:`PatchReply`): an interactive card (``update_multi``) patched in place.
+* ``off`` (:class:`TextReply`): one message per part, with the final text.
+
+A longer answer continues in a further card or message. Every call obeys Feishu's rate-limit
+codes through :attr:`FeishuApiError.retry_after`. A reply's ``uuid`` is derived from the
+user's message and the part, so a replay after a restart does not post a part twice (Feishu
+sends the same uuid once within an hour).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+
+from connectors.feishu.api import FeishuApi, FeishuApiError
+from connectors.markdown import neutral_links
+from connectors.reply import ReplyTarget
+from connectors.textsplit import utf8_len
+from core.kv import KeyValueCache
+from core.messages import Account
+from core.redis_store import StoreUnavailable
+
+log = structlog.get_logger("botd.feishu")
+
+PLATFORM = "feishu"
+ELEMENT = "answer"
+# A card (and its JSON) must stay under 30 KB; a text message under 150 KB.
+CARD_BYTES = 24_000
+TEXT_BYTES = 60_000
+# Sequences start from the clock (tenths of a second since 2026): a target rebuilt after a
+# restart continues above every sequence the card has seen.
+_EPOCH = 1_767_225_600
+
+
+def _sequence_start() -> int:
+    return int((time.time() - _EPOCH) * 10)
+
+
+class FeishuReply(ReplyTarget):
+    measure = staticmethod(utf8_len)
+
+    def __init__(self, account: Account, api: FeishuApi, cache: KeyValueCache, route: dict[str, Any],
+                 interval: float, sent: Sequence[Any] = ()) -> None:
+        super().__init__(account, interval, sent)
+        self.api = api
+        self.cache = cache
+        self.route = route
+        self.message_id = str(route.get("message_id", ""))
+        self.user = str(route.get("open_id", ""))
+
+    def _uuid(self, n: int) -> str:
+        return f"{self.message_id}-{n}"
+
+    def retry_after(self, exc: Exception) -> float | None:
+        return exc.retry_after if isinstance(exc, FeishuApiError) else None
+
+    async def user_groups(self, user: str) -> list[str]:
+        return await self.api.departments(user)
+
+    async def failed(self, exc: Exception, text: str) -> None:
+        log.error("feishu reply could not be delivered", app=self.account.name, user=self.user,
+                  error=f"{type(exc).__name__}: {exc}")
+        try:
+            await self.cache.dead_letter(PLATFORM, {"bot": self.account.name, "user": self.user,
+                                                    "message_id": self.message_id, "text": text,
+                                                    "error": type(exc).__name__})
+        except StoreUnavailable:
+            log.error("dead letter lost: redis unreachable", user=self.user)
+
+
+def streaming_card(text: str) -> dict[str, Any]:
+    """A card JSON 2.0 in streaming mode with one markdown element."""
+    return {"schema": "2.0", "config": {"streaming_mode": True, "update_multi": True,
+                                        "streaming_config": {"print_strategy": "fast"}},
+            "body": {"elements": [{"tag": "markdown", "element_id": ELEMENT, "content": text}]}}
+
+
+def static_card(text: str) -> dict[str, Any]:
+    """An interactive card that can be patched (``update_multi``)."""
+    return {"schema": "2.0", "config": {"update_multi": True},
+            "body": {"elements": [{"tag": "markdown", "element_id": ELEMENT, "content": text}]}}
+
+
+class CardKitReply(FeishuReply):
+    edits = True
+    limit = CARD_BYTES
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sequence = _sequence_start()
+        self.streaming_off: set[str] = set()
+
+    def _next(self) -> int:
+        self.sequence += 1
+        return self.sequence
+
+    async def post(self, part: str, first: bool) -> str:
+        card_id = await self.api.card_create(streaming_card(neutral_links(part)))
+        await self.api.reply(self.message_id, "interactive", {"type": "card", "data": {"card_id": card_id}},
+                             self._uuid(len(self.sent)))
+        return card_id
+
+    async def edit(self, ref: Any, part: str) -> None:
+        await self.api.card_text(str(ref), ELEMENT, neutral_links(part), self._next(), uuid.uuid4().hex)
+
+    async def closed(self, text: str) -> None:
+        """Streaming mode off on every card of the answer (the card stops showing "typing")."""
+        for ref, _ in self.sent:
+            if ref in self.streaming_off:
+                continue
+
+            async def off(ref: str = str(ref)) -> None:
+                await self.api.card_settings(ref, {"config": {"streaming_mode": False}}, self._next(),
+                                             uuid.uuid4().hex)
+
+            await self.call(off)
+            self.streaming_off.add(ref)
+
+
+class PatchReply(FeishuReply):
+    edits = True
+    limit = CARD_BYTES
+
+    async def post(self, part: str, first: bool) -> str:
+        return await self.api.reply(self.message_id, "interactive", static_card(neutral_links(part)),
+                                    self._uuid(len(self.sent)))
+
+    async def edit(self, ref: Any, part: str) -> None:
+        await self.api.patch(str(ref), static_card(neutral_links(part)))
+
+
+class TextReply(FeishuReply):
+    edits = False
+    limit = TEXT_BYTES
+
+    async def post(self, part: str, first: bool) -> str:
+        return await self.api.reply(self.message_id, "text", {"text": part}, self._uuid(len(self.sent)))
