@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     from bots import doctor
 
     doctor.add_parser(sub, with_config)
+    from bots import init_wizard
+
+    init_wizard.add_parser(sub, with_config)
     return p
 
 
@@ -116,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         from bots import doctor
 
         return doctor.main(args)
+    if args.command == "init":  # writes the config
+        from bots import init_wizard
+
+        return init_wizard.run(args)
     try:
         cfg = load_config(args.config, check_secrets=_secrets_used(args))
     except ConfigError as exc:

@@ -1,0 +1,189 @@
+"""``botd init``: write a working config.toml and its secret files, asking (or taking flags).
+
+Secrets never go into config.toml: each is written to its own file, mode 0600 in a 0700 folder
+(``secrets/`` beside the config), and referenced as ``file:PATH``. Secret values come from a
+prompt that does not echo, or, for scripts, from environment variables named by flags
+(``--telegram-token-env NAME``) -- never from the command line, which other users can read in ps.
+
+Run twice, it changes nothing it was not asked to: an existing config.toml is edited in place
+with tomlkit (comments, other keys and sections kept), a file whose contents would not change is
+not rewritten, and the edited config must pass check-config before it replaces the old one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import tomlkit
+
+from bots.admin_texts import lang
+
+_TEMPLATE = """\
+# botd configuration, written by `botd init`. Check it with: botd check-config --config {config}
+# Secrets are never written here: each lives in its own file (mode 0600) named as "file:PATH".
+
+[server]
+# Where botd keeps its data (embedded Redis data, indexes). systemd: /var/lib/botd.
+state_dir = "state"
+
+[model]
+# A GGUF file; empty: the embedded SmolLM2-135M-Instruct (English only). For Chinese:
+# botd model pull qwen2.5-1.5b-instruct-q4_k_m --set-default
+path = ""
+
+[bots.assistant]
+# The persona: the system prompt put before every conversation.
+system_prompt = "You are a helpful assistant. Answer briefly and accurately."
+# The language of what botd itself says: "zh", "en" or "auto" (the user's language).
+language = "auto"
+"""
+
+
+def _t(zh: str, en: str) -> str:
+    return zh if lang() == "zh" else en
+
+
+def write_if_changed(path: Path, text: str, mode: int) -> bool:
+    """Write ``text`` to ``path`` (atomically, with ``mode``) unless it holds exactly that; True if written."""
+    try:
+        if path.read_text(encoding="utf-8") == text and (path.stat().st_mode & 0o777) == mode:
+            return False
+    except FileNotFoundError:
+        pass
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, mode)  # the umask may have taken bits off
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return True
+
+
+def _secret(folder: Path, name: str, value: str) -> str:
+    """Write a secret to its own 0600 file; its reference for config.toml."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    path = folder / name
+    write_if_changed(path, value.strip() + "\n", 0o600)
+    return f"file:{path}"
+
+
+def _ask(prompt: str, default: str, interactive: bool) -> str:
+    if not interactive:
+        return default
+    answer = input(f"{prompt} [{default}]: ").strip()
+    return answer or default
+
+
+def _table(doc: Any, *keys: str) -> Any:
+    node = doc
+    for i, key in enumerate(keys):
+        if key not in node:
+            node[key] = tomlkit.table(is_super_table=i < len(keys) - 1)
+        node = node[key]
+    return node
+
+
+def run(args: argparse.Namespace) -> int:
+    from bots.config_edit import ConfigEditError, write_checked
+
+    config: Path = args.config.resolve()
+    interactive = not args.non_interactive and sys.stdin.isatty()
+    existing = config.read_text(encoding="utf-8") if config.exists() else None
+    doc = tomlkit.parse(existing if existing is not None else _TEMPLATE.format(config=config))
+    secrets = config.parent / "secrets"
+    bot = args.bot
+    changes: list[str] = []
+
+    def set_key(table: Any, key: str, value: Any, where: str) -> None:
+        if table.get(key) != value:
+            table[key] = value
+            changes.append(f"{where}.{key}")
+
+    current_state = str(_table(doc, "server").get("state_dir", "state"))
+    state = args.state_dir or _ask(_t("数据目录", "state directory"), current_state, interactive and existing is None)
+    if args.state_dir or existing is None:
+        set_key(_table(doc, "server"), "state_dir", state, "server")
+    model = args.model_path or _ask(_t("模型文件（GGUF，空：内置英文小模型）", "model file (GGUF; empty: the embedded "
+                                       "English-only model)"), str(_table(doc, "model").get("path", "")),
+                                    interactive and existing is None)
+    if args.model_path or (existing is None and model):
+        set_key(_table(doc, "model"), "path", str(Path(model).expanduser().resolve()) if model else "", "model")
+    bot_table = _table(doc, "bots", bot)
+    if "system_prompt" not in bot_table:
+        set_key(bot_table, "system_prompt", "You are a helpful assistant. Answer briefly and accurately.",
+                f"bots.{bot}")
+    language = args.language or _ask(_t("机器人的语言 zh/en/auto", "the bots' language zh/en/auto"),
+                                     str(bot_table.get("language", "auto")), interactive and existing is None)
+    if language not in ("zh", "en", "auto"):
+        print(f"botd: --language: {language!r} is not zh, en or auto", file=sys.stderr)
+        return 1
+    set_key(bot_table, "language", language, f"bots.{bot}")
+
+    token = _value(args.telegram_token_env, _t("Telegram 机器人令牌（@BotFather；空：跳过）",
+                                               "Telegram bot token (from @BotFather; empty: skip)"), interactive)
+    if token:
+        ref = _secret(secrets, f"telegram-{bot}-token", token)
+        tg = _table(doc, "telegram", bot)
+        set_key(tg, "token", ref, f"telegram.{bot}")
+        if "mode" not in tg:
+            set_key(tg, "mode", "polling", f"telegram.{bot}")
+    key = _value(args.api_key_env, _t("HTTP API 密钥（空：跳过）", "HTTP API key (empty: skip)"), interactive)
+    if key:
+        ref = _secret(secrets, "api-key", key)
+        api = _table(doc, "api")
+        keys = list(api.get("keys", []))
+        if ref not in keys:
+            api["keys"] = [*keys, ref]
+            changes.append("api.keys")
+
+    text = tomlkit.dumps(doc)
+    if text == existing:
+        print(_t(f"{config} 无需改动。", f"{config}: nothing to change."))
+    else:
+        try:
+            write_checked(config, text, check_secrets=True)
+        except ConfigEditError as exc:
+            print(f"botd: {exc}", file=sys.stderr)
+            return 1
+        print(_t(f"已写入 {config}：", f"wrote {config}: ") + (", ".join(changes) or "-"))
+    print(_t("下一步：", "next steps:"))
+    print(f"  botd model list            # {_t('选一个中文模型', 'pick a Chinese-speaking model')}")
+    print(f"  botd model pull qwen2.5-1.5b-instruct-q4_k_m --set-default --config {config}")
+    print(f"  botd doctor --config {config}")
+    print(f"  botd run --config {config}   # systemd: sudo cp systemd/botd.service /etc/systemd/system/ && "
+          "sudo systemctl enable --now botd")
+    return 0
+
+
+def _value(env_name: str | None, prompt: str, interactive: bool) -> str:
+    """A secret from the environment variable ``env_name``, else a prompt that does not echo."""
+    if env_name:
+        value = os.environ.get(env_name, "")
+        if not value:
+            raise SystemExit(f"botd: the environment variable {env_name} is empty or unset")
+        return value
+    if interactive:
+        return getpass.getpass(f"{prompt}: ").strip()
+    return ""
+
+
+def add_parser(sub: Any, with_config: Any) -> None:
+    sp = with_config(sub.add_parser("init", help="write config.toml and its secret files (asks, or takes flags)"))
+    sp.add_argument("--non-interactive", action="store_true", help="ask nothing; only what the flags say")
+    sp.add_argument("--state-dir", help="where botd keeps its data")
+    sp.add_argument("--model-path", help="a GGUF file for [model] path")
+    sp.add_argument("--language", help="zh, en or auto: the language of the bot's own texts")
+    sp.add_argument("--bot", default="assistant", help="the bot's name (default: assistant)")
+    sp.add_argument("--telegram-token-env", metavar="VAR",
+                    help="read the Telegram bot token from this environment variable (never from the command line)")
+    sp.add_argument("--api-key-env", metavar="VAR", help="read an HTTP API key from this environment variable")

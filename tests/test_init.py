@@ -1,0 +1,81 @@
+"""``botd init`` run as a script would: a config that check-config accepts, secrets in 0600 files
+referenced as file:, and a second run that changes nothing."""
+
+from __future__ import annotations
+
+import stat
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from bots.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BOTD_LANG", "en")
+    monkeypatch.setenv("INIT_TG_TOKEN", "123456:telegram-secret-token")
+    monkeypatch.setenv("INIT_API_KEY", "api-key-0123456789abcdef")
+
+
+def _init(config: Path, *extra: str) -> int:
+    return main(["init", "--non-interactive", "--config", str(config), "--state-dir", str(config.parent / "state"),
+                 "--language", "zh", "--telegram-token-env", "INIT_TG_TOKEN", "--api-key-env", "INIT_API_KEY", *extra])
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int, int]]:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_mode)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_non_interactive_init_writes_a_config_check_config_accepts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.toml"
+    assert _init(config) == 0
+    assert main(["check-config", "--config", str(config)]) == 0
+    text = config.read_text()
+    assert "telegram-secret-token" not in text and "api-key-0123" not in text  # never inline
+    data = tomllib.loads(text)
+    token_ref = data["telegram"]["assistant"]["token"]
+    assert token_ref.startswith("file:")
+    token_file = Path(token_ref.removeprefix("file:"))
+    assert token_file.read_text().strip() == "123456:telegram-secret-token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(token_file.parent.stat().st_mode) == 0o700
+    key_file = Path(data["api"]["keys"][0].removeprefix("file:"))
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert data["bots"]["assistant"]["language"] == "zh"
+    assert "botd doctor" in capsys.readouterr().out
+
+
+def test_a_second_run_changes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.toml"
+    assert _init(config) == 0
+    before = _snapshot(tmp_path)
+    assert _init(config) == 0
+    assert _snapshot(tmp_path) == before  # bytes, modification times and modes
+    assert "nothing to change" in capsys.readouterr().out
+
+
+def test_init_on_an_existing_config_changes_only_what_it_is_asked(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    original = (Path(__file__).resolve().parent.parent / "config.toml").read_text()
+    config.write_text(original)
+    assert main(["init", "--non-interactive", "--config", str(config), "--language", "en"]) == 0
+    text = config.read_text()
+    # Every comment and every other key kept; only [bots.assistant] language set.
+    assert [x for x in original.splitlines() if x.startswith("#")] == [x for x in text.splitlines()
+                                                                        if x.startswith("#")]
+    old, new = tomllib.loads(original), tomllib.loads(text)
+    new["bots"]["assistant"].pop("language")
+    old["bots"]["assistant"].pop("language", None)
+    assert old == new
+
+
+def test_a_bad_language_changes_nothing(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    assert _init(config) == 0
+    before = _snapshot(tmp_path)
+    assert main(["init", "--non-interactive", "--config", str(config), "--language", "fr"]) == 1
+    assert _snapshot(tmp_path) == before
