@@ -206,6 +206,19 @@ def test_the_site_builds_strict_and_loads_nothing_from_another_host(tmp_path):
     assert "console-chat.png" in (site / "index.html").read_text(encoding="utf-8")
 
 
+def test_the_files_the_docs_name_exist():
+    """A page that names `bots/streaming.py` after it moved is wrong: every repository path the
+    pages name (bots/, connectors/, core/, tests/, bench/, scripts/, systemd/) exists."""
+    missing = set()
+    for page in sorted(DOCS.rglob("*.md")):
+        for m in re.finditer(r"(?<![\w./-])((?:bots|connectors|core|tests|bench|scripts|systemd)/[\w./<>-]*)",
+                             page.read_text(encoding="utf-8")):
+            path = m.group(1).rstrip(".")
+            if "<" not in path and not (ROOT / path).exists():
+                missing.add(f"{page.relative_to(ROOT)}: {path}")
+    assert not missing, sorted(missing)
+
+
 def test_the_security_page_keeps_what_an_admin_exposing_botd_must_know():
     common = ("[api] keys", "anonymous_bots", "allowed_hosts", "/wecom_aibot/<bot>", "botd token revoke",
               "noeviction", "max_deliveries")
