@@ -219,6 +219,15 @@ def test_the_files_the_docs_name_exist():
     assert not missing, sorted(missing)
 
 
+def test_nested_lists_are_indented_by_four_spaces():
+    """GitHub nests a list indented by 2 or 3 spaces; Python-Markdown (MkDocs) makes it part of the
+    item's text. Every nested list marker in the docs is indented by a multiple of four."""
+    shallow = [f"{page.relative_to(ROOT)}: {line.strip()[:60]}"
+               for page in sorted(DOCS.rglob("*.md")) for line in prose_lines(page)
+               if re.match(r"^( {1,3}| {5,7})([-*+]|\d+\.) ", line)]
+    assert not shallow, shallow
+
+
 def test_the_security_page_keeps_what_an_admin_exposing_botd_must_know():
     common = ("[api] keys", "anonymous_bots", "allowed_hosts", "/wecom_aibot/<bot>", "botd token revoke",
               "noeviction", "max_deliveries")
