@@ -210,12 +210,13 @@ class FakeDingtalk:
 
     async def disconnect(self, close_after_s: float = 0.5) -> None:
         """Tell the live connections the gateway goes away (DingTalk closes them 10 s later)."""
-        for ws in [w for w in self.conns if not w.closed]:
+        told = [w for w in self.conns if not w.closed]
+        for ws in told:
             await ws.send_str(json.dumps({"specVersion": "1.0", "type": "SYSTEM", "headers": {
                 "contentType": "application/json", "messageId": uuid.uuid4().hex, "topic": "disconnect"},
                 "data": json.dumps({"reason": "gateway restarting"})}))
         await asyncio.sleep(close_after_s)
-        for ws in list(self.conns):
+        for ws in told:
             await ws.close()
 
     async def drop_connections(self) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -23,11 +24,12 @@ from connectors.dingtalk.callback import check_signature, sign
 from connectors.dingtalk.config import DingtalkConfig
 from connectors.dingtalk.reply import CardReply, MarkdownReply
 from connectors.dingtalk.stream import StreamLink
+from core.config import Settings
 from core.kv import KeyValueCache
 from core.messages import Account
 from tests.fake_dingtalk import FakeDingtalk
 from tests.fakes import serve
-from tests.helpers import wait_for
+from tests.helpers import make_config, running_daemon, wait_for
 
 SECRET = "dingtalk-app-secret"
 TEMPLATE = "tpl-ai-card.schema"
@@ -230,3 +232,135 @@ def test_callback_signature():
     old = str(now - 3_700_000)
     assert "window" in check_signature(old, sign(old, SECRET), SECRET, 3600)
     assert "malformed" in check_signature("x", good, SECRET, 3600)
+
+
+# -- the connector in a cluster (a recording service, no model) ---------------------------------------------
+
+
+class Recorder:
+    """The service as a connector sees it: records what it is handed."""
+
+    def __init__(self) -> None:
+        self.got: list[Any] = []
+
+    async def receive(self, msg, target) -> bool:
+        self.got.append((msg, target))
+        return True
+
+
+def dingtalk_config(tmp_path, redis_url: str, fake: FakeDingtalk, instance: str = "", max_tokens: int = 32,
+                    **extra: Any):
+    robot = {"client_id": fake.client_id, "client_secret": "env:DINGTALK_SECRET", "api_base": fake.url,
+             "oapi_base": fake.url, "update_interval_s": 0.2, **extra}
+    return make_config(tmp_path, redis_url, dingtalk={"assistant": robot}, model={"max_tokens": max_tokens},
+                       redis={"lease_s": 2}, server={"instance": instance} if instance else {})
+
+
+@contextlib.asynccontextmanager
+async def connector(cfg, manager, service=None):
+    from connectors.dingtalk.connector import DingtalkConnector
+
+    conn = DingtalkConnector(service or Recorder(), Settings(cfg), KeyValueCache(manager, "botd"))
+    async with conn:
+        yield conn
+
+
+async def test_one_daemon_of_a_cluster_holds_the_stream_and_another_takes_over(tmp_path, redis_server, manager):
+    fake = FakeDingtalk()
+    async with fake_server(fake):
+        one, two = Recorder(), Recorder()
+        async with connector(dingtalk_config(tmp_path, redis_server.url, fake, "box-1"), manager, one) as c1:
+            await wait_for(lambda: _true(fake.connected() == 1), timeout=10)
+            async with connector(dingtalk_config(tmp_path, redis_server.url, fake, "box-2"), manager, two):
+                await asyncio.sleep(1.5)
+                assert fake.connected() == 1 and len(fake.opens) == 1  # exactly one holds the connection
+                await fake.push(fake.robot_message("a", "hi"))
+                await wait_for(lambda: _true(len(one.got) == 1), timeout=5)
+                assert two.got == []
+                # A third daemon takes the lease (box-1 paused past it): box-1's connection stops.
+                lease_key = "botd:lease:dingtalk:stream:" + fake.client_id
+                redis_server.client().set(lease_key, "999999|box-3/other", px=60_000)
+                await wait_for(lambda: _true(fake.connected() == 0), timeout=5)
+                assert c1.robots["assistant"].displaced
+                await asyncio.sleep(1.0)
+                assert fake.connected() == 0  # stopped: not reopened against the lease's new holder
+                redis_server.client().delete(lease_key)  # the new holder died
+                await wait_for(lambda: _true(fake.connected() == 1), timeout=10)  # taken over again
+            # box-2 is gone (or never held it): box-1 keeps or takes the connection.
+            await wait_for(lambda: _true(fake.connected() == 1), timeout=10)
+    assert fake.errors == []
+
+
+async def test_the_stream_reconnects_after_a_drop_and_after_disconnect(tmp_path, redis_server, manager):
+    fake = FakeDingtalk()
+    async with fake_server(fake):
+        rec = Recorder()
+        async with connector(dingtalk_config(tmp_path, redis_server.url, fake), manager, rec):
+            await wait_for(lambda: _true(fake.connected() == 1), timeout=10)
+            await fake.drop_connections()
+            await wait_for(lambda: _true(fake.connected() == 1 and len(fake.opens) == 2), timeout=10)
+            await fake.disconnect(close_after_s=0.2)
+            await wait_for(lambda: _true(fake.connected() == 1 and len(fake.opens) == 3), timeout=10)
+            await fake.push(fake.robot_message("b", "still here"))
+            await wait_for(lambda: _true(len(rec.got) == 1), timeout=5)
+    assert fake.errors == []  # a new ticket for each connection
+
+
+async def test_messages_become_inbound_messages(tmp_path, redis_server, manager):
+    fake = FakeDingtalk()
+    async with fake_server(fake):
+        rec = Recorder()
+        async with connector(dingtalk_config(tmp_path, redis_server.url, fake, group_history="member"),
+                             manager, rec):
+            await wait_for(lambda: _true(fake.connected() == 1), timeout=10)
+            for data in (fake.robot_message("u1", "一对一"), fake.robot_message("u2", "群里 @ 我", group="cidG"),
+                         fake.robot_message("u3", "not for the bot", group="cidG", at=False),
+                         fake.robot_message("u4", "", msgtype="picture")):
+                mid = await fake.push(data)
+                await wait_for(lambda mid=mid: _true(mid in fake.acks), timeout=5)
+    msgs = [m for m, _ in rec.got]
+    assert [(m.chat, m.thread, m.user, m.text, m.readable) for m in msgs] == [
+        ("u1", "", "u1", "一对一", True), ("cidG", "u2", "u2", "群里 @ 我", True),
+        ("u4", "", "u4", "(picture)", False)]
+    assert all(isinstance(t, MarkdownReply) for _, t in rec.got)
+
+
+# -- the daemon and the model over the long connection --------------------------------------------------------
+
+
+async def test_answers_stream_into_a_card_once_each_also_in_a_retry_storm(tmp_path, redis_server):
+    fake = FakeDingtalk()
+    async with fake_server(fake):
+        cfg = dingtalk_config(tmp_path, redis_server.url, fake, max_tokens=24, card_template_id=TEMPLATE)
+        async with running_daemon(cfg):
+            await wait_for(lambda: _true(fake.connected() == 1), timeout=10)
+            storm = fake.robot_message("zhangsan", "Write three sentences about rivers.")
+            for _ in range(10):  # DingTalk delivering the same message again and again
+                await fake.push(storm)
+
+            def cards_done(n: int):
+                return _true(len(fake.cards) >= n and all(c.finalised and c.params.get("flowStatus") == "3"
+                                                          for c in fake.cards.values()))
+
+            await wait_for(lambda: cards_done(1), timeout=60)
+            await asyncio.sleep(1.0)
+            [card] = fake.cards.values()
+            assert card.open_space_id == "dtv1.card//IM_ROBOT.zhangsan"
+            grown = [c for c in card.contents if c]
+            assert len(grown) >= 3, card.contents  # at least two updates, then the final one
+            assert all(b.startswith(a) for a, b in itertools.pairwise(grown))
+            assert card.params["content"] == card.contents[-1]
+            # In a group: @ answered (the mention is not the question), not @ ignored; a picture gets the text.
+            await fake.push(fake.robot_message("lisi", "What is a lake?", group="cidGroup"))
+            await fake.push(fake.robot_message("wangwu", "ignored", group="cidGroup", at=False))
+            await fake.push(fake.robot_message("zhaoliu", "", msgtype="picture"))
+            await wait_for(lambda: cards_done(3), timeout=60)
+            await asyncio.sleep(0.5)
+            spaces = sorted(c.open_space_id for c in fake.cards.values())
+            assert spaces == ["dtv1.card//IM_GROUP.cidGroup", "dtv1.card//IM_ROBOT.zhangsan",
+                              "dtv1.card//IM_ROBOT.zhaoliu"]
+            [pic] = [c for c in fake.cards.values() if c.open_space_id.endswith("zhaoliu")]
+            assert "text" in pic.params["content"] or "文字" in pic.params["content"]
+            hist = redis_server.client().lrange("botd:hist:dingtalk:assistant:cidGroup:", 0, -1)
+            assert json.loads(hist[0])["content"] == "What is a lake?"
+    assert fake.errors == []

@@ -146,9 +146,9 @@ class DingtalkConnector(Connector):
                 began = time.monotonic()
                 try:
                     assert self.http is not None, "connector not started"
-                    await link.session(self.http, lambda: lease.held and not self._closed.is_set())
-                    backoff = 1.0  # closed as asked ("disconnect"): a new ticket at once
-                    continue
+                    if await link.session(self.http, lambda: lease.held and not self._closed.is_set()):
+                        backoff = 1.0  # closed as DingTalk asked ("disconnect"): a new ticket at once
+                        continue
                 except asyncio.CancelledError:
                     raise
                 except Displaced:

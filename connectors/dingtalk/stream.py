@@ -83,10 +83,12 @@ class StreamLink:
             raise DingtalkApiError(r.status, "endpoint", "the gateway endpoint is not a ws(s):// URL")
         return f"{endpoint}{'&' if '?' in endpoint else '?'}ticket={quote_plus(str(data['ticket']))}"
 
-    async def session(self, http: aiohttp.ClientSession, holding: Callable[[], bool]) -> None:
+    async def session(self, http: aiohttp.ClientSession, holding: Callable[[], bool]) -> bool:
         """Open the connection and serve it until it closes, DingTalk says ``disconnect``, or
-        ``holding()`` turns False (raises :class:`Displaced` then)."""
+        ``holding()`` turns False (raises :class:`Displaced` then). True when DingTalk asked to
+        reconnect (``disconnect``): the next connection may open at once."""
         url = await self._open(http)
+        asked = False
         async with http.ws_connect(url, heartbeat=HEARTBEAT_S, autoping=True) as ws:
             self.ws = ws
             self.connections += 1
@@ -97,6 +99,7 @@ class StreamLink:
                 async for msg in ws:
                     if msg.type == aiohttp.WSMsgType.TEXT:
                         if await self._frame(ws, msg.data) == "disconnect":
+                            asked = True
                             break
                     elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSED):
                         break
@@ -108,7 +111,8 @@ class StreamLink:
                     await watch
         if not holding():
             raise Displaced(self.name)
-        log.info("dingtalk stream closed", robot=self.name)
+        log.info("dingtalk stream closed", robot=self.name, asked=asked)
+        return asked
 
     async def _watch_lease(self, ws: aiohttp.ClientWebSocketResponse, holding: Callable[[], bool]) -> None:
         while not ws.closed:
