@@ -228,6 +228,15 @@ def test_nested_lists_are_indented_by_four_spaces():
     assert not shallow, shallow
 
 
+def test_the_configuration_page_names_every_key_a_reload_cannot_change():
+    from bots.daemon import _RESTART_ONLY
+
+    for page in (DOCS / "configuration.md", DOCS / "configuration.zh.md"):
+        text = page.read_text(encoding="utf-8")
+        missing = [f"{s}.{k}" for s, keys in _RESTART_ONLY.items() for k in keys if f"`{s}.{k}`" not in text]
+        assert not missing, f"{page.name} does not say that these need a restart: {missing}"
+
+
 def test_the_security_page_keeps_what_an_admin_exposing_botd_must_know():
     common = ("[api] keys", "anonymous_bots", "allowed_hosts", "/wecom_aibot/<bot>", "botd token revoke",
               "noeviction", "max_deliveries")
