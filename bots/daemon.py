@@ -26,7 +26,7 @@ from bots import texts
 from bots.knowledge_jobs import KnowledgeJobs
 from bots.service import ChatService
 from connectors import REGISTRY, configured, load_connector
-from connectors.base import Connector
+from connectors.base import Edge
 from connectors.server import ConnectionGuard, GuardedRunner, build_app
 from core import sdnotify
 from core.config import Config, ConfigError, Settings, load_config, secret_references
@@ -95,10 +95,9 @@ class Daemon:
         # A message handed out [redis] max_deliveries times without an answer: the admins hear of it.
         self.runtime.inbox.on_dead = lambda **fields: self.notifier.post("dead_letter", **fields)
         self._redis_down_at: float | None = None
-        self.service.ingest_hook = self.knowledge.ingest
         # The running connectors by registry name; a route finds its connector here on every
         # request, so a reload can replace one under a live server.
-        self.connectors: dict[str, Connector] = {}
+        self.connectors: dict[str, Edge] = {}
         # The resolved secrets each running connector was built with (a reload compares them).
         self._secrets: dict[str, str] = {}
         self._stack: contextlib.AsyncExitStack | None = None
@@ -111,7 +110,7 @@ class Daemon:
             self.request_reload()
             return self._reloading
 
-        self.service.reload_hook = reload_from_console
+        self.service.hooks(ingest=self.knowledge.ingest, reload=reload_from_console)
         self._background: set[asyncio.Task[Any]] = set()
         self.port: int | None = None
 
@@ -145,13 +144,13 @@ class Daemon:
             raise StartupError(model_error(exc)) from None
         except EmbeddingError as exc:
             raise StartupError(str(exc)) from None
-        stack.push_async_callback(self.service.drain, 5.0)
+        stack.push_async_callback(self.service.tasks.drain, 5.0)
         self.knowledge.start()
         stack.callback(self.knowledge.close)
         stack.push_async_callback(self._close_connectors)
         for name in configured(cfg):
             self._secrets[name] = _secrets_of(cfg, name)
-            connector = load_connector(name)(self.service, self.settings, self.runtime.cache)
+            connector = self._connector(name)
             await connector.start()
             self.connectors[name] = connector
         app = build_app(cfg.server.max_body_bytes, self.service.health, self._health_details)
@@ -166,10 +165,10 @@ class Daemon:
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         # What an earlier run left is being answered before the port takes its first webhook.
-        await self.service.resume(self.connectors)
+        await self.service.platforms.resume(self.connectors)
         # Kept fresh while answered; other daemons' abandoned messages taken over (one Redis).
         stop_serving = asyncio.Event()
-        serving = asyncio.create_task(self.service.serve(self.connectors, stop_serving), name="botd-inbox")
+        serving = asyncio.create_task(self.service.platforms.serve(self.connectors, stop_serving), name="botd-inbox")
         stack.push_async_callback(_stop, stop_serving, serving)
         site = web.TCPSite(runner, cfg.server.host, cfg.server.port, reuse_address=True)
         try:
@@ -243,7 +242,7 @@ class Daemon:
                 log.exception("connector stop failed", connector=c.name)
         await self.runtime.models.stop(grace)
         # The answers whose generation ended show their last words and clear their records.
-        await self.service.drain(15.0)
+        await self.service.tasks.drain(15.0)
         if self._background:
             await asyncio.wait(list(self._background), timeout=5.0)
         # Phase 2: leave everything that was entered, in reverse.
@@ -339,14 +338,19 @@ class Daemon:
             # Replaced: the old one stops taking events first (a poller or socket must not run
             # twice), the new one starts, and the old one closes once its answers are over.
             await current.stop_receiving()
-            replacement = load_connector(name)(self.service, self.settings, self.runtime.cache)
+            replacement = self._connector(name)
             await replacement.start()
             self.connectors[name] = replacement
             self._spawn(self._retire(current))
             log.info("connector restarted with its new settings", connector=name)
 
-    async def _retire(self, connector: Connector) -> None:
-        await self.service.drain_connector(connector.name, timeout_s=30.0)
+    def _connector(self, name: str) -> Edge:
+        """Connector ``name``, handed what it serves: the service, or (the console) the admin backend."""
+        cls = load_connector(name)
+        return cls(self.service.admin if cls.hands == "admin" else self.service, self.settings, self.runtime.cache)
+
+    async def _retire(self, connector: Edge) -> None:
+        await self.service.tasks.drain_connector(connector.name, timeout_s=30.0)
         await connector.close()
 
     def _spawn(self, coro: Any) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from connectors.base import Connector
+    from connectors.base import Edge
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +40,7 @@ def configured(config: Any) -> list[str]:
     return [name for name, entry in REGISTRY.items() if entry.enabled(config)]
 
 
-def load_connector(name: str) -> type[Connector]:
+def load_connector(name: str) -> type[Edge]:
     try:
         target = REGISTRY[name].target
     except KeyError:

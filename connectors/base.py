@@ -9,25 +9,39 @@ starts receiving (polling loops, sockets, API sessions), leaving it closes them.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any, Protocol
+from typing import ClassVar, Protocol, Self
 
 from connectors.reply import ReplyTarget
 from core.config import Config, Settings
 from core.dispatch import Answer
 from core.kv import KeyValueCache
-from core.messages import ChatTurn, InboundMessage, ThreadKey
+from core.messages import Account, ChatTurn, InboundMessage, ThreadKey
 
 
 class Service(Protocol):
-    """The bots layer, as the connectors see it."""
+    """The bots layer, as a connector sees it: the few calls connectors make (the web console
+    is handed its own backend instead: ``connectors/web_console/backend.py``)."""
 
     @property
     def model_name(self) -> str: ...
 
     @property
     def n_ctx(self) -> int: ...
+
+    @property
+    def command_names(self) -> Sequence[str]:
+        """The chat commands botd answers (``help``, ``reset``, ...): a platform that addresses
+        commands to one bot (Telegram's ``/reset@bot``) tells them from other text with it."""
+        ...
+
+    def bot_names(self) -> list[str]: ...
+
+    async def route(self, msg: InboundMessage, account: Account,
+                    departments: Callable[[], Awaitable[Sequence[str]]] | None = None) -> str:
+        """The bot that answers ``msg`` (``[[routes]]``, then the account's own routes)."""
+        ...
 
     async def receive(self, msg: InboundMessage, target: ReplyTarget) -> bool:
         """Take a platform message: recorded durably (platform retries dropped in the same
@@ -37,51 +51,30 @@ class Service(Protocol):
 
     async def dispatch(self, msg: InboundMessage) -> Answer: ...
 
-    async def reset(self, thread: ThreadKey) -> bool: ...
-
-    async def history(self, thread: ThreadKey) -> list[ChatTurn]: ...
-
-    def bot_names(self) -> list[str]: ...
-
     def answered_by(self, answer: Answer) -> str:
         """The name of the model that generates ``answer`` ("" for a fixed text)."""
         ...
 
-    def health(self) -> dict[str, Any]: ...
+    async def reset(self, thread: ThreadKey) -> bool: ...
 
-    # What the web console reads and steers; each takes the bots the asking user may see.
-
-    async def conversations(self, bots: Collection[str], platform: str | None = None,
-                            limit: int = 500) -> list[dict[str, Any]]: ...
-
-    async def conversation(self, thread: ThreadKey) -> list[dict[str, Any]]: ...
-
-    def thread_of(self, conversation_id: str) -> ThreadKey | None: ...
-
-    async def knowledge_status(self, bots: Collection[str]) -> list[dict[str, Any]]: ...
-
-    def reingest(self, kb: str) -> bool: ...
-
-    def answer_details(self, answer: Any) -> dict[str, Any]: ...
-
-    async def audit_tail(self, bots: Collection[str] | None, *, user: str = "", day: str = "",
-                         limit: int = 200, max_bytes: int = 2_000_000) -> list[dict[str, Any]] | None: ...
-
-    def audit_action(self, who: str, action: str, **details: Any) -> None: ...
+    async def history(self, thread: ThreadKey) -> list[ChatTurn]: ...
 
 
 # (HTTP method, path, name of the connector's handler method)
 Route = tuple[str, str, str]
 
 
-class Connector:
-    """A platform edge. Webhook-style connectors name routes that botd's one aiohttp server
-    serves; polling or socket connectors run their own tasks while entered."""
+class Edge:
+    """What the daemon starts, routes to and stops: a platform connector, or the web console.
+    Webhook-style edges name routes that botd's one aiohttp server serves; polling or socket
+    connectors run their own tasks while entered."""
 
     name: str = ""
+    # What the daemon hands this edge: "service" (:class:`Service`), or "admin" (the console's
+    # backend, declared by the console itself).
+    hands: ClassVar[str] = "service"
 
-    def __init__(self, service: Service, settings: Settings, cache: KeyValueCache) -> None:
-        self.service = service
+    def __init__(self, backend: object, settings: Settings, cache: KeyValueCache) -> None:
         self.settings = settings
         # Shared key-value cache (access tokens, thread follow-ups) and dead letters.
         self.cache = cache
@@ -108,7 +101,7 @@ class Connector:
     async def close(self) -> None:
         """Release what :meth:`start` opened (the answers are over by now)."""
 
-    async def __aenter__(self) -> Connector:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -116,3 +109,11 @@ class Connector:
                         tb: TracebackType | None) -> None:
         await self.stop_receiving()
         await self.close()
+
+
+class Connector(Edge):
+    """A platform edge (or a request/response one: the HTTP API, ``botd chat``): handed the service."""
+
+    def __init__(self, service: Service, settings: Settings, cache: KeyValueCache) -> None:
+        super().__init__(service, settings, cache)
+        self.service = service

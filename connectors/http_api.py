@@ -49,6 +49,7 @@ from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from connectors.base import Connector, Route, Service
+from connectors.http_status import finish_outcome, outcome_of, unavailable
 from connectors.server import REQUEST_ID, json_error
 from core import toolcalls
 from core.auth import API_AUDIENCE, AuthError, DenyList, Tokens, looks_like_jwt
@@ -286,8 +287,8 @@ def _authed(
         except _BadRequest as exc:
             return json_error(exc.status, exc.message, exc.code, headers=exc.headers())
         except StoreUnavailable:
-            return json_error(503, "redis is unreachable: the token cannot be checked against the revocations",
-                              "store_unavailable", headers={"Retry-After": "5"})
+            o = unavailable("redis is unreachable: the token cannot be checked against the revocations")
+            return json_error(o.status, o.message, o.code, headers=o.headers)
         if ident is None:
             return json_error(
                 401, "missing or invalid API key (send Authorization: Bearer <key>)", "invalid_api_key",
@@ -297,15 +298,10 @@ def _authed(
             return await handler(self, request, ident)
         except _BadRequest as exc:
             return json_error(exc.status, exc.message, exc.code, headers=exc.headers())
-        except Rejected as exc:
-            return json_error(exc.status, exc.message, exc.code)
-        except Busy as exc:
-            status = 429 if exc.per_user else 503
-            return json_error(
-                status, exc.user_message or f"busy, try again in {exc.retry_after} s: {exc.reason}",
-                "rate_limited" if exc.per_user else "busy",
-                headers={"Retry-After": str(exc.retry_after)},
-            )
+        except (Rejected, Busy) as exc:
+            refused = outcome_of(exc)
+            assert refused is not None
+            return json_error(refused.status, refused.message, refused.code, headers=refused.headers)
 
     return wrapped
 
@@ -507,17 +503,8 @@ class HttpApiConnector(Connector):
 
     def _failure(self, ev: ReplyEvent) -> _BadRequest | None:
         """The HTTP error for a final event whose answer did not complete; None if it did."""
-        reason = Finish(ev.finish_reason or Finish.STOP)
-        if reason.complete:
-            return None
-        if reason is Finish.ERROR:
-            return _BadRequest(500, "generation_failed", ev.error or "generation failed")
-        retry = ev.retry_after or self.config.queue.retry_after_s
-        if reason is Finish.EXPIRED:
-            return _BadRequest(503, "busy", f"busy, try again in {retry} s: {ev.error or 'no free slot'}", retry)
-        # shutdown / cancelled: whatever text came is a fragment, not the answer.
-        default = "the daemon is shutting down" if reason is Finish.SHUTDOWN else "the answer was cancelled"
-        return _BadRequest(503, reason.value, f"{ev.error or default}; the answer is incomplete, try again", retry)
+        o = finish_outcome(ev, self.config.queue.retry_after_s)
+        return None if o is None else _BadRequest(o.status, o.code, o.message, o.retry_after)
 
     # -- POST /v1/chat/completions -----------------------------------------------------------
 

@@ -41,7 +41,6 @@ from core.dispatch import Busy, Rejected
 from core.kv import KeyValueCache
 from core.messages import Account, InboundMessage
 from core.redis_store import StoreUnavailable
-from core.routing import route
 from core.secrets import resolve_secret
 
 log = structlog.get_logger("botd.slack")
@@ -308,7 +307,7 @@ class SlackConnector(Connector):
         text = "/reset" if arg == "reset" and channel.startswith("D") else "/help"
         msg = InboundMessage(platform=PLATFORM, bot="", account=sa.name, chat=channel, user=user, text=text)
         # The same bot as the channel's messages get: [[routes]] first, then the app's routes.
-        msg.bot = await route(self.config.routes, msg, sa.account)
+        msg.bot = await self.service.route(msg, sa.account)
         try:
             answer = await self.service.dispatch(msg)
             reply = ""

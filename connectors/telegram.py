@@ -19,6 +19,7 @@ import html
 import json
 import os
 import re
+from collections.abc import Collection
 from typing import Any
 
 # python-telegram-bot 22 moves RetryAfter.retry_after to timedelta; opt in now (both are handled).
@@ -41,7 +42,6 @@ from telegram.error import (
 from connectors.base import Connector, Route, Service
 from connectors.markdown import Markup
 from connectors.reply import ReplyTarget
-from core.commands import parse_command
 from core.config import Settings, TelegramConfig
 from core.kv import KeyValueCache
 from core.lease import Lease
@@ -107,11 +107,17 @@ def mentions_bot(msg: Message, username: str, bot_id: int) -> bool:
     return False
 
 
-def command_of(text: str, username: str) -> str | None:
-    """``/reset`` or ``/reset@thisbot`` -> "reset"; a command for another bot (or for any
-    bot while our own username is not known yet) -> None."""
-    cmd = parse_command(text, username or "\0")
-    return cmd.name if cmd is not None else None
+def command_of(text: str, username: str, known: Collection[str]) -> str | None:
+    """``/reset`` or ``/reset@thisbot`` -> "reset" when it is one of ``known`` (the service's
+    commands); a command for another bot (or for any bot while our own username is not known
+    yet) -> None."""
+    text = text.strip()
+    if not text.startswith("/"):
+        return None
+    name, _, at = text[1:].partition(" ")[0].partition("@")
+    if at and at.lower() != (username or "\0").lower():
+        return None
+    return name.lower() if name.lower() in known else None
 
 
 def _in_group(update: Update) -> bool:
@@ -377,7 +383,7 @@ class TelegramConnector(Connector):
         cfg = tg.cfg
         private = chat.type == "private"
         text = msg.text or ""
-        command = command_of(text, tg.username) if text else None
+        command = command_of(text, tg.username, self.service.command_names) if text else None
         addressed = (
             private
             or command is not None

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from fpdf import FPDF
 
-from bots.service import JobAnswer, TextAnswer
+from bots.answers import JobAnswer, TextAnswer
 from core.config import NO_DOCUMENT_TEXT
 from core.knowledge.embedder import Embedder
 from core.knowledge.ingest import ingest

@@ -4,8 +4,8 @@ tokens (real model, real Redis, real embedder, the real service)."""
 
 from __future__ import annotations
 
+from bots.answers import JobAnswer
 from bots.prompt import KNOWLEDGE_RULES
-from bots.service import JobAnswer
 from core.messages import InboundMessage
 from tests.helpers import running_daemon, wait_for
 from tests.test_knowledge import HR_FACT, HR_QUESTION, corpus, ingest_all, kb_config  # noqa: F401
@@ -47,7 +47,7 @@ async def test_a_knowledge_follow_up_reads_only_its_new_tokens(tmp_path, redis_s
         assert [h.text for h in second.hits] != [h.text for h in first.hits]
         # The first turn is repeated as it was shown, documents included.
         assert job.request.messages[1]["content"] == messages[-1]["content"]
-        tokenizer = (await api.daemon.service.builder_for("hr")).tokenizer
+        tokenizer = (await api.daemon.service.answers.builder_for("hr")).tokenizer
         whole = tokenizer.count_chat(job.request.messages)
         before_new_turn = tokenizer.count_chat(job.request.messages[:-1])
         new_turn = whole - before_new_turn

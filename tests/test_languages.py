@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from bots import texts
-from bots.streaming import Delivery
+from bots.delivery import Delivery
 from connectors.telegram import TelegramReply
 from core.config import NO_DOCUMENT_TEXT, BotConfig
 from core.messages import Account, Finish, InboundMessage, ReplyEvent

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from bots.routing import route
 from core.config import ConfigError, config_from_dict, embedded_model_path
 from core.engines.base import EngineError, GenerationRequest
 from core.engines.llamacpp import LlamaCppEngine
 from core.messages import Account, InboundMessage, ThreadKey
-from core.routing import route
 from tests.helpers import REPO, make_config, running_daemon
 from tests.test_batching import SENTENCES, alone, echo, never
 

@@ -13,8 +13,8 @@ import pytest
 from slack_sdk.web.async_client import AsyncWebClient
 from telegram import Bot
 
-from bots.service import TextAnswer
-from bots.streaming import Delivery
+from bots.answers import TextAnswer
+from bots.delivery import Delivery
 from connectors.slack import THINKING, SlackReply, markdown_to_mrkdwn
 from connectors.telegram import TelegramReply
 from core.messages import Account, InboundMessage

@@ -10,8 +10,9 @@ import time
 import pytest
 from telegram import Bot
 
-from bots.service import TextAnswer
-from bots.streaming import Delivery
+from bots.answers import TextAnswer
+from bots.commands import KNOWN
+from bots.delivery import Delivery
 from connectors.telegram import TelegramReply, command_of, markdown_to_html
 from core.messages import Account, InboundMessage, ThreadKey
 from tests.fakes import FakeTelegram, serve
@@ -236,10 +237,12 @@ async def test_5000_character_answer_arrives_as_two_messages():
 
 
 def test_command_parsing():
-    assert command_of("/reset", "botd_test_bot") == "reset"
-    assert command_of("/reset@Botd_Test_Bot", "botd_test_bot") == "reset"
-    assert command_of("/reset@other_bot", "botd_test_bot") is None
-    assert command_of("/weather", "botd_test_bot") is None
+    assert command_of("/reset", "botd_test_bot", KNOWN) == "reset"
+    assert command_of("/reset@Botd_Test_Bot", "botd_test_bot", KNOWN) == "reset"
+    assert command_of("/reset@other_bot", "botd_test_bot", KNOWN) is None
+    assert command_of("/weather", "botd_test_bot", KNOWN) is None
+    assert command_of("/reset", "", KNOWN) == "reset"  # our username not known yet: only an unaddressed one
+    assert command_of("/reset@botd_test_bot", "", KNOWN) is None
 
 
 async def test_set_and_delete_webhook_cli(tmp_path, redis_server):

@@ -112,7 +112,7 @@ async def test_a_bot_never_runs_a_tool_it_was_not_granted_even_when_the_model_ca
         request = GenerationRequest(msg.thread_key, [{"role": "user", "content": msg.text}], 40, temperature=0.0)
         rounds = await tooluse.run_rounds(
             request, secret, bot=cfg.bots["helper"], box=runtime.tools, user="api:u", bot_name="helper",
-            choice="secret", run_job=lambda r: service._run_round(msg, r))
+            choice="secret", run_job=lambda r: service.answers.run_round(msg, r))
         assert hits["secret"] == 0 and rounds.used == []
         assert rounds.messages[-2]["tool_calls"][0]["function"]["name"] == "secret"
         assert rounds.messages[-1] == {"role": "tool", "tool_call_id": rounds.messages[-2]["tool_calls"][0]["id"],

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
+from bots.commands import parse_command
 from bots.prompt import InputTooLong, PromptBuilder
-from core.commands import parse_command
 from core.config import embedded_model_path
 from core.engines.base import GenerationRequest
 from core.engines.llamacpp import LlamaCppTokenizer

@@ -33,20 +33,21 @@ import tempfile
 import time
 import unicodedata
 import urllib.parse
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import jinja2
 import structlog
 from aiohttp import web
 from pydantic import BaseModel
 
-from connectors.base import Connector, Route, Service
+from connectors.base import Edge, Route
+from connectors.http_status import HttpOutcome, outcome_of, unavailable
 from connectors.server import REQUEST_ID
 from connectors.web_console import i18n
-from core import stats
+from connectors.web_console.backend import ConsoleBackend
 from core.auth import CONSOLE_AUDIENCE, AuthError, DenyList, LoginLimiter, Tokens, TooManyAttempts, verify_password
 from core.config import ConsoleConfig, ConsoleUserConfig, Settings, secret_references
 from core.dispatch import Busy, Rejected
@@ -119,20 +120,6 @@ class _NoSession(Exception):
         self.reason = reason
 
 
-class ConsoleService(Service, Protocol):
-    """What the console needs of the service beyond :class:`connectors.base.Service`."""
-
-    async def search_knowledge(self, kbs: Sequence[str], query: str) -> list[dict[str, Any]]: ...
-
-    def knowledge_folder(self, kb: str) -> str | None: ...
-
-    def knowledge_document(self, kb: str, source: str) -> str | None: ...
-
-    def ingest_progress(self, kb: str) -> dict[str, Any] | None: ...
-
-    async def reload_config(self, timeout_s: float = 60.0) -> bool | None: ...
-
-
 Handler = Callable[["WebConsoleConnector", web.Request, Session], Awaitable[web.StreamResponse]]
 
 
@@ -171,24 +158,21 @@ def _api(write: bool = False) -> Callable[[Handler], Callable[[WebConsoleConnect
             except _NoSession as exc:
                 return _json_error(401, "not_logged_in", f"log in first ({exc.reason})")
             except StoreUnavailable:
-                return _json_error(503, "store_unavailable", "redis is unreachable: logins cannot be checked")
+                return _outcome(unavailable("redis is unreachable: logins cannot be checked"))
             if write and not self.tokens.csrf_ok(session.jti, await _csrf_given(request)):
                 log.warning("console request without a valid CSRF token refused", user=session.name,
                             path=request.path)
-                self.service.audit_action(session.name, "refused", path=request.path, status=403, reason="csrf")
+                self.admin.audit_action(session.name, "refused", path=request.path, status=403, reason="csrf")
                 return _json_error(403, "csrf", "missing or wrong CSRF token (send X-CSRF-Token)")
             try:
                 return await handler(self, request, session)
             except _Refused as exc:
                 self._audit_refusal(request, session, exc)
                 return _json_error(exc.status, exc.code, exc.message)
-            except Rejected as exc:
-                return _json_error(exc.status, exc.code, exc.message)
-            except Busy as exc:
-                return _json_error(503, "busy", exc.user_message or exc.reason,
-                                   headers={"Retry-After": str(exc.retry_after)})
-            except StoreUnavailable:
-                return _json_error(503, "store_unavailable", "redis is unreachable; try again shortly")
+            except (Rejected, Busy, StoreUnavailable) as exc:
+                o = outcome_of(exc)
+                assert o is not None
+                return _outcome(o)
 
         return wrapped
 
@@ -210,6 +194,10 @@ def _json_error(status: int, code: str, message: str, headers: dict[str, str] | 
                              dumps=lambda o: json.dumps(o, ensure_ascii=False))
 
 
+def _outcome(o: HttpOutcome) -> web.Response:
+    return _json_error(o.status, o.code, o.message, headers=o.headers)
+
+
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status, headers=_SECURITY_HEADERS,
                              dumps=lambda o: json.dumps(o, ensure_ascii=False))
@@ -226,11 +214,13 @@ def _load_assets() -> tuple[dict[str, bytes], str]:
     return assets, h.hexdigest()[:10]
 
 
-class WebConsoleConnector(Connector):
+class WebConsoleConnector(Edge):
     name = "web_console"
+    hands = "admin"
 
-    def __init__(self, service: Service, settings: Settings, cache: KeyValueCache) -> None:
-        super().__init__(service, settings, cache)
+    def __init__(self, admin: ConsoleBackend, settings: Settings, cache: KeyValueCache) -> None:
+        super().__init__(admin, settings, cache)
+        self.admin = admin
         console = self.console
         assert console.signing_key is not None, "checked by the config"
         # Read once: the routes are mounted at start ([console] path needs a restart).
@@ -246,14 +236,10 @@ class WebConsoleConnector(Connector):
         self.assets, self.static_version = _load_assets()
         self._sampler: asyncio.Task[None] | None = None
 
-    @property
-    def svc(self) -> ConsoleService:
-        return cast(ConsoleService, self.service)
-
     def _audit_refusal(self, request: web.Request, session: Session, exc: _Refused) -> None:
         """A refused attempt (403) is a console action too: who tried what."""
         if exc.status == 403:
-            self.service.audit_action(session.name, "refused", path=request.path, status=403, reason=exc.message)
+            self.admin.audit_action(session.name, "refused", path=request.path, status=403, reason=exc.message)
 
     @property
     def console(self) -> ConsoleConfig:
@@ -268,7 +254,7 @@ class WebConsoleConnector(Connector):
             log.warning("the console's login cookie is not marked Secure while the server listens beyond "
                         "loopback: serve it through HTTPS and set [console] secure_cookie = true",
                         host=self.config.server.host)
-        self._sampler = asyncio.create_task(stats.run_sampler(self.service.health, SAMPLE_EVERY_S),
+        self._sampler = asyncio.create_task(self.admin.sample_stats(SAMPLE_EVERY_S),
                                             name="botd-console-stats")
 
     async def stop_receiving(self) -> None:
@@ -305,7 +291,7 @@ class WebConsoleConnector(Connector):
     # -- who is asking ---------------------------------------------------------------------------
 
     def _visible_bots(self, user: ConsoleUserConfig) -> tuple[str, ...]:
-        names = self.service.bot_names()
+        names = self.admin.bot_names()
         if user.role == "admin" or (user.role == "viewer" and not user.bots):
             return tuple(names)
         return tuple(b for b in names if b in user.bots)
@@ -334,7 +320,7 @@ class WebConsoleConnector(Connector):
             if not session.bots:
                 raise _Refused(403, "forbidden", "you may see no bot")
             return session.bots[0]
-        if bot not in self.service.bot_names():
+        if bot not in self.admin.bot_names():
             raise _Refused(404, "unknown_bot", f"no bot named {bot!r}")
         if bot not in session.bots:
             log.warning("console: a bot outside the user's grants refused", user=session.name, bot=bot)
@@ -342,7 +328,7 @@ class WebConsoleConnector(Connector):
         return bot
 
     def _thread(self, session: Session, cid: str | None) -> ThreadKey:
-        thread = self.service.thread_of(cid or "")
+        thread = self.admin.thread_of(cid or "")
         if thread is None:
             raise _Refused(400, "invalid_id", "a conversation id is platform:bot:chat:thread")
         self._bot(session, thread.bot)
@@ -445,7 +431,7 @@ class WebConsoleConnector(Connector):
             except StoreUnavailable:
                 pass
             log.warning("console login failed", user=name, client=client)
-            self.service.audit_action(name, "login_failed", client=client)
+            self.admin.audit_action(name, "login_failed", client=client)
             return await self.login_page(request, status=401, error="login_failed", username=name)
         try:
             await self.limiter.succeeded(name, client)
@@ -453,7 +439,7 @@ class WebConsoleConnector(Connector):
             pass
         token = self.tokens.issue(name, CONSOLE_AUDIENCE, self.console.session_ttl_s, role=user.role,
                                   pw=_password_tag(user.password_hash))
-        self.service.audit_action(name, "login", client=client)
+        self.admin.audit_action(name, "login", client=client)
         resp = _redirect(self._next(str(form.get("next", "")) or None))
         resp.set_cookie(COOKIE, token, max_age=self.console.session_ttl_s, path=self.base, httponly=True,
                         samesite="Strict", secure=self._secure(request))
@@ -468,14 +454,14 @@ class WebConsoleConnector(Connector):
             resp.del_cookie(COOKIE, path=self.base)
             return resp
         except StoreUnavailable:
-            return _json_error(503, "store_unavailable", "redis is unreachable: the logout cannot be recorded")
+            return _outcome(unavailable("redis is unreachable: the logout cannot be recorded"))
         if not self.tokens.csrf_ok(session.jti, await _csrf_given(request)):
             return _json_error(403, "csrf", "missing or wrong CSRF token (send X-CSRF-Token)")
         try:
             await self.denied.revoke(session.jti, session.exp)
         except StoreUnavailable:
-            return _json_error(503, "store_unavailable", "redis is unreachable: the logout cannot be recorded")
-        self.service.audit_action(session.name, "logout")
+            return _outcome(unavailable("redis is unreachable: the logout cannot be recorded"))
+        self.admin.audit_action(session.name, "logout")
         resp = _redirect(self.base + "/login")
         resp.del_cookie(COOKIE, path=self.base)
         return resp
@@ -498,7 +484,7 @@ class WebConsoleConnector(Connector):
 
     @_page
     async def knowledge_page(self, request: web.Request, session: Session) -> web.StreamResponse:
-        bases = await self.service.knowledge_status(session.bots)
+        bases = await self.admin.knowledge_status(session.bots)
         query = request.query.get("q", "")
         kb = request.query.get("kb", "")
         hits: list[dict[str, Any]] | None = None
@@ -506,7 +492,7 @@ class WebConsoleConnector(Connector):
             hits = await self._search(session, query, kb)
         for b in bases:
             b["writable"] = self._kb_writable(session, b["name"])
-            b["progress"] = self.svc.ingest_progress(b["name"])
+            b["progress"] = self.admin.ingest_progress(b["name"])
         return self._render(request, "knowledge.html", session, bases=bases, notice=request.query.get("notice", ""),
                             notice_kb=kb, query=query, hits=hits, search_kb=kb,
                             upload_types=", ".join(UPLOAD_TYPES), upload_max=self.config.server.max_body_bytes)
@@ -516,7 +502,7 @@ class WebConsoleConnector(Connector):
         bot = request.query.get("bot") or None
         platform = request.query.get("platform") or None
         bots = [self._bot(session, bot)] if bot else list(session.bots)
-        items = await self.service.conversations(bots, platform)
+        items = await self.admin.conversations(bots, platform)
         platforms = sorted({c["platform"] for c in items} | ({platform} if platform else set()))
         return self._render(request, "conversations.html", session, items=items, bot=bot or "",
                             platform=platform or "", platforms=platforms, notice=request.query.get("notice", ""))
@@ -524,7 +510,7 @@ class WebConsoleConnector(Connector):
     @_page
     async def conversation_page(self, request: web.Request, session: Session) -> web.StreamResponse:
         thread = self._thread(session, request.query.get("id"))
-        messages = await self.service.conversation(thread)
+        messages = await self.admin.conversation(thread)
         if not messages:
             raise _Refused(404, "not_found", "no such conversation (or it has expired)")
         return self._render(request, "conversation.html", session, thread=thread, cid=thread.redis_suffix(),
@@ -567,11 +553,11 @@ class WebConsoleConnector(Connector):
             raise _Refused(400, "invalid_conversation", "conversation: 1-64 letters, digits, '-' and '_'")
         max_tokens = body.get("max_tokens")
         if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
-                                       or not 0 < max_tokens < self.service.n_ctx):
-            raise _Refused(400, "invalid_max_tokens", f"max_tokens: 1 to {self.service.n_ctx - 1}")
+                                       or not 0 < max_tokens < self.admin.n_ctx):
+            raise _Refused(400, "invalid_max_tokens", f"max_tokens: 1 to {self.admin.n_ctx - 1}")
         msg = InboundMessage(platform=PLATFORM, bot=bot, chat=f"{session.name}/{conversation}", user=session.name,
                              text=text, max_tokens=max_tokens, request_id=request[REQUEST_ID])
-        answer = await self.service.dispatch(msg)
+        answer = await self.admin.dispatch(msg)
         resp = web.StreamResponse(headers={**_SECURITY_HEADERS, "Content-Type": "application/x-ndjson; charset=utf-8",
                                            "X-Accel-Buffering": "no"})
         finished = False
@@ -591,7 +577,7 @@ class WebConsoleConnector(Connector):
                     "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
                     if usage else None,
                     "details": {"elapsed_ms": round((time.monotonic() - t0) * 1000),
-                                **self.service.answer_details(answer)},
+                                **self.admin.answer_details(answer)},
                 }))
             await resp.write_eof()
         except ConnectionResetError:
@@ -604,10 +590,10 @@ class WebConsoleConnector(Connector):
     def _status(self, session: Session) -> dict[str, Any]:
         from connectors import configured
 
-        health = self.service.health()
+        health = self.admin.health()
         cfg = self.config
         engine = health.get("engine") or {}
-        snap = stats.LAST_HOUR.snapshot()
+        snap = self.admin.last_hour()
         visible_kb = {kb for b in session.bots if b in cfg.bots for kb in cfg.bots[b].knowledge}
         platform_of = {"http_api": "api", "web_console": PLATFORM}
         connectors = []
@@ -646,23 +632,23 @@ class WebConsoleConnector(Connector):
     async def api_knowledge(self, request: web.Request, session: Session) -> web.StreamResponse:
         bot = request.query.get("bot")
         bots = [self._bot(session, bot)] if bot else list(session.bots)
-        bases = await self.service.knowledge_status(bots)
+        bases = await self.admin.knowledge_status(bots)
         for b in bases:
-            b["progress"] = self.svc.ingest_progress(b["name"])
+            b["progress"] = self.admin.ingest_progress(b["name"])
         return _json({"knowledge": bases})
 
     @_api(write=True)
     async def api_ingest(self, request: web.Request, session: Session) -> web.StreamResponse:
         form = await self._fields(request)
         kb = form.get("kb", "")
-        granted = {b.get("name") for b in await self.service.knowledge_status(session.bots)}
+        granted = {b.get("name") for b in await self.admin.knowledge_status(session.bots)}
         if kb not in self.config.knowledge:
             raise _Refused(404, "unknown_knowledge", f"no knowledge base {kb!r}")
         if kb not in granted:
             raise _Refused(403, "forbidden", f"knowledge base {kb!r} is not yours")
         self._need_admin(session)
-        started = self.service.reingest(kb)
-        self.service.audit_action(session.name, "reingest", knowledge=kb, started=started)
+        started = self.admin.reingest(kb)
+        self.admin.audit_action(session.name, "reingest", knowledge=kb, started=started)
         if _is_form(request):
             notice = "reingest_started" if started else "reingest_running"
             return _redirect(f"{self.base}/knowledge?notice={notice}&kb={kb}")
@@ -672,13 +658,13 @@ class WebConsoleConnector(Connector):
     async def api_conversations(self, request: web.Request, session: Session) -> web.StreamResponse:
         bot = request.query.get("bot")
         bots = [self._bot(session, bot)] if bot else list(session.bots)
-        items = await self.service.conversations(bots, request.query.get("platform") or None)
+        items = await self.admin.conversations(bots, request.query.get("platform") or None)
         return _json({"conversations": items})
 
     @_api()
     async def api_conversation(self, request: web.Request, session: Session) -> web.StreamResponse:
         thread = self._thread(session, request.query.get("id"))
-        messages = await self.service.conversation(thread)
+        messages = await self.admin.conversation(thread)
         if not messages:
             raise _Refused(404, "not_found", "no such conversation (or it has expired)")
         return _json({"id": thread.redis_suffix(), "platform": thread.platform, "bot": thread.bot,
@@ -689,8 +675,8 @@ class WebConsoleConnector(Connector):
         fields = await self._fields(request)
         thread = self._thread(session, fields.get("id"))
         self._need_write(session)
-        deleted = await self.service.reset(thread)
-        self.service.audit_action(session.name, "delete_conversation", bot=thread.bot, conversation=str(thread),
+        deleted = await self.admin.reset(thread)
+        self.admin.audit_action(session.name, "delete_conversation", bot=thread.bot, conversation=str(thread),
                                   deleted=deleted)
         if _is_form(request):
             return _redirect(f"{self.base}/conversations?notice=deleted")
@@ -726,8 +712,8 @@ class WebConsoleConnector(Connector):
         cfg = self.config
         kbs = [self._kb(session, kb)] if kb else sorted({k for b in session.bots if b in cfg.bots
                                                           for k in cfg.bots[b].knowledge if k in cfg.knowledge})
-        hits = await self.svc.search_knowledge(kbs, query)
-        self.service.audit_action(session.name, "search", knowledge=kbs, chars=len(query), hits=len(hits))
+        hits = await self.admin.search_knowledge(kbs, query)
+        self.admin.audit_action(session.name, "search", knowledge=kbs, chars=len(query), hits=len(hits))
         return hits
 
     @_api()
@@ -761,7 +747,7 @@ class WebConsoleConnector(Connector):
             raise _Refused(413, "too_large", f"a document may have {self.config.server.max_body_bytes} bytes")
         if not _looks_like(suffix, data):
             raise _Refused(415, "wrong_content", f"the file's content is not a {suffix} document")
-        folder = self.svc.knowledge_folder(kb)
+        folder = self.admin.knowledge_folder(kb)
         if folder is None:
             raise _Refused(409, "no_folder", f"{kb!r} has no folder to upload into (only files are configured)")
         replace = str(form.get("replace", "")) in ("1", "true", "on")
@@ -772,8 +758,8 @@ class WebConsoleConnector(Connector):
             raise _Refused(500, "write_failed", "the file could not be written; see the daemon's log") from None
         if not written:
             raise _Refused(409, "exists", f"{name!r} exists in {kb!r}; send replace=1 to overwrite it")
-        started = self.service.reingest(kb)
-        self.service.audit_action(session.name, "upload_document", knowledge=kb, document=name, bytes=len(data),
+        started = self.admin.reingest(kb)
+        self.admin.audit_action(session.name, "upload_document", knowledge=kb, document=name, bytes=len(data),
                                   reingest=started)
         if _is_form(request) and request.headers.get("Accept", "").find("json") < 0:
             return _redirect(f"{self.base}/knowledge?notice=uploaded&kb={kb}")
@@ -784,15 +770,15 @@ class WebConsoleConnector(Connector):
         fields = await self._fields(request)
         kb = self._kb(session, fields.get("kb", ""), write=True)
         source = fields.get("source", "")
-        path = await asyncio.to_thread(self.svc.knowledge_document, kb, source) if source else None
+        path = await asyncio.to_thread(self.admin.knowledge_document, kb, source) if source else None
         if path is None:
             raise _Refused(404, "unknown_document", f"no document {source!r} in {kb!r}")
         try:
             await asyncio.to_thread(os.unlink, path)
         except FileNotFoundError:
             raise _Refused(404, "unknown_document", f"no document {source!r} in {kb!r}") from None
-        started = self.service.reingest(kb)
-        self.service.audit_action(session.name, "delete_document", knowledge=kb, document=source, reingest=started)
+        started = self.admin.reingest(kb)
+        self.admin.audit_action(session.name, "delete_document", knowledge=kb, document=source, reingest=started)
         if _is_form(request):
             return _redirect(f"{self.base}/knowledge?notice=document_deleted&kb={kb}")
         return _json({"kb": kb, "document": source, "deleted": True, "reingest": started})
@@ -814,9 +800,9 @@ class WebConsoleConnector(Connector):
     @_api(write=True)
     async def api_reload(self, request: web.Request, session: Session) -> web.StreamResponse:
         self._need_admin(session)
-        result = await self.svc.reload_config(timeout_s=30.0)
+        result = await self.admin.reload_config(timeout_s=30.0)
         outcome = {True: "applied", False: "refused", None: "pending"}[result]
-        self.service.audit_action(session.name, "reload_config", outcome=outcome)
+        self.admin.audit_action(session.name, "reload_config", outcome=outcome)
         if _is_form(request):
             return _redirect(f"{self.base}/config?notice=reload_{outcome}")
         return _json({"reload": outcome}, status={"applied": 200, "refused": 422, "pending": 202}[outcome])
@@ -836,7 +822,7 @@ class WebConsoleConnector(Connector):
         # Admins see every line (console actions included); others only lines about their bots.
         bots: list[str] | None = [self._bot(session, bot)] if bot else (None if session.is_admin else
                                                                          list(session.bots))
-        return await self.service.audit_tail(bots, user=request.query.get("user", "")[:200], day=day, limit=limit)
+        return await self.admin.audit_tail(bots, user=request.query.get("user", "")[:200], day=day, limit=limit)
 
     @_api()
     async def api_audit(self, request: web.Request, session: Session) -> web.StreamResponse:
@@ -854,7 +840,7 @@ class WebConsoleConnector(Connector):
         for line in lines:
             rest = {k: v for k, v in line.items() if k not in CSV_COLUMNS}
             w.writerow([_cell(line.get(c)) for c in CSV_COLUMNS] + [_cell(rest) if rest else ""])
-        self.service.audit_action(session.name, "audit_export", lines=len(lines),
+        self.admin.audit_action(session.name, "audit_export", lines=len(lines),
                                   **{k: request.query[k] for k in ("bot", "user", "day") if request.query.get(k)})
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         # A BOM: Excel then reads the Chinese text as UTF-8.

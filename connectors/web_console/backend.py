@@ -1,0 +1,72 @@
+"""What the web console needs of botd: its admin backend, declared here, handed in by the daemon.
+
+The console is an admin application at the edge: it checks who asks (logins, roles, CSRF)
+and what they may see; the backend reads and steers (conversations, knowledge, the audit
+log, a reload) and answers the console's chat. Nothing here is what a platform connector
+sees (:class:`connectors.base.Service`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Any, Protocol
+
+from core.dispatch import Answer
+from core.messages import InboundMessage, ThreadKey
+
+
+class ConsoleBackend(Protocol):
+    """The console's backend; each read takes the bots the asking user may see."""
+
+    @property
+    def n_ctx(self) -> int: ...
+
+    def bot_names(self) -> list[str]: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+    # The console's chat.
+
+    async def dispatch(self, msg: InboundMessage) -> Answer: ...
+
+    async def reset(self, thread: ThreadKey) -> bool: ...
+
+    def answer_details(self, answer: Any) -> dict[str, Any]: ...
+
+    # The last hour's figures (sampled while the console runs).
+
+    async def sample_stats(self, every_s: float) -> None: ...
+
+    def last_hour(self) -> dict[str, Any]: ...
+
+    # Conversations.
+
+    async def conversations(self, bots: Collection[str], platform: str | None = None,
+                            limit: int = 500) -> list[dict[str, Any]]: ...
+
+    async def conversation(self, thread: ThreadKey) -> list[dict[str, Any]]: ...
+
+    def thread_of(self, conversation_id: str) -> ThreadKey | None: ...
+
+    # Knowledge.
+
+    async def knowledge_status(self, bots: Collection[str]) -> list[dict[str, Any]]: ...
+
+    def reingest(self, kb: str) -> bool: ...
+
+    def ingest_progress(self, kb: str) -> dict[str, Any] | None: ...
+
+    async def search_knowledge(self, kbs: Sequence[str], query: str) -> list[dict[str, Any]]: ...
+
+    def knowledge_folder(self, kb: str) -> str | None: ...
+
+    def knowledge_document(self, kb: str, source: str) -> str | None: ...
+
+    # Audit and config.
+
+    async def audit_tail(self, bots: Collection[str] | None, *, user: str = "", day: str = "",
+                         limit: int = 200, max_bytes: int = 2_000_000) -> list[dict[str, Any]] | None: ...
+
+    def audit_action(self, who: str, action: str, **details: Any) -> None: ...
+
+    async def reload_config(self, timeout_s: float = 60.0) -> bool | None: ...
