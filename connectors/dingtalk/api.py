@@ -31,13 +31,12 @@ log = structlog.get_logger("botd.dingtalk")
 # A token is refreshed this long before DingTalk says it expires (it lives 7,200 s).
 TOKEN_MARGIN_S = 300
 # New-API codes and old-API errcodes that mean "too many calls, wait about a second".
-_QPS_CODES = {"Forbidden.AccessDenied.QpsLimitForAppkeyAndApi", "Forbidden.AccessDenied.QpsLimitForApi",
-              "Forbidden.AccessDenied.AccessTokenQpsLimit"}
-_QPS_ERRCODES = {90018, 90002, 90006}
+_QPS_CODES = {"Forbidden.AccessDenied.QpsLimitForAppkeyAndApi", "Forbidden.AccessDenied.QpsLimitForApi"}
+_QPS_ERRCODES = {90018, 90002}
 # A robot's sessionWebhook or send over its limit (20 messages a minute): errcode 130101.
 _SEND_TOO_FAST = 130101
-_BAD_TOKEN_CODES = {"InvalidAuthentication", "Unauthorized", "InvalidAccessToken"}
-_BAD_TOKEN_ERRCODES = {40014, 42001, 40001}
+_BAD_TOKEN_CODES = {"InvalidAuthentication"}
+_BAD_TOKEN_ERRCODES = {40014, 42001}
 
 
 class DingtalkApiError(BotdError):
