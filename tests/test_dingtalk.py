@@ -360,7 +360,58 @@ async def test_answers_stream_into_a_card_once_each_also_in_a_retry_storm(tmp_pa
             assert spaces == ["dtv1.card//IM_GROUP.cidGroup", "dtv1.card//IM_ROBOT.zhangsan",
                               "dtv1.card//IM_ROBOT.zhaoliu"]
             [pic] = [c for c in fake.cards.values() if c.open_space_id.endswith("zhaoliu")]
-            assert "text" in pic.params["content"] or "文字" in pic.params["content"]
+            said = pic.params["content"]
+            assert "Sorry, I read text only." in said and "只能阅读文字" in said  # both: nothing to tell from
             hist = redis_server.client().lrange("botd:hist:dingtalk:assistant:cidGroup:", 0, -1)
             assert json.loads(hist[0])["content"] == "What is a lake?"
+    assert fake.errors == []
+
+
+# -- callback mode and department routing, through the daemon's HTTP server -------------------------------------
+
+
+def callback_config(tmp_path, redis_url: str, fake: FakeDingtalk):
+    from connectors.config import config_from_dict
+
+    robot = {"mode": "callback", "client_id": fake.client_id, "client_secret": "env:DINGTALK_SECRET",
+             "api_base": fake.url, "oapi_base": fake.url}
+    return config_from_dict({
+        "server": {"host": "127.0.0.1", "port": 0, "state_dir": str(tmp_path / "state")},
+        "model": {"n_ctx": 1024, "max_tokens": 8, "temperature": 0.0, "seed": 42, "n_threads": 2, "parallel": 1},
+        "redis": {"url": redis_url},
+        "bots": {"assistant": {}, "hr": {"system_prompt": "You are the HR assistant."}},
+        "routes": [{"bot": "hr", "platform": "dingtalk", "department": [42]}],
+        "dingtalk": {"assistant": robot}}, tmp_path / "config.toml")
+
+
+async def test_callbacks_are_checked_before_parsing_and_departments_route(tmp_path, redis_server):
+    fake = FakeDingtalk()
+    fake.departments = {"boss": [1, 42], "clerk": [7]}
+    async with fake_server(fake), running_daemon(callback_config(tmp_path, redis_server.url, fake)) as api:
+        url = "/dingtalk/assistant"
+
+        def signed(secret: str = SECRET, ts: int | None = None) -> dict[str, str]:
+            stamp = str(ts if ts is not None else int(time.time() * 1000))
+            return {"timestamp": stamp, "sign": sign(stamp, secret), "Content-Type": "application/json"}
+
+        # A forged sign, a stale timestamp, no headers: refused before the body is read, nothing recorded.
+        body = json.dumps(fake.robot_message("mallory", "forged")).encode()
+        for headers in (signed("another-apps-secret"), signed(ts=int(time.time() * 1000) - 7_200_000), {}):
+            status, _, _ = await api.post(url, raw=body, headers=headers)
+            assert status == 403
+        status, _, _ = await api.post(url, raw=b"{not json", headers=signed("wrong"))
+        assert status == 403  # the signature is checked first: not a 400 for the bad body
+        status, _, _ = await api.post(url, raw=b"{not json", headers=signed())
+        assert status == 400
+        # Signed messages: the boss (department 42) is answered by the hr bot, the clerk by the assistant.
+        for user in ("boss", "clerk"):
+            status, _, _ = await api.post(url, raw=json.dumps(fake.robot_message(user, "hello")).encode(),
+                                          headers=signed())
+            assert status == 200
+        await wait_for(lambda: _true(len(fake.webhook_posts) >= 2), timeout=60)
+        await asyncio.sleep(0.5)
+        r = redis_server.client()
+        assert r.llen("botd:hist:dingtalk:hr:boss:") == 2 and r.llen("botd:hist:dingtalk:assistant:clerk:") == 2
+        assert not r.keys("botd:hist:*mallory*") and len(fake.webhook_posts) == 2
+        assert sorted(fake.user_lookups) == ["boss", "clerk"]  # asked once each (a rule needed them)
     assert fake.errors == []

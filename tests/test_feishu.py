@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import itertools
 import json
 import subprocess
 import sys
@@ -28,13 +29,15 @@ from connectors.feishu.config import FeishuConfig
 from connectors.feishu.frame import Frame, FrameError
 from connectors.feishu.reply import CardKitReply, PatchReply, TextReply
 from connectors.feishu.ws import FeishuLink
+from core.config import Settings
 from core.kv import KeyValueCache
 from core.messages import Account
 from tests.fake_feishu import FakeFeishu
 from tests.fakes import serve
-from tests.helpers import wait_for
+from tests.helpers import make_config, running_daemon, wait_for
 
 SECRET = "feishu-app-secret"
+NOT_TEXT_EN = "Sorry, I read text only. Please send your question as text."
 
 
 @pytest.fixture(autouse=True)
@@ -272,3 +275,166 @@ def test_a_wrong_signature_is_refused_before_anything_is_decrypted():
     assert open_callback({}, check, KEY, TOKEN, 300)["challenge"] == "c1"
     with pytest.raises(CallbackRefused, match="unsigned"):
         open_callback({}, body, KEY, TOKEN, 300)
+
+
+# -- the connector in a cluster (a recording service, no model) ---------------------------------------------
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.got: list[Any] = []
+
+    async def receive(self, msg, target) -> bool:
+        self.got.append((msg, target))
+        return True
+
+
+def feishu_config(tmp_path, redis_url: str, fake: FakeFeishu, instance: str = "", max_tokens: int = 24,
+                  **extra: Any):
+    app = {"app_id": fake.app_id, "app_secret": "env:FEISHU_SECRET", "api_base": fake.url,
+           "update_interval_s": 0.2, **extra}
+    return make_config(tmp_path, redis_url, feishu={"assistant": app}, model={"max_tokens": max_tokens},
+                       redis={"lease_s": 2}, server={"instance": instance} if instance else {})
+
+
+@contextlib.asynccontextmanager
+async def connector(cfg, manager, service=None):
+    from connectors.feishu.connector import FeishuConnector
+
+    conn = FeishuConnector(service or Recorder(), Settings(cfg), KeyValueCache(manager, "botd"))
+    async with conn:
+        yield conn
+
+
+async def test_one_daemon_of_a_cluster_holds_the_connection_and_reconnects_after_a_drop(tmp_path, redis_server,
+                                                                                        manager):
+    fake = FakeFeishu()
+    async with fake_server(fake):
+        one, two = Recorder(), Recorder()
+        async with connector(feishu_config(tmp_path, redis_server.url, fake, "box-1"), manager, one) as c1:
+            await wait_for(lambda: _true(fake.connected() == 1), timeout=10)
+            async with connector(feishu_config(tmp_path, redis_server.url, fake, "box-2"), manager, two):
+                await asyncio.sleep(1.5)
+                assert fake.connected() == 1 and fake.endpoints == 1  # exactly one holds the connection
+                await fake.drop_connections()
+                await wait_for(lambda: _true(fake.connected() == 1 and fake.endpoints == 2), timeout=10)
+                mid = await fake.push(fake.message_event("a", "hi"))
+                await wait_for(lambda: _true(mid in fake.answers and len(one.got) == 1), timeout=5)
+                assert two.got == []
+                # A third daemon takes the lease (box-1 paused past it): box-1's connection stops for good.
+                lease_key = "botd:lease:feishu:ws:" + fake.app_id
+                redis_server.client().set(lease_key, "999999|box-3/other", px=60_000)
+                await wait_for(lambda: _true(fake.connected() == 0), timeout=5)
+                await asyncio.sleep(1.0)
+                assert fake.connected() == 0 and c1.apps["assistant"].displaced
+                redis_server.client().delete(lease_key)
+                await wait_for(lambda: _true(fake.connected() == 1), timeout=10)  # taken over again
+    assert fake.errors == []
+
+
+async def test_events_become_inbound_messages(tmp_path, redis_server, manager):
+    fake = FakeFeishu()
+    async with fake_server(fake):
+        rec = Recorder()
+        async with connector(feishu_config(tmp_path, redis_server.url, fake, group_history="member"), manager, rec):
+            await wait_for(lambda: _true(fake.connected() == 1), timeout=10)
+            for event in (fake.message_event("u1", "一对一"), fake.message_event("u2", "群里 @ 我", chat="oc_g"),
+                          fake.message_event("u3", "not for the bot", chat="oc_g", at_bot=False),
+                          fake.message_event("u4", "", message_type="image")):
+                mid = await fake.push(event)
+                await wait_for(lambda mid=mid: _true(mid in fake.answers), timeout=5)
+    got = [(m.chat, m.thread, m.user, m.text, m.readable) for m, _ in rec.got]
+    assert got == [("ou_u1", "", "ou_u1", "一对一", True), ("oc_g", "ou_u2", "ou_u2", "群里 @ 我", True),
+                   ("ou_u4", "", "ou_u4", "(image)", False)]
+    assert all(isinstance(t, CardKitReply) for _, t in rec.got)
+
+
+# -- the daemon and the model over the long connection --------------------------------------------------------
+
+
+async def test_answers_stream_into_cards_once_each_also_in_a_retry_storm(tmp_path, redis_server):
+    fake = FakeFeishu()
+    async with fake_server(fake):
+        async with running_daemon(feishu_config(tmp_path, redis_server.url, fake)):
+            await wait_for(lambda: _true(fake.connected() == 1), timeout=10)
+            storm = fake.message_event("zhang", "Write three sentences about rivers.")
+            for _ in range(10):  # Feishu pushing the same event again (no answer within 3 s, say)
+                await fake.push(storm)
+
+            def done(n: int):
+                return _true(len(fake.cards) >= n and all(not c.streaming for c in fake.cards.values()))
+
+            await wait_for(lambda: done(1), timeout=60)
+            await asyncio.sleep(1.0)
+            [card] = fake.cards.values()
+            grown = [card.card["body"]["elements"][0]["content"], *card.contents]
+            assert len(card.contents) >= 2, grown  # the card grew in at least two updates
+            assert all(b.startswith(a) for a, b in itertools.pairwise(grown))
+            [reply] = fake.replies
+            assert reply["reply_to"] == storm["event"]["message"]["message_id"]
+            await fake.push(fake.message_event("li", "What is a lake?", chat="oc_group"))
+            await fake.push(fake.message_event("wang", "ignored", chat="oc_group", at_bot=False))
+            image = fake.message_event("zhao", "", message_type="image")
+            await fake.push(image)
+            await wait_for(lambda: done(3), timeout=60)
+            await asyncio.sleep(0.5)
+            assert len(fake.replies) == 3  # not the group message that did not @ the bot
+            [pic] = [r for r in fake.replies if r["reply_to"] == image["event"]["message"]["message_id"]]
+            said = fake.cards[pic["content"]["data"]["card_id"]].content
+            assert NOT_TEXT_EN in said and "只能阅读文字" in said  # both languages: nothing to tell from
+            hist = redis_server.client().lrange("botd:hist:feishu:assistant:oc_group:", 0, -1)
+            assert json.loads(hist[0])["content"] == "What is a lake?"
+    assert fake.errors == []
+
+
+# -- callback mode and department routing, through the daemon's HTTP server -------------------------------------
+
+
+def callback_config(tmp_path, redis_url: str, fake: FakeFeishu):
+    from connectors.config import config_from_dict
+
+    app = {"mode": "callback", "app_id": fake.app_id, "app_secret": "env:FEISHU_SECRET", "api_base": fake.url,
+           "encrypt_key": "env:FEISHU_ENCRYPT_KEY", "verification_token": "env:FEISHU_VERIFICATION_TOKEN",
+           "streaming": "off"}
+    return config_from_dict({
+        "server": {"host": "127.0.0.1", "port": 0, "state_dir": str(tmp_path / "state")},
+        "model": {"n_ctx": 1024, "max_tokens": 8, "temperature": 0.0, "seed": 42, "n_threads": 2, "parallel": 1},
+        "redis": {"url": redis_url},
+        "bots": {"assistant": {}, "hr": {"system_prompt": "You are the HR assistant."}},
+        "routes": [{"bot": "hr", "platform": "feishu", "department": ["od_42"]}],
+        "feishu": {"assistant": app}}, tmp_path / "config.toml")
+
+
+async def test_callbacks_are_checked_before_decrypting_and_departments_route(tmp_path, redis_server, monkeypatch):
+    monkeypatch.setenv("FEISHU_ENCRYPT_KEY", KEY)
+    monkeypatch.setenv("FEISHU_VERIFICATION_TOKEN", TOKEN)
+    fake = FakeFeishu()
+    fake.departments = {"ou_boss": ["od_1", "od_42"], "ou_clerk": ["od_7"]}
+    async with fake_server(fake), running_daemon(callback_config(tmp_path, redis_server.url, fake)) as api:
+        url = "/feishu/assistant"
+        # The URL check (unsigned, encrypted): answered with the challenge.
+        check = json.dumps({"encrypt": encrypt(json.dumps({"challenge": "ch-1", "token": TOKEN, "type":
+                                                           "url_verification"}).encode(), KEY, b"3" * 16)})
+        status, data, _ = await api.post(url, raw=check.encode())
+        assert status == 200 and data == {"challenge": "ch-1"}
+        # Forged: a wrong signature, a replayed (stale) one, another app's key: refused, nothing recorded.
+        headers, body = _signed(fake.message_event("mallory", "forged"))
+        for bad in (dict(headers, **{"X-Lark-Signature": "f" * 64}),
+                    dict(headers, **{"X-Lark-Request-Timestamp": str(int(time.time()) - 900)})):
+            status, _, _ = await api.post(url, raw=body, headers=bad)
+            assert status == 403
+        status, _, _ = await api.post(url, raw=_signed(fake.message_event("mallory", "x"), key="other key")[1],
+                                      headers=headers)
+        assert status == 403
+        for user in ("boss", "clerk"):
+            h, b = _signed(fake.message_event(user, "hello"))
+            status, _, _ = await api.post(url, raw=b, headers=h)
+            assert status == 200
+        await wait_for(lambda: _true(len(fake.replies) >= 2), timeout=60)
+        await asyncio.sleep(0.5)
+        r = redis_server.client()
+        assert r.llen("botd:hist:feishu:hr:ou_boss:") == 2 and r.llen("botd:hist:feishu:assistant:ou_clerk:") == 2
+        assert not r.keys("botd:hist:*mallory*") and len(fake.replies) == 2
+        assert all(x["msg_type"] == "text" for x in fake.replies)  # streaming = "off"
+        assert sorted(fake.user_lookups) == ["ou_boss", "ou_clerk"]
+    assert fake.errors == []
