@@ -57,6 +57,7 @@ class FakeDingtalk:
         self.ping_every_s = ping_every_s
         self.url = ""
         self.tokens: dict[str, float] = {}  # token -> expiry (time.time())
+        self.issued: list[str] = []  # every token ever given
         self.token_requests = 0
         self.tickets: dict[str, bool] = {}  # ticket -> used
         self.opens: list[dict[str, Any]] = []
@@ -108,6 +109,7 @@ class FakeDingtalk:
         self.token_requests += 1
         token = f"tok-{uuid.uuid4().hex}"
         self.tokens[token] = time.time() + self.token_life_s
+        self.issued.append(token)
         return token
 
     def expire_tokens(self) -> None:

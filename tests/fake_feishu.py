@@ -55,6 +55,7 @@ class FakeFeishu:
         self.ping_interval = ping_interval
         self.url = ""
         self.tokens: set[str] = set()
+        self.issued: list[str] = []  # every token ever given
         self.token_requests = 0
         self.endpoints = 0
         self.conns: list[web.WebSocketResponse] = []
@@ -102,6 +103,7 @@ class FakeFeishu:
         self.token_requests += 1
         token = f"t-{uuid.uuid4().hex}"
         self.tokens.add(token)
+        self.issued.append(token)
         return web.json_response({"code": 0, "msg": "ok", "tenant_access_token": token, "expire": 7200})
 
     def expire_tokens(self) -> None:

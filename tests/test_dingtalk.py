@@ -29,7 +29,7 @@ from core.kv import KeyValueCache
 from core.messages import Account
 from tests.fake_dingtalk import FakeDingtalk
 from tests.fakes import serve
-from tests.helpers import make_config, running_daemon, wait_for
+from tests.helpers import captured, make_config, running_daemon, wait_for
 
 SECRET = "dingtalk-app-secret"
 TEMPLATE = "tpl-ai-card.schema"
@@ -265,28 +265,31 @@ async def connector(cfg, manager, service=None):
         yield conn
 
 
-async def test_one_daemon_of_a_cluster_holds_the_stream_and_another_takes_over(tmp_path, redis_server, manager):
+async def test_one_of_three_daemons_holds_the_stream_and_another_takes_over(tmp_path, redis_server, manager):
     fake = FakeDingtalk()
     async with fake_server(fake):
         one, two = Recorder(), Recorder()
         async with connector(dingtalk_config(tmp_path, redis_server.url, fake, "box-1"), manager, one) as c1:
             await wait_for(lambda: _true(fake.connected() == 1), timeout=10)
-            async with connector(dingtalk_config(tmp_path, redis_server.url, fake, "box-2"), manager, two):
+            async with connector(dingtalk_config(tmp_path, redis_server.url, fake, "box-2"), manager, two), \
+                    connector(dingtalk_config(tmp_path, redis_server.url, fake, "box-3"), manager, two):
                 await asyncio.sleep(1.5)
-                assert fake.connected() == 1 and len(fake.opens) == 1  # exactly one holds the connection
+                assert fake.connected() == 1 and len(fake.opens) == 1  # exactly one of three holds the connection
                 await fake.push(fake.robot_message("a", "hi"))
                 await wait_for(lambda: _true(len(one.got) == 1), timeout=5)
                 assert two.got == []
-                # A third daemon takes the lease (box-1 paused past it): box-1's connection stops.
+                # Another daemon takes the lease (box-1 paused past it): box-1's connection stops.
                 lease_key = "botd:lease:dingtalk:stream:" + fake.client_id
-                redis_server.client().set(lease_key, "999999|box-3/other", px=60_000)
+                redis_server.client().set(lease_key, "999999|box-9/other", px=60_000)
                 await wait_for(lambda: _true(fake.connected() == 0), timeout=5)
                 assert c1.robots["assistant"].displaced
                 await asyncio.sleep(1.0)
                 assert fake.connected() == 0  # stopped: not reopened against the lease's new holder
                 redis_server.client().delete(lease_key)  # the new holder died
                 await wait_for(lambda: _true(fake.connected() == 1), timeout=10)  # taken over again
-            # box-2 is gone (or never held it): box-1 keeps or takes the connection.
+                await asyncio.sleep(1.0)
+                assert fake.connected() == 1
+            # box-2 and box-3 are gone: box-1 keeps or takes the connection.
             await wait_for(lambda: _true(fake.connected() == 1), timeout=10)
     assert fake.errors == []
 
@@ -415,3 +418,30 @@ async def test_callbacks_are_checked_before_parsing_and_departments_route(tmp_pa
         assert not r.keys("botd:hist:*mallory*") and len(fake.webhook_posts) == 2
         assert sorted(fake.user_lookups) == ["boss", "clerk"]  # asked once each (a rule needed them)
     assert fake.errors == []
+
+
+async def test_no_secret_token_or_webhook_reaches_the_log(tmp_path, redis_server, manager):
+    fake = FakeDingtalk()
+    async with fake_server(fake):
+        with captured() as log:
+            rec = Recorder()
+            async with connector(dingtalk_config(tmp_path, redis_server.url, fake, card_template_id=TEMPLATE),
+                                 manager, rec) as conn:
+                await wait_for(lambda: _true(fake.connected() == 1), timeout=10)
+                await fake.push(fake.robot_message("u1", "hello", webhook_life_s=0))
+                await wait_for(lambda: _true(len(rec.got) == 1), timeout=5)
+                target = rec.got[0][1]
+                await target.show("first words")
+                fake.expire_tokens()
+                fake.throttle("/v1.0/card/streaming", 1)
+                await target.show("first words and more")
+                await target.closed("first words and more")
+                token = conn.robots["assistant"].api._token[0]
+                bad = CardReply(Account("dingtalk", "assistant"), conn.robots["assistant"].api, conn.cache,
+                                {**rec.got[0][0].route, "conversation": ""}, 0.1)
+                await bad.failed(RuntimeError("x"), "t")
+    text = log.getvalue()
+    assert "dingtalk access token refused" in text and "platform rate limit" in text  # the log did see it all
+    assert len(fake.issued) == 2 and token == fake.issued[-1]
+    for canary in (SECRET, *fake.issued, *fake.tickets, "sendBySession"):
+        assert canary not in text, canary

@@ -34,7 +34,7 @@ from core.kv import KeyValueCache
 from core.messages import Account
 from tests.fake_feishu import FakeFeishu
 from tests.fakes import serve
-from tests.helpers import make_config, running_daemon, wait_for
+from tests.helpers import captured, make_config, running_daemon, wait_for
 
 SECRET = "feishu-app-secret"
 NOT_TEXT_EN = "Sorry, I read text only. Please send your question as text."
@@ -306,24 +306,25 @@ async def connector(cfg, manager, service=None):
         yield conn
 
 
-async def test_one_daemon_of_a_cluster_holds_the_connection_and_reconnects_after_a_drop(tmp_path, redis_server,
+async def test_one_of_three_daemons_holds_the_connection_and_reconnects_after_a_drop(tmp_path, redis_server,
                                                                                         manager):
     fake = FakeFeishu()
     async with fake_server(fake):
         one, two = Recorder(), Recorder()
         async with connector(feishu_config(tmp_path, redis_server.url, fake, "box-1"), manager, one) as c1:
             await wait_for(lambda: _true(fake.connected() == 1), timeout=10)
-            async with connector(feishu_config(tmp_path, redis_server.url, fake, "box-2"), manager, two):
+            async with connector(feishu_config(tmp_path, redis_server.url, fake, "box-2"), manager, two), \
+                    connector(feishu_config(tmp_path, redis_server.url, fake, "box-3"), manager, two):
                 await asyncio.sleep(1.5)
-                assert fake.connected() == 1 and fake.endpoints == 1  # exactly one holds the connection
+                assert fake.connected() == 1 and fake.endpoints == 1  # exactly one of three holds the connection
                 await fake.drop_connections()
                 await wait_for(lambda: _true(fake.connected() == 1 and fake.endpoints == 2), timeout=10)
                 mid = await fake.push(fake.message_event("a", "hi"))
                 await wait_for(lambda: _true(mid in fake.answers and len(one.got) == 1), timeout=5)
                 assert two.got == []
-                # A third daemon takes the lease (box-1 paused past it): box-1's connection stops for good.
+                # Another daemon takes the lease (box-1 paused past it): box-1's connection stops.
                 lease_key = "botd:lease:feishu:ws:" + fake.app_id
-                redis_server.client().set(lease_key, "999999|box-3/other", px=60_000)
+                redis_server.client().set(lease_key, "999999|box-9/other", px=60_000)
                 await wait_for(lambda: _true(fake.connected() == 0), timeout=5)
                 await asyncio.sleep(1.0)
                 assert fake.connected() == 0 and c1.apps["assistant"].displaced
@@ -438,3 +439,27 @@ async def test_callbacks_are_checked_before_decrypting_and_departments_route(tmp
         assert all(x["msg_type"] == "text" for x in fake.replies)  # streaming = "off"
         assert sorted(fake.user_lookups) == ["ou_boss", "ou_clerk"]
     assert fake.errors == []
+
+
+async def test_no_secret_or_token_reaches_the_log(tmp_path, redis_server, manager):
+    fake = FakeFeishu()
+    async with fake_server(fake):
+        with captured() as log:
+            rec = Recorder()
+            async with connector(feishu_config(tmp_path, redis_server.url, fake), manager, rec):
+                await wait_for(lambda: _true(fake.connected() == 1), timeout=10)
+                await fake.push(fake.message_event("u1", "hello"))
+                await wait_for(lambda: _true(len(rec.got) == 1), timeout=5)
+                target = rec.got[0][1]
+                await target.show("first words")
+                fake.expire_tokens()
+                fake.throttle_reset_s = 0
+                fake.throttle("card_content", 1)
+                await target.show("first words and more")
+                await target.closed("first words and more")
+                await target.failed(RuntimeError("x"), "t")
+    text = log.getvalue()
+    assert "feishu tenant token refused" in text and "platform rate limit" in text  # the log did see it all
+    assert len(fake.issued) == 2
+    for canary in (SECRET, *fake.issued):
+        assert canary not in text, canary
