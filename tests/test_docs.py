@@ -237,6 +237,22 @@ def test_the_configuration_page_names_every_key_a_reload_cannot_change():
         assert not missing, f"{page.name} does not say that these need a restart: {missing}"
 
 
+def test_the_security_page_lists_every_platforms_webhook_path_for_the_proxy():
+    """A reverse proxy forwards the platforms' webhook paths only: the list an admin copies names
+    every platform in the registry (a path is /<section>/..., e.g. /wecom/<bot>)."""
+    from connectors import REGISTRY
+
+    platforms = [e.section for name, e in REGISTRY.items() if name not in ("http_api", "web_console")]
+    assert {"telegram", "slack", "wecom", "wecom_aibot"} <= set(platforms), platforms
+    for page in (DOCS / "security.md", DOCS / "security.zh.md"):
+        text = page.read_text(encoding="utf-8")
+        nginx = re.search(r"```nginx\n(.*?)```", text, re.S)
+        assert nginx, f"{page.name}: the proxy example"
+        for section in platforms:
+            assert f"`/{section}/" in text, f"{page.name}: add /{section}/... to the reverse proxy's paths"
+            assert section in nginx.group(1), f"{page.name}: add {section} to the nginx example"
+
+
 def test_the_security_page_keeps_what_an_admin_exposing_botd_must_know():
     common = ("[api] keys", "anonymous_bots", "allowed_hosts", "/wecom_aibot/<bot>", "botd token revoke",
               "noeviction", "max_deliveries")
