@@ -122,6 +122,8 @@ def test_every_page_has_a_chinese_pair_with_the_same_sections_in_the_same_order(
 def test_every_documented_config_key_is_in_the_chinese_page_too():
     found = 0
     for page in english_pages():
+        if page.parent.name == "protocols":
+            continue
         zh = chinese(page).read_text(encoding="utf-8")
         keys = table_keys(page)
         found += sum(len(v) for v in keys.values())
