@@ -255,6 +255,24 @@ def test_the_security_page_lists_every_platforms_webhook_path_for_the_proxy():
             assert section in nginx.group(1), f"{page.name}: add {section} to the nginx example"
 
 
+def test_getting_started_lists_every_command_of_the_cli():
+    import argparse
+
+    from bots.cli import _parser
+
+    def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return dict(actions[0].choices) if actions else {}
+
+    commands = [f"botd {name}" + (f" {action}" if action else "")
+                for name, sp in subcommands(_parser()).items() for action in (subcommands(sp) or [""])]
+    assert "botd run" in commands and "botd kb ingest" in commands, commands
+    for page in (DOCS / "getting-started.md", DOCS / "getting-started.zh.md"):
+        text = page.read_text(encoding="utf-8")
+        missing = [c for c in commands if f"`{c}`" not in text and f"`{c.rsplit(' ', 1)[-1]}`" not in text]
+        assert not missing, f"{page.name}'s command table lacks {missing}"
+
+
 def test_the_security_page_keeps_what_an_admin_exposing_botd_must_know():
     common = ("[api] keys", "anonymous_bots", "allowed_hosts", "/wecom_aibot/<bot>", "botd token revoke",
               "noeviction", "max_deliveries")
