@@ -10,10 +10,12 @@ import contextlib
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -29,7 +31,8 @@ from core.kv import KeyValueCache
 from core.messages import Account
 from tests.fake_dingtalk import FakeDingtalk
 from tests.fakes import serve
-from tests.helpers import captured, make_config, running_daemon, wait_for
+from tests.helpers import captured, free_port, make_config, running_daemon, wait_for
+from tests.test_service import DaemonProcess
 
 SECRET = "dingtalk-app-secret"
 TEMPLATE = "tpl-ai-card.schema"
@@ -445,3 +448,72 @@ async def test_no_secret_token_or_webhook_reaches_the_log(tmp_path, redis_server
     assert len(fake.issued) == 2 and token == fake.issued[-1]
     for canary in (SECRET, *fake.issued, *fake.tickets, "sendBySession"):
         assert canary not in text, canary
+
+
+# -- kill -9 in the middle of answering ------------------------------------------------------------------------
+
+
+def write_config(folder: Path, port: int, redis_url: str, fake: FakeDingtalk) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.toml"
+    path.write_text(f"""
+[server]
+host = "127.0.0.1"
+port = {port}
+state_dir = "{folder / 'state'}"
+log_format = "json"
+instance = "dingtalk-box"
+
+[model]
+n_ctx = 1024
+max_tokens = 24
+temperature = 0.0
+seed = 42
+n_threads = 2
+parallel = 1
+
+[redis]
+url = "{redis_url}"
+lease_s = 3
+
+[bots.assistant]
+system_prompt = "You are a helpful assistant. Answer in one short sentence."
+
+[dingtalk.assistant]
+client_id = "{fake.client_id}"
+client_secret = "env:DINGTALK_SECRET"
+api_base = "{fake.url}"
+oapi_base = "{fake.url}"
+card_template_id = "{TEMPLATE}"
+update_interval_s = 0.2
+""")
+    return path
+
+
+async def test_kill_9_and_restart_answer_each_message_once(tmp_path, redis_server):
+    fake = FakeDingtalk()
+    users = [f"user{i}" for i in range(3)]
+    r = redis_server.client()
+    async with fake_server(fake):
+        port = free_port()
+        config = write_config(tmp_path, port, redis_server.url, fake)
+        daemon = DaemonProcess(config, port, tmp_path / "botd.log")
+        await daemon.start()
+        try:
+            await wait_for(lambda: _true(fake.connected() == 1), timeout=20)
+            for i, user in enumerate(users):
+                await fake.push(fake.robot_message(user, f"Say hello to person number {i}."))
+            await wait_for(lambda: _true(any(c.contents for c in fake.cards.values())), timeout=60, interval=0.01)
+            daemon.signal(signal.SIGKILL)
+            assert await daemon.wait() == -signal.SIGKILL
+            assert r.hlen("botd:inbox") >= 1  # accepted, not answered yet
+            daemon = DaemonProcess(config, port, tmp_path / "botd.log")
+            await daemon.start()
+            await wait_for(lambda: _true(r.hlen("botd:inbox") == 0), timeout=90)
+            await asyncio.sleep(0.5)
+        finally:
+            daemon.ensure_dead()
+    per_user = {u: [c for c in fake.cards.values() if c.open_space_id.endswith(f".{u}")] for u in users}
+    assert {u: len(cs) for u, cs in per_user.items()} == dict.fromkeys(users, 1), per_user  # once each
+    assert all(cs[0].finalised and cs[0].params["content"].strip() for cs in per_user.values())
+    assert fake.errors == []
