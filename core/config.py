@@ -87,7 +87,7 @@ CTRANSFORMERS_TYPES = ("gpt2", "gptj", "gpt_neox", "falcon", "llama", "mpt", "st
 # Keys that only one engine reads: set to anything but their default under another engine, they
 # are refused (a key that silently does nothing is a typo the admin never hears about).
 _ENGINE_ONLY = {
-    "n_gpu_layers": "llama_cpp", "main_gpu": "llama_cpp", "flash_attn": "llama_cpp",
+    "n_gpu_layers": "llama_cpp", "main_gpu": "llama_cpp", "flash_attn": "llama_cpp", "step_budget_ms": "llama_cpp",
     "base_url": "openai", "api_key": "openai", "model": "openai", "timeout_s": "openai",
     "max_concurrent": "openai", "tokenizer_path": "openai",
     "model_type": "ctransformers",
@@ -144,6 +144,17 @@ class ModelConfig(_Section):
     n_gpu_layers: Annotated[int, Field(ge=-1, le=100_000)] = 0
     main_gpu: Annotated[int, Field(ge=-1, le=255)] = -1
     flash_attn: bool | Literal["auto"] = "auto"
+    step_budget_ms: Annotated[float, Field(
+        ge=10, le=60_000,
+        description="llama_cpp: how long one decode step may take while answers stream, in milliseconds. A new "
+                    "prompt is read beside the running answers in chunks sized, from the engine's own timings, "
+                    "to keep each step within this: larger, a long prompt gets its first token sooner and the "
+                    "running answers pause longer between tokens; smaller, the reverse. While nothing streams, "
+                    "prompts are read as fast as the batch allows.",
+        json_schema_extra={"zh": "llama_cpp：有回答正在流式输出时，一个解码步骤最多用多少毫秒。新的提示词与正在输出的"
+                                 "回答一起分块读取，块的大小由引擎按自己测得的耗时决定，使每一步不超过此值：调大，"
+                                 "长提示词的第一个词元来得更早，正在输出的回答在词元之间停顿更久；调小则相反。"
+                                 "没有回答在输出时，提示词以批次允许的最快速度读取。"})] = 200.0
     # openai: the server's API root (e.g. "http://127.0.0.1:8000/v1"), its key (a secret
     # reference), the model name it serves ("" = the first one its /models lists), the longest
     # wait for it to connect, answer or send the next piece, and requests kept in flight to it.
@@ -222,7 +233,8 @@ class ModelConfig(_Section):
             return (self.engine, self.base_url, self.api_key, self.model, self.timeout_s, self.max_concurrent,
                     self.tokenizer_path, self.n_ctx)
         return (self.engine, self.resolved_path(), self.n_ctx, self.resolved_threads(), self.n_batch,
-                self.parallel, self.cache_mb, self.n_gpu_layers, self.main_gpu, self.flash_attn, self.model_type)
+                self.parallel, self.cache_mb, self.n_gpu_layers, self.main_gpu, self.flash_attn, self.model_type,
+                self.step_budget_ms)
 
 
 class QueueConfig(_Section):

@@ -27,6 +27,7 @@ def create_engine(cfg: ModelConfig) -> Engine:
             n_gpu_layers=cfg.n_gpu_layers,
             main_gpu=cfg.main_gpu,
             flash_attn=cfg.flash_attn_setting(),
+            step_budget_ms=cfg.step_budget_ms,
         )
     if cfg.engine == "openai":
         from core.engines.openai import RemoteEngine

@@ -1,11 +1,24 @@
-"""The llama.cpp engine (llama-cpp-python): GGUF int4 models, in-process.
+"""The llama.cpp engine (llama-cpp-python's low-level bindings): GGUF models in this process,
+several conversations decoded together, each keeping its KV state between turns.
 
-The chat template is the one in the GGUF file's own metadata
-(``tokenizer.chat_template``), rendered with llama-cpp-python's Jinja2 formatter, so a
-Qwen, Mistral or SmolLM file each gets its own prompt format. Generation goes through
-``Llama.generate`` token by token: that lets the worker stop between tokens (cancel,
-timeout), count tokens exactly, and reuse the KV prefix when a thread's next prompt
-extends its previous one (llama-cpp-python does that inside ``generate``).
+What it owns:
+
+- the prompt: the chat template from the GGUF file's own metadata (``tokenizer.chat_template``,
+  llama-cpp-python's Jinja2 formatter), with special tokens taken only from the template, never
+  from message contents (:class:`_ChatTemplate`); a vocabulary-only copy counts prompts off the
+  worker thread (:class:`LlamaCppTokenizer`);
+- the slots: ``[model] parallel`` sequences, each its own KV stream; a thread's next turn goes
+  back to the slot holding its tokens and reads only what is new, a slot taken by another thread
+  first parks its state in the :class:`~core.engines.state_cache.StateCache`, a bot's system turn
+  is read once and copied into its new threads' slots, and the opening of a thread's next turn
+  is read while the engine is idle (:meth:`LlamaCppEngine.read_ahead`);
+- the step (:meth:`LlamaCppEngine.step`): one ``llama_decode`` for every running sequence, its
+  rows in sequence-id order so that llama.cpp cuts it into the fewest passes over the weights
+  (core/engines/batching.py), the next token of each answer plus a chunk of a prompt being read,
+  sized so that the step keeps to ``[model] step_budget_ms`` (core/engines/step_budget.py);
+- sampling on each sequence's logits row (core/engines/sampling.py), text handed over token by
+  token with stop strings held back, and stops between steps (cancel, timeout) without
+  disturbing the other sequences; LoRA adapters per request, one adapter set per step.
 """
 
 from __future__ import annotations
@@ -16,6 +29,7 @@ import json
 import mmap
 import re
 import threading
+import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -40,6 +54,7 @@ from core.engines.batching import micro_batches, runs_of
 from core.engines.sampling import TokenSampler
 from core.engines.special_tokens import control_pattern
 from core.engines.state_cache import SavedState, StateCache, common_prefix
+from core.engines.step_budget import StepBudget
 from core.messages import ThreadKey
 from core.toolcalls import plain_messages
 
@@ -469,6 +484,7 @@ class LlamaCppEngine(Engine):
         n_gpu_layers: int = 0,
         main_gpu: int = -1,
         flash_attn: bool | None = None,
+        step_budget_ms: float = 200.0,
     ) -> None:
         self.path = Path(path)
         # 0: CPU only; -1: every layer; N: llama.cpp puts the model's last N layers on the GPU.
@@ -504,6 +520,8 @@ class LlamaCppEngine(Engine):
         self.share_prefixes = True
         self._system_turns: OrderedDict[bytes, list[int]] = OrderedDict()
         self.stats = EngineStats()
+        # How long a step may take while answers stream: sizes a new prompt's chunk beside them.
+        self._budget = StepBudget(step_budget_ms / 1000)
 
     @property
     def n_ctx(self) -> int:
@@ -1034,7 +1052,7 @@ class LlamaCppEngine(Engine):
         # prompt, one row, except the reader first in line, which reads a chunk. llama.cpp gives
         # every micro-batch the same number of rows of each sequence in it, so one row each and
         # one longer chunk cost two passes at most (see core/engines/batching.py); while others
-        # stream, the chunk is smaller so that their next tokens are not held up by a long read.
+        # stream, the chunk is what keeps the step within [model] step_budget_ms.
         decoding = [seq for seq in active if not seq.reading and seq.next_token is not None]
         readers = [seq for seq in active if seq.reading]
         takes: dict[int, int] = {id(seq): 1 for seq in decoding}
@@ -1043,7 +1061,9 @@ class LlamaCppEngine(Engine):
         for k, seq in enumerate(readers):
             left = len(seq.prompt) - seq.read
             if k == 0:
-                take = min(left, max(32, capacity // 4) if decoding else budget, budget)
+                # Beside streaming answers, as many tokens as fit the step's time budget (see
+                # core/engines/step_budget.py); with none streaming, as many as the batch holds.
+                take = min(left, self._budget.chunk(len(decoding), budget) if decoding else budget, budget)
             elif decoding:
                 take = 1
             else:  # nothing streams yet: the prompts fill the batch, first come first
@@ -1082,6 +1102,7 @@ class LlamaCppEngine(Engine):
         if n == 0:
             return
         batch.n_tokens = n
+        started = time.perf_counter()
         try:
             self._ctx.decode(self._batch)
         except Exception as exc:
@@ -1091,6 +1112,7 @@ class LlamaCppEngine(Engine):
                 seq.failed = True
                 self._finish(seq, "error", error=f"generation failed: {exc}")
             return
+        self._budget.observe(len(decoding), n - len(decoding), time.perf_counter() - started)
         self.stats.steps += 1
         self.stats.batch_tokens += n
         self.stats.last_batch = n
@@ -1158,4 +1180,5 @@ class LlamaCppEngine(Engine):
             "state_cache_evictions": self.cache.evictions,
             "lora_adapters": len(self._adapters),
             **self.stats.as_dict(),
+            **self._budget.as_dict(),
         }
