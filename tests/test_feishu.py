@@ -12,10 +12,12 @@ import contextlib
 import hashlib
 import itertools
 import json
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -34,7 +36,8 @@ from core.kv import KeyValueCache
 from core.messages import Account
 from tests.fake_feishu import FakeFeishu
 from tests.fakes import serve
-from tests.helpers import captured, make_config, running_daemon, wait_for
+from tests.helpers import captured, free_port, make_config, running_daemon, wait_for
+from tests.test_service import DaemonProcess
 
 SECRET = "feishu-app-secret"
 NOT_TEXT_EN = "Sorry, I read text only. Please send your question as text."
@@ -463,3 +466,75 @@ async def test_no_secret_or_token_reaches_the_log(tmp_path, redis_server, manage
     assert len(fake.issued) == 2
     for canary in (SECRET, *fake.issued):
         assert canary not in text, canary
+
+
+# -- kill -9 in the middle of answering ------------------------------------------------------------------------
+
+
+def write_config(folder: Path, port: int, redis_url: str, fake: FakeFeishu) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.toml"
+    path.write_text(f"""
+[server]
+host = "127.0.0.1"
+port = {port}
+state_dir = "{folder / 'state'}"
+log_format = "json"
+instance = "feishu-box"
+
+[model]
+n_ctx = 1024
+max_tokens = 24
+temperature = 0.0
+seed = 42
+n_threads = 2
+parallel = 1
+
+[redis]
+url = "{redis_url}"
+lease_s = 3
+
+[bots.assistant]
+system_prompt = "You are a helpful assistant. Answer in one short sentence."
+
+[feishu.assistant]
+app_id = "{fake.app_id}"
+app_secret = "env:FEISHU_SECRET"
+api_base = "{fake.url}"
+update_interval_s = 0.2
+""")
+    return path
+
+
+async def test_kill_9_and_restart_answer_each_message_once(tmp_path, redis_server):
+    fake = FakeFeishu()
+    users = [f"user{i}" for i in range(3)]
+    r = redis_server.client()
+    async with fake_server(fake):
+        port = free_port()
+        config = write_config(tmp_path, port, redis_server.url, fake)
+        daemon = DaemonProcess(config, port, tmp_path / "botd.log")
+        await daemon.start()
+        asked = {}
+        try:
+            await wait_for(lambda: _true(fake.connected() == 1), timeout=20)
+            for i, user in enumerate(users):
+                event = fake.message_event(user, f"Say hello to person number {i}.")
+                asked[user] = event["event"]["message"]["message_id"]
+                await fake.push(event)
+            await wait_for(lambda: _true(any(c.contents for c in fake.cards.values())), timeout=60, interval=0.01)
+            daemon.signal(signal.SIGKILL)
+            assert await daemon.wait() == -signal.SIGKILL
+            assert r.hlen("botd:inbox") >= 1  # accepted, not answered yet
+            daemon = DaemonProcess(config, port, tmp_path / "botd.log")
+            await daemon.start()
+            await wait_for(lambda: _true(r.hlen("botd:inbox") == 0), timeout=90)
+            await asyncio.sleep(0.5)
+        finally:
+            daemon.ensure_dead()
+    replies = {u: [x for x in fake.replies if x["reply_to"] == mid] for u, mid in asked.items()}
+    assert {u: len(xs) for u, xs in replies.items()} == dict.fromkeys(users, 1), replies  # once each
+    for xs in replies.values():
+        card = fake.cards[xs[0]["content"]["data"]["card_id"]]
+        assert not card.streaming and card.content.strip()
+    assert fake.errors == []  # sequences kept increasing across the restart
