@@ -23,6 +23,7 @@ from bots import stats
 from bots.answers import JobAnswer, TextAnswer, answer_details, reset_thread
 from bots.pipeline import AnswerPipeline
 from bots.tasks import TaskRegistry
+from connectors import configured
 from core.config import Config, Settings
 from core.dispatch import Busy
 from core.messages import InboundMessage, ThreadKey
@@ -106,6 +107,9 @@ class AdminBackend:
 
     def health(self) -> dict[str, Any]:
         return self.runtime.health()
+
+    def connector_names(self) -> list[str]:
+        return configured(self.cfg)
 
     # -- the console's chat ------------------------------------------------------------------------
 

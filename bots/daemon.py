@@ -71,6 +71,12 @@ def _secrets_of(cfg: Config, name: str) -> str:
     return secrets_digest(ref for m in models for _, ref, _ in secret_references(m))
 
 
+def make_connector(name: str, service: ChatService, runtime: Runtime) -> Edge:
+    """Connector ``name``, handed what it serves: the service, or (the console) the admin backend."""
+    cls = load_connector(name)
+    return cls(service.admin if cls.hands == "admin" else service, service.settings, runtime.cache)
+
+
 def _log_tasks() -> None:
     """SIGUSR1: where every task of the daemon is waiting, in the log (a stuck answer's stack)."""
     for task in asyncio.all_tasks():
@@ -150,7 +156,7 @@ class Daemon:
         stack.push_async_callback(self._close_connectors)
         for name in configured(cfg):
             self._secrets[name] = _secrets_of(cfg, name)
-            connector = self._connector(name)
+            connector = make_connector(name, self.service, self.runtime)
             await connector.start()
             self.connectors[name] = connector
         app = build_app(cfg.server.max_body_bytes, self.service.health, self._health_details)
@@ -338,16 +344,11 @@ class Daemon:
             # Replaced: the old one stops taking events first (a poller or socket must not run
             # twice), the new one starts, and the old one closes once its answers are over.
             await current.stop_receiving()
-            replacement = self._connector(name)
+            replacement = make_connector(name, self.service, self.runtime)
             await replacement.start()
             self.connectors[name] = replacement
             self._spawn(self._retire(current))
             log.info("connector restarted with its new settings", connector=name)
-
-    def _connector(self, name: str) -> Edge:
-        """Connector ``name``, handed what it serves: the service, or (the console) the admin backend."""
-        cls = load_connector(name)
-        return cls(self.service.admin if cls.hands == "admin" else self.service, self.settings, self.runtime.cache)
 
     async def _retire(self, connector: Edge) -> None:
         await self.service.tasks.drain_connector(connector.name, timeout_s=30.0)

@@ -16,7 +16,7 @@ connectors and request/response edges (the HTTP API, ``botd chat``) call.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bots.admin import AdminBackend
 from bots.answers import JobAnswer, TextAnswer, load_history, reset_thread
@@ -29,6 +29,10 @@ from connectors.reply import ReplyTarget
 from core.config import Config, Settings
 from core.messages import Account, ChatTurn, InboundMessage, ThreadKey
 from core.runtime import Runtime
+
+if TYPE_CHECKING:
+    from connectors.base import Service
+    from connectors.web_console.backend import ConsoleBackend
 
 
 class ChatService:
@@ -93,3 +97,9 @@ class ChatService:
         "/kb ingest", the console's re-ingest) and reload config.toml (the console's "Reload")."""
         self.commands.ingest_hook = self.admin.ingest_hook = ingest
         self.admin.reload_hook = reload
+
+
+if TYPE_CHECKING:
+    def _fits(service: ChatService) -> tuple[Service, ConsoleBackend]:
+        """mypy checks here that what the daemon hands the edges is what they declare they need."""
+        return service, service.admin

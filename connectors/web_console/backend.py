@@ -25,6 +25,10 @@ class ConsoleBackend(Protocol):
 
     def health(self) -> dict[str, Any]: ...
 
+    def connector_names(self) -> list[str]:
+        """The connectors the running config enables (registry names), in start order."""
+        ...
+
     # The console's chat.
 
     async def dispatch(self, msg: InboundMessage) -> Answer: ...

@@ -588,8 +588,6 @@ class WebConsoleConnector(Edge):
         return resp
 
     def _status(self, session: Session) -> dict[str, Any]:
-        from connectors import configured
-
         health = self.admin.health()
         cfg = self.config
         engine = health.get("engine") or {}
@@ -597,7 +595,7 @@ class WebConsoleConnector(Edge):
         visible_kb = {kb for b in session.bots if b in cfg.bots for kb in cfg.bots[b].knowledge}
         platform_of = {"http_api": "api", "web_console": PLATFORM}
         connectors = []
-        for name in configured(cfg):
+        for name in self.admin.connector_names():
             platform = platform_of.get(name, name)
             connectors.append({"name": name, "platform": platform,
                                **snap["platforms"].get(platform, {"events": 0, "errors": 0, "last_event": None,
