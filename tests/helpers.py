@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -273,7 +273,8 @@ async def until_healthy(proc: subprocess.Popen[bytes], port: int, log: Path, tim
         await wait_for(up, timeout=timeout, interval=0.1)
 
 
-async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> None:
+async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0, interval: float = 0.05) -> None:
+    """Poll ``predicate`` every ``interval`` seconds until it holds; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout
     while not await predicate():
         if time.monotonic() > deadline:
