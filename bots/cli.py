@@ -18,7 +18,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from core.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from connectors.config import load_config
+from connectors.http_api.config import ApiConfig
+from connectors.signing import SigningKeySection
+from connectors.telegram.config import TelegramConfig
+from core.config import DEFAULT_CONFIG_PATH, Config, ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -199,7 +203,9 @@ def _token_issue(cfg: Config, args: argparse.Namespace) -> int:
     from core.auth import API_AUDIENCE, Tokens
     from core.secrets import resolve_secret
 
-    if cfg.console.signing_key is None:
+    signing_key = SigningKeySection.of(cfg).signing_key
+    api_bots = ApiConfig.of(cfg).bots
+    if signing_key is None:
         return _fail('no [console] signing_key to sign with; set one, e.g. signing_key = "env:BOTD_CONSOLE_KEY"')
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", args.user):
         return _fail(f"--user {args.user!r}: use 1-64 letters, digits, '.', '-' and '_'")
@@ -209,13 +215,13 @@ def _token_issue(cfg: Config, args: argparse.Namespace) -> int:
     for b in bots:
         if b not in cfg.bots:
             return _fail(f"--bots: no bot named {b!r}; bots: {', '.join(sorted(cfg.bots))}")
-        if cfg.api.bots and b not in cfg.api.bots:
-            return _fail(f"--bots: {b!r} is not served by the HTTP API ([api] bots: {', '.join(cfg.api.bots)})")
+        if api_bots and b not in api_bots:
+            return _fail(f"--bots: {b!r} is not served by the HTTP API ([api] bots: {', '.join(api_bots)})")
     try:
         ttl = parse_ttl(args.ttl)
     except ValueError as exc:
         return _fail(f"--ttl: {exc}")
-    token = Tokens(resolve_secret(cfg.console.signing_key)).issue(args.user, API_AUDIENCE, ttl, bots=bots)
+    token = Tokens(resolve_secret(signing_key)).issue(args.user, API_AUDIENCE, ttl, bots=bots)
     print(token)
     expires = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() + ttl))
     print(f"# for {args.user}, bots {', '.join(bots)}, valid until {expires}; "
@@ -230,13 +236,14 @@ def _token_revoke(cfg: Config, args: argparse.Namespace) -> int:
     from core.redis_store import RedisManager, StoreUnavailable
     from core.secrets import resolve_secret
 
-    if cfg.console.signing_key is None:
+    signing_key = SigningKeySection.of(cfg).signing_key
+    if signing_key is None:
         return _fail("no [console] signing_key: there are no API tokens to revoke")
     token = (sys.stdin.readline() if args.token == "-" else args.token).strip()
     try:
         # Checked with the current key: a token signed with an earlier key already stopped
         # working at the reload that brought the new key.
-        claims = Tokens(resolve_secret(cfg.console.signing_key)).decode(token, API_AUDIENCE)
+        claims = Tokens(resolve_secret(signing_key)).decode(token, API_AUDIENCE)
     except AuthError as exc:
         return _fail(f"not revoked: {exc.reason} (an expired token, or one signed with another key, "
                      "is refused already)")
@@ -261,11 +268,12 @@ def _token_revoke(cfg: Config, args: argparse.Namespace) -> int:
 def _telegram(cfg: Config, action: str, bot: str) -> int:
     from telegram.error import TelegramError
 
-    from connectors.telegram import delete_webhook, set_webhook
+    from connectors.telegram.connector import delete_webhook, set_webhook
 
-    tg = cfg.telegram.get(bot)
+    sections = TelegramConfig.sections(cfg)
+    tg = sections.get(bot)
     if tg is None:
-        known = ", ".join(sorted(cfg.telegram)) or "none"
+        known = ", ".join(sorted(sections)) or "none"
         return _fail(f"no [telegram.{bot}] section in the config; sections: {known}")
     try:
         result = asyncio.run(set_webhook(tg) if action == "set-webhook" else delete_webhook(tg))
@@ -347,7 +355,7 @@ def _chat(cfg: Config, bot: str | None, conversation: str) -> int:
     from core.logging import configure
     from core.runtime import Runtime
 
-    bot = bot or cfg.api.default_bot
+    bot = bot or ApiConfig.of(cfg).default_bot
     if bot not in cfg.bots:
         return _fail(f"no bot named {bot!r}; bots: {', '.join(sorted(cfg.bots))}")
     configure("warning", "console" if sys.stderr.isatty() else "json")

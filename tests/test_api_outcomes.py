@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from core.config import ConfigError, config_from_dict
+from connectors.config import config_from_dict
+from core.config import ConfigError
 from tests.helpers import Client, busy_model, make_config, running_daemon, wait_for
 
 LONG = {"messages": [{"role": "user", "content": "Write a very long essay about the sea."}], "max_tokens": 1000}

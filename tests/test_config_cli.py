@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from core.config import ConfigError, load_config
+from connectors.config import load_config
+from core.config import ConfigError
 from tests.helpers import BOTD, REPO, free_port
 
 
@@ -187,18 +188,13 @@ def test_every_config_key_is_documented_in_the_readme_and_the_shipped_config():
 
     from pydantic import BaseModel
 
-    from core.config import (
-        BotConfig,
-        Config,
-        KnowledgeConfig,
-        ModelConfig,
-        NotifyConfig,
-        RouteConfig,
-        SlackConfig,
-        TelegramConfig,
-        WecomAibotConfig,
-        WecomConfig,
-    )
+    from connectors.config import CONFIG_MODEL as Config
+    from connectors.notify.config import NotifyConfig
+    from connectors.slack.config import SlackConfig
+    from connectors.telegram.config import TelegramConfig
+    from connectors.wecom.config import WecomConfig
+    from connectors.wecom_aibot.config import WecomAibotConfig
+    from core.config import BotConfig, KnowledgeConfig, ModelConfig, RouteConfig
     from tests.helpers import REPO
 
     readme = (REPO / "README.md").read_text()

@@ -21,9 +21,10 @@ import jwt
 import pytest
 
 from bots import cli
+from connectors.config import config_from_dict
 from connectors.web_console import connector as console_module
 from core.auth import API_AUDIENCE, CONSOLE_AUDIENCE, Tokens, hash_password, verify_password
-from core.config import Config, ConfigError, config_from_dict
+from core.config import Config, ConfigError
 from core.messages import ThreadKey
 from tests.helpers import Client, make_config, running_daemon, wait_for
 

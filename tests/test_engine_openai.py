@@ -30,7 +30,8 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from core.config import ConfigError, config_from_dict, embedded_model_path
+from connectors.config import config_from_dict
+from core.config import ConfigError, embedded_model_path
 from core.engines import create_engine
 from core.engines.base import EngineError, GenerationRequest
 from core.engines.llamacpp import LlamaCppTokenizer

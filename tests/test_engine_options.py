@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from core.config import ConfigError, config_from_dict, embedded_model_path, load_config
+from connectors.config import config_from_dict, load_config
+from core.config import ConfigError, embedded_model_path
 from core.engines import create_engine
 from core.engines.base import EngineError, GenerationRequest
 from core.engines.llamacpp import LlamaCppEngine, gpu_offload_problem

@@ -422,7 +422,8 @@ async def test_an_ingest_step_takes_every_core_once_the_models_are_quiet_and_one
 
 
 def test_config_refuses_a_department_knowledge_base_granted_to_two_bots(tmp_path, corpus):
-    from core.config import ConfigError, config_from_dict
+    from connectors.config import config_from_dict
+    from core.config import ConfigError
 
     hr, _ = corpus
     data = {"knowledge": {"hr": {"paths": [str(hr)]}},
@@ -460,7 +461,7 @@ async def test_the_api_returns_sources_and_reaches_only_the_bots_it_is_given(tmp
 
 
 async def test_a_reload_changes_knowledge_grants_without_a_restart(tmp_path, redis_server, corpus):
-    from core.config import load_config
+    from connectors.config import load_config
 
     hr, fin = corpus
     cfg = kb_config(tmp_path, f"redis://127.0.0.1:{redis_server.port}/0", hr, fin)

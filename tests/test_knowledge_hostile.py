@@ -16,7 +16,8 @@ from pathlib import Path
 import docx
 import pytest
 
-from core.config import ConfigError, load_config
+from connectors.config import load_config
+from core.config import ConfigError
 from core.knowledge.documents import UnreadableDocument, read_document
 from core.knowledge.embedder import Embedder
 from core.knowledge.guards import MB, ParseLimits

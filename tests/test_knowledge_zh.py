@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from core.config import ConfigError, config_from_dict
+from connectors.config import config_from_dict
+from core.config import ConfigError
 from core.knowledge.embedder import Embedder
 from core.knowledge.ingest import ingest
 from core.knowledge.retriever import Retriever

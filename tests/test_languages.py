@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from bots import texts
 from bots.delivery import Delivery
-from connectors.telegram import TelegramReply
+from connectors.telegram.connector import TelegramReply
 from core.config import NO_DOCUMENT_TEXT, BotConfig
 from core.messages import Account, Finish, InboundMessage, ReplyEvent
 from tests.fakes import FakeTelegram, serve

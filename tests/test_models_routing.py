@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from bots.routing import route
-from core.config import ConfigError, config_from_dict, embedded_model_path
+from connectors.config import config_from_dict
+from core.config import ConfigError, embedded_model_path
 from core.engines.base import EngineError, GenerationRequest
 from core.engines.llamacpp import LlamaCppEngine
 from core.messages import Account, InboundMessage, ThreadKey

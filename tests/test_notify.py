@@ -21,9 +21,11 @@ from aiohttp import web
 
 from bots import texts
 from bots.daemon import Daemon
-from core.config import NOTIFY_DEFAULT_EVENTS, ConfigError, Settings, config_from_dict, load_config
+from connectors.config import config_from_dict, load_config
+from connectors.notify.config import NOTIFY_DEFAULT_EVENTS
+from connectors.notify.notifier import MAX_BYTES, Notifier, truncate_utf8, webhook_key
+from core.config import ConfigError, Settings
 from core.knowledge.store import KnowledgeStore
-from core.notify import MAX_BYTES, Notifier, truncate_utf8, webhook_key
 from core.redis_store import StoreUnavailable
 from tests.fakes import serve
 from tests.helpers import captured, free_port, make_config, running_daemon, wait_for

@@ -15,8 +15,8 @@ from telegram import Bot
 
 from bots.answers import TextAnswer
 from bots.delivery import Delivery
-from connectors.slack import THINKING, SlackReply, markdown_to_mrkdwn
-from connectors.telegram import TelegramReply
+from connectors.slack.connector import THINKING, SlackReply, markdown_to_mrkdwn
+from connectors.telegram.connector import TelegramReply
 from core.messages import Account, InboundMessage
 from tests.fakes import FakeSlack, FakeTelegram, serve
 
@@ -101,8 +101,8 @@ async def test_telegram_target_records_each_post_before_the_next_and_edits_after
 
 
 def test_unclosed_emphasis_in_a_long_answer_renders_in_linear_time():
-    from connectors.slack import _Mrkdwn
-    from connectors.telegram import _TelegramHtml
+    from connectors.slack.connector import _Mrkdwn
+    from connectors.telegram.connector import _TelegramHtml
 
     for markup in (_Mrkdwn(), _TelegramHtml()):
         for text in ("*a " * 5400, "__a " * 4000, "**a " * 4000, "~~a " * 4000, "_a " * 5400):

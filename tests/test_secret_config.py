@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from core.config import ConfigError, load_config
+from connectors.config import load_config
+from core.config import ConfigError
 from tests.helpers import BOTD
 
 # Each pasted where a secret reference belongs.

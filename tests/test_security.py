@@ -26,8 +26,8 @@ import aiohttp
 import pytest
 
 from bots.cli import main as cli_main
+from connectors.config import load_config
 from core.auth import API_AUDIENCE, LoginLimiter, Tokens, TooManyAttempts, hash_password
-from core.config import load_config
 from core.kv import KeyValueCache
 from tests.helpers import Client, make_config, running_daemon
 

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from slack_sdk.signature import SignatureVerifier
 
-from connectors.slack import markdown_to_mrkdwn
+from connectors.slack.connector import markdown_to_mrkdwn
 from core.messages import ThreadKey
 from tests.fakes import FakeSlack, serve
 from tests.helpers import busy_model, make_config, running_daemon, wait_for

@@ -15,7 +15,7 @@ import pytest
 
 from bots.daemon import Daemon
 from bots.texts import BUSY, FAILED, say
-from connectors.telegram import TelegramConnector
+from connectors.telegram.connector import TelegramConnector
 from core.config import Settings
 from core.inbox import Inbox
 from core.messages import InboundMessage

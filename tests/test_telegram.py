@@ -13,7 +13,7 @@ from telegram import Bot
 from bots.answers import TextAnswer
 from bots.commands import KNOWN
 from bots.delivery import Delivery
-from connectors.telegram import TelegramReply, command_of, markdown_to_html
+from connectors.telegram.connector import TelegramReply, command_of, markdown_to_html
 from core.messages import Account, InboundMessage, ThreadKey
 from tests.fakes import FakeTelegram, serve
 from tests.helpers import make_config, running_daemon, wait_for

@@ -19,8 +19,9 @@ from aiohttp import web
 from pydantic import TypeAdapter
 from yarl import URL
 
+from connectors.config import config_from_dict
 from core import metrics
-from core.config import ConfigError, config_from_dict
+from core.config import ConfigError
 from core.tools import ToolBox, ToolError, ToolResult
 from core.tools._net import under
 from core.tools.calculator import CalcError, calculate

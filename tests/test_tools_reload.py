@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from core.config import load_config
+from connectors.config import load_config
 from core.tools import ToolBox
 from tests.fakes import serve
 from tests.helpers import running_daemon

@@ -17,7 +17,7 @@ from wechatpy.enterprise.crypto import WeChatCrypto
 
 from connectors.textsplit import split_text, utf8_len
 from connectors.wecom import WeComApi, WeComCrypto, WeComCryptoError, WeComReply
-from core.config import WecomConfig
+from connectors.wecom.config import WecomConfig
 from core.kv import KeyValueCache
 from core.messages import Account
 from core.redis_store import RedisManager

@@ -16,10 +16,12 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 
+from connectors.config import config_from_dict
 from connectors.textsplit import utf8_len
 from connectors.wecom_aibot import AibotLink, AibotReply, Slots
+from connectors.wecom_aibot.config import WecomAibotConfig
 from connectors.wecom_aibot.connector import SocketChannel
-from core.config import ConfigError, WecomAibotConfig, config_from_dict
+from core.config import ConfigError
 from core.kv import KeyValueCache
 from core.messages import Account
 from tests.fake_wecom_aibot import STREAM_BYTES, CallbackSender, FakeAibot

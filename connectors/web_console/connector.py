@@ -48,8 +48,9 @@ from connectors.http_status import HttpOutcome, outcome_of, unavailable
 from connectors.server import REQUEST_ID
 from connectors.web_console import i18n
 from connectors.web_console.backend import ConsoleBackend
+from connectors.web_console.config import ConsoleConfig, ConsoleUserConfig
 from core.auth import CONSOLE_AUDIENCE, AuthError, DenyList, LoginLimiter, Tokens, TooManyAttempts, verify_password
-from core.config import ConsoleConfig, ConsoleUserConfig, Settings, secret_references
+from core.config import Settings, secret_references
 from core.dispatch import Busy, Rejected
 from core.kv import KeyValueCache
 from core.messages import Finish, InboundMessage, ThreadKey
@@ -243,7 +244,7 @@ class WebConsoleConnector(Edge):
 
     @property
     def console(self) -> ConsoleConfig:
-        return self.config.console
+        return ConsoleConfig.of(self.config)
 
     @property
     def limiter(self) -> LoginLimiter:

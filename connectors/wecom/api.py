@@ -12,7 +12,7 @@ import aiohttp
 import structlog
 
 from connectors.markdown import neutral_links
-from core.config import WecomConfig
+from connectors.wecom.config import WecomConfig
 from core.errors import BotdError
 from core.kv import KeyValueCache
 from core.redis_store import StoreUnavailable

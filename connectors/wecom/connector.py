@@ -22,9 +22,10 @@ from connectors.base import Connector, Route, Service
 from connectors.reply import ReplyTarget
 from connectors.textsplit import utf8_len
 from connectors.wecom.api import WeComApi, WeComApiError, errcode_meaning
-from connectors.wecom.callback import check_fresh, open_body, signed_query, verify_url
-from connectors.wecom.crypto import WeComCrypto
-from core.config import Settings, WecomConfig
+from connectors.wecom.config import WecomConfig
+from connectors.wecom_common.callback import check_fresh, open_body, signed_query, verify_url
+from connectors.wecom_common.crypto import WeComCrypto
+from core.config import Settings
 from core.kv import KeyValueCache
 from core.messages import Account, InboundMessage
 from core.redis_store import StoreUnavailable
@@ -94,7 +95,7 @@ class WeComConnector(Connector):
 
     def __init__(self, service: Service, settings: Settings, cache: KeyValueCache) -> None:
         super().__init__(service, settings, cache)
-        self.apps = {bot: _App(bot, cfg) for bot, cfg in self.config.wecom.items()}
+        self.apps = {bot: _App(bot, cfg) for bot, cfg in WecomConfig.sections(self.config).items()}
         self._session: aiohttp.ClientSession | None = None
 
 

@@ -35,11 +35,12 @@ from aiohttp import web
 
 from connectors.base import Connector, Route, Service
 from connectors.markdown import neutral_links
-from connectors.wecom.callback import check_fresh, open_body, signed_query, verify_url
-from connectors.wecom.crypto import WeComCrypto
+from connectors.wecom_aibot.config import WecomAibotConfig
 from connectors.wecom_aibot.reply import PLATFORM, AibotReply, Slot, Slots
 from connectors.wecom_aibot.ws import AibotError, AibotLink, NotConnected, errcode_meaning, new_req_id
-from core.config import Settings, WecomAibotConfig
+from connectors.wecom_common.callback import check_fresh, open_body, signed_query, verify_url
+from connectors.wecom_common.crypto import WeComCrypto
+from core.config import Settings
 from core.kv import KeyValueCache
 from core.lease import Lease
 from core.messages import Account, InboundMessage
@@ -162,7 +163,8 @@ class WecomAibotConnector(Connector):
 
     def __init__(self, service: Service, settings: Settings, cache: KeyValueCache) -> None:
         super().__init__(service, settings, cache)
-        self.bots = {name: _Bot(name, cfg) for name, cfg in self.config.wecom_aibot.items() if cfg.enabled}
+        self.bots = {name: _Bot(name, cfg) for name, cfg in WecomAibotConfig.sections(self.config).items()
+                     if cfg.enabled}
         self.slots = Slots()
         self.http: aiohttp.ClientSession | None = None
         self.streams: dict[str, dict[str, Any]] = {}  # callback mode: stream id -> {content, finish}

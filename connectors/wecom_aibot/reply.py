@@ -31,7 +31,7 @@ import structlog
 
 from connectors.reply import ReplyTarget
 from connectors.textsplit import split_text, utf8_len
-from core.config import WecomAibotConfig
+from connectors.wecom_aibot.config import WecomAibotConfig
 from core.kv import KeyValueCache
 from core.messages import Account
 from core.redis_store import StoreUnavailable

@@ -42,7 +42,8 @@ from telegram.error import (
 from connectors.base import Connector, Route, Service
 from connectors.markdown import Markup
 from connectors.reply import ReplyTarget
-from core.config import Settings, TelegramConfig
+from connectors.telegram.config import TelegramConfig
+from core.config import Settings
 from core.kv import KeyValueCache
 from core.lease import Lease
 from core.messages import Account, InboundMessage
@@ -218,7 +219,7 @@ class TelegramConnector(Connector):
 
     def __init__(self, service: Service, settings: Settings, cache: KeyValueCache) -> None:
         super().__init__(service, settings, cache)
-        self.bots = {name: _TgBot(name, cfg) for name, cfg in self.config.telegram.items()}
+        self.bots = {name: _TgBot(name, cfg) for name, cfg in TelegramConfig.sections(self.config).items()}
         self._stopping = False
 
 

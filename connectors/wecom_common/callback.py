@@ -17,7 +17,7 @@ from urllib.parse import unquote
 import structlog
 from aiohttp import web
 
-from connectors.wecom.crypto import WeComCrypto, WeComCryptoError
+from connectors.wecom_common.crypto import WeComCrypto, WeComCryptoError
 
 log = structlog.get_logger("botd.wecom")
 

@@ -49,8 +49,10 @@ from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from connectors.base import Connector, Route, Service
+from connectors.http_api.config import ApiConfig
 from connectors.http_status import finish_outcome, outcome_of, unavailable
 from connectors.server import REQUEST_ID, json_error
+from connectors.signing import SigningKeySection
 from core import toolcalls
 from core.auth import API_AUDIENCE, AuthError, DenyList, Tokens, looks_like_jwt
 from core.config import Settings
@@ -314,12 +316,12 @@ class HttpApiConnector(Connector):
 
     def __init__(self, service: Service, settings: Settings, cache: KeyValueCache) -> None:
         super().__init__(service, settings, cache)
-        self.api = self.config.api
+        self.api = ApiConfig.of(self.config)
         # (key, identity): the identity is a short hash, used to namespace conversations.
         self._keys = [
             (k, hashlib.sha256(k.encode()).hexdigest()[:12]) for k in (resolve_secret(r) for r in self.api.keys)
         ]
-        signing_key = self.config.console.signing_key
+        signing_key = SigningKeySection.of(self.config).signing_key
         self._tokens = Tokens(resolve_secret(signing_key)) if signing_key else None
         self._denied = DenyList(cache)
         server = self.config.server

@@ -33,7 +33,8 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 import structlog
 
-from core.config import NotifyConfig, Settings
+from connectors.notify.config import NotifyConfig
+from core.config import Settings
 from core.secrets import SecretError, known_secrets, remember_secret, resolve_secret
 
 log = structlog.get_logger("botd.notify")
@@ -125,7 +126,7 @@ class Notifier:
 
     @property
     def cfg(self) -> NotifyConfig | None:
-        return self.settings.config.notify
+        return NotifyConfig.of(self.settings.config)
 
     # -- the callers' side: never raises, never waits -------------------------------------------
 

@@ -36,7 +36,8 @@ from slack_sdk.web.async_client import AsyncWebClient
 from connectors.base import Connector, Route, Service
 from connectors.markdown import Markup
 from connectors.reply import ReplyTarget
-from core.config import Settings, SlackConfig
+from connectors.slack.config import SlackConfig
+from core.config import Settings
 from core.dispatch import Busy, Rejected
 from core.kv import KeyValueCache
 from core.messages import Account, InboundMessage
@@ -178,7 +179,7 @@ class SlackConnector(Connector):
 
     def __init__(self, service: Service, settings: Settings, cache: KeyValueCache) -> None:
         super().__init__(service, settings, cache)
-        self.apps = {name: _SlackApp(name, cfg) for name, cfg in self.config.slack.items()}
+        self.apps = {name: _SlackApp(name, cfg) for name, cfg in SlackConfig.sections(self.config).items()}
         for sa in self.apps.values():
             self._register(sa)
 

@@ -1,0 +1,24 @@
+"""The key that signs the web console's sessions and the HTTP API's JWTs: ``[console]
+signing_key``. The HTTP API (and ``botd token``) read it too; it is declared here, beside the
+connectors, so that neither edge imports the other. Light: pydantic and core only.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar
+
+from core.config import SingleSection
+from core.secrets import Secret, SecretForm
+
+
+def _signing_key_problem(value: str) -> str:
+    return "" if len(value) >= 32 else "a signing key needs at least 32 characters (e.g. `openssl rand -hex 32`)"
+
+
+class SigningKeySection(SingleSection):
+    """The section that holds the signing key (the web console's, ``[console]``)."""
+
+    SECTION: ClassVar[str] = "console"
+
+    # Signs the console's session tokens and the HTTP API's JWTs (`botd token issue`).
+    signing_key: Annotated[Secret, SecretForm(_signing_key_problem)] | None = None
