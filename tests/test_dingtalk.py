@@ -368,8 +368,9 @@ async def test_answers_stream_into_a_card_once_each_also_in_a_retry_storm(tmp_pa
             [pic] = [c for c in fake.cards.values() if c.open_space_id.endswith("zhaoliu")]
             said = pic.params["content"]
             assert "Sorry, I read text only." in said and "只能阅读文字" in said  # both: nothing to tell from
-            hist = redis_server.client().lrange("botd:hist:dingtalk:assistant:cidGroup:", 0, -1)
-            assert json.loads(hist[0])["content"] == "What is a lake?"
+            r = redis_server.client()
+            await wait_for(lambda: _true(r.llen("botd:hist:dingtalk:assistant:cidGroup:") == 2), timeout=10)
+            assert json.loads(r.lindex("botd:hist:dingtalk:assistant:cidGroup:", 0))["content"] == "What is a lake?"
     assert fake.errors == []
 
 
@@ -415,10 +416,18 @@ async def test_callbacks_are_checked_before_parsing_and_departments_route(tmp_pa
                                           headers=signed())
             assert status == 200
         await wait_for(lambda: _true(len(fake.webhook_posts) >= 2), timeout=60)
-        await asyncio.sleep(0.5)
         r = redis_server.client()
-        assert r.llen("botd:hist:dingtalk:hr:boss:") == 2 and r.llen("botd:hist:dingtalk:assistant:clerk:") == 2
+        await wait_for(lambda: _true(r.llen("botd:hist:dingtalk:hr:boss:") == 2
+                                     and r.llen("botd:hist:dingtalk:assistant:clerk:") == 2), timeout=10)
         assert not r.keys("botd:hist:*mallory*") and len(fake.webhook_posts) == 2
+        # The commands work as on the other platforms.
+        for command in ("/help", "/reset"):
+            status, _, _ = await api.post(url, raw=json.dumps(fake.robot_message("clerk", command)).encode(),
+                                          headers=signed())
+            assert status == 200
+        await wait_for(lambda: _true(len(fake.webhook_posts) == 4), timeout=20)
+        assert "/reset" in fake.webhook_posts[2]["markdown"]["text"]
+        await wait_for(lambda: _true(r.llen("botd:hist:dingtalk:assistant:clerk:") == 0), timeout=5)
         assert sorted(fake.user_lookups) == ["boss", "clerk"]  # asked once each (a rule needed them)
     assert fake.errors == []
 
@@ -517,3 +526,27 @@ async def test_kill_9_and_restart_answer_each_message_once(tmp_path, redis_serve
     assert {u: len(cs) for u, cs in per_user.items()} == dict.fromkeys(users, 1), per_user  # once each
     assert all(cs[0].finalised and cs[0].params["content"].strip() for cs in per_user.values())
     assert fake.errors == []
+
+
+def test_config_errors_name_the_key(tmp_path):
+    from connectors.config import config_from_dict
+    from core.config import ConfigError
+
+    def load(robot):
+        return config_from_dict({"dingtalk": {"assistant": robot}}, tmp_path / "config.toml")
+
+    with pytest.raises(ConfigError, match=r"dingtalk\.assistant\.client_id"):
+        load({"client_secret": "env:DINGTALK_SECRET"})
+    with pytest.raises(ConfigError, match=r"dingtalk\.assistant\.client_secret"):
+        load({"client_id": "x"})
+    with pytest.raises(ConfigError, match=r"dingtalk\.assistant\.mode"):
+        load({"client_id": "x", "client_secret": "env:DINGTALK_SECRET", "mode": "webhook"})
+    with pytest.raises(ConfigError, match=r"dingtalk\.assistant\.api_base"):
+        load({"client_id": "x", "client_secret": "env:DINGTALK_SECRET", "api_base": "api.dingtalk.com"})
+    with pytest.raises(ConfigError, match=r"dingtalk\.assistant\.client_secret"):  # a pasted secret
+        load({"client_id": "x", "client_secret": "s3cr3t-value"})
+    with pytest.raises(ConfigError, match=r"dingtalk\.nobody"):
+        config_from_dict({"dingtalk": {"nobody": {"client_id": "x", "client_secret": "env:DINGTALK_SECRET"}}},
+                         tmp_path / "config.toml")
+    cfg = load({"client_id": "x", "client_secret": "env:DINGTALK_SECRET"})
+    assert DingtalkConfig.sections(cfg)["assistant"].robot == "x"

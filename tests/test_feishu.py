@@ -386,8 +386,9 @@ async def test_answers_stream_into_cards_once_each_also_in_a_retry_storm(tmp_pat
             [pic] = [r for r in fake.replies if r["reply_to"] == image["event"]["message"]["message_id"]]
             said = fake.cards[pic["content"]["data"]["card_id"]].content
             assert NOT_TEXT_EN in said and "只能阅读文字" in said  # both languages: nothing to tell from
-            hist = redis_server.client().lrange("botd:hist:feishu:assistant:oc_group:", 0, -1)
-            assert json.loads(hist[0])["content"] == "What is a lake?"
+            r = redis_server.client()
+            await wait_for(lambda: _true(r.llen("botd:hist:feishu:assistant:oc_group:") == 2), timeout=10)
+            assert json.loads(r.lindex("botd:hist:feishu:assistant:oc_group:", 0))["content"] == "What is a lake?"
     assert fake.errors == []
 
 
@@ -435,12 +436,18 @@ async def test_callbacks_are_checked_before_decrypting_and_departments_route(tmp
             status, _, _ = await api.post(url, raw=b, headers=h)
             assert status == 200
         await wait_for(lambda: _true(len(fake.replies) >= 2), timeout=60)
-        await asyncio.sleep(0.5)
         r = redis_server.client()
-        assert r.llen("botd:hist:feishu:hr:ou_boss:") == 2 and r.llen("botd:hist:feishu:assistant:ou_clerk:") == 2
+        await wait_for(lambda: _true(r.llen("botd:hist:feishu:hr:ou_boss:") == 2
+                                     and r.llen("botd:hist:feishu:assistant:ou_clerk:") == 2), timeout=10)
         assert not r.keys("botd:hist:*mallory*") and len(fake.replies) == 2
         assert all(x["msg_type"] == "text" for x in fake.replies)  # streaming = "off"
         assert sorted(fake.user_lookups) == ["ou_boss", "ou_clerk"]
+        # The commands work as on the other platforms.
+        h, b = _signed(fake.message_event("clerk", "/help"))
+        status, _, _ = await api.post(url, raw=b, headers=h)
+        assert status == 200
+        await wait_for(lambda: _true(len(fake.replies) == 3), timeout=20)
+        assert "/reset" in fake.replies[2]["content"]["text"]
     assert fake.errors == []
 
 
@@ -538,3 +545,24 @@ async def test_kill_9_and_restart_answer_each_message_once(tmp_path, redis_serve
         card = fake.cards[xs[0]["content"]["data"]["card_id"]]
         assert not card.streaming and card.content.strip()
     assert fake.errors == []  # sequences kept increasing across the restart
+
+
+def test_config_errors_name_the_key(tmp_path):
+    from connectors.config import config_from_dict
+    from core.config import ConfigError
+
+    def load(app):
+        return config_from_dict({"feishu": {"assistant": app}}, tmp_path / "config.toml")
+
+    ok = {"app_id": "cli_x", "app_secret": "env:FEISHU_SECRET"}
+    with pytest.raises(ConfigError, match=r"feishu\.assistant\.app_id"):
+        load({"app_secret": "env:FEISHU_SECRET"})
+    with pytest.raises(ConfigError, match=r"feishu\.assistant\.domain"):
+        load({**ok, "domain": "larksuite"})
+    with pytest.raises(ConfigError, match="encrypt_key"):
+        load({**ok, "mode": "callback", "verification_token": "env:FEISHU_SECRET"})
+    with pytest.raises(ConfigError, match="verification_token"):
+        load({**ok, "mode": "callback", "encrypt_key": "env:FEISHU_SECRET"})
+    with pytest.raises(ConfigError, match=r"feishu\.assistant\.streaming"):
+        load({**ok, "streaming": "typewriter"})
+    assert FeishuConfig.sections(load({**ok, "domain": "lark"}))["assistant"].base == "https://open.larksuite.com"
