@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from connectors.dingtalk.config import DingtalkConfig
+from connectors.feishu.config import FeishuConfig
 from connectors.http_api.config import ApiConfig
 from connectors.notify.config import NotifyConfig
 from connectors.slack.config import SlackConfig
@@ -50,6 +52,10 @@ REGISTRY: dict[str, Entry] = {
     "telegram": Entry("connectors.telegram.connector:TelegramConnector", TelegramConfig,
                       lambda c: bool(TelegramConfig.sections(c))),
     "slack": Entry("connectors.slack.connector:SlackConnector", SlackConfig, lambda c: bool(SlackConfig.sections(c))),
+    "dingtalk": Entry("connectors.dingtalk.connector:DingtalkConnector", DingtalkConfig,
+                      lambda c: any(b.enabled for b in DingtalkConfig.sections(c).values())),
+    "feishu": Entry("connectors.feishu.connector:FeishuConnector", FeishuConfig,
+                    lambda c: any(b.enabled for b in FeishuConfig.sections(c).values())),
     "web_console": Entry("connectors.web_console.connector:WebConsoleConnector", ConsoleConfig,
                          lambda c: ConsoleConfig.of(c).enabled),
 }
