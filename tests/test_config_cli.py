@@ -189,6 +189,8 @@ def test_every_config_key_is_documented_in_the_readme_and_the_shipped_config():
     from pydantic import BaseModel
 
     from connectors.config import CONFIG_MODEL as Config
+    from connectors.dingtalk.config import DingtalkConfig
+    from connectors.feishu.config import FeishuConfig
     from connectors.notify.config import NotifyConfig
     from connectors.slack.config import SlackConfig
     from connectors.telegram.config import TelegramConfig
@@ -201,7 +203,7 @@ def test_every_config_key_is_documented_in_the_readme_and_the_shipped_config():
     shipped = (REPO / "config.toml").read_text()
     named = {"bots": BotConfig, "knowledge": KnowledgeConfig, "wecom": WecomConfig, "telegram": TelegramConfig,
              "slack": SlackConfig, "notify": NotifyConfig, "wecom_aibot": WecomAibotConfig,
-             "models": ModelConfig, "routes": RouteConfig}
+             "models": ModelConfig, "routes": RouteConfig, "dingtalk": DingtalkConfig, "feishu": FeishuConfig}
     missing = []
     for section, field in Config.model_fields.items():
         if field.exclude:
