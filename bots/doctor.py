@@ -91,8 +91,10 @@ def _model_checks(cfg: Any) -> list[Check]:
         return [Check("model", False, f"{path}: no such file", fix_path)]
     try:
         from llama_cpp import Llama
+        from llama_cpp._utils import suppress_stdout_stderr
 
-        llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+        with suppress_stdout_stderr(disable=False):  # llama.cpp's C-level chatter is not the admin's business
+            llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
     except Exception as exc:  # llama.cpp says ValueError for every unreadable file
         return [Check("model", False, f"{path}: llama.cpp cannot read it ({exc})",
                       _t("文件可能不完整或不是 GGUF；重新下载（botd model pull）", "the file may be cut short or not a "

@@ -244,6 +244,11 @@ class Puller:
             try:
                 async for chunk in resp.content.iter_chunked(256 * 1024):
                     buf += chunk
+                    if job.file.size and os.fstat(fd).st_size + len(buf) > job.file.size:
+                        # More than the published size: not this file (a wrong mirror, a hostile one).
+                        buf.clear()
+                        raise PullError(say("SIZE_MISMATCH", file=job.file.name, want=job.file.size,
+                                            got=f"> {job.file.size}"))
                     if len(buf) >= _CHUNK:
                         await self._write(fd, bytes(buf), job)
                         bar.advance(len(buf))

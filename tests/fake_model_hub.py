@@ -26,6 +26,8 @@ class FakeHub:
     drops: int = 0
     # After this many bytes have been served in all, answer 503 (a source that went away).
     fail_after_total: int | None = None
+    # Send bodies chunked, without Content-Length (as some mirrors and proxies do).
+    chunked: bool = False
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # (hub, file, Range)
     served: int = 0
     url: str = ""
@@ -58,7 +60,8 @@ class FakeHub:
             status = 206
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         body = data[start:]
-        headers["Content-Length"] = str(len(body))
+        if not self.chunked:
+            headers["Content-Length"] = str(len(body))
         resp = web.StreamResponse(status=status, headers=headers)
         await resp.prepare(request)
         limit = len(body)

@@ -154,6 +154,19 @@ def test_parts_of_a_model_come_down_together_and_the_mirror_is_the_last_resort(
     assert {r[1] for r in hub.requests if r[0] == "mirror"} == {"p-00001-of-00002.gguf", "p-00002-of-00002.gguf"}
 
 
+def test_a_source_sending_more_than_the_published_size_is_cut_off(
+        tmp_path: Path, hub: FakeHub, capsys: pytest.CaptureFixture[str]) -> None:
+    data = os.urandom(MIB)
+    hub.files["big.gguf"] = data + os.urandom(8 * MIB)  # a wrong (or hostile) mirror, no Content-Length
+    hub.chunked = True
+    _catalogue(tmp_path, _entry("big", [("big.gguf", data)]))
+    assert _pull("big", "--source", "huggingface") == 1
+    assert "wrong size" in capsys.readouterr().err
+    assert not (tmp_path / "models" / "big.gguf").exists()
+    part = tmp_path / "models" / ".big.gguf.part"
+    assert not part.exists() or part.stat().st_size <= MIB
+
+
 def test_a_plain_url_with_the_admins_checksum(tmp_path: Path, hub: FakeHub) -> None:
     data = os.urandom(MIB)
     hub.files["own.gguf"] = data
