@@ -308,8 +308,14 @@ def _kb(cfg: Config, args: argparse.Namespace) -> int:
             print(f"embedding model loaded in {time.monotonic() - started:.1f} s ({embedder.name})")
             for name in names:
                 kb = cfg.knowledge[name]
-                report = ingest(name, [Path(p) for p in kb.paths], cfg.server.state_dir, embedder, kb.chunk_chars,
-                                limits=ParseLimits.from_config(cfg.ingest))
+                from bots.ingest_progress import DocumentsBar
+
+                documents = DocumentsBar(name, [Path(p) for p in kb.paths])
+                try:
+                    report = ingest(name, [Path(p) for p in kb.paths], cfg.server.state_dir, embedder,
+                                    kb.chunk_chars, on_file=documents, limits=ParseLimits.from_config(cfg.ingest))
+                finally:
+                    documents.close()
                 print(report.summary())
                 for source, reason in report.skipped:
                     print(f"  skipped {source}: {reason}")
