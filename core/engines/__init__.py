@@ -6,8 +6,8 @@ aiohttp's client, ctransformers) is needed only by the deployments that use it.
 
 from __future__ import annotations
 
-from core.config import ModelConfig
 from core.engines.base import Chunk, Engine, EngineError, GenerationRequest, PromptTokenizer, PromptTooLong
+from core.engines.config import ModelConfig
 
 __all__ = ["Chunk", "Engine", "EngineError", "GenerationRequest", "PromptTokenizer", "PromptTooLong", "create_engine"]
 

@@ -8,7 +8,7 @@ a chunk relevant nor ranks it, and retrieval rests on the lexical side (words, C
 
 ``[embeddings] languages`` names what a model reads as ISO 639-1 codes (``"en"``,
 ``"zh"``, …) or ``"all"``; :func:`scripts_for` turns them into the scripts checked here.
-This module is light (no model, no numpy): the config validates against :data:`LANGUAGES`.
+The codes themselves, :data:`LANGUAGES`, live in :mod:`core.languages`: the config validates against them.
 """
 
 from __future__ import annotations
@@ -16,24 +16,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-ALL = "all"
+from core.languages import ALL, LANGUAGES
 
-# Language code -> the scripts its text is written in. Kept to what the character ranges
-# below can tell apart; a code not listed is a config error rather than a silent guess.
-_LATIN = ("af ca cs cy da de en eo es et eu fi fr ga gl hr hu id is it lt lv ms mt nb nl nn no pl pt ro sk "
-          "sl sq sv sw tl tr vi").split()
-LANGUAGES: dict[str, frozenset[str]] = {
-    **{code: frozenset({"latin"}) for code in _LATIN},
-    **{code: frozenset({"cyrillic"}) for code in "be bg kk mk mn ru sr uk".split()},
-    **{code: frozenset({"arabic"}) for code in "ar fa ur".split()},
-    **{code: frozenset({"devanagari"}) for code in "hi mr ne".split()},
-    "el": frozenset({"greek"}),
-    "he": frozenset({"hebrew"}),
-    "th": frozenset({"thai"}),
-    "zh": frozenset({"han"}),
-    "ja": frozenset({"han", "kana"}),
-    "ko": frozenset({"hangul"}),
-}
 EVERY_SCRIPT = frozenset().union(*LANGUAGES.values())
 
 # Scripts without spaces between words count one unit per character (a Chinese word is one to
