@@ -137,6 +137,32 @@ def run(args: argparse.Namespace) -> int:
         set_key(tg, "token", ref, f"telegram.{bot}")
         if "mode" not in tg:
             set_key(tg, "mode", "polling", f"telegram.{bot}")
+    slack = _value(args.slack_token_env,
+                   _t("Slack 机器人令牌 xoxb-（空：跳过）", "Slack bot token xoxb- (empty: skip)"),
+                   interactive and existing is None)
+    if slack:
+        signing = _value(args.slack_signing_secret_env, _t("Slack Signing Secret", "Slack signing secret"),
+                         interactive)
+        if not signing:
+            raise SystemExit("botd: a Slack app in HTTP mode needs its signing secret (--slack-signing-secret-env)")
+        sl = _table(doc, "slack", bot)
+        set_key(sl, "bot_token", _secret(secrets, f"slack-{bot}-bot-token", slack), f"slack.{bot}")
+        set_key(sl, "signing_secret", _secret(secrets, f"slack-{bot}-signing-secret", signing), f"slack.{bot}")
+    if args.wecom_corp_id:
+        values = {k: _value(getattr(args, f"wecom_{k}_env"), k, interactive) for k in ("secret", "token", "aes_key")}
+        if not all(values.values()):
+            raise SystemExit("botd: WeCom needs --wecom-secret-env, --wecom-token-env and --wecom-aes-key-env")
+        wc = _table(doc, "wecom", bot)
+        set_key(wc, "corp_id", args.wecom_corp_id, f"wecom.{bot}")
+        set_key(wc, "agent_id", args.wecom_agent_id, f"wecom.{bot}")
+        set_key(wc, "secret", _secret(secrets, f"wecom-{bot}-secret", values["secret"]), f"wecom.{bot}")
+        set_key(wc, "token", _secret(secrets, f"wecom-{bot}-token", values["token"]), f"wecom.{bot}")
+        set_key(wc, "encoding_aes_key", _secret(secrets, f"wecom-{bot}-aes-key", values["aes_key"]), f"wecom.{bot}")
+    admin_prompt = _t("Web 控制台管理员用户名（空：跳过）", "web console admin login (empty: skip)")
+    admin = args.console_admin or _ask(admin_prompt, "", interactive and existing is None)
+    if admin:
+        _console_admin(doc, secrets, admin, _value(args.console_password_env, _t("密码", "password"), interactive),
+                       set_key)
     key = _value(args.api_key_env, _t("HTTP API 密钥（空：跳过）", "HTTP API key (empty: skip)"), interactive)
     if key:
         ref = _secret(secrets, "api-key", key)
@@ -157,12 +183,43 @@ def run(args: argparse.Namespace) -> int:
             return 1
         print(_t(f"已写入 {config}：", f"wrote {config}: ") + (", ".join(changes) or "-"))
     print(_t("下一步：", "next steps:"))
+    if args.public_url:
+        base = args.public_url.rstrip("/")
+        for platform, path in (("telegram", f"/telegram/{bot}"), ("slack", f"/slack/events/{bot}"),
+                               ("wecom", f"/wecom/{bot}")):
+            if bot in doc.get(platform, {}):
+                print(_t(f"  {platform} 的回调地址（填到平台后台）：{base}{path}",
+                         f"  {platform} webhook URL (paste it into the platform's console): {base}{path}"))
     print(f"  botd model list            # {_t('选一个中文模型', 'pick a Chinese-speaking model')}")
     print(f"  botd model pull qwen2.5-1.5b-instruct-q4_k_m --set-default --config {config}")
     print(f"  botd doctor --config {config}")
     print(f"  botd run --config {config}   # systemd: sudo cp systemd/botd.service /etc/systemd/system/ && "
           "sudo systemctl enable --now botd")
     return 0
+
+
+def _console_admin(doc: Any, secrets: Path, name: str, password: str, set_key: Any) -> None:
+    """[console] enabled with a signing key (generated once) and [console.users.NAME] an admin."""
+    import re
+    import secrets as random
+
+    from core.auth import hash_password, verify_password
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+        raise SystemExit(f"botd: console user {name!r}: use 1-64 letters, digits, '.', '-' and '_'")
+    if len(password) < 8:
+        raise SystemExit("botd: a console password needs at least 8 characters (--console-password-env)")
+    console = _table(doc, "console")
+    set_key(console, "enabled", True, "console")
+    if "signing_key" not in console:
+        key_file = secrets / "console-signing-key"
+        value = key_file.read_text().strip() if key_file.exists() else random.token_hex(32)
+        set_key(console, "signing_key", _secret(secrets, "console-signing-key", value), "console")
+    user = _table(doc, "console", "users", name)
+    # A salted hash differs each time: keep the one there if it already matches this password.
+    if not verify_password(user.get("password_hash"), password):
+        set_key(user, "password_hash", hash_password(password), f"console.users.{name}")
+    set_key(user, "role", "admin", f"console.users.{name}")
 
 
 def _value(env_name: str | None, prompt: str, interactive: bool) -> str:
@@ -187,3 +244,14 @@ def add_parser(sub: Any, with_config: Any) -> None:
     sp.add_argument("--telegram-token-env", metavar="VAR",
                     help="read the Telegram bot token from this environment variable (never from the command line)")
     sp.add_argument("--api-key-env", metavar="VAR", help="read an HTTP API key from this environment variable")
+    sp.add_argument("--slack-token-env", metavar="VAR", help="the Slack bot token (xoxb-...) from this variable")
+    sp.add_argument("--slack-signing-secret-env", metavar="VAR",
+                    help="the Slack app's signing secret from this variable")
+    sp.add_argument("--wecom-corp-id", help="WeCom: the corp id (企业ID) of a self-built app")
+    sp.add_argument("--wecom-agent-id", type=int, default=1000002, help="WeCom: the app's AgentId")
+    sp.add_argument("--wecom-secret-env", metavar="VAR", help="WeCom: the app's Secret from this variable")
+    sp.add_argument("--wecom-token-env", metavar="VAR", help="WeCom: the callback Token from this variable")
+    sp.add_argument("--wecom-aes-key-env", metavar="VAR", help="WeCom: the callback EncodingAESKey from this variable")
+    sp.add_argument("--console-admin", metavar="NAME", help="a first web console admin (enables the console)")
+    sp.add_argument("--console-password-env", metavar="VAR", help="the console admin's password from this variable")
+    sp.add_argument("--public-url", help="the public https:// address of this botd: prints each webhook URL")

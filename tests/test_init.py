@@ -79,3 +79,34 @@ def test_a_bad_language_changes_nothing(tmp_path: Path) -> None:
     before = _snapshot(tmp_path)
     assert main(["init", "--non-interactive", "--config", str(config), "--language", "fr"]) == 1
     assert _snapshot(tmp_path) == before
+
+
+def test_every_platform_and_a_console_admin_and_their_webhook_urls(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    env = {"SLACK_TOKEN": "xoxb-123-abc", "SLACK_SIGNING": "s" * 32, "WECOM_SECRET": "wecom-app-secret",
+           "WECOM_TOKEN": "wecomtoken", "WECOM_AES": "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt",
+           "CONSOLE_PASSWORD": "correct horse battery"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    config = tmp_path / "config.toml"
+    args = ["--slack-token-env", "SLACK_TOKEN", "--slack-signing-secret-env", "SLACK_SIGNING",
+            "--wecom-corp-id", "ww1436e0e65a779aee", "--wecom-secret-env", "WECOM_SECRET",
+            "--wecom-token-env", "WECOM_TOKEN", "--wecom-aes-key-env", "WECOM_AES",
+            "--console-admin", "root", "--console-password-env", "CONSOLE_PASSWORD",
+            "--public-url", "https://bot.example.com"]
+    assert _init(config, *args) == 0
+    out = capsys.readouterr().out
+    assert "https://bot.example.com/telegram/assistant" in out
+    assert "https://bot.example.com/slack/events/assistant" in out
+    assert "https://bot.example.com/wecom/assistant" in out
+    assert main(["check-config", "--config", str(config)]) == 0
+    text = config.read_text()
+    assert all(v not in text for v in env.values())  # every secret in its own file
+    data = tomllib.loads(text)
+    assert data["console"]["enabled"] is True and data["console"]["users"]["root"]["role"] == "admin"
+    assert data["console"]["users"]["root"]["password_hash"].startswith("$argon2")
+    for p in (tmp_path / "secrets").iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    before = _snapshot(tmp_path)
+    assert _init(config, *args) == 0  # the salted hash and the generated signing key are kept
+    assert _snapshot(tmp_path) == before
