@@ -320,6 +320,88 @@ def check_state_dir(cfg: Any) -> Check:
     return Check("state_dir", True, f"{d} writable")
 
 
+def _unit_settings(text: str) -> dict[str, list[str]]:
+    """[Service] Key=value lines of a systemd unit (a key may repeat)."""
+    out: dict[str, list[str]] = {}
+    section = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        if section == "Service" and "=" in line:
+            key, value = line.split("=", 1)
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def _may_write(path: Path, uid: int, gid: int) -> bool:
+    """Whether the user uid (primary group gid) may create files in the folder ``path``."""
+    import stat
+
+    st = path.stat()
+    if st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IWUSR and st.st_mode & stat.S_IXUSR)
+    if st.st_gid == gid:
+        return bool(st.st_mode & stat.S_IWGRP and st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IWOTH and st.st_mode & stat.S_IXOTH)
+
+
+def check_systemd(cfg: Any, config: Path, unit: Path) -> list[Check]:
+    """The unit's paths agree with this config: its program, its --config, what it may write and read."""
+    import pwd
+    import shlex
+
+    try:
+        settings = _unit_settings(unit.read_text())
+    except OSError:
+        return []  # no unit installed: botd is not run by systemd here
+    out: list[Check] = []
+    name = f"systemd {unit.name}"
+    exec_start = shlex.split(settings.get("ExecStart", [""])[-1].lstrip("-@+!"))
+    program = Path(exec_start[0]) if exec_start else Path("")
+    if not program.is_file() or not os.access(program, os.X_OK):
+        out.append(Check(name, False, f"ExecStart program {program} is missing",
+                         _t("修正单元文件中的 ExecStart 路径（虚拟环境中的 botd）", "correct ExecStart in the unit "
+                            "(the botd inside the virtualenv)")))
+    if "--config" in exec_start[:-1]:
+        named = Path(exec_start[exec_start.index("--config") + 1])
+        if named.resolve() != config.resolve():
+            out.append(Check(name, False, f"the service runs --config {named}, not {config}",
+                             _t(f"检查 {named}，或修正 ExecStart 中的 --config", f"check {named} instead, or "
+                                "correct --config in ExecStart")))
+    user = settings.get("User", ["root"])[-1]
+    try:
+        account = pwd.getpwnam(user)
+        if account.pw_uid != 0 and Path(cfg.server.state_dir).exists() and \
+                not _may_write(Path(cfg.server.state_dir), account.pw_uid, account.pw_gid):
+            out.append(Check(name, False, f"User={user} cannot write state_dir {cfg.server.state_dir}",
+                             f"chown -R {user}:{user} {cfg.server.state_dir}"))
+    except KeyError:
+        out.append(Check(name, False, f"User={user} does not exist",
+                         _t(f"useradd --system --home /var/lib/botd {user}", f"useradd --system --home /var/lib/botd "
+                            f"{user}")))
+    state = Path(cfg.server.state_dir).resolve()
+    if settings.get("ProtectSystem", ["no"])[-1] in ("strict", "full", "yes"):
+        writable = [Path("/var/lib") / d for v in settings.get("StateDirectory", []) for d in v.split()]
+        writable += [Path("/var/log") / d for v in settings.get("LogsDirectory", []) for d in v.split()]
+        writable += [Path(p.lstrip("-")) for v in settings.get("ReadWritePaths", []) for p in v.split()]
+        if not any(state == w or w in state.parents for w in writable):
+            out.append(Check(name, False, f"state_dir {state} is read-only under ProtectSystem=",
+                             _t(f"把 [server] state_dir 设为 /var/lib/botd，或在单元中加入 ReadWritePaths={state}",
+                                f"set [server] state_dir = \"/var/lib/botd\", or add ReadWritePaths={state} "
+                                "to the unit")))
+    if settings.get("ProtectHome", ["no"])[-1] in ("yes", "read-only", "tmpfs") and cfg.model.engine == "llama_cpp":
+        model = cfg.model.resolved_path().resolve()
+        if any(model.is_relative_to(h) for h in (Path("/home"), Path("/root"), Path("/run/user"))):
+            out.append(Check(name, False, f"the model {model} is under a home folder, hidden by ProtectHome=",
+                             _t("把模型移到 /opt/models 之类的位置（botd model pull --dir /opt/models）",
+                                "move the model to e.g. /opt/models (botd model pull --dir /opt/models)")))
+    return out or [Check(name, True, _t("路径一致", "its paths agree with this config"))]
+
+
 async def run_checks(cfg: Any, *, model: bool = True) -> list[Check]:
     """Every check, in the order an admin fixes things."""
     checks = [check_python(), check_llama_build()]
@@ -364,7 +446,8 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return report([Check("config", False, str(exc), f"botd check-config --config {args.config}")],
                       args.json, args.config)
-    checks = [Check("config", True, str(args.config)), *asyncio.run(run_checks(cfg, model=not args.skip_model))]
+    checks = [Check("config", True, str(args.config)), *asyncio.run(run_checks(cfg, model=not args.skip_model)),
+              *check_systemd(cfg, args.config, Path(args.unit))]
     return report(checks, args.json, args.config)
 
 
@@ -373,3 +456,5 @@ def add_parser(sub: Any, with_config: Any) -> None:
                                                    "knowledge, state dir); exit 1 on any problem"))
     sp.add_argument("--json", action="store_true", help="one JSON object on stdout")
     sp.add_argument("--skip-model", action="store_true", help="do not open the model file (quicker)")
+    sp.add_argument("--unit", default="/etc/systemd/system/botd.service",
+                    help="the systemd unit whose paths to check, if installed (default: %(default)s)")

@@ -158,3 +158,33 @@ def test_cli_json_and_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "✓ state_dir" in capsys.readouterr().out
     assert main(["doctor", "--config", str(tmp_path / "missing.toml")]) == 1
     assert "✗ config" in capsys.readouterr().out
+
+
+def test_the_systemd_units_paths_must_agree_with_the_config(tmp_path: Path) -> None:
+    from bots.doctor import check_systemd
+
+    root = Path(__file__).resolve().parent.parent
+    shipped = (root / "systemd" / "botd.service").read_text()
+    config = tmp_path / "config.toml"
+    unit = tmp_path / "botd.service"
+    # The shipped unit as an admin would install it from a checkout in the state folder's sibling.
+    unit.write_text(shipped.replace("/opt/botd/.venv/bin/botd", str(root / ".venv" / "bin" / "botd"))
+                    .replace("/etc/botd/config.toml", str(config)).replace("User=botd", "User=root"))
+    good = make_config(tmp_path, server={"state_dir": "/var/lib/botd"})
+    assert [c.ok for c in check_systemd(good, config, unit)] == [True]
+    # state_dir outside what ProtectSystem=strict leaves writable; the shipped unit names another program.
+    bad = make_config(tmp_path)
+    unit.write_text(shipped)
+    checks = check_systemd(bad, config, unit)
+    details = " | ".join(c.detail for c in checks)
+    assert all(not c.ok for c in checks)
+    assert "ExecStart program /opt/botd/.venv/bin/botd is missing" in details
+    assert "the service runs --config /etc/botd/config.toml" in details
+    assert "read-only under ProtectSystem" in details
+    assert check_systemd(bad, config, tmp_path / "none.service") == []  # no unit: nothing to say
+    # The service's user must be able to write the state folder (root's 0755 folder: it cannot).
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755, exist_ok=True)
+    unit.write_text(shipped.replace("User=botd", "User=nobody").replace("ProtectSystem=strict", "ProtectSystem=no"))
+    nobody = check_systemd(make_config(tmp_path), config, unit)
+    assert any("User=nobody cannot write state_dir" in c.detail and "chown" in c.fix for c in nobody)
