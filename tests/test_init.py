@@ -110,3 +110,59 @@ def test_every_platform_and_a_console_admin_and_their_webhook_urls(
     before = _snapshot(tmp_path)
     assert _init(config, *args) == 0  # the salted hash and the generated signing key are kept
     assert _snapshot(tmp_path) == before
+
+
+def _expect(fd: int, text: str, seen: list[str], timeout: float = 20) -> None:
+    import os as _os
+    import select
+    import time
+
+    deadline = time.monotonic() + timeout
+    while text not in seen[0]:
+        left = deadline - time.monotonic()
+        assert left > 0, f"waited for {text!r}; got {seen[0][-500:]!r}"
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            try:
+                chunk = _os.read(fd, 4096)
+            except OSError:
+                chunk = b""
+            assert chunk, f"the process ended before {text!r}; got {seen[0][-500:]!r}"
+            seen[0] += chunk.decode(errors="replace")
+            seen[1] += chunk.decode(errors="replace")  # everything the terminal showed
+    seen[0] = seen[0][seen[0].index(text) + len(text):]
+
+
+def test_interactive_init_on_a_terminal(tmp_path: Path) -> None:
+    """The questions, answered as a person would at a terminal (a pseudo-terminal here); secrets
+    are typed where nothing echoes them."""
+    import os as _os
+    import pty
+    import sys
+
+    config = tmp_path / "config.toml"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: botd init on the terminal
+        _os.environ["BOTD_LANG"] = "en"
+        _os.execv(sys.executable, [sys.executable, "-c",
+                                   f"import sys; from bots.cli import main; sys.exit(main(['init', '--config', "
+                                   f"{str(config)!r}]))"])
+    seen = ["", ""]
+    try:
+        for prompt, answer in (("state directory", str(tmp_path / "state")), ("model file", ""),
+                               ("language", "zh"), ("Telegram bot token", "123456:typed-token"),
+                               ("Slack bot token", ""), ("web console admin", ""), ("HTTP API key", "")):
+            _expect(fd, prompt, seen)
+            _os.write(fd, answer.encode() + b"\r")
+        _expect(fd, "next steps", seen)
+    finally:
+        _, status = _os.waitpid(pid, 0)
+        _os.close(fd)
+    assert _os.waitstatus_to_exitcode(status) == 0
+    assert "typed-token" not in seen[1] and "zh" in seen[1]  # the secret never echoed, the rest echoed
+    data = tomllib.loads(config.read_text())
+    assert data["bots"]["assistant"]["language"] == "zh"
+    assert data["server"]["state_dir"] == str(tmp_path / "state")
+    token_file = Path(data["telegram"]["assistant"]["token"].removeprefix("file:"))
+    assert token_file.read_text().strip() == "123456:typed-token"
+    assert main(["check-config", "--config", str(config)]) == 0
