@@ -462,7 +462,7 @@ async def test_no_secret_token_or_webhook_reaches_the_log(tmp_path, redis_server
 # -- kill -9 in the middle of answering ------------------------------------------------------------------------
 
 
-def write_config(folder: Path, port: int, redis_url: str, fake: FakeDingtalk) -> Path:
+def write_config(folder: Path, port: int, redis_url: str, fake: FakeDingtalk, instance: str = "dingtalk-box") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
     path.write_text(f"""
@@ -471,7 +471,7 @@ host = "127.0.0.1"
 port = {port}
 state_dir = "{folder / 'state'}"
 log_format = "json"
-instance = "dingtalk-box"
+instance = "{instance}"
 
 [model]
 n_ctx = 1024
@@ -550,3 +550,40 @@ def test_config_errors_name_the_key(tmp_path):
                          tmp_path / "config.toml")
     cfg = load({"client_id": "x", "client_secret": "env:DINGTALK_SECRET"})
     assert DingtalkConfig.sections(cfg)["assistant"].robot == "x"
+
+
+async def test_three_daemons_one_stream_moved_on_kill_9_each_message_once(tmp_path, redis_server):
+    """Three real ``botd run`` on one Redis: one holds the stream; killed mid-answer, another takes
+    the stream and the unfinished answers; every message is answered once."""
+    fake = FakeDingtalk()
+    r = redis_server.client()
+    async with fake_server(fake):
+        daemons = []
+        for i in range(3):
+            port = free_port()
+            cfg = write_config(tmp_path / f"botd{i}", port, redis_server.url, fake, instance=f"box{i}")
+            daemons.append(DaemonProcess(cfg, port, tmp_path / f"botd{i}" / "botd.log"))
+        try:
+            await asyncio.gather(*(d.start() for d in daemons))
+            await wait_for(lambda: _true(fake.connected() == 1), timeout=20)
+            await asyncio.sleep(2.0)
+            assert fake.connected() == 1 and len(fake.opens) == 1  # exactly one of three
+            holder = next(i for i, d in enumerate(daemons) if "dingtalk stream connected" in d.log.read_text())
+            users = [f"u{i}" for i in range(4)]
+            for i, user in enumerate(users[:3]):
+                await fake.push(fake.robot_message(user, f"Say hello to person number {i}."))
+            await wait_for(lambda: _true(any(c.contents for c in fake.cards.values())), timeout=60, interval=0.01)
+            daemons[holder].signal(signal.SIGKILL)
+            await daemons[holder].wait()
+            await wait_for(lambda: _true(fake.connected() == 1), timeout=20)  # moved within the lease
+            assert len(fake.opens) == 2
+            await fake.push(fake.robot_message(users[3], "Say hello to person number 3."))
+            await wait_for(lambda: _true(r.hlen("botd:inbox") == 0 and len(fake.cards) >= 4
+                                         and all(c.finalised for c in fake.cards.values())), timeout=120)
+            await asyncio.sleep(1.0)
+        finally:
+            for d in daemons:
+                d.ensure_dead()
+    per_user = {u: sum(c.open_space_id.endswith(f".{u}") for c in fake.cards.values()) for u in users}
+    assert per_user == dict.fromkeys(users, 1), per_user
+    assert fake.errors == []

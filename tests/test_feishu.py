@@ -478,7 +478,7 @@ async def test_no_secret_or_token_reaches_the_log(tmp_path, redis_server, manage
 # -- kill -9 in the middle of answering ------------------------------------------------------------------------
 
 
-def write_config(folder: Path, port: int, redis_url: str, fake: FakeFeishu) -> Path:
+def write_config(folder: Path, port: int, redis_url: str, fake: FakeFeishu, instance: str = "feishu-box") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
     path.write_text(f"""
@@ -487,7 +487,7 @@ host = "127.0.0.1"
 port = {port}
 state_dir = "{folder / 'state'}"
 log_format = "json"
-instance = "feishu-box"
+instance = "{instance}"
 
 [model]
 n_ctx = 1024
@@ -566,3 +566,44 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"feishu\.assistant\.streaming"):
         load({**ok, "streaming": "typewriter"})
     assert FeishuConfig.sections(load({**ok, "domain": "lark"}))["assistant"].base == "https://open.larksuite.com"
+
+
+async def test_three_daemons_one_connection_moved_on_kill_9_each_message_once(tmp_path, redis_server):
+    """Three real ``botd run`` on one Redis: one holds the long connection; killed mid-answer,
+    another takes the connection and the unfinished answers; every message is answered once."""
+    fake = FakeFeishu()
+    r = redis_server.client()
+    async with fake_server(fake):
+        daemons = []
+        for i in range(3):
+            port = free_port()
+            cfg = write_config(tmp_path / f"botd{i}", port, redis_server.url, fake, instance=f"box{i}")
+            daemons.append(DaemonProcess(cfg, port, tmp_path / f"botd{i}" / "botd.log"))
+        asked = []
+        try:
+            await asyncio.gather(*(d.start() for d in daemons))
+            await wait_for(lambda: _true(fake.connected() == 1), timeout=20)
+            await asyncio.sleep(2.0)
+            assert fake.connected() == 1 and fake.endpoints == 1  # exactly one of three
+            holder = next(i for i, d in enumerate(daemons) if "feishu long connection up" in d.log.read_text())
+            for i in range(3):
+                event = fake.message_event(f"u{i}", f"Say hello to person number {i}.")
+                asked.append(event["event"]["message"]["message_id"])
+                await fake.push(event)
+            await wait_for(lambda: _true(any(c.contents for c in fake.cards.values())), timeout=60, interval=0.01)
+            daemons[holder].signal(signal.SIGKILL)
+            await daemons[holder].wait()
+            await wait_for(lambda: _true(fake.connected() == 1), timeout=20)  # moved within the lease
+            assert fake.endpoints == 2
+            event = fake.message_event("u3", "Say hello to person number 3.")
+            asked.append(event["event"]["message"]["message_id"])
+            await fake.push(event)
+            await wait_for(lambda: _true(r.hlen("botd:inbox") == 0 and len(fake.replies) >= 4
+                                         and not any(c.streaming for c in fake.cards.values())), timeout=120)
+            await asyncio.sleep(1.0)
+        finally:
+            for d in daemons:
+                d.ensure_dead()
+    per_message = [sum(x["reply_to"] == mid for x in fake.replies) for mid in asked]
+    assert per_message == [1, 1, 1, 1], fake.replies
+    assert fake.errors == []
