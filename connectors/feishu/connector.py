@@ -106,6 +106,7 @@ class FeishuConnector(Connector):
         self.http: aiohttp.ClientSession | None = None
         self._closed = asyncio.Event()
         self._stopping = False
+        self._prefetch: set[asyncio.Task[str]] = set()
 
     def routes(self) -> list[Route]:
         if not any(a.cfg.mode == "callback" for a in self.apps.values()):
@@ -116,6 +117,8 @@ class FeishuConnector(Connector):
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30, sock_connect=10))
         for app in self.apps.values():
             app.api = FeishuApi(app.cfg, app.secret, self.http, self.cache)
+            # The bot's own open_id tells an @ of the bot from other mentions: read once, ahead.
+            self._prefetch.add(asyncio.create_task(self._bot_open_id(app), name=f"feishu-bot-{app.name}"))
             if app.cfg.mode == "websocket":
                 app.link = FeishuLink(app.name, app.cfg.base, app.cfg.app_id, app.secret,
                                       functools.partial(self._on_event, app))
@@ -128,6 +131,9 @@ class FeishuConnector(Connector):
     async def close(self) -> None:
         self._stopping = True
         self._closed.set()
+        for task in self._prefetch:
+            task.cancel()
+        await asyncio.gather(*self._prefetch, return_exceptions=True)
         for app in self.apps.values():
             if app.link is not None:
                 await app.link.close()

@@ -9,9 +9,10 @@ shown one of three ways (``streaming``):
 * ``off`` (:class:`TextReply`): one message per part, with the final text.
 
 A longer answer continues in a further card or message. Every call obeys Feishu's rate-limit
-codes through :attr:`FeishuApiError.retry_after`. A reply's ``uuid`` is derived from the
-user's message and the part, so a replay after a restart does not post a part twice (Feishu
-sends the same uuid once within an hour).
+codes through :attr:`FeishuApiError.retry_after`. A patched card's or a text reply's ``uuid`` is
+derived from the user's message and the part, so a replay after a restart does not post that
+part twice (Feishu sends the same uuid once within an hour, answering with the first message,
+which the replay then patches).
 """
 
 from __future__ import annotations
@@ -107,8 +108,10 @@ class CardKitReply(FeishuReply):
 
     async def post(self, part: str, first: bool) -> str:
         card_id = await self.api.card_create(streaming_card(neutral_links(part)))
+        # Keyed on the card, not the part: a repeated uuid would answer with an earlier message
+        # showing another card than the one this target streams into.
         await self.api.reply(self.message_id, "interactive", {"type": "card", "data": {"card_id": card_id}},
-                             self._uuid(len(self.sent)))
+                             f"card-{card_id}")
         return card_id
 
     async def edit(self, ref: Any, part: str) -> None:
