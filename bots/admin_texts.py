@@ -51,6 +51,8 @@ _TEXTS: dict[str, tuple[str, str]] = {
                     "run the same command again to resume."),
     "EXISTS_OTHER": ("{path} 已存在且内容不同（SHA-256 不符）；请先移走它。",
                      "{path} already exists with other contents (its SHA-256 differs); move it away first."),
+    "CANCELLED": ("已取消；已下载的部分会保留，再次运行同一命令即可续传。",
+                  "cancelled; what was downloaded is kept, and the same command resumes it."),
     "LOCKED": ("另一个 botd model pull 正在下载 {name}；等它结束。",
                "another botd model pull is fetching {name}; wait for it to end."),
     "BAD_URL": ("{url}：网址须以 .gguf 文件名结尾", "{url}: the URL must end in a .gguf file name"),

@@ -385,7 +385,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         print(f"botd: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(file=sys.stderr)
+        print("\n" + say("CANCELLED"), file=sys.stderr)
         return 130
     if args.set_default:
         from bots.config_edit import ConfigEditError, set_model_path
