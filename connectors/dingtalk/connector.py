@@ -33,6 +33,7 @@ from aiohttp import web
 
 from connectors.base import Connector, Route, Service
 from connectors.dingtalk.api import DingtalkApi, DingtalkApiError
+from connectors.dingtalk.callback import read_callback
 from connectors.dingtalk.config import DingtalkConfig
 from connectors.dingtalk.reply import PLATFORM, CardReply, MarkdownReply
 from connectors.dingtalk.stream import Displaced, StreamLink
@@ -227,8 +228,6 @@ class DingtalkConnector(Connector):
     # -- callback mode ------------------------------------------------------------------------------
 
     async def callback(self, request: web.Request) -> web.StreamResponse:
-        from connectors.dingtalk.callback import read_callback
-
         robot = self.robots.get(request.match_info["robot"])
         if robot is None or robot.cfg.mode != "callback":
             raise web.HTTPNotFound(text="no DingTalk robot in callback mode is configured at this path")
