@@ -182,6 +182,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"botd: {exc}", file=sys.stderr)
             return 1
         print(_t(f"已写入 {config}：", f"wrote {config}: ") + (", ".join(changes) or "-"))
+    pull = args.pull
+    if pull is None and interactive and not doc.get("model", {}).get("path"):
+        pull = _offer_model(doc)
+    if pull:
+        code = _pull(config, pull, doc, bot)
+        if code:
+            return code
     print(_t("下一步：", "next steps:"))
     if args.public_url:
         base = args.public_url.rstrip("/")
@@ -195,6 +202,59 @@ def run(args: argparse.Namespace) -> int:
     print(f"  botd doctor --config {config}")
     print(f"  botd run --config {config}   # systemd: sudo cp systemd/botd.service /etc/systemd/system/ && "
           "sudo systemctl enable --now botd")
+    return 0
+
+
+def _fitting_models(doc: Any) -> list[Any]:
+    """Catalogue models with a confirmed checksum that fit this box's RAM at the config's n_ctx x parallel."""
+    from bots.models_catalogue import load_catalogue, total_ram
+
+    model = doc.get("model", {})
+    n_ctx, parallel = int(model.get("n_ctx", 4096)), int(model.get("parallel", 4))
+    ram = total_ram() or 0
+    cores = os.cpu_count() or 1
+    fits = [m for m in load_catalogue().models.values()
+            if m.verifiable and (not ram or m.ram_needed(n_ctx, parallel) <= ram * 0.8) and m.params_b <= 2 * cores]
+    return sorted(fits, key=lambda m: (-m.params_b, m.quant))
+
+
+def _offer_model(doc: Any) -> str:
+    """Interactive: the models that fit, and which one to download now (Enter: none)."""
+    from bots.admin_texts import size_text
+
+    fits = _fitting_models(doc)
+    if not fits:
+        return ""
+    print(_t("适合本机、会说中文的模型（校验和已确认）：", "models that fit this box and speak Chinese (checksums "
+             "confirmed):"))
+    for m in fits[:6]:
+        print(f"  {m.name:<32} {size_text(m.size):>9}  {m.licence}")
+    return _ask(_t("现在下载哪一个（空：跳过）", "download one now (empty: skip)"), "", True)
+
+
+def _pull(config: Path, name: str, doc: Any, bot: str) -> int:
+    """Download a catalogue model into STATE_DIR/models and point [model] path at it."""
+    import asyncio
+
+    from bots.config_edit import ConfigEditError, set_model_path
+    from bots.model_pull import Puller, PullError
+    from bots.models_catalogue import load_catalogue
+
+    found = load_catalogue().get(name)
+    if found is None:
+        print(f"botd: {name!r}: " + _t("目录中没有此模型（botd model list）", "not in the catalogue (botd model list)"),
+              file=sys.stderr)
+        return 1
+    state = Path(str(doc.get("server", {}).get("state_dir", "state"))).expanduser()
+    models_dir = Path(os.environ.get("BOTD_MODELS_DIR", "") or (state if state.is_absolute()
+                                                                  else config.parent / state) / "models")
+    try:
+        paths = asyncio.run(Puller(models_dir, progress=sys.stderr.isatty()).pull(found))
+        for line in set_model_path(config, paths[0], found.name):
+            print(line)
+    except (PullError, ConfigEditError) as exc:
+        print(f"botd: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -254,4 +314,6 @@ def add_parser(sub: Any, with_config: Any) -> None:
     sp.add_argument("--wecom-aes-key-env", metavar="VAR", help="WeCom: the callback EncodingAESKey from this variable")
     sp.add_argument("--console-admin", metavar="NAME", help="a first web console admin (enables the console)")
     sp.add_argument("--console-password-env", metavar="VAR", help="the console admin's password from this variable")
+    sp.add_argument("--pull", metavar="MODEL", help="download this catalogue model and point [model] path at it "
+                                                  "(interactive: offered from the models that fit this box)")
     sp.add_argument("--public-url", help="the public https:// address of this botd: prints each webhook URL")

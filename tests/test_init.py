@@ -3,6 +3,7 @@ referenced as file:, and a second run that changes nothing."""
 
 from __future__ import annotations
 
+import os
 import stat
 import tomllib
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bots.cli import main
+from tests.fake_model_hub import FakeHub, HubThread
 
 
 @pytest.fixture(autouse=True)
@@ -133,32 +135,64 @@ def _expect(fd: int, text: str, seen: list[str], timeout: float = 20) -> None:
     seen[0] = seen[0][seen[0].index(text) + len(text):]
 
 
-def test_interactive_init_on_a_terminal(tmp_path: Path) -> None:
+def _tiny_catalogue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hub: FakeHub) -> bytes:
+    """A small model on the fake hub, in a catalogue of the admin's own (BOTD_CATALOGUE)."""
+    import hashlib
+
+    data = b"GGUF\x03\x00\x00\x00" + os.urandom(1 << 20)  # check-config reads a GGUF's magic
+    hub.files["tiny.gguf"] = data
+    (tmp_path / "extra.toml").write_text(
+        '[[models]]\nname = "tiny"\nquant = "Q4_0"\nlicence = "Apache-2.0"\nparams_b = 0.1\nlayers = 2\n'
+        'kv_heads = 1\nhead_dim = 8\nmodelscope = "t/tiny"\nhuggingface = "t/tiny"\nconfirmed = true\n'
+        f'evidence = "test"\nfiles = [{{ name = "tiny.gguf", size = {len(data)}, '
+        f'sha256 = "{hashlib.sha256(data).hexdigest()}" }}]\n')
+    for k, v in {"BOTD_CATALOGUE": str(tmp_path / "extra.toml"), "HF_ENDPOINT": hub.url,
+                 "BOTD_MODELSCOPE_ENDPOINT": hub.url}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("BOTD_MODELS_DIR", raising=False)
+    return data
+
+
+def test_init_pulls_a_model_and_points_the_config_at_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with HubThread(FakeHub()) as hub:
+        data = _tiny_catalogue(tmp_path, monkeypatch, hub)
+        config = tmp_path / "config.toml"
+        assert _init(config, "--pull", "tiny") == 0
+    path = Path(tomllib.loads(config.read_text())["model"]["path"])
+    assert path == tmp_path / "state" / "models" / "tiny.gguf" and path.read_bytes() == data
+    assert main(["check-config", "--config", str(config)]) == 0
+
+
+def test_interactive_init_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The questions, answered as a person would at a terminal (a pseudo-terminal here); secrets
-    are typed where nothing echoes them."""
+    are typed where nothing echoes them; a model that fits is offered and downloaded."""
     import os as _os
     import pty
     import sys
 
     config = tmp_path / "config.toml"
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: botd init on the terminal
-        _os.environ["BOTD_LANG"] = "en"
-        _os.execv(sys.executable, [sys.executable, "-c",
-                                   f"import sys; from bots.cli import main; sys.exit(main(['init', '--config', "
-                                   f"{str(config)!r}]))"])
-    seen = ["", ""]
-    try:
-        for prompt, answer in (("state directory", str(tmp_path / "state")), ("model file", ""),
-                               ("language", "zh"), ("Telegram bot token", "123456:typed-token"),
-                               ("Slack bot token", ""), ("web console admin", ""), ("HTTP API key", "")):
-            _expect(fd, prompt, seen)
-            _os.write(fd, answer.encode() + b"\r")
-        _expect(fd, "next steps", seen)
-    finally:
-        _, status = _os.waitpid(pid, 0)
-        _os.close(fd)
+    with HubThread(FakeHub()) as hub:
+        data = _tiny_catalogue(tmp_path, monkeypatch, hub)
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: botd init on the terminal
+            _os.environ["BOTD_LANG"] = "en"
+            _os.execv(sys.executable, [sys.executable, "-c",
+                                       f"import sys; from bots.cli import main; sys.exit(main(['init', '--config', "
+                                       f"{str(config)!r}]))"])
+        seen = ["", ""]
+        try:
+            for prompt, answer in (("state directory", str(tmp_path / "state")), ("model file", ""),
+                                   ("language", "zh"), ("Telegram bot token", "123456:typed-token"),
+                                   ("Slack bot token", ""), ("web console admin", ""), ("HTTP API key", ""),
+                                   ("download one now", "tiny")):
+                _expect(fd, prompt, seen)
+                _os.write(fd, answer.encode() + b"\r")
+            _expect(fd, "next steps", seen)
+        finally:
+            _, status = _os.waitpid(pid, 0)
+            _os.close(fd)
     assert _os.waitstatus_to_exitcode(status) == 0
+    assert Path(tomllib.loads(config.read_text())["model"]["path"]).read_bytes() == data
     assert "typed-token" not in seen[1] and "zh" in seen[1]  # the secret never echoed, the rest echoed
     data = tomllib.loads(config.read_text())
     assert data["bots"]["assistant"]["language"] == "zh"
