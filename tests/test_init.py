@@ -194,9 +194,9 @@ def test_interactive_init_on_a_terminal(tmp_path: Path, monkeypatch: pytest.Monk
     assert _os.waitstatus_to_exitcode(status) == 0
     assert Path(tomllib.loads(config.read_text())["model"]["path"]).read_bytes() == data
     assert "typed-token" not in seen[1] and "zh" in seen[1]  # the secret never echoed, the rest echoed
-    data = tomllib.loads(config.read_text())
-    assert data["bots"]["assistant"]["language"] == "zh"
-    assert data["server"]["state_dir"] == str(tmp_path / "state")
-    token_file = Path(data["telegram"]["assistant"]["token"].removeprefix("file:"))
+    written = tomllib.loads(config.read_text())
+    assert written["bots"]["assistant"]["language"] == "zh"
+    assert written["server"]["state_dir"] == str(tmp_path / "state")
+    token_file = Path(written["telegram"]["assistant"]["token"].removeprefix("file:"))
     assert token_file.read_text().strip() == "123456:typed-token"
     assert main(["check-config", "--config", str(config)]) == 0
