@@ -90,6 +90,10 @@ _TEXTS: dict[str, tuple[str, ...]] = {
                       "In a group, mention me or reply to one of my messages."),
     "HELP_WECOM_AIBOT": ("在群聊中请 @我；单聊直接发消息即可。",
                          "In a group chat, @mention me; in a one-to-one chat, just write."),
+    "HELP_DINGTALK": ("在群里请 @我；单聊直接发消息即可。",
+                      "In a group, @mention me; in a one-to-one chat, just write."),
+    "HELP_FEISHU": ("在群里请 @我；单聊直接发消息即可。",
+                    "In a group, @mention me; in a one-to-one chat, just write."),
     "RESET_DONE": ("好了，我已忘掉这段对话。", "Done: I have forgotten this conversation."),
     "RESET_NOTHING": ("没有需要忘掉的：这是一段新对话。", "Nothing to forget: this conversation is new."),
     "STORE_DOWN": ("我暂时连不上我的记忆存储，请稍后再试。", "I cannot reach my memory right now; try again soon."),
@@ -163,7 +167,8 @@ _TEXTS: dict[str, tuple[str, ...]] = {
                           "a minute ({counts}):\n{lines}"),
 }
 # Which help text a platform adds.
-PLATFORM_HELP = {"slack": "HELP_SLACK", "telegram": "HELP_TELEGRAM", "wecom_aibot": "HELP_WECOM_AIBOT"}
+PLATFORM_HELP = {"slack": "HELP_SLACK", "telegram": "HELP_TELEGRAM", "wecom_aibot": "HELP_WECOM_AIBOT",
+                 "dingtalk": "HELP_DINGTALK", "feishu": "HELP_FEISHU"}
 
 
 def say(key: str, lang: Lang, **fields: object) -> str:

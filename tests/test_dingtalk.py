@@ -427,6 +427,7 @@ async def test_callbacks_are_checked_before_parsing_and_departments_route(tmp_pa
             assert status == 200
         await wait_for(lambda: _true(len(fake.webhook_posts) == 4), timeout=20)
         assert "/reset" in fake.webhook_posts[2]["markdown"]["text"]
+        assert "@mention me" in fake.webhook_posts[2]["markdown"]["text"]  # the platform's own hint
         await wait_for(lambda: _true(r.llen("botd:hist:dingtalk:assistant:clerk:") == 0), timeout=5)
         assert sorted(fake.user_lookups) == ["boss", "clerk"]  # asked once each (a rule needed them)
     assert fake.errors == []

@@ -448,6 +448,7 @@ async def test_callbacks_are_checked_before_decrypting_and_departments_route(tmp
         assert status == 200
         await wait_for(lambda: _true(len(fake.replies) == 3), timeout=20)
         assert "/reset" in fake.replies[2]["content"]["text"]
+        assert "@mention me" in fake.replies[2]["content"]["text"]  # the platform's own hint
     assert fake.errors == []
 
 
