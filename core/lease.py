@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import structlog
 from redis.asyncio.client import Pipeline
@@ -174,3 +174,55 @@ async def turn(redis: RedisManager, prefix: str, name: str, ttl_s: float, owner:
     finally:
         stop.set()
         await renewer
+
+
+class Holding:
+    """A singleton's lease kept for a block: ``async with Holding(lease, "task-name") as holding:``
+    renews it in a task (:meth:`Lease.keep`, taking it again whenever it is free) and releases it
+    on the way out. ``async for _ in holding.while_held(...)`` runs the block's work only while
+    this daemon holds the lease: each turn of the loop comes while it is held; while another
+    daemon holds it, the loop waits. The work itself checks :attr:`held` (e.g. between frames of
+    a connection) and stops when the lease is lost; the loop then waits to take it again.
+
+    The loop of every "one daemon at a time" edge: Telegram long polling, the WeCom AI bot's
+    long connection, and the like.
+    """
+
+    def __init__(self, lease: Lease, task_name: str) -> None:
+        self.lease = lease
+        self._task_name = task_name
+        self._changed = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._keeper: asyncio.Task[None] | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.lease.held
+
+    async def __aenter__(self) -> Holding:
+        self._keeper = asyncio.create_task(self.lease.keep(self._stop, self._changed), name=self._task_name)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._keeper is not None:
+            await asyncio.shield(self._keeper)
+
+    async def wait_held(self) -> bool:
+        """Whether the lease is held, waiting up to a renewal period for it to change hands."""
+        if self.lease.held:
+            return True
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), self.lease.ttl_ms / 3000)
+        return self.lease.held
+
+    async def while_held(self, stopping: Callable[[], bool], what: str, **fields: object) -> AsyncIterator[None]:
+        """Yield once per turn of the caller's loop while the lease is held, until ``stopping()``;
+        logs "<what> runs in this daemon" each time it is taken."""
+        while not stopping():
+            if not self.lease.held:
+                if await self.wait_held():
+                    log.info(f"{what} runs in this daemon", **fields)
+                continue
+            yield

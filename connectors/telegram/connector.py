@@ -45,7 +45,7 @@ from connectors.reply import ReplyTarget
 from connectors.telegram.config import TelegramConfig
 from core.config import Settings
 from core.kv import KeyValueCache
-from core.lease import Lease
+from core.lease import Holding, Lease
 from core.messages import Account, InboundMessage
 from core.secrets import resolve_secret
 
@@ -326,25 +326,13 @@ class TelegramConnector(Connector):
         within the lease time when it dies."""
         lease = Lease(self.cache.redis, self.cache.prefix, f"telegram:poll:{tg.key}", self.config.redis.lease_s,
                       self.config.server.instance_name())
-        changed, stop = asyncio.Event(), asyncio.Event()
-        keeper = asyncio.create_task(lease.keep(stop, changed), name=f"telegram-lease-{tg.name}")
-        try:
-            await self._poll_while_held(tg, lease, changed)
-        finally:
-            stop.set()
-            await asyncio.shield(keeper)
+        async with Holding(lease, f"telegram-lease-{tg.name}") as holding:
+            await self._poll_while_held(tg, holding)
 
-    async def _poll_while_held(self, tg: _TgBot, lease: Lease, changed: asyncio.Event) -> None:
+    async def _poll_while_held(self, tg: _TgBot, holding: Holding) -> None:
         offset: int | None = None
         backoff = 1.0
-        while not self._stopping:
-            if not lease.held:
-                changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), lease.ttl_ms / 3000)
-                if lease.held:
-                    log.info("telegram polling runs in this daemon", bot=tg.name)
-                continue
+        async for _ in holding.while_held(lambda: self._stopping, "telegram polling", bot=tg.name):
             try:
                 updates = await tg.bot.get_updates(offset=offset, timeout=tg.cfg.poll_timeout_s,
                                                    allowed_updates=ALLOWED_UPDATES)

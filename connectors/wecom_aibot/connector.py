@@ -42,7 +42,7 @@ from connectors.wecom_common.callback import check_fresh, open_body, signed_quer
 from connectors.wecom_common.crypto import WeComCrypto
 from core.config import Settings
 from core.kv import KeyValueCache
-from core.lease import Lease
+from core.lease import Holding, Lease
 from core.messages import Account, InboundMessage
 from core.redis_store import StoreUnavailable
 from core.secrets import resolve_secret
@@ -217,22 +217,14 @@ class WecomAibotConnector(Connector):
         link = bot.link
         lease = Lease(self.cache.redis, self.cache.prefix, f"wecom_aibot:ws:{bot.cfg.bot_id}",
                       self.config.redis.lease_s, self.config.server.instance_name())
-        changed, stop = asyncio.Event(), asyncio.Event()
-        keeper = asyncio.create_task(lease.keep(stop, changed), name=f"wecom-aibot-lease-{bot.name}")
         backoff = 1.0
-        try:
-            while not self._closed.is_set() and not link.displaced:
-                if not lease.held:
-                    changed.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(changed.wait(), lease.ttl_ms / 3000)
-                    if lease.held:
-                        log.info("wecom ai bot long connection runs in this daemon", bot=bot.name)
-                    continue
+        async with Holding(lease, f"wecom-aibot-lease-{bot.name}") as holding:
+            async for _ in holding.while_held(lambda: self._closed.is_set() or link.displaced,
+                                              "wecom ai bot long connection", bot=bot.name):
                 began = time.monotonic()
                 try:
                     assert self.http is not None, "connector not started"
-                    await link.session(self.http, lambda: lease.held)
+                    await link.session(self.http, lambda: holding.held)
                 except asyncio.CancelledError:
                     raise
                 except NotConnected:
@@ -256,9 +248,6 @@ class WecomAibotConnector(Connector):
                 # Keep the lease until this daemon stops, so that no other daemon of this cluster
                 # connects and displaces the new connection in turn.
                 await self._closed.wait()
-        finally:
-            stop.set()
-            await asyncio.shield(keeper)
 
     async def _on_frame(self, bot: _Bot, frame: dict[str, Any]) -> None:
         cmd = frame.get("cmd")
