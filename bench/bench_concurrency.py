@@ -16,6 +16,11 @@ again in a final table as a ratio against a baseline measured in the same run:
     person's pace: botd reads ahead while idle).
 (c) single-stream decode tokens/s through botd ÷ raw llama-cpp-python (a ``Llama.generate``
     loop in this process, same file, same threads), rounds alternating. Goal >= 0.97.
+(p) issue 26's (c) with botd's production sampling defaults (temperature 0.7, repeat_penalty 1.1,
+    top_p as configured), on a daemon of its own whose requests name no temperature: one stream's
+    decode tokens/s ÷ a bare greedy ``llama_decode`` loop (argmax, no sampler; goal >= 0.95), and
+    (a) again at those settings (8 users ÷ 1 alone, as a share of the bare ceiling's ratio; goal
+    >= 0.95), beside (a)'s temperature-0 figure.
 (d) (a) and (b) again against ``llama-server --parallel 8`` (prompt cache on, its default),
     built from the llama.cpp sources vendored in the same llama-cpp-python sdist (native build,
     into ``bench/.cache``); the same client code drives both (it keeps the history itself for
@@ -52,7 +57,8 @@ batching scheduler exists, (a) shows about 1x, which is the point of the baselin
 The default run takes about 3 minutes on 2 cores, (d) included (once llama-server is built):
 (b) is most of it (each thread's cold ~1.5k-token first turn, on both servers).
 
-    .venv/bin/python bench/bench_concurrency.py                 # (a)(b)(c) [+ (d) if built]
+    .venv/bin/python bench/bench_concurrency.py                 # (a)(b)(c)(p) [+ (d) if built]
+    .venv/bin/python bench/bench_concurrency.py --parts p       # production sampling only
     .venv/bin/python bench/bench_concurrency.py --llama-server  # build llama-server, + (d)
     .venv/bin/python bench/bench_concurrency.py --ingest --rss  # + (e)
     .venv/bin/python bench/bench_concurrency.py --smollm | --model PATH.gguf
@@ -244,15 +250,20 @@ def model_extras(parallel: int, cache_mb: int | None) -> tuple[str, list[str]]:
     return lines, notes
 
 
+# botd's production sampling defaults ([model] temperature, repeat_penalty): what (p) runs with.
+PRODUCTION = {"temperature": 0.7, "repeat_penalty": 1.1}
+
+
 def start_botd(work: Path, model: Path, args: argparse.Namespace, cache_mb: int | None,
-               kb_folder: Path | None) -> tuple[Target, list[str]]:
+               kb_folder: Path | None, production: bool = False) -> tuple[Target, list[str]]:
     port = free_port()
     extra, notes = model_extras(args.parallel, cache_mb)
     cfg = (
         f'[server]\nport = {port}\nstate_dir = "{work / "state"}"\nlog_level = "warning"\nlog_format = "json"\n'
         f"shutdown_grace_s = 5\n"
         f'[model]\npath = "{model}"\nname = "bench"\nn_ctx = {args.n_ctx}\nn_threads = {args.threads}\n'
-        f"max_tokens = 256\ntemperature = 0.0\nrepeat_penalty = 1.0\nseed = 1\n{extra}"
+        f"max_tokens = 256\ntemperature = {PRODUCTION['temperature'] if production else 0.0}\n"
+        f"repeat_penalty = {PRODUCTION['repeat_penalty'] if production else 1.0}\nseed = 1\n{extra}"
         f"[queue]\nmax_size = 1000\nper_user = 16\nmax_wait_s = 3600\njob_timeout_s = 3600\n"
         f'[api]\nkeys = ["env:BOTD_BENCH_KEY"]\n'
         f'[bots.assistant]\nsystem_prompt = "{SYSTEM}"\n'
@@ -318,9 +329,12 @@ class Client:
         await self.session.close()
 
     async def chat(self, messages: list[dict[str, str]], *, user: str, max_tokens: int,
-                   conversation_id: str | None = None, model: str | None = None) -> Reply:
-        body: dict = {"messages": messages, "stream": True, "max_tokens": max_tokens, "temperature": 0.0,
+                   conversation_id: str | None = None, model: str | None = None,
+                   temperature: float | None = 0.0) -> Reply:
+        body: dict = {"messages": messages, "stream": True, "max_tokens": max_tokens,
                       "user": user, "stream_options": {"include_usage": True}}
+        if temperature is not None:  # None: the server's own (botd: [model] temperature)
+            body["temperature"] = temperature
         if conversation_id is not None:
             body["conversation_id"] = conversation_id
         if model is not None:
@@ -391,14 +405,17 @@ class Aggregate:
         return self.tokens / self.wall
 
 
-async def aggregate(target: Target, users: int, per_user: int, max_tokens: int, tag: str) -> Aggregate:
-    """``users`` clients at once, each ``per_user`` requests one after the other; tokens / wall time."""
+async def aggregate(target: Target, users: int, per_user: int, max_tokens: int, tag: str,
+                    temperature: float | None = 0.0) -> Aggregate:
+    """``users`` clients at once, each ``per_user`` requests one after the other; tokens / wall time.
+    ``temperature`` None: the server's own sampling settings."""
     async with Client(target) as c:
         replies: list[Reply] = []
 
         async def one(u: int) -> None:
             for r in range(per_user):
-                replies.append(await c.chat(story(u, r), user=f"{tag}-{u}", max_tokens=max_tokens))
+                replies.append(await c.chat(story(u, r), user=f"{tag}-{u}", max_tokens=max_tokens,
+                                            temperature=temperature))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one(u) for u in range(users)))
@@ -531,9 +548,52 @@ def raw_batched(model: Path, threads: int, seqs: int, steps: int, prompt_tokens:
     return tps
 
 
-async def botd_decode(target: Target, i: int, max_tokens: int) -> tuple[float, float, int]:
+def raw_greedy(model: Path, threads: int, tokens: int, prompt_tokens: int = 48) -> float:
+    """Decode tokens/s of a bare greedy loop: one ``llama_decode`` of one token a step, logits on,
+    the next token the argmax of its row (numpy over llama.cpp's buffer), fed back. The ceiling
+    for one stream: no server, no sampler chain, no penalty."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+    from llama_cpp import _internals as internals
+
+    with quiet_fds():
+        lm = internals.LlamaModel(path_model=str(model), params=llama_cpp.llama_model_default_params(),
+                                  verbose=False)
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = prompt_tokens + tokens + 64
+        cparams.n_batch = cparams.n_ubatch = 512
+        cparams.n_threads = cparams.n_threads_batch = threads
+        ctx = internals.LlamaContext(model=lm, params=cparams, verbose=False)
+    batch = internals.LlamaBatch(n_tokens=512, embd=0, n_seq_max=1, verbose=False)
+    b = batch.batch
+    n_vocab = lm.n_vocab()
+
+    def put(rows: list[tuple[int, int]]) -> int:
+        for n, (tok, pos) in enumerate(rows):
+            b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = tok, pos, 1, n == len(rows) - 1
+            b.seq_id[n][0] = 0
+        b.n_tokens = len(rows)
+        ctx.decode(batch)
+        row = (ctypes.c_float * n_vocab).from_address(
+            ctypes.cast(llama_cpp.llama_get_logits_ith(ctx.ctx, len(rows) - 1), ctypes.c_void_p).value)
+        return int(np.argmax(np.frombuffer(row, dtype=np.float32)))
+
+    nxt = put([(1000 + i, i) for i in range(prompt_tokens)])
+    t0 = time.perf_counter()
+    for k in range(tokens):
+        nxt = put([(nxt, prompt_tokens + k)])
+    tps = tokens / (time.perf_counter() - t0)
+    ctx.close()
+    lm.close()
+    return tps
+
+
+async def botd_decode(target: Target, i: int, max_tokens: int,
+                      temperature: float | None = 0.0) -> tuple[float, float, int]:
     async with Client(target) as c:
-        r = await c.chat(story(i, 99), user="bench-c", max_tokens=max_tokens)
+        r = await c.chat(story(i, 99), user="bench-c", max_tokens=max_tokens, temperature=temperature)
     return r.ttft, (r.tokens - 1) / (r.t_last - r.t_first), r.tokens
 
 
@@ -763,6 +823,7 @@ class Run:
         self.rows: list[Row] = []
         self.botd_a: tuple[Aggregate, Aggregate] | None = None
         self.botd_b: Turns | None = None
+        self.ceiling: tuple[float, float] | None = None  # bare llama_decode tokens/s: `users` sequences, 1
 
     def decode(self, botd: Target) -> None:
         """(c) single-stream decode tokens/s: botd ÷ raw llama-cpp-python, rounds alternating."""
@@ -788,16 +849,16 @@ class Run:
         self.rows.append(Row("(c) decode tokens/s, botd ÷ raw llama-cpp-python", f"{via_tps:.1f}", f"{raw_tps:.1f}",
                              f"{via_tps / raw_tps:.3f}", ">= 0.97", "yes" if via_tps >= 0.97 * raw_tps else "NO"))
 
-    def _aggregate(self, target: Target) -> tuple[Aggregate, Aggregate]:
+    def _aggregate(self, target: Target, temperature: float | None = 0.0) -> tuple[Aggregate, Aggregate]:
         """``--a-rounds`` rounds of one stream then ``users`` at once; the round with the median ratio
         (this box's speed drifts by ±15 % between runs: alternating keeps each ratio's two sides close)."""
         a = self.args
         rounds: list[tuple[Aggregate, Aggregate]] = []
         for r in range(a.a_rounds):
-            one = asyncio.run(aggregate(target, 1, max(2, a.requests), a.max_tokens, f"bench-a1-{r}"))
+            one = asyncio.run(aggregate(target, 1, max(2, a.requests), a.max_tokens, f"bench-a1-{r}", temperature))
             steps = (engine_gauge(target, "steps_total"), engine_gauge(target, "batch_tokens_total"),
                      engine_gauge(target, "micro_batches_total")) if target.name == "botd" else None
-            many = asyncio.run(aggregate(target, a.users, a.requests, a.max_tokens, f"bench-a8-{r}"))
+            many = asyncio.run(aggregate(target, a.users, a.requests, a.max_tokens, f"bench-a8-{r}", temperature))
             batching = ""
             if steps is not None:
                 n = engine_gauge(target, "steps_total") - steps[0]
@@ -819,11 +880,21 @@ class Run:
         a = self.args
         say(f"(a) aggregate tokens/s: 1 stream alone, then {a.users} users at once ...")
         one, many = self.botd_a = self._aggregate(botd)
+        rn, r1 = self._ceiling()
         say(f"(a) ratio {many.tps / one.tps:.2f}, the median of {a.a_rounds} rounds (goal >= 2.5)")
         self.rows.append(Row(f"(a) tokens/s, {a.users} users ÷ 1 alone", f"{many.tps:.1f}", f"{one.tps:.1f}",
                              fmt_ratio(many.tps / one.tps), ">= 2.5", "yes" if many.tps >= 2.5 * one.tps else "NO"))
-        # The ceiling, measured now on the same box: bare llama_decode steps of `users` sequences
-        # vs one (botd idles meanwhile).
+        say(f"(a) botd reaches {(many.tps / one.tps) / (rn / r1):.0%} of the ceiling's ratio; {a.users} users' "
+            f"tokens/s ÷ the ceiling's {a.users} sequences: {many.tps / rn:.2f}")
+        self.rows.append(Row(f"(a) ceiling: bare llama_decode, {a.users} sequences ÷ 1", f"{rn:.1f}", f"{r1:.1f}",
+                             fmt_ratio(rn / r1), "", ""))
+
+    def _ceiling(self) -> tuple[float, float]:
+        """Bare llama_decode tokens/s of ``users`` sequences and of one, measured once a run on the same
+        box (the daemon idles meanwhile): the median pair of ``--a-rounds`` rounds."""
+        if self.ceiling is not None:
+            return self.ceiling
+        a = self.args
         time.sleep(3)  # botd reads ahead for a moment after its answers (0.25 s idle, then ~60 ms a slot)
         pairs = []
         for _ in range(a.a_rounds):
@@ -832,10 +903,46 @@ class Run:
             pairs.append((rn / r1, rn, r1))
         _, rn, r1 = sorted(pairs)[len(pairs) // 2]
         say(f"(a) ceiling (median of {a.a_rounds} rounds): bare llama_decode, {a.users} sequences {rn:.1f} tokens/s, "
-            f"1 sequence {r1:.1f}: {rn / r1:.2f}x (rounds: {', '.join(f'{p[0]:.2f}x' for p in pairs)}); "
-            f"botd reaches {(many.tps / one.tps) / (rn / r1):.0%} of it")
-        self.rows.append(Row(f"(a) ceiling: bare llama_decode, {a.users} sequences ÷ 1", f"{rn:.1f}", f"{r1:.1f}",
-                             fmt_ratio(rn / r1), "", ""))
+            f"1 sequence {r1:.1f}: {rn / r1:.2f}x (rounds: {', '.join(f'{p[0]:.2f}x' for p in pairs)})")
+        self.ceiling = (rn, r1)
+        return self.ceiling
+
+    def production(self, botd: Target) -> None:
+        """(p) issue 26's (c) with botd's production sampling defaults (``PRODUCTION``: temperature 0.7,
+        repeat_penalty 1.1, top_p as configured; a daemon of its own, the requests name no temperature):
+        one stream's decode tokens/s ÷ a bare greedy llama_decode loop (goal >= 0.95), then (a) again."""
+        a = self.args
+        sampling = ", ".join(f"{k} {v}" for k, v in PRODUCTION.items())
+        say(f"(p) production sampling ({sampling}): one stream through botd vs bare greedy llama_decode ...")
+        raw_greedy(self.model, a.threads, 16)  # the file's pages in memory
+        raw, via = [], []
+        for i in range(a.decode_rounds):
+            raw.append(raw_greedy(self.model, a.threads, a.decode_tokens))
+            via.append(asyncio.run(botd_decode(botd, i, a.decode_tokens, temperature=None)))
+            say(f"  round {i + 1}: bare greedy llama_decode {raw[-1]:.1f} tokens/s, botd {via[-1][1]:.1f} tokens/s "
+                f"({via[-1][2]} tokens)")
+        raw_tps, via_tps = statistics.median(raw), statistics.median(r[1] for r in via)
+        say(f"(p) one stream, median: botd {via_tps:.1f} tokens/s at production sampling, bare greedy llama_decode "
+            f"{raw_tps:.1f}: {via_tps / raw_tps:.3f} (goal >= 0.95)")
+        self.rows.append(Row(f"(p) 1-stream decode tokens/s, botd at {sampling} ÷ bare greedy llama_decode",
+                             f"{via_tps:.1f}", f"{raw_tps:.1f}", f"{via_tps / raw_tps:.3f}", ">= 0.95",
+                             "yes" if via_tps >= 0.95 * raw_tps else "NO"))
+        say(f"(p) aggregate tokens/s at production sampling: 1 stream alone, then {a.users} users at once ...")
+        one, many = self._aggregate(botd, temperature=None)
+        rn, r1 = self._ceiling()
+        share = (many.tps / one.tps) / (rn / r1)
+        say(f"(p) {a.users} users ÷ 1 alone {many.tps / one.tps:.2f}x; the ceiling's {rn / r1:.2f}x: botd reaches "
+            f"{share:.0%} of it (goal >= 95 %); {a.users} users' tokens/s ÷ the ceiling's {a.users} sequences "
+            f"{many.tps / rn:.2f}")
+        self.rows.append(Row(f"(p) tokens/s at production sampling, {a.users} users ÷ 1 alone", f"{many.tps:.1f}",
+                             f"{one.tps:.1f}", fmt_ratio(many.tps / one.tps), "", ""))
+        self.rows.append(Row(f"(p) that ratio ÷ the ceiling's ({a.users} sequences ÷ 1, bare llama_decode)",
+                             fmt_ratio(many.tps / one.tps), fmt_ratio(rn / r1), f"{share:.2f}", ">= 0.95",
+                             "yes" if share >= 0.95 else "NO"))
+        if self.botd_a is not None:
+            greedy = self.botd_a[1].tps
+            self.rows.append(Row(f"(p) {a.users}-user tokens/s, production sampling ÷ temperature 0 (a)",
+                                 f"{many.tps:.1f}", f"{greedy:.1f}", fmt_ratio(many.tps / greedy), "", ""))
 
     def _turns(self, target: Target) -> Turns:
         a = self.args
@@ -974,7 +1081,8 @@ def main() -> int:
     ap.add_argument("--reply-tokens", type=int, default=8, help="(b) tokens per answer")
     ap.add_argument("--decode-rounds", type=int, default=5, help="(c) rounds, raw and botd alternating")
     ap.add_argument("--decode-tokens", type=int, default=128, help="(c) tokens per answer")
-    ap.add_argument("--parts", default="abc", help="which of a, b, c to run (default abc)")
+    ap.add_argument("--parts", default="abcp",
+                    help="which of a, b, c, p (production sampling: a daemon of its own) to run (default abcp)")
     ap.add_argument("--llama-server", action="store_true", help="(d): build llama-server if needed and run it")
     ap.add_argument("--no-llama-server", action="store_true", help="skip (d) even when it is built")
     ap.add_argument("--ingest", action="store_true", help="(e) tokens/s during a knowledge-base ingest")
@@ -1038,6 +1146,9 @@ def main() -> int:
                      f"{args.reply_tokens}-token answers")
     if "c" in parts:
         sizes.append(f"(c) {args.decode_rounds} rounds x {args.decode_tokens} tokens")
+    if "p" in parts:
+        sizes.append(f"(p) (c) and (a) at temperature {PRODUCTION['temperature']}, repeat_penalty "
+                     f"{PRODUCTION['repeat_penalty']}")
     if args.ingest:
         sizes.append(f"ingest {args.ingest_docs} documents")
     if args.rss:
@@ -1072,6 +1183,21 @@ def main() -> int:
                     timed(label, t0)
         finally:
             botd.stop()
+
+        if "p" in parts:
+            t0 = time.monotonic()
+            (work / "production").mkdir()
+            prod, _ = start_botd(work / "production", model, args, cache_mb, None, production=True)
+            try:
+                if not wait_http(prod, "/healthz", 300):
+                    say("(p) botd did not start; its log:\n  " + prod.tail())
+                else:
+                    asyncio.run(aggregate(prod, 1, 1, 16, "warmup-p", None))
+                    with guarded("(p) production sampling", run.rows, prod):
+                        run.production(prod)
+            finally:
+                prod.stop()
+            timed("(p) production sampling", t0)
 
         if server_bin is not None:
             t0 = time.monotonic()

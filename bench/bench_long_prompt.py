@@ -29,6 +29,7 @@ SmolLM2-135M; ``--model PATH`` any GGUF.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import random
 import statistics
@@ -40,10 +41,15 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
+import structlog  # noqa: E402
+
 from core.config import embedded_model_path  # noqa: E402
 from core.engines.base import GenerationRequest  # noqa: E402
 from core.engines.llamacpp import LlamaCppEngine  # noqa: E402
 from core.messages import ThreadKey  # noqa: E402
+
+# The engine's own log lines (llama.cpp's loading chatter) would bury the figures.
+structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 RULES = ("Answer only from the documents below. Say which document each fact comes from. If the documents do "
          "not say, answer that you do not know; never invent a document.")
