@@ -56,6 +56,8 @@ _TEXTS: dict[str, tuple[str, str]] = {
     "LOCKED": ("另一个 botd model pull 正在下载 {name}；等它结束。",
                "another botd model pull is fetching {name}; wait for it to end."),
     "BAD_URL": ("{url}：网址须以 .gguf 文件名结尾", "{url}: the URL must end in a .gguf file name"),
+    "ALREADY_UNVERIFIED": ("{path} 已存在（没有可核对的校验和，未校验）。",
+                           "{path} is already there (no checksum to check it against: not verified)."),
     "ALREADY": ("{path} 已下载并校验过。", "{path} is already downloaded and verified."),
     "FETCHING": ("下载 {file}（{size}）自 {url}", "fetching {file} ({size}) from {url}"),
     "RESUMING": ("从 {done} 处续传 {file}", "resuming {file} from {done}"),

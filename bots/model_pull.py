@@ -123,9 +123,15 @@ class Puller:
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60)
             headers = {"User-Agent": "botd-model-pull"}
             # trust_env: the box's HTTPS_PROXY / NO_PROXY apply, as they do for curl.
-            async with aiohttp.ClientSession(timeout=timeout, headers=headers, trust_env=True,
-                                             auto_decompress=False) as session:
-                await asyncio.gather(*(self._fetch(session, model, j, source) for j in todo))
+            try:
+                async with aiohttp.ClientSession(timeout=timeout, headers=headers, trust_env=True,
+                                                 auto_decompress=False) as session, asyncio.TaskGroup() as parts:
+                    # The parts of a model come down at once; one that fails stops the others (their
+                    # bytes so far are kept for the next run).
+                    for j in todo:
+                        parts.create_task(self._fetch(session, model, j, source))
+            except* PullError as group:
+                raise group.exceptions[0] from None
             digests = await asyncio.gather(*(asyncio.to_thread(self._verify, j) for j in todo))
             # The first part last: its presence under its real name means all parts are in place.
             for j in reversed(todo):
@@ -158,10 +164,12 @@ class Puller:
         """The file is in place already (and, where a checksum is known, it matches)."""
         if not job.dest.exists():
             return False
-        if job.expected:
-            digest = await asyncio.to_thread(_hash_file, job.dest)
-            if digest != job.expected:
-                raise PullError(say("EXISTS_OTHER", path=job.dest))
+        if not job.expected:
+            print(say("ALREADY_UNVERIFIED", path=job.dest), file=self.stream)
+            return True
+        digest = await asyncio.to_thread(_hash_file, job.dest)
+        if digest != job.expected:
+            raise PullError(say("EXISTS_OTHER", path=job.dest))
         print(say("ALREADY", path=job.dest), file=self.stream)
         return True
 

@@ -167,6 +167,17 @@ def test_a_source_sending_more_than_the_published_size_is_cut_off(
     assert not part.exists() or part.stat().st_size <= MIB
 
 
+def test_a_part_no_source_has_leaves_no_part_in_place(
+        tmp_path: Path, hub: FakeHub, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = os.urandom(MIB), os.urandom(MIB)
+    hub.files["m-00001-of-00002.gguf"] = a  # the second part is on no source
+    _catalogue(tmp_path, _entry("m", [("m-00001-of-00002.gguf", a), ("m-00002-of-00002.gguf", b)]))
+    assert _pull("m") == 1
+    err = capsys.readouterr().err
+    assert "m-00002-of-00002.gguf: no source could serve it" in err and "HTTP 404" in err
+    assert not list((tmp_path / "models").glob("m-*.gguf"))  # not even the whole first part
+
+
 def test_a_plain_url_with_the_admins_checksum(tmp_path: Path, hub: FakeHub) -> None:
     data = os.urandom(MIB)
     hub.files["own.gguf"] = data
