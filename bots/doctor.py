@@ -187,6 +187,33 @@ async def check_redis(cfg: Any) -> Check:
     return Check("redis", True, detail)
 
 
+async def check_remote_model(session: aiohttp.ClientSession, cfg: Any) -> Check:
+    """engine = "openai": the server answers /models with this key and serves the model named."""
+    from core.secrets import resolve_secret
+
+    m = cfg.model
+    headers = {"Authorization": f"Bearer {resolve_secret(m.api_key)}"} if m.api_key else {}
+    try:
+        async with session.get(f"{m.base_url.rstrip('/')}/models", headers=headers) as resp:
+            status = resp.status
+            body = await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return Check("model", False, f"{m.base_url}: {type(exc).__name__}",
+                     _t("启动该服务，或修正 [model] base_url", "start the server, or correct [model] base_url"))
+    if status in (401, 403):
+        return Check("model", False, f"{m.base_url}: HTTP {status}",
+                     _t("修正 [model] api_key 指向的密钥", "correct the key [model] api_key points at"))
+    ids = [str(d.get("id")) for d in (body.get("data") or []) if isinstance(d, dict)] if isinstance(body, dict) else []
+    if status != 200 or not ids:
+        return Check("model", False, f"{m.base_url}/models: HTTP {status}, no models listed",
+                     _t("确认 base_url 是 OpenAI 兼容 API 的根（通常以 /v1 结尾）", "make sure base_url is the "
+                        "OpenAI-compatible API root (usually ending in /v1)"))
+    if m.model and m.model not in ids:
+        return Check("model", False, f"the server serves {', '.join(ids[:5])}, not {m.model!r}",
+                     _t("修正 [model] model", "correct [model] model"))
+    return Check("model", True, f"{m.base_url}: {m.model or ids[0]}")
+
+
 def _sections(cfg: Any, platform: str) -> Mapping[str, Any]:
     """The [PLATFORM.NAME] accounts, wherever this version of the config keeps them."""
     try:
@@ -410,6 +437,8 @@ async def run_checks(cfg: Any, *, model: bool = True) -> list[Check]:
     checks.append(await check_redis(cfg))
     async with aiohttp.ClientSession(timeout=_TIMEOUT, trust_env=True) as session:
         platform: list[Awaitable[Any]] = []
+        if model and cfg.model.engine == "openai":
+            platform.append(check_remote_model(session, cfg))
         for name, tg in _sections(cfg, "telegram").items():
             platform.append(check_telegram(session, name, tg))
         for name, sl in _sections(cfg, "slack").items():

@@ -188,3 +188,28 @@ def test_the_systemd_units_paths_must_agree_with_the_config(tmp_path: Path) -> N
     unit.write_text(shipped.replace("User=botd", "User=nobody").replace("ProtectSystem=strict", "ProtectSystem=no"))
     nobody = check_systemd(make_config(tmp_path), config, unit)
     assert any("User=nobody cannot write state_dir" in c.detail and "chown" in c.fix for c in nobody)
+
+
+async def test_a_remote_engine_is_asked_for_its_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiohttp import web
+
+    async def models(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != "Bearer right-key":
+            return web.json_response({"error": "unauthorized"}, status=401)
+        return web.json_response({"object": "list", "data": [{"id": "qwen2.5-7b", "object": "model"}]})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    async with serve(app) as url:
+        def model_check(key: str, name: str) -> Any:
+            monkeypatch.setenv("REMOTE_KEY", key)
+            cfg = make_config(tmp_path, model={"engine": "openai", "base_url": url + "/v1",
+                                               "api_key": "env:REMOTE_KEY", "model": name})
+            return run_checks(cfg)
+
+        good = _by_name(await model_check("right-key", "qwen2.5-7b"))["model"]
+        assert good.ok and "qwen2.5-7b" in good.detail
+        wrong_key = _by_name(await model_check("wrong", "qwen2.5-7b"))["model"]
+        assert not wrong_key.ok and "401" in wrong_key.detail and "api_key" in wrong_key.fix
+        wrong_model = _by_name(await model_check("right-key", "llama"))["model"]
+        assert not wrong_model.ok and "not 'llama'" in wrong_model.detail
