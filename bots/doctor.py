@@ -149,6 +149,16 @@ def _model_checks(cfg: Any) -> list[Check]:
     return [*out, Check("memory", True, detail)]
 
 
+def _without_userinfo(url: str) -> str:
+    """A URL as it may be shown: a password written into it (redis://:PASS@host) is left out."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc)) if parts.netloc else url
+
+
 async def check_redis(cfg: Any) -> Check:
     r = cfg.redis
     if not r.url:
@@ -174,7 +184,7 @@ async def check_redis(cfg: Any) -> Check:
         except Exception:  # CONFIG may be renamed away on a managed Redis
             save = "?"
     except Exception as exc:
-        return Check("redis", False, f"{r.url}: {type(exc).__name__}: {exc}"[:200],
+        return Check("redis", False, f"{_without_userinfo(r.url)}: {type(exc).__name__}: {exc}"[:200],
                      _t("启动 Redis 或修正 [redis] url / password", "start Redis, or correct [redis] url / password"))
     finally:
         await client.aclose()

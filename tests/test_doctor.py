@@ -102,6 +102,11 @@ async def test_an_unreachable_redis_is_a_red_cross_with_its_fix(tmp_path: Path) 
     cfg = make_config(tmp_path, f"redis://127.0.0.1:{free_port()}/0", redis={"socket_timeout_s": 0.5})
     redis = _by_name(await run_checks(cfg, model=False))["redis"]
     assert not redis.ok and "start Redis" in redis.fix
+    # A password written into the URL is never shown.
+    port = free_port()
+    cfg = make_config(tmp_path, f"redis://:hunter2-secret@127.0.0.1:{port}/0", redis={"socket_timeout_s": 0.5})
+    redis = _by_name(await run_checks(cfg, model=False))["redis"]
+    assert not redis.ok and "hunter2" not in redis.detail and f"127.0.0.1:{port}" in redis.detail
 
 
 async def test_redis_without_persistence_is_flagged(tmp_path: Path, redis_server: RedisServer) -> None:
