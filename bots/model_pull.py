@@ -230,7 +230,7 @@ class Puller:
                     if have:
                         print(say("RESUMING", file=job.file.name, done=size_text(have)), file=self.stream)
                     else:
-                        print(say("FETCHING", file=job.file.name, size=size_text(total or 0), url=url),
+                        print(say("FETCHING", file=job.file.name, size=size_text(total or 0), url=_shown(url)),
                               file=self.stream)
                     bar.start(job.file.name, total or 0, have, job.position, self.stream, self.progress)
                     await self._stream_into(resp, job, bar)
@@ -301,7 +301,15 @@ class Puller:
 
 
 def _host(url: str) -> str:
-    return urlsplit(url).netloc or url
+    """Host and port of a URL, never the user:password a mirror's URL may carry."""
+    parts = urlsplit(url)
+    return (f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname or "") or "?"
+
+
+def _shown(url: str) -> str:
+    """A URL as it may be printed: without its user:password."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=_host(url)).geturl() if parts.netloc else url
 
 
 _URL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.gguf")

@@ -178,6 +178,21 @@ def test_a_part_no_source_has_leaves_no_part_in_place(
     assert not list((tmp_path / "models").glob("m-*.gguf"))  # not even the whole first part
 
 
+def test_a_mirrors_password_is_never_printed(
+        tmp_path: Path, hub: FakeHub, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    data = os.urandom(MIB)
+    hub.files["pw.gguf"] = data
+    hub.down |= {"modelscope", "huggingface"}
+    monkeypatch.setenv("BOTD_MODEL_MIRROR", hub.url.replace("http://", "http://admin:s3cret-pw@") + "/mirror")
+    _catalogue(tmp_path, _entry("pw", [("pw.gguf", data)]))
+    assert _pull("pw") == 0
+    hub.down.add("mirror")
+    (tmp_path / "models" / "pw.gguf").unlink()
+    assert _pull("pw") == 1  # every source fails: the errors name the hosts
+    out, err = capsys.readouterr()
+    assert "s3cret-pw" not in out + err and "/mirror/pw.gguf" in err
+
+
 def test_a_plain_url_with_the_admins_checksum(tmp_path: Path, hub: FakeHub) -> None:
     data = os.urandom(MIB)
     hub.files["own.gguf"] = data
