@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from bots import stats
-from bots.answers import JobAnswer, TextAnswer, answer_details, reset_thread
+from bots.answers import STORE_DOWN, JobAnswer, TextAnswer, answer_details, reset_thread
 from bots.pipeline import AnswerPipeline
 from bots.tasks import TaskRegistry
 from connectors import configured
@@ -31,8 +31,6 @@ from core.redis_store import StoreUnavailable
 from core.runtime import Runtime
 
 log = structlog.get_logger("botd.service")
-
-STORE_DOWN = "history storage is unreachable; try again shortly"
 
 
 def thread_of(conversation_id: str) -> ThreadKey | None:
