@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar
 
+from pydantic import Field
+
 from core.config import SingleSection
 from core.secrets import Secret, SecretForm
 
@@ -20,5 +22,9 @@ class SigningKeySection(SingleSection):
 
     SECTION: ClassVar[str] = "console"
 
-    # Signs the console's session tokens and the HTTP API's JWTs (`botd token issue`).
-    signing_key: Annotated[Secret, SecretForm(_signing_key_problem)] | None = None
+    signing_key: Annotated[Secret, SecretForm(_signing_key_problem)] | None = Field(
+        default=None,
+        description="Signs the console's logins and the HTTP API's JWTs (`botd token issue`): a secret reference to "
+                    "at least 32 random characters (openssl rand -hex 32).",
+        json_schema_extra={"zh": "为控制台登录和 HTTP API 的 JWT（`botd token issue`）签名：指向至少 32 个随机字符"
+                                 "的秘密引用（openssl rand -hex 32）。"})

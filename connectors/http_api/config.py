@@ -13,21 +13,44 @@ from core.secrets import Secret
 class ApiConfig(SingleSection):
     """The HTTP API: OpenAI-compatible /v1/chat/completions and the simple /chat."""
 
+    doc_zh: ClassVar[str] = "HTTP API：OpenAI 兼容的 /v1/chat/completions 和简单的 /chat。"
+
     SECTION: ClassVar[str] = "api"
 
-    enabled: bool = True
-    # Bearer keys, each "env:NAME", "file:/path" or "cred:NAME" (systemd credentials).
-    keys: list[Secret] = Field(default_factory=list)
-    max_input_chars: Annotated[int, Field(ge=1)] = 32_000
-    default_bot: str = "assistant"
-    # The bots (and so the knowledge bases) the HTTP API may address; empty: every bot.
-    bots: list[str] = Field(default_factory=list)
-    # Bots a caller without a credential may use, by name, even when they read knowledge and even
-    # through a reverse proxy. Empty: with no keys, only a local caller, and only bots without knowledge.
-    anonymous_bots: list[str] = Field(default_factory=list)
-    # Host names (besides 127.0.0.1, localhost, ::1 and server.host) a caller without a credential
-    # may send in its Host header; anything else is refused (DNS rebinding).
-    allowed_hosts: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9.:_\[\]-]{1,253}$")]] = Field(default_factory=list)
+    enabled: bool = Field(
+        default=True,
+        description="Serve the HTTP API: /v1/chat/completions (OpenAI-compatible), /chat, /v1/models.",
+        json_schema_extra={"zh": "提供 HTTP API：/v1/chat/completions（OpenAI 兼容）、/chat、/v1/models。"})
+    keys: list[Secret] = Field(
+        default_factory=list,
+        description='Bearer keys accepted on the API, each a secret reference ("env:NAME", "file:/path", '
+                    '"cred:NAME"). Required when server.host is not loopback.',
+        json_schema_extra={"zh": 'API 接受的 Bearer 密钥，每个都是秘密引用（"env:NAME"、"file:/path"、"cred:NAME"）'
+                                 "。server.host 不是回环地址时必须设置。"})
+    max_input_chars: Annotated[int, Field(ge=1)] = Field(
+        default=32_000,
+        description="Longest message accepted, in characters; longer ones get 413.",
+        json_schema_extra={"zh": "可接受的最长消息（字符数）；更长的返回 413。"})
+    default_bot: str = Field(
+        default="assistant",
+        description="The bot that answers when a request names no bot in model.",
+        json_schema_extra={"zh": "请求未在 model 中指定机器人时由它回答。"})
+    bots: list[str] = Field(
+        default_factory=list,
+        description="The bots (and so the knowledge bases) the API may address; empty: every bot.",
+        json_schema_extra={"zh": "API 可以访问的机器人（也就决定了可访问的知识库）；留空：所有机器人。"})
+    anonymous_bots: list[str] = Field(
+        default_factory=list,
+        description="Bots a caller without a credential may use, knowledge included, from anywhere (through a "
+                    "reverse proxy too). Empty: with no keys, only a local caller, and only bots without knowledge.",
+        json_schema_extra={"zh": "没有凭据的调用方可以从任何地方（包括经反向代理）使用的机器人，含其知识库。留空："
+                                 "未设密钥时只有本机调用方可用，且只能用没有知识库的机器人。"})
+    allowed_hosts: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9.:_\[\]-]{1,253}$")]] = Field(
+        default_factory=list,
+        description="Host names (besides 127.0.0.1, localhost, ::1 and server.host) a caller without a credential "
+                    "may send in its Host header; others get 421 (DNS rebinding).",
+        json_schema_extra={"zh": "没有凭据的调用方可在 Host 头中使用的主机名（127.0.0.1、localhost、::1 和 "
+                                 "server.host 之外）；其他的返回 421（防 DNS 重绑定）。"})
 
     @classmethod
     def check(cls, config: Config) -> None:

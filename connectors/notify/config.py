@@ -29,18 +29,34 @@ def _robot_key_problem(value: str) -> str:
 class NotifyConfig(OptionalSection):
     """Admin alerts to a WeCom group robot (群机器人): outgoing only."""
 
+    doc_zh: ClassVar[str] = "发往企业微信群机器人的管理员告警：仅外发。"
+
     SECTION: ClassVar[str] = "notify"
 
-    # The robot's webhook key, or its whole webhook URL: a secret reference.
-    wecom_webhook: Annotated[Secret, SecretForm(_robot_key_problem)]
-    # Where the webhook API lives (tests point it at a local fake).
-    url: str = "https://qyapi.weixin.qq.com"
-    # The language of the alerts: "zh", "en" or "both".
-    language: Literal["zh", "en", "both"] = "zh"
-    events: list[str] = Field(default_factory=lambda: list(NOTIFY_DEFAULT_EVENTS))
-    format: Literal["text", "markdown"] = "text"
-    # Group members to @ (WeCom user ids; "@all" for everyone).
-    mention: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=list)
+    wecom_webhook: Annotated[Secret, SecretForm(_robot_key_problem)] = Field(
+        description="The group robot's key (after key= in its webhook URL) or the whole webhook URL: a secret "
+                    "reference.",
+        json_schema_extra={"zh": "群机器人的 key（webhook 地址中 key= 之后的部分）或完整的 webhook 地址：秘密引用。"})
+    url: str = Field(
+        default="https://qyapi.weixin.qq.com",
+        description="Where the webhook API lives.",
+        json_schema_extra={"zh": "webhook API 的地址。"})
+    language: Literal["zh", "en", "both"] = Field(
+        default="zh",
+        description="The alerts' language: \"zh\", \"en\" or \"both\".",
+        json_schema_extra={"zh": '告警的语言："zh"、"en" 或 "both"。'})
+    events: list[str] = Field(
+        default_factory=lambda: list(NOTIFY_DEFAULT_EVENTS),
+        description='The alerts sent; besides the default ones, "started" and "stopping".',
+        json_schema_extra={"zh": '发送的告警；除默认的之外还有 "started" 和 "stopping"。'})
+    format: Literal["text", "markdown"] = Field(
+        default="text",
+        description='"text" (2048 bytes at most) or "markdown" (4096).',
+        json_schema_extra={"zh": '"text"（最多 2048 字节）或 "markdown"（4096）。'})
+    mention: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list,
+        description='WeCom user ids to @ in each alert ("@all": everyone).',
+        json_schema_extra={"zh": '每条告警中要 @ 的企业微信用户 id（"@all"：所有人）。'})
 
     @field_validator("url")
     @classmethod

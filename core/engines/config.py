@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -36,6 +36,8 @@ def embedded_model_path() -> Path:
 
 class ModelConfig(LlamaCppSettings, OpenAISettings, CTransformersSettings):
     """The model that answers: [model] ("default"), or a [models.NAME] a bot names."""
+
+    doc_zh: ClassVar[str] = '回答所用的模型：[model]（"default"），或机器人指定的 [models.NAME]。'
 
     engine: Literal["llama_cpp", "openai", "ctransformers"] = Field(
         default="llama_cpp",
