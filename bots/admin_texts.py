@@ -79,6 +79,36 @@ _TEXTS: dict[str, tuple[str, str]] = {
     "NEXT_USE": ("使用它：botd model pull {name} --set-default，或在 config.toml 的 [model] 中设 path = \"{path}\"",
                  "to use it: botd model pull {name} --set-default, "
                  "or set path = \"{path}\" under [model] in config.toml"),
+    # model pull, embedding models
+    "UNCONFIRMED_FOLDER": ("{name} 的文件没有全部给出已确认的大小和 SHA-256；嵌入模型只下载全部可校验的条目。",
+                           "not every file of {name} has a confirmed size and SHA-256; an embedding model is "
+                           "only downloaded when every file can be checked."),
+    "EMBED_FLAGS": ("--sha256、--trust-unverified 和 --as 只用于聊天模型（GGUF 文件）；嵌入模型的每个文件都按目录中的"
+                    "校验和检查。",
+                    "--sha256, --trust-unverified and --as apply to chat models (GGUF files); each file of an "
+                    "embedding model is checked against the catalogue's checksums."),
+    "EMBED_EXTRA_MISSING": ("注意：使用这个模型需要 sentence-transformers，本机尚未安装。安装：{python} -m pip install "
+                            "'botd[sentence-transformers]'（会安装 torch，约 1 GB 以上）。",
+                            "note: this model needs sentence-transformers, which is not installed here. Install "
+                            "it with: {python} -m pip install 'botd[sentence-transformers]' (it brings torch, "
+                            "1 GB or more)."),
+    "EMBED_NOT_SET": ("未修改 {config}：没有 botd[sentence-transformers]，botd 无法加载这个嵌入模型。安装后再运行同一"
+                      "命令（已下载的文件不会重新下载）。",
+                      "{config} was not changed: without botd[sentence-transformers] botd cannot load this "
+                      "embedding model. Install it, then run the same command again (nothing is downloaded twice)."),
+    "NEXT_USE_EMBEDDINGS": ("使用它：botd model pull {name} --set-default，或在 config.toml 的 [embeddings] 中设 "
+                            "model = \"{path}\"",
+                            "to use it: botd model pull {name} --set-default, "
+                            "or set model = \"{path}\" under [embeddings] in config.toml"),
+    "SET_DEFAULT_EMBEDDINGS": ("已写入 {config}：[embeddings] model = {path}。运行中的 botd 在重新加载时换用它："
+                               "systemctl reload botd（或 kill -HUP 进程号）。知识库要用新模型重建索引："
+                               "botd kb ingest；重建之前只按词语检索。",
+                               "wrote [embeddings] model = {path} into {config}. A running botd takes it on a "
+                               "reload: systemctl reload botd (or kill -HUP its pid). Rebuild the knowledge "
+                               "indexes with the new model: botd kb ingest; until then they are searched by "
+                               "words only."),
+    "LIST_EMBED_HEAD": ("嵌入模型（[embeddings] model；需要 botd[sentence-transformers]）：",
+                        "Embedding models ([embeddings] model; need botd[sentence-transformers]):"),
     # doctor
     "DOCTOR_HEAD": ("botd doctor：检查 {config}", "botd doctor: checking {config}"),
     "DOCTOR_OK": ("全部通过。", "all checks passed."),

@@ -1,5 +1,7 @@
 """Edits of config.toml made by admin commands (``model pull --set-default``, ``init``), comments kept.
 
+``[model]`` / ``[models.NAME]`` for a chat model, ``[embeddings] model`` for an embedding model.
+
 tomlkit keeps every comment and the order of keys; the edited text is checked with the same
 validation as ``botd check-config`` (secrets aside) before it replaces the file, atomically and
 with the file's mode kept, so a refused edit leaves config.toml as it was.
@@ -84,3 +86,15 @@ def set_model_path(config: Path, model_file: Path, api_name: str, *, section: st
     write_checked(config, tomlkit.dumps(doc))
     notes.append(say("SET_DEFAULT", config=config, section=where, path=model_file))
     return notes
+
+
+def set_embeddings_model(config: Path, folder: Path) -> list[str]:
+    """Point ``[embeddings] model`` at the sentence-transformers ``folder``; the lines to tell the admin."""
+    doc = _load(config)
+    table = doc.get("embeddings")
+    if table is None:
+        table = tomlkit.table()
+        doc["embeddings"] = table
+    table["model"] = str(folder)
+    write_checked(config, tomlkit.dumps(doc))
+    return [say("SET_DEFAULT_EMBEDDINGS", config=config, path=folder)]

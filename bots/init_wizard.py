@@ -214,7 +214,8 @@ def _fitting_models(doc: Any) -> list[Any]:
     ram = total_ram() or 0
     cores = os.cpu_count() or 1
     fits = [m for m in load_catalogue().models.values()
-            if m.verifiable and (not ram or m.ram_needed(n_ctx, parallel) <= ram * 0.8) and m.params_b <= 2 * cores]
+            if m.verifiable and not m.embedding
+            and (not ram or m.ram_needed(n_ctx, parallel) <= ram * 0.8) and m.params_b <= 2 * cores]
     return sorted(fits, key=lambda m: (-m.params_b, m.quant))
 
 
@@ -241,6 +242,10 @@ def _pull(config: Path, name: str, doc: Any, bot: str) -> int:
     from bots.models_catalogue import load_catalogue
 
     found = load_catalogue().get(name)
+    if found is not None and found.embedding:  # [model] takes a chat model; this one is for [embeddings]
+        print(f"botd: {name!r}: " + _t("这是嵌入模型：botd model pull 名称 --set-default", "an embedding model: "
+                                       "botd model pull NAME --set-default"), file=sys.stderr)
+        return 1
     if found is None:
         print(f"botd: {name!r}: " + _t("目录中没有此模型（botd model list）", "not in the catalogue (botd model list)"),
               file=sys.stderr)

@@ -8,8 +8,13 @@ turn. Only when every file has its published size and SHA-256 is it moved into p
 A file that fails its check is moved aside to ``.FILE.bad`` and never used; a full disk stops the
 pull with the bytes so far kept for the next run. The daemon itself never downloads anything.
 
-``--set-default`` then points ``[model] path`` (or ``[models.NAME] path``) at it, editing
-config.toml with tomlkit so its comments stay, and only if the edited file passes check-config.
+An embedding model (a sentence-transformers folder) comes down the same way into
+``models_dir/.NAME.partial/``; only when every one of its files is checked is that folder renamed
+to ``models_dir/NAME``, so a folder under the model's name always holds the whole, checked model.
+
+``--set-default`` then points ``[model] path`` (or ``[models.NAME] path``, or for an embedding
+model ``[embeddings] model``) at it, editing config.toml with tomlkit so its comments stay, and
+only if the edited file passes check-config.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -92,6 +98,8 @@ class _Job:
     dest: Path
     expected: str  # "" : nothing to check against (--trust-unverified)
     position: int
+    bad: Path  # where a file that fails its check is put aside (never inside a model's folder)
+    staged: Path | None = None  # an embedding model's file, checked, inside the .partial folder
 
 
 class Puller:
@@ -112,27 +120,18 @@ class Puller:
         if not model.verifiable and not sha256 and not trust_unverified:
             raise PullError(say("UNCONFIRMED", name=model.name, evidence=model.evidence or "?"))
         self.dir.mkdir(parents=True, exist_ok=True)
+        if model.embedding:
+            return await self._pull_folder(model, source)
         jobs = []
         for i, f in enumerate(model.files):
             # An unconfirmed entry's recorded checksum is still checked: a mismatch is refused.
             expected = sha256 or f.sha256
-            jobs.append(_Job(f, self.dir / f".{f.name}.part", self.dir / f.name, expected, i))
+            jobs.append(_Job(f, self.dir / f".{f.name}.part", self.dir / f.name, expected, i,
+                             self.dir / f".{f.name}.bad"))
         with self._locked(model):
             todo = [j for j in jobs if not await self._present(j)]
-            self._check_space(todo)
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60)
-            headers = {"User-Agent": "botd-model-pull"}
-            # trust_env: the box's HTTPS_PROXY / NO_PROXY apply, as they do for curl.
-            try:
-                async with aiohttp.ClientSession(timeout=timeout, headers=headers, trust_env=True,
-                                                 auto_decompress=False) as session, asyncio.TaskGroup() as parts:
-                    # The parts of a model come down at once; one that fails stops the others (their
-                    # bytes so far are kept for the next run).
-                    for j in todo:
-                        parts.create_task(self._fetch(session, model, j, source))
-            except* PullError as group:
-                raise group.exceptions[0] from None
-            digests = await asyncio.gather(*(asyncio.to_thread(self._verify, j) for j in todo))
+            await self._download(model, todo, source)
+            digests = await self._verify_all(todo)
             # The first part last: its presence under its real name means all parts are in place.
             for j in reversed(todo):
                 os.replace(j.part, j.dest)
@@ -146,10 +145,61 @@ class Puller:
                 print(say("DONE", path=j.dest), file=self.stream)
         return [j.dest for j in jobs]
 
+    async def _download(self, model: CatalogueModel, todo: list[_Job], source: str | None) -> None:
+        """Fetch every file of ``todo`` at once; one that fails stops the others (bytes kept)."""
+        self._check_space(todo)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60)
+        headers = {"User-Agent": "botd-model-pull"}
+        # trust_env: the box's HTTPS_PROXY / NO_PROXY apply, as they do for curl.
+        try:
+            async with aiohttp.ClientSession(timeout=timeout, headers=headers, trust_env=True,
+                                             auto_decompress=False) as session, asyncio.TaskGroup() as parts:
+                for j in todo:
+                    parts.create_task(self._fetch(session, model, j, source))
+        except* PullError as group:
+            raise group.exceptions[0] from None
+
+    async def _verify_all(self, jobs: list[_Job]) -> list[str]:
+        return list(await asyncio.gather(*(asyncio.to_thread(self._verify, j) for j in jobs)))
+
+    async def _pull_folder(self, model: CatalogueModel, source: str | None) -> list[Path]:
+        """An embedding model: its files into ``.NAME.partial/``, checked, then the folder renamed."""
+        if not model.verifiable:  # every embedding entry is confirmed; an admin's own must be too
+            raise PullError(say("UNCONFIRMED_FOLDER", name=model.name))
+        final = self.dir / model.name
+        staging = self.dir / f".{model.name}.partial"
+        jobs = [_Job(f, staging / f"{f.name}.part", final / f.name, f.sha256, i,
+                     self.dir / f".{model.name}.{f.name.replace('/', '_')}.bad", staging / f.name)
+                for i, f in enumerate(model.files)]
+        with self._locked(model):
+            if final.exists():
+                # Already here: every file must be the published one, else it is not this model.
+                for j in jobs:
+                    if not j.dest.is_file() or await asyncio.to_thread(_hash_file, j.dest) != j.expected:
+                        raise PullError(say("EXISTS_OTHER", path=final))
+                print(say("ALREADY", path=final), file=self.stream)
+                return [final]
+            for j in jobs:
+                j.part.parent.mkdir(parents=True, exist_ok=True)
+            # A file checked in an earlier, interrupted run is not fetched again.
+            todo = [j for j in jobs if not (j.staged and j.staged.is_file()
+                                            and await asyncio.to_thread(_hash_file, j.staged) == j.expected)]
+            await self._download(model, todo, source)
+            await self._verify_all(todo)
+            for j in todo:
+                assert j.staged is not None
+                os.replace(j.part, j.staged)
+            for stray in staging.rglob("*.part"):  # of another version of the entry: not this model's
+                stray.unlink()
+            os.rename(staging, final)  # the folder appears whole, or not at all
+            self._sync_dir()
+        print(say("DONE", path=final), file=self.stream)
+        return [final]
+
     @contextlib.contextmanager
     def _locked(self, model: CatalogueModel) -> Iterator[None]:
         """One pull of a model at a time (two would append to the same partial files)."""
-        lock = self.dir / f".{model.files[0].name}.lock"
+        lock = self.dir / (f".{model.name}.lock" if model.embedding else f".{model.files[0].name}.lock")
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
@@ -287,9 +337,8 @@ class Puller:
             raise PullError(say("SIZE_MISMATCH", file=job.file.name, want=job.file.size, got=size))
         digest = _hash_file(job.part)
         if job.expected and digest != job.expected:
-            bad = job.part.with_name(f".{job.file.name}.bad")
-            os.replace(job.part, bad)
-            raise PullError(say("MISMATCH", file=job.file.name, want=job.expected, got=digest, bad=bad))
+            os.replace(job.part, job.bad)
+            raise PullError(say("MISMATCH", file=job.file.name, want=job.expected, got=digest, bad=job.bad))
         return digest
 
     def _sync_dir(self) -> None:
@@ -364,7 +413,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     cores = os.cpu_count() or 1
     print(say("LIST_HEAD", version=cat.version, ram=size_text(ram) if ram else "?", cores=cores,
               n_ctx=n_ctx, parallel=parallel))
-    for m in sorted(cat.models.values(), key=lambda m: (m.family.split("-")[0], m.params_b, m.quant)):
+    chat = [m for m in cat.models.values() if not m.embedding]
+    for m in sorted(chat, key=lambda m: (m.family.split("-")[0], m.params_b, m.quant)):
         need = m.ram_needed(n_ctx, parallel, cache_mb)
         here = all((where / f.name).exists() for f in m.files)
         mark = "✓" if here else ("✗" if ram and need > ram else " ")
@@ -373,6 +423,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         # About one billion parameters a core keeps an int4 model answering at reading speed.
         slow = " slow" if m.params_b > cores else ""
         print(f" {mark}{check} {m.name:<32} {size:>10}  RAM {size_text(need):>9}  {m.licence}{slow}")
+    embedding = sorted((m for m in cat.models.values() if m.embedding), key=lambda m: m.name)
+    if embedding:
+        print(say("LIST_EMBED_HEAD"))
+    for m in embedding:
+        here = (where / m.name).is_dir()
+        print(f" {'✓' if here else ' '}{' ' if m.verifiable else '?'} {m.name:<32} {size_text(m.size):>10}  "
+              f"{len(m.files)} files  {m.licence}")
     print(say("LIST_FOOT"))
     return 0
 
@@ -393,6 +450,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
             if found is None:
                 raise PullError(say("UNKNOWN_MODEL", name=args.name, known=", ".join(sorted(cat.models))))
             model = found
+        if model.embedding and (sha or args.trust_unverified or args.as_name):
+            raise PullError(say("EMBED_FLAGS"))
         where = models_dir(args, cfg.server.state_dir if cfg else None)
         progress = args.progress == "bar" or (args.progress == "auto" and sys.stderr.isatty())
         paths = asyncio.run(Puller(where, progress=progress).pull(
@@ -403,6 +462,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\n" + say("CANCELLED"), file=sys.stderr)
         return 130
+    if model.embedding:
+        return _embedding_done(args, model, paths[0])
     if args.set_default:
         from bots.config_edit import ConfigEditError, set_model_path
 
@@ -418,9 +479,41 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def sentence_transformers_missing() -> bool:
+    """The ``botd[sentence-transformers]`` extra is not installed (found without importing torch)."""
+    try:
+        return importlib.util.find_spec("sentence_transformers") is None
+    except (ImportError, ValueError):  # a broken or blocked installation is as good as none
+        return True
+
+
+def _embedding_done(args: argparse.Namespace, model: CatalogueModel, folder: Path) -> int:
+    """After an embedding model's pull: name the missing extra, point [embeddings] model at it."""
+    missing = sentence_transformers_missing()
+    if missing:
+        print(say("EMBED_EXTRA_MISSING", python=sys.executable), file=sys.stderr)
+    if not args.set_default:
+        print(say("NEXT_USE_EMBEDDINGS", name=model.name, path=folder))
+        return 0
+    if missing:
+        # botd would fail to load the knowledge bases with this setting: config.toml stays as it was.
+        print(f"botd: {say('EMBED_NOT_SET', config=args.config)}", file=sys.stderr)
+        return 1
+    from bots.config_edit import ConfigEditError, set_embeddings_model
+
+    try:
+        notes = set_embeddings_model(args.config, folder)
+    except ConfigEditError as exc:
+        print(f"botd: {exc}", file=sys.stderr)
+        return 1
+    for line in notes:
+        print(line)
+    return 0
+
+
 def add_parser(sub: Any, with_config: Any) -> None:
     """``botd model list|pull`` on the CLI's subparsers."""
-    p = sub.add_parser("model", help="chat models: list the catalogue, download one (verified)")
+    p = sub.add_parser("model", help="chat and embedding models: list the catalogue, download one (verified)")
     msub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     sp = with_config(msub.add_parser("list", help="the catalogue: sizes, RAM needed, what is downloaded"))
     sp.add_argument("--dir", help="models folder (default: BOTD_MODELS_DIR, else STATE_DIR/models)")
@@ -433,7 +526,8 @@ def add_parser(sub: Any, with_config: Any) -> None:
     sp.add_argument("--trust-unverified", action="store_true",
                     help="download a model whose checksum is not confirmed; its SHA-256 is printed to compare")
     sp.add_argument("--set-default", action="store_true",
-                    help="point [model] path (or [models.NAME] with --as) at it in config.toml, comments kept")
+                    help="point [model] path (or [models.NAME] with --as; an embedding model: [embeddings] "
+                         "model) at it in config.toml, comments kept")
     sp.add_argument("--as", dest="as_name", help="with --set-default: write a [models.AS] section instead")
     sp.add_argument("--progress", choices=["auto", "bar", "none"], default="auto",
                     help="progress bar: auto (only on a terminal), bar, none")

@@ -1,7 +1,8 @@
 """A fake model hub on 127.0.0.1 for ``botd model pull``: ModelScope, Hugging Face and mirror paths.
 
 It serves files by their name under the hubs' download paths
-(``/models/REPO/resolve/master/FILE``, ``/REPO/resolve/main/FILE``, ``/mirror/FILE``) with real
+(``/models/REPO/resolve/master/FILE``, ``/REPO/resolve/REV/FILE``, ``/mirror/FILE``; a FILE may be
+a path inside a model's folder, ``1_Pooling/config.json``) with real
 HTTP Range support, and can misbehave the ways a real download does: a hub that is down (404),
 a connection dropped midway, a source that fails after some bytes. It runs in a thread with its
 own event loop, so a test can call the CLI (which runs its own loop) directly.
@@ -41,7 +42,10 @@ class FakeHub:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         hub = self._hub(request.path)
-        name = request.path.rsplit("/", 1)[-1]
+        # A file is served at any path ending in its key; the longest key wins, so a folder's
+        # "1_Pooling/config.json" (or "NAME/config.json" on a mirror) is not its "config.json".
+        keys = [k for k in self.files if request.path.endswith("/" + k)]
+        name = max(keys, key=len) if keys else request.path.rsplit("/", 1)[-1]
         rng = request.headers.get("Range")
         self.requests.append((hub, name, rng))
         if hub in self.down or name not in self.files:
