@@ -40,7 +40,7 @@ from connectors.dingtalk.stream import Displaced, StreamLink
 from connectors.reply import ReplyTarget
 from core.config import Settings
 from core.kv import KeyValueCache
-from core.lease import Lease
+from core.lease import Holding, Lease
 from core.messages import Account, InboundMessage
 from core.secrets import resolve_secret
 
@@ -132,35 +132,27 @@ class DingtalkConnector(Connector):
         link = robot.link
         lease = Lease(self.cache.redis, self.cache.prefix, f"dingtalk:stream:{robot.cfg.client_id}",
                       self.config.redis.lease_s, self.config.server.instance_name())
-        changed, stop = asyncio.Event(), asyncio.Event()
-        keeper = asyncio.create_task(lease.keep(stop, changed), name=f"dingtalk-lease-{robot.name}")
         backoff = 1.0
-        try:
-            while not self._closed.is_set():
-                if not lease.held:
-                    changed.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(changed.wait(), lease.ttl_ms / 3000)
-                    if lease.held:
-                        log.info("dingtalk stream runs in this daemon", robot=robot.name)
-                    continue
+        async with Holding(lease, f"dingtalk-lease-{robot.name}") as holding:
+            async for _ in holding.while_held(self._closed.is_set, "dingtalk stream", robot=robot.name):
                 began = time.monotonic()
                 try:
                     assert self.http is not None, "connector not started"
-                    if await link.session(self.http, lambda: lease.held and not self._closed.is_set()):
+                    if await link.session(self.http, lambda: holding.held and not self._closed.is_set()):
                         backoff = 1.0  # closed as DingTalk asked ("disconnect"): a new ticket at once
                         continue
                 except asyncio.CancelledError:
                     raise
                 except Displaced:
-                    robot.displaced = True
+                    robot.displaced = True  # the lease moved: the loop waits to take it again
                     continue
                 except DingtalkApiError as exc:
-                    level = log.error if exc.status in (400, 401, 403) else log.warning
-                    level("dingtalk stream registration refused (check client_id and client_secret)",
-                          robot=robot.name, status=exc.status, code=exc.code, retry_in_s=max(backoff, 30.0))
-                    if exc.status in (400, 401, 403):
+                    refused = exc.status in (400, 401, 403)  # the id or secret, not the network
+                    if refused:
                         backoff = max(backoff, 30.0)
+                    (log.error if refused else log.warning)(
+                        "dingtalk stream registration refused (check client_id and client_secret)",
+                        robot=robot.name, status=exc.status, code=exc.code, retry_in_s=backoff)
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     log.warning("dingtalk stream connection failed; retrying", robot=robot.name,
                                 error=type(exc).__name__, retry_in_s=backoff)
@@ -171,9 +163,6 @@ class DingtalkConnector(Connector):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closed.wait(), backoff)
                 backoff = min(backoff * 2, robot.cfg.reconnect_max_s)
-        finally:
-            stop.set()
-            await asyncio.shield(keeper)
 
     async def _on_message(self, robot: _Robot, data: dict[str, Any]) -> None:
         inbound = self.inbound(robot, data)

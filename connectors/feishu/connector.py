@@ -38,7 +38,7 @@ from connectors.feishu.ws import Displaced, FeishuLink, FeishuWsError
 from connectors.reply import ReplyTarget
 from core.config import Settings
 from core.kv import KeyValueCache
-from core.lease import Lease
+from core.lease import Holding, Lease
 from core.messages import Account, InboundMessage
 from core.secrets import resolve_secret
 
@@ -154,26 +154,17 @@ class FeishuConnector(Connector):
         link = app.link
         lease = Lease(self.cache.redis, self.cache.prefix, f"feishu:ws:{app.cfg.app_id}",
                       self.config.redis.lease_s, self.config.server.instance_name())
-        changed, stop = asyncio.Event(), asyncio.Event()
-        keeper = asyncio.create_task(lease.keep(stop, changed), name=f"feishu-lease-{app.name}")
         backoff = 1.0
-        try:
-            while not self._closed.is_set():
-                if not lease.held:
-                    changed.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(changed.wait(), lease.ttl_ms / 3000)
-                    if lease.held:
-                        log.info("feishu long connection runs in this daemon", app=app.name)
-                    continue
+        async with Holding(lease, f"feishu-lease-{app.name}") as holding:
+            async for _ in holding.while_held(self._closed.is_set, "feishu long connection", app=app.name):
                 began = time.monotonic()
                 try:
                     assert self.http is not None, "connector not started"
-                    await link.session(self.http, lambda: lease.held and not self._closed.is_set())
+                    await link.session(self.http, lambda: holding.held and not self._closed.is_set())
                 except asyncio.CancelledError:
                     raise
                 except Displaced:
-                    app.displaced = True
+                    app.displaced = True  # the lease moved: the loop waits to take it again
                     continue
                 except FeishuWsError as exc:
                     if exc.fatal:
@@ -193,9 +184,6 @@ class FeishuConnector(Connector):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closed.wait(), backoff)
                 backoff = min(backoff * 2, app.cfg.reconnect_max_s)
-        finally:
-            stop.set()
-            await asyncio.shield(keeper)
 
     async def _on_event(self, app: _App, event: dict[str, Any]) -> None:
         header = event.get("header") or {}
