@@ -337,7 +337,8 @@ async def test_messages_become_inbound_messages(tmp_path, redis_server, manager)
 async def test_answers_stream_into_a_card_once_each_also_in_a_retry_storm(tmp_path, redis_server):
     fake = FakeDingtalk()
     async with fake_server(fake):
-        cfg = dingtalk_config(tmp_path, redis_server.url, fake, max_tokens=24, card_template_id=TEMPLATE)
+        # 48 tokens: long enough for several updates also where the model is fast.
+        cfg = dingtalk_config(tmp_path, redis_server.url, fake, max_tokens=48, card_template_id=TEMPLATE)
         async with running_daemon(cfg):
             await wait_for(lambda: _true(fake.connected() == 1), timeout=10)
             storm = fake.robot_message("zhangsan", "Write three sentences about rivers.")

@@ -359,7 +359,8 @@ async def test_events_become_inbound_messages(tmp_path, redis_server, manager):
 async def test_answers_stream_into_cards_once_each_also_in_a_retry_storm(tmp_path, redis_server):
     fake = FakeFeishu()
     async with fake_server(fake):
-        async with running_daemon(feishu_config(tmp_path, redis_server.url, fake)):
+        # 48 tokens: long enough for several updates also where the model is fast.
+        async with running_daemon(feishu_config(tmp_path, redis_server.url, fake, max_tokens=48)):
             await wait_for(lambda: _true(fake.connected() == 1), timeout=10)
             storm = fake.message_event("zhang", "Write three sentences about rivers.")
             for _ in range(10):  # Feishu pushing the same event again (no answer within 3 s, say)
