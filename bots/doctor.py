@@ -4,8 +4,11 @@ Each check gives ✓ or ✗ and, on ✗, one line on how to fix it: Python; the 
 against this CPU; the model file (loads, its chat template renders); RAM for the model and its KV
 cache at the configured parallel x n_ctx; Redis (reachable, version, persistence); each platform's
 credentials against the platform's real API (Telegram getMe and the webhook info, Slack
-auth.test, WeCom gettoken); the knowledge folders (readable, indexes built with the current
-embedder); the state directory (writable). ``--json`` for machines; exit 1 on any ✗.
+auth.test, WeCom gettoken, the WeCom AI bot's subscription on its long connection, DingTalk's and
+Feishu's access tokens); each ``[models.NAME]`` like ``[model]``; the public URL the platforms
+call (``--public-url``: its ``/healthz`` must answer as botd); the knowledge folders (readable,
+indexes built with the current embedder); the state directory (writable). ``--json`` for
+machines; exit 1 on any ✗.
 """
 
 from __future__ import annotations
@@ -80,15 +83,27 @@ def check_llama_build() -> Check:
 
 
 def _model_checks(cfg: Any) -> list[Check]:
-    """The model file loads (its vocabulary and metadata), its chat template renders, and it fits in RAM."""
-    m = cfg.model
+    """[model] and each [models.NAME]: see :func:`_model_file_checks`."""
+    out = _model_file_checks(cfg.model, "model")
+    for name, m in cfg.models.items():
+        out += _model_file_checks(m, f"models.{name}")
+    return out
+
+
+def _model_file_checks(m: Any, section: str) -> list[Check]:
+    """The model file loads (its vocabulary and metadata), its chat template renders, and it fits in RAM.
+
+    [model]'s checks are named "model", "chat template", "memory"; a [models.NAME]'s carry its name.
+    """
     if m.engine != "llama_cpp":
         return []
+    label = "" if section == "model" else f"{section} "
     path = m.resolved_path()
-    fix_path = _t("用 botd model pull 名称 --set-default 下载一个模型，或修正 [model] path",
-                  "download one with botd model pull NAME --set-default, or correct [model] path")
+    as_name = "" if section == "model" else f" --as {section.split('.', 1)[1]}"
+    fix_path = _t(f"用 botd model pull 名称 --set-default{as_name} 下载一个模型，或修正 [{section}] path",
+                  f"download one with botd model pull NAME --set-default{as_name}, or correct [{section}] path")
     if not path.is_file():
-        return [Check("model", False, f"{path}: no such file", fix_path)]
+        return [Check(section, False, f"{path}: no such file", fix_path)]
     try:
         from llama_cpp import Llama
         from llama_cpp._utils import suppress_stdout_stderr
@@ -96,11 +111,11 @@ def _model_checks(cfg: Any) -> list[Check]:
         with suppress_stdout_stderr(disable=False):  # llama.cpp's C-level chatter is not the admin's business
             llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
     except Exception as exc:  # llama.cpp says ValueError for every unreadable file
-        return [Check("model", False, f"{path}: llama.cpp cannot read it ({exc})",
+        return [Check(section, False, f"{path}: llama.cpp cannot read it ({exc})",
                       _t("文件可能不完整或不是 GGUF；重新下载（botd model pull）", "the file may be cut short or not a "
                          "GGUF; download it again (botd model pull)"))]
     meta = dict(llm.metadata)
-    out = [Check("model", True, f"{path.name}: {meta.get('general.name', '?')}, {size_text(path.stat().st_size)}")]
+    out = [Check(section, True, f"{path.name}: {meta.get('general.name', '?')}, {size_text(path.stat().st_size)}")]
     template = meta.get("tokenizer.chat_template", "")
     try:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -117,9 +132,9 @@ def _model_checks(cfg: Any) -> list[Check]:
                                {"role": "user", "content": "你好"}]).prompt
         if "你好" not in prompt:
             raise ValueError("the rendered prompt lost the message")
-        out.append(Check("chat template", True, _t("可以渲染", "renders")))
+        out.append(Check(f"{label}chat template", True, _t("可以渲染", "renders")))
     except Exception as exc:
-        out.append(Check("chat template", False, str(exc)[:200],
+        out.append(Check(f"{label}chat template", False, str(exc)[:200],
                          _t("换用带聊天模板的 Instruct 模型（botd model list）", "use an Instruct model with a chat "
                             "template (botd model list)")))
     arch = meta.get("general.architecture", "")
@@ -143,10 +158,10 @@ def _model_checks(cfg: Any) -> list[Check]:
     detail = (f"{size_text(need)} needed at n_ctx={m.n_ctx} x parallel={m.parallel} "
               f"(KV {size_text(kv)}); {size_text(free) if free else '?'} available")
     if m.n_gpu_layers == 0 and free is not None and need > free:
-        return [*out, Check("memory", False, detail,
-                            _t("减小 [model] parallel 或 n_ctx，或换更小的模型", "lower [model] parallel or n_ctx, "
-                               "or use a smaller model"))]
-    return [*out, Check("memory", True, detail)]
+        return [*out, Check(f"{label}memory", False, detail,
+                            _t(f"减小 [{section}] parallel 或 n_ctx，或换更小的模型", f"lower [{section}] parallel or "
+                               "n_ctx, or use a smaller model"))]
+    return [*out, Check(f"{label}memory", True, detail)]
 
 
 def _without_userinfo(url: str) -> str:
@@ -197,31 +212,32 @@ async def check_redis(cfg: Any) -> Check:
     return Check("redis", True, detail)
 
 
-async def check_remote_model(session: aiohttp.ClientSession, cfg: Any) -> Check:
-    """engine = "openai": the server answers /models with this key and serves the model named."""
+async def check_remote_model(session: aiohttp.ClientSession, m: Any, section: str = "model") -> Check:
+    """engine = "openai" ([model] or a [models.NAME]): the server answers /models with this key and
+    serves the model named."""
     from core.secrets import resolve_secret
 
-    m = cfg.model
     headers = {"Authorization": f"Bearer {resolve_secret(m.api_key)}"} if m.api_key else {}
     try:
         async with session.get(f"{m.base_url.rstrip('/')}/models", headers=headers) as resp:
             status = resp.status
             body = await resp.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        return Check("model", False, f"{m.base_url}: {type(exc).__name__}",
-                     _t("启动该服务，或修正 [model] base_url", "start the server, or correct [model] base_url"))
+        return Check(section, False, f"{m.base_url}: {type(exc).__name__}",
+                     _t(f"启动该服务，或修正 [{section}] base_url",
+                        f"start the server, or correct [{section}] base_url"))
     if status in (401, 403):
-        return Check("model", False, f"{m.base_url}: HTTP {status}",
-                     _t("修正 [model] api_key 指向的密钥", "correct the key [model] api_key points at"))
+        return Check(section, False, f"{m.base_url}: HTTP {status}",
+                     _t(f"修正 [{section}] api_key 指向的密钥", f"correct the key [{section}] api_key points at"))
     ids = [str(d.get("id")) for d in (body.get("data") or []) if isinstance(d, dict)] if isinstance(body, dict) else []
     if status != 200 or not ids:
-        return Check("model", False, f"{m.base_url}/models: HTTP {status}, no models listed",
+        return Check(section, False, f"{m.base_url}/models: HTTP {status}, no models listed",
                      _t("确认 base_url 是 OpenAI 兼容 API 的根（通常以 /v1 结尾）", "make sure base_url is the "
                         "OpenAI-compatible API root (usually ending in /v1)"))
     if m.model and m.model not in ids:
-        return Check("model", False, f"the server serves {', '.join(ids[:5])}, not {m.model!r}",
-                     _t("修正 [model] model", "correct [model] model"))
-    return Check("model", True, f"{m.base_url}: {m.model or ids[0]}")
+        return Check(section, False, f"the server serves {', '.join(ids[:5])}, not {m.model!r}",
+                     _t(f"修正 [{section}] model", f"correct [{section}] model"))
+    return Check(section, True, f"{m.base_url}: {m.model or ids[0]}")
 
 
 def _sections(cfg: Any, platform: str) -> Mapping[str, Any]:
@@ -230,9 +246,10 @@ def _sections(cfg: Any, platform: str) -> Mapping[str, Any]:
         import importlib
 
         module = importlib.import_module(f"connectors.{platform}.config")
-        cls = next(v for k, v in vars(module).items() if k.lower() == f"{platform}config")
+        cls = next(v for v in vars(module).values()
+                   if isinstance(v, type) and getattr(v, "SECTION", None) == platform and hasattr(v, "sections"))
         return dict(cls.sections(cfg))
-    except (ImportError, StopIteration, AttributeError):
+    except (ImportError, StopIteration, AttributeError, TypeError, LookupError):
         return dict(getattr(cfg, platform, {}) or {})
 
 
@@ -306,6 +323,150 @@ async def check_wecom(session: aiohttp.ClientSession, name: str, wc: Any) -> Che
                      _t(f"核对企业 ID 和应用 Secret（[wecom.{name}] corp_id / secret）",
                         f"check the corp id and the app's Secret ([wecom.{name}] corp_id / secret)"))
     return Check(f"wecom.{name}", True, "gettoken ok")
+
+
+async def check_dingtalk(session: aiohttp.ClientSession, name: str, dt: Any) -> Check:
+    """The robot's app signs in: an access token for its Client ID and Secret (what every call needs)."""
+    from core.secrets import resolve_secret
+
+    try:
+        async with session.post(f"{dt.api_base}/v1.0/oauth2/accessToken",
+                                json={"appKey": dt.client_id, "appSecret": resolve_secret(dt.client_secret)}) as resp:
+            status = resp.status
+            body = await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return Check(f"dingtalk.{name}", False, f"DingTalk API unreachable: {type(exc).__name__}",
+                     _t("检查本机到 api.dingtalk.com 的网络（或代理）", "check this box's way to api.dingtalk.com "
+                        "(or its proxy)"))
+    if status >= 400 or not isinstance(body, dict) or not body.get("accessToken"):
+        body = body if isinstance(body, dict) else {}
+        return Check(f"dingtalk.{name}", False,
+                     f"accessToken: HTTP {status} {body.get('code', '')} {body.get('message', '')}".rstrip(),
+                     _t(f"在钉钉开发者后台该应用的“凭证与基础信息”页复制 Client ID 和 Client Secret，写入 "
+                        f"[dingtalk.{name}] client_id 及 client_secret 指向处",
+                        f"copy the Client ID and Client Secret from the app's Credentials & Basic Info page in "
+                        f"the DingTalk developer console to [dingtalk.{name}] client_id and where client_secret "
+                        "points"))
+    return Check(f"dingtalk.{name}", True, f"access token for {dt.client_id}")
+
+
+async def check_feishu(session: aiohttp.ClientSession, name: str, fs: Any) -> Check:
+    """The app signs in: a tenant access token for its App ID and App Secret."""
+    from core.secrets import resolve_secret
+
+    try:
+        async with session.post(f"{fs.base}/open-apis/auth/v3/tenant_access_token/internal",
+                                json={"app_id": fs.app_id, "app_secret": resolve_secret(fs.app_secret)}) as resp:
+            status = resp.status
+            body = await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return Check(f"feishu.{name}", False, f"{fs.domain} API unreachable: {type(exc).__name__}",
+                     _t(f"检查本机到 {fs.base} 的网络（或代理）", f"check this box's way to {fs.base} (or its proxy)"))
+    if not isinstance(body, dict) or body.get("code") or not body.get("tenant_access_token"):
+        body = body if isinstance(body, dict) else {}
+        return Check(f"feishu.{name}", False,
+                     f"tenant_access_token: HTTP {status} code {body.get('code', '?')} {body.get('msg', '')}".rstrip(),
+                     _t(f"在开发者后台该应用的“凭证与基础信息”页复制 App ID 和 App Secret，写入 [feishu.{name}] "
+                        "app_id 及 app_secret 指向处（Lark 国际版：domain = \"lark\"）",
+                        f"copy the App ID and App Secret from the app's Credentials & Basic Info page in the "
+                        f"developer console to [feishu.{name}] app_id and where app_secret points (Lark: "
+                        "domain = \"lark\")"))
+    return Check(f"feishu.{name}", True, f"tenant access token for {fs.app_id}")
+
+
+async def _lease_held(cfg: Any, lease: str) -> bool:
+    """Whether a running botd holds the lease ``lease`` (an edge only one daemon keeps open)."""
+    from core.redis_store import RedisManager
+
+    redis = RedisManager(cfg.redis, Path(cfg.server.state_dir))
+    try:
+        await redis.start()
+        return redis.healthy and bool(await redis.client.exists(f"{cfg.redis.key_prefix}:lease:{lease}"))
+    except Exception:  # no Redis, no lease: no daemon keeps the connection
+        return False
+    finally:
+        await redis.close()
+
+
+async def check_wecom_aibot(session: aiohttp.ClientSession, name: str, ab: Any, cfg: Any) -> Check:
+    """The long connection: WeCom accepts the subscription with this BotID and Secret.
+
+    WeCom keeps one long connection per bot and a new subscription displaces the old one: while a
+    running botd holds the bot's lease (and so the connection), it is not subscribed again.
+    """
+    import json as _json
+
+    from connectors.wecom_aibot.ws import new_req_id
+    from core.secrets import resolve_secret
+
+    check = f"wecom_aibot.{name}"
+    if ab.mode != "websocket":
+        return Check(check, True, _t(f"回调模式：企业微信调用 /wecom_aibot/{name}（用 --public-url 检查公网地址）",
+                                     f"callback mode: WeCom calls /wecom_aibot/{name} (check the public URL "
+                                     "with --public-url)"))
+    if await _lease_held(cfg, f"wecom_aibot:ws:{ab.bot_id}"):
+        return Check(check, True, _t("运行中的 botd 正保持长连接（未重复订阅：那会挤掉它的连接）",
+                                     "a running botd holds the long connection (not subscribed again: that "
+                                     "would displace its connection)"))
+    req_id = new_req_id("aibot_subscribe")
+    try:
+        async with session.ws_connect(ab.ws_url, heartbeat=None, autoping=True) as ws:
+            await ws.send_str(_json.dumps({"cmd": "aibot_subscribe", "headers": {"req_id": req_id},
+                                           "body": {"bot_id": ab.bot_id, "secret": resolve_secret(ab.secret)}}))
+            async with asyncio.timeout(10):
+                while True:
+                    msg = await ws.receive()
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        raise aiohttp.ClientError(f"connection ended ({msg.type.name})")
+                    frame = _json.loads(msg.data)
+                    if isinstance(frame, dict) and (frame.get("headers") or {}).get("req_id") == req_id:
+                        break
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return Check(check, False, f"long connection {ab.ws_url}: {type(exc).__name__}: {exc}"[:200],
+                     _t("检查本机到 openws.work.weixin.qq.com 的网络（或代理）", "check this box's way to "
+                        "openws.work.weixin.qq.com (or its proxy)"))
+    code = int(frame.get("errcode", 0) or 0)
+    if code:
+        return Check(check, False, f"aibot_subscribe: errcode {code} {frame.get('errmsg', '')}".rstrip(),
+                     _t(f"在企业微信智能机器人的“API 设置”中核对 BotID 和长连接 Secret（[wecom_aibot.{name}] bot_id / "
+                        "secret）", f"check the BotID and the long-connection Secret in the AI bot's API settings "
+                        f"([wecom_aibot.{name}] bot_id / secret)"))
+    return Check(check, True, f"subscribed as {ab.bot_id}")
+
+
+def callback_paths(cfg: Any) -> list[str]:
+    """The paths the platforms POST to, for the accounts that take callbacks (webhooks)."""
+    paths = []
+    for name, tg in _sections(cfg, "telegram").items():
+        if tg.mode == "webhook":
+            paths.append(f"/telegram/{name}")
+    paths += [f"/wecom/{name}" for name in _sections(cfg, "wecom")]
+    paths += [f"/slack/events/{name}" for name in _sections(cfg, "slack")]
+    for platform in ("wecom_aibot", "dingtalk", "feishu"):
+        paths += [f"/{platform}/{name}" for name, s in _sections(cfg, platform).items()
+                  if s.mode == "callback" and getattr(s, "enabled", True)]
+    return paths
+
+
+async def check_public_url(session: aiohttp.ClientSession, url: str, cfg: Any) -> Check:
+    """The address the platforms call reaches this botd: its /healthz answers as botd does."""
+    base = url.rstrip("/")
+    fix = _t("让该地址（DNS、反向代理、防火墙）转发到 botd 的 [server] 端口",
+             "make that address (DNS, the reverse proxy, the firewall) forward to botd's [server] port")
+    try:
+        async with session.get(f"{base}/healthz", allow_redirects=False) as resp:
+            status = resp.status
+            body = await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return Check("public_url", False, f"{base}: {type(exc).__name__}: {exc}"[:200], fix)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or "status" not in body:
+        return Check("public_url", False, f"{base}/healthz: HTTP {status}, not botd's answer", fix)
+    paths = callback_paths(cfg)
+    shown = ", ".join(base + p for p in paths[:6]) if paths else _t("没有使用回调的账号", "no account takes callbacks")
+    note = "" if base.startswith("https://") else _t("；平台多要求 https://", "; most platforms require https://")
+    return Check("public_url", True, f"{base}: botd {body['status']}{note}; {shown}")
 
 
 def check_knowledge(cfg: Any) -> list[Check]:
@@ -439,7 +600,7 @@ def check_systemd(cfg: Any, config: Path, unit: Path) -> list[Check]:
     return out or [Check(name, True, _t("路径一致", "its paths agree with this config"))]
 
 
-async def run_checks(cfg: Any, *, model: bool = True) -> list[Check]:
+async def run_checks(cfg: Any, *, model: bool = True, public_url: str = "") -> list[Check]:
     """Every check, in the order an admin fixes things."""
     checks = [check_python(), check_llama_build()]
     if model:
@@ -448,13 +609,27 @@ async def run_checks(cfg: Any, *, model: bool = True) -> list[Check]:
     async with aiohttp.ClientSession(timeout=_TIMEOUT, trust_env=True) as session:
         platform: list[Awaitable[Any]] = []
         if model and cfg.model.engine == "openai":
-            platform.append(check_remote_model(session, cfg))
+            platform.append(check_remote_model(session, cfg.model))
+        for name, m in cfg.models.items():
+            if model and m.engine == "openai":
+                platform.append(check_remote_model(session, m, f"models.{name}"))
         for name, tg in _sections(cfg, "telegram").items():
             platform.append(check_telegram(session, name, tg))
         for name, sl in _sections(cfg, "slack").items():
             platform.append(check_slack(session, name, sl))
         for name, wc in _sections(cfg, "wecom").items():
             platform.append(check_wecom(session, name, wc))
+        for name, ab in _sections(cfg, "wecom_aibot").items():
+            if ab.enabled:
+                platform.append(check_wecom_aibot(session, name, ab, cfg))
+        for name, dt in _sections(cfg, "dingtalk").items():
+            if dt.enabled:
+                platform.append(check_dingtalk(session, name, dt))
+        for name, fs in _sections(cfg, "feishu").items():
+            if fs.enabled:
+                platform.append(check_feishu(session, name, fs))
+        if public_url:
+            platform.append(check_public_url(session, public_url, cfg))
         for result in await asyncio.gather(*platform):
             checks += result if isinstance(result, list) else [result]
     checks += await asyncio.to_thread(check_knowledge, cfg)
@@ -485,7 +660,8 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return report([Check("config", False, str(exc), f"botd check-config --config {args.config}")],
                       args.json, args.config)
-    checks = [Check("config", True, str(args.config)), *asyncio.run(run_checks(cfg, model=not args.skip_model)),
+    checks = [Check("config", True, str(args.config)),
+              *asyncio.run(run_checks(cfg, model=not args.skip_model, public_url=args.public_url or "")),
               *check_systemd(cfg, args.config, Path(args.unit))]
     return report(checks, args.json, args.config)
 
@@ -495,5 +671,8 @@ def add_parser(sub: Any, with_config: Any) -> None:
                                                    "knowledge, state dir); exit 1 on any problem"))
     sp.add_argument("--json", action="store_true", help="one JSON object on stdout")
     sp.add_argument("--skip-model", action="store_true", help="do not open the model file (quicker)")
+    sp.add_argument("--public-url", metavar="URL",
+                    help="the address the platforms call (e.g. https://bots.example.com): its /healthz must "
+                         "answer as this botd")
     sp.add_argument("--unit", default="/etc/systemd/system/botd.service",
                     help="the systemd unit whose paths to check, if installed (default: %(default)s)")

@@ -4,16 +4,21 @@ users shows as ✗ with its fix; a good set-up is all ✓."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bots.doctor import Check, check_knowledge, run_checks
+from tests.fake_dingtalk import FakeDingtalk
+from tests.fake_feishu import FakeFeishu
+from tests.fake_wecom_aibot import FakeAibot
 from tests.fakes import FakeSlack, FakeTelegram, FakeWeCom, serve
 from tests.helpers import RedisServer, make_config
 
@@ -29,6 +34,9 @@ def _secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WECOM_TOKEN", "tok")
     monkeypatch.setenv("WECOM_AES_KEY", AES_KEY)
     monkeypatch.setenv("WECOM_SECRET", "app-secret-value")
+    monkeypatch.setenv("DINGTALK_SECRET", FakeDingtalk().secret)
+    monkeypatch.setenv("FEISHU_SECRET", FakeFeishu().secret)
+    monkeypatch.setenv("WECOM_AIBOT_SECRET", FakeAibot().secret)
 
 
 def _platforms(tg: str, slack: str, wecom: str) -> dict[str, Any]:
@@ -40,6 +48,32 @@ def _platforms(tg: str, slack: str, wecom: str) -> dict[str, Any]:
                                 "encoding_aes_key": "env:WECOM_AES_KEY", "secret": "env:WECOM_SECRET",
                                 "api_base": wecom}},
     }
+
+
+def _chinese_platforms(dt: FakeDingtalk, fs: FakeFeishu, ab: FakeAibot) -> dict[str, Any]:
+    return {
+        "dingtalk": {"assistant": {"client_id": dt.client_id, "client_secret": "env:DINGTALK_SECRET",
+                                   "api_base": dt.url, "oapi_base": dt.url}},
+        "feishu": {"assistant": {"app_id": fs.app_id, "app_secret": "env:FEISHU_SECRET", "api_base": fs.url}},
+        "wecom_aibot": {"assistant": {"mode": "websocket", "bot_id": ab.bot_id, "secret": "env:WECOM_AIBOT_SECRET",
+                                      "ws_url": ab.ws_url}},
+    }
+
+
+@contextlib.asynccontextmanager
+async def _chinese_fakes() -> AsyncIterator[tuple[FakeDingtalk, FakeFeishu, FakeAibot]]:
+    dt, fs, ab = FakeDingtalk(), FakeFeishu(), FakeAibot()
+    async with serve(dt.app()) as dt.url, serve(fs.app()) as fs.url, serve(ab.app()) as ab.url:
+        yield dt, fs, ab
+
+
+@contextlib.asynccontextmanager
+async def _botd_front() -> AsyncIterator[str]:
+    """botd's own HTTP server (its /healthz), as a reverse proxy would reach it."""
+    from connectors.server import build_app
+
+    async with serve(build_app(1 << 20, lambda: {"model_loaded": True, "redis": "ok"})) as url:
+        yield url
 
 
 def _by_name(checks: list[Check]) -> dict[str, Check]:
@@ -54,24 +88,32 @@ def _knowledge(tmp_path: Path) -> Path:
 
 
 async def test_a_good_set_up_is_all_green(tmp_path: Path, redis_server: RedisServer) -> None:
+    from core.config import embedded_model_path
     from core.knowledge.embedder import Embedder
     from core.knowledge.ingest import ingest
 
     redis_server.client().config_set("appendonly", "yes")
     tg, slack, wecom = FakeTelegram(), FakeSlack(), FakeWeCom()
-    async with serve(tg.app()) as tg_url, serve(slack.app()) as slack_url, serve(wecom.app()) as wecom_url:
+    async with serve(tg.app()) as tg_url, serve(slack.app()) as slack_url, serve(wecom.app()) as wecom_url, \
+            _chinese_fakes() as (dt, fs, ab), _botd_front() as front:
         docs = _knowledge(tmp_path)
         cfg = make_config(tmp_path, redis_server.url, knowledge={"hr": {"paths": [str(docs)]}},
-                          **_platforms(tg_url, slack_url, wecom_url))
+                          models={"small": {"path": str(embedded_model_path())}},
+                          **_platforms(tg_url, slack_url, wecom_url), **_chinese_platforms(dt, fs, ab))
         ingest("hr", [docs], cfg.server.state_dir, Embedder(), 800)
-        checks = await run_checks(cfg)
+        checks = await run_checks(cfg, public_url=front)
     bad = [c for c in checks if not c.ok]
     assert bad == [], bad
     names = _by_name(checks)
-    for name in ("python", "llama.cpp", "model", "chat template", "memory", "redis", "telegram.assistant",
-                 "slack.assistant", "wecom.assistant", "knowledge.hr", "state_dir"):
+    for name in ("python", "llama.cpp", "model", "chat template", "memory", "models.small",
+                 "models.small chat template", "models.small memory", "redis", "telegram.assistant",
+                 "slack.assistant", "wecom.assistant", "wecom_aibot.assistant", "dingtalk.assistant",
+                 "feishu.assistant", "public_url", "knowledge.hr", "state_dir"):
         assert name in names
     assert "AOF on" in names["redis"].detail
+    assert ab.subscribes == [(ab.bot_id, True)] and not ab.connected()  # signed in, then let go
+    assert dt.token_requests == 1 and fs.token_requests == 1
+    assert front in names["public_url"].detail and "/slack/events/assistant" in names["public_url"].detail
 
 
 async def test_a_wrong_telegram_token_is_a_red_cross_with_its_fix(tmp_path: Path) -> None:
@@ -218,3 +260,72 @@ async def test_a_remote_engine_is_asked_for_its_models(tmp_path: Path, monkeypat
         assert not wrong_key.ok and "401" in wrong_key.detail and "api_key" in wrong_key.fix
         wrong_model = _by_name(await model_check("right-key", "llama"))["model"]
         assert not wrong_model.ok and "not 'llama'" in wrong_model.detail
+
+
+async def test_a_wrong_dingtalk_feishu_or_ai_bot_secret_is_a_red_cross_with_its_fix(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DINGTALK_SECRET", "wrong-dingtalk-secret")
+    monkeypatch.setenv("FEISHU_SECRET", "wrong-feishu-secret")
+    monkeypatch.setenv("WECOM_AIBOT_SECRET", "wrong-aibot-secret")
+    async with _chinese_fakes() as (dt, fs, ab):
+        cfg = make_config(tmp_path, **_chinese_platforms(dt, fs, ab))
+        checks = _by_name(await run_checks(cfg, model=False))
+    ding, feishu, aibot = checks["dingtalk.assistant"], checks["feishu.assistant"], checks["wecom_aibot.assistant"]
+    assert not ding.ok and "invalidClientIdOrSecret" in ding.detail and "Client Secret" in ding.fix
+    assert not feishu.ok and "10014" in feishu.detail and "App Secret" in feishu.fix
+    assert not aibot.ok and "40058" in aibot.detail and "BotID" in aibot.fix
+    assert ab.subscribes == [(ab.bot_id, False)]
+    for c in (ding, feishu, aibot):  # what was sent is never shown back
+        assert "wrong-" not in c.detail + c.fix
+
+
+async def test_a_running_botd_keeps_its_ai_bot_connection(tmp_path: Path, redis_server: RedisServer) -> None:
+    """WeCom keeps one long connection per bot: the doctor's own subscription would displace the
+    daemon's. While a daemon holds the bot's lease, the doctor leaves the connection alone."""
+    async with _chinese_fakes() as (dt, fs, ab):
+        cfg = make_config(tmp_path, redis_server.url, **_chinese_platforms(dt, fs, ab))
+        redis_server.client().set(f"{cfg.redis.key_prefix}:lease:wecom_aibot:ws:{ab.bot_id}", "7", px=30_000)
+        aibot = _by_name(await run_checks(cfg, model=False))["wecom_aibot.assistant"]
+    assert aibot.ok and "running botd holds" in aibot.detail
+    assert ab.subscribes == []
+
+
+async def test_the_public_url_must_reach_botd(tmp_path: Path) -> None:
+    from aiohttp import web
+
+    from tests.helpers import free_port
+
+    cfg = make_config(tmp_path, dingtalk={"assistant": {"client_id": "ding_x", "client_secret": "env:DINGTALK_SECRET",
+                                                        "api_base": f"http://127.0.0.1:{free_port()}",
+                                                        "mode": "callback"}})
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    unreachable = _by_name(await run_checks(cfg, model=False, public_url=nowhere))["public_url"]
+    assert not unreachable.ok and "reverse proxy" in unreachable.fix
+    async with serve(web.Application()) as other:  # a server that is not botd (a default vhost)
+        elsewhere = _by_name(await run_checks(cfg, model=False, public_url=other))["public_url"]
+    assert not elsewhere.ok and "HTTP 404, not botd's answer" in elsewhere.detail
+    async with _botd_front() as front:
+        good = _by_name(await run_checks(cfg, model=False, public_url=front + "/"))["public_url"]
+    assert good.ok and f"{front}/dingtalk/assistant" in good.detail and "https://" in good.detail
+
+
+def test_the_public_url_flag_fails_the_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bots.cli import main
+    from tests.helpers import free_port
+
+    config = tmp_path / "c.toml"
+    config.write_text('[server]\nstate_dir = "state"\n')
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    assert main(["doctor", "--json", "--skip-model", "--public-url", nowhere, "--config", str(config)]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert [c["name"] for c in out["checks"] if not c["ok"]] == ["public_url"]
+
+
+async def test_a_named_models_missing_file_is_a_red_cross_with_its_fix(tmp_path: Path) -> None:
+    (tmp_path / "gone.gguf").write_bytes(b"GGUF")  # check-config needs the file; it goes away afterwards
+    cfg = make_config(tmp_path, models={"big": {"path": str(tmp_path / "gone.gguf")}})
+    (tmp_path / "gone.gguf").unlink()
+    checks = _by_name(await run_checks(cfg))
+    big = checks["models.big"]
+    assert not big.ok and "no such file" in big.detail and "--set-default --as big" in big.fix
+    assert checks["model"].ok  # [model] itself is fine
