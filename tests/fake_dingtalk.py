@@ -50,8 +50,9 @@ class Card:
 
 class FakeDingtalk:
     def __init__(self, client_id: str = "dingtestapp", secret: str = "dingtalk-app-secret", *,
-                 token_life_s: int = 7200, ping_every_s: float = 0.0) -> None:
+                 token_life_s: int = 7200, ping_every_s: float = 0.0, marker: str = "") -> None:
         self.client_id = client_id
+        self.marker = marker  # put into every token, ticket and sessionWebhook (a log test looks for it)
         self.secret = secret
         self.token_life_s = token_life_s
         self.ping_every_s = ping_every_s
@@ -107,7 +108,7 @@ class FakeDingtalk:
 
     def _new_token(self) -> str:
         self.token_requests += 1
-        token = f"tok-{uuid.uuid4().hex}"
+        token = f"tok-{self.marker}{uuid.uuid4().hex}"
         self.tokens[token] = time.time() + self.token_life_s
         self.issued.append(token)
         return token
@@ -155,7 +156,7 @@ class FakeDingtalk:
             return web.json_response({"code": "invalidClientIdOrSecret", "message": "clientId or secret wrong"},
                                      status=400)
         self.opens.append(body)
-        ticket = uuid.uuid4().hex
+        ticket = f"{self.marker}{uuid.uuid4().hex}"
         self.tickets[ticket] = False
         return web.json_response({"endpoint": f"{self.ws_base}/connect", "ticket": ticket})
 
@@ -234,7 +235,8 @@ class FakeDingtalk:
             "msgId": msg_id or f"msg{uuid.uuid4().hex}", "msgtype": msgtype, "createAt": now,
             "senderId": f"$:LWCP_v1:${user}", "senderNick": user, "senderStaffId": user, "senderCorpId": "corp1",
             "chatbotUserId": "$:LWCP_v1:$bot", "chatbotCorpId": "corp1", "robotCode": self.client_id,
-            "isAdmin": False, "sessionWebhook": f"{self.url}/robot/sendBySession?session={uuid.uuid4().hex}",
+            "isAdmin": False,
+            "sessionWebhook": f"{self.url}/robot/sendBySession?session={self.marker}{uuid.uuid4().hex}",
             "sessionWebhookExpiredTime": now + int(webhook_life_s * 1000)}
         if msgtype == "text":
             # In a group DingTalk removes the @robot from the text, which then begins with a space.

@@ -49,8 +49,9 @@ class CardEntity:
 
 class FakeFeishu:
     def __init__(self, app_id: str = "cli_botdtest", secret: str = "feishu-app-secret", *,
-                 ping_interval: int = 120) -> None:
+                 ping_interval: int = 120, marker: str = "") -> None:
         self.app_id = app_id
+        self.marker = marker  # put into every token and connection URL (a log test looks for it)
         self.secret = secret
         self.ping_interval = ping_interval
         self.url = ""
@@ -101,7 +102,7 @@ class FakeFeishu:
         if body.get("app_id") != self.app_id or body.get("app_secret") != self.secret:
             return web.json_response({"code": 10014, "msg": "app secret invalid"}, status=400)
         self.token_requests += 1
-        token = f"t-{uuid.uuid4().hex}"
+        token = f"t-{self.marker}{uuid.uuid4().hex}"
         self.tokens.add(token)
         self.issued.append(token)
         return web.json_response({"code": 0, "msg": "ok", "tenant_access_token": token, "expire": 7200})
@@ -145,7 +146,7 @@ class FakeFeishu:
             return web.json_response({"code": 1000040344, "msg": "app id or secret wrong"})
         self.endpoints += 1
         return web.json_response({"code": 0, "msg": "ok", "data": {
-            "URL": f"{self.ws_base}/ws?device_id=dev{self.endpoints}&service_id=33&access_key=k",
+            "URL": f"{self.ws_base}/ws?device_id=dev{self.endpoints}&service_id=33&access_key=k{self.marker}",
             "ClientConfig": self.client_config()}})
 
     def client_config(self) -> dict[str, int]:

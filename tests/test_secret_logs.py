@@ -23,6 +23,8 @@ from slack_sdk.signature import SignatureVerifier
 
 from connectors.wecom import WeComCrypto
 from core.secrets import resolve_secret
+from tests.fake_dingtalk import FakeDingtalk
+from tests.fake_feishu import FakeFeishu
 from tests.fake_wecom_aibot import FakeAibot
 from tests.fakes import FakeSlack, FakeTelegram, FakeWeCom, serve
 from tests.helpers import RedisServer, captured, make_config, running_daemon, wait_for
@@ -42,6 +44,8 @@ ENV = {
     "BOTD_T_WECOM_CORP": "wecom-corp-SECRET-value",
     "BOTD_T_CONSOLE_KEY": "console-signing-SECRET-key-0123456789abcdef",
     "BOTD_T_AIBOT": "aibot-SECRET-long-connection-secret",
+    "BOTD_T_DINGTALK": "dingtalk-SECRET-client-secret",
+    "BOTD_T_FEISHU": "feishu-SECRET-app-secret",
 }
 CORP = "ww0000000000test"
 
@@ -299,3 +303,43 @@ async def test_wecom_ai_bot(tmp_path, locked_redis, log) -> None:
 
             await wait_for(shown, timeout=30)
     assert_no_secret(log.getvalue())
+
+
+async def test_dingtalk(tmp_path, locked_redis, log) -> None:
+    # The fake's access tokens, stream tickets and sessionWebhooks carry the marker too.
+    fake = FakeDingtalk(secret=ENV["BOTD_T_DINGTALK"], marker=MARK)
+    async with serve(fake.app()) as base:
+        fake.url = base
+        cfg = config(tmp_path, locked_redis.url, dingtalk={"assistant": {
+            "client_id": fake.client_id, "client_secret": "env:BOTD_T_DINGTALK", "api_base": base,
+            "oapi_base": base}})
+        async with running_daemon(cfg):
+            await wait_for(lambda: _connected(fake), timeout=30)
+            await fake.push(fake.robot_message("zhangsan", "hello"))  # answered through its sessionWebhook
+            await answered_on(log, "dingtalk")
+            await wait_for(lambda: _value(len(fake.webhook_posts) == 1), timeout=30)
+            await fake.push(fake.robot_message("lisi", "hello", webhook_life_s=0))  # expired: the OpenAPI send
+            await wait_for(lambda: _value(len(fake.sends) == 1), timeout=30)
+    assert_no_secret(log.getvalue())
+
+
+async def test_feishu(tmp_path, locked_redis, log) -> None:
+    fake = FakeFeishu(secret=ENV["BOTD_T_FEISHU"], marker=MARK)
+    async with serve(fake.app()) as base:
+        fake.url = base
+        cfg = config(tmp_path, locked_redis.url, feishu={"assistant": {
+            "app_id": fake.app_id, "app_secret": "env:BOTD_T_FEISHU", "api_base": base}})
+        async with running_daemon(cfg):
+            await wait_for(lambda: _connected(fake), timeout=30)
+            await fake.push(fake.message_event("zhangsan", "hello"))
+            await answered_on(log, "feishu")
+            await wait_for(lambda: _value(any(not c.streaming for c in fake.cards.values())), timeout=30)
+    assert_no_secret(log.getvalue())
+
+
+async def _connected(fake: Any) -> bool:
+    return fake.connected() == 1
+
+
+async def _value(v: bool) -> bool:
+    return v
