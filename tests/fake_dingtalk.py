@@ -74,6 +74,7 @@ class FakeDingtalk:
         self.errors: list[str] = []
         self.throttled: dict[str, int] = {}  # path -> how many calls still answer 403 QPS
         self.throttle_hits: list[tuple[str, float]] = []
+        self.cards_forbidden = False
         self._pinger: asyncio.Task[None] | None = None
 
     # -- the app ----------------------------------------------------------------------------------------
@@ -285,6 +286,9 @@ class FakeDingtalk:
         refused = self._new_api_refusal(request, request.path)
         if refused is not None:
             return refused
+        if self.cards_forbidden:  # the app lacks the card permissions
+            return web.json_response({"code": "Forbidden.AccessDenied.AccessTokenPermissionDenied",
+                                      "message": "没有调用该接口的权限", "requestid": "r"}, status=403)
         body = await request.json()
         oid = body["outTrackId"]
         if oid in self.cards:

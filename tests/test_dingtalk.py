@@ -589,3 +589,26 @@ async def test_three_daemons_one_stream_moved_on_kill_9_each_message_once(tmp_pa
     per_user = {u: sum(c.open_space_id.endswith(f".{u}") for c in fake.cards.values()) for u in users}
     assert per_user == dict.fromkeys(users, 1), per_user
     assert fake.errors == []
+
+
+async def test_a_refused_card_becomes_markdown_at_the_end_and_for_later_answers(manager):
+    """The app lacks the card permissions: the answer still arrives (markdown, complete, once),
+    and the robot's next answers skip the card."""
+    fake = FakeDingtalk()
+    fake.cards_forbidden = True
+    async with fake_server(fake), aiohttp.ClientSession() as http:
+        api = DingtalkApi(robot_cfg(fake, card_template_id=TEMPLATE), SECRET, http, KeyValueCache(manager, "botd"))
+        target = CardReply(Account("dingtalk", "assistant"), api, KeyValueCache(manager, "botd"),
+                           _route(fake, "qianshi"), 0.1)
+        with captured() as log:
+            await target.show("partial")
+            assert not target.edits  # the bots layer now shows the final text only
+            await target.closed("partial, then the whole answer.")
+        assert api.cards_refused and "AccessTokenPermissionDenied" in log.getvalue()
+        # Replayed after a restart with its part still pending: sent once at the end.
+        replay = CardReply(Account("dingtalk", "assistant"), api, KeyValueCache(manager, "botd"),
+                           _route(fake, "qianshi"), 0.1, sent=["pending"])
+        await replay.show("again")
+        await replay.closed("again, whole.")
+    assert [p["markdown"]["text"] for p in fake.webhook_posts] == ["partial, then the whole answer.", "again, whole."]
+    assert fake.cards == {} and fake.errors == []

@@ -59,6 +59,11 @@ class DingtalkApiError(BotdError):
         return None
 
     @property
+    def card_refused(self) -> bool:
+        """A card call refused for good (no permission, unknown template), not "slow down"."""
+        return self.status in (400, 403, 404) and self.retry_after is None and not self.bad_token
+
+    @property
     def bad_token(self) -> bool:
         return (self.status == 401 or self.code in _BAD_TOKEN_CODES
                 or (self.code.isdigit() and int(self.code) in _BAD_TOKEN_ERRCODES))
@@ -75,6 +80,8 @@ class DingtalkApi:
         self._token: tuple[str, float] | None = None  # (token, monotonic time it stops being used)
         self._lock = asyncio.Lock()
         self.token_fetches = 0
+        # DingTalk refused to create a card (permissions, template): markdown until a restart.
+        self.cards_refused = False
 
     @property
     def _token_key(self) -> str:

@@ -203,7 +203,7 @@ class DingtalkConnector(Connector):
 
     def _target(self, robot: _Robot, msg: InboundMessage, sent: list[Any] | None = None) -> ReplyTarget:
         assert robot.api is not None, "connector not started"
-        kind = CardReply if robot.cfg.card_template_id else MarkdownReply
+        kind = CardReply if robot.cfg.card_template_id and not robot.api.cards_refused else MarkdownReply
         return kind(robot.account, robot.api, self.cache, msg.route, robot.cfg.update_interval_s, sent or ())
 
     def target(self, msg: InboundMessage) -> ReplyTarget | None:

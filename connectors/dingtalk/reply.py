@@ -39,6 +39,8 @@ MARKDOWN_CHARS = 5000
 # A sessionWebhook is not used in its last minute (the answer may take that long to arrive).
 WEBHOOK_MARGIN_MS = 60_000
 FLOW_INPUTTING, FLOW_FINISHED = "2", "3"
+# A part no card took (DingTalk refused the card): sent as markdown when the answer ends.
+PENDING, MARKDOWN_SENT = "pending", "markdown"
 
 
 class _DingtalkReply(ReplyTarget):
@@ -70,7 +72,13 @@ class _DingtalkReply(ReplyTarget):
 
 
 class CardReply(_DingtalkReply):
-    """The answer streamed into AI cards (one per ``CARD_CHARS``)."""
+    """The answer streamed into AI cards (one per ``CARD_CHARS``).
+
+    When DingTalk refuses to create a card for another reason than throttling (the app lacks the
+    card permissions, the template id is wrong), the answer is sent as markdown at its end
+    instead (:data:`PENDING` stands for a part not shown yet), and the robot's later answers go
+    out as markdown until botd restarts; the refusal is logged once with DingTalk's code.
+    """
 
     edits = True
     limit = CARD_CHARS
@@ -78,22 +86,48 @@ class CardReply(_DingtalkReply):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.finalised: set[str] = set()
+        self.fallback = False
+
+    def _fall_back(self) -> None:
+        self.fallback = True
+        self.edits = False  # nothing to update in place: the bots layer shows the final text only
 
     async def post(self, part: str, first: bool) -> str:
+        if self.fallback:
+            return PENDING
         ref = f"botd-{uuid.uuid4().hex}"
-        await self.api.card_create(ref, {self.api.cfg.card_content_key: neutral_links(part),
-                                         "flowStatus": FLOW_INPUTTING},
-                                   group=self.group, conversation=self.conversation, user=self.user)
+        try:
+            await self.api.card_create(ref, {self.api.cfg.card_content_key: neutral_links(part),
+                                             "flowStatus": FLOW_INPUTTING},
+                                       group=self.group, conversation=self.conversation, user=self.user)
+        except DingtalkApiError as exc:
+            if not exc.card_refused:
+                raise
+            if not self.api.cards_refused:
+                log.error("dingtalk refused to create an AI card (check the app's card permissions and "
+                          "card_template_id); answering in markdown", robot=self.account.name, status=exc.status,
+                          code=exc.code)
+            self.api.cards_refused = True
+            self._fall_back()
+            return PENDING
         return ref
 
     async def edit(self, ref: Any, part: str) -> None:
-        await self.api.card_stream(str(ref), neutral_links(part))
+        if ref != PENDING:
+            await self.api.card_stream(str(ref), neutral_links(part))
 
     async def closed(self, text: str) -> None:
-        """Finalise every card of the answer with what it shows."""
+        """Finalise every card of the answer with what it shows; send the parts no card took."""
         parts = self.parts(text)
+        markdown = MarkdownReply(self.account, self.api, self.cache, self.route, 0)
+        for i, part in enumerate(parts):
+            pending = self.sent[i][0] == PENDING if i < len(self.sent) else self.fallback
+            if pending:
+                await self.call(functools.partial(markdown.post, part, i == 0))
+                if i < len(self.sent):
+                    self.sent[i] = (MARKDOWN_SENT, part)
         for i, (ref, shown) in enumerate(self.sent):
-            if ref in self.finalised:
+            if ref in self.finalised or ref in (PENDING, MARKDOWN_SENT):
                 continue
             final = parts[i] if i < len(parts) else shown
             if not final.strip():
