@@ -847,7 +847,7 @@ def _format_validation_error(path: Path, err: ValidationError, model: type[Confi
             continue
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see README's configuration reference)"
+            msg = "unknown key (check the spelling; see docs/reference/configuration.md)"
         elif e["type"] == "missing":
             msg = "required key is missing"
         given = e.get("input")
