@@ -48,6 +48,8 @@ class PluggedSection(Section):
     none of its keys; :func:`config_model` adds it to :class:`Config` as the table ``SECTION``."""
 
     SECTION: ClassVar[str] = ""
+    # The URL path prefixes its connector serves (e.g. "/telegram"): nothing else is mounted there.
+    ROUTES: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def field_definition(cls) -> tuple[Any, Any]:

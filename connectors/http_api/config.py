@@ -16,6 +16,7 @@ class ApiConfig(SingleSection):
     doc_zh: ClassVar[str] = "HTTP API：OpenAI 兼容的 /v1/chat/completions 和简单的 /chat。"
 
     SECTION: ClassVar[str] = "api"
+    ROUTES: ClassVar[tuple[str, ...]] = ("/v1", "/chat")
 
     enabled: bool = Field(
         default=True,

@@ -16,6 +16,7 @@ class SlackConfig(AccountSection):
     doc_zh: ClassVar[str] = "一个 Slack 应用，以同名机器人回答。"
 
     SECTION: ClassVar[str] = "slack"
+    ROUTES: ClassVar[tuple[str, ...]] = ("/slack",)
 
     bot_token: Secret = Field(
         description='The bot token (xoxb-...) from "OAuth & Permissions": a secret reference.',

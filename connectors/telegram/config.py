@@ -22,6 +22,7 @@ class TelegramConfig(AccountSection):
     doc_zh: ClassVar[str] = "一个 Telegram 机器人（由 @BotFather 创建），以同名机器人回答。"
 
     SECTION: ClassVar[str] = "telegram"
+    ROUTES: ClassVar[tuple[str, ...]] = ("/telegram",)
 
     token: Secret = Field(
         description="The bot token from @BotFather: a secret reference.",

@@ -10,8 +10,12 @@ from pydantic import Field, field_validator
 from connectors.signing import SigningKeySection
 from core.config import Config, KeyProblem, Section
 
-# Paths the daemon's other routes use: the console cannot be served there.
-_TAKEN_PATHS = ("/v1", "/chat", "/healthz", "/metrics", "/telegram", "/slack", "/wecom", "/wecom_aibot")
+# Paths the daemon itself serves: the console cannot be served there (nor under any section's ROUTES).
+_TAKEN_PATHS = ("/healthz", "/metrics")
+
+
+def _taken(path: str, prefixes: tuple[str, ...]) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in prefixes)
 
 
 class ConsoleUserConfig(Section):
@@ -73,7 +77,7 @@ class ConsoleConfig(SigningKeySection):
     @field_validator("path")
     @classmethod
     def _free_path(cls, v: str) -> str:
-        if any(v == p or v.startswith(p + "/") for p in _TAKEN_PATHS):
+        if _taken(v, _TAKEN_PATHS):
             raise ValueError(f"{v!r} is used by another route ({', '.join(_TAKEN_PATHS)})")
         return v
 
@@ -92,6 +96,10 @@ class ConsoleConfig(SigningKeySection):
     @classmethod
     def check(cls, config: Config) -> None:
         console = cls.of(config)
+        routes = tuple(p for section in type(config).plugged for p in section.ROUTES)
+        if _taken(console.path, routes):
+            raise KeyProblem("console.path", f"{console.path!r} is used by another route "
+                             f"({', '.join((*_TAKEN_PATHS, *routes))})")
         if console.enabled and console.signing_key is None:
             raise KeyProblem("console.signing_key", 'the console needs a signing key, e.g. "env:BOTD_CONSOLE_KEY" '
                             "(at least 32 random characters: openssl rand -hex 32)")

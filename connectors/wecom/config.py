@@ -17,6 +17,7 @@ class WecomConfig(AccountSection):
     doc_zh: ClassVar[str] = "一个企业微信自建应用（回调模式），以同名机器人回答。"
 
     SECTION: ClassVar[str] = "wecom"
+    ROUTES: ClassVar[tuple[str, ...]] = ("/wecom",)
 
     corp_id: Annotated[str, Field(min_length=1, max_length=64)] = Field(
         description="Your CorpID (我的企业 -> 企业信息 -> 企业ID).",

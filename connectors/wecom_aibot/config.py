@@ -19,6 +19,7 @@ class WecomAibotConfig(AccountSection):
     doc_zh: ClassVar[str] = "一个企业微信智能机器人，以同名机器人回答：经长连接（无需公网地址）或回调模式。"
 
     SECTION: ClassVar[str] = "wecom_aibot"
+    ROUTES: ClassVar[tuple[str, ...]] = ("/wecom_aibot",)
 
     enabled: bool = Field(
         default=True,
