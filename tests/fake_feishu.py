@@ -73,6 +73,7 @@ class FakeFeishu:
         self.throttled: dict[str, int] = {}
         self.throttle_reset_s = 1
         self.throttle_hits: list[tuple[str, float]] = []
+        self.cardkit_forbidden = False
         self.calls: list[tuple[str, float]] = []
 
     def app(self) -> web.Application:
@@ -286,6 +287,9 @@ class FakeFeishu:
         refused = self._refusal(request, "card_create")
         if refused is not None:
             return refused
+        if self.cardkit_forbidden:  # the app lacks 创建与更新卡片
+            return web.json_response({"code": 99991672, "msg": "Access denied. One of the following scopes is "
+                                      "required: [cardkit:card:write]."}, status=400)
         body = await request.json()
         card = json.loads(body["data"])
         if body.get("type") != "card_json" or card.get("schema") != "2.0":

@@ -609,3 +609,21 @@ async def test_three_daemons_one_connection_moved_on_kill_9_each_message_once(tm
     per_message = [sum(x["reply_to"] == mid for x in fake.replies) for mid in asked]
     assert per_message == [1, 1, 1, 1], fake.replies
     assert fake.errors == []
+
+
+async def test_a_refused_card_entity_becomes_a_patched_card(manager):
+    """The app lacks CardKit's permission: the answer streams into a patched card instead, and
+    so do the app's later answers."""
+    fake = FakeFeishu()
+    fake.cardkit_forbidden = True
+    async with fake_server(fake), aiohttp.ClientSession() as http:
+        target = await _target(CardKitReply, fake, http, manager)
+        with captured() as log:
+            await target.show("one")
+            await target.show("one two")
+            await target.closed("one two")
+        assert target.api.cardkit_refused and "99991672" in log.getvalue()
+    [reply] = fake.replies
+    assert reply["msg_type"] == "interactive" and reply["content"]["config"]["update_multi"]
+    assert [p[1]["body"]["elements"][0]["content"] for p in fake.patches] == ["one two"]
+    assert fake.cards == {} and fake.errors == []

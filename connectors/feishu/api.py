@@ -64,6 +64,8 @@ class FeishuApi:
         self._token: tuple[str, float] | None = None
         self._lock = asyncio.Lock()
         self.token_fetches = 0
+        # Feishu refused to create a card entity (no CardKit permission): patched cards until a restart.
+        self.cardkit_refused = False
 
     @property
     def _token_key(self) -> str:

@@ -245,7 +245,7 @@ class FeishuConnector(Connector):
 
     def _target(self, app: _App, msg: InboundMessage, sent: list[Any] | None = None) -> ReplyTarget:
         assert app.api is not None, "connector not started"
-        kind = _TARGETS[app.cfg.streaming]
+        kind = _TARGETS["patch" if app.cfg.streaming == "cardkit" and app.api.cardkit_refused else app.cfg.streaming]
         return kind(app.account, app.api, self.cache, msg.route, app.cfg.update_interval_s, sent or ())
 
     def target(self, msg: InboundMessage) -> ReplyTarget | None:

@@ -44,6 +44,10 @@ TEXT_BYTES = 60_000
 _EPOCH = 1_767_225_600
 
 
+# The reference of a patched card that stands in for a card entity CardKit refused.
+PATCHED = "patched:"
+
+
 def _sequence_start() -> int:
     return int((time.time() - _EPOCH) * 10)
 
@@ -107,20 +111,37 @@ class CardKitReply(FeishuReply):
         return self.sequence
 
     async def post(self, part: str, first: bool) -> str:
-        card_id = await self.api.card_create(streaming_card(neutral_links(part)))
-        # Keyed on the card, not the part: a repeated uuid would answer with an earlier message
-        # showing another card than the one this target streams into.
-        await self.api.reply(self.message_id, "interactive", {"type": "card", "data": {"card_id": card_id}},
-                             f"card-{card_id}")
-        return card_id
+        if not self.api.cardkit_refused:
+            try:
+                card_id = await self.api.card_create(streaming_card(neutral_links(part)))
+            except FeishuApiError as exc:
+                if exc.retry_after is not None or exc.bad_token:
+                    raise
+                # No CardKit for this app (the permission 创建与更新卡片, or a deployment without
+                # it): a patched card instead, for this answer and the app's next ones.
+                log.error("feishu refused to create a card entity; answering with patched cards",
+                          app=self.account.name, code=exc.code, error=exc.msg[:200])
+                self.api.cardkit_refused = True
+            else:
+                # Keyed on the card, not the part: a repeated uuid would answer with an earlier
+                # message showing another card than the one this target streams into.
+                await self.api.reply(self.message_id, "interactive", {"type": "card", "data": {"card_id": card_id}},
+                                     f"card-{card_id}")
+                return card_id
+        mid = await self.api.reply(self.message_id, "interactive", static_card(neutral_links(part)),
+                                   self._uuid(len(self.sent)))
+        return PATCHED + mid
 
     async def edit(self, ref: Any, part: str) -> None:
+        if str(ref).startswith(PATCHED):
+            await self.api.patch(str(ref)[len(PATCHED):], static_card(neutral_links(part)))
+            return
         await self.api.card_text(str(ref), ELEMENT, neutral_links(part), self._next(), uuid.uuid4().hex)
 
     async def closed(self, text: str) -> None:
         """Streaming mode off on every card of the answer (the card stops showing "typing")."""
         for ref, _ in self.sent:
-            if ref in self.streaming_off:
+            if ref in self.streaming_off or str(ref).startswith(PATCHED):
                 continue
 
             async def off(ref: str = str(ref)) -> None:
