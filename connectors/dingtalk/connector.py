@@ -224,4 +224,4 @@ class DingtalkConnector(Connector):
         if self._stopping:
             raise web.HTTPServiceUnavailable(text="botd is stopping")
         await self._on_message(robot, data)
-        return web.json_response({"msgtype": "empty"})
+        return web.json_response({})  # the answer follows through the sessionWebhook or the OpenAPI
