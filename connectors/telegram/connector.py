@@ -372,7 +372,8 @@ class TelegramConnector(Connector):
         cfg = tg.cfg
         private = chat.type == "private"
         text = msg.text or ""
-        command = command_of(text, tg.username, self.service.command_names) if text else None
+        # Only a text that starts with "/" can be a command: the service's vocabulary is asked for no other.
+        command = command_of(text, tg.username, self.service.command_names) if text.lstrip().startswith("/") else None
         addressed = (
             private
             or command is not None
