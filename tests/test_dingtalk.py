@@ -141,6 +141,8 @@ async def test_the_token_is_shared_cached_and_refreshed_once_when_refused(manage
         two = DingtalkApi(robot_cfg(fake), SECRET, http, cache)  # another daemon of the cluster
         assert await one.token() == await two.token()
         assert fake.token_requests == 1
+        # Shared through Redis, and dropped 300 s before DingTalk's expireIn (7,200 s): refreshed before expiry.
+        assert 6850 <= await manager.client.ttl("botd:cache:dingtalk:token:" + fake.client_id) <= 6900
         fake.departments["wangwu"] = [1, 42]
         fake.expire_tokens()  # mid-answer, DingTalk stops taking the token
         assert await two.departments("wangwu") == ["1", "42"]

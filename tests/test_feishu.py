@@ -163,6 +163,9 @@ async def test_the_tenant_token_is_shared_and_refreshed_once_when_refused(manage
         cache = KeyValueCache(manager, "botd")
         one, two = (FeishuApi(app_cfg(fake), SECRET, http, cache) for _ in range(2))
         assert await one.token() == await two.token() and fake.token_requests == 1
+        # Shared through Redis, and dropped 600 s before Feishu's expire (7,200 s): refreshed before expiry.
+        ttl = await manager.client.ttl(f"botd:cache:feishu:token:{fake.url}:{fake.app_id}")
+        assert 6550 <= ttl <= 6600
         fake.departments["ou_x"] = ["od_1", "od_2"]
         fake.expire_tokens()
         assert await two.departments("ou_x") == ["od_1", "od_2"] and fake.token_requests == 2
