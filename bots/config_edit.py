@@ -17,6 +17,7 @@ from typing import Any
 import tomlkit
 
 from bots.admin_texts import say
+from connectors.config import load_config
 
 
 class ConfigEditError(Exception):
@@ -36,7 +37,6 @@ def write_checked(path: Path, text: str, *, check_secrets: bool = False) -> None
     The text is written beside the file first (relative paths in it resolve as they will) and
     read back with the very loader ``botd check-config`` uses, platform sections included.
     """
-    from bots import cli
     from core.config import ConfigError
 
     mode = path.stat().st_mode & 0o777 if path.exists() else 0o600
@@ -47,7 +47,7 @@ def write_checked(path: Path, text: str, *, check_secrets: bool = False) -> None
             fh.flush()
             os.fsync(fh.fileno())
         try:
-            cli.load_config(Path(tmp), check_secrets=check_secrets)
+            load_config(Path(tmp), check_secrets=check_secrets)
         except ConfigError as exc:
             raise ConfigEditError(say("CONFIG_REJECTED", config=path, error=str(exc).replace(tmp, str(path)))) from None
         os.chmod(tmp, mode)

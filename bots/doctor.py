@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 
 from bots.admin_texts import lang, say, size_text
+from connectors.config import load_config
 
 _TIMEOUT = aiohttp.ClientTimeout(total=15)
 
@@ -652,11 +653,10 @@ def report(checks: list[Check], as_json: bool, config: Path, print_: Callable[[s
 
 
 def main(args: argparse.Namespace) -> int:
-    from bots import cli  # its loader knows every section (the platforms' too)
     from core.config import ConfigError
 
     try:
-        cfg = cli.load_config(args.config)
+        cfg = load_config(args.config)
     except ConfigError as exc:
         return report([Check("config", False, str(exc), f"botd check-config --config {args.config}")],
                       args.json, args.config)

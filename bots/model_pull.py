@@ -40,6 +40,7 @@ import aiohttp
 
 from bots.admin_texts import say, size_text
 from bots.models_catalogue import CatalogueError, CatalogueModel, ModelFile, load_catalogue, total_ram
+from connectors.config import load_config
 
 _CHUNK = 1 << 20
 # Consecutive attempts without a single new byte before a source is given up.
@@ -389,11 +390,10 @@ def models_dir(args: argparse.Namespace, state_dir: Path | None) -> Path:
 
 def _config_quietly(path: Path) -> Any:
     """The config if it loads (secrets and files unchecked), else None: `model` works before `init`."""
-    from bots import cli  # its loader knows every section (the platforms' too)
     from core.config import ConfigError
 
     try:
-        return cli.load_config(path, check_files=False)
+        return load_config(path, check_files=False)
     except ConfigError:
         return None
 
