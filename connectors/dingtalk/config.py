@@ -27,6 +27,9 @@ class DingtalkConfig(AccountSection):
     same name: over Stream mode (a WebSocket botd opens; no public address) or HTTP callbacks."""
 
     SECTION: ClassVar[str] = "dingtalk"
+    ROUTES: ClassVar[tuple[str, ...]] = ("/dingtalk",)
+    doc_zh: ClassVar[str] = ("一个钉钉企业内部应用的机器人，以同名机器人回答：经 Stream 模式（botd 建立的 WebSocket，"
+                             "无需公网地址）或 HTTP 回调。")
 
     enabled: bool = _key(True, "Whether botd connects this robot.", "是否连接这个机器人。")
     mode: Literal["stream", "callback"] = _key(

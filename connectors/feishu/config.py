@@ -23,6 +23,9 @@ class FeishuConfig(AccountSection):
     long connection (长连接, a WebSocket botd opens; no public address) or event callbacks."""
 
     SECTION: ClassVar[str] = "feishu"
+    ROUTES: ClassVar[tuple[str, ...]] = ("/feishu",)
+    doc_zh: ClassVar[str] = ("一个飞书 / Lark 自建应用的机器人，以同名机器人回答：经长连接（botd 建立的 WebSocket，"
+                             "无需公网地址）或事件回调。")
 
     enabled: bool = _key(True, "Whether botd connects this app.", "是否连接这个应用。")
     mode: Literal["websocket", "callback"] = _key(
