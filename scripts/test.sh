@@ -8,7 +8,7 @@ VENV="${BOTD_VENV:-.venv}"
 "$VENV/bin/ruff" check .
 "$VENV/bin/mypy" core connectors bots
 # The layer rules (pyproject.toml, [tool.importlinter]): imports point down, no platform imports
-# another, no import cycle at any depth.
+# another, no import cycle at any depth, the config models import no platform library.
 "$VENV/bin/lint-imports" --no-cache --no-logo
 # The documentation site: a broken link or #anchor fails the build (mkdocs.yml, validation).
 # Not --quiet: it hides the warnings that --strict counts, and the build passes whatever they say.
