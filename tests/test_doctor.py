@@ -329,3 +329,37 @@ async def test_a_named_models_missing_file_is_a_red_cross_with_its_fix(tmp_path:
     big = checks["models.big"]
     assert not big.ok and "no such file" in big.detail and "--set-default --as big" in big.fix
     assert checks["model"].ok  # [model] itself is fine
+
+
+async def test_a_chinese_admin_reads_the_report_in_chinese(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """BOTD_LANG=zh: the words around the raw values (paths, names, platform codes) are Chinese too."""
+    from tests.helpers import free_port
+
+    monkeypatch.setenv("BOTD_LANG", "zh")
+    tg, slack, wecom = FakeTelegram(), FakeSlack(), FakeWeCom()
+    tg.fail_next["getWebhookInfo"] = [{"ok": True, "result": {"url": "https://elsewhere.example/hook"}}]
+    (tmp_path / "gone.gguf").write_bytes(b"GGUF")  # check-config needs the file; it goes away afterwards
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF")  # cut short
+    async with _chinese_fakes() as (dt, fs, ab), serve(tg.app()) as tg_url, serve(slack.app()) as slack_url, \
+            serve(wecom.app()) as wecom_url:
+        platforms = _platforms(tg_url, slack_url, wecom_url)
+        platforms["telegram"]["unreachable"] = {"token": "env:TG_TOKEN", "mode": "polling",
+                                                "api_base": f"http://127.0.0.1:{free_port()}/bot"}
+        cfg = make_config(tmp_path, f"redis://127.0.0.1:{free_port()}/0", redis={"socket_timeout_s": 0.5},
+                          models={"gone": {"path": str(tmp_path / "gone.gguf")},
+                                  "bad": {"path": str(tmp_path / "bad.gguf")}},
+                          bots={"assistant": {}, "unreachable": {}}, **platforms, **_chinese_platforms(dt, fs, ab))
+        (tmp_path / "gone.gguf").unlink()
+        checks = _by_name(await run_checks(cfg))
+    assert "无法连接 Bot API" in checks["telegram.unreachable"].detail
+    assert "轮询" in checks["telegram.assistant webhook"].detail
+    assert "文件不存在" in checks["models.gone"].detail and "无法读取" in checks["models.bad"].detail
+    assert "需要" in checks["memory"].detail and "启动 Redis" in checks["redis"].fix
+    assert "成功" in checks["wecom.assistant"].detail and "可写" in checks["state_dir"].detail
+    assert "令牌" in checks["dingtalk.assistant"].detail and "令牌" in checks["feishu.assistant"].detail
+    english = ("unreachable", "no such file", "not installed", "polling gets nothing", "gettoken ok", "access token",
+               "writable", "the server serves", "needed at", "available", "in the build", "subscribed as",
+               "AOF on", "AOF off", "index built", "cannot", "does not exist", "is missing")
+    for c in checks.values():
+        for phrase in english:
+            assert phrase not in c.detail and phrase not in c.fix, (c, phrase)
