@@ -79,7 +79,9 @@ class _EngineCollector:
                                      "the weights; ideally one a step)",
                     "slot_moves": "KV states moved to another slot to keep a step's sequence ids consecutive",
                     "shared_prefix_copies": "New threads given their bot's system turn copied from its saved "
-                                            "state instead of reading it"}
+                                            "state instead of reading it",
+                    "draft_tokens": "Tokens guessed ahead from answers' own conversations ([model] draft_tokens)",
+                    "draft_accepted": "Guessed tokens the model agreed with (each one a decode step saved)"}
         for key, doc in counters.items():
             if key in state:
                 yield CounterMetricFamily(f"botd_engine_{key}", doc, value=state[key])

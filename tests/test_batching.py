@@ -226,7 +226,12 @@ async def test_eight_api_conversations_stream_interleaved_and_each_gets_its_own_
 
     from tests.helpers import make_config, running_daemon, wait_for
 
-    cfg = make_config(tmp_path, redis_server.url, model={"parallel": 8, "max_tokens": 40})
+    # No guessing ahead (draft_tokens): with it, the first answer, a sentence it repeats from its
+    # prompt, may be whole in two steps, before the last of the eight has started. And no time
+    # budget for the prompts read beside the first answers (step_budget_ms): on a loaded box it
+    # reads them 16 tokens a step, and the eighth starts after the first is done.
+    cfg = make_config(tmp_path, redis_server.url, model={"parallel": 8, "max_tokens": 40, "draft_tokens": 0,
+                                                         "step_budget_ms": 60_000})
     async with running_daemon(cfg) as api:
         async def stream(i: int) -> tuple[str, list[float]]:
             body = {"messages": echo(SENTENCES[i]), "stream": True, "user": f"user{i}", "temperature": 0}

@@ -28,6 +28,7 @@ class _OldChain:
 
     def __init__(self, model: Any, request: GenerationRequest, seed: int) -> None:
         self.chain = build_chain(model, request, seed, penalties=True)
+        self.grammar = bool(request.grammar)  # what the engine asks a sampler (no guessing under a grammar)
 
     def sample(self, ctx: Any, index: int) -> int:
         return int(llama_cpp.llama_sampler_sample(self.chain.sampler, ctx, index))

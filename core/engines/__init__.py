@@ -28,6 +28,7 @@ def create_engine(cfg: ModelConfig) -> Engine:
             main_gpu=cfg.main_gpu,
             flash_attn=cfg.flash_attn_setting(),
             step_budget_ms=cfg.step_budget_ms,
+            draft_tokens=cfg.draft_tokens,
         )
     if cfg.engine == "openai":
         from core.engines.openai import RemoteEngine

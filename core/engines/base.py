@@ -96,6 +96,11 @@ class EngineStats:
     # Bots' shared prefixes (the state of a system turn) saved, and copied into new threads' slots.
     shared_prefixes_saved: int = 0
     shared_prefix_copies: int = 0
+    # Drafting from the prompt (core/engines/drafting.py): steps that carried guessed tokens, the
+    # tokens guessed, and those accepted (each one a step saved).
+    draft_steps: int = 0
+    draft_tokens: int = 0
+    draft_accepted: int = 0
 
     def count_step(self, micro_batches: int) -> None:
         self.micro_batches += micro_batches

@@ -135,4 +135,4 @@ class ModelConfig(LlamaCppSettings, OpenAISettings, CTransformersSettings):
                     self.tokenizer_path, self.n_ctx)
         return (self.engine, self.resolved_path(), self.n_ctx, self.resolved_threads(), self.n_batch,
                 self.parallel, self.cache_mb, self.n_gpu_layers, self.main_gpu, self.flash_attn, self.model_type,
-                self.step_budget_ms)
+                self.step_budget_ms, self.draft_tokens)

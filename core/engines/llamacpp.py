@@ -16,6 +16,8 @@ What it owns:
   rows in sequence-id order so that llama.cpp cuts it into the fewest passes over the weights
   (core/engines/batching.py), the next token of each answer plus a chunk of a prompt being read,
   sized so that the step keeps to ``[model] step_budget_ms`` (core/engines/step_budget.py);
+  while one or two answers stream, guesses of their next tokens from their own conversation are
+  checked in the same step and kept where the model agrees (core/engines/drafting.py);
 - sampling on each sequence's logits row (core/engines/sampling.py), text handed over token by
   token with stop strings held back, and stops between steps (cancel, timeout) without
   disturbing the other sequences; LoRA adapters per request, one adapter set per step.
@@ -51,6 +53,7 @@ from core.engines.base import (
     hand_over,
 )
 from core.engines.batching import micro_batches, runs_of
+from core.engines.drafting import DRAFT_TOKENS, Drafter
 from core.engines.sampling import TokenSampler
 from core.engines.special_tokens import control_pattern
 from core.engines.state_cache import SavedState, StateCache, common_prefix
@@ -79,6 +82,10 @@ _ALL_LAYERS = 1_000_000
 # A KV state is moved to another slot (to keep a step's sequence ids consecutive) only if the copy
 # costs less than the passes over the weights it saves in this many steps.
 PAYBACK_STEPS = 4
+# Drafting from the prompt runs while at most this many answers stream and no prompt is being
+# read: every sequence then guesses, and all rows of a step still make one pass over the weights.
+# With more, the box's arithmetic is busy already and a guess would cost a pass of its own.
+DRAFT_SEQS = 2
 # A bot's system turn is kept as a shared prefix (copied into each new thread's slot instead of
 # read again) from this many tokens on: below, reading it costs about as much as the copy.
 SHARED_PREFIX_MIN = 64
@@ -450,6 +457,10 @@ class _Seq(Generation):
         # state is saved under as the bot's shared prefix when reading gets there; (): not saved.
         self.share_at = 0
         self.share_key: tuple[Any, ...] = ()
+        # Drafting (core/engines/drafting.py): the sequence's n-gram index, made when it first may
+        # draft, and this step's guessed tokens, written after ``next_token`` with logits on.
+        self.drafter: Drafter | None = None
+        self.draft: list[int] = []
 
     @property
     def reading(self) -> bool:
@@ -485,6 +496,7 @@ class LlamaCppEngine(Engine):
         main_gpu: int = -1,
         flash_attn: bool | None = None,
         step_budget_ms: float = 200.0,
+        draft_tokens: int = DRAFT_TOKENS,
     ) -> None:
         self.path = Path(path)
         # 0: CPU only; -1: every layer; N: llama.cpp puts the model's last N layers on the GPU.
@@ -522,6 +534,9 @@ class LlamaCppEngine(Engine):
         self.stats = EngineStats()
         # How long a step may take while answers stream: sizes a new prompt's chunk beside them.
         self._budget = StepBudget(step_budget_ms / 1000)
+        # Guess a few answers' next tokens from their prompts (see _drafts); off: one token a step.
+        self.draft_tokens = draft_tokens
+        self.drafting = draft_tokens > 0
 
     @property
     def n_ctx(self) -> int:
@@ -1073,8 +1088,10 @@ class LlamaCppEngine(Engine):
                 take = min(take, seq.share_at - seq.read)
             takes[id(seq)] = take
             budget -= take if k == 0 else take - 1
+        drafting = self._drafts(decoding, readers, capacity)
         batch = self._batch.batch
         n = 0
+        prompt_rows = 0
         ids: list[int] = []
         # Rows in sequence-id order, each sequence's rows together: one micro-batch takes only
         # consecutive ids, in row order.
@@ -1089,6 +1106,10 @@ class LlamaCppEngine(Engine):
                 seq.logits_at, seq.next_token = n, None
                 ids.append(seq.slot.seq_id)
                 n += 1
+                for token in seq.draft:  # guesses: checked against the tokens sampled from these rows
+                    _put(batch, n, seq.slot, token, True)
+                    ids.append(seq.slot.seq_id)
+                    n += 1
                 continue
             last = len(seq.prompt) - 1
             for i in range(seq.read, seq.read + take):
@@ -1098,6 +1119,7 @@ class LlamaCppEngine(Engine):
                 ids.append(seq.slot.seq_id)
                 n += 1
             seq.read += take
+            prompt_rows += take
             self.stats.prompt_tokens_read += take
         if n == 0:
             return
@@ -1112,7 +1134,8 @@ class LlamaCppEngine(Engine):
                 seq.failed = True
                 self._finish(seq, "error", error=f"generation failed: {exc}")
             return
-        self._budget.observe(len(decoding), n - len(decoding), time.perf_counter() - started)
+        if not drafting:  # a step with guessed rows says nothing about a step's usual cost
+            self._budget.observe(len(decoding), prompt_rows, time.perf_counter() - started)
         self.stats.steps += 1
         self.stats.batch_tokens += n
         self.stats.last_batch = n
@@ -1123,26 +1146,94 @@ class LlamaCppEngine(Engine):
             if seq.logits_at >= 0:
                 self._sample(seq)
 
+    def _drafts(self, decoding: list[_Seq], readers: list[_Seq], capacity: int) -> bool:
+        """Give each streaming sequence this step's guessed tokens (``seq.draft``), when drafting
+        pays: no prompt is being read and at most DRAFT_SEQS answers stream, every one of them has
+        a guess (cut to the same length, so that the step stays one pass over the weights: see
+        core/engines/batching.py) and none samples under a grammar. Whether any was given."""
+        for seq in decoding:
+            seq.draft = []
+        if (not self.drafting or readers or not decoding or len(decoding) > DRAFT_SEQS or not self._can_trim
+                or any(seq.sampler.grammar for seq in decoding)):
+            return False
+        drafts = []
+        for seq in decoding:
+            slot = seq.slot
+            assert slot is not None and seq.next_token is not None
+            if seq.drafter is None:
+                seq.drafter = Drafter(slot.tokens)
+            # The history is the slot's tokens and the token sampled last (decoded in this step).
+            seq.drafter.extend(slot.tokens[len(seq.drafter.history):])
+            seq.drafter.extend([seq.next_token])
+            # Never guess past the answer's end or the context.
+            room = min(self.draft_tokens, seq.max_tokens - seq.produced - 1, self._n_ctx - len(slot.tokens) - 2,
+                       capacity // len(decoding) - 1)
+            drafts.append(seq.drafter.propose(room) if room > 0 else [])
+        k = min(len(d) for d in drafts)
+        if k == 0:
+            return False
+        for seq, draft in zip(decoding, drafts, strict=True):
+            seq.draft = draft[:k]
+        self.stats.draft_steps += 1
+        return True
+
     def _sample(self, seq: _Seq) -> None:
+        """Sample the sequence's next token from its row; with guesses, go on to the next row as
+        long as the sampled token is the guess (its row was decoded with it), and take the
+        guessed tokens that were not sampled out of the KV cache."""
+        draft, seq.draft = seq.draft, []
+        slot = seq.slot
+        assert slot is not None
+        # What the slot holds without the guesses: everything up to the token decoded this step.
+        kept = len(slot.tokens) - len(draft)
+        accepted = 0
+        for i in range(len(draft) + 1):
+            token = seq.sampler.sample(self._ctx.ctx, seq.logits_at + i)
+            if not self._emit(seq, token):
+                break
+            if i < len(draft) and token == draft[i]:
+                accepted += 1
+                continue
+            seq.next_token = token
+            break
+        if not draft:
+            return
+        self.stats.draft_tokens += len(draft)
+        self.stats.draft_accepted += accepted
+        if seq.drafter is not None:
+            seq.drafter.record(len(draft), accepted)
+        keep = kept + accepted
+        if keep < len(slot.tokens):
+            if not self._ctx.kv_cache_seq_rm(slot.seq_id, keep, -1):
+                # Cannot happen for a model whose state can lose its tail (drafting needs one);
+                # if it did, the slot's contents are unknown: the answer ends here.
+                if not seq.done:
+                    seq.failed = True
+                    self._finish(seq, "error", error="generation failed: the KV cache could not drop guesses")
+                self._forget(slot)
+                return
+            del slot.tokens[keep:]
+
+    def _emit(self, seq: _Seq, token: int) -> bool:
+        """Hand the sampled ``token`` over; whether the answer goes on after it."""
         import llama_cpp
 
-        token = seq.sampler.sample(self._ctx.ctx, seq.logits_at)
         if llama_cpp.llama_vocab_is_eog(self._model.vocab, token):
             self._finish(seq, "stop")
             self._ahead_after(seq, [])
-            return
+            return False
         seq.produced += 1
         text, seq.pending, stopped = hand_over(seq.pending + seq.decoder.decode(self._piece(token)), seq.stops)
         if text:
             seq.out.append(Chunk(text))
         if stopped:
             self._finish(seq, "stop")
-            return
+            return False
         if seq.produced >= seq.max_tokens:
             self._finish(seq, "length")
             self._ahead_after(seq, [token])  # the answer's last token was sampled, never read
-            return
-        seq.next_token = token
+            return False
+        return True
 
     def _piece(self, token: int) -> bytes:
         """The token's bytes (what ``detokenize([token])`` gives), from a table filled on first use:

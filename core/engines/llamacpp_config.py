@@ -41,6 +41,17 @@ class LlamaCppSettings(Section):
                                  "回答一起分块读取，块的大小由引擎按自己测得的耗时决定，使每一步不超过此值：调大，"
                                  "长提示词的第一个词元来得更早，正在输出的回答在词元之间停顿更久；调小则相反。"
                                  "没有回答在输出时，提示词以批次允许的最快速度读取。"})] = 200.0
+    draft_tokens: Annotated[int, Field(
+        ge=0, le=32,
+        description="llama_cpp: tokens guessed ahead from the conversation itself while one or two answers "
+                    "stream (an answer that quotes its documents or repeats a name or code from the history): "
+                    "the guesses are checked in the same decode step, the ones the model agrees with are kept, "
+                    "so such answers come faster and no answer changes. Off by itself while more answers "
+                    "stream or when guesses keep failing; 0: never guess.",
+        json_schema_extra={"zh": "llama_cpp：只有一两个回答在输出时，从对话本身预先猜测的词元数（回答引用文档、"
+                                 "或重复历史中的名称或编号时）：猜测在同一个解码步骤中核对，只保留模型认可的部分，"
+                                 "因此这类回答更快，任何回答都不会改变。输出的回答更多或猜测总是落空时自动停用；"
+                                 "0：从不猜测。"})] = 8
 
     @field_validator("flash_attn", mode="before")
     @classmethod
