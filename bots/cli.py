@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     from bots import init_wizard
 
     init_wizard.add_parser(sub, with_config)
+    from bots import eval as evaluation
+
+    evaluation.add_parser(sub, with_config)
     return p
 
 
@@ -102,7 +105,7 @@ def _secrets_used(args: argparse.Namespace) -> bool | tuple[str, ...]:
     """
     if args.command == "kb":
         return False
-    if args.command == "chat":
+    if args.command in ("chat", "eval"):
         return ("redis",)
     if args.command == "telegram":
         return (f"telegram.{args.bot}",)
@@ -147,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         return _telegram(cfg, args.action, args.bot)
     if args.command == "token":
         return _token_revoke(cfg, args) if args.action == "revoke" else _token_issue(cfg, args)
+    if args.command == "eval":
+        from bots import eval as evaluation
+
+        return evaluation.main(cfg, args)
     return 2
 
 
