@@ -7,7 +7,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from core.engines.llamacpp import gpu_offload_problem
+from core.engines.gpu import gpu_offload_problem
 from core.section import KeyProblem, Section
 
 
