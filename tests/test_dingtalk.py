@@ -452,7 +452,7 @@ async def test_no_secret_token_or_webhook_reaches_the_log(tmp_path, redis_server
                 fake.throttle("/v1.0/card/streaming", 1)
                 await target.show("first words and more")
                 await target.closed("first words and more")
-                token = conn.robots["assistant"].api._token[0]
+                token = await conn.robots["assistant"].api.token()
                 bad = CardReply(Account("dingtalk", "assistant"), conn.robots["assistant"].api, conn.cache,
                                 {**rec.got[0][0].route, "conversation": ""}, 0.1)
                 await bad.failed(RuntimeError("x"), "t")

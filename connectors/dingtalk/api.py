@@ -11,15 +11,14 @@ it means "slow down" (:attr:`DingtalkApiError.retry_after`) or "the token is bad
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 import uuid
 from typing import Any
 
 import aiohttp
 import structlog
 
+from connectors.access_token import SharedToken
 from connectors.dingtalk.config import DingtalkConfig
 from core.errors import BotdError
 from core.kv import KeyValueCache
@@ -77,67 +76,33 @@ class DingtalkApi:
         self._secret = secret
         self.http = http
         self.cache = cache
-        self._token: tuple[str, float] | None = None  # (token, monotonic time it stops being used)
-        self._lock = asyncio.Lock()
-        self.token_fetches = 0
+        self._shared = SharedToken(cache, f"dingtalk:token:{cfg.client_id}", self._fetch)
         # DingTalk refused to create a card (permissions, template): markdown until a restart.
         self.cards_refused = False
 
-    @property
-    def _token_key(self) -> str:
-        return f"dingtalk:token:{self.cfg.client_id}"
-
     # -- the access token -----------------------------------------------------------------------------
 
-    async def token(self) -> str:
-        held = self._token
-        if held is not None and time.monotonic() < held[1]:
-            return held[0]
-        async with self._lock:
-            held = self._token
-            if held is not None and time.monotonic() < held[1]:
-                return held[0]
-            try:  # another daemon of the cluster may have fetched it already
-                raw = await self.cache.get(self._token_key)
-            except StoreUnavailable:
-                raw = None
-            if raw:
-                token, _, until = raw.partition(" ")
-                left = float(until or 0) - time.time()
-                if token and left > 0:
-                    remember_secret(token)
-                    self._token = (token, time.monotonic() + left)
-                    return token
-            return await self._fetch()
+    @property
+    def token_fetches(self) -> int:
+        return self._shared.fetches
 
-    async def _fetch(self) -> str:
-        self.token_fetches += 1
+    async def token(self) -> str:
+        return await self._shared.get()
+
+    async def _drop(self, token: str) -> None:
+        await self._shared.drop(token)
+
+    async def _fetch(self) -> tuple[str, float]:
         async with self.http.post(f"{self.cfg.api_base}/v1.0/oauth2/accessToken",
                                   json={"appKey": self.cfg.client_id, "appSecret": self._secret}) as r:
             data = await _json(r)
         token = str(data.get("accessToken") or "")
         if r.status >= 400 or not token:
             raise DingtalkApiError(r.status, str(data.get("code", "")), str(data.get("message", "no accessToken")))
-        remember_secret(token)  # never in a log line
+        remember_secret(token)  # before the log line below
         life = max(60.0, float(data.get("expireIn") or 7200) - TOKEN_MARGIN_S)
-        self._token = (token, time.monotonic() + life)
-        try:
-            await self.cache.set(self._token_key, f"{token} {time.time() + life}", int(life))
-        except StoreUnavailable:
-            pass
         log.info("dingtalk access token fetched", robot=self.cfg.client_id, valid_s=int(life))
-        return token
-
-    async def _drop(self, token: str) -> None:
-        """DingTalk called ``token`` invalid: forget it here and in the cluster's cache."""
-        if self._token is not None and self._token[0] == token:
-            self._token = None
-        try:
-            raw = await self.cache.get(self._token_key)
-            if raw and raw.split(" ")[0] == token:
-                await self.cache.delete(self._token_key)
-        except StoreUnavailable:
-            pass
+        return token, life
 
     # -- calls ----------------------------------------------------------------------------------------------
 

@@ -12,14 +12,13 @@ docs/protocols/feishu.md for each code's source.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from typing import Any
 
 import aiohttp
 import structlog
 
+from connectors.access_token import SharedToken
 from connectors.feishu.config import FeishuConfig
 from core.errors import BotdError
 from core.kv import KeyValueCache
@@ -61,64 +60,31 @@ class FeishuApi:
         self._secret = secret
         self.http = http
         self.cache = cache
-        self._token: tuple[str, float] | None = None
-        self._lock = asyncio.Lock()
-        self.token_fetches = 0
+        self._shared = SharedToken(cache, f"feishu:token:{cfg.base}:{cfg.app_id}", self._fetch)
         # Feishu refused to create a card entity (no CardKit permission): patched cards until a restart.
         self.cardkit_refused = False
 
     @property
-    def _token_key(self) -> str:
-        return f"feishu:token:{self.cfg.base}:{self.cfg.app_id}"
+    def token_fetches(self) -> int:
+        return self._shared.fetches
 
     async def token(self) -> str:
-        held = self._token
-        if held is not None and time.monotonic() < held[1]:
-            return held[0]
-        async with self._lock:
-            held = self._token
-            if held is not None and time.monotonic() < held[1]:
-                return held[0]
-            try:
-                raw = await self.cache.get(self._token_key)
-            except StoreUnavailable:
-                raw = None
-            if raw:
-                token, _, until = raw.partition(" ")
-                left = float(until or 0) - time.time()
-                if token and left > 0:
-                    remember_secret(token)
-                    self._token = (token, time.monotonic() + left)
-                    return token
-            return await self._fetch()
+        return await self._shared.get()
 
-    async def _fetch(self) -> str:
-        self.token_fetches += 1
+    async def _drop(self, token: str) -> None:
+        await self._shared.drop(token)
+
+    async def _fetch(self) -> tuple[str, float]:
         async with self.http.post(f"{self.cfg.base}/open-apis/auth/v3/tenant_access_token/internal",
                                   json={"app_id": self.cfg.app_id, "app_secret": self._secret}) as r:
             data = await _json(r)
         token = str(data.get("tenant_access_token") or "")
         if data.get("code") or not token:
             raise FeishuApiError(r.status, int(data.get("code") or -1), str(data.get("msg", "no token")))
-        remember_secret(token)
+        remember_secret(token)  # before the log line below
         life = max(60.0, float(data.get("expire") or 7200) - TOKEN_MARGIN_S)
-        self._token = (token, time.monotonic() + life)
-        try:
-            await self.cache.set(self._token_key, f"{token} {time.time() + life}", int(life))
-        except StoreUnavailable:
-            pass
         log.info("feishu tenant token fetched", app=self.cfg.app_id, valid_s=int(life))
-        return token
-
-    async def _drop(self, token: str) -> None:
-        if self._token is not None and self._token[0] == token:
-            self._token = None
-        try:
-            raw = await self.cache.get(self._token_key)
-            if raw and raw.split(" ")[0] == token:
-                await self.cache.delete(self._token_key)
-        except StoreUnavailable:
-            pass
+        return token, life
 
     async def call(self, method: str, path: str, body: dict[str, Any] | None = None,
                    params: dict[str, str] | None = None) -> dict[str, Any]:
