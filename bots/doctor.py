@@ -28,6 +28,7 @@ import aiohttp
 
 from bots.admin_texts import lang, say, size_text
 from connectors.config import load_config
+from core.engines.memory import kv_bytes, needed_bytes
 
 _TIMEOUT = aiohttp.ClientTimeout(total=15)
 
@@ -141,20 +142,8 @@ def _model_file_checks(m: Any, section: str) -> list[Check]:
         out.append(Check(f"{label}chat template", False, str(exc)[:200],
                          _t("换用带聊天模板的 Instruct 模型（botd model list）", "use an Instruct model with a chat "
                             "template (botd model list)")))
-    arch = meta.get("general.architecture", "")
-
-    def num(key: str, default: int = 0) -> int:
-        try:
-            return int(float(meta.get(f"{arch}.{key}", default)))
-        except ValueError:
-            return default
-
-    n_embd, n_head = num("embedding_length"), max(1, num("attention.head_count", 1))
-    n_head_kv = num("attention.head_count_kv", n_head)
-    k_len = num("attention.key_length", n_embd // n_head)
-    v_len = num("attention.value_length", n_embd // n_head)
-    kv = num("block_count") * m.n_ctx * m.parallel * n_head_kv * (k_len + v_len) * 2
-    need = int(path.stat().st_size * 1.2) + kv + m.cache_mb * 2**20
+    kv = kv_bytes(meta, m.n_ctx, m.parallel)
+    need = needed_bytes(meta, path.stat().st_size, m.n_ctx, m.parallel, m.cache_mb * 2**20)
     llm.close()
     from core.models import mem_available
 

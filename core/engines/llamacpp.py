@@ -56,6 +56,7 @@ from core.engines.batching import micro_batches, runs_of
 from core.engines.drafting import DRAFT_TOKENS, Drafter
 from core.engines.gpu import devices as _devices
 from core.engines.gpu import gpu_offload_problem
+from core.engines.memory import needed_bytes
 from core.engines.sampling import TokenSampler
 from core.engines.special_tokens import control_pattern
 from core.engines.state_cache import SavedState, StateCache, common_prefix
@@ -543,20 +544,7 @@ class LlamaCppEngine(Engine):
             return 0
         # The shape, from the GGUF metadata (the vocabulary-only copy has it; per-layer figures it has not).
         meta = self.tokenizer()._llm._model.metadata()
-        arch = meta.get("general.architecture", "")
-
-        def num(key: str, default: int = 0) -> int:
-            try:
-                return int(float(meta.get(f"{arch}.{key}", default)))
-            except ValueError:
-                return default
-
-        n_embd, n_head = num("embedding_length"), max(1, num("attention.head_count", 1))
-        n_head_kv = num("attention.head_count_kv", n_head)
-        k_len = num("attention.key_length", n_embd // n_head)
-        v_len = num("attention.value_length", n_embd // n_head)
-        kv = num("block_count") * self._n_ctx * self.parallel * n_head_kv * (k_len + v_len) * 2
-        return int(self.path.stat().st_size * 1.2) + kv + self.cache.max_bytes
+        return needed_bytes(meta, self.path.stat().st_size, self._n_ctx, self.parallel, self.cache.max_bytes)
 
     def close(self) -> None:
         import llama_cpp
