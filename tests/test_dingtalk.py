@@ -190,6 +190,26 @@ async def test_a_card_grows_in_updates_is_finalised_and_obeys_throttling(manager
     assert fake.errors == []
 
 
+async def test_a_card_finalised_by_a_daemon_that_died_before_its_ack_is_not_streamed_again(manager):
+    # The answering daemon finalised the card and was killed before the inbox entry was acked: the
+    # daemon that takes the message over answers again into the same card id (the inbox kept it).
+    fake = FakeDingtalk()
+    async with fake_server(fake), aiohttp.ClientSession() as http:
+        api = DingtalkApi(robot_cfg(fake, card_template_id=TEMPLATE), SECRET, http, KeyValueCache(manager, "botd"))
+        first = CardReply(Account("dingtalk", "assistant"), api, KeyValueCache(manager, "botd"),
+                          _route(fake, "zhouba"), 0.1)
+        await first.show("完整的回答")
+        await first.closed("完整的回答。")
+        refs = [ref for ref, _ in first.sent]
+        again = CardReply(Account("dingtalk", "assistant"), api, KeyValueCache(manager, "botd"),
+                          _route(fake, "zhouba"), 0.1, sent=refs)
+        await again.show("完整的回答")
+        await again.closed("完整的回答。")
+    [card] = fake.cards.values()
+    assert card.finalised and card.contents == ["完整的回答。"]
+    assert fake.errors == []
+
+
 async def test_a_long_answer_continues_in_a_second_card(manager):
     fake = FakeDingtalk()
     text = "长回答。" * 2000  # 8,000 characters: past one card

@@ -41,6 +41,10 @@ WEBHOOK_MARGIN_MS = 60_000
 FLOW_INPUTTING, FLOW_FINISHED = "2", "3"
 # A part no card took (DingTalk refused the card): sent as markdown when the answer ends.
 PENDING, MARKDOWN_SENT = "pending", "markdown"
+# How long a finalised card is remembered in the shared cache: a daemon that takes over a message
+# whose answer was finalised just before its daemon died must not stream into the card again
+# (DingTalk refuses updates of a finalised card).
+FINAL_MARK_TTL_S = 86_400
 
 
 class _DingtalkReply(ReplyTarget):
@@ -87,6 +91,22 @@ class CardReply(_DingtalkReply):
         super().__init__(*args, **kwargs)
         self.finalised: set[str] = set()
         self.fallback = False
+        # Cards posted before a restart (by this daemon or one that died): asked about once.
+        self._inherited = {str(ref) for ref, _ in self.sent if ref not in (PENDING, MARKDOWN_SENT)}
+
+    async def _is_final(self, ref: str) -> bool:
+        if ref in self.finalised:
+            return True
+        if ref not in self._inherited:
+            return False
+        self._inherited.discard(ref)
+        try:
+            done = await self.cache.get(f"dingtalk:card:final:{ref}")
+        except StoreUnavailable:
+            done = None
+        if done:
+            self.finalised.add(ref)
+        return bool(done)
 
     def _fall_back(self) -> None:
         self.fallback = True
@@ -113,7 +133,7 @@ class CardReply(_DingtalkReply):
         return ref
 
     async def edit(self, ref: Any, part: str) -> None:
-        if ref != PENDING:
+        if ref != PENDING and not await self._is_final(str(ref)):
             await self.api.card_stream(str(ref), neutral_links(part))
 
     async def closed(self, text: str) -> None:
@@ -127,7 +147,7 @@ class CardReply(_DingtalkReply):
                 if i < len(self.sent):
                     self.sent[i] = (MARKDOWN_SENT, part)
         for i, (ref, shown) in enumerate(self.sent):
-            if ref in self.finalised or ref in (PENDING, MARKDOWN_SENT):
+            if ref in (PENDING, MARKDOWN_SENT) or await self._is_final(str(ref)):
                 continue
             final = parts[i] if i < len(parts) else shown
             if not final.strip():
@@ -136,6 +156,10 @@ class CardReply(_DingtalkReply):
             await self.call(functools.partial(self.api.card_update, str(ref), {
                 self.api.cfg.card_content_key: neutral_links(final), "flowStatus": FLOW_FINISHED}))
             self.finalised.add(ref)
+            try:
+                await self.cache.set(f"dingtalk:card:final:{ref}", "1", FINAL_MARK_TTL_S)
+            except StoreUnavailable:
+                pass  # without Redis a take-over may try to stream into this card once more
 
 
 class MarkdownReply(_DingtalkReply):
