@@ -93,9 +93,13 @@ class CardReply(_DingtalkReply):
         self.fallback = False
         # Cards posted before a restart (by this daemon or one that died): asked about once.
         self._inherited = {str(ref) for ref, _ in self.sent if ref not in (PENDING, MARKDOWN_SENT)}
+        self._elsewhere: set[str] = set()
 
-    async def _is_final(self, ref: str) -> bool:
-        if ref in self.finalised:
+    async def _final_elsewhere(self, ref: str) -> bool:
+        """Whether a card posted before a restart was being finalised by a daemon that died before
+        it acked the message (the mark is set before the finalising call): then it is not streamed
+        into again (DingTalk refuses updates of a finalised card), only its fields are set."""
+        if ref in self._elsewhere:
             return True
         if ref not in self._inherited:
             return False
@@ -105,7 +109,7 @@ class CardReply(_DingtalkReply):
         except StoreUnavailable:
             done = None
         if done:
-            self.finalised.add(ref)
+            self._elsewhere.add(ref)
         return bool(done)
 
     def _fall_back(self) -> None:
@@ -133,7 +137,7 @@ class CardReply(_DingtalkReply):
         return ref
 
     async def edit(self, ref: Any, part: str) -> None:
-        if ref != PENDING and not await self._is_final(str(ref)):
+        if ref != PENDING and not await self._final_elsewhere(str(ref)):
             await self.api.card_stream(str(ref), neutral_links(part))
 
     async def closed(self, text: str) -> None:
@@ -147,19 +151,21 @@ class CardReply(_DingtalkReply):
                 if i < len(self.sent):
                     self.sent[i] = (MARKDOWN_SENT, part)
         for i, (ref, shown) in enumerate(self.sent):
-            if ref in (PENDING, MARKDOWN_SENT) or await self._is_final(str(ref)):
+            if ref in self.finalised or ref in (PENDING, MARKDOWN_SENT):
                 continue
             final = parts[i] if i < len(parts) else shown
             if not final.strip():
                 continue
-            await self.call(functools.partial(self.api.card_stream, str(ref), neutral_links(final), finalize=True))
+            if not await self._final_elsewhere(str(ref)):
+                try:  # marked first: a daemon that takes the message over must not stream into it
+                    await self.cache.set(f"dingtalk:card:final:{ref}", "1", FINAL_MARK_TTL_S)
+                except StoreUnavailable:
+                    pass
+                await self.call(functools.partial(self.api.card_stream, str(ref), neutral_links(final),
+                                                  finalize=True))
             await self.call(functools.partial(self.api.card_update, str(ref), {
                 self.api.cfg.card_content_key: neutral_links(final), "flowStatus": FLOW_FINISHED}))
             self.finalised.add(ref)
-            try:
-                await self.cache.set(f"dingtalk:card:final:{ref}", "1", FINAL_MARK_TTL_S)
-            except StoreUnavailable:
-                pass  # without Redis a take-over may try to stream into this card once more
 
 
 class MarkdownReply(_DingtalkReply):

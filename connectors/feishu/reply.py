@@ -105,6 +105,25 @@ class CardKitReply(FeishuReply):
         super().__init__(*args, **kwargs)
         self.sequence = _sequence_start()
         self.streaming_off: set[str] = set()
+        # Cards posted before a restart, asked about once: a daemon that died before acking the
+        # message may have turned their streaming off (the mark is set first), and Feishu refuses
+        # content updates then; the text they show is the whole answer already.
+        self._inherited = {str(ref) for ref, _ in self.sent if not str(ref).startswith(PATCHED)}
+        self._elsewhere: set[str] = set()
+
+    async def _off_elsewhere(self, ref: str) -> bool:
+        if ref in self._elsewhere:
+            return True
+        if ref not in self._inherited:
+            return False
+        self._inherited.discard(ref)
+        try:
+            done = await self.cache.get(f"feishu:card:off:{ref}")
+        except StoreUnavailable:
+            done = None
+        if done:
+            self._elsewhere.add(ref)
+        return bool(done)
 
     def _next(self) -> int:
         self.sequence += 1
@@ -136,6 +155,8 @@ class CardKitReply(FeishuReply):
         if str(ref).startswith(PATCHED):
             await self.api.patch(str(ref)[len(PATCHED):], static_card(neutral_links(part)))
             return
+        if await self._off_elsewhere(str(ref)):
+            return
         await self.api.card_text(str(ref), ELEMENT, neutral_links(part), self._next(), uuid.uuid4().hex)
 
     async def closed(self, text: str) -> None:
@@ -143,6 +164,11 @@ class CardKitReply(FeishuReply):
         for ref, _ in self.sent:
             if ref in self.streaming_off or str(ref).startswith(PATCHED):
                 continue
+            if not await self._off_elsewhere(str(ref)):
+                try:  # marked first: a daemon that takes the message over must not stream into it
+                    await self.cache.set(f"feishu:card:off:{ref}", "1", 86_400)
+                except StoreUnavailable:
+                    pass
 
             async def off(ref: str = str(ref)) -> None:
                 await self.api.card_settings(ref, {"config": {"streaming_mode": False}}, self._next(),
