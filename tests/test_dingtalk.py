@@ -318,7 +318,7 @@ async def test_one_of_three_daemons_holds_the_stream_and_another_takes_over(tmp_
                 lease_key = "botd:lease:dingtalk:stream:" + fake.client_id
                 redis_server.client().set(lease_key, "999999|box-9/other", px=60_000)
                 await wait_for(lambda: _true(fake.connected() == 0), timeout=5)
-                assert c1.robots["assistant"].displaced
+                await wait_for(lambda: _true(c1.robots["assistant"].displaced), timeout=5)  # set just after the close
                 await asyncio.sleep(1.0)
                 assert fake.connected() == 0  # stopped: not reopened against the lease's new holder
                 redis_server.client().delete(lease_key)  # the new holder died
