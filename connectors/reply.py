@@ -28,7 +28,7 @@ import structlog
 
 from connectors.textsplit import split_text
 from core.errors import BotdError
-from core.messages import Account
+from core.messages import Account, Attachment
 
 log = structlog.get_logger("botd.reply")
 
@@ -37,6 +37,14 @@ _ATTEMPTS = 5
 
 class RateLimited(BotdError):
     """The platform kept answering "slow down" for one call."""
+
+
+class AttachmentUnavailable(BotdError):
+    """An attachment's content cannot be fetched from the platform."""
+
+
+class AttachmentTooLarge(BotdError):
+    """An attachment is larger than the limit it was fetched under."""
 
 
 class ReplyTarget(ABC):
@@ -79,6 +87,14 @@ class ReplyTarget(ABC):
 
     async def typing(self) -> None:  # noqa: B027 - optional
         """Show "typing…" once."""
+
+    async def download(self, attachment: Attachment, max_bytes: int) -> bytes:
+        """The content of ``attachment`` (a file, picture or voice message sent with the
+        message), fetched from the platform with this target's credentials. Raises
+        :class:`AttachmentTooLarge` past ``max_bytes`` (checked while reading, not after), and
+        :class:`AttachmentUnavailable` when the platform cannot give it (expired, no access,
+        or a platform that cannot download)."""
+        raise AttachmentUnavailable(f"{type(self).__name__} cannot download attachments")
 
     async def user_groups(self, user: str) -> Sequence[str]:
         """The groups (departments) ``user`` belongs to, for accounts that allow by group."""

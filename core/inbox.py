@@ -55,7 +55,7 @@ from redis.exceptions import ResponseError
 
 from core import metrics
 from core.errors import BotdError
-from core.messages import ChatTurn, InboundMessage
+from core.messages import Attachment, ChatTurn, InboundMessage
 from core.redis_store import RedisManager, StoreUnavailable
 
 log = structlog.get_logger("botd.inbox")
@@ -140,6 +140,7 @@ def _encode(msg: InboundMessage, connector: str, owner: str) -> str:
         data.pop(runtime_only)
     data["history"] = None if msg.history is None else [t.as_dict() for t in msg.history]
     data["stop"] = list(msg.stop)
+    data["attachments"] = [a.as_dict() for a in msg.attachments]
     # "v": 2 — recorded with a stream entry (records of botd before 0.2 have none).
     return json.dumps({"v": 2, "connector": connector, "owner": owner, "seq": time.time_ns(), "msg": data},
                       ensure_ascii=False)
@@ -151,6 +152,7 @@ def _decode(raw: str) -> tuple[str, InboundMessage]:
     if data.get("history") is not None:
         data["history"] = [ChatTurn(t["role"], t["content"]) for t in data["history"]]
     data["stop"] = tuple(data.get("stop") or ())
+    data["attachments"] = [Attachment.from_dict(a) for a in data.get("attachments") or ()]
     known = InboundMessage.__dataclass_fields__
     msg = InboundMessage(**{k: v for k, v in data.items() if k in known and k not in _RUNTIME_ONLY})
     return str(rec["connector"]), msg

@@ -58,6 +58,37 @@ class ChatTurn:
         return self if self.shown is None else ChatTurn(self.role, self.content)
 
 
+AttachmentKind = Literal["file", "image", "voice"]
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """Something sent with (or instead of) text: a document, a picture, a voice message.
+
+    Only the platform's handle is kept (``ref``: a file id, a media id, a download code, a
+    console upload key; JSON-able), never the bytes: the message is recorded durably and a
+    restarted daemon fetches the content again through its reply target
+    (:meth:`connectors.reply.ReplyTarget.download`)."""
+
+    kind: AttachmentKind
+    name: str = ""  # the file name as sent (cited in answers); "" when the platform gives none
+    mime: str = ""
+    size: int | None = None  # bytes, as the platform announced it (None: not said)
+    ref: Mapping[str, Any] = field(default_factory=dict)
+    # The platform's own speech-to-text of a voice message (WeCom AI bot, DingTalk), if any.
+    transcript: str | None = None
+    duration_s: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "mime": self.mime, "size": self.size,
+                "ref": dict(self.ref), "transcript": self.transcript, "duration_s": self.duration_s}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Attachment:
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
 @dataclass(slots=True)
 class InboundMessage:
     """A user's message, normalised by a connector."""
@@ -89,8 +120,10 @@ class InboundMessage:
     # token's subject, an anonymous caller's address. The API's ``user`` field is the caller's
     # word: it may narrow the identity (its own history), never widen its quota.
     principal: str = ""
-    # False for what the bot cannot read (a photo, a sticker): it is told so, not answered.
+    # False for what the bot cannot read (a sticker, a video): it is told so, not answered.
     readable: bool = True
+    # Files, pictures and voice messages sent with it (``text`` may then be empty).
+    attachments: list[Attachment] = field(default_factory=list)
     # Where the answer goes on the platform (chat ids, thread ts, ...): JSON-able, kept with
     # the durable record so that a restarted daemon can answer.
     route: dict[str, Any] = field(default_factory=dict)
