@@ -64,6 +64,53 @@ class FakeWeCom:
         return app
 
 
+class FileShelf:
+    """The files a fake platform serves (what users sent): streamed in chunks, without a
+    Content-Length unless ``declare_length`` (so a client has to count while it reads), with
+    how many bytes each download actually sent (a client that stops reading early stops it)."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+        self.sent: list[int] = []  # bytes written per download, in order
+        self.declare_length = False
+
+    def put(self, key: str, data: bytes) -> str:
+        self.blobs[key] = data
+        return key
+
+    async def respond(self, request: web.Request, key: str, mime: str = "application/octet-stream",
+                      filename: str = "") -> web.StreamResponse:
+        import asyncio
+
+        data = self.blobs.get(key)
+        if data is None:
+            return web.json_response({"errcode": 40007, "code": 234003, "errmsg": "invalid media_id"}, status=404)
+        headers = {"Content-Type": mime}
+        if filename:
+            headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+        resp = web.StreamResponse(headers=headers)
+        if self.declare_length:
+            resp.content_length = len(data)
+        else:
+            resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        written = 0
+        self.sent.append(0)
+        slot = len(self.sent) - 1
+        try:
+            for i in range(0, len(data), self.CHUNK):
+                await resp.write(data[i : i + self.CHUNK])
+                written += len(data[i : i + self.CHUNK])
+                self.sent[slot] = written
+                await asyncio.sleep(0)  # let a client that has read enough go away
+            await resp.write_eof()
+        except (ConnectionResetError, ConnectionError):
+            pass
+        return resp
+
+
 @contextlib.asynccontextmanager
 async def serve(app: web.Application) -> AsyncIterator[str]:
     runner = web.AppRunner(app, access_log=None)
@@ -96,6 +143,8 @@ class FakeTelegram:
         self.webhook: dict[str, Any] | None = None
         # Seconds getMe takes (a slow or distant Bot API at start-up).
         self.getme_delay = 0.0
+        self.files = FileShelf()  # file_id -> bytes (getFile and /file/bot<token>/<path>)
+        self.file_tokens: list[str] = []  # the token each file download came with
 
     def push_update(self, update: dict[str, Any]) -> None:
         self.updates.append(update)
@@ -147,6 +196,17 @@ class FakeTelegram:
             return ok(True)
         if method == "sendChatAction":
             return ok(True)
+        if method == "getFile":
+            fid = str(params.get("file_id", ""))
+            if fid not in self.files.blobs:
+                return web.json_response({"ok": False, "error_code": 400,
+                                          "description": "Bad Request: invalid file_id"}, status=400)
+            size = len(self.files.blobs[fid])
+            if size > 20 * 1024 * 1024:  # the cloud Bot API's download limit
+                return web.json_response({"ok": False, "error_code": 400,
+                                          "description": "Bad Request: file is too big"}, status=400)
+            return ok({"file_id": fid, "file_unique_id": "u" + fid, "file_size": size,
+                       "file_path": f"documents/{fid}"})
         if method == "sendMessage":
             mid = self._next_id
             self._next_id += 1
@@ -170,7 +230,12 @@ class FakeTelegram:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/bot{token}/{method}", self.handle)
+        app.router.add_get("/file/bot{token}/documents/{fid}", self.file)
         return app
+
+    async def file(self, request: web.Request) -> web.StreamResponse:
+        self.file_tokens.append(request.match_info["token"])
+        return await self.files.respond(request, request.match_info["fid"])
 
 
 class FakeSlack:

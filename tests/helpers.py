@@ -297,3 +297,46 @@ def captured(level: str = "debug", fmt: str = "json") -> Iterator[io.StringIO]:
         root.handlers[:] = handlers
         root.setLevel(root_level)
         logging.captureWarnings(False)
+
+
+# -- a connector alone (no daemon, no model): what it hands up, and its webhook routes on a real port --------
+
+
+class Recorder:
+    """Stands for the bots layer: keeps every (message, reply target) a connector hands up."""
+
+    command_names = ("help", "reset", "start")
+
+    def __init__(self) -> None:
+        self.got: list[tuple[Any, Any]] = []
+
+    async def receive(self, msg: Any, target: Any) -> bool:
+        self.got.append((msg, target))
+        return True
+
+    def bot_names(self) -> list[str]:
+        return []
+
+
+@contextlib.asynccontextmanager
+async def connector_alone(kind: type, cfg: Config, cache: Any, service: Any = None) -> AsyncIterator[Any]:
+    """A started connector of class ``kind`` handing its messages to ``service`` (a
+    :class:`Recorder` by default), its webhook routes served on 127.0.0.1 (``conn.url``)."""
+    from aiohttp import web
+
+    from core.config import Settings
+
+    conn = kind(service or Recorder(), Settings(cfg), cache)
+    app = web.Application()
+    for method, path, handler in conn.routes():
+        app.router.add_route(method, path, getattr(conn, handler))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    conn.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    try:
+        async with conn:
+            yield conn
+    finally:
+        await runner.cleanup()

@@ -187,7 +187,9 @@ async def test_per_member_history_and_non_text(tmp_path, redis_server):
             await post_update(api, group_update("@botd_test_bot hey", entities=[m], user=stranger))
             photo = private_update("x")
             del photo["message"]["text"]
-            photo["message"]["photo"] = [{"file_id": "f", "file_unique_id": "u", "width": 1, "height": 1}]
+            # A sticker: nothing botd reads (a photo is an attachment now).
+            photo["message"]["sticker"] = {"file_id": "f", "file_unique_id": "u", "width": 1, "height": 1,
+                                           "is_animated": False, "is_video": False, "type": "regular"}
             await post_update(api, photo)
             await until(lambda: len(fake.of("sendMessage")) == n + 1)
             await asyncio.sleep(0.5)

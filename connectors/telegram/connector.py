@@ -25,6 +25,7 @@ from typing import Any
 # python-telegram-bot 22 moves RetryAfter.retry_after to timedelta; opt in now (both are handled).
 os.environ.setdefault("PTB_TIMEDELTA", "1")
 
+import aiohttp
 import structlog
 from aiohttp import web
 from telegram import Bot, Message, MessageEntity, ReplyParameters, Update
@@ -40,13 +41,14 @@ from telegram.error import (
 )
 
 from connectors.base import Connector, Route, Service
+from connectors.download import check_announced, fetch, kind_of, mime_of
 from connectors.markdown import Markup
-from connectors.reply import ReplyTarget
+from connectors.reply import AttachmentTooLarge, AttachmentUnavailable, ReplyTarget
 from connectors.telegram.config import TelegramConfig
 from core.config import Settings
 from core.kv import KeyValueCache
 from core.lease import Holding, Lease
-from core.messages import Account, InboundMessage
+from core.messages import Account, Attachment, InboundMessage
 from core.secrets import resolve_secret
 
 log = structlog.get_logger("botd.telegram")
@@ -126,6 +128,66 @@ def _in_group(update: Update) -> bool:
     return msg is not None and msg.chat.type != "private"
 
 
+# -- what was sent with the message ---------------------------------------------------------------------
+
+
+def attachments_of(msg: Message) -> list[Attachment]:
+    """A document, a photo (its largest size), a voice message or an audio file, as sent; a
+    sticker, video or location is none of these (the message stays unreadable)."""
+    if msg.document is not None:
+        d = msg.document
+        name = d.file_name or ""
+        mime = d.mime_type or mime_of(name)
+        return [Attachment(kind_of(mime, name), name=name, mime=mime, size=d.file_size,
+                           ref={"file_id": d.file_id})]
+    if msg.photo:
+        p = msg.photo[-1]  # Telegram lists the sizes smallest first
+        return [Attachment("image", mime="image/jpeg", size=p.file_size, ref={"file_id": p.file_id})]
+    if msg.voice is not None:
+        v = msg.voice
+        return [Attachment("voice", mime=v.mime_type or "audio/ogg", size=v.file_size, ref={"file_id": v.file_id},
+                           duration_s=_seconds(v.duration))]
+    if msg.audio is not None:
+        a = msg.audio
+        return [Attachment("voice", name=a.file_name or "", mime=a.mime_type or mime_of(a.file_name or ""),
+                           size=a.file_size, ref={"file_id": a.file_id}, duration_s=_seconds(a.duration))]
+    return []
+
+
+def _seconds(value: Any) -> float | None:
+    if isinstance(value, dtm.timedelta):
+        return value.total_seconds()
+    return float(value) if value is not None else None
+
+
+def file_base_url(api_base: str) -> str:
+    """Where the Bot API serves files: ``…/bot`` -> ``…/file/bot`` (a local Bot API server or a
+    proxy follows the same scheme)."""
+    return api_base[: -len("/bot")] + "/file/bot" if api_base.endswith("/bot") else api_base.rstrip("/") + "/file/bot"
+
+
+async def download_file(bot: Bot, attachment: Attachment, max_bytes: int) -> bytes:
+    """getFile (python-telegram-bot), then the file itself, read capped. The file URL holds the
+    bot token: never logged, never in an error."""
+    file_id = str(attachment.ref.get("file_id") or "")
+    if not file_id:
+        raise AttachmentUnavailable("telegram: the attachment has no file_id")
+    check_announced(attachment.size, max_bytes)
+    try:
+        info = await bot.get_file(file_id)
+    except BadRequest as exc:
+        too_big = "too big" in str(exc).lower()
+        raise (AttachmentTooLarge if too_big else AttachmentUnavailable)(
+            f"telegram getFile refused it: {exc.message}") from None
+    except TelegramError as exc:
+        raise AttachmentUnavailable(f"telegram getFile failed ({type(exc).__name__})") from None
+    check_announced(info.file_size, max_bytes)
+    if not info.file_path or not info.file_path.startswith(("http://", "https://")):
+        raise AttachmentUnavailable("telegram gave no downloadable file path")
+    async with aiohttp.ClientSession() as session:
+        return await fetch(session, info.file_path, max_bytes, "telegram file")
+
+
 # -- where an answer goes ----------------------------------------------------------------------------
 
 
@@ -178,6 +240,9 @@ class TelegramReply(ReplyTarget):
         ra = exc.retry_after
         return ra.total_seconds() if isinstance(ra, dtm.timedelta) else float(ra)
 
+    async def download(self, attachment: Attachment, max_bytes: int) -> bytes:
+        return await download_file(self.bot, attachment, max_bytes)
+
     async def typing(self) -> None:
         await self.bot.send_chat_action(self.chat_id, ChatAction.TYPING, message_thread_id=self.thread_id)
 
@@ -198,7 +263,7 @@ class _TgBot:
         self.name = name
         self.cfg = cfg
         token = resolve_secret(cfg.token)
-        self.bot = Bot(token, base_url=cfg.api_base)
+        self.bot = Bot(token, base_url=cfg.api_base, base_file_url=file_base_url(cfg.api_base))
         self.secret = resolve_secret(cfg.webhook_secret) if cfg.webhook_secret else ""
         # The bot's user id is the token's numeric part (public, unlike the rest): known before
         # getMe, so event ids (dedupe keys) are the same in every run from the first update on.
@@ -384,6 +449,9 @@ class TelegramConnector(Connector):
         if not addressed:
             return None
         thread_id = msg.message_thread_id if msg.is_topic_message else None
+        attachments = attachments_of(msg)
+        if attachments and not text:
+            text = msg.caption or ""  # a file's, photo's or voice message's caption is its question
         if command is not None:
             args = text.strip().partition(" ")[2].strip()
             text = "/help" if command == "start" else f"/{command} {args}".strip()
@@ -394,7 +462,8 @@ class TelegramConnector(Connector):
         route = {"chat_id": chat.id, "thread_id": thread_id, "private": private,
                  "reply_to": None if private else msg.message_id}
         return InboundMessage(platform=PLATFORM, bot=tg.name, account=tg.name, chat=str(chat.id), thread=thread,
-                              user=str(user.id), text=text or "(not text)", readable=bool(text),
+                              user=str(user.id), text=text or ("" if attachments else "(not text)"),
+                              readable=bool(text or attachments), attachments=attachments,
                               event_id=f"{tg.key}:{update.update_id}", route=route)
 
 # -- `botd telegram set-webhook / delete-webhook` ------------------------------------------------------

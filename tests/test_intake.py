@@ -1,0 +1,148 @@
+"""Attachment intake, platform by platform: each connector alone (no daemon, no model) against its
+fake platform with the real SDK over real HTTP. A file, a picture and a voice message arrive as the
+right :class:`Attachment` and download as the very bytes the platform holds; a download past the
+limit is refused while it is read (the fake counts what it actually sent); a forged or unsigned
+event is refused before anything is downloaded."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from connectors.reply import AttachmentTooLarge, AttachmentUnavailable
+from core.kv import KeyValueCache
+from core.messages import Attachment
+from tests.fakes import FakeTelegram, serve
+from tests.helpers import Recorder, connector_alone, make_config, wait_for
+
+PDF = b"%PDF-1.4\n" + os.urandom(3000) + b"\n%%EOF\n"
+JPEG = b"\xff\xd8\xff\xe0" + os.urandom(2000)
+OGG = b"OggS" + os.urandom(1500)
+BIG = os.urandom(3 * 1024 * 1024)  # 3 MiB, refused under a 1 MiB limit
+LIMIT = 1024 * 1024
+
+
+async def until_got(rec: Recorder, n: int) -> None:
+    async def check() -> bool:
+        return len(rec.got) >= n
+    await wait_for(check, timeout=10)
+
+
+async def assert_refused_while_reading(target: Any, att: Attachment, shelf: Any) -> None:
+    """Over the limit: AttachmentTooLarge, and the platform did not get to send the whole file."""
+    before = len(shelf.sent)
+    with pytest.raises(AttachmentTooLarge):
+        await target.download(att, LIMIT)
+    assert len(shelf.sent) == before + 1  # it was being read, not refused from an announced size
+    assert shelf.sent[-1] < len(BIG)
+
+
+# -- Telegram -----------------------------------------------------------------------------------------------
+
+TG_TOKEN = "123456:TEST-token"
+TG_SECRET = "wh-secret_123"
+_ids = iter(range(5000, 100000))
+
+
+@pytest.fixture
+def tg_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TG_TOKEN", TG_TOKEN)
+    monkeypatch.setenv("TG_SECRET", TG_SECRET)
+
+
+def tg_message(**content: Any) -> dict[str, Any]:
+    uid = next(_ids)
+    return {"update_id": uid, "message": {"message_id": uid, "date": int(time.time()), "from": {
+        "id": 4242, "is_bot": False, "first_name": "Ada"}, "chat": {"id": 4242, "type": "private"}, **content}}
+
+
+async def tg_post(conn: Any, update: dict[str, Any], secret: str = TG_SECRET) -> int:
+    async with aiohttp.ClientSession() as s, s.post(
+            f"{conn.url}/telegram/assistant", json=update,
+            headers={"X-Telegram-Bot-Api-Secret-Token": secret} if secret else {}) as r:
+        return r.status
+
+
+async def test_telegram_document_photo_and_voice_arrive_and_download(tmp_path, redis_server, manager, tg_env):
+    from connectors.telegram.connector import TelegramConnector
+
+    fake = FakeTelegram()
+    fake.files.put("doc1", PDF)
+    fake.files.put("ph-small", JPEG[:100])
+    fake.files.put("ph-big", JPEG)
+    fake.files.put("voice1", OGG)
+    async with serve(fake.app()) as base:
+        cfg = make_config(tmp_path, redis_server.url, telegram={"assistant": {
+            "token": "env:TG_TOKEN", "mode": "webhook", "webhook_secret": "env:TG_SECRET",
+            "api_base": base + "/bot"}})
+        rec = Recorder()
+        async with connector_alone(TelegramConnector, cfg, KeyValueCache(manager, "botd"), rec) as conn:
+            updates = [
+                tg_message(document={"file_id": "doc1", "file_unique_id": "d", "file_name": "report.pdf",
+                                     "mime_type": "application/pdf", "file_size": len(PDF)},
+                           caption="What does it say about costs?"),
+                tg_message(photo=[{"file_id": "ph-small", "file_unique_id": "s", "width": 90, "height": 90,
+                                   "file_size": 100},
+                                  {"file_id": "ph-big", "file_unique_id": "b", "width": 800, "height": 600,
+                                   "file_size": len(JPEG)}]),
+                tg_message(voice={"file_id": "voice1", "file_unique_id": "v", "duration": 3,
+                                  "mime_type": "audio/ogg", "file_size": len(OGG)}),
+                tg_message(sticker={"file_id": "st", "file_unique_id": "st", "width": 1, "height": 1,
+                                    "is_animated": False, "is_video": False, "type": "regular"}),
+            ]
+            for u in updates:
+                assert await tg_post(conn, u) == 200
+            await until_got(rec, 4)
+            (doc, t1), (photo, t2), (voice, t3), (sticker, _) = rec.got
+            assert doc.text == "What does it say about costs?" and doc.readable
+            assert doc.attachments == [Attachment("file", name="report.pdf", mime="application/pdf", size=len(PDF),
+                                                  ref={"file_id": "doc1"})]
+            assert photo.text == "" and photo.readable
+            assert photo.attachments == [Attachment("image", mime="image/jpeg", size=len(JPEG),
+                                                    ref={"file_id": "ph-big"})]
+            assert voice.attachments == [Attachment("voice", mime="audio/ogg", size=len(OGG),
+                                                    ref={"file_id": "voice1"}, duration_s=3.0)]
+            assert not sticker.readable and sticker.attachments == []
+            assert await t1.download(doc.attachments[0], LIMIT) == PDF
+            assert await t2.download(photo.attachments[0], LIMIT) == JPEG
+            assert await t3.download(voice.attachments[0], LIMIT) == OGG
+            assert fake.file_tokens == [TG_TOKEN] * 3
+            # A restarted daemon rebuilds the target from the durable record and downloads again.
+            again = conn.target(doc)
+            assert await again.download(Attachment.from_dict(doc.attachments[0].as_dict()), LIMIT) == PDF
+
+
+async def test_telegram_over_the_limit_and_forged_updates(tmp_path, redis_server, manager, tg_env):
+    from connectors.telegram.connector import TelegramConnector
+
+    fake = FakeTelegram()
+    fake.files.put("big", BIG)
+    async with serve(fake.app()) as base:
+        cfg = make_config(tmp_path, redis_server.url, telegram={"assistant": {
+            "token": "env:TG_TOKEN", "mode": "webhook", "webhook_secret": "env:TG_SECRET",
+            "api_base": base + "/bot"}})
+        rec = Recorder()
+        async with connector_alone(TelegramConnector, cfg, KeyValueCache(manager, "botd"), rec) as conn:
+            doc = {"file_id": "big", "file_unique_id": "b", "file_name": "huge.pdf", "mime_type": "application/pdf"}
+            # Forged: no secret, a wrong one. Refused, and nothing was fetched.
+            assert await tg_post(conn, tg_message(document=doc), secret="") == 401
+            assert await tg_post(conn, tg_message(document=doc), secret="guess") == 401
+            assert rec.got == [] and fake.of("getFile") == [] and fake.files.sent == []
+            assert await tg_post(conn, tg_message(document=doc)) == 200
+            await until_got(rec, 1)
+            msg, target = rec.got[0]
+            # getFile says 3 MiB: refused before the file is requested.
+            with pytest.raises(AttachmentTooLarge):
+                await target.download(msg.attachments[0], LIMIT)
+            assert fake.files.sent == []
+            # A Bot API that does not say the size (a proxy): refused while reading.
+            fake.fail_next["getFile"] = [{"ok": True, "result": {"file_id": "big", "file_unique_id": "b",
+                                                                 "file_path": "documents/big"}}]
+            await assert_refused_while_reading(target, msg.attachments[0], fake.files)
+            with pytest.raises(AttachmentUnavailable) as gone:
+                await target.download(Attachment("file", ref={"file_id": "nope"}), LIMIT)
+            assert TG_TOKEN not in str(gone.value) and "TEST-token" not in str(gone.value)
