@@ -254,6 +254,9 @@ class FakeSlack:
         self.ws_ready = asyncio.Event()
         self.acks: list[str] = []
         self.delay_next: dict[str, float] = {}  # seconds to sleep before answering a method, once
+        self.files = FileShelf()  # file id -> bytes, at /files-pri/T1-<id>/download/<name>
+        self.file_auth: list[str] = []  # the Authorization header each file download came with
+        self.bot_token = "xoxb-test-token"
 
     def of(self, method: str) -> list[dict[str, Any]]:
         return [p for m, p, _ in self.calls if m == method]
@@ -318,4 +321,16 @@ class FakeSlack:
         app = web.Application()
         app.router.add_post("/api/{method}", self.api)
         app.router.add_get("/socket", self.socket)
+        app.router.add_get("/files-pri/T1-{fid}/download/{name}", self.file)
         return app
+
+    def file_url(self, fid: str, name: str) -> str:
+        return f"{self.base}/files-pri/T1-{fid}/download/{name}"
+
+    async def file(self, request: web.Request) -> web.StreamResponse:
+        auth = request.headers.get("Authorization", "")
+        self.file_auth.append(auth)
+        if auth != f"Bearer {self.bot_token}":
+            # What Slack does: a sign-in page, not a 401.
+            return web.Response(text="<html><body>Sign in to Slack</body></html>", content_type="text/html")
+        return await self.files.respond(request, request.match_info["fid"])

@@ -6,6 +6,7 @@ event is refused before anything is downloaded."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 from connectors.reply import AttachmentTooLarge, AttachmentUnavailable
 from core.kv import KeyValueCache
 from core.messages import Attachment
-from tests.fakes import FakeTelegram, serve
+from tests.fakes import FakeSlack, FakeTelegram, serve
 from tests.helpers import Recorder, connector_alone, make_config, wait_for
 
 PDF = b"%PDF-1.4\n" + os.urandom(3000) + b"\n%%EOF\n"
@@ -146,3 +147,119 @@ async def test_telegram_over_the_limit_and_forged_updates(tmp_path, redis_server
             with pytest.raises(AttachmentUnavailable) as gone:
                 await target.download(Attachment("file", ref={"file_id": "nope"}), LIMIT)
             assert TG_TOKEN not in str(gone.value) and "TEST-token" not in str(gone.value)
+
+
+# -- Slack ----------------------------------------------------------------------------------------------------
+
+SLACK_SIGNING = "test-signing-secret-0123456789"
+
+
+@pytest.fixture
+def slack_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-test-token")
+    monkeypatch.setenv("SLACK_SIGNING_SECRET", SLACK_SIGNING)
+
+
+def slack_file(fake: Any, fid: str, name: str, mime: str, data: bytes, **more: Any) -> dict[str, Any]:
+    fake.files.put(fid, data)
+    return {"id": fid, "name": name, "title": name, "mimetype": mime, "size": len(data), "mode": "hosted",
+            "url_private": fake.file_url(fid, name), "url_private_download": fake.file_url(fid, name), **more}
+
+
+def slack_share(files: list[dict[str, Any]], text: str = "", channel: str = "D1") -> dict[str, Any]:
+    n = next(_ids)
+    return {"token": "x", "team_id": "T1", "api_app_id": "A1", "type": "event_callback", "event_id": f"Ev{n}",
+            "event_time": int(time.time()), "event": {
+                "type": "message", "subtype": "file_share", "channel_type": "im", "user": "U123", "text": text,
+                "ts": f"{1700000000 + n}.000100", "channel": channel, "files": files}}
+
+
+async def slack_post(conn: Any, payload: dict[str, Any], secret: str | None = SLACK_SIGNING) -> int:
+    from slack_sdk.signature import SignatureVerifier
+
+    body = json.dumps(payload)
+    stamp = str(int(time.time()))
+    headers = {"Content-Type": "application/json", "X-Slack-Request-Timestamp": stamp}
+    if secret is not None:
+        headers["X-Slack-Signature"] = SignatureVerifier(secret).generate_signature(timestamp=stamp, body=body)
+    async with aiohttp.ClientSession() as s, s.post(f"{conn.url}/slack/events", data=body.encode(),
+                                                    headers=headers) as r:
+        return r.status
+
+
+def slack_cfg(tmp_path: Any, redis_url: str, base: str) -> Any:
+    return make_config(tmp_path, redis_url, slack={"assistant": {
+        "bot_token": "env:SLACK_BOT_TOKEN", "mode": "http", "api_base": base + "/api/",
+        "signing_secret": "env:SLACK_SIGNING_SECRET"}})
+
+
+async def test_slack_file_shares_arrive_and_download_with_the_bot_token(tmp_path, redis_server, manager, slack_env):
+    from connectors.slack.connector import SlackConnector
+
+    fake = FakeSlack()
+    async with serve(fake.app()) as base:
+        fake.base = base
+        rec = Recorder()
+        async with connector_alone(SlackConnector, slack_cfg(tmp_path, redis_server.url, base),
+                                   KeyValueCache(manager, "botd"), rec) as conn:
+            pdf = slack_file(fake, "F1", "report.pdf", "application/pdf", PDF)
+            png = slack_file(fake, "F2", "screen.png", "image/png", JPEG)
+            clip = slack_file(fake, "F3", "audio_message.webm", "audio/webm", OGG, subtype="slack_audio")
+            gdrive = {"id": "F4", "name": "sheet", "mimetype": "application/vnd.google-apps.spreadsheet",
+                      "mode": "external", "url_private": "https://docs.google.com/x"}
+            assert await slack_post(conn, slack_share([pdf, png, gdrive], "what is in these?")) == 200
+            assert await slack_post(conn, slack_share([clip])) == 200
+            await until_got(rec, 2)
+            (files, t1), (voice, t2) = rec.got
+            assert files.text == "what is in these?"
+            assert [(a.kind, a.name, a.mime, a.size) for a in files.attachments] == [
+                ("file", "report.pdf", "application/pdf", len(PDF)), ("image", "screen.png", "image/png", len(JPEG))]
+            assert voice.text == "" and [(a.kind, a.mime) for a in voice.attachments] == [("voice", "audio/webm")]
+            assert await t1.download(files.attachments[0], LIMIT) == PDF
+            assert await t1.download(files.attachments[1], LIMIT) == JPEG
+            assert await t2.download(voice.attachments[0], LIMIT) == OGG
+            assert fake.file_auth == ["Bearer xoxb-test-token"] * 3
+
+
+async def test_slack_limits_foreign_urls_and_forged_events(tmp_path, redis_server, manager, slack_env):
+    from connectors.slack.connector import SlackConnector
+
+    fake = FakeSlack()
+    async with serve(fake.app()) as base, serve(FakeSlack().app()) as elsewhere:
+        fake.base = base
+        rec = Recorder()
+        async with connector_alone(SlackConnector, slack_cfg(tmp_path, redis_server.url, base),
+                                   KeyValueCache(manager, "botd"), rec) as conn:
+            big = slack_file(fake, "F9", "huge.pdf", "application/pdf", BIG)
+            assert await slack_post(conn, slack_share([big]), secret=None) == 401
+            assert await slack_post(conn, slack_share([big]), secret="forged-secret") == 401
+            assert rec.got == [] and fake.file_auth == []
+            assert await slack_post(conn, slack_share([big])) == 200
+            await until_got(rec, 1)
+            msg, target = rec.got[0]
+            with pytest.raises(AttachmentTooLarge):  # announced 3 MiB: not even requested
+                await target.download(msg.attachments[0], LIMIT)
+            assert fake.file_auth == []
+            unsized = Attachment("file", name="huge.pdf", mime="application/pdf", ref=msg.attachments[0].ref)
+            await assert_refused_while_reading(target, unsized, fake.files)
+            # A URL on another host never gets the token.
+            foreign = Attachment("file", ref={"url": f"{elsewhere}/files-pri/T1-F9/download/huge.pdf"})
+            with pytest.raises(AttachmentUnavailable, match="not on Slack's file host"):
+                await target.download(foreign, LIMIT)
+            # A token that may not read files: Slack's sign-in page is not taken for the file.
+            fake.bot_token = "xoxb-other"
+            with pytest.raises(AttachmentUnavailable, match="files:read"):
+                await target.download(Attachment("file", mime="application/pdf", ref=msg.attachments[0].ref), LIMIT)
+
+
+def test_slack_file_urls_that_may_carry_the_token():
+    from connectors.slack.connector import file_url_allowed
+
+    api = "https://slack.com/api/"
+    assert file_url_allowed("https://files.slack.com/files-pri/T1-F1/download/a.pdf", api)
+    assert not file_url_allowed("http://files.slack.com/files-pri/T1-F1/a.pdf", api)  # not over plain HTTP
+    assert not file_url_allowed("https://files.slack.com.evil.example/a.pdf", api)
+    assert not file_url_allowed("https://evil.example/?files.slack.com", api)
+    assert not file_url_allowed("https://files.slack.com:8443/a.pdf", api)
+    assert file_url_allowed("http://127.0.0.1:9/files-pri/x", "http://127.0.0.1:9/api/")
+    assert not file_url_allowed("http://127.0.0.1:10/files-pri/x", "http://127.0.0.1:9/api/")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import structlog
@@ -34,13 +34,14 @@ from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
 from connectors.base import Connector, Route, Service
+from connectors.download import READ_TIMEOUT_S, check_announced, kind_of, mime_of, read_capped
 from connectors.markdown import Markup
-from connectors.reply import ReplyTarget
+from connectors.reply import AttachmentUnavailable, ReplyTarget
 from connectors.slack.config import SlackConfig
 from core.config import Settings
 from core.dispatch import Busy, Rejected
 from core.kv import KeyValueCache
-from core.messages import Account, InboundMessage
+from core.messages import Account, Attachment, InboundMessage
 from core.redis_store import StoreUnavailable
 from core.secrets import resolve_secret
 
@@ -130,6 +131,9 @@ class SlackReply(ReplyTarget):
             return float(headers.get("Retry-After", headers.get("retry-after", 1)) or 1)
         return None
 
+    async def download(self, attachment: Attachment, max_bytes: int) -> bytes:
+        return await download_file(self.client.token or "", self.client.base_url, attachment, max_bytes)
+
     async def answered(self) -> None:
         if self.follow:
             with contextlib.suppress(StoreUnavailable):
@@ -143,6 +147,57 @@ class SlackReply(ReplyTarget):
             log.error("slack did not answer in time; the reply is not re-posted", error=type(exc).__name__)
         else:
             log.error("slack answer failed", exc_info=exc)
+
+
+# -- files shared with a message ---------------------------------------------------------------------------
+
+
+def attachments_of(event: dict[str, Any]) -> list[Attachment]:
+    """The files of a ``file_share`` message (or a mention with files): each hosted file with its
+    private download URL; external (Google Drive…) and deleted files have none and are left out."""
+    found: list[Attachment] = []
+    for f in event.get("files") or []:
+        if not isinstance(f, dict):
+            continue
+        url = f.get("url_private_download") or f.get("url_private")
+        if not isinstance(url, str) or not url or f.get("mode") in ("external", "tombstone"):
+            continue
+        name = str(f.get("name") or f.get("title") or "")
+        mime = str(f.get("mimetype") or mime_of(name))
+        size = f.get("size")
+        found.append(Attachment(kind_of(mime, name), name=name, mime=mime,
+                                size=size if isinstance(size, int) else None,
+                                ref={"id": str(f.get("id") or ""), "url": url}))
+    return found
+
+
+def file_url_allowed(url: str, api_base: str) -> bool:
+    """The bot token goes only to Slack's own file hosts over HTTPS (or to the configured API
+    server's origin: a proxy, the tests' fake), never to a URL an event merely names."""
+    u, api = urlsplit(url), urlsplit(api_base)
+    if u.scheme == "https" and u.hostname and (u.hostname == "slack.com" or u.hostname.endswith(".slack.com")):
+        return u.port in (None, 443)
+    return (u.scheme, u.hostname, u.port) == (api.scheme, api.hostname, api.port)
+
+
+async def download_file(token: str, api_base: str, attachment: Attachment, max_bytes: int) -> bytes:
+    url = str(attachment.ref.get("url") or "")
+    if not url:
+        raise AttachmentUnavailable("slack: the file has no download URL")
+    if not file_url_allowed(url, api_base):
+        raise AttachmentUnavailable("slack: the file URL is not on Slack's file host; the token is not sent there")
+    check_announced(attachment.size, max_bytes)
+    async with aiohttp.ClientSession() as session:
+        try:
+            async with session.get(url, headers={"Authorization": f"Bearer {token}"},
+                                   timeout=aiohttp.ClientTimeout(total=None, sock_connect=10,
+                                                                 sock_read=READ_TIMEOUT_S)) as resp:
+                if resp.content_type == "text/html" and not attachment.mime.startswith("text/html"):
+                    # Slack answers a sign-in page, not 401, when the token may not read files.
+                    raise AttachmentUnavailable("slack answered a sign-in page: the app needs the files:read scope")
+                return await read_capped(resp, max_bytes, "slack file")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise AttachmentUnavailable(f"slack file: no answer ({type(exc).__name__})") from None
 
 
 def follow_key(account: str, channel: str, thread_ts: str) -> str:
@@ -264,7 +319,9 @@ class SlackConnector(Connector):
 
     async def _on_event(self, sa: _SlackApp, body: dict[str, Any], event: dict[str, Any]) -> None:
         # Loops: never answer ourselves or another bot, nor edits, joins and the like.
-        if event.get("bot_id") or event.get("subtype") or not event.get("user") or event.get("user") == sa.user_id:
+        subtype = event.get("subtype")
+        if event.get("bot_id") or (subtype and subtype != "file_share") or not event.get("user") \
+                or event.get("user") == sa.user_id:
             return
         channel, ts, user = event.get("channel", ""), event.get("ts", ""), event["user"]
         if not channel or not ts:
@@ -288,8 +345,10 @@ class SlackConnector(Connector):
         root = thread_ts or ("" if is_dm else ts)
         # One record per message (channel + ts), whatever the event: a retried event, or a mention
         # also delivered as a channel message, is dropped when it is recorded.
+        attachments = attachments_of(event)
         inbound = InboundMessage(platform=PLATFORM, bot=sa.name, account=sa.name, chat=channel, thread=root,
-                                 user=user, text=text or "/help", event_id=f"{team}:msg:{channel}:{ts}",
+                                 user=user, text=text or ("" if attachments else "/help"),
+                                 attachments=attachments, event_id=f"{team}:msg:{channel}:{ts}",
                                  route={"channel": channel, "root": root, "dm": is_dm})
         await self.service.receive(inbound, self._target(sa, inbound))
 
