@@ -23,6 +23,7 @@ from bots.answers import JobAnswer, TextAnswer, audit_answer, bot_of, cite_list,
 from bots.commands import ChatCommands, parse_command
 from bots.prompt import BuiltPrompt, InputTooLong, PromptBuilder, fit_documents, with_documents, with_rules
 from bots.tasks import TaskRegistry
+from bots.usage import QualityLog
 from connectors.http_api.config import ApiConfig
 from core import metrics
 from core.config import DEFAULT_MODEL, NO_DOCUMENT_TEXT, BotConfig, Config, Settings
@@ -53,6 +54,8 @@ class AnswerPipeline:
         # The thread turns held by the answers under way (request id -> lease), set by the
         # delivery: the history write is refused once a turn has moved to another daemon.
         self.turns: dict[str, Lease] = {}
+        # Usage per bot and day, and the questions answered badly (the console's quality pages).
+        self.quality = QualityLog(runtime.redis, runtime.history.prefix)
 
     @property
     def cfg(self) -> Config:
@@ -228,6 +231,7 @@ class AnswerPipeline:
             refusal = bot.no_match_text if bot.no_match_text != NO_DOCUMENT_TEXT or lang == "en" \
                 else texts.say("NO_DOCUMENT", lang)
             audit_answer(self.runtime, msg, refusal, "no_document", knowledge=bot.knowledge)
+            self.tasks.spawn(self.quality.refused(msg.platform, msg.bot, bot.knowledge, msg.text))
             return TextAnswer(refusal, msg.request_id)
         return hits
 
@@ -322,6 +326,15 @@ class AnswerPipeline:
         decode_s = (job.finished_at or 0) - (job.first_token_at or 0)
         audit_answer(self.runtime, msg, job.text, reason, hits, job.usage, latency_ms=round(latency * 1000),
                      queue_wait_ms=round((started - job.enqueued_at) * 1000))
+        sims = [h.similarity for h in hits if h.similarity is not None]
+        retriever = self.runtime.retriever
+        await self.quality.answered(
+            msg.platform, msg.bot, bot_of(self.cfg, msg.bot).knowledge if msg.bot in self.cfg.bots else [], msg.text,
+            msg.request_id, complete=Finish(reason).complete, tokens_in=job.usage.prompt_tokens,
+            tokens_out=job.usage.completion_tokens,
+            ttft_ms=None if job.first_token_at is None else (job.first_token_at - started) * 1000,
+            wait_ms=(started - job.enqueued_at) * 1000, best_similarity=max(sims) if sims else None,
+            cut=retriever.threshold(msg.text) if retriever is not None else None, given=len(hits))
         log.info(
             "answered" if reason in (Finish.STOP, Finish.LENGTH) else f"finished: {reason}",
             platform=msg.platform, bot=msg.bot, model=job.model, chat=msg.chat, thread=msg.thread, user=msg.user,

@@ -39,6 +39,13 @@ INGESTS = Counter("botd_ingests_total", "Knowledge base ingests, by outcome", ["
 DUPLICATES = Counter(
     "botd_duplicates_dropped_total", "Platform redeliveries dropped", ["platform"], registry=REGISTRY
 )
+MERGED_MESSAGES = Counter(
+    "botd_messages_merged_total", "Messages answered as part of an earlier one of their burst ([queue] debounce_s)",
+    ["platform"], registry=REGISTRY
+)
+QUEUE_NOTICES = Counter(
+    "botd_queue_notices_total", "Waiting notices shown ([queue] notice_after_s)", ["platform"], registry=REGISTRY
+)
 # Tool calls ([tools.NAME]; an MCP server's tools as NAME__tool), by outcome: ok, error, timeout,
 # refused, invalid (arguments that do not fit the schema).
 TOOL_CALLS = Counter("botd_tool_calls_total", "Tool calls, by tool and outcome", ["tool", "outcome"],
@@ -47,6 +54,16 @@ TOOL_SECONDS = Histogram(
     "botd_tool_call_seconds", "Time per tool call", ["tool"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60), registry=REGISTRY,
 )
+
+# Per bot (the configured bots' names only: as many label values as bots in config.toml).
+BOT_ANSWERS = Counter("botd_bot_answers_total", "Answers per bot: answered, error (cut short: error, cancel, expiry), "
+                      "refused (no document matched)", ["bot", "outcome"], registry=REGISTRY)
+BOT_TOKENS = Counter("botd_bot_tokens_total", "Tokens per bot, in (prompt) and out (generated)", ["bot", "kind"],
+                     registry=REGISTRY)
+BOT_TTFT = Histogram("botd_bot_time_to_first_token_seconds", "Start of generation to first token, per bot", ["bot"],
+                     buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+BOT_QUEUE_WAIT = Histogram("botd_bot_queue_wait_seconds", "Time a job waited before generation, per bot", ["bot"],
+                           buckets=_LATENCY_BUCKETS, registry=REGISTRY)
 
 
 class _EngineCollector:
