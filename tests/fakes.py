@@ -21,6 +21,7 @@ class FakeWeCom:
         self.departments: dict[str, list[int]] = {}
         self.valid_tokens: set[str] = set()
         self.url = ""
+        self.files = FileShelf()  # media_id -> bytes (media/get)
 
     @property
     def sent(self) -> list[dict[str, Any]]:
@@ -56,11 +57,26 @@ class FakeWeCom:
         return web.json_response({"errcode": 0, "errmsg": "ok", "userid": uid,
                                   "department": self.departments.get(uid, [])})
 
+    async def media_get(self, request: web.Request) -> web.StreamResponse:
+        token = request.query.get("access_token", "")
+        self.calls.append(("media_get", dict(request.query)))
+        if self.expire_next_sends:
+            self.expire_next_sends -= 1
+            self.valid_tokens.discard(token)
+            return web.json_response({"errcode": 42001, "errmsg": "access_token expired"})
+        if token not in self.valid_tokens:
+            return web.json_response({"errcode": 40014, "errmsg": "invalid access_token"})
+        media_id = request.query.get("media_id", "")
+        if media_id not in self.files.blobs:  # WeCom: HTTP 200 with an errcode, not the file
+            return web.json_response({"errcode": 40007, "errmsg": "invalid media_id"})
+        return await self.files.respond(request, media_id, filename=f"{media_id}.bin")
+
     def app(self) -> web.Application:
         app = web.Application()
         app.add_routes([web.get("/cgi-bin/gettoken", self.gettoken),
                         web.post("/cgi-bin/message/send", self.send),
-                        web.get("/cgi-bin/user/get", self.user_get)])
+                        web.get("/cgi-bin/user/get", self.user_get),
+                        web.get("/cgi-bin/media/get", self.media_get)])
         return app
 
 

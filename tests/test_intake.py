@@ -17,7 +17,7 @@ import pytest
 from connectors.reply import AttachmentTooLarge, AttachmentUnavailable
 from core.kv import KeyValueCache
 from core.messages import Attachment
-from tests.fakes import FakeSlack, FakeTelegram, serve
+from tests.fakes import FakeSlack, FakeTelegram, FakeWeCom, serve
 from tests.helpers import Recorder, connector_alone, make_config, wait_for
 
 PDF = b"%PDF-1.4\n" + os.urandom(3000) + b"\n%%EOF\n"
@@ -263,3 +263,87 @@ def test_slack_file_urls_that_may_carry_the_token():
     assert not file_url_allowed("https://files.slack.com:8443/a.pdf", api)
     assert file_url_allowed("http://127.0.0.1:9/files-pri/x", "http://127.0.0.1:9/api/")
     assert not file_url_allowed("http://127.0.0.1:10/files-pri/x", "http://127.0.0.1:9/api/")
+
+
+# -- WeCom self-built app ---------------------------------------------------------------------------------------
+
+
+def wecom_media_xml(user: str, kind: str, media_id: str, msgid: int, extra: str = "") -> str:
+    from tests.test_wecom import CORP
+
+    return (f"<xml><ToUserName><![CDATA[{CORP}]]></ToUserName><FromUserName><![CDATA[{user}]]></FromUserName>"
+            f"<CreateTime>{int(time.time())}</CreateTime><MsgType><![CDATA[{kind}]]></MsgType>"
+            f"<MediaId><![CDATA[{media_id}]]></MediaId>{extra}<MsgId>{msgid}</MsgId><AgentID>1000002</AgentID></xml>")
+
+
+async def wecom_post(conn: Any, encrypt: str, signature: str | None = None) -> int:
+    from tests.test_wecom import envelope, sign
+
+    ts, nonce = str(int(time.time())), "n0nce"
+    sig = signature or sign(encrypt, ts, nonce)
+    url = f"{conn.url}/wecom/assistant?msg_signature={sig}&timestamp={ts}&nonce={nonce}"
+    async with aiohttp.ClientSession() as s, s.post(url, data=envelope(encrypt)) as r:
+        return r.status
+
+
+@pytest.fixture
+def wecom_cfg(tmp_path, redis_server, monkeypatch):
+    from tests.test_wecom import AES_KEY, TOKEN, wecom_config
+
+    monkeypatch.setenv("WECOM_TOKEN", TOKEN)
+    monkeypatch.setenv("WECOM_AES_KEY", AES_KEY)
+    monkeypatch.setenv("WECOM_SECRET", "app-secret-value")
+    return lambda base: wecom_config(tmp_path, redis_server.url, base)
+
+
+async def test_wecom_app_picture_voice_and_file_arrive_and_download(manager, wecom_cfg):
+    from connectors.wecom.connector import WeComConnector
+    from tests.test_wecom import wechatpy_encrypt
+
+    fake = FakeWeCom()
+    fake.files.put("MEDIA-IMG", JPEG)
+    fake.files.put("MEDIA-AMR", OGG)
+    fake.files.put("MEDIA-PDF", PDF)
+    async with serve(fake.app()) as base:
+        rec = Recorder()
+        async with connector_alone(WeComConnector, wecom_cfg(base), KeyValueCache(manager, "botd"), rec) as conn:
+            for xml in (wecom_media_xml("alice", "image", "MEDIA-IMG", 11, "<PicUrl>http://x/p.jpg</PicUrl>"),
+                        wecom_media_xml("alice", "voice", "MEDIA-AMR", 12, "<Format>amr</Format>"),
+                        wecom_media_xml("alice", "file", "MEDIA-PDF", 13, "<FileName>合同.pdf</FileName>"),
+                        wecom_media_xml("alice", "video", "MEDIA-MP4", 14)):
+                assert await wecom_post(conn, wechatpy_encrypt(xml)) == 200
+            await until_got(rec, 4)
+            (img, t1), (voice, t2), (doc, t3), (video, _) = rec.got
+            assert img.attachments == [Attachment("image", mime="image/jpeg", ref={"media_id": "MEDIA-IMG"})]
+            assert voice.attachments == [Attachment("voice", mime="audio/amr", ref={"media_id": "MEDIA-AMR"})]
+            assert doc.attachments == [Attachment("file", name="合同.pdf", mime="application/pdf",
+                                                  ref={"media_id": "MEDIA-PDF"})]
+            assert all(m.readable and m.text == "" for m in (img, voice, doc))
+            assert not video.readable and video.attachments == []
+            assert await t1.download(img.attachments[0], LIMIT) == JPEG
+            assert await t2.download(voice.attachments[0], LIMIT) == OGG
+            fake.expire_next_sends = 1  # the token expires between two downloads: fetched again once
+            assert await t3.download(doc.attachments[0], LIMIT) == PDF
+            assert fake.tokens_issued == 2
+            with pytest.raises(AttachmentUnavailable, match="40007") as gone:  # expired media (3 days)
+                await t1.download(Attachment("image", ref={"media_id": "GONE"}), LIMIT)
+            assert "TOKEN" not in str(gone.value)
+
+
+async def test_wecom_app_over_the_limit_and_forged_callbacks(manager, wecom_cfg):
+    from connectors.wecom.connector import WeComConnector
+    from tests.test_wecom import wechatpy_encrypt
+
+    fake = FakeWeCom()
+    fake.files.put("MEDIA-BIG", BIG)
+    async with serve(fake.app()) as base:
+        rec = Recorder()
+        async with connector_alone(WeComConnector, wecom_cfg(base), KeyValueCache(manager, "botd"), rec) as conn:
+            encrypt = wechatpy_encrypt(wecom_media_xml("alice", "file", "MEDIA-BIG", 21))
+            assert await wecom_post(conn, encrypt, signature="0" * 40) == 403
+            assert await wecom_post(conn, "Zm9yZ2Vk" + encrypt[8:]) in (400, 403)  # tampered, re-signed
+            assert rec.got == [] and fake.files.sent == []
+            assert await wecom_post(conn, encrypt) == 200
+            await until_got(rec, 1)
+            msg, target = rec.got[0]
+            await assert_refused_while_reading(target, msg.attachments[0], fake.files)

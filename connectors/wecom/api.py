@@ -5,13 +5,16 @@ message/send and user/get, with WeCom's error codes explained for the log.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
 import aiohttp
 import structlog
 
+from connectors.download import READ_TIMEOUT_S, read_capped
 from connectors.markdown import neutral_links
+from connectors.reply import AttachmentUnavailable
 from connectors.wecom.config import WecomConfig
 from core.errors import BotdError
 from core.kv import KeyValueCache
@@ -180,6 +183,35 @@ class WeComApi:
         else:
             payload |= {"msgtype": "text", "text": {"content": part}}
         await self._call("POST", "/cgi-bin/message/send", json=payload)
+
+    async def download_media(self, media_id: str, max_bytes: int) -> bytes:
+        """A temporary media file (a picture, voice message or file a user sent; WeCom keeps it
+        3 days) from ``media/get``, read capped. WeCom answers an error as JSON with an errcode
+        instead of the file; a token it refuses is fetched again once."""
+        for attempt in (0, 1):
+            try:
+                token = await self.access_token()
+                async with self._session.get(
+                        self.cfg.api_base + "/cgi-bin/media/get", params={"access_token": token, "media_id": media_id},
+                        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=READ_TIMEOUT_S)) as r:
+                    data = await read_capped(r, max_bytes, "wecom media")
+                    is_json = r.content_type in ("application/json", "text/plain")
+            except WeComApiError as exc:
+                raise AttachmentUnavailable(f"wecom media: no access token ({exc})") from None
+            except (aiohttp.ClientError, TimeoutError) as exc:  # the URL carries the token: its type only
+                raise AttachmentUnavailable(f"wecom media: no answer ({type(exc).__name__})") from None
+            if not is_json:
+                return data
+            try:
+                code = int(json.loads(data).get("errcode", -1))
+            except (ValueError, AttributeError):
+                return data  # a text file the user sent, not an error
+            if code in _TOKEN_ERRORS and attempt == 0:
+                self._local = None
+                await self._forget_token(token)
+                continue
+            raise AttachmentUnavailable(f"wecom media/get refused it: errcode {code} ({errcode_meaning(code)})")
+        raise AttachmentUnavailable("wecom media: the access token was refused twice")
 
     async def departments(self, user: str) -> list[int]:
         key = f"wecom:dept:{self.cfg.corp_id}:{user}"

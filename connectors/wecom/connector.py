@@ -19,7 +19,8 @@ from defusedxml import DefusedXmlException
 from defusedxml import ElementTree as SafeET
 
 from connectors.base import Connector, Route, Service
-from connectors.reply import ReplyTarget
+from connectors.download import check_announced, mime_of
+from connectors.reply import AttachmentUnavailable, ReplyTarget
 from connectors.textsplit import utf8_len
 from connectors.wecom.api import WeComApi, WeComApiError, errcode_meaning
 from connectors.wecom.config import WecomConfig
@@ -27,7 +28,7 @@ from connectors.wecom_common.callback import check_fresh, open_body, signed_quer
 from connectors.wecom_common.crypto import WeComCrypto
 from core.config import Settings
 from core.kv import KeyValueCache
-from core.messages import Account, InboundMessage
+from core.messages import Account, Attachment, InboundMessage
 from core.redis_store import StoreUnavailable
 from core.secrets import resolve_secret
 
@@ -58,6 +59,13 @@ class WeComReply(ReplyTarget):
     async def user_groups(self, user: str) -> list[str]:
         return [str(d) for d in await self.api.departments(user)]
 
+    async def download(self, attachment: Attachment, max_bytes: int) -> bytes:
+        media_id = str(attachment.ref.get("media_id") or "")
+        if not media_id:
+            raise AttachmentUnavailable("wecom: the attachment has no MediaId")
+        check_announced(attachment.size, max_bytes)
+        return await self.api.download_media(media_id, max_bytes)
+
     async def failed(self, exc: Exception, text: str) -> None:
         if not isinstance(exc, WeComApiError):
             log.error("wecom answer failed", exc_info=exc)
@@ -70,6 +78,26 @@ class WeComReply(ReplyTarget):
                 "bot": self.account.name, "user": self.user, "text": text, "errcode": exc.errcode})
         except StoreUnavailable:
             log.error("dead letter lost: redis unreachable", user=self.user)
+
+
+# MsgType -> (kind, MIME type): a picture is a JPEG or PNG, a voice message AMR (WeCom's format
+# for app messages), a file whatever its name says.
+_MEDIA = {"image": ("image", "image/jpeg"), "voice": ("voice", "audio/amr"), "file": ("file", "")}
+
+
+def attachments_of(msg: dict[str, str]) -> list[Attachment]:
+    """A picture, voice message or file (its MediaId, fetched from media/get when read); videos,
+    locations and links are nothing botd reads."""
+    kind, mime = _MEDIA.get(msg.get("MsgType", ""), ("", ""))
+    media_id = msg.get("MediaId", "")
+    if not kind or not media_id:
+        return []
+    name = msg.get("FileName") or msg.get("Title") or ""
+    if kind == "voice" and msg.get("Format"):
+        mime = f"audio/{msg['Format'].lower()}"
+    size = msg.get("FileSize", "")
+    return [Attachment(kind, name=name, mime=mime or mime_of(name), size=int(size) if size.isdigit() else None,
+                       ref={"media_id": media_id})]
 
 
 def _parse_xml(data: bytes | str) -> dict[str, str]:
@@ -156,9 +184,11 @@ class WeComConnector(Connector):
         if kind == "event":
             log.info("wecom event ignored", event=msg.get("Event"), user=sender)
         else:
+            attachments = attachments_of(msg)
             inbound = InboundMessage(
                 platform=PLATFORM, bot=app.bot, account=app.bot, chat=sender, user=sender,
-                text=msg.get("Content", "") or "(not text)", readable=kind == "text",
+                text=msg.get("Content", "") or ("" if attachments else "(not text)"),
+                readable=kind == "text" or bool(attachments), attachments=attachments,
                 event_id=f"{app.cfg.corp_id}:{app.cfg.agent_id}:{event_id}",
             )
             # Recorded before WeCom hears "received": a restart answers it.
