@@ -106,9 +106,10 @@ def language(cfg: Config, msg: InboundMessage) -> texts.Lang:
 
 
 async def reset_thread(runtime: Runtime, cfg: Config, thread: ThreadKey, lang: texts.Lang = "both") -> bool:
-    """Forget a thread's history; True when there was one."""
+    """Forget a thread's history and the files sent in it; True when there was either."""
     try:
-        return await runtime.history.reset(thread)
+        files = await runtime.thread_files.reset(thread)
+        return await runtime.history.reset(thread) or files
     except StoreUnavailable as exc:
         raise Busy(STORE_DOWN, cfg.queue.retry_after_s, user_message=texts.say("STORE_DOWN", lang)) from exc
 

@@ -193,7 +193,8 @@ class Platforms:
             if not await self._admitted(msg, target):
                 log.info("user not allowed", user=msg.user)
                 await delivery.show(texts.say("NOT_ALLOWED", lang))
-            elif not msg.readable:
+            elif not msg.readable and not msg.attachments:
+                # (Files, pictures and voice are read into the turn: bots/attachments.py.)
                 await delivery.show(texts.say("NOT_TEXT", lang))
             else:
                 # One answer at a time per thread, across daemons: the next message of the thread
@@ -241,7 +242,7 @@ class Platforms:
 
     async def _reply(self, msg: InboundMessage, delivery: Delivery) -> str:
         try:
-            answer = await self.answers.dispatch(msg)
+            answer = await self.answers.dispatch(msg, delivery.target.download)
         except Busy as exc:
             await delivery.show(exc.user_message or texts.say("BUSY", delivery.lang, s=exc.retry_after))
             return ""

@@ -20,6 +20,7 @@ import structlog
 
 from bots import texts, tooluse
 from bots.answers import JobAnswer, TextAnswer, audit_answer, bot_of, cite_list, language
+from bots.attachments import AttachmentReader, Download
 from bots.commands import ChatCommands, parse_command
 from bots.prompt import BuiltPrompt, InputTooLong, PromptBuilder, fit_documents, with_documents, with_rules
 from bots.tasks import TaskRegistry
@@ -31,6 +32,7 @@ from core.dispatch import Busy, Interrupted, Rejected
 from core.engines import GenerationRequest
 from core.engines.base import TemplateError
 from core.jobs import Job, QueueFull
+from core.knowledge.index import KnowledgeIndex
 from core.knowledge.retriever import Hit
 from core.lease import Fenced, Lease
 from core.messages import ChatTurn, Finish, InboundMessage
@@ -54,6 +56,8 @@ class AnswerPipeline:
         # The thread turns held by the answers under way (request id -> lease), set by the
         # delivery: the history write is refused once a turn has moved to another daemon.
         self.turns: dict[str, Lease] = {}
+        # Files, pictures and voice messages read into a turn (bots/attachments.py).
+        self.attachments = AttachmentReader(runtime.thread_files)
         # Usage per bot and day, and the questions answered badly (the console's quality pages).
         self.quality = QualityLog(runtime.redis, runtime.history.prefix)
 
@@ -90,7 +94,9 @@ class AnswerPipeline:
         served = self.runtime.models.models.get(answer.job.model)
         return served.cfg.name if served is not None else ""
 
-    async def dispatch(self, msg: InboundMessage) -> JobAnswer | TextAnswer:
+    async def dispatch(self, msg: InboundMessage, download: Download | None = None) -> JobAnswer | TextAnswer:
+        """``msg`` answered. ``download``: how the edge fetches the message's attachments (a reply
+        target's ``download``); without one they are refused as unavailable."""
         bot = bot_of(self.cfg, msg.bot)
         lang = language(self.cfg, msg)
         structlog.contextvars.bind_contextvars(request_id=msg.request_id)
@@ -100,7 +106,7 @@ class AnswerPipeline:
                 413, "input_too_long",
                 f"the message has {len(msg.text)} characters; the limit is {max_chars}",
             )
-        if not msg.text.strip():
+        if not msg.text.strip() and not msg.attachments:
             raise Rejected(400, "empty_message", "the message is empty")
         if msg.final_answer is not None:
             # Answered and stored before a restart, not yet shown: show the same words again.
@@ -129,6 +135,31 @@ class AnswerPipeline:
                 return outcome
             msg.text = outcome  # "/tool NAME ARGS -- QUESTION": the model answers from the result
 
+        # Files, pictures, voice: read into the turn (or answered: a refusal, a file's acknowledgement).
+        pinned: list[Hit] = []
+        note = ""
+        if msg.attachments and msg.history is None and msg.messages is None:
+            intake = await self.attachments.take(msg, bot, self.cfg, lang, download)
+            fixed = intake.reply(bot.summarise_files)
+            if fixed is not None:
+                audit_answer(self.runtime, msg, fixed, "attachments", files=[f.name for f in intake.files])
+                return TextAnswer(fixed, msg.request_id)
+            note = intake.note
+            if intake.summarise():
+                # No question: the model sums the files up from their opening chunks.
+                pinned = intake.opening()
+                note = intake.acknowledgement() + "\n\n"
+                msg.text = "\n".join([*(f"📎 {f.name}" for f in intake.files), texts.say("FILE_SUMMARY_ASK", lang)])
+            else:
+                msg.text = intake.text
+        # The files sent in this thread: searched with the bot's bases, for this thread's turns only.
+        files: KnowledgeIndex | None = None
+        if msg.history is None and msg.messages is None:
+            try:
+                files = await self.runtime.thread_files.index(msg.thread_key)
+            except StoreUnavailable:
+                log.warning("the thread's files are unavailable; answering without them", thread=str(msg.thread_key))
+
         history: list[ChatTurn]
         degraded = False
         if msg.history is not None:
@@ -145,12 +176,12 @@ class AnswerPipeline:
         builder = await self.builder_for(msg.bot)
         budget = msg.max_tokens or bot.max_tokens or model.max_tokens
         system = msg.system if msg.system is not None else bot.system_prompt
-        if bot.knowledge:
+        if bot.knowledge or files is not None or pinned:
             system = with_rules(system)
         loop = asyncio.get_running_loop()
-        hits: list[Hit] = []
-        if bot.knowledge:
-            found = await self._knowledge(bot, msg, lang)
+        hits: list[Hit] = pinned
+        if (bot.knowledge or files is not None) and not pinned:
+            found = await self._knowledge(bot, msg, lang, files)
             if isinstance(found, TextAnswer):
                 return found
             hits = found
@@ -189,7 +220,6 @@ class AnswerPipeline:
             except ValueError as exc:  # the HTTP API refuses these first (core/schema_limits.py)
                 raise Rejected(400, "invalid_request", f"tools: {exc}") from None
             request = replace(request, tools=msg.tools, grammar=grammar, grammar_lazy=lazy)
-        note = ""
         job: Job | None = None
         if offered:
             assert self.runtime.tools is not None
@@ -197,7 +227,7 @@ class AnswerPipeline:
                 request, offered, bot=bot, box=self.runtime.tools, user=f"{msg.platform}:{msg.user}",
                 bot_name=msg.bot, choice=bot.tool_choice, run_job=lambda r: self.run_round(msg, r))
             if rounds.used:
-                note = texts.say("TOOLS_USED", lang, names=", ".join(dict.fromkeys(rounds.used)))
+                note += texts.say("TOOLS_USED", lang, names=", ".join(dict.fromkeys(rounds.used)))
             # The model answered in prose (its finished job replays at once), or, after its calls,
             # answers from their results in one more, streamed, turn without tools.
             job = rounds.job if rounds.finished else None
@@ -211,9 +241,10 @@ class AnswerPipeline:
                                                shown))
         return JobAnswer(job, self.runtime, task, hits, lang, note)
 
-    async def _knowledge(self, bot: BotConfig, msg: InboundMessage, lang: texts.Lang) -> list[Hit] | TextAnswer:
-        """The chunks of the bot's own bases for ``msg``; the bot's refusal when none matches
-        and it says so; :class:`Busy` while a base is still loading."""
+    async def _knowledge(self, bot: BotConfig, msg: InboundMessage, lang: texts.Lang,
+                         files: KnowledgeIndex | None = None) -> list[Hit] | TextAnswer:
+        """The chunks of the bot's own bases (and of the thread's ``files``) for ``msg``; the
+        bot's refusal when none matches and it says so; :class:`Busy` while a base is still loading."""
         # A base still being read or built must not look like a base without the answer.
         loading = await self.runtime.wait_knowledge(list(bot.knowledge), self.cfg.queue.max_wait_s)
         if loading:
@@ -222,8 +253,8 @@ class AnswerPipeline:
             log.info("knowledge still loading; answered busy", bot=msg.bot, knowledge=loading)
             raise Busy(f"the knowledge base {', '.join(loading)} is still loading", retry,
                        user_message=texts.say("KNOWLEDGE_LOADING", lang, s=retry))
-        hits = await self._retrieve(bot, msg)
-        if not hits and bot.no_match == "refuse":
+        hits = await self._retrieve(bot, msg, files)
+        if not hits and bot.knowledge and bot.no_match == "refuse":
             metrics.MESSAGES.labels(msg.platform, "no_document").inc()
             log.info("no relevant document; answered so", platform=msg.platform, bot=msg.bot,
                      knowledge=bot.knowledge)
@@ -270,13 +301,17 @@ class AnswerPipeline:
                 self.runtime.models.cancel(job)
         return job
 
-    async def _retrieve(self, bot: BotConfig, msg: InboundMessage) -> list[Hit]:
+    async def _retrieve(self, bot: BotConfig, msg: InboundMessage, files: KnowledgeIndex | None = None) -> list[Hit]:
         retriever = self.runtime.retriever
+        if retriever is None and files is not None:
+            retriever = self.runtime.thread_files.retriever()  # no base configured: the files alone
         if retriever is None:
             return []
         t0 = time.monotonic()
-        # Only the bot's own grants, from the config: the message cannot name another base.
-        hits = await asyncio.get_running_loop().run_in_executor(None, retriever.search, list(bot.knowledge), msg.text)
+        # Only the bot's own grants, from the config: the message cannot name another base. The
+        # thread's own files (its key is the message's thread) rank together with them.
+        hits = await asyncio.get_running_loop().run_in_executor(
+            None, retriever.search, list(bot.knowledge), msg.text, [files] if files is not None else [])
         metrics.RETRIEVAL.observe(time.monotonic() - t0)
         return hits
 

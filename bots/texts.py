@@ -56,6 +56,33 @@ _TEXTS: dict[str, tuple[str, ...]] = {
                           "My knowledge base is still loading; please ask again in {s} s."),
     "NOT_TEXT": ("抱歉，我目前只能阅读文字消息，请用文字提问。",
                  "Sorry, I read text only. Please send your question as text."),
+    # Attachments (bots/attachments.py): pictures and voice messages not read here, files sent in chat.
+    "NOT_IMAGE": ("抱歉，我目前无法读取图片，请用文字提问。",
+                  "Sorry, I cannot read pictures here. Please send your question as text."),
+    "NOT_VOICE": ("抱歉，我目前无法收听语音消息，请用文字提问。",
+                  "Sorry, I cannot listen to voice messages here. Please send your question as text."),
+    "FILE_RECEIVED": ("收到 {name}（{size}），请提问。", "Got {name} ({size}), ask away.",
+                      "收到 {name}（{size}），请提问。/ Got it: ask away."),
+    "FILE_PAGES": ("{n} 页", "{n} pages"),
+    "FILE_CHARS": ("{n} 字", "{n} characters"),
+    "FILE_SUMMARY_ASK": ("请用一段话概括这份文件的要点。", "Summarise this file in one paragraph."),
+    "FILE_TYPE": ("抱歉，{name} 不是我能读的文件：我只读 PDF、Word（.docx）、Markdown 和文本文件。",
+                  "Sorry, I cannot read {name}: I read PDF, Word (.docx), Markdown and text files only."),
+    "FILE_TOO_LARGE": ("抱歉，{name} 太大了：文件最大 {mb} MB。", "Sorry, {name} is too large: files of up to {mb} MB."),
+    "FILE_TOO_LONG": ("抱歉，{name} 太长了（超过 {n} 段），请只发送需要的部分。",
+                      "Sorry, {name} is too long for me (more than {n} chunks); please send only the part you need."),
+    "FILE_EMPTY": ("{name} 里没有可读的文字（是扫描件吗？）。", "{name} holds no text I can read (is it a scan?)."),
+    # {why}: the parser's own words (technical, in English), e.g. "damaged PDF: ...".
+    "FILE_UNREADABLE": ("抱歉，我读不了 {name}：{why}", "Sorry, I cannot read {name}: {why}"),
+    "FILE_UNAVAILABLE": ("抱歉，我无法从平台取得 {name}（可能已过期），请重新发送。",
+                         "Sorry, I could not fetch {name} from the platform (it may have expired); please send it "
+                         "again."),
+    "FILE_THREAD_FULL": ("这段对话已有 {n} 个文件，不能再添加。发送 /reset 重新开始。",
+                         "This conversation already holds {n} files, the most it can. Send /reset to start over."),
+    "FILE_USER_LIMIT": ("您今天已发送 {n} 个文件，达到上限，请明天再发。",
+                        "You have sent {n} files today, the most allowed; please send more tomorrow."),
+    "FILES_OFF": ("抱歉，此助手不读取文件，请用文字提问。", "Sorry, this assistant does not read files. "
+                  "Please send your question as text."),
     "NOT_ALLOWED": ("抱歉，您没有使用此助手的权限。",
                     "Sorry, you are not allowed to use this assistant."),
     # A user over [limits]: {wait} is "40 秒" / "40 s", or hours and minutes for a daily limit.

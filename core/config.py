@@ -427,6 +427,12 @@ class BotConfig(Section):
                     "or a tool's name (a call to that one).",
         json_schema_extra={"zh": '第一轮："auto"（由模型决定）、"required"（必须调用所提供工具之一）或某个工具的名'
                                  "称（必须调用它）。"})
+    summarise_files: bool = Field(
+        default=False,
+        description="A file sent in chat without a question is acknowledged and, with true, summarised in one "
+                    "paragraph by the model (one generation per file).",
+        json_schema_extra={"zh": "聊天中只发文件、未提问时会回复已收到；设为 true 时模型还会用一段话概括文件内容（每个文件"
+                                 "生成一次）。"})
 
     @field_validator("tool_hint")
     @classmethod
@@ -655,6 +661,46 @@ class IngestConfig(Section):
         return v
 
 
+class FilesConfig(Section):
+    """Files sent in chat (PDF, Word .docx, Markdown, text): each becomes its thread's own temporary
+    knowledge, read under the [ingest] limits and these, searched with the bot's bases for that thread
+    only, cited by file name, forgotten after ttl_s and on /reset."""
+
+    doc_zh: ClassVar[str] = ("聊天中发送的文件（PDF、Word .docx、Markdown、文本）：每个文件成为所在会话自己的临时知识，"
+                             "按 [ingest] 的上限和以下上限读取，只在该会话中与机器人的知识库一起检索，按文件名引用，"
+                             "ttl_s 之后或 /reset 时遗忘。")
+
+    enabled: bool = Field(
+        default=True,
+        description="Read files sent in chat (false: they are answered \"I read text only\").",
+        json_schema_extra={"zh": "读取聊天中发送的文件（false：回答“我只能阅读文字”）。"})
+    ttl_s: Annotated[int, Field(ge=1, le=30 * 86_400)] = Field(
+        default=86_400,
+        description="Seconds a file stays its thread's knowledge after it was sent (default: a day).",
+        json_schema_extra={"zh": "文件发送后作为会话知识保留的秒数（默认：一天）。"})
+    max_file_mb: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=10,
+        description="Largest file read, in MB (refused before it is fetched when the platform says its size).",
+        json_schema_extra={"zh": "可读取的最大文件（MB；平台告知大小时在下载前就拒绝）。"})
+    max_pages: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        default=100,
+        description="Most pages of a PDF sent in chat (counted before its text is read).",
+        json_schema_extra={"zh": "聊天中发送的 PDF 的最多页数（在读取文本前计数）。"})
+    max_chunks: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        default=300,
+        description="Most chunks one file may become (each is embedded while the user waits: about 4 a second "
+                    "on 2 cores).",
+        json_schema_extra={"zh": "一个文件最多切分成的片段数（每段都在用户等待时嵌入：2 核上每秒约 4 段）。"})
+    per_thread: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=5,
+        description="Most files one conversation holds at once (/reset empties it).",
+        json_schema_extra={"zh": "一段对话同时保留的最多文件数（/reset 清空）。"})
+    per_user_per_day: Annotated[int, Field(ge=0)] = Field(
+        default=20,
+        description="Most files one user may send in a day, all conversations together (0: no limit).",
+        json_schema_extra={"zh": "每个用户一天内最多可发送的文件数，所有对话合计（0：不限）。"})
+
+
 class Config(Section):
     """The whole config: core's sections; :func:`config_model` adds the platforms' (and other
     sections declared above core)."""
@@ -695,6 +741,8 @@ class Config(Section):
                                        json_schema_extra={"zh": RetrievalConfig.doc_zh})
     ingest: IngestConfig = Field(default_factory=IngestConfig, description=IngestConfig.__doc__,
                                  json_schema_extra={"zh": IngestConfig.doc_zh})
+    files: FilesConfig = Field(default_factory=FilesConfig, description=FilesConfig.__doc__,
+                               json_schema_extra={"zh": FilesConfig.doc_zh})
     knowledge: dict[str, KnowledgeConfig] = Field(
         default_factory=dict,
         description="Knowledge bases, one per department: `botd kb ingest` builds them and the daemon re-ingests "

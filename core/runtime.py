@@ -20,6 +20,7 @@ from core.inbox import Inbox
 from core.jobs import FairQueue, Job
 from core.knowledge.embedder import Embedder
 from core.knowledge.retriever import Retriever
+from core.knowledge.thread_files import ThreadFiles
 from core.kv import KeyValueCache
 from core.models import ModelPool, ServedModel
 from core.ratelimit import RateLimiter
@@ -49,6 +50,8 @@ class Runtime:
         self.inbox = Inbox(self.redis, cfg.redis.key_prefix, cfg.server.instance_name(), lease_s=cfg.redis.lease_s,
                            max_deliveries=cfg.redis.max_deliveries)
         self.cache = KeyValueCache(self.redis, cfg.redis.key_prefix)
+        # Files sent in chat: each thread's own temporary knowledge ([files]).
+        self.thread_files = ThreadFiles(self.redis, settings)
         self.limits = RateLimiter(self.redis, cfg.redis.key_prefix, cfg.limits)
         self.audit = AuditLog(cfg.audit)
         # The [tools.NAME] bots may call; MCP servers start with the runtime and stop with it.
@@ -163,6 +166,7 @@ class Runtime:
         await self.models.stop(grace_s)
         await self.redis.close()
         await self.tools.close()
+        self.thread_files.close()
         for task in list(self._retiring):  # toolboxes a reload replaced, still finishing their calls
             task.cancel()
         await asyncio.gather(*self._retiring, return_exceptions=True)

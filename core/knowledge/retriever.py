@@ -188,9 +188,12 @@ class Retriever:
         """The cosine similarity that makes a chunk relevant to ``query``."""
         return self.embedder.min_similarity_for(query) if self.min_similarity is None else self.min_similarity
 
-    def search(self, granted: Sequence[str], query: str) -> list[Hit]:
-        """The relevant chunks for ``query`` from the bases in ``granted`` only, best first."""
+    def search(self, granted: Sequence[str], query: str, extra: Sequence[KnowledgeIndex] = ()) -> list[Hit]:
+        """The relevant chunks for ``query`` from the bases in ``granted`` only, best first.
+        ``extra``: indexes searched and ranked together with them (a thread's own files,
+        :mod:`core.knowledge.thread_files`), each under its own name."""
         indexes = [(n, e[1]) for n in granted if (e := self._indexes.get(n)) is not None and e[1] is not None]
+        indexes += [(i.name, i) for i in extra]
         if not indexes or not query.strip():
             return []
         # A question that asks several things at once is also searched part by part: its whole
