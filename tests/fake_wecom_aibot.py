@@ -67,6 +67,9 @@ class FakeAibot:
         self.pushes: list[dict[str, Any]] = []  # {"chatid"|"user", "content", "via"}
         self.response_urls: dict[str, dict[str, str]] = {}  # code -> user, msgid, chat
         self.url = ""
+        from tests.fakes import FileShelf
+
+        self.files = FileShelf()  # what users sent, stored encrypted as WeCom serves it (/media/<id>)
 
     # -- the test's side ------------------------------------------------------------------------
 
@@ -79,7 +82,7 @@ class FakeAibot:
         return ws is not None and not ws.closed
 
     async def send_message(self, user: str, text: str, *, msgid: str | None = None, chat: str | None = None,
-                           bot_id: str | None = None, kind: str = "text") -> str:
+                           bot_id: str | None = None, kind: str = "text", content: Any = None) -> str:
         """A user's message over the long connection; returns its req_id."""
         bot_id = bot_id or self.bot_id
         ws = self.conns[bot_id]
@@ -91,12 +94,30 @@ class FakeAibot:
             body["chatid"] = chat
         if kind == "text":
             body["text"] = {"content": text}
-        elif kind == "image":
+        elif kind == "image" and content is None:
             body["image"] = {"url": "https://example.invalid/img", "aeskey": "x"}
+        if content is not None:  # the message's own item: {"url", "aeskey"}, {"content"}, {"msg_item"}
+            body[kind] = content
         self.callbacks[req_id] = {"user": user, "msgid": msgid, "chat": chat or user}
         await ws.send_str(json.dumps({"cmd": "aibot_msg_callback", "headers": {"req_id": req_id}, "body": body},
                                      ensure_ascii=False))
         return req_id
+
+    def media(self, data: bytes, aeskey: str | None = None) -> dict[str, str]:
+        """A picture's or file's ``{url, aeskey}`` item: ``data`` AES-256-CBC encrypted (iv = key[:16],
+        PKCS#7 to 32 bytes) with ``aeskey`` (callback mode: the bot's EncodingAESKey) or a new key."""
+        import base64
+
+        from cryptography.hazmat.primitives import padding
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+        aeskey = aeskey or base64.b64encode(os.urandom(32)).decode().rstrip("=")
+        key = base64.b64decode(aeskey + "=")
+        padder = padding.PKCS7(256).padder()
+        enc = Cipher(algorithms.AES(key), modes.CBC(key[:16])).encryptor()
+        mid = os.urandom(6).hex()
+        self.files.put(mid, enc.update(padder.update(data) + padder.finalize()) + enc.finalize())
+        return {"url": f"{self.url}/media/{mid}", "aeskey": aeskey}
 
     async def drop_connections(self) -> None:
         """The network fails: every connection closes without a word."""
@@ -123,8 +144,12 @@ class FakeAibot:
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.add_routes([web.get("/ws", self.ws_handler), web.post("/response/{code}", self.response_url)])
+        app.add_routes([web.get("/ws", self.ws_handler), web.post("/response/{code}", self.response_url),
+                        web.get("/media/{mid}", self.media_file)])
         return app
+
+    async def media_file(self, request: web.Request) -> web.StreamResponse:
+        return await self.files.respond(request, request.match_info["mid"])
 
     def _error(self, text: str) -> None:
         self.errors.append(text)

@@ -347,3 +347,86 @@ async def test_wecom_app_over_the_limit_and_forged_callbacks(manager, wecom_cfg)
             await until_got(rec, 1)
             msg, target = rec.got[0]
             await assert_refused_while_reading(target, msg.attachments[0], fake.files)
+
+
+# -- WeCom AI bot -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def aibot_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.test_wecom_aibot import AES_KEY, SECRET, TOKEN
+
+    monkeypatch.setenv("WECOM_AIBOT_SECRET", SECRET)
+    monkeypatch.setenv("WECOM_AIBOT_TOKEN", TOKEN)
+    monkeypatch.setenv("WECOM_AIBOT_AES_KEY", AES_KEY)
+
+
+async def test_wecom_aibot_pictures_files_and_voice_over_the_long_connection(tmp_path, redis_server, manager,
+                                                                             aibot_env):
+    from connectors.wecom_aibot.connector import WecomAibotConnector
+    from tests.fake_wecom_aibot import FakeAibot
+    from tests.test_wecom_aibot import aibot_config, fake_server
+
+    fake = FakeAibot()
+    async with fake_server(fake):
+        rec = Recorder()
+        cfg = aibot_config(tmp_path, redis_server.url, fake)
+        async with connector_alone(WecomAibotConnector, cfg, KeyValueCache(manager, "botd"), rec):
+            async def up() -> bool:
+                return fake.connected()
+            await wait_for(up, timeout=10)
+            await fake.send_message("zhang", "", kind="image", content=fake.media(JPEG))
+            await fake.send_message("zhang", "", kind="file", content=fake.media(PDF))
+            await fake.send_message("zhang", "", kind="voice", content={"content": "报销流程是什么"})
+            await fake.send_message("zhang", "", kind="mixed", content={"msg_item": [
+                {"msgtype": "text", "text": {"content": "这个报错怎么办"}},
+                {"msgtype": "image", "image": fake.media(JPEG[:500])}]})
+            await until_got(rec, 4)
+            (img, t1), (doc, t2), (voice, _), (mixed, t4) = rec.got
+            assert [(a.kind, a.mime) for a in img.attachments] == [("image", "image/jpeg")]
+            assert img.text == "" and img.readable and set(img.attachments[0].ref) == {"url", "aeskey"}
+            assert doc.attachments[0].kind == "file"
+            assert voice.text == "" and voice.attachments == [Attachment("voice", transcript="报销流程是什么")]
+            assert mixed.text == "这个报错怎么办" and [a.kind for a in mixed.attachments] == ["image"]
+            assert await t1.download(img.attachments[0], LIMIT) == JPEG
+            assert await t2.download(doc.attachments[0], LIMIT) == PDF
+            assert await t4.download(mixed.attachments[0], LIMIT) == JPEG[:500]
+            with pytest.raises(AttachmentUnavailable, match="transcript"):
+                await t1.download(voice.attachments[0], LIMIT)
+            # The wrong key: refused as undecryptable, never returned as garbage.
+            wrong = Attachment("file", ref={**doc.attachments[0].ref, "aeskey": fake.media(b"x")["aeskey"]})
+            with pytest.raises(AttachmentUnavailable, match="decrypt"):
+                await t2.download(wrong, LIMIT)
+            big = await fake.send_message("zhang", "", kind="file", content=fake.media(BIG))
+            assert big
+            await until_got(rec, 5)
+            msg, target = rec.got[4]
+            await assert_refused_while_reading(target, msg.attachments[0], fake.files)
+
+
+async def test_wecom_aibot_callback_files_use_the_bots_key_and_forged_ones_are_refused(tmp_path, redis_server,
+                                                                                        manager, aibot_env):
+    from connectors.wecom_aibot.connector import WecomAibotConnector
+    from tests.fake_wecom_aibot import CallbackSender, FakeAibot
+    from tests.test_wecom_aibot import AES_KEY, TOKEN, fake_server
+
+    fake = FakeAibot()
+    async with fake_server(fake):
+        rec = Recorder()
+        bot = {"mode": "callback", "token": "env:WECOM_AIBOT_TOKEN", "encoding_aes_key": "env:WECOM_AIBOT_AES_KEY"}
+        cfg = make_config(tmp_path, redis_server.url, wecom_aibot={"assistant": bot})
+        async with connector_alone(WecomAibotConnector, cfg, KeyValueCache(manager, "botd"), rec) as conn, \
+                aiohttp.ClientSession() as session:
+            sender = CallbackSender(fake, session, f"{conn.url}/wecom_aibot/assistant", TOKEN, AES_KEY)
+            item = fake.media(PDF, aeskey=AES_KEY)
+            del item["aeskey"]  # callback mode: the bot's own EncodingAESKey
+            message = {**sender.message("li", "", "cb-file-1"), "msgtype": "file", "file": item}
+            del message["text"]
+            status, _ = await sender.post(message, msg_signature="0" * 40)
+            assert status == 403 and rec.got == [] and fake.files.sent == []
+            status, _ = await sender.post(message)
+            assert status == 200
+            await until_got(rec, 1)
+            msg, target = rec.got[0]
+            assert msg.attachments[0].ref == {"url": item["url"]}  # no key kept in the durable record
+            assert await target.download(msg.attachments[0], LIMIT) == PDF

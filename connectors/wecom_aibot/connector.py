@@ -36,6 +36,7 @@ from aiohttp import web
 from connectors.base import Connector, Route, Service
 from connectors.markdown import neutral_links
 from connectors.wecom_aibot.config import WecomAibotConfig
+from connectors.wecom_aibot.media import AibotMedia, attachments_of
 from connectors.wecom_aibot.reply import PLATFORM, AibotReply, Slot, Slots
 from connectors.wecom_aibot.ws import AibotError, AibotLink, NotConnected, errcode_meaning, new_req_id
 from connectors.wecom_common.callback import check_fresh, open_body, signed_query, verify_url
@@ -63,12 +64,11 @@ def stream_id_of(bot: str, msgid: str) -> str:
 
 
 def text_of(body: dict[str, Any]) -> str:
-    """The words of a message: text, the text items of a mixed message, a voice message's transcript."""
+    """The words of a message: text, the text items of a mixed message (a voice message's
+    transcript is its Attachment's: :func:`connectors.wecom_aibot.media.attachments_of`)."""
     kind = body.get("msgtype")
     if kind == "text":
         return str((body.get("text") or {}).get("content", ""))
-    if kind == "voice":
-        return str((body.get("voice") or {}).get("content", ""))
     if kind == "mixed":
         items = (body.get("mixed") or {}).get("msg_item") or []
         return "\n".join(str((i.get("text") or {}).get("content", "")) for i in items
@@ -156,6 +156,9 @@ class _Bot:
             assert cfg.token is not None and cfg.encoding_aes_key is not None
             # The AI bot's receive id is the empty string (a self-built app's is its CorpID).
             self.crypto = WeComCrypto(resolve_secret(cfg.token), resolve_secret(cfg.encoding_aes_key), "")
+        # Callback mode's files are encrypted with the bot's EncodingAESKey (the long connection
+        # names a key in each message).
+        self.media_key = resolve_secret(cfg.encoding_aes_key) if cfg.encoding_aes_key is not None else None
 
 
 class WecomAibotConnector(Connector):
@@ -285,18 +288,23 @@ class WecomAibotConnector(Connector):
         thread = "" if not group or bot.cfg.group_history == "chat" else user
         route = {**route, "chatid": chat, "chattype": "group" if group else "single", "t0": time.time(),
                  "stream_id": stream_id_of(bot.name, msgid)}
+        attachments = attachments_of(body)
         return InboundMessage(
             platform=PLATFORM, bot=bot.name, account=bot.name, chat=chat, thread=thread, user=user,
-            text=text.strip() or "(not text)", readable=bool(text.strip()),
-            event_id=f"{body.get('aibotid') or bot.cfg.bot_id or bot.name}:{msgid}", route=route)
+            text=text.strip() or ("" if attachments else "(not text)"), readable=bool(text.strip() or attachments),
+            attachments=attachments, event_id=f"{body.get('aibotid') or bot.cfg.bot_id or bot.name}:{msgid}",
+            route=route)
 
     def _target(self, bot: _Bot, msg: InboundMessage, channel: SocketChannel | CallbackChannel,
                 slot: Slot | None = None, covered: int = 0, stream_open: bool = False) -> AibotReply:
         r = msg.route
-        return AibotReply(bot.account, bot.cfg, channel, self.cache, stream_id=str(r["stream_id"]), user=msg.user,
-                          slots=self.slots, slot=slot, covered=covered, stream_open=stream_open,
-                          recall=msg.resumed and msg.final_answer is not None,
-                          opened_at=float(r["t0"]) if r.get("mode") == "callback" else None)
+        target = AibotReply(bot.account, bot.cfg, channel, self.cache, stream_id=str(r["stream_id"]), user=msg.user,
+                            slots=self.slots, slot=slot, covered=covered, stream_open=stream_open,
+                            recall=msg.resumed and msg.final_answer is not None,
+                            opened_at=float(r["t0"]) if r.get("mode") == "callback" else None)
+        if self.http is not None:
+            target.media = AibotMedia(self.http, bot.media_key)
+        return target
 
     def target(self, msg: InboundMessage) -> AibotReply | None:
         """A message accepted before a restart. Over the long connection its req_id is gone with

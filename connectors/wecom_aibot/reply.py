@@ -29,11 +29,12 @@ from typing import Any, Protocol
 
 import structlog
 
-from connectors.reply import ReplyTarget
+from connectors.reply import AttachmentUnavailable, ReplyTarget
 from connectors.textsplit import split_text, utf8_len
 from connectors.wecom_aibot.config import WecomAibotConfig
+from connectors.wecom_aibot.media import AibotMedia
 from core.kv import KeyValueCache
-from core.messages import Account
+from core.messages import Account, Attachment
 from core.redis_store import StoreUnavailable
 
 log = structlog.get_logger("botd.wecom_aibot")
@@ -122,6 +123,9 @@ class AibotReply(ReplyTarget):
     limit = STREAM_BYTES
     measure = staticmethod(utf8_len)
 
+    # Set by the connector: fetches and decrypts the pictures and files users send.
+    media: AibotMedia | None = None
+
     def __init__(self, account: Account, cfg: WecomAibotConfig, channel: Channel, cache: KeyValueCache,
                  *, stream_id: str, user: str, slots: Slots, slot: Slot | None = None,
                  opened_at: float | None = None, covered: int = 0, stream_open: bool = False,
@@ -189,6 +193,11 @@ class AibotReply(ReplyTarget):
                 await self.call(functools.partial(self.channel.push, part))
             self.covered += len(part)
             await self._note_covered()
+
+    async def download(self, attachment: Attachment, max_bytes: int) -> bytes:
+        if self.media is None:
+            raise AttachmentUnavailable("wecom ai bot: the connector is not started")
+        return await self.media.download(attachment, max_bytes)
 
     async def failed(self, exc: Exception, text: str) -> None:
         log.error("wecom ai bot reply could not be delivered", bot=self.account.name, user=self.user,
