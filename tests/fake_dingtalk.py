@@ -76,6 +76,10 @@ class FakeDingtalk:
         self.throttle_hits: list[tuple[str, float]] = []
         self.cards_forbidden = False
         self._pinger: asyncio.Task[None] | None = None
+        from tests.fakes import FileShelf
+
+        self.files = FileShelf()  # downloadCode -> bytes (messageFiles/download, then /oss/<code>)
+        self.file_codes: list[dict[str, Any]] = []  # every messageFiles/download body
 
     # -- the app ----------------------------------------------------------------------------------------
 
@@ -92,6 +96,8 @@ class FakeDingtalk:
         app.router.add_put("/v1.0/card/streaming", self.card_streaming)
         app.router.add_put("/v1.0/card/instances", self.card_update)
         app.router.add_post("/topapi/v2/user/get", self.user_get)
+        app.router.add_post("/v1.0/robot/messageFiles/download", self.message_file)
+        app.router.add_get("/oss/{code}", self.oss)
         app.on_shutdown.append(self._shutdown)
         return app
 
@@ -229,7 +235,8 @@ class FakeDingtalk:
             await ws.close(code=1006)
 
     def robot_message(self, user: str, text: str, *, msg_id: str = "", group: str = "", at: bool = True,
-                      msgtype: str = "text", webhook_life_s: float = 5400) -> dict[str, Any]:
+                      msgtype: str = "text", webhook_life_s: float = 5400,
+                      content: dict[str, Any] | None = None) -> dict[str, Any]:
         now = int(time.time() * 1000)
         data: dict[str, Any] = {
             "conversationId": group or f"cid-{user}", "conversationType": "2" if group else "1",
@@ -244,6 +251,8 @@ class FakeDingtalk:
             data["text"] = {"content": f" {text}" if group else text}
         elif msgtype == "picture":
             data["content"] = {"downloadCode": "dc-1", "pictureDownloadCode": "pdc-1"}
+        if content is not None:
+            data["content"] = content
         if group:
             data["conversationTitle"] = "测试群"
             data["isInAtList"] = at
@@ -257,6 +266,23 @@ class FakeDingtalk:
             "appId": self.client_id, "contentType": "application/json", "messageId": mid,
             "time": str(int(time.time() * 1000)), "topic": ROBOT_TOPIC}, "data": json.dumps(data, ensure_ascii=False)})
         return mid
+
+    # -- what users send ------------------------------------------------------------------------------------
+
+    async def message_file(self, request: web.Request) -> web.Response:
+        refused = self._new_api_refusal(request, request.path)
+        if refused is not None:
+            return refused
+        body = await request.json()
+        self.file_codes.append(body)
+        code = str(body.get("downloadCode", ""))
+        if body.get("robotCode") != self.client_id or code not in self.files.blobs:
+            return web.json_response({"code": "invalidParameter", "message": "downloadCode 无效", "requestid": "r"},
+                                     status=400)
+        return web.json_response({"downloadUrl": f"{self.url}/oss/{code}?Expires=9&Signature=s{self.marker}"})
+
+    async def oss(self, request: web.Request) -> web.StreamResponse:
+        return await self.files.respond(request, request.match_info["code"])
 
     # -- replies ------------------------------------------------------------------------------------------
 

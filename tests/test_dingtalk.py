@@ -354,13 +354,13 @@ async def test_messages_become_inbound_messages(tmp_path, redis_server, manager)
             await wait_for(lambda: _true(fake.connected() == 1), timeout=10)
             for data in (fake.robot_message("u1", "一对一"), fake.robot_message("u2", "群里 @ 我", group="cidG"),
                          fake.robot_message("u3", "not for the bot", group="cidG", at=False),
-                         fake.robot_message("u4", "", msgtype="picture")):
+                         fake.robot_message("u4", "", msgtype="video")):  # a picture is an attachment now
                 mid = await fake.push(data)
                 await wait_for(lambda mid=mid: _true(mid in fake.acks), timeout=5)
     msgs = [m for m, _ in rec.got]
     assert [(m.chat, m.thread, m.user, m.text, m.readable) for m in msgs] == [
         ("u1", "", "u1", "一对一", True), ("cidG", "u2", "u2", "群里 @ 我", True),
-        ("u4", "", "u4", "(picture)", False)]
+        ("u4", "", "u4", "(video)", False)]
     assert all(isinstance(t, MarkdownReply) for _, t in rec.got)
 
 

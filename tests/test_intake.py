@@ -430,3 +430,84 @@ async def test_wecom_aibot_callback_files_use_the_bots_key_and_forged_ones_are_r
             msg, target = rec.got[0]
             assert msg.attachments[0].ref == {"url": item["url"]}  # no key kept in the durable record
             assert await target.download(msg.attachments[0], LIMIT) == PDF
+
+
+# -- DingTalk ---------------------------------------------------------------------------------------------------
+
+
+async def test_dingtalk_pictures_files_and_voice_arrive_and_download(tmp_path, redis_server, manager, monkeypatch):
+    from connectors.dingtalk.connector import DingtalkConnector
+    from tests.fake_dingtalk import FakeDingtalk
+    from tests.test_dingtalk import SECRET, dingtalk_config, fake_server
+
+    monkeypatch.setenv("DINGTALK_SECRET", SECRET)
+    fake = FakeDingtalk()
+    fake.files.put("dc-pic", JPEG)
+    fake.files.put("dc-pdf", PDF)
+    fake.files.put("dc-voice", OGG)
+    fake.files.put("dc-big", BIG)
+    async with fake_server(fake):
+        rec = Recorder()
+        cfg = dingtalk_config(tmp_path, redis_server.url, fake)
+        async with connector_alone(DingtalkConnector, cfg, KeyValueCache(manager, "botd"), rec):
+            async def up() -> bool:
+                return fake.connected() == 1
+            await wait_for(up, timeout=10)
+            for data in (
+                fake.robot_message("u1", "", msgtype="picture", content={"downloadCode": "dc-pic"}),
+                fake.robot_message("u1", "", msgtype="file", content={"downloadCode": "dc-pdf",
+                                                                      "fileName": "制度.pdf"}),
+                fake.robot_message("u1", "", msgtype="audio", content={"downloadCode": "dc-voice", "duration": 4200,
+                                                                       "recognition": "年假有几天"}),
+                fake.robot_message("u1", "", msgtype="richText", content={"richText": [
+                    {"text": "看这个截图"}, {"type": "picture", "downloadCode": "dc-pic"}]}),
+                fake.robot_message("u1", "", msgtype="video", content={"downloadCode": "dc-video"}),
+                fake.robot_message("u1", "", msgtype="file", content={"downloadCode": "dc-big",
+                                                                      "fileName": "big.pdf"})):
+                await fake.push(data)
+            await until_got(rec, 6)
+            (pic, t1), (doc, t2), (voice, t3), (rich, _), (video, _), (big, t6) = rec.got
+            assert pic.attachments == [Attachment("image", mime="image/jpeg", ref={"download_code": "dc-pic"})]
+            assert doc.attachments == [Attachment("file", name="制度.pdf", mime="application/pdf",
+                                                  ref={"download_code": "dc-pdf"})]
+            assert voice.attachments == [Attachment("voice", ref={"download_code": "dc-voice"},
+                                                    transcript="年假有几天", duration_s=4.2)]
+            assert rich.text == "看这个截图" and [a.ref for a in rich.attachments] == [{"download_code": "dc-pic"}]
+            assert all(m.readable and m.text == "" for m in (pic, doc, voice))
+            assert not video.readable and video.attachments == []
+            assert await t1.download(pic.attachments[0], LIMIT) == JPEG
+            assert await t2.download(doc.attachments[0], LIMIT) == PDF
+            assert await t3.download(voice.attachments[0], LIMIT) == OGG
+            assert {c["robotCode"] for c in fake.file_codes} == {fake.client_id}
+            await assert_refused_while_reading(t6, big.attachments[0], fake.files)
+            with pytest.raises(AttachmentUnavailable, match="invalidParameter"):
+                await t1.download(Attachment("image", ref={"download_code": "expired"}), LIMIT)
+
+
+async def test_dingtalk_a_forged_callback_is_refused_before_any_download(tmp_path, redis_server, manager,
+                                                                         monkeypatch):
+    from connectors.dingtalk.callback import sign
+    from connectors.dingtalk.connector import DingtalkConnector
+    from tests.fake_dingtalk import FakeDingtalk
+    from tests.test_dingtalk import SECRET, callback_config, fake_server
+
+    monkeypatch.setenv("DINGTALK_SECRET", SECRET)
+    fake = FakeDingtalk()
+    fake.files.put("dc-pdf", PDF)
+    async with fake_server(fake):
+        rec = Recorder()
+        cfg = callback_config(tmp_path, redis_server.url, fake)
+        async with connector_alone(DingtalkConnector, cfg, KeyValueCache(manager, "botd"), rec) as conn, \
+                aiohttp.ClientSession() as s:
+            body = json.dumps(fake.robot_message("u1", "", msgtype="file", content={
+                "downloadCode": "dc-pdf", "fileName": "a.pdf"})).encode()
+            stamp = str(int(time.time() * 1000))
+            for headers in ({"timestamp": stamp, "sign": sign(stamp, "another-apps-secret")}, {}):
+                async with s.post(f"{conn.url}/dingtalk/assistant", data=body, headers=headers) as r:
+                    assert r.status == 403
+            assert rec.got == [] and fake.file_codes == []
+            async with s.post(f"{conn.url}/dingtalk/assistant", data=body,
+                              headers={"timestamp": stamp, "sign": sign(stamp, SECRET)}) as r:
+                assert r.status == 200
+            msg, target = rec.got[0]
+            assert await target.download(msg.attachments[0], LIMIT) == PDF

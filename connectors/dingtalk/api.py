@@ -20,6 +20,8 @@ import structlog
 
 from connectors.access_token import SharedToken
 from connectors.dingtalk.config import DingtalkConfig
+from connectors.download import fetch
+from connectors.reply import AttachmentUnavailable
 from core.errors import BotdError
 from core.kv import KeyValueCache
 from core.redis_store import StoreUnavailable
@@ -190,6 +192,25 @@ class DingtalkApi:
         await self.call("PUT", "/v1.0/card/instances", {
             "outTrackId": out_track_id, "cardData": {"cardParamMap": params},
             "cardUpdateOptions": {"updateCardDataByKey": True}})
+
+    # -- what users send ------------------------------------------------------------------------------------
+
+    async def download_file(self, download_code: str, max_bytes: int) -> bytes:
+        """A picture, file or voice message a user sent: its ``downloadCode`` exchanged for a
+        temporary URL (robot messageFiles/download), then read capped (the URL is signed: never
+        logged)."""
+        try:
+            data = await self.call("POST", "/v1.0/robot/messageFiles/download",
+                                   {"downloadCode": download_code, "robotCode": self.cfg.robot})
+        except DingtalkApiError as exc:
+            raise AttachmentUnavailable(f"dingtalk messageFiles/download refused it: HTTP {exc.status} "
+                                        f"{exc.code}") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise AttachmentUnavailable(f"dingtalk messageFiles/download: no answer ({type(exc).__name__})") from None
+        url = str(data.get("downloadUrl") or "")
+        if not url.startswith(("https://", "http://")):
+            raise AttachmentUnavailable("dingtalk gave no download URL")
+        return await fetch(self.http, url, max_bytes, "dingtalk file")
 
     # -- contacts -------------------------------------------------------------------------------------------
 

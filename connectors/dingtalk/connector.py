@@ -14,8 +14,9 @@ Two ways to receive, per robot (``mode``):
 A message becomes one :class:`InboundMessage` (``event_id`` = robot + ``msgId``: DingTalk's
 redeliveries are dropped by the service's durable inbox) and one reply target
 (:mod:`connectors.dingtalk.reply`). In groups only messages that @ the robot are answered (the
-mention is stripped); one-to-one always. Pictures, files, voice and video are taken as
-unreadable: the bot says it reads text only.
+mention is stripped); one-to-one always. Pictures, files and voice messages arrive as
+attachments (their ``downloadCode``; a voice message with DingTalk's transcript); videos are
+taken as unreadable: the bot says it reads text only.
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ from connectors.dingtalk.callback import read_callback
 from connectors.dingtalk.config import DingtalkConfig
 from connectors.dingtalk.reply import PLATFORM, CardReply, MarkdownReply
 from connectors.dingtalk.stream import Displaced, StreamLink
+from connectors.download import mime_of
 from connectors.reply import ReplyTarget
 from core.config import Settings
 from core.kv import KeyValueCache
 from core.lease import Holding, Lease
-from core.messages import Account, InboundMessage
+from core.messages import Account, Attachment, InboundMessage
 from core.secrets import resolve_secret
 
 log = structlog.get_logger("botd.dingtalk")
@@ -62,6 +64,31 @@ def text_of(data: dict[str, Any]) -> str:
     if kind == "markdown":
         return str((data.get("markdown") or data.get("content") or {}).get("text", "") or "")
     return ""
+
+
+def attachments_of(data: dict[str, Any]) -> list[Attachment]:
+    """A picture, file or voice message (``audio``, with DingTalk's own ``recognition`` as its
+    transcript), and the pictures of a rich-text message, each by its ``downloadCode``; videos
+    are nothing botd reads."""
+    kind = data.get("msgtype")
+    content = data.get("content") if isinstance(data.get("content"), dict) else {}
+    if kind == "richText":
+        return [Attachment("image", mime="image/jpeg", ref={"download_code": str(i["downloadCode"])})
+                for i in content.get("richText") or []
+                if isinstance(i, dict) and i.get("downloadCode") and i.get("type", "picture") == "picture"]
+    code = str(content.get("downloadCode") or content.get("pictureDownloadCode") or "")
+    if not code or kind not in ("picture", "file", "audio"):
+        return []
+    ref = {"download_code": code}
+    if kind == "picture":
+        return [Attachment("image", mime="image/jpeg", ref=ref)]
+    if kind == "file":
+        name = str(content.get("fileName") or "")
+        return [Attachment("file", name=name, mime=mime_of(name), ref=ref)]
+    duration = content.get("duration")  # milliseconds
+    heard = str(content.get("recognition") or "").strip()
+    return [Attachment("voice", ref=ref, transcript=heard or None,
+                       duration_s=duration / 1000 if isinstance(duration, int | float) else None)]
 
 
 class _Robot:
@@ -190,7 +217,8 @@ class DingtalkConnector(Connector):
         if group:
             text = _MENTION.sub("", text, count=1)
         text = text.strip()
-        readable = kind in _TEXT_TYPES and bool(text)
+        attachments = attachments_of(data)
+        readable = (kind in _TEXT_TYPES and bool(text)) or bool(attachments)
         chat = conversation if group else user
         thread = "" if not group or robot.cfg.group_history == "chat" else user
         route = {"robot": robot.name, "group": group, "conversation": conversation, "staff_id": user,
@@ -198,7 +226,7 @@ class DingtalkConnector(Connector):
                  "webhook_until_ms": int(data.get("sessionWebhookExpiredTime") or 0), "msg_id": msg_id}
         return InboundMessage(
             platform=PLATFORM, bot=robot.name, account=robot.name, chat=chat, thread=thread, user=user,
-            text=text if readable else f"({kind or 'not text'})", readable=readable,
+            text=text if readable else f"({kind or 'not text'})", readable=readable, attachments=attachments,
             event_id=f"{robot.cfg.client_id}:{msg_id}", route=route)
 
     def _target(self, robot: _Robot, msg: InboundMessage, sent: list[Any] | None = None) -> ReplyTarget:

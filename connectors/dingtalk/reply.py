@@ -24,10 +24,11 @@ from typing import Any
 import structlog
 
 from connectors.dingtalk.api import DingtalkApi, DingtalkApiError
+from connectors.download import check_announced
 from connectors.markdown import neutral_links
-from connectors.reply import ReplyTarget
+from connectors.reply import AttachmentUnavailable, ReplyTarget
 from core.kv import KeyValueCache
-from core.messages import Account
+from core.messages import Account, Attachment
 from core.redis_store import StoreUnavailable
 
 log = structlog.get_logger("botd.dingtalk")
@@ -63,6 +64,13 @@ class _DingtalkReply(ReplyTarget):
 
     async def user_groups(self, user: str) -> list[str]:
         return await self.api.departments(user)
+
+    async def download(self, attachment: Attachment, max_bytes: int) -> bytes:
+        code = str(attachment.ref.get("download_code") or "")
+        if not code:
+            raise AttachmentUnavailable("dingtalk: the attachment has no downloadCode")
+        check_announced(attachment.size, max_bytes)
+        return await self.api.download_file(code, max_bytes)
 
     async def failed(self, exc: Exception, text: str) -> None:
         log.error("dingtalk reply could not be delivered", robot=self.account.name, user=self.user,
