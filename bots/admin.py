@@ -22,6 +22,7 @@ import structlog
 from bots import stats
 from bots.answers import STORE_DOWN, JobAnswer, TextAnswer, answer_details, reset_thread
 from bots.pipeline import AnswerPipeline
+from bots.quality_admin import QualityReads
 from bots.tasks import TaskRegistry
 from connectors import configured
 from core.config import Config, Settings
@@ -75,7 +76,7 @@ def _manifest(state_dir: Path, kb: str) -> dict[str, Any]:
         return {}
 
 
-class AdminBackend:
+class AdminBackend(QualityReads):
     """The console's reads and actions, over the runtime and the answer pipeline."""
 
     def __init__(self, settings: Settings, runtime: Runtime, tasks: TaskRegistry, answers: AnswerPipeline) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import statistics
 import sys
 import time
@@ -416,3 +417,113 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
             print(say("MISSED", name=name, value=_pct(value), min=_pct(minimum)), file=sys.stderr)
             missed = True
     return 1 if missed else 0
+
+
+# -- the console's view of the saved runs, and a case added from it --------------------------------
+
+_RUN_NAME = re.compile(r"^\d{8}T\d{6}-[0-9a-f]{6}$")
+
+
+def list_runs(cfg: Config, bot: str, limit: int = KEEP_RUNS) -> list[dict[str, Any]]:
+    """The saved runs of ``bot``, newest first: name, when, model, set, questions, totals,
+    and how many questions went better / worse than in the run before (blocking)."""
+    paths = sorted(runs_dir(cfg, bot).glob("*.json"), reverse=True)[: limit + 1]
+    runs: list[tuple[str, Run]] = []
+    for path in paths:
+        try:
+            runs.append((path.stem, Run.from_json(json.loads(path.read_text(encoding="utf-8")))))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    out = []
+    for i, (name, run) in enumerate(runs[:limit]):
+        before = runs[i + 1][1] if i + 1 < len(runs) else None
+        changes = compare(before, run) if before is not None else {}
+        out.append({"name": name, "started": run.started, "model": run.model, "set": run.set,
+                    "questions": len(run.results), "totals": run.totals(),
+                    "better": sum(v == "better" for v in changes.values()),
+                    "worse": sum(v == "worse" for v in changes.values()), "compared": before is not None})
+    return out
+
+
+def run_diff(cfg: Config, bot: str, name: str) -> dict[str, Any] | None:
+    """One saved run of ``bot`` with, per question, what changed since the run before it (and
+    which marks went down); None when there is no such run (blocking)."""
+    if not _RUN_NAME.match(name):
+        return None
+    names = sorted(p.stem for p in runs_dir(cfg, bot).glob("*.json"))
+    if name not in names:
+        return None
+    try:
+        run = Run.from_json(json.loads((runs_dir(cfg, bot) / f"{name}.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    before: Run | None = None
+    for older in reversed(names[: names.index(name)]):
+        try:
+            before = Run.from_json(json.loads((runs_dir(cfg, bot) / f"{older}.json").read_text(encoding="utf-8")))
+            break
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    changes = compare(before, run)
+    prev = {r.q: r for r in before.results} if before is not None else {}
+    rows = []
+    for r in run.results:
+        old = prev.get(r.q)
+        rows.append({**asdict(r), "change": changes[r.q], "worse_in": _what_changed(before, r)
+                     if before is not None and changes[r.q] == "worse" else "",
+                     "before": None if old is None else {"hit1": old.hit1, "hitk": old.hitk,
+                                                          "refusal_ok": old.refusal_ok, "facts": old.facts}})
+    return {"name": name, "bot": run.bot, "started": run.started, "model": run.model, "set": run.set,
+            "totals": run.totals(), "before": None if before is None else {
+                "started": before.started, "model": before.model, "totals": before.totals()},
+            "results": rows}
+
+
+class CaseNotAdded(EvalSetError):
+    """The case cannot go into the set: ``status`` 409 (already there, no folder) or 400."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def add_case(cfg: Config, bot: str, question: str, folder: str | None) -> Path:
+    """Append ``question`` as a case to ``bot``'s test set (made as eval.toml in ``folder``, the
+    first folder of its bases, when it has none): the set is read back before it replaces the
+    old one, so a set that would not load is never written (blocking)."""
+    question = " ".join(question.split())
+    if not question or len(question) > 4000:
+        raise CaseNotAdded(400, "the question is empty or longer than 4000 characters")
+    path = find_set(cfg, bot)
+    if path is None:
+        if folder is None:
+            raise CaseNotAdded(409, f"bot {bot} has no knowledge folder to keep a test set in")
+        path = Path(folder) / SET_NAMES[0]
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    if path.suffix.lower() == ".jsonl":
+        new = old + ("" if not old or old.endswith("\n") else "\n") + json.dumps({"q": question}, ensure_ascii=False)
+        new += "\n"
+    else:
+        # A JSON string is a TOML basic string (the same escapes).
+        new = old + ("" if not old or old.endswith("\n") else "\n") + \
+            f"\n# added from the console ({time.strftime('%Y-%m-%d', time.gmtime())})\n[[case]]\nq = " + \
+            json.dumps(question, ensure_ascii=False) + "\n"
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(new, encoding="utf-8")
+    try:
+        cases = load_set(tmp)
+    except EvalSetError as exc:
+        tmp.unlink(missing_ok=True)
+        if old and any(c.q == question for c in _cases_or_none(path)):
+            raise CaseNotAdded(409, "this question is already in the test set") from None
+        raise CaseNotAdded(409, str(exc)) from None
+    assert cases
+    tmp.replace(path)
+    return path
+
+
+def _cases_or_none(path: Path) -> list[Case]:
+    try:
+        return load_set(path)
+    except EvalSetError:
+        return []

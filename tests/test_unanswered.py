@@ -4,11 +4,17 @@ English and in Chinese. (The console's page and its roles: tests/test_unanswered
 
 from __future__ import annotations
 
+import json
 import time
 
 from bots import unanswered
+from bots.eval import load_set
 from bots.unanswered import Entry, Grouper, UnansweredStore
 from core.knowledge.embedder import Embedder
+from tests.helpers import make_config, running_daemon, wait_for
+from tests.test_console import HR_FACT, IT_FACT, USERS, _ready, _signing_key, browsers
+
+__all__ = ["_signing_key"]  # the autouse fixture: the console's signing key in the environment
 
 ROOM = ["How do I book a meeting room?", "How can I reserve a conference room?", "Where do I book meeting rooms?"]
 PARKING = ["What is the parking fee at the office?", "How much does parking cost?",
@@ -58,3 +64,88 @@ async def test_store_keeps_each_bot_apart_and_bounded(manager, monkeypatch) -> N
     # A corrupt item is skipped, not fatal.
     await manager.client.lpush("botd:unans:hr", "not json")
     assert len(await store.entries(["hr"])) == 4  # it takes a slot until trimmed, nothing more
+
+
+# -- the console's page, through the real daemon ------------------------------------------------------
+
+def quality_config(tmp_path, redis_url: str):  # type: ignore[no-untyped-def]
+    """The console's test config, its hr and it bots refusing what their documents do not answer."""
+    bots: dict = {"assistant": {}}
+    for name, fact in (("hr", HR_FACT), ("it", IT_FACT)):
+        folder = tmp_path / "docs" / name
+        folder.mkdir(parents=True)
+        (folder / f"{name}-policy.md").write_text(f"# {name.upper()} policy\n\n## Facts\n\n{fact}\n")
+        bots[name] = {"knowledge": [name], "no_match": "refuse"}
+    return make_config(
+        tmp_path, redis_url, bots=bots,
+        console={"enabled": True, "signing_key": "env:BOTD_TEST_CONSOLE_KEY", "login_attempts": 3, "users": USERS},
+        audit={"file": str(tmp_path / "audit.jsonl")},
+        knowledge={n: {"paths": [str(tmp_path / "docs" / n)], "schedule": ""} for n in ("hr", "it")},
+    )
+
+
+async def test_department_sees_its_own_unanswered_grouped_and_makes_a_test_case(tmp_path, redis_server):
+    cfg = quality_config(tmp_path, redis_server.url)
+    async with running_daemon(cfg) as api, browsers(api, "alice", "ivan", "vera", "root", "") as (
+            alice, ivan, vera, root, anon):
+        await wait_for(lambda: _ready(api), timeout=90)
+        for q in ROOM[:2] + ROOM_ZH[:2] + ["How do I book a meeting room"]:
+            status, events, _ = await alice.chat("hr", q)
+            assert status == 200 and events[-1]["done"], events
+        status, _, _ = await ivan.chat("it", "IT secret: where is the server room key?")
+        assert status == 200
+
+        async def listed() -> bool:
+            body = (await alice.get("/api/unanswered"))[1]
+            return sum(g["count"] for k in body["knowledge"] for g in k["groups"]) == 5
+
+        await wait_for(listed, timeout=20)
+        status, body = await alice.get("/api/unanswered")
+        assert status == 200 and [k["kb"] for k in body["knowledge"]] == ["hr"]
+        groups = body["knowledge"][0]["groups"]
+        en = next(g for g in groups if set(ROOM[:2]) <= {v["question"] for v in g["variants"]})
+        zh = next(g for g in groups if set(ROOM_ZH[:2]) <= {v["question"] for v in g["variants"]})
+        assert (en["count"], en["kinds"]["no_match"], zh["count"]) == (3, 3, 2) and len(groups) == 2
+        assert en["last_at"] > 0 and en["bots"] == ["hr"]
+        assert "secret" not in json.dumps(body)
+
+        # Another department's base, by name: 403; a base that does not exist: 404; no login: 401.
+        assert (await alice.get("/api/unanswered?kb=it"))[0] == 403
+        assert (await alice.get("/unanswered?kb=it"))[0] == 403
+        assert (await alice.get("/api/unanswered?kb=nope"))[0] == 404
+        assert (await alice.get("/api/unanswered?days=3650"))[0] == 400
+        assert (await anon.get("/api/unanswered"))[0] == 401
+        it_view = (await ivan.get("/api/unanswered"))[1]
+        assert [k["kb"] for k in it_view["knowledge"]] == ["it"] and "meeting" not in json.dumps(it_view)
+        for b in (vera, root):
+            assert {k["kb"] for k in (await b.get("/api/unanswered"))[1]["knowledge"]} == {"hr", "it"}
+
+        # The page, and its export (Excel-safe CSV, only alice's bases).
+        status, html = await alice.get("/unanswered")
+        assert status == 200 and "How do I book a meeting room" in html and "make-case" in html
+        async with alice.http.get(alice.base + "/api/unanswered.csv") as r:
+            raw = await r.read()
+        assert r.status == 200 and raw.startswith("\ufeff".encode()) and "会议室".encode() in raw
+        assert b"secret" not in raw
+
+        # One click: the question becomes a case of hr's test set (made next to its documents).
+        q = en["question"]
+        assert (await alice.post("/api/eval/case", csrf=False, json={"bot": "hr", "q": q}))[0] == 403
+        assert (await ivan.post("/api/eval/case", json={"bot": "hr", "q": q}))[0] == 403
+        assert (await vera.post("/api/eval/case", json={"bot": "hr", "q": q}))[0] == 403
+        assert not (tmp_path / "docs" / "hr" / "eval.toml").exists()
+        status, added = await alice.post("/api/eval/case", json={"bot": "hr", "q": q})
+        assert status == 201 and added["set"] == "eval.toml", added
+        status, added = await alice.post("/api/eval/case", json={"bot": "hr", "q": zh["question"]})
+        assert status == 201
+        assert [c.q for c in load_set(tmp_path / "docs" / "hr" / "eval.toml")] == [q, zh["question"]]
+        # The same again: 409, the set unchanged; a form post goes back to the page with a notice.
+        before = (tmp_path / "docs" / "hr" / "eval.toml").read_text()
+        assert (await alice.post("/api/eval/case", json={"bot": "hr", "q": q}))[0] == 409
+        assert (await alice.post("/api/eval/case", json={"bot": "hr", "q": "   "}))[0] == 400
+        assert (tmp_path / "docs" / "hr" / "eval.toml").read_text() == before
+        status, _ = await root.post("/api/eval/case", data={"bot": "hr", "q": 'He said "hi" \\ [[case]]',
+                                                           "csrf": root.csrf, "back": "/console/unanswered?kb=hr"})
+        assert status == 303
+        assert load_set(tmp_path / "docs" / "hr" / "eval.toml")[-1].q == 'He said "hi" \\ [[case]]'
+        assert not (tmp_path / "docs" / "it" / "eval.toml").exists()

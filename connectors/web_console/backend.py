@@ -8,7 +8,7 @@ sees (:class:`connectors.base.Service`).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from typing import Any, Protocol
 
 from core.dispatch import Answer
@@ -74,3 +74,18 @@ class ConsoleBackend(Protocol):
     def audit_action(self, who: str, action: str, **details: Any) -> None: ...
 
     async def reload_config(self, timeout_s: float = 60.0) -> bool | None: ...
+
+    # The quality pages (bots/quality_admin.py): usage, unanswered questions, export, eval runs.
+
+    async def usage(self, bots: Collection[str]) -> dict[str, Any]: ...
+
+    async def unanswered(self, bots: Collection[str], kbs: Collection[str],
+                         days: int = 90) -> dict[str, list[dict[str, Any]]]: ...
+
+    def export_rows(self, bots: Collection[str], since: float, until: float) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def eval_runs(self, bot: str) -> list[dict[str, Any]]: ...
+
+    async def eval_run(self, bot: str, name: str) -> dict[str, Any] | None: ...
+
+    async def add_eval_case(self, bot: str, question: str) -> str: ...

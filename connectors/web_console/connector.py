@@ -49,6 +49,9 @@ from connectors.server import REQUEST_ID
 from connectors.web_console import i18n
 from connectors.web_console.backend import ConsoleBackend
 from connectors.web_console.config import ConsoleConfig, ConsoleUserConfig
+from connectors.web_console.csvsafe import BOM
+from connectors.web_console.csvsafe import cell as _cell
+from connectors.web_console.quality import QualityPages
 from core.auth import CONSOLE_AUDIENCE, AuthError, DenyList, LoginLimiter, Tokens, TooManyAttempts, verify_password
 from core.config import Settings, secret_references
 from core.dispatch import Busy, Rejected
@@ -215,7 +218,7 @@ def _load_assets() -> tuple[dict[str, bytes], str]:
     return assets, h.hexdigest()[:10]
 
 
-class WebConsoleConnector(Edge):
+class WebConsoleConnector(QualityPages, Edge):
     name = "web_console"
     hands = "admin"
 
@@ -287,6 +290,7 @@ class WebConsoleConnector(Edge):
             ("GET", p + "/config", "config_page"), ("GET", p + "/api/config", "api_config"),
             ("POST", p + "/api/config/reload", "api_reload"),
             ("GET", p + "/static/{name}", "static"),
+            *self.quality_routes(),
         ]
 
     # -- who is asking ---------------------------------------------------------------------------
@@ -842,8 +846,7 @@ class WebConsoleConnector(Edge):
         self.admin.audit_action(session.name, "audit_export", lines=len(lines),
                                   **{k: request.query[k] for k in ("bot", "user", "day") if request.query.get(k)})
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        # A BOM: Excel then reads the Chinese text as UTF-8.
-        return web.Response(body=("\ufeff" + out.getvalue()).encode(), headers={
+        return web.Response(body=(BOM + out.getvalue()).encode(), headers={
             **_SECURITY_HEADERS, "Content-Type": "text/csv; charset=utf-8",
             "Content-Disposition": f'attachment; filename="botd-audit-{stamp}.csv"'})
 
@@ -872,14 +875,6 @@ class WebConsoleConnector(Edge):
 
 CSV_COLUMNS = ("ts", "platform", "user", "bot", "action", "finish", "question", "answer", "tokens_in", "tokens_out",
                "latency_ms")
-
-
-def _cell(value: Any) -> str:
-    """One CSV cell; a text a spreadsheet would run as a formula is quoted with a leading '."""
-    if value is None:
-        return ""
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 def _looks_like(suffix: str, data: bytes) -> bool:

@@ -6,6 +6,8 @@ the first of Chinese or English in the browser's Accept-Language.
 
 from __future__ import annotations
 
+from connectors.web_console.i18n_quality import TEXTS as QUALITY_TEXTS
+
 LANGS = ("en", "zh")
 
 TEXTS: dict[str, dict[str, str]] = {
@@ -128,6 +130,10 @@ TEXTS: dict[str, dict[str, str]] = {
         "language": "English", "switch_lang": "en", "now": "现在", "minutes": "分钟",
     },
 }
+
+# The quality pages' words live beside (connectors/web_console/i18n_quality.py).
+for _lang, _texts in QUALITY_TEXTS.items():
+    TEXTS[_lang].update(_texts)
 
 # The texts the page scripts need.
 JS_KEYS = ("you", "sources", "queue_wait", "ttft", "tokens_per_s", "prompt_reused", "total", "busy", "error",
