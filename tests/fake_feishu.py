@@ -75,6 +75,10 @@ class FakeFeishu:
         self.throttle_hits: list[tuple[str, float]] = []
         self.cardkit_forbidden = False
         self.calls: list[tuple[str, float]] = []
+        from tests.fakes import FileShelf
+
+        self.files = FileShelf()  # "<message_id>/<file_key>" -> bytes (im/v1 message resources)
+        self.resource_types: list[str] = []  # the ?type= of each resource download
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -89,6 +93,7 @@ class FakeFeishu:
         r.add_put("/open-apis/cardkit/v1/cards/{cid}/elements/{eid}/content", self.card_content)
         r.add_patch("/open-apis/cardkit/v1/cards/{cid}/settings", self.card_settings)
         r.add_get("/open-apis/contact/v3/users/{uid}", self.user_get)
+        r.add_get("/open-apis/im/v1/messages/{mid}/resources/{key}", self.resource)
         app.on_shutdown.append(self._shutdown)
         return app
 
@@ -217,14 +222,16 @@ class FakeFeishu:
             await ws.close(code=1006)
 
     def message_event(self, user: str, text: str, *, chat: str = "", at_bot: bool = True, message_id: str = "",
-                      message_type: str = "text", event_id: str = "") -> dict[str, Any]:
+                      message_type: str = "text", event_id: str = "",
+                      content: dict[str, Any] | None = None) -> dict[str, Any]:
         group = bool(chat)
         mentions = []
         if group and at_bot:
             text = f"@_user_1 {text}"
             mentions.append({"key": "@_user_1", "id": {"open_id": BOT_OPEN_ID, "union_id": "on_b", "user_id": ""},
                              "name": "botd", "tenant_key": "tk"})
-        content: dict[str, Any] = {"text": text} if message_type == "text" else {"image_key": "img_v2_x"}
+        if content is None:
+            content = {"text": text} if message_type == "text" else {"image_key": "img_v2_x"}
         mid = message_id or f"om_{uuid.uuid4().hex}"
         return {"schema": "2.0", "header": {
             "event_id": event_id or uuid.uuid4().hex, "event_type": "im.message.receive_v1",
@@ -238,6 +245,17 @@ class FakeFeishu:
                         "mentions": mentions}}}
 
     # -- the OpenAPI -------------------------------------------------------------------------------------
+
+    async def resource(self, request: web.Request) -> web.StreamResponse:
+        refused = self._refusal(request, "resource")
+        if refused is not None:
+            return refused
+        kind = request.query.get("type", "")
+        self.resource_types.append(kind)
+        key = f"{request.match_info['mid']}/{request.match_info['key']}"
+        if kind not in ("image", "file") or key not in self.files.blobs:
+            return web.json_response({"code": 234003, "msg": "File not in msg."}, status=400)
+        return await self.files.respond(request, key)
 
     async def bot_info(self, request: web.Request) -> web.Response:
         refused = self._refusal(request, "bot_info")

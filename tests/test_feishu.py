@@ -347,12 +347,12 @@ async def test_events_become_inbound_messages(tmp_path, redis_server, manager):
             await wait_for(lambda: _true(fake.connected() == 1), timeout=10)
             for event in (fake.message_event("u1", "一对一"), fake.message_event("u2", "群里 @ 我", chat="oc_g"),
                           fake.message_event("u3", "not for the bot", chat="oc_g", at_bot=False),
-                          fake.message_event("u4", "", message_type="image")):
+                          fake.message_event("u4", "", message_type="sticker")):  # a picture is an attachment now
                 mid = await fake.push(event)
                 await wait_for(lambda mid=mid: _true(mid in fake.answers), timeout=5)
     got = [(m.chat, m.thread, m.user, m.text, m.readable) for m, _ in rec.got]
     assert got == [("ou_u1", "", "ou_u1", "一对一", True), ("oc_g", "ou_u2", "ou_u2", "群里 @ 我", True),
-                   ("ou_u4", "", "ou_u4", "(image)", False)]
+                   ("ou_u4", "", "ou_u4", "(sticker)", False)]
     assert all(isinstance(t, CardKitReply) for _, t in rec.got)
 
 
@@ -382,7 +382,7 @@ async def test_answers_stream_into_cards_once_each_also_in_a_retry_storm(tmp_pat
             assert reply["reply_to"] == storm["event"]["message"]["message_id"]
             await fake.push(fake.message_event("li", "What is a lake?", chat="oc_group"))
             await fake.push(fake.message_event("wang", "ignored", chat="oc_group", at_bot=False))
-            image = fake.message_event("zhao", "", message_type="image")
+            image = fake.message_event("zhao", "", message_type="sticker", content={"file_key": "sticker_1"})
             await fake.push(image)
             await wait_for(lambda: done(3), timeout=60)
             await asyncio.sleep(0.5)

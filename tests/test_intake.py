@@ -511,3 +511,82 @@ async def test_dingtalk_a_forged_callback_is_refused_before_any_download(tmp_pat
                 assert r.status == 200
             msg, target = rec.got[0]
             assert await target.download(msg.attachments[0], LIMIT) == PDF
+
+
+# -- Feishu -----------------------------------------------------------------------------------------------------
+
+
+async def test_feishu_pictures_files_and_voice_arrive_and_download(tmp_path, redis_server, manager, monkeypatch):
+    from connectors.feishu.connector import FeishuConnector
+    from tests.fake_feishu import FakeFeishu
+    from tests.test_feishu import SECRET, fake_server, feishu_config
+
+    monkeypatch.setenv("FEISHU_SECRET", SECRET)
+    fake = FakeFeishu()
+    async with fake_server(fake):
+        rec = Recorder()
+        cfg = feishu_config(tmp_path, redis_server.url, fake)
+        async with connector_alone(FeishuConnector, cfg, KeyValueCache(manager, "botd"), rec):
+            async def up() -> bool:
+                return fake.connected() == 1
+            await wait_for(up, timeout=10)
+            sent = [("om_img", "image", {"image_key": "img_v3_1"}, JPEG),
+                    ("om_pdf", "file", {"file_key": "file_v3_1", "file_name": "报告.pdf"}, PDF),
+                    ("om_voice", "audio", {"file_key": "file_v3_2", "duration": 2500}, OGG),
+                    ("om_big", "file", {"file_key": "file_v3_3", "file_name": "big.pdf"}, BIG)]
+            for mid, kind, content, data in sent:
+                fake.files.put(f"{mid}/{next(iter(content.values()))}", data)
+                await fake.push(fake.message_event("u1", "", message_id=mid, message_type=kind, content=content))
+            await fake.push(fake.message_event("u1", "", message_id="om_post", message_type="post", content={
+                "title": "", "content": [[{"tag": "text", "text": "这是什么错误"}, {"tag": "img",
+                                                                               "image_key": "img_v3_1"}]]}))
+            await fake.push(fake.message_event("u1", "", message_id="om_video", message_type="media",
+                                               content={"file_key": "v", "image_key": "i"}))
+            await until_got(rec, 6)
+            (img, t1), (doc, t2), (voice, t3), (big, t4), (post, _), (video, _) = rec.got
+            assert img.attachments == [Attachment("image", mime="image/jpeg", ref={
+                "message_id": "om_img", "file_key": "img_v3_1", "type": "image"})]
+            assert doc.attachments[0].name == "报告.pdf" and doc.attachments[0].kind == "file"
+            assert voice.attachments == [Attachment("voice", mime="audio/opus", duration_s=2.5, ref={
+                "message_id": "om_voice", "file_key": "file_v3_2", "type": "file"})]
+            assert post.text == "这是什么错误" and [a.kind for a in post.attachments] == ["image"]
+            assert all(m.readable and m.text == "" for m in (img, doc, voice))
+            assert not video.readable and video.attachments == []
+            assert await t1.download(img.attachments[0], LIMIT) == JPEG
+            assert await t2.download(doc.attachments[0], LIMIT) == PDF
+            fake.expire_tokens()  # refused once: a new tenant token, then the file
+            assert await t3.download(voice.attachments[0], LIMIT) == OGG
+            assert fake.resource_types == ["image", "file", "file"]
+            await assert_refused_while_reading(t4, big.attachments[0], fake.files)
+            with pytest.raises(AttachmentUnavailable, match="234003"):
+                await t1.download(Attachment("image", ref={"message_id": "om_img", "file_key": "gone",
+                                                           "type": "image"}), LIMIT)
+
+
+async def test_feishu_a_forged_callback_is_refused_before_any_download(tmp_path, redis_server, manager,
+                                                                       monkeypatch):
+    from connectors.feishu.connector import FeishuConnector
+    from tests.fake_feishu import FakeFeishu
+    from tests.test_feishu import KEY, SECRET, _signed, callback_config, fake_server
+
+    monkeypatch.setenv("FEISHU_SECRET", SECRET)
+    monkeypatch.setenv("FEISHU_ENCRYPT_KEY", KEY)
+    monkeypatch.setenv("FEISHU_VERIFICATION_TOKEN", "vtoken")
+    fake = FakeFeishu()
+    fake.files.put("om_f/file_1", PDF)
+    async with fake_server(fake):
+        rec = Recorder()
+        cfg = callback_config(tmp_path, redis_server.url, fake)
+        async with connector_alone(FeishuConnector, cfg, KeyValueCache(manager, "botd"), rec) as conn, \
+                aiohttp.ClientSession() as s:
+            event = fake.message_event("u1", "", message_id="om_f", message_type="file",
+                                       content={"file_key": "file_1", "file_name": "a.pdf"})
+            headers, body = _signed(event, key="another-apps-key")
+            async with s.post(f"{conn.url}/feishu/assistant", data=body, headers=headers) as r:
+                assert r.status == 403
+            assert rec.got == [] and fake.resource_types == []
+            headers, body = _signed(event)
+            async with s.post(f"{conn.url}/feishu/assistant", data=body, headers=headers) as r:
+                assert r.status == 200
+            msg, target = rec.got[0]
+            assert await target.download(msg.attachments[0], LIMIT) == PDF

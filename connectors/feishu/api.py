@@ -19,7 +19,9 @@ import aiohttp
 import structlog
 
 from connectors.access_token import SharedToken
+from connectors.download import READ_TIMEOUT_S, read_capped
 from connectors.feishu.config import FeishuConfig
+from connectors.reply import AttachmentUnavailable
 from core.errors import BotdError
 from core.kv import KeyValueCache
 from core.redis_store import StoreUnavailable
@@ -133,6 +135,42 @@ class FeishuApi:
     async def card_settings(self, card_id: str, settings: dict[str, Any], sequence: int, uuid: str) -> None:
         await self.call("PATCH", f"/cardkit/v1/cards/{card_id}/settings",
                         {"settings": json.dumps(settings), "sequence": sequence, "uuid": uuid[:64]})
+
+    # -- what users send -----------------------------------------------------------------------------------
+
+    async def download_resource(self, message_id: str, file_key: str, kind: str, max_bytes: int) -> bytes:
+        """A picture, file or voice message of a user's message (im/v1 message resources,
+        ``type=image`` or ``file``), read capped; the token is fetched again once if refused."""
+        path = f"{self.cfg.base}/open-apis/im/v1/messages/{message_id}/resources/{file_key}"
+        for attempt in (0, 1):
+            try:
+                token = await self.token()
+            except (FeishuApiError, aiohttp.ClientError, TimeoutError) as exc:
+                raise AttachmentUnavailable(f"feishu: no tenant token ({type(exc).__name__})") from None
+            try:
+                async with self.http.get(path, params={"type": kind}, headers={"Authorization": f"Bearer {token}"},
+                                         timeout=aiohttp.ClientTimeout(total=None, sock_connect=10,
+                                                                       sock_read=READ_TIMEOUT_S)) as r:
+                    if r.content_type != "application/json":
+                        return await read_capped(r, max_bytes, "feishu resource")
+                    status = r.status
+                    # An error is a short JSON body; a JSON file is read capped like any file.
+                    body = await r.content.read(65536) if status >= 400 else await read_capped(
+                        r, max_bytes, "feishu resource")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise AttachmentUnavailable(f"feishu resource: no answer ({type(exc).__name__})") from None
+            try:
+                data = json.loads(body)
+            except ValueError:
+                data = None
+            if not (isinstance(data, dict) and isinstance(data.get("code"), int) and data["code"] and "msg" in data):
+                return body  # a JSON file the user sent, not an error
+            err = FeishuApiError(status, int(data["code"]), str(data.get("msg", "")))
+            if err.bad_token and attempt == 0:
+                await self._drop(token)
+                continue
+            raise AttachmentUnavailable(f"feishu refused the resource: code {err.code} {err.msg}"[:200])
+        raise AssertionError("unreachable")
 
     # -- contacts and the bot ------------------------------------------------------------------------------
 

@@ -13,7 +13,8 @@ Two ways to receive, per app (``mode``):
 ``message_id``: Feishu's redeliveries, which keep the message id, are dropped by the service's
 durable inbox) and one reply target (:mod:`connectors.feishu.reply`). In groups only messages
 that @ the bot are answered (the mention taken out), unless ``all_group_messages``; p2p always.
-Images, files, audio, video and stickers are taken as unreadable: the bot says it reads text only.
+Images, files and audio arrive as attachments (resources of their message); video and stickers
+are taken as unreadable: the bot says it reads text only.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import structlog
 from aiohttp import web
 
 from connectors.base import Connector, Route, Service
+from connectors.download import mime_of
 from connectors.feishu.api import FeishuApi, FeishuApiError
 from connectors.feishu.callback import CallbackRefused, open_callback, read_body
 from connectors.feishu.config import FeishuConfig
@@ -39,7 +41,7 @@ from connectors.reply import ReplyTarget
 from core.config import Settings
 from core.kv import KeyValueCache
 from core.lease import Holding, Lease
-from core.messages import Account, InboundMessage
+from core.messages import Account, Attachment, InboundMessage
 from core.secrets import resolve_secret
 
 log = structlog.get_logger("botd.feishu")
@@ -77,6 +79,31 @@ def text_of(kind: str, content: dict[str, Any], mentions: dict[str, str]) -> str
             lines.append("".join(words))
         return "\n".join(lines)
     return ""
+
+
+def attachments_of(kind: str, content: dict[str, Any], message_id: str) -> list[Attachment]:
+    """A picture (``image_key``), file (``file_key``, ``file_name``) or voice message (``audio``,
+    Opus, ``duration`` in ms), and the pictures of a rich-text (post) message: each a resource of
+    its message. Videos (``media``) and stickers are nothing botd reads."""
+    def ref(key: str, rtype: str) -> dict[str, str]:
+        return {"message_id": message_id, "file_key": key, "type": rtype}
+
+    if kind == "image" and content.get("image_key"):
+        return [Attachment("image", mime="image/jpeg", ref=ref(str(content["image_key"]), "image"))]
+    if kind == "file" and content.get("file_key"):
+        name = str(content.get("file_name") or "")
+        return [Attachment("file", name=name, mime=mime_of(name), ref=ref(str(content["file_key"]), "file"))]
+    if kind == "audio" and content.get("file_key"):
+        duration = content.get("duration")
+        return [Attachment("voice", mime="audio/opus", ref=ref(str(content["file_key"]), "file"),
+                           duration_s=duration / 1000 if isinstance(duration, int | float) else None)]
+    if kind == "post":
+        body = content if "content" in content else next(
+            (v for v in content.values() if isinstance(v, dict) and "content" in v), {})
+        return [Attachment("image", mime="image/jpeg", ref=ref(str(el["image_key"]), "image"))
+                for para in body.get("content") or [] if isinstance(para, list)
+                for el in para if isinstance(el, dict) and el.get("tag") == "img" and el.get("image_key")]
+    return []
 
 
 class _App:
@@ -233,14 +260,15 @@ class FeishuConnector(Connector):
         except ValueError:
             content = {}
         text = text_of(kind, content if isinstance(content, dict) else {}, mentions).strip()
-        readable = kind in _TEXT_TYPES and bool(text)
+        attachments = attachments_of(kind, content if isinstance(content, dict) else {}, msg_id)
+        readable = (kind in _TEXT_TYPES and bool(text)) or bool(attachments)
         chat = str(message.get("chat_id") or user) if group else user
         thread = "" if not group or app.cfg.group_history == "chat" else user
         route = {"app": app.name, "message_id": msg_id, "chat_id": str(message.get("chat_id") or ""),
                  "open_id": user, "group": group}
         return InboundMessage(
             platform=PLATFORM, bot=app.name, account=app.name, chat=chat, thread=thread, user=user,
-            text=text if readable else f"({kind or 'not text'})", readable=readable,
+            text=text if readable else f"({kind or 'not text'})", readable=readable, attachments=attachments,
             event_id=f"{app.cfg.app_id}:{msg_id}", route=route)
 
     def _target(self, app: _App, msg: InboundMessage, sent: list[Any] | None = None) -> ReplyTarget:

@@ -24,12 +24,13 @@ from typing import Any
 
 import structlog
 
+from connectors.download import check_announced
 from connectors.feishu.api import FeishuApi, FeishuApiError
 from connectors.markdown import neutral_links
-from connectors.reply import ReplyTarget
+from connectors.reply import AttachmentUnavailable, ReplyTarget
 from connectors.textsplit import utf8_len
 from core.kv import KeyValueCache
-from core.messages import Account
+from core.messages import Account, Attachment
 from core.redis_store import StoreUnavailable
 
 log = structlog.get_logger("botd.feishu")
@@ -72,6 +73,15 @@ class FeishuReply(ReplyTarget):
 
     async def user_groups(self, user: str) -> list[str]:
         return await self.api.departments(user)
+
+    async def download(self, attachment: Attachment, max_bytes: int) -> bytes:
+        ref = attachment.ref
+        key, kind = str(ref.get("file_key") or ""), str(ref.get("type") or "file")
+        message_id = str(ref.get("message_id") or self.message_id)
+        if not key or kind not in ("image", "file"):
+            raise AttachmentUnavailable("feishu: the attachment has no resource key")
+        check_announced(attachment.size, max_bytes)
+        return await self.api.download_resource(message_id, key, kind, max_bytes)
 
     async def failed(self, exc: Exception, text: str) -> None:
         log.error("feishu reply could not be delivered", app=self.account.name, user=self.user,
