@@ -19,8 +19,8 @@ from typing import Any
 
 import structlog
 
-from bots import stats
-from bots.answers import STORE_DOWN, JobAnswer, TextAnswer, answer_details, reset_thread
+from bots import notice, stats
+from bots.answers import STORE_DOWN, JobAnswer, TextAnswer, answer_details, language, reset_thread
 from bots.pipeline import AnswerPipeline
 from bots.quality_admin import QualityReads
 from bots.tasks import TaskRegistry
@@ -121,6 +121,10 @@ class AdminBackend(QualityReads):
     @staticmethod
     def answer_details(answer: Any) -> dict[str, Any]:
         return answer_details(answer)
+
+    def waiting_notice(self, msg: InboundMessage, answer: Any) -> str | None:
+        st = notice.standing(self.runtime, answer)
+        return None if st is None else notice.notice_text(st, language(self.cfg, msg))
 
     # -- the last hour ------------------------------------------------------------------------------
 

@@ -22,17 +22,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
+from collections.abc import Callable
 
 import structlog
 
 from bots import texts
 from bots.answers import language
+from bots.bursts import Bursts
+from bots.notice import Standing, notice_text, standing
 from bots.pipeline import AnswerPipeline
 from bots.routing import route
 from bots.tasks import TaskRegistry
 from connectors.base import Edge
 from connectors.reply import ReplyTarget
+from connectors.waiting import with_notice
+from core import metrics
 from core.config import Config, Settings
 from core.dispatch import Answer, Busy, Interrupted, Rejected
 from core.inbox import Inbox, NotOwned
@@ -47,6 +53,11 @@ log = structlog.get_logger("botd.service")
 class Delivery:
     """One message's answer going to its reply target."""
 
+    # The waiting notice: shown when the answer has not started after ``notice_after_s`` (0: never),
+    # from where ``standing`` says the answer waits (set by :class:`Platforms`).
+    notice_after_s: float = 0.0
+    standing: Callable[[Answer], Standing | None] | None = None
+
     def __init__(self, msg: InboundMessage, target: ReplyTarget, inbox: Inbox | None = None,
                  lang: texts.Lang | None = None) -> None:
         self.msg = msg
@@ -59,6 +70,24 @@ class Delivery:
         self.text = ""  # the last text given to the target (shown, or being shown)
         if inbox is not None:
             target.fence = inbox.fence(msg)
+
+    async def _notice(self, answer: Answer) -> None:
+        """The answer has not started in time: tell the user where they stand, once per turn
+        (a replay after a restart does not repeat it). Where the platform edits, the notice is
+        the answer's first part and the answer replaces it; elsewhere it is a message of its own."""
+        assert self.standing is not None
+        st = self.standing(answer)
+        if st is None:
+            return  # generating already (reading a long prompt): no place in line to tell
+        said = notice_text(st, self.lang)
+        if self.target.edits:
+            await self.show(said)
+        else:
+            await self.target.notice(said)
+        if self.inbox is not None:
+            await self.inbox.note_progress(self.msg, {"noticed": True})
+        metrics.QUEUE_NOTICES.labels(self.msg.platform).inc()
+        log.info("waiting notice shown", ahead=st.ahead, wait_s=round(st.wait_s, 1))
 
     async def show(self, text: str) -> None:
         self.text = text
@@ -76,7 +105,8 @@ class Delivery:
             next_at = time.monotonic() + target.interval
         text = ""
         final: ReplyEvent | None = None
-        async for ev in answer.events():
+        after = self.notice_after_s if self.standing is not None and not self.msg.progress.get("noticed") else 0.0
+        async for ev in with_notice(answer.events(), after, functools.partial(self._notice, answer)):
             if ev.done:
                 final = ev
                 break
@@ -114,6 +144,8 @@ class Platforms:
         self.runtime = runtime
         self.tasks = tasks
         self.answers = answers
+        # Quick messages of one sender in one thread, gathered into one turn ([queue] debounce_s).
+        self.bursts = Bursts(settings, runtime.inbox, tasks, self._answer)
 
     @property
     def cfg(self) -> Config:
@@ -133,7 +165,7 @@ class Platforms:
             return False
         if not await self.runtime.inbox.accept(msg, account.connector):
             return False
-        self.tasks.spawn(self._answer(msg, target), account.connector)
+        self.bursts.add(msg, target, account.connector)
         return True
 
     async def resume(self, connectors: dict[str, Edge]) -> None:
@@ -179,7 +211,10 @@ class Platforms:
                 await self.runtime.inbox.done(msg)
                 continue
             counts[name] = counts.get(name, 0) + 1
-            self.tasks.spawn(self._answer(msg, target), name)
+            if msg.progress or msg.final_answer is not None:
+                self.tasks.spawn(self._answer(msg, target), name)  # its answer had begun: a turn of its own
+            else:
+                self.bursts.add(msg, target, name)  # pieces of a burst not merged yet are gathered again
         if counts:
             log.info(event, counts=counts)
 
@@ -189,6 +224,8 @@ class Platforms:
         # The language of every text botd says about this message: decided once, here.
         lang = language(self.cfg, msg)
         delivery = Delivery(msg, target, self.runtime.inbox, lang)
+        delivery.notice_after_s = self.cfg.queue.notice_after_s
+        delivery.standing = functools.partial(standing, self.runtime)
         try:
             if not await self._admitted(msg, target):
                 log.info("user not allowed", user=msg.user)

@@ -142,6 +142,11 @@ _TEXTS: dict[str, tuple[str, ...]] = {
     "SOURCES": ("\n\n来源：{cites}", "\n\nSources: {cites}", "\n\n来源 / Sources: {cites}"),
     # Shown when the answer is empty (the model said nothing).
     "EMPTY": ("…", "…", "…"),
+    # An answer still waiting for the model after [queue] notice_after_s (bots/notice.py): the
+    # user's place in the fair queue and the expected wait; the answer replaces (or follows) it.
+    "QUEUE_NOTICE": ("⏳ 前面还有 {n} 位，预计 {wait}", "⏳ {n} ahead of you, about {wait}"),
+    "QUEUE_NEXT": ("⏳ 马上轮到您，预计 {wait}", "⏳ You are next, about {wait}"),
+    "WAIT_MINUTES": ("{m} 分钟", "{m} min"),
     # Tools (bots/tooluse.py): the note before an answer that used them, and the commands.
     "TOOLS_USED": ("🔧 使用了工具：{names}\n\n", "🔧 Used: {names}\n\n", "🔧 工具 / Used: {names}\n\n"),
     "TOOL_NONE": ("此助手没有名为 {name} 的工具。可用：{names}",

@@ -100,6 +100,11 @@ class ReplyTarget(ABC):
         """The groups (departments) ``user`` belongs to, for accounts that allow by group."""
         return ()
 
+    async def notice(self, text: str) -> None:
+        """Show a short message of its own that the answer then follows (the waiting notice on a
+        platform that cannot edit): one more post, not among the answer's parts."""
+        await self.call(functools.partial(self.post, text, False))
+
     async def answered(self) -> None:  # noqa: B027 - optional
         """The answer is complete; called just before its last words are shown (e.g. Slack
         follows the thread from now on, before the user can reply to them)."""

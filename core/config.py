@@ -232,6 +232,18 @@ class QueueConfig(Section):
         default=5,
         description='Retry-After (seconds) sent with a "busy" answer.',
         json_schema_extra={"zh": "“忙”回答附带的 Retry-After（秒）。"})
+    debounce_s: Annotated[float, Field(ge=0, le=30)] = Field(
+        default=1.5,
+        description="Chat platforms: messages of one sender in one thread arriving within this many seconds of "
+                    "each other are answered as one turn (one generation); 0 turns it off. Commands never wait.",
+        json_schema_extra={"zh": "聊天平台：同一会话中同一发送者相隔不超过这么多秒的几条消息合并为一轮回答（只生成一"
+                                 "次）；0 表示关闭。命令从不等待。"})
+    notice_after_s: Annotated[float, Field(ge=0, le=600)] = Field(
+        default=3.0,
+        description="Chat platforms: an answer still waiting for the model after this many seconds shows the "
+                    "user's place in line and the expected wait (once per turn); 0 turns it off.",
+        json_schema_extra={"zh": "聊天平台：等待这么多秒后回答仍未开始时，告诉用户前面还有几位、预计等待多久（每轮最多"
+                                 "一次）；0 表示关闭。"})
 
 
 class RedisConfig(Section):

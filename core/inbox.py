@@ -108,6 +108,34 @@ redis.call('HDEL', KEYS[4], ARGV[4])
 return 1
 """
 
+# KEYS: stream, inbox, progress, answer; ARGV: group, consumer, lead request id, lead entry, lead's
+# new record, then (request id, entry) of each message merged into it. A burst becomes one turn:
+# the lead's record takes the merged text, the others' records and entries go, in one step, and
+# only while this consumer holds every entry (else nothing changes: 0).
+_MERGE = """
+local function held(entry)
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], entry, entry, 1)
+  return p[1] and p[1][2] == ARGV[2]
+end
+if not held(ARGV[4]) then
+  return 0
+end
+for i = 6, #ARGV, 2 do
+  if not held(ARGV[i + 1]) then
+    return 0
+  end
+end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[5])
+for i = 6, #ARGV, 2 do
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i + 1])
+  redis.call('XDEL', KEYS[1], ARGV[i + 1])
+  redis.call('HDEL', KEYS[2], ARGV[i])
+  redis.call('HDEL', KEYS[3], ARGV[i])
+  redis.call('HDEL', KEYS[4], ARGV[i])
+end
+return 1
+"""
+
 # A confirmed ownership is trusted this long (at most a quarter of the lease) before each post or
 # edit asks Redis again: about one Redis call per answer and second, however often it edits.
 RECHECK_S = 1.0
@@ -314,6 +342,30 @@ class Inbox:
             # It will be answered again after a restart; the recorded answer keeps the words the same.
             log.warning("could not clear the inbox record: redis unreachable", request_id=msg.request_id)
         msg.durable = False
+
+    async def merge(self, lead: InboundMessage, merged: list[InboundMessage], connector: str) -> bool:
+        """Record that ``merged`` (later messages of one burst) are answered as part of ``lead``,
+        whose text and attachments already hold theirs: the lead's record is rewritten and the
+        others' records removed, atomically, so that a restart answers the merged turn once and
+        loses none of its words. False (nothing changed) when one of them is no longer this
+        daemon's or Redis cannot be reached: then each is answered on its own."""
+        if not lead.durable or not lead.entry:
+            return not any(m.durable for m in merged)
+        others = [(m.request_id, m.entry) for m in merged if m.durable and m.entry]
+        try:
+            ok = await self.redis.run(
+                "inbox merge", self.redis.client.eval, _MERGE, 4, self.stream_key, self.key, self.progress_key,
+                self.answer_key, GROUP, self.owner, lead.request_id, lead.entry, _encode(lead, connector, self.owner),
+                *[x for pair in others for x in pair])
+        except StoreUnavailable:
+            log.warning("could not merge a burst of messages: redis unreachable; answering each", count=len(merged) + 1)
+            return False
+        if not ok:
+            return False
+        for m in merged:
+            self._let_go(m.entry)
+            m.durable = False
+        return True
 
     def let_go(self, msg: InboundMessage) -> None:
         """This daemon stops answering ``msg`` without finishing it (it is no longer its own, or

@@ -208,3 +208,17 @@ class FairQueue:
 
     def pending(self) -> list[Job]:
         return [j for q in self._by_user.values() for j in q]
+
+    def ahead_of(self, job: Job) -> int | None:
+        """How many waiting jobs the queue will hand out before ``job`` (users take turns, each
+        user's own jobs in order: the order :meth:`get` will follow unless someone new arrives);
+        None when ``job`` is not waiting."""
+        queues = [list(q) for q in self._by_user.values()]
+        ahead = 0
+        for turn in range(max((len(q) for q in queues), default=0)):
+            for q in queues:
+                if turn < len(q):
+                    if q[turn] is job:
+                        return ahead
+                    ahead += 1
+        return None

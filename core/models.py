@@ -175,6 +175,12 @@ class ModelPool:
         if not m.loaded:
             self._bring_in(m)
 
+    def standing(self, job: Job) -> tuple[int, float] | None:
+        """Where a waiting ``job`` stands in its model's queue: (jobs ahead, expected wait in
+        seconds); None once it has started."""
+        m = self.models.get(job.model)
+        return m.worker.standing(job) if m is not None else None
+
     def cancel(self, job: Job) -> None:
         self.models.get(job.model, self.default).worker.cancel(job)
 

@@ -28,6 +28,10 @@ from core.messages import Finish, Usage
 log = structlog.get_logger("botd.worker")
 
 _STOP = object()
+# Before any job has finished: a guess of one answer's time, in seconds (an ETA needs a rate).
+GUESS_SERVICE_S = 10.0
+# Weight of the newest answer in the running mean of answer times.
+_SERVICE_WEIGHT = 0.2
 # How long the worker waits without news before the engine's idle work (reading ahead).
 IDLE_S = 0.25
 
@@ -65,6 +69,9 @@ class InferenceWorker:
         # Cleared by :meth:`pause`: the dispatcher takes no new job (the model is to be unloaded).
         self._gate = asyncio.Event()
         self._gate.set()
+        # Measured: the running mean of how long an answer holds a slot (seconds), None until
+        # one has finished; the waiting notice's estimate is built on it.
+        self.service_s: float | None = None
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -192,6 +199,20 @@ class InferenceWorker:
     def queue_depth(self) -> int:
         return len(self.jobs)
 
+    def standing(self, job: Job) -> tuple[int, float] | None:
+        """Where a waiting ``job`` stands: the jobs the fair queue hands out before it and the
+        expected wait in seconds (the measured answer time, ``parallel`` answered at once);
+        None once it has started (or is not queued here)."""
+        ahead = self.jobs.ahead_of(job)
+        if ahead is None:
+            return None
+        service = self.service_s if self.service_s is not None else GUESS_SERVICE_S
+        parallel = max(1, self.engine.parallel)
+        # It starts when a slot frees after every job ahead of it has taken one.
+        free = max(0, parallel - len(self._running))
+        rounds = max(0, ahead + 1 - free)
+        return ahead, rounds * service / parallel
+
     # -- the asyncio side -------------------------------------------------------------
 
     async def _dispatch_loop(self) -> None:
@@ -229,6 +250,11 @@ class InferenceWorker:
         self._ended(job, slots)
 
     def _ended(self, job: Job, slots: asyncio.Semaphore) -> None:
+        if job.started_at is not None and job.finished_at is not None and job.finish_reason in (
+                Finish.STOP, Finish.LENGTH):
+            took = job.finished_at - job.started_at
+            self.service_s = took if self.service_s is None else (
+                (1 - _SERVICE_WEIGHT) * self.service_s + _SERVICE_WEIGHT * took)
         self._running.discard(job)
         self.jobs.release(job)
         slots.release()

@@ -206,3 +206,7 @@ class TextReply(FeishuReply):
 
     async def post(self, part: str, first: bool) -> str:
         return await self.api.reply(self.message_id, "text", {"text": part}, self._uuid(len(self.sent)))
+
+    async def notice(self, text: str) -> None:
+        # Its own uuid: the answer's first part (uuid ...-0) must not be taken for a repeat of it.
+        await self.call(lambda: self.api.reply(self.message_id, "text", {"text": text}, f"{self.message_id}-notice"))

@@ -37,6 +37,10 @@ class ConsoleBackend(Protocol):
 
     def answer_details(self, answer: Any) -> dict[str, Any]: ...
 
+    def waiting_notice(self, msg: InboundMessage, answer: Any) -> str | None:
+        """What a user still waiting for the model is told (their place in line), or None."""
+        ...
+
     # The last hour's figures (sampled while the console runs).
 
     async def sample_stats(self, every_s: float) -> None: ...

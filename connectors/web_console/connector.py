@@ -46,6 +46,7 @@ from pydantic import BaseModel
 from connectors.base import Edge, Route
 from connectors.http_status import HttpOutcome, outcome_of, unavailable
 from connectors.server import REQUEST_ID
+from connectors.waiting import with_notice
 from connectors.web_console import i18n
 from connectors.web_console.backend import ConsoleBackend
 from connectors.web_console.config import ConsoleConfig, ConsoleUserConfig
@@ -569,7 +570,14 @@ class WebConsoleConnector(QualityPages, Edge):
         t0 = time.monotonic()
         try:
             await resp.prepare(request)
-            async for ev in answer.events():
+
+            async def notice() -> None:
+                # Still waiting for the model: one line with the place in line, before any delta.
+                said = self.admin.waiting_notice(msg, answer)
+                if said:
+                    await resp.write(_line({"notice": said}))
+
+            async for ev in with_notice(answer.events(), self.config.queue.notice_after_s, notice):
                 if not ev.done:
                     await resp.write(_line({"delta": ev.delta}))
                     continue

@@ -148,7 +148,12 @@
               if (!e.complete) note(b, T.error + ": " + (e.error || e.finish));
               else if (e.finish === "length") note(b, T.cut);
               details(b, e);
+            } else if (e.notice) {
+              // Waiting for the model: the place in line, replaced by the answer's first words.
+              b.text.textContent = e.notice;
+              b.waiting = true;
             } else if (e.delta) {
+              if (b.waiting) { b.text.textContent = ""; b.waiting = false; }
               b.text.textContent += e.delta;
               log.scrollTop = log.scrollHeight;
             }
