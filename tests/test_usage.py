@@ -4,11 +4,18 @@ its roles, with answers through the real daemon: tests/test_usage_console.py.)""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
+from bots import eval as botd_eval
 from bots import usage
 from bots.usage import BUCKETS_MS, UsageStore, quantile, summary
 from core import metrics
+from tests.helpers import running_daemon, wait_for
+from tests.test_console import _ready, _signing_key, browsers
+from tests.test_unanswered import quality_config
+
+__all__ = ["_signing_key"]  # the autouse fixture: the console's signing key in the environment
 
 DAY = 86400.0
 
@@ -65,3 +72,67 @@ async def test_prometheus_metrics_labelled_by_bot(manager) -> None:
     assert metrics.REGISTRY.get_sample_value("botd_bot_time_to_first_token_seconds_count", {"bot": "sales"}) >= 1
     text = metrics.render()[0].decode()
     assert 'botd_bot_queue_wait_seconds_bucket{bot="sales"' in text
+
+
+# -- the console's usage and eval pages, through the real daemon ----------------------------------------
+
+async def test_department_sees_its_own_usage_and_eval_runs(tmp_path, redis_server):
+    cfg = quality_config(tmp_path, redis_server.url)
+    async with running_daemon(cfg) as api, browsers(api, "alice", "ivan", "vera", "") as (alice, ivan, vera, anon):
+        await wait_for(lambda: _ready(api), timeout=90)
+        assert (await alice.chat("hr", "What is the parental leave bonus?", max_tokens=6))[0] == 200
+        assert (await alice.chat("hr", "How do I book a meeting room?"))[0] == 200  # refused: no document
+        assert (await ivan.chat("it", "How often does the VPN password rotate?", max_tokens=6))[0] == 200
+
+        async def counted() -> bool:
+            t = (await alice.get("/api/usage"))[1]["total"]
+            return t["answers"] + t["errors"] == 1 and t["refusals"] == 1
+
+        await wait_for(counted, timeout=20)
+        status, u = await alice.get("/api/usage")
+        assert status == 200 and set(u["bots"]) == {"hr"} and len(u["days"]) == usage.DAYS
+        today = u["bots"]["hr"]["days"][-1]
+        assert today["tokens_in"] > 0 and today["tokens_out"] > 0 and today["ttft_p50_ms"] is not None
+        assert today["wait_p50_ms"] is not None and today["refusals"] == 1
+        # Another department's bot: 403; no login: 401; a viewer of every bot sees both.
+        assert (await alice.get("/api/usage?bot=it"))[0] == 403
+        assert (await alice.get("/usage?bot=it"))[0] == 403
+        assert (await anon.get("/api/usage"))[0] == 401
+        assert set((await ivan.get("/api/usage"))[1]["bots"]) == {"it"}
+        assert {"hr", "it"} <= set((await vera.get("/api/usage"))[1]["bots"])
+        status, html = await alice.get("/usage")
+        assert status == 200 and 'id="chart-answers"' in html and "<rect" in html and ">it<" not in html
+        # Prometheus, labelled by bot.
+        async with alice.http.get(api.base + "/metrics") as r:
+            text = await r.text()
+        assert 'botd_bot_answers_total{bot="hr",outcome="refused"}' in text
+        assert 'botd_bot_time_to_first_token_seconds_count{bot="it"}' in text
+
+        # botd eval's saved runs: a run, then one where a document went missing.
+        def result(q: str, hit: bool) -> botd_eval.Result:
+            return botd_eval.Result(q, hit, hit, False, True, ["1850"] if hit else [], [] if hit else ["1850"], 120,
+                                    "answer", [])
+
+        first = botd_eval.Run("hr", "eval.toml", "smollm2", "2026-12-01T10:00:00Z",
+                              [result("bonus?", True), result("leave?", True)])
+        botd_eval.save_run(cfg, first)
+        await asyncio.sleep(1.1)  # the saved names hold the second
+        botd_eval.save_run(cfg, botd_eval.Run("hr", "eval.toml", "smollm2", "2026-12-02T10:00:00Z",
+                                              [result("bonus?", False), result("leave?", True)]))
+        botd_eval.save_run(cfg, botd_eval.Run("it", "eval.toml", "smollm2", "2026-12-02T10:00:00Z",
+                                              [result("IT secret vpn?", True)]))
+        status, runs = await alice.get("/api/eval?bot=hr")
+        assert status == 200 and [r["started"] for r in runs["runs"]] == ["2026-12-02T10:00:00Z",
+                                                                          "2026-12-01T10:00:00Z"]
+        assert (runs["runs"][0]["worse"], runs["runs"][0]["better"]) == (1, 0)
+        status, run = await alice.get(f"/api/eval/run?bot=hr&run={runs['runs'][0]['name']}")
+        assert status == 200 and {r["q"]: r["change"] for r in run["results"]} == {"bonus?": "worse",
+                                                                                   "leave?": "same"}
+        assert "hit@1" in run["results"][0]["worse_in"]
+        assert (await alice.get("/api/eval?bot=it"))[0] == 403
+        assert (await alice.get("/eval?bot=it"))[0] == 403
+        it_run = (await ivan.get("/api/eval?bot=it"))[1]["runs"][0]["name"]
+        assert (await alice.get(f"/api/eval/run?bot=it&run={it_run}"))[0] == 403
+        assert (await alice.get("/api/eval/run?bot=hr&run=../../it/x"))[0] == 404
+        status, html = await alice.get("/eval?bot=hr")
+        assert status == 200 and "bonus?" in html and "change-worse" in html and "IT secret" not in html
