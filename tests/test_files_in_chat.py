@@ -1,0 +1,248 @@
+"""Files sent in chat, at the bots layer: a real daemon (real model, real embedder, real Redis, the
+real parsers in their child process); only the platform is faked, by a reply target whose
+``download`` serves the bytes a user sent.
+
+A PDF and a Word file become their thread's own knowledge: answered from, cited by file name, in
+that thread only (not another thread, not another member's thread of the same group), gone after
+``[files] ttl_s`` and after /reset; a file that is too large, a zip bomb, a wrong type or a damaged
+file gets its clear text and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import docx
+from fpdf import FPDF
+
+from bots import texts
+from bots.answers import JobAnswer, TextAnswer
+from connectors.reply import AttachmentTooLarge, AttachmentUnavailable, ReplyTarget
+from core.knowledge.thread_files import THREAD_KB
+from core.messages import Account, Attachment, InboundMessage
+from tests.helpers import make_config, running_daemon, wait_for
+from tests.test_knowledge_hostile import docx_bomb
+
+BUDGET_FACT = "The Zephyr project budget is 4,250,000 yuan"
+BUDGET_Q = "What is the budget of the Zephyr project?"
+FLIGHT_FACT = "business class is allowed for flights longer than nine hours"
+FLIGHT_Q = "Which class may staff fly on flights longer than nine hours?"
+
+
+def make_pdf() -> bytes:
+    pdf = FPDF()
+    pages = [("Zephyr project", f"{BUDGET_FACT}, approved by the board in March. The money covers three "
+                                "field sites and two years of staff."),
+             ("Schedule", "The first field site opens in the autumn. Reports are due every quarter.")]
+    for title, body in pages:
+        pdf.add_page()
+        pdf.set_font("Helvetica", size=12)
+        pdf.cell(0, 10, title, new_x="LMARGIN", new_y="NEXT")
+        pdf.multi_cell(0, 8, body, new_x="LMARGIN", new_y="NEXT")
+    return bytes(pdf.output())
+
+
+def make_docx() -> bytes:
+    d = docx.Document()
+    d.add_heading("Travel policy", level=1)
+    d.add_heading("Flights", level=2)
+    d.add_paragraph(f"Economy class is the rule; {FLIGHT_FACT}.")
+    buf = io.BytesIO()
+    d.save(buf)
+    return buf.getvalue()
+
+
+class Platform(ReplyTarget):
+    """The faked platform: what it shows, and the files its users sent (by id)."""
+
+    def __init__(self, files: dict[str, bytes] | None = None) -> None:
+        super().__init__(Account("fake", "assistant"), 0.01)
+        self.files = files or {}
+        self.shown: list[str] = []
+        self.downloads = 0
+
+    async def post(self, part: str, first: bool) -> Any:
+        self.shown.append(part)
+        return len(self.shown) - 1
+
+    async def edit(self, ref: Any, part: str) -> None:
+        self.shown[ref] = part
+
+    async def download(self, attachment: Attachment, max_bytes: int) -> bytes:
+        self.downloads += 1
+        data = self.files.get(str(attachment.ref.get("id")))
+        if data is None:
+            raise AttachmentUnavailable("no such file")
+        if len(data) > max_bytes:  # as connectors/download.py does, while reading
+            raise AttachmentTooLarge(f"larger than {max_bytes} bytes")
+        return data
+
+
+def _file(name: str, ref: str, mime: str = "", size: int | None = None) -> Attachment:
+    return Attachment("file", name=name, mime=mime, size=size, ref={"id": ref})
+
+
+def _msg(text: str, *, user: str = "u1", chat: str = "group1", thread: str | None = None,
+         attachments: Sequence[Attachment] = (), bot: str = "assistant") -> InboundMessage:
+    # A group with group_history = "member": each member's thread is "/<user>" (as Telegram's is).
+    return InboundMessage(platform="telegram", bot=bot, chat=chat, user=user, text=text,
+                          thread=f"/{user}" if thread is None else thread, attachments=list(attachments))
+
+
+async def _ask(service, msg: InboundMessage, platform: Platform) -> JobAnswer | TextAnswer:
+    answer = await service.answers.dispatch(msg, platform.download)
+    events = [ev async for ev in answer.events()]
+    answer.final = events[-1]  # type: ignore[union-attr]
+    if isinstance(answer, JobAnswer):
+        async def stored() -> bool:  # the exchange is written before the last event: never waits long
+            return answer.job.done
+        await wait_for(stored)
+    return answer
+
+
+def _config(tmp_path: Path, redis_url: str, **files: Any):
+    return make_config(tmp_path, redis_url, model={"max_tokens": 4},
+                       files={"per_user_per_day": 4, **files},
+                       bots={"assistant": {"language": "en"}, "summary": {"language": "en", "summarise_files": True}})
+
+
+async def _keys(api, pattern: str) -> list[str]:
+    return sorted(await api.daemon.runtime.redis.client.keys(pattern))
+
+
+async def test_a_pdf_and_a_docx_are_answered_from_their_content_in_their_thread_only(tmp_path, redis_server):
+    platform = Platform({"pdf1": make_pdf(), "docx1": make_docx()})
+    async with running_daemon(_config(tmp_path, redis_server.url)) as api:
+        service = api.daemon.service
+
+        # A file without a question: acknowledged, with its pages; nothing generated.
+        ack = await _ask(service, _msg("", attachments=[_file("report.pdf", "pdf1", "application/pdf")]), platform)
+        assert isinstance(ack, TextAnswer) and ack.text == "Got report.pdf (2 pages), ask away."
+
+        # The next question of that thread is answered from the file, cited by its name.
+        first = await _ask(service, _msg(BUDGET_Q), platform)
+        assert isinstance(first, JobAnswer)
+        assert [(h.kb, h.source) for h in first.hits][:1] == [(THREAD_KB, "report.pdf")], first.hits
+        asked = first.job.request.messages[-1]["content"]
+        assert BUDGET_FACT in asked and "[1] report.pdf › page 1" in asked
+        assert "report.pdf › page 1" in first.final.sources
+        assert first.final.text.endswith(texts.say("SOURCES", "en", cites="; ".join(first.final.sources)))
+
+        # A Word file sent with its question: taken and answered from at once.
+        second = await _ask(service, _msg(FLIGHT_Q, attachments=[_file("travel.docx", "docx1")]), platform)
+        assert isinstance(second, JobAnswer)
+        assert second.hits and second.hits[0].source == "travel.docx" and second.hits[0].heading.startswith(
+            "Travel policy"), second.hits
+        assert FLIGHT_FACT in second.job.request.messages[-1]["content"]
+        # The KV-prefix rule holds: the first question is repeated as it was shown, its file's text in it.
+        assert second.job.request.messages[-3]["content"] == asked
+        turns = await service.history(_msg("").thread_key)
+        assert [t.content for t in turns if t.role == "user"] == [BUDGET_Q, FLIGHT_Q]
+        assert turns[0].shown == asked
+
+        # Another member of the same group, and the same user in another chat: not their files.
+        for other in (_msg(BUDGET_Q, user="u2"), _msg(BUDGET_Q, chat="group2")):
+            answer = await _ask(service, other, platform)
+            assert isinstance(answer, JobAnswer) and answer.hits == []
+            assert "Zephyr project budget" not in json.dumps(answer.job.request.messages)
+            assert not answer.final.sources
+
+        # Nothing of the file reached a knowledge base on disk.
+        assert not (api.daemon.cfg.server.state_dir / "knowledge").exists()
+
+        # /reset forgets the files with the history.
+        reset = await _ask(service, _msg("/reset"), platform)
+        assert isinstance(reset, TextAnswer) and reset.text == texts.say("RESET_DONE", "en")
+        assert await _keys(api, "botd:tfiles:*") == []
+        after = await _ask(service, _msg(BUDGET_Q), platform)
+        assert isinstance(after, JobAnswer) and after.hits == [] and not after.final.sources
+
+        # A bot that summarises: the acknowledgement, then the model's paragraph from the file's opening.
+        summed = await _ask(service, _msg("", bot="summary", attachments=[_file("report.pdf", "pdf1")]), platform)
+        assert isinstance(summed, JobAnswer), summed
+        assert summed.final.text.startswith("Got report.pdf (2 pages), ask away.\n\n")
+        prompt = summed.job.request.messages[-1]["content"]
+        assert BUDGET_FACT in prompt and prompt.endswith("📎 report.pdf\nSummarise this file in one paragraph.")
+
+
+async def test_a_file_is_forgotten_after_the_ttl(tmp_path, redis_server):
+    platform = Platform({"md": "# Parking\n\nThe Zephyr project budget is 4,250,000 yuan.\n".encode()})
+    async with running_daemon(_config(tmp_path, redis_server.url, ttl_s=3)) as api:
+        service = api.daemon.service
+        ack = await _ask(service, _msg("", attachments=[_file("notes.md", "md")]), platform)
+        assert isinstance(ack, TextAnswer) and ack.text.startswith("Got notes.md (")
+        found = await _ask(service, _msg(BUDGET_Q), platform)
+        assert isinstance(found, JobAnswer) and [h.source for h in found.hits] == ["notes.md"]
+        await asyncio.sleep(3.2)
+        gone = await _ask(service, _msg(BUDGET_Q), platform)
+        assert isinstance(gone, JobAnswer) and gone.hits == []
+        assert await _keys(api, "botd:tfiles:*") == []  # Redis dropped it too
+
+
+async def test_bad_files_get_a_clear_text_and_change_nothing(tmp_path, redis_server):
+    bomb = docx_bomb(tmp_path / "bomb.docx", 250).read_bytes()  # < 1 MB, unpacks to 250 MB
+    platform = Platform({"big": b"%PDF-1.4\n" + b"0" * (2 << 20), "bomb": bomb, "exe": b"MZ\x90\x00",
+                         "fake": b"this is no PDF at all", "pdf": make_pdf()})
+    async with running_daemon(_config(tmp_path, redis_server.url, max_file_mb=1)) as api:
+        service = api.daemon.service
+        cases = [
+            (_file("big.pdf", "big", size=2 << 20), texts.say("FILE_TOO_LARGE", "en", name="big.pdf", mb=1), 0),
+            (_file("big.pdf", "big"), texts.say("FILE_TOO_LARGE", "en", name="big.pdf", mb=1), 1),  # size unsaid
+            (_file("setup.exe", "exe", "application/octet-stream"),
+             texts.say("FILE_TYPE", "en", name="setup.exe"), 0),
+            (_file("photo.png", "exe", "application/pdf"), texts.say("FILE_TYPE", "en", name="photo.png"), 0),
+            (_file("bomb.docx", "bomb"), "Sorry, I cannot read bomb.docx: unpacks to 250 MB", 1),
+            (_file("fake.pdf", "fake"), "Sorry, I cannot read fake.pdf: ", 1),
+            (_file("gone.pdf", "nothing"), texts.say("FILE_UNAVAILABLE", "en", name="gone.pdf"), 1),
+        ]
+        for att, told, downloads in cases:
+            before = platform.downloads
+            answer = await _ask(service, _msg("", attachments=[att]), platform)
+            assert isinstance(answer, TextAnswer) and answer.text.startswith(told), (att.name, answer.text)
+            assert platform.downloads - before == downloads, att.name  # refused before fetching when it can be
+            # A question sent with a refused file is not answered: the user sees the refusal only.
+            with_q = await _ask(service, _msg(BUDGET_Q, attachments=[att]), platform)
+            assert isinstance(with_q, TextAnswer) and with_q.text.startswith(told)
+        # Nothing changed: no file kept, no history, no file counted against the user.
+        assert await _keys(api, "botd:tfiles:*") == [] and await _keys(api, "botd:tfuser:*") == []
+        assert await service.history(_msg("").thread_key) == []
+
+        # Per-user limit (4 a day): the fifth file is refused, across threads.
+        for i in range(4):
+            ok = await _ask(service, _msg("", chat=f"c{i}", attachments=[_file("report.pdf", "pdf")]), platform)
+            assert isinstance(ok, TextAnswer) and ok.text.startswith("Got report.pdf"), ok.text
+        fifth = await _ask(service, _msg("", chat="c9", attachments=[_file("report.pdf", "pdf")]), platform)
+        assert isinstance(fifth, TextAnswer) and fifth.text == texts.say("FILE_USER_LIMIT", "en", n=4)
+
+
+async def test_a_thread_holds_at_most_per_thread_files(tmp_path, redis_server):
+    platform = Platform({"a": b"Alpha notes.", "b": b"Beta notes.", "c": b"Gamma notes."})
+    async with running_daemon(_config(tmp_path, redis_server.url, per_thread=2)) as api:
+        service = api.daemon.service
+        for ref in ("a", "b"):
+            ok = await _ask(service, _msg("", attachments=[_file(f"{ref}.txt", ref)]), platform)
+            assert isinstance(ok, TextAnswer) and ok.text.startswith(f"Got {ref}.txt ("), ok.text
+        full = await _ask(service, _msg("", attachments=[_file("c.txt", "c")]), platform)
+        assert isinstance(full, TextAnswer) and full.text == texts.say("FILE_THREAD_FULL", "en", n=2)
+        assert await api.daemon.runtime.thread_files.names(_msg("").thread_key) == ["a.txt", "b.txt"]
+
+
+async def test_a_platform_message_with_a_file_is_read_not_refused(tmp_path, redis_server):
+    """Through the delivery (the connectors' one call): a document the platform marks unreadable
+    as text, but with an attachment, is taken, not answered "I read text only"."""
+    platform = Platform({"pdf": make_pdf()})
+    async with running_daemon(_config(tmp_path, redis_server.url)) as api:
+        msg = _msg("", attachments=[_file("report.pdf", "pdf")])
+        msg.readable = False
+        assert await api.daemon.service.receive(msg, platform)
+
+        async def shown() -> bool:
+            return bool(platform.shown)
+
+        await wait_for(shown, timeout=30)
+        assert platform.shown == ["Got report.pdf (2 pages), ask away."]
