@@ -1,0 +1,133 @@
+"""Bursts ([queue] debounce_s): a question sent in three quick lines is answered once, as one turn,
+also across a kill -9 of the daemon before or after the lines were merged; commands never wait.
+
+The real daemon (in process, then as a ``botd run`` child killed with SIGKILL), the real model,
+a real redis-server, python-telegram-bot against the fake Bot API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+
+import aiohttp
+import pytest
+
+from tests.fakes import FakeTelegram, serve
+from tests.helpers import free_port, make_config, running_daemon, wait_for
+from tests.test_service import DaemonProcess, write_config
+from tests.test_service import post_update as post_to_port
+from tests.test_telegram import SECRET, post_update, private_update, stored
+
+LINES = ["Hi", "my VPN keeps dropping", "since this morning, what should I try?"]
+
+
+@pytest.fixture(autouse=True)
+def tg_env(monkeypatch):
+    monkeypatch.setenv("TG_TOKEN", "123456:TEST-token")
+    monkeypatch.setenv("TG_SECRET", SECRET)
+
+
+def _cfg(tmp_path, redis_url: str, base: str, debounce_s: float):
+    section = {"token": "env:TG_TOKEN", "mode": "webhook", "api_base": base + "/bot",
+               "webhook_secret": "env:TG_SECRET", "edit_interval_private_s": 0.3}
+    return make_config(tmp_path, redis_url, telegram={"assistant": section}, model={"max_tokens": 16},
+                       queue={"debounce_s": debounce_s, "notice_after_s": 0})
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+def sends_to(fake: FakeTelegram, chat: int) -> list[dict]:
+    return [p for p in fake.of("sendMessage") if int(p["chat_id"]) == chat]
+
+
+async def test_three_quick_lines_are_answered_once_as_one_turn(tmp_path, redis_server):
+    fake = FakeTelegram()
+    r = redis_server.client()
+    async with serve(fake.app()) as base, running_daemon(_cfg(tmp_path, redis_server.url, base, 1.0)) as api:
+        for line in LINES:
+            assert await post_update(api, private_update(line, chat_id=601)) == 200
+            await asyncio.sleep(0.2)
+        await wait_for(lambda: _true(len(stored(redis_server, 601)) >= 2), timeout=90)
+        await wait_for(lambda: _true(r.hlen("botd:inbox") == 0), timeout=30)
+        await asyncio.sleep(1.5)  # a second or third answer would come now
+    hist = stored(redis_server, 601)
+    assert [h["role"] for h in hist] == ["user", "assistant"], hist
+    assert hist[0]["content"] == "\n".join(LINES)
+    assert len(sends_to(fake, 601)) == 1
+
+
+async def test_commands_never_wait_and_close_the_burst_before_them(tmp_path, redis_server):
+    fake = FakeTelegram()
+    async with serve(fake.app()) as base, running_daemon(_cfg(tmp_path, redis_server.url, base, 5.0)) as api:
+        t0 = time.monotonic()
+        assert await post_update(api, private_update("/help", chat_id=602)) == 200
+        await wait_for(lambda: _true(bool(sends_to(fake, 602))), timeout=30)
+        assert time.monotonic() - t0 < 4.0  # not held back for debounce_s (5 s)
+        assert "/reset" in sends_to(fake, 602)[0]["text"]
+
+        # A line, then a command: the command does not join the line (it closes the line's burst).
+        assert await post_update(api, private_update("What is a VPN?", chat_id=603)) == 200
+        assert await post_update(api, private_update("/help", chat_id=603)) == 200
+        await wait_for(lambda: _true(len(stored(redis_server, 603)) == 2), timeout=60)
+        await asyncio.sleep(0.5)
+    assert stored(redis_server, 603)[0]["content"] == "What is a VPN?"
+    assert len(sends_to(fake, 603)) == 2  # the help, and the answer
+
+
+def _daemon_config(tmp_path, port: int, redis_url: str, base: str, debounce_s: float):
+    path = write_config(tmp_path, port, redis_url, tg_base=base)
+    text = path.read_text().replace("[queue]\nmax_size = 64\n",
+                                    f"[queue]\nmax_size = 64\ndebounce_s = {debounce_s}\nnotice_after_s = 0\n")
+    assert f"debounce_s = {debounce_s}" in text
+    path.write_text(text)
+    return path
+
+
+def tg(n: int, text: str, chat: int) -> dict:
+    return {"update_id": 91_000 + n, "message": {
+        "message_id": 700 + n, "date": int(time.time()), "text": text,
+        "chat": {"id": chat, "type": "private", "first_name": "U"},
+        "from": {"id": chat, "is_bot": False, "first_name": "U"}}}
+
+
+@pytest.mark.parametrize("kill_point", ["mid-burst", "merged"])
+async def test_a_burst_is_answered_once_across_kill_9(tmp_path, redis_server, kill_point):
+    fake = FakeTelegram()
+    r = redis_server.client()
+    chat = 604
+    async with serve(fake.app()) as base:
+        port = free_port()
+        debounce = 4.0 if kill_point == "mid-burst" else 0.3
+        daemon = DaemonProcess(_daemon_config(tmp_path, port, redis_server.url, base, debounce), port,
+                               tmp_path / "botd.log")
+        await daemon.start()
+        try:
+            async with aiohttp.ClientSession() as s:
+                for i, line in enumerate(LINES):
+                    assert await post_to_port(s, port, tg(i, line, chat)) == 200
+                if kill_point == "mid-burst":
+                    # Every line recorded on its own; the sender has not been quiet long enough yet.
+                    assert r.hlen("botd:inbox") == 3
+                else:
+                    # The lines merged into the first one's record; killed before (or while) answering.
+                    await wait_for(lambda: _true(r.hlen("botd:inbox") == 1), timeout=30, interval=0.005)
+                daemon.signal(signal.SIGKILL)
+                assert await daemon.wait() == -signal.SIGKILL
+                assert r.hlen("botd:inbox") >= 1
+
+                await daemon.start()
+                # Telegram redelivering a line changes nothing.
+                assert await post_to_port(s, port, tg(1, LINES[1], chat)) == 200
+                await wait_for(lambda: _true(r.hlen("botd:inbox") == 0), timeout=120, interval=0.1)
+                await asyncio.sleep(1.0)  # anything still to come would be a duplicate
+        finally:
+            daemon.ensure_dead()
+    hist = [json.loads(h) for h in r.lrange(f"botd:hist:telegram:assistant:{chat}:", 0, -1)]
+    assert [h["role"] for h in hist] == ["user", "assistant"], hist
+    assert hist[0]["content"] == "\n".join(LINES)
+    assert len(sends_to(fake, chat)) == 1
