@@ -42,7 +42,7 @@ from bots import texts
 from connectors.reply import AttachmentTooLarge, AttachmentUnavailable
 from core.config import BotConfig, Config
 from core.knowledge.retriever import Hit
-from core.knowledge.thread_files import FileRefused, TakenFile, ThreadFiles
+from core.knowledge.thread_files import MAX_NAME, FileRefused, TakenFile, ThreadFiles
 from core.messages import Attachment, AttachmentKind, InboundMessage
 
 log = structlog.get_logger("botd.attachments")
@@ -146,16 +146,14 @@ def size_text(f: TakenFile, lang: texts.Lang) -> str:
 
 async def read_file(att: Attachment, ctx: ReadContext) -> Reading:
     """A document (PDF, Word .docx, Markdown, text) into the thread's temporary knowledge."""
-    name = att.name or "file"
+    name = " ".join(att.name.split())[:MAX_NAME] or "file"  # as the thread's knowledge keeps it
     files = ctx.files
     if not files.enabled:
         return Reading(refusal=texts.say("FILES_OFF", ctx.lang))
     try:
         # Type, size and the thread's and user's limits are checked before anything is fetched.
-        await files.admit(ctx.msg.thread_key, ctx.msg.quota_key, att.name, att.mime, att.size)
-        data = await ctx.fetch(att, files.max_bytes)
-        taken = await files.add(ctx.msg.thread_key, ctx.msg.quota_key, file_id(ctx.msg, att),
-                                att.name, att.mime, data)
+        taken = await files.take(ctx.msg.thread_key, ctx.msg.quota_key, file_id(ctx.msg, att), att.name, att.mime,
+                                 att.size, lambda most: ctx.fetch(att, most))
     except FileRefused as exc:
         log.info("file refused", file=name, reason=exc.reason, detail=exc.detail)
         return Reading(refusal=refusal_text(exc, name, ctx.lang))

@@ -225,11 +225,27 @@ async def test_a_thread_holds_at_most_per_thread_files(tmp_path, redis_server):
     async with running_daemon(_config(tmp_path, redis_server.url, per_thread=2)) as api:
         service = api.daemon.service
         for ref in ("a", "b"):
-            ok = await _ask(service, _msg("", attachments=[_file(f"{ref}.txt", ref)]), platform)
+            last = _msg("", attachments=[_file(f"{ref}.txt", ref)])
+            ok = await _ask(service, last, platform)
             assert isinstance(ok, TextAnswer) and ok.text.startswith(f"Got {ref}.txt ("), ok.text
         full = await _ask(service, _msg("", attachments=[_file("c.txt", "c")]), platform)
         assert isinstance(full, TextAnswer) and full.text == texts.say("FILE_THREAD_FULL", "en", n=2)
         assert await api.daemon.runtime.thread_files.names(_msg("").thread_key) == ["a.txt", "b.txt"]
+
+        # A message answered again after a restart (the same request): its file is the one already
+        # taken, not a third one: not fetched again, not refused, not counted again.
+        again = _msg("", attachments=[_file("b.txt", "b")])
+        again.request_id, again.resumed = last.request_id, True
+        downloads = platform.downloads
+        replayed = await _ask(service, again, platform)
+        assert isinstance(replayed, TextAnswer) and replayed.text.startswith("Got b.txt ("), replayed.text
+        assert platform.downloads == downloads
+        assert await api.daemon.runtime.redis.client.get("botd:tfuser:telegram:u1") == "2"
+
+        # A name is one line of a sane length wherever it is shown.
+        long = await _ask(service, _msg("", user="u3", attachments=[_file("a\nb" + "x" * 500 + ".txt", "a")]),
+                          platform)
+        assert isinstance(long, TextAnswer) and "\n" not in long.text and len(long.text) < 200, long.text
 
 
 async def test_a_platform_message_with_a_file_is_read_not_refused(tmp_path, redis_server):

@@ -32,7 +32,9 @@ import os
 import tempfile
 import threading
 import time
+import uuid
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -61,6 +63,8 @@ log = structlog.get_logger("botd.knowledge")
 THREAD_KB = "(chat file)"
 # Chunks of a file given to the model for its summary.
 OPENING_CHUNKS = 4
+# The longest file name kept (cited in answers, shown to the model).
+MAX_NAME = 120
 # Niceness of the file-reading thread: answers being decoded come first (as with an ingest).
 FILES_NICE = 10
 
@@ -178,6 +182,29 @@ class ThreadFiles:
 
     # -- taking a file -------------------------------------------------------------------------
 
+    async def take(self, thread: ThreadKey, user: str, file_id: str, name: str, mime: str, size: int | None,
+                   fetch: Callable[[int], Awaitable[bytes]]) -> TakenFile:
+        """One file sent in ``thread`` by ``user`` (``quota_key``) into the thread's knowledge:
+        checked (:meth:`admit`), fetched with ``fetch(max_bytes)`` (its errors pass through),
+        read, embedded and stored (:meth:`add`). A file already taken (``file_id``: a replayed
+        message) is given back as it was, without a fetch and without counting again."""
+        known = await self.taken(thread, file_id)
+        if known is not None:
+            return known
+        await self.admit(thread, user, name, mime, size)
+        data = await fetch(self.max_bytes)
+        return await self.add(thread, user, file_id, name, mime, data)
+
+    async def taken(self, thread: ThreadKey, file_id: str) -> TakenFile | None:
+        """The file ``file_id`` when the thread holds it already."""
+        key = self.key(thread)
+        known = await self.redis.run("HGET", self.redis.client.hget, key, f"f:{file_id}")
+        if known is None:
+            return None
+        meta = json.loads(known)
+        return TakenFile(file_id, meta["name"], meta["pages"], meta["chars"], meta["chunks"],
+                         await self._opening(key, file_id, meta["name"]))
+
     async def admit(self, thread: ThreadKey, user: str, name: str, mime: str, size: int | None) -> None:
         """Refuse before anything is fetched: an unsupported type, an announced size over the limit,
         a full thread, a user past the day's files (FileRefused; StoreUnavailable)."""
@@ -199,17 +226,16 @@ class ThreadFiles:
         cannot be (nothing is stored then). A file already taken (a replayed message) is not read again."""
         f = self.cfg.files
         key = self.key(thread)
-        known = await self.redis.run("HGET", self.redis.client.hget, key, f"f:{file_id}")
+        known = await self.taken(thread, file_id)
         if known is not None:
-            meta = json.loads(known)
-            return TakenFile(file_id, meta["name"], meta["pages"], meta["chars"], meta["chunks"],
-                             await self._opening(key, file_id, meta["name"]))
+            return known
         suffix = suffix_of(name, mime)
         if suffix is None:
             raise FileRefused("type", f"{name!r}")
         if len(data) > self.max_bytes:
             raise FileRefused("too_large", f"{len(data)} bytes", mb=f.max_file_mb)
-        name = name or f"file{suffix}"
+        # The name is cited in answers and shown to the model: one line, of a sane length.
+        name = " ".join(name.split())[:MAX_NAME] or f"file{suffix}"
         embedder = self.embedder
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
@@ -224,7 +250,9 @@ class ThreadFiles:
             async with self.redis.client.pipeline(transaction=True) as pipe:
                 pipe.hset(key, mapping={f"f:{file_id}": json.dumps(meta, ensure_ascii=False),
                                         f"c:{file_id}": chunks, f"v:{file_id}": packed})
-                pipe.hincrby(key, "ver", 1)
+                # A fresh token, not a counter: after a /reset a counter would start again at a
+                # value another daemon may still hold a built index for.
+                pipe.hset(key, "ver", uuid.uuid4().hex)
                 pipe.expire(key, f.ttl_s)
                 if f.per_user_per_day:  # a day from the user's first file (SET NX: Redis 6 has no EXPIRE NX)
                     pipe.set(self._user_key(user), 0, ex=86_400, nx=True)
