@@ -21,6 +21,7 @@ import structlog
 
 from bots import notice, stats
 from bots.answers import STORE_DOWN, JobAnswer, TextAnswer, answer_details, language, reset_thread
+from bots.attachments import Download
 from bots.pipeline import AnswerPipeline
 from bots.quality_admin import QualityReads
 from bots.tasks import TaskRegistry
@@ -112,8 +113,8 @@ class AdminBackend(QualityReads):
 
     # -- the console's chat ------------------------------------------------------------------------
 
-    async def dispatch(self, msg: InboundMessage) -> JobAnswer | TextAnswer:
-        return await self.answers.dispatch(msg)
+    async def dispatch(self, msg: InboundMessage, download: Download | None = None) -> JobAnswer | TextAnswer:
+        return await self.answers.dispatch(msg, download)
 
     async def reset(self, thread: ThreadKey) -> bool:
         return await reset_thread(self.runtime, self.cfg, thread)

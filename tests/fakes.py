@@ -271,6 +271,7 @@ class FakeSlack:
         self.acks: list[str] = []
         self.delay_next: dict[str, float] = {}  # seconds to sleep before answering a method, once
         self.files = FileShelf()  # file id -> bytes, at /files-pri/T1-<id>/download/<name>
+        self.posted: dict[str, dict[str, Any]] = {}  # ts -> {thread_ts, text}: each message as it reads now
         self.file_auth: list[str] = []  # the Authorization header each file download came with
         self.bot_token = "xoxb-test-token"
 
@@ -300,9 +301,12 @@ class FakeSlack:
                                       "team_id": "T1", "user_id": "UBOT", "bot_id": "BBOT"})
         if method == "chat.postMessage":
             self._ts += 1
+            self.posted[f"{self._ts:.6f}"] = {"thread_ts": params.get("thread_ts"), "text": params.get("text", "")}
             return web.json_response({"ok": True, "channel": params["channel"], "ts": f"{self._ts:.6f}",
                                       "message": {"text": params.get("text", "")}})
         if method == "chat.update":
+            if params.get("ts") in self.posted:
+                self.posted[params["ts"]]["text"] = params.get("text", "")
             return web.json_response({"ok": True, "channel": params["channel"], "ts": params["ts"],
                                       "text": params.get("text", "")})
         if method == "chat.postEphemeral":

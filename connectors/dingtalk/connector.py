@@ -71,7 +71,8 @@ def attachments_of(data: dict[str, Any]) -> list[Attachment]:
     transcript), and the pictures of a rich-text message, each by its ``downloadCode``; videos
     are nothing botd reads."""
     kind = data.get("msgtype")
-    content = data.get("content") if isinstance(data.get("content"), dict) else {}
+    raw = data.get("content")
+    content: dict[str, Any] = raw if isinstance(raw, dict) else {}
     if kind == "richText":
         return [Attachment("image", mime="image/jpeg", ref={"download_code": str(i["downloadCode"])})
                 for i in content.get("richText") or []

@@ -456,7 +456,9 @@ class TelegramConnector(Connector):
             args = text.strip().partition(" ")[2].strip()
             text = "/help" if command == "start" else f"/{command} {args}".strip()
         elif tg.username and text:
-            text = re.sub(rf"@{re.escape(tg.username)}\b", "", text, flags=re.I).strip() or text
+            # A file whose caption only @mentions the bot has no question (the mention is not one).
+            text = re.sub(rf"@{re.escape(tg.username)}\b", "", text, flags=re.I).strip() or (
+                "" if attachments else text)
         topic = str(thread_id) if thread_id is not None else ""
         thread = topic if private or cfg.group_history == "chat" else f"{topic}/{user.id}"
         route = {"chat_id": chat.id, "thread_id": thread_id, "private": private,

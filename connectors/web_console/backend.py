@@ -8,11 +8,11 @@ sees (:class:`connectors.base.Service`).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Any, Protocol
 
 from core.dispatch import Answer
-from core.messages import InboundMessage, ThreadKey
+from core.messages import Attachment, InboundMessage, ThreadKey
 
 
 class ConsoleBackend(Protocol):
@@ -31,7 +31,10 @@ class ConsoleBackend(Protocol):
 
     # The console's chat.
 
-    async def dispatch(self, msg: InboundMessage) -> Answer: ...
+    async def dispatch(self, msg: InboundMessage,
+                       download: Callable[[Attachment, int], Awaitable[bytes]] | None = None) -> Answer:
+        """``msg`` answered; ``download`` fetches its attachments (the chat's uploads)."""
+        ...
 
     async def reset(self, thread: ThreadKey) -> bool: ...
 

@@ -53,11 +53,12 @@ from connectors.web_console.config import ConsoleConfig, ConsoleUserConfig
 from connectors.web_console.csvsafe import BOM
 from connectors.web_console.csvsafe import cell as _cell
 from connectors.web_console.quality import QualityPages
+from connectors.web_console.uploads import MAX_FILES, ChatUploads
 from core.auth import CONSOLE_AUDIENCE, AuthError, DenyList, LoginLimiter, Tokens, TooManyAttempts, verify_password
 from core.config import Settings, secret_references
 from core.dispatch import Busy, Rejected
 from core.kv import KeyValueCache
-from core.messages import Finish, InboundMessage, ThreadKey
+from core.messages import Attachment, Finish, InboundMessage, ThreadKey
 from core.redis_store import StoreUnavailable
 from core.secrets import resolve_secret
 
@@ -232,6 +233,7 @@ class WebConsoleConnector(QualityPages, Edge):
         self.base = console.path
         self.tokens = Tokens(resolve_secret(console.signing_key))
         self.denied = DenyList(cache)
+        self.uploads = ChatUploads(cache)  # files sent with a chat message
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             autoescape=jinja2.select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True,
@@ -544,15 +546,19 @@ class WebConsoleConnector(QualityPages, Edge):
     @_api(write=True)
     async def api_chat(self, request: web.Request, session: Session) -> web.StreamResponse:
         self._need_write(session)
-        try:
-            body = await request.json()
-        except ValueError:
-            raise _Refused(400, "invalid_json", "send a JSON object") from None
+        attachments: list[Attachment] = []
+        if request.content_type == "multipart/form-data":
+            body, attachments = await self._chat_form(request, session)
+        else:
+            try:
+                body = await request.json()
+            except ValueError:
+                raise _Refused(400, "invalid_json", "send a JSON object") from None
         if not isinstance(body, dict):
             raise _Refused(400, "invalid_json", "send a JSON object")
         bot = self._bot(session, body.get("bot") if isinstance(body.get("bot"), str) else None)
-        text = body.get("text")
-        if not isinstance(text, str) or not text.strip():
+        text = body.get("text", "" if attachments else None)
+        if not isinstance(text, str) or not (text.strip() or attachments):
             raise _Refused(400, "empty_message", "text: the message is empty")
         conversation = body.get("conversation", "default")
         if not isinstance(conversation, str) or not _CONVERSATION.match(conversation):
@@ -562,8 +568,9 @@ class WebConsoleConnector(QualityPages, Edge):
                                        or not 0 < max_tokens < self.admin.n_ctx):
             raise _Refused(400, "invalid_max_tokens", f"max_tokens: 1 to {self.admin.n_ctx - 1}")
         msg = InboundMessage(platform=PLATFORM, bot=bot, chat=f"{session.name}/{conversation}", user=session.name,
-                             text=text, max_tokens=max_tokens, request_id=request[REQUEST_ID])
-        answer = await self.admin.dispatch(msg)
+                             text=text, max_tokens=max_tokens, request_id=request[REQUEST_ID], attachments=attachments)
+        answer = await (self.admin.dispatch(msg, self.uploads.download_for(session.name)) if attachments
+                        else self.admin.dispatch(msg))
         resp = web.StreamResponse(headers={**_SECURITY_HEADERS, "Content-Type": "application/x-ndjson; charset=utf-8",
                                            "X-Accel-Buffering": "no"})
         finished = False
@@ -599,6 +606,34 @@ class WebConsoleConnector(QualityPages, Edge):
             if not finished:
                 answer.cancel()
         return resp
+
+    async def _chat_form(self, request: web.Request, session: Session) -> tuple[dict[str, Any], list[Attachment]]:
+        """A chat message sent as a form with files: its fields, and each file kept for the answer
+        (:mod:`connectors.web_console.uploads`). The body is bounded by ``[server] max_body_bytes``."""
+        form = await request.post()
+        body: dict[str, Any] = {k: str(form[k]) for k in ("bot", "text", "conversation") if k in form}
+        if str(form.get("max_tokens", "")).strip():
+            try:
+                body["max_tokens"] = int(str(form["max_tokens"]))
+            except ValueError:
+                raise _Refused(400, "invalid_max_tokens", "max_tokens: a whole number") from None
+        files = [f for f in form.getall("file", []) if isinstance(f, web.FileField)]
+        if len(files) > MAX_FILES:
+            raise _Refused(400, "too_many_files", f"at most {MAX_FILES} files with one message")
+        attachments = []
+        for upload in files:
+            name = unicodedata.normalize("NFC", upload.filename or "").strip()
+            if not _UPLOAD_NAME.match(name) or name.startswith("."):
+                raise _Refused(400, "invalid_name", "the file name may not hold a path, start with '.', or hold "
+                                                    "control characters")
+            data = upload.file.read()
+            if not data:
+                raise _Refused(400, "empty_file", f"{name}: the file is empty")
+            try:
+                attachments.append(await self.uploads.keep(session.name, name, upload.content_type, data))
+            except StoreUnavailable:
+                raise _Refused(503, "store_unavailable", "Redis is unreachable; the file cannot be kept") from None
+        return body, attachments
 
     def _status(self, session: Session) -> dict[str, Any]:
         health = self.admin.health()

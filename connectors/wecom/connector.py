@@ -28,7 +28,7 @@ from connectors.wecom_common.callback import check_fresh, open_body, signed_quer
 from connectors.wecom_common.crypto import WeComCrypto
 from core.config import Settings
 from core.kv import KeyValueCache
-from core.messages import Account, Attachment, InboundMessage
+from core.messages import Account, Attachment, AttachmentKind, InboundMessage
 from core.redis_store import StoreUnavailable
 from core.secrets import resolve_secret
 
@@ -82,16 +82,17 @@ class WeComReply(ReplyTarget):
 
 # MsgType -> (kind, MIME type): a picture is a JPEG or PNG, a voice message AMR (WeCom's format
 # for app messages), a file whatever its name says.
-_MEDIA = {"image": ("image", "image/jpeg"), "voice": ("voice", "audio/amr"), "file": ("file", "")}
+_MEDIA: dict[str, tuple[AttachmentKind, str]] = {
+    "image": ("image", "image/jpeg"), "voice": ("voice", "audio/amr"), "file": ("file", "")}
 
 
 def attachments_of(msg: dict[str, str]) -> list[Attachment]:
     """A picture, voice message or file (its MediaId, fetched from media/get when read); videos,
     locations and links are nothing botd reads."""
-    kind, mime = _MEDIA.get(msg.get("MsgType", ""), ("", ""))
     media_id = msg.get("MediaId", "")
-    if not kind or not media_id:
+    if msg.get("MsgType", "") not in _MEDIA or not media_id:
         return []
+    kind, mime = _MEDIA[msg["MsgType"]]
     name = msg.get("FileName") or msg.get("Title") or ""
     if kind == "voice" and msg.get("Format"):
         mime = f"audio/{msg['Format'].lower()}"

@@ -112,17 +112,28 @@
       ev.preventDefault();
       if (controller) { controller.abort(); return; }
       var text = input.value;
-      if (!text.trim()) return;
+      var picker = document.getElementById("file");
+      var files = picker && picker.files ? Array.prototype.slice.call(picker.files) : [];
+      if (!text.trim() && !files.length) return;
       input.value = "";
-      bubble("user", T.you).text.textContent = text;
+      // Files go with the message as a form (kept a few minutes for the answer), text alone as JSON.
+      var payload = { bot: bot.value, text: text, conversation: conv };
+      var body = JSON.stringify(payload), headers = { "Content-Type": "application/json", "X-CSRF-Token": csrf };
+      if (files.length) {
+        body = new FormData();
+        Object.keys(payload).forEach(function (k) { body.append(k, payload[k]); });
+        files.forEach(function (f) { body.append("file", f, f.name); });
+        headers = { "X-CSRF-Token": csrf };
+        picker.value = "";
+      }
+      bubble("user", T.you).text.textContent = text + files.map(function (f) { return "\n📎 " + f.name; }).join("");
       var b = bubble("assistant streaming", bot.value);
       controller = new AbortController();
       send.textContent = T.stop;
       try {
         var r = await fetch(base + "/api/chat", {
           method: "POST", credentials: "same-origin", signal: controller.signal,
-          headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
-          body: JSON.stringify({ bot: bot.value, text: text, conversation: conv })
+          headers: headers, body: body
         });
         if (r.status === 401) { toLogin(); return; }
         if (!r.ok) {
