@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from bots.answers import JobAnswer, TextAnswer
 from connectors.reply import AttachmentTooLarge, AttachmentUnavailable, ReplyTarget
 from core.knowledge.thread_files import THREAD_KB
 from core.messages import Account, Attachment, InboundMessage
-from tests.helpers import make_config, running_daemon, wait_for
+from tests.helpers import loop_gaps, make_config, running_daemon, wait_for
 from tests.test_knowledge_hostile import docx_bomb
 
 BUDGET_FACT = "The Zephyr project budget is 4,250,000 yuan"
@@ -171,14 +172,22 @@ async def test_a_pdf_and_a_docx_are_answered_from_their_content_in_their_thread_
 
 
 async def test_a_file_is_forgotten_after_the_ttl(tmp_path, redis_server):
-    platform = Platform({"md": "# Parking\n\nThe Zephyr project budget is 4,250,000 yuan.\n".encode()})
-    async with running_daemon(_config(tmp_path, redis_server.url, ttl_s=3)) as api:
+    # Twelve sections of ~700 characters: a dozen chunks to parse and embed (seconds on 2 cores).
+    filler = "".join(f"## Site {i}\n\n" + f"Site {i} keeps its own records of visitors and deliveries. " * 12 + "\n\n"
+                     for i in range(12))
+    platform = Platform({"md": f"# Parking\n\n{BUDGET_FACT}.\n\n{filler}".encode()})
+    async with running_daemon(_config(tmp_path, redis_server.url, ttl_s=8)) as api:
         service = api.daemon.service
-        ack = await _ask(service, _msg("", attachments=[_file("notes.md", "md")]), platform)
-        assert isinstance(ack, TextAnswer) and ack.text.startswith("Got notes.md (")
+        async with loop_gaps() as gaps:
+            ack = await _ask(service, _msg("", attachments=[_file("notes.md", "md")]), platform)
+        assert isinstance(ack, TextAnswer) and ack.text.startswith("Got notes.md ("), ack.text
+        # Parsed in a child process, embedded on the files' thread: the event loop kept running.
+        assert max(gaps) < 0.5, max(gaps)
+        taken_at = time.time()  # the file's own time is earlier: it expires before taken_at + ttl_s
         found = await _ask(service, _msg(BUDGET_Q), platform)
-        assert isinstance(found, JobAnswer) and [h.source for h in found.hits] == ["notes.md"]
-        await asyncio.sleep(3.2)
+        assert isinstance(found, JobAnswer) and [h.source for h in found.hits][:1] == ["notes.md"]
+        assert BUDGET_FACT in found.job.request.messages[-1]["content"]
+        await asyncio.sleep(max(0.0, 8.2 - (time.time() - taken_at)))
         gone = await _ask(service, _msg(BUDGET_Q), platform)
         assert isinstance(gone, JobAnswer) and gone.hits == []
         assert await _keys(api, "botd:tfiles:*") == []  # Redis dropped it too

@@ -348,7 +348,7 @@ class ThreadFiles:
         oldest = min((float(m["at"]) for m in live.values()), default=time.time())
         self._cache[key] = (str(raw.get("ver", ver)), oldest, index)
         self._cache.move_to_end(key)
-        while len(self._cache) > 64:
+        while len(self._cache) > 32:
             self._cache.popitem(last=False)
         return index
 
