@@ -149,7 +149,7 @@ async def read_file(att: Attachment, ctx: ReadContext) -> Reading:
     name = " ".join(att.name.split())[:MAX_NAME] or "file"  # as the thread's knowledge keeps it
     files = ctx.files
     if not files.enabled:
-        return Reading(refusal=texts.say("FILES_OFF", ctx.lang))
+        return Reading(refusal=texts.say("NOT_TEXT", ctx.lang))  # [files] enabled = false: as before
     try:
         # Type, size and the thread's and user's limits are checked before anything is fetched.
         taken = await files.take(ctx.msg.thread_key, ctx.msg.quota_key, file_id(ctx.msg, att), att.name, att.mime,

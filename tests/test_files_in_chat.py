@@ -271,3 +271,11 @@ async def test_a_platform_message_with_a_file_is_read_not_refused(tmp_path, redi
 
         await wait_for(shown, timeout=30)
         assert platform.shown == ["Got report.pdf (2 pages), ask away."]
+
+
+async def test_files_switched_off_are_answered_as_before(tmp_path, redis_server):
+    platform = Platform({"pdf": make_pdf()})
+    async with running_daemon(_config(tmp_path, redis_server.url, enabled=False)) as api:
+        answer = await _ask(api.daemon.service, _msg(BUDGET_Q, attachments=[_file("report.pdf", "pdf")]), platform)
+        assert isinstance(answer, TextAnswer) and answer.text == texts.say("NOT_TEXT", "en")
+        assert platform.downloads == 0 and await _keys(api, "botd:tf*") == []
