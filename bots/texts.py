@@ -81,8 +81,6 @@ _TEXTS: dict[str, tuple[str, ...]] = {
                          "This conversation already holds {n} files, the most it can. Send /reset to start over."),
     "FILE_USER_LIMIT": ("您今天已发送 {n} 个文件，达到上限，请明天再发。",
                         "You have sent {n} files today, the most allowed; please send more tomorrow."),
-    "FILES_OFF": ("抱歉，此助手不读取文件，请用文字提问。", "Sorry, this assistant does not read files. "
-                  "Please send your question as text."),
     "NOT_ALLOWED": ("抱歉，您没有使用此助手的权限。",
                     "Sorry, you are not allowed to use this assistant."),
     # A user over [limits]: {wait} is "40 秒" / "40 s", or hours and minutes for a daily limit.
