@@ -59,7 +59,9 @@ class AnswerPipeline:
         # Files, pictures and voice messages read into a turn (bots/attachments.py).
         self.attachments = AttachmentReader(runtime.thread_files)
         # Usage per bot and day, and the questions answered badly (the console's quality pages).
-        self.quality = QualityLog(runtime.redis, runtime.history.prefix)
+        self.quality = QualityLog(runtime.redis, runtime.history.prefix,
+                                  lambda: runtime.retriever.embedder if runtime.retriever is not None else None,
+                                  tasks.spawn)
 
     @property
     def cfg(self) -> Config:

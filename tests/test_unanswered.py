@@ -149,3 +149,57 @@ async def test_department_sees_its_own_unanswered_grouped_and_makes_a_test_case(
         assert status == 303
         assert load_set(tmp_path / "docs" / "hr" / "eval.toml")[-1].q == 'He said "hi" \\ [[case]]'
         assert not (tmp_path / "docs" / "it" / "eval.toml").exists()
+
+
+async def test_what_the_pipeline_reports_is_classified(manager) -> None:
+    from bots.usage import QualityLog
+
+    warmed: list = []
+    log = QualityLog(manager, "botd", embedder=lambda: None, spawn=warmed.append)
+    common = {"tokens_in": 10, "tokens_out": 5, "ttft_ms": 100.0, "wait_ms": 5.0}
+    await log.answered("web", "hr", ["hr"], "no chunk given", "a1", complete=True, best_similarity=None, cut=0.836,
+                       given=0, **common)
+    await log.answered("web", "hr", ["hr"], "barely relevant", "a2", complete=True, best_similarity=0.845,
+                       cut=0.836, given=2, **common)
+    await log.answered("web", "hr", ["hr"], "by words alone", "a3", complete=True, best_similarity=None,
+                       cut=0.836, given=1, **common)
+    await log.answered("web", "hr", ["hr"], "well answered", "a4", complete=True, best_similarity=0.91,
+                       cut=0.836, given=2, **common)
+    await log.answered("web", "hr", ["hr"], "cut short", "a5", complete=False, best_similarity=None, cut=0.836,
+                       given=0, **common)
+    await log.answered("eval", "hr", ["hr"], "an eval question", "a6", complete=True, best_similarity=None,
+                       cut=0.836, given=0, **common)
+    await log.answered("web", "assistant", [], "no knowledge at all", "a7", complete=True, best_similarity=None,
+                       cut=None, given=0, **common)
+    await log.refused("web", "hr", ["hr"], "refused")
+    await log.refused("eval", "hr", ["hr"], "refused in an eval")
+    kinds = {e.question: e.kind for e in await log.unanswered.entries(["hr", "assistant"])}
+    assert kinds == {"no chunk given": "no_match", "barely relevant": "low_score", "by words alone": "low_score",
+                     "refused": "no_match"}
+    today = (await log.usage.days(["hr"], n=1))["hr"][-1]
+    assert (today.answers, today.errors, today.refusals) == (4, 1, 1)  # the eval's questions are not usage
+    assert warmed == []  # no embedder: nothing to warm
+
+
+async def test_rated_down_answers_join_the_list_and_the_votes_the_usage(tmp_path, redis_server):
+    from core.feedback import AnswerFacts, Vote
+
+    cfg = quality_config(tmp_path, redis_server.url)
+    async with running_daemon(cfg) as api, browsers(api, "alice", "ivan") as (alice, ivan):
+        await wait_for(lambda: _ready(api), timeout=90)
+        store = api.daemon.runtime.feedback
+        for i, (bot, q) in enumerate((("hr", "Is the parental leave bonus paid in January?"),
+                                      ("hr", "Is the parental leave bonus paid in january"),
+                                      ("it", "IT secret: is the VPN password 1234?"))):
+            await store.record_answer(AnswerFacts(f"ans{i}", bot, (bot,), "web", "", "c", "", "u", q, "Yes."))
+            assert (await store.vote(f"ans{i}", "someone", Vote.DOWN)).accepted
+        await store.record_answer(AnswerFacts("ans9", "hr", ("hr",), "web", "", "c", "", "u", "ok?", "ok"))
+        await store.vote("ans9", "someone", Vote.UP)
+
+        body = (await alice.get("/api/unanswered"))[1]
+        groups = body["knowledge"][0]["groups"]
+        assert len(groups) == 1 and groups[0]["count"] == 2 and groups[0]["kinds"]["down"] == 2
+        assert sorted(groups[0]["down_answers"]) == ["ans0", "ans1"] and "secret" not in json.dumps(body)
+        assert "secret" in json.dumps((await ivan.get("/api/unanswered"))[1])
+        total = (await alice.get("/api/usage"))[1]["total"]
+        assert (total["up"], total["down"], total["up_ratio"]) == (1, 2, 0.333)
