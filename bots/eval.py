@@ -508,7 +508,7 @@ def add_case(cfg: Config, bot: str, question: str, folder: str | None) -> Path:
         new = old + ("" if not old or old.endswith("\n") else "\n") + \
             f"\n# added from the console ({time.strftime('%Y-%m-%d', time.gmtime())})\n[[case]]\nq = " + \
             json.dumps(question, ensure_ascii=False) + "\n"
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}{path.suffix}")  # read as the set is
     tmp.write_text(new, encoding="utf-8")
     try:
         cases = load_set(tmp)
@@ -516,7 +516,8 @@ def add_case(cfg: Config, bot: str, question: str, folder: str | None) -> Path:
         tmp.unlink(missing_ok=True)
         if old and any(c.q == question for c in _cases_or_none(path)):
             raise CaseNotAdded(409, "this question is already in the test set") from None
-        raise CaseNotAdded(409, str(exc)) from None
+        # Said with the set's file name only: where it lives is the admin's business.
+        raise CaseNotAdded(409, str(exc).replace(str(tmp), path.name)) from None
     assert cases
     tmp.replace(path)
     return path

@@ -203,3 +203,31 @@ async def test_rated_down_answers_join_the_list_and_the_votes_the_usage(tmp_path
         assert "secret" in json.dumps((await ivan.get("/api/unanswered"))[1])
         total = (await alice.get("/api/usage"))[1]["total"]
         assert (total["up"], total["down"], total["up_ratio"]) == (1, 2, 0.333)
+
+
+def test_a_case_is_appended_to_a_jsonl_or_toml_set_and_a_bad_one_changes_nothing(tmp_path) -> None:
+    import pytest
+
+    from bots.eval import CaseNotAdded, add_case
+
+    folder = tmp_path / "docs" / "hr"
+    folder.mkdir(parents=True)
+    cfg = make_config(tmp_path, "", bots={"assistant": {}, "hr": {"knowledge": ["hr"]}},
+                      knowledge={"hr": {"paths": [str(folder)], "schedule": ""}})
+    with pytest.raises(CaseNotAdded) as no_folder:
+        add_case(cfg, "hr", "Where?", None)
+    assert no_folder.value.status == 409
+    (folder / "eval.jsonl").write_text('{"q": "first?", "facts": ["x"]}')  # no final newline
+    add_case(cfg, "hr", "  second\n question?  ", str(folder))
+    assert [c.q for c in load_set(folder / "eval.jsonl")] == ["first?", "second question?"]
+    for bad, status in (("first?", 409), ("", 400), ("x" * 4001, 400)):
+        before = (folder / "eval.jsonl").read_text()
+        with pytest.raises(CaseNotAdded) as exc:
+            add_case(cfg, "hr", bad, str(folder))
+        assert exc.value.status == status and (folder / "eval.jsonl").read_text() == before
+    # A set that does not load any more is not made worse: refused, unchanged, no temporary file left.
+    (folder / "eval.jsonl").write_text("not json\n")
+    with pytest.raises(CaseNotAdded):
+        add_case(cfg, "hr", "third?", str(folder))
+    assert (folder / "eval.jsonl").read_text() == "not json\n"
+    assert sorted(p.name for p in folder.iterdir()) == ["eval.jsonl"]
