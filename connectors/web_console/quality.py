@@ -229,19 +229,22 @@ class QualityPages:
             **_headers(), "Content-Type": "text/csv; charset=utf-8" if fmt == "csv" else
             "application/x-ndjson; charset=utf-8",
             "Content-Disposition": f'attachment; filename="botd-conversations-{_stamp()}.{fmt}"'})
-        await resp.prepare(request)
         n = 0
-        if fmt == "csv":
-            await resp.write((BOM + line(EXPORT_COLUMNS)).encode())
-        async for row in rows:
+        try:
+            await resp.prepare(request)
             if fmt == "csv":
-                await resp.write(line(row.get(c) for c in EXPORT_COLUMNS).encode())
-            else:
-                await resp.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
-            n += 1
-        await resp.write_eof()
-        self.admin.audit_action(session.name, "conversation_export", bots=bots, format=fmt, rows=n,
-                                **{k: request.query[k] for k in ("from", "to") if request.query.get(k)})
+                await resp.write((BOM + line(EXPORT_COLUMNS)).encode())
+            async for row in rows:
+                if fmt == "csv":
+                    await resp.write(line(row.get(c) for c in EXPORT_COLUMNS).encode())
+                else:
+                    await resp.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
+                n += 1
+            await resp.write_eof()
+        finally:
+            # Written even when the download broke off: who took which bots' conversations, how many rows.
+            self.admin.audit_action(session.name, "conversation_export", bots=bots, format=fmt, rows=n,
+                                    **{k: request.query[k] for k in ("from", "to") if request.query.get(k)})
         return resp
 
     # -- eval runs -----------------------------------------------------------------------------------
