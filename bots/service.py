@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from bots.admin import AdminBackend
 from bots.answers import JobAnswer, TextAnswer, load_history, reset_thread
+from bots.attachments import Download
 from bots.commands import KNOWN, ChatCommands
 from bots.delivery import Platforms
 from bots.pipeline import AnswerPipeline
@@ -75,8 +76,8 @@ class ChatService:
     async def receive(self, msg: InboundMessage, target: ReplyTarget) -> bool:
         return await self.platforms.receive(msg, target)
 
-    async def dispatch(self, msg: InboundMessage) -> JobAnswer | TextAnswer:
-        return await self.answers.dispatch(msg)
+    async def dispatch(self, msg: InboundMessage, download: Download | None = None) -> JobAnswer | TextAnswer:
+        return await self.answers.dispatch(msg, download)
 
     def answered_by(self, answer: Any) -> str:
         return self.answers.answered_by(answer)

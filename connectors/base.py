@@ -17,7 +17,7 @@ from connectors.reply import ReplyTarget
 from core.config import Config, Settings
 from core.dispatch import Answer
 from core.kv import KeyValueCache
-from core.messages import Account, ChatTurn, InboundMessage, ThreadKey
+from core.messages import Account, Attachment, ChatTurn, InboundMessage, ThreadKey
 
 
 class Service(Protocol):
@@ -49,7 +49,10 @@ class Service(Protocol):
         recorded (tell the platform "received" then); False for a retry or a refused sender."""
         ...
 
-    async def dispatch(self, msg: InboundMessage) -> Answer: ...
+    async def dispatch(self, msg: InboundMessage,
+                       download: Callable[[Attachment, int], Awaitable[bytes]] | None = None) -> Answer:
+        """``msg`` answered; ``download`` fetches its attachments (the API's inline parts)."""
+        ...
 
     def answered_by(self, answer: Answer) -> str:
         """The name of the model that generates ``answer`` ("" for a fixed text)."""

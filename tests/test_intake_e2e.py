@@ -263,3 +263,37 @@ async def test_files_sent_to_a_wecom_app_are_answered_for_their_sender_only(tmp_
                 return shown
 
             await answered_from_files(ask)
+
+
+# -- the HTTP API (OpenAI-style content parts) ------------------------------------------------------------------
+
+
+async def test_files_sent_as_api_content_parts_are_answered_in_their_conversation_only(tmp_path, redis_server):
+    import base64
+
+    def data_url(file: File) -> str:
+        return f"data:{file[1]};base64," + base64.b64encode(file[2]).decode()
+
+    async with running_daemon(files_config(tmp_path, redis_server.url)) as api:
+        async def ask(who: str, text: str, file: File | None) -> str:
+            content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+            if file is not None:
+                content.append({"type": "file", "file": {"filename": file[0], "file_data": data_url(file)}})
+            status, data, _ = await api.post("/v1/chat/completions", {
+                "messages": [{"role": "user", "content": content}], "conversation_id": f"conv-{who}"})
+            assert status == 200, data
+            return str(data["choices"][0]["message"]["content"])
+
+        await answered_from_files(ask)
+        # What the API refuses, before anything is read: a URL to fetch, a file id, broken base64,
+        # a file with no conversation to belong to.
+        pdf = {"type": "file", "file": {"filename": "a.pdf", "file_data": data_url(PDF)}}
+        for part, cid in (({"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest"}}, "c"),
+                          ({"type": "file", "file": {"file_id": "file-abc"}}, "c"),
+                          ({"type": "input_audio", "input_audio": {"data": "%%%", "format": "wav"}}, "c"),
+                          (pdf, None)):
+            body: dict[str, Any] = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, part]}]}
+            if cid:
+                body["conversation_id"] = cid
+            status, data, _ = await api.post("/v1/chat/completions", body)
+            assert status == 400 and data["error"]["code"] == "invalid_content", data

@@ -49,6 +49,7 @@ from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from connectors.base import Connector, Route, Service
+from connectors.http_api import parts
 from connectors.http_api.config import ApiConfig
 from connectors.http_status import finish_outcome, outcome_of, unavailable
 from connectors.server import REQUEST_ID, json_error
@@ -58,7 +59,7 @@ from core.auth import API_AUDIENCE, AuthError, DenyList, Tokens, looks_like_jwt
 from core.config import Settings
 from core.dispatch import Answer, Busy, Rejected
 from core.kv import KeyValueCache
-from core.messages import ChatTurn, Finish, InboundMessage, ReplyEvent, ThreadKey
+from core.messages import Attachment, ChatTurn, Finish, InboundMessage, ReplyEvent, ThreadKey
 from core.redis_store import StoreUnavailable
 from core.schema_limits import SchemaLimitError
 from core.secrets import resolve_secret
@@ -139,10 +140,8 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", str_max_length=1_000_000)
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: str
+# text, image_url, file and input_audio parts (connectors/http_api/parts.py)
+ContentPart = parts.ContentPart
 
 
 _TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
@@ -196,7 +195,7 @@ class ApiMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.text for p in self.content if isinstance(p, parts.TextPart))
 
     def as_dict(self) -> dict[str, Any]:
         """The message as the engine renders it (core/toolcalls.py)."""
@@ -510,6 +509,21 @@ class HttpApiConnector(Connector):
 
     # -- POST /v1/chat/completions -----------------------------------------------------------
 
+    @staticmethod
+    def _parts(last: ApiMessage, cid: str | None) -> tuple[list[Attachment], parts.Download]:
+        """The pictures, files and sounds of the last user message (earlier messages' parts are the
+        client's own history: not read again)."""
+        content = last.content if last.role == "user" and isinstance(last.content, list) else []
+        try:
+            found, download = parts.attachments_of(content)
+        except parts.PartRefused as exc:
+            raise _BadRequest(400, "invalid_content", str(exc)) from None
+        if cid is None and any(a.kind == "file" for a in found):
+            # A file becomes its conversation's knowledge for the next turns: it needs one.
+            raise _BadRequest(400, "invalid_content", "a file becomes its conversation's knowledge: send it with "
+                                                      "a conversation_id")
+        return found, download
+
     @_authed
     async def chat_completions(self, request: web.Request, ident: str) -> web.StreamResponse:
         body: ChatCompletionBody = await self._read_json(request, ChatCompletionBody)
@@ -533,6 +547,7 @@ class HttpApiConnector(Connector):
         if cid is None:
             history = [ChatTurn(m.role, m.text()) for m in body.messages[:-1] if m.role in ("user", "assistant")]
         stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        attachments, download = self._parts(last, cid)
         msg = InboundMessage(
             platform=PLATFORM, bot=bot, chat=f"{ident}/{cid}" if cid else f"{ident}/-",
             user=self._user(request, ident, body.user), principal=self._principal(request, ident),
@@ -541,9 +556,9 @@ class HttpApiConnector(Connector):
             request_id=request[REQUEST_ID], stop=tuple(stops),
             tools=tools, tool_choice=choice,
             messages=[m.as_dict() for m in body.messages if m.role not in ("system", "developer")]
-            if with_tools else None,
+            if with_tools else None, attachments=attachments,
         )
-        answer = await self.service.dispatch(msg)
+        answer = await (self.service.dispatch(msg, download) if attachments else self.service.dispatch(msg))
         # The model that answers (a bot may use a [models.NAME] of its own), not the name asked for.
         model_name = self.service.answered_by(answer) or body.model or self.service.model_name
         include_usage = bool((body.stream_options or {}).get("include_usage"))
