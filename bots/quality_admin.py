@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bots import eval as botd_eval
-from bots import export, unanswered, usage
+from bots import eval_set, export, unanswered, usage
+from connectors.web_console.backend import BackendRefusal
 from core.config import Config
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ def _add_case(cfg: Config, bot: str, question: str) -> Path:
     folder = next((p for kb in cfg.bots[bot].knowledge if kb in cfg.knowledge for p in cfg.knowledge[kb].paths
                    if os.path.isdir(p)), None)
     with _ADDING:
-        return botd_eval.add_case(cfg, bot, question, folder)
+        return eval_set.add_case(cfg, bot, question, folder)
 
 
 class QualityReads:
@@ -75,15 +75,22 @@ class QualityReads:
         embedder = retriever.embedder if retriever is not None else None
         return await unanswered.by_base(entries, kbs, embedder)
 
-    def export_rows(self, bots: Collection[str], since: float, until: float) -> AsyncIterator[dict[str, Any]]:
-        return export.rows(self, bots, since, until)  # type: ignore[arg-type]
+    def export_rows(self, bots: Collection[str], since: str, until: str) -> AsyncIterator[dict[str, Any]]:
+        try:
+            lo, hi = export.day_range(since, until)
+        except export.ExportError as exc:
+            raise BackendRefusal(400, str(exc)) from None
+        return export.rows(self, bots, lo, hi)  # type: ignore[arg-type]
 
     async def eval_runs(self, bot: str) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(botd_eval.list_runs, self.cfg, bot)
+        return await asyncio.to_thread(eval_set.list_runs, self.cfg, bot)
 
     async def eval_run(self, bot: str, name: str) -> dict[str, Any] | None:
-        return await asyncio.to_thread(botd_eval.run_diff, self.cfg, bot, name)
+        return await asyncio.to_thread(eval_set.run_diff, self.cfg, bot, name)
 
     async def add_eval_case(self, bot: str, question: str) -> str:
-        """Append ``question`` to ``bot``'s test set; the set's path. :class:`bots.eval.CaseNotAdded`."""
-        return str(await asyncio.to_thread(_add_case, self.cfg, bot, question))
+        """Append ``question`` to ``bot``'s test set; the set's path. :class:`BackendRefusal`."""
+        try:
+            return str(await asyncio.to_thread(_add_case, self.cfg, bot, question))
+        except eval_set.CaseNotAdded as exc:
+            raise BackendRefusal(exc.status, str(exc)) from None

@@ -15,6 +15,14 @@ from core.dispatch import Answer
 from core.messages import Attachment, InboundMessage, ThreadKey
 
 
+class BackendRefusal(Exception):
+    """The backend refuses what a user asked (bad input, a conflict): an HTTP status and why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
 class ConsoleBackend(Protocol):
     """The console's backend; each read takes the bots the asking user may see."""
 
@@ -89,10 +97,15 @@ class ConsoleBackend(Protocol):
     async def unanswered(self, bots: Collection[str], kbs: Collection[str],
                          days: int = 90) -> dict[str, list[dict[str, Any]]]: ...
 
-    def export_rows(self, bots: Collection[str], since: float, until: float) -> AsyncIterator[dict[str, Any]]: ...
+    def export_rows(self, bots: Collection[str], since: str, until: str) -> AsyncIterator[dict[str, Any]]:
+        """The messages of ``bots`` sent from day ``since`` to day ``until`` (YYYY-MM-DD, UTC, both
+        included, either may be ""); :class:`BackendRefusal` (400) for a day that is not one."""
+        ...
 
     async def eval_runs(self, bot: str) -> list[dict[str, Any]]: ...
 
     async def eval_run(self, bot: str, name: str) -> dict[str, Any] | None: ...
 
-    async def add_eval_case(self, bot: str, question: str) -> str: ...
+    async def add_eval_case(self, bot: str, question: str) -> str:
+        """Append ``question`` to ``bot``'s test set; the set's path. :class:`BackendRefusal`: 400, 409."""
+        ...

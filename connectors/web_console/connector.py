@@ -36,7 +36,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import jinja2
 import structlog
@@ -52,6 +52,7 @@ from connectors.web_console.backend import ConsoleBackend
 from connectors.web_console.config import ConsoleConfig, ConsoleUserConfig
 from connectors.web_console.csvsafe import BOM
 from connectors.web_console.csvsafe import cell as _cell
+from connectors.web_console.quality import HANDLERS as QUALITY_HANDLERS
 from connectors.web_console.quality import QualityPages
 from connectors.web_console.uploads import MAX_FILES, ChatUploads
 from core.auth import CONSOLE_AUDIENCE, AuthError, DenyList, LoginLimiter, Tokens, TooManyAttempts, verify_password
@@ -341,6 +342,19 @@ class WebConsoleConnector(QualityPages, Edge):
             raise _Refused(400, "invalid_id", "a conversation id is platform:bot:chat:thread")
         self._bot(session, thread.bot)
         return thread
+
+    # Lent to the quality pages (connectors/web_console/quality.py).
+
+    def _refuse(self, status: int, code: str, message: str) -> NoReturn:
+        raise _Refused(status, code, message)
+
+    @staticmethod
+    def _reply_json(data: Any, status: int = 200) -> web.Response:
+        return _json(data, status)
+
+    @staticmethod
+    def _headers() -> dict[str, str]:
+        return dict(_SECURITY_HEADERS)
 
     def _need_write(self, session: Session) -> None:
         if not session.can_write:
@@ -914,6 +928,12 @@ class WebConsoleConnector(QualityPages, Edge):
             raise web.HTTPNotFound(text="no such file")
         return web.Response(body=body, content_type=_STATIC_TYPES[Path(name).suffix],
                             headers={"Cache-Control": "public, max-age=86400", "X-Content-Type-Options": "nosniff"})
+
+
+# The quality pages' handlers, behind the same login checks as every page and endpoint here.
+for _name, _check in QUALITY_HANDLERS.items():
+    _handler = cast(Handler, getattr(QualityPages, _name))
+    setattr(WebConsoleConnector, _name, _page(_handler) if _check == "page" else _api(_check == "write")(_handler))
 
 
 CSV_COLUMNS = ("ts", "platform", "user", "bot", "action", "finish", "question", "answer", "tokens_in", "tokens_out",

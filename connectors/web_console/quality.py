@@ -5,80 +5,48 @@ a test case with one click.
 Mixed into :class:`~connectors.web_console.connector.WebConsoleConnector`, with the same roles:
 a department user (and a viewer limited to some bots) sees only its own bots and the bases they
 read, 403 otherwise; adding a test case takes a role that may write (admin, department) and the
-login's CSRF token. The login checks (``_page`` / ``_api``) are the connector's, looked up when
-a request comes in (this module is imported by the connector's, not the other way round).
+login's CSRF token. The handlers here take the checked session; the connector puts them behind
+its login checks (:data:`HANDLERS`: a page, a read or a write) and lends the few helpers they
+use (``_bot``, ``_kb``, ``_render``, ``_refuse`` ...), so this module imports nothing of it.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 from aiohttp import web
 
 from connectors.base import Route
+from connectors.web_console.backend import BackendRefusal
 from connectors.web_console.csvsafe import BOM, line
 
-if TYPE_CHECKING:
-    from connectors.web_console.connector import Session
 
-_Handler = Callable[[Any, web.Request, "Session"], Awaitable[web.StreamResponse]]
-_Wrapped = Callable[[Any, web.Request], Awaitable[web.StreamResponse]]
+class Session(Protocol):
+    """What the handlers read of the connector's checked login (its ``Session``)."""
+
+    name: str
+    bots: tuple[str, ...]
+    csrf: str
+
+    @property
+    def role(self) -> str: ...
+
+    @property
+    def can_write(self) -> bool: ...
+
 DAYS_CHOICES = (7, 30, 90)
 EXPORT_COLUMNS = ("ts", "conversation", "platform", "bot", "chat", "thread", "role", "content")
 UNANSWERED_COLUMNS = ("kb", "question", "count", "last_asked", "no_match", "low_score", "down", "bots", "variants")
 
 
-def _page(handler: _Handler) -> _Wrapped:
-    @functools.wraps(handler)
-    async def wrapped(self: Any, request: web.Request) -> web.StreamResponse:
-        from connectors.web_console import connector
-
-        return await connector._page(handler)(self, request)
-
-    return wrapped
-
-
-def _api(write: bool = False) -> Callable[[_Handler], _Wrapped]:
-    def deco(handler: _Handler) -> _Wrapped:
-        @functools.wraps(handler)
-        async def wrapped(self: Any, request: web.Request) -> web.StreamResponse:
-            from connectors.web_console import connector
-
-            return await connector._api(write)(handler)(self, request)
-
-        return wrapped
-
-    return deco
-
-
-def _refuse(status: int, code: str, message: str) -> NoReturn:
-    from connectors.web_console import connector
-
-    raise connector._Refused(status, code, message)
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    from connectors.web_console import connector
-
-    return connector._json(data, status)
-
-
-def _headers() -> dict[str, str]:
-    from connectors.web_console import connector
-
-    return dict(connector._SECURITY_HEADERS)
-
-
-def _days(request: web.Request, default: int = 30) -> int:
+def _days(request: web.Request, default: int = 30) -> int | None:
+    """``?days=``, or None when it is not one of :data:`DAYS_CHOICES`."""
     raw = request.query.get("days", str(default))
-    if not raw.isdigit() or int(raw) not in DAYS_CHOICES:
-        _refuse(400, "invalid_days", f"days: one of {', '.join(map(str, DAYS_CHOICES))}")
-    return int(raw)
+    return int(raw) if raw.isdigit() and int(raw) in DAYS_CHOICES else None
 
 
 def bars(days: list[dict[str, Any]], keys: tuple[str, ...], width: int = 600, height: int = 120,
@@ -115,6 +83,15 @@ def lines(days: list[dict[str, Any]], keys: tuple[str, ...], width: int = 600, h
             "first": days[0]["day"] if days else "", "last": days[-1]["day"] if days else "", "keys": keys}
 
 
+# Each handler, and the login check the connector puts it behind: "page" (an HTML page), "read"
+# (a JSON or file endpoint) or "write" (a JSON endpoint that needs the login's CSRF token).
+HANDLERS = {
+    "unanswered_page": "page", "api_unanswered": "read", "api_unanswered_csv": "read",
+    "usage_page": "page", "api_usage": "read", "export_page": "page", "api_export": "read",
+    "eval_page": "page", "api_eval": "read", "api_eval_run": "read", "api_eval_case": "write",
+}
+
+
 class QualityPages:
     """Routes and handlers of the quality pages (a mixin of the console connector)."""
 
@@ -126,6 +103,9 @@ class QualityPages:
     _kb: Callable[..., str]
     _render: Callable[..., web.Response]
     _fields: Callable[[web.Request], Awaitable[dict[str, str]]]
+    _refuse: Callable[[int, str, str], NoReturn]
+    _reply_json: Callable[..., web.Response]
+    _headers: Callable[[], dict[str, str]]
 
     def quality_routes(self) -> list[Route]:
         p = self.base
@@ -152,12 +132,13 @@ class QualityPages:
 
     async def _unanswered(self, session: Session, request: web.Request) -> tuple[list[str], dict[str, Any], int]:
         days = _days(request, 30)
+        if days is None:
+            self._refuse(400, "invalid_days", f"days: one of {', '.join(map(str, DAYS_CHOICES))}")
         kb = request.query.get("kb", "")
         kbs = [self._kb(session, kb)] if kb else self._kbs_of(session, list(session.bots))
         groups = await self.admin.unanswered(session.bots, kbs, days=days)
         return kbs, groups, days
 
-    @_page
     async def unanswered_page(self, request: web.Request, session: Session) -> web.StreamResponse:
         kbs, groups, days = await self._unanswered(session, request)
         return self._render(request, "unanswered.html", session, kbs=kbs, groups=groups, days=days,
@@ -165,12 +146,10 @@ class QualityPages:
                             kb=request.query.get("kb", ""), notice=request.query.get("notice", ""),
                             notice_path=request.query.get("path", ""))
 
-    @_api()
     async def api_unanswered(self, request: web.Request, session: Session) -> web.StreamResponse:
         kbs, groups, days = await self._unanswered(session, request)
-        return _json({"days": days, "knowledge": [{"kb": kb, "groups": groups.get(kb, [])} for kb in kbs]})
+        return self._reply_json({"days": days, "knowledge": [{"kb": kb, "groups": groups.get(kb, [])} for kb in kbs]})
 
-    @_api()
     async def api_unanswered_csv(self, request: web.Request, session: Session) -> web.StreamResponse:
         kbs, groups, days = await self._unanswered(session, request)
         out = [BOM + line(UNANSWERED_COLUMNS)]
@@ -181,12 +160,11 @@ class QualityPages:
                                  " | ".join(v["question"] for v in g["variants"]))))
         self.admin.audit_action(session.name, "unanswered_export", knowledge=kbs, days=days)
         return web.Response(body="".join(out).encode(), headers={
-            **_headers(), "Content-Type": "text/csv; charset=utf-8",
+            **self._headers(), "Content-Type": "text/csv; charset=utf-8",
             "Content-Disposition": f'attachment; filename="botd-unanswered-{_stamp()}.csv"'})
 
     # -- usage ---------------------------------------------------------------------------------------
 
-    @_page
     async def usage_page(self, request: web.Request, session: Session) -> web.StreamResponse:
         bots = self._bots_asked(session, request)
         u = await self.admin.usage(bots)
@@ -200,33 +178,28 @@ class QualityPages:
         }
         return self._render(request, "usage.html", session, usage=u, charts=charts, bot=request.query.get("bot", ""))
 
-    @_api()
     async def api_usage(self, request: web.Request, session: Session) -> web.StreamResponse:
-        return _json(await self.admin.usage(self._bots_asked(session, request)))
+        return self._reply_json(await self.admin.usage(self._bots_asked(session, request)))
 
     # -- conversation export -------------------------------------------------------------------------
 
-    @_page
     async def export_page(self, request: web.Request, session: Session) -> web.StreamResponse:
         today = time.strftime("%Y-%m-%d", time.gmtime())
         month_ago = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 30 * 86400))
         return self._render(request, "export.html", session, today=today, month_ago=month_ago)
 
-    @_api()
     async def api_export(self, request: web.Request, session: Session) -> web.StreamResponse:
-        from bots.export import ExportError, day_range
-
         bots = self._bots_asked(session, request)
         fmt = request.query.get("format", "csv")
         if fmt not in ("csv", "jsonl"):
-            _refuse(400, "invalid_format", "format: csv or jsonl")
+            self._refuse(400, "invalid_format", "format: csv or jsonl")
         try:
-            since, until = day_range(request.query.get("from", ""), request.query.get("to", ""))
-        except ExportError as exc:
-            _refuse(400, "invalid_range", str(exc))
-        rows: AsyncIterator[dict[str, Any]] = self.admin.export_rows(bots, since, until)
+            rows: AsyncIterator[dict[str, Any]] = self.admin.export_rows(
+                bots, request.query.get("from", ""), request.query.get("to", ""))
+        except BackendRefusal as exc:
+            self._refuse(exc.status, "invalid_range", exc.message)
         resp = web.StreamResponse(headers={
-            **_headers(), "Content-Type": "text/csv; charset=utf-8" if fmt == "csv" else
+            **self._headers(), "Content-Type": "text/csv; charset=utf-8" if fmt == "csv" else
             "application/x-ndjson; charset=utf-8",
             "Content-Disposition": f'attachment; filename="botd-conversations-{_stamp()}.{fmt}"'})
         n = 0
@@ -249,42 +222,36 @@ class QualityPages:
 
     # -- eval runs -----------------------------------------------------------------------------------
 
-    @_page
     async def eval_page(self, request: web.Request, session: Session) -> web.StreamResponse:
         bot = self._bot(session, request.query.get("bot") or None) if session.bots else ""
         runs = await self.admin.eval_runs(bot) if bot else []
         name = request.query.get("run", "") or (runs[0]["name"] if runs else "")
         run = await self.admin.eval_run(bot, name) if bot and name else None
         if request.query.get("run") and run is None:
-            _refuse(404, "not_found", f"no run {name!r} of {bot!r}")
+            self._refuse(404, "not_found", f"no run {name!r} of {bot!r}")
         return self._render(request, "eval.html", session, bot=bot, runs=runs, run=run)
 
-    @_api()
     async def api_eval(self, request: web.Request, session: Session) -> web.StreamResponse:
         bot = self._bot(session, request.query.get("bot") or None)
-        return _json({"bot": bot, "runs": await self.admin.eval_runs(bot)})
+        return self._reply_json({"bot": bot, "runs": await self.admin.eval_runs(bot)})
 
-    @_api()
     async def api_eval_run(self, request: web.Request, session: Session) -> web.StreamResponse:
         bot = self._bot(session, request.query.get("bot") or None)
         run = await self.admin.eval_run(bot, request.query.get("run", ""))
         if run is None:
-            _refuse(404, "not_found", "no such run")
-        return _json(run)
+            self._refuse(404, "not_found", "no such run")
+        return self._reply_json(run)
 
-    @_api(write=True)
     async def api_eval_case(self, request: web.Request, session: Session) -> web.StreamResponse:
-        from bots.eval import CaseNotAdded
-
         fields = await self._fields(request)
         bot = self._bot(session, fields.get("bot") or "-")
         if not session.can_write:
-            _refuse(403, "forbidden", f"the role {session.role!r} may only read")
+            self._refuse(403, "forbidden", f"the role {session.role!r} may only read")
         question = fields.get("q", "")
         try:
             path = await self.admin.add_eval_case(bot, question)
-        except CaseNotAdded as exc:
-            _refuse(exc.status, "case_not_added", str(exc))
+        except BackendRefusal as exc:
+            self._refuse(exc.status, "case_not_added", exc.message)
         name = path.rsplit("/", 1)[-1]  # the set's file name: where it lives is the admin's business
         self.admin.audit_action(session.name, "eval_case_added", bot=bot, set=path, chars=len(question))
         if request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
@@ -292,9 +259,9 @@ class QualityPages:
             if not back.startswith(self.base + "/unanswered") or "//" in back:
                 back = self.base + "/unanswered"
             sep = "&" if "?" in back else "?"
-            return web.Response(status=303, headers={**_headers(), "Location": f"{back}{sep}notice=case_added&"
+            return web.Response(status=303, headers={**self._headers(), "Location": f"{back}{sep}notice=case_added&"
                                                      f"path={urllib.parse.quote(name)}"})
-        return _json({"bot": bot, "set": name, "q": question}, status=201)
+        return self._reply_json({"bot": bot, "set": name, "q": question}, status=201)
 
 
 def _iso(ts: float | None) -> str:
