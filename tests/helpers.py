@@ -140,6 +140,10 @@ def make_config(tmp_path: Path, redis_url: str = "", **sections: dict[str, Any])
         # One sequence at a time unless a test asks for more: the queue tests count on it.
         "model": {"n_ctx": 2048, "max_tokens": 64, "temperature": 0.0, "seed": 42, "n_threads": 2, "parallel": 1},
         "redis": {"url": redis_url},
+        # Each message answered at once and no waiting notice, unless a test asks (tests/test_bursts.py,
+        # tests/test_notice.py): tests count the messages botd posts, and a burst's wait would add
+        # debounce_s to every answer of the suite. The daemon-process tests keep the defaults.
+        "queue": {"debounce_s": 0, "notice_after_s": 0},
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
