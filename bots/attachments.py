@@ -43,6 +43,8 @@ from connectors.reply import AttachmentTooLarge, AttachmentUnavailable
 from core.config import BotConfig, Config
 from core.knowledge.retriever import Hit
 from core.knowledge.thread_files import MAX_NAME, FileRefused, TakenFile, ThreadFiles
+from core.media.ocr import OcrLimits, OcrUnavailable, PictureRefused, shared_ocr
+from core.media.speech import SpeechUnavailable, VoiceRefused, available, shared_transcriber
 from core.messages import Attachment, AttachmentKind, InboundMessage
 
 log = structlog.get_logger("botd.attachments")
@@ -51,9 +53,9 @@ log = structlog.get_logger("botd.attachments")
 Download = Callable[[Attachment, int], Awaitable[bytes]]
 
 MB = 1 << 20
-# Until the picture and voice settings exist ([images], [voice]): the most fetched for one.
-IMAGE_MAX_BYTES = 10 * MB
-VOICE_MAX_BYTES = 20 * MB
+# Marks the text read from a picture in the turn: the model (and the history) can tell it from
+# the user's own words.
+IMAGE_MARK = "[图片文字]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,38 +184,75 @@ def file_id(msg: InboundMessage, att: Attachment) -> str:
 
 
 async def image_text(data: bytes, cfg: Config, bot: BotConfig, lang: texts.Lang) -> str | None:
-    """The text in a picture (OCR), or None when pictures are not read (images = "off", or no
-    engine). Filled by the images work (core/media/ocr.py)."""
-    return None
+    """The text in a picture (OCR, core/media/ocr.py, off the event loop at lowest priority),
+    marked "[图片文字] …"; "" when it holds none; None when pictures are not read for this bot
+    (images = "off"). Raises PictureRefused and OcrUnavailable."""
+    if bot.images != "ocr":
+        return None
+    images = cfg.images
+    limits = OcrLimits(max_pixels=images.max_pixels, work_pixels=images.work_pixels, max_lines=images.max_lines,
+                       timeout_s=images.timeout_s, threads=images.threads)
+    result = await shared_ocr(limits).read(data, limits)
+    log.info("picture read", lines=result.lines, chars=len(result.text), seconds=round(result.seconds, 2))
+    return f"{IMAGE_MARK} {result.text}" if result.text.strip() else ""
 
 
 async def voice_text(att: Attachment, data: bytes, cfg: Config, bot: BotConfig, lang: texts.Lang) -> str | None:
-    """What a voice message says (local speech-to-text), or None when it is not transcribed
-    here. Filled by the voice work (core/media/speech.py)."""
-    return None
+    """What a voice message says (local speech-to-text: core/media/speech.py, off the event loop
+    at lowest priority); None when it is not transcribed here ([voice] enabled = false, or the
+    extra botd[voice] not installed). Raises VoiceRefused and SpeechUnavailable."""
+    voice = cfg.voice
+    if not voice.enabled or not available():
+        return None
+    heard = await shared_transcriber(voice.model, cfg.server.state_dir, voice.threads).transcribe(
+        data, voice.max_duration_s, voice.language, voice.timeout_s)
+    log.info("voice message transcribed", audio_s=round(heard.audio_s, 1), language=heard.language,
+             seconds=round(heard.seconds, 2))
+    return heard.text
 
 
 async def read_image(att: Attachment, ctx: ReadContext) -> Reading:
+    images = ctx.cfg.images
+    if ctx.bot.images != "ocr":  # not fetched at all
+        return Reading(refusal=texts.say("NOT_IMAGE", ctx.lang))
+    too_large = texts.say("IMAGE_TOO_LARGE", ctx.lang, mb=images.max_mb, mp=images.max_pixels // 1_000_000)
     try:
-        data = await ctx.fetch(att, IMAGE_MAX_BYTES)
+        data = await ctx.fetch(att, images.max_mb * MB)
         found = await image_text(data, ctx.cfg, ctx.bot, ctx.lang)
-    except (AttachmentTooLarge, AttachmentUnavailable) as exc:
-        log.info("picture not read", error=f"{type(exc).__name__}: {exc}")
+    except AttachmentTooLarge:
+        return Reading(refusal=too_large)
+    except PictureRefused as exc:
+        log.info("picture refused", reason=exc.reason, detail=exc.detail[:200])
+        return Reading(refusal=too_large if exc.reason == "too_large" else texts.say("IMAGE_UNREADABLE", ctx.lang))
+    except (AttachmentUnavailable, OcrUnavailable) as exc:
+        log.warning("picture not read", error=f"{type(exc).__name__}: {exc}")
         found = None
     if found is None:
         return Reading(refusal=texts.say("NOT_IMAGE", ctx.lang))
+    if not found:
+        return Reading(refusal=texts.say("IMAGE_NO_TEXT", ctx.lang))
     return Reading(text=found)
 
 
 async def read_voice(att: Attachment, ctx: ReadContext) -> Reading:
     heard = att.transcript.strip() if att.transcript else None  # the platform's own transcript
-    if heard is None:
+    voice = ctx.cfg.voice
+    if heard is None and voice.enabled and available():
         try:
-            data = await ctx.fetch(att, VOICE_MAX_BYTES)
+            data = await ctx.fetch(att, voice.max_mb * MB)
             heard = await voice_text(att, data, ctx.cfg, ctx.bot, ctx.lang)
-        except (AttachmentTooLarge, AttachmentUnavailable) as exc:
-            log.info("voice message not read", error=f"{type(exc).__name__}: {exc}")
+        except AttachmentTooLarge:
+            return Reading(refusal=texts.say("VOICE_TOO_LONG", ctx.lang, s=voice.max_duration_s))
+        except VoiceRefused as exc:
+            log.info("voice message refused", reason=exc.reason, detail=exc.detail[:200])
+            key = "VOICE_TOO_LONG" if exc.reason == "too_long" else "VOICE_UNREADABLE"
+            return Reading(refusal=texts.say(key, ctx.lang, s=voice.max_duration_s))
+        except (AttachmentUnavailable, SpeechUnavailable) as exc:
+            log.warning("voice message not read", error=f"{type(exc).__name__}: {exc}")
             heard = None
+        else:
+            if heard == "":
+                return Reading(refusal=texts.say("VOICE_UNREADABLE", ctx.lang))
     if not heard:
         return Reading(refusal=texts.say("NOT_VOICE", ctx.lang))
     return Reading(text=heard, note=f"🎤 {heard}")

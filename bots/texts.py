@@ -61,6 +61,20 @@ _TEXTS: dict[str, tuple[str, ...]] = {
                   "Sorry, I cannot read pictures here. Please send your question as text."),
     "NOT_VOICE": ("抱歉，我目前无法收听语音消息，请用文字提问。",
                   "Sorry, I cannot listen to voice messages here. Please send your question as text."),
+    "IMAGE_NO_TEXT": ("图片中没有找到文字。请用文字描述您的问题。",
+                      "I found no text in the picture. Please describe your question in words."),
+    "IMAGE_TOO_LARGE": ("图片太大（最多 {mb} MB、{mp} 百万像素），请截取需要的部分后重新发送。",
+                        "The picture is too large (at most {mb} MB, {mp} megapixels); please crop it and send it "
+                        "again."),
+    "IMAGE_UNREADABLE": ("抱歉，我无法读取这张图片（格式不支持、已损坏或识别超时），请换一张或用文字提问。",
+                         "Sorry, I could not read this picture (unsupported, damaged or too slow to read); please "
+                         "send another one or type your question."),
+    "VOICE_TOO_LONG": ("语音太长（最多 {s} 秒），请分段发送或用文字提问。",
+                       "The voice message is too long (at most {s} seconds); please send shorter ones or type "
+                       "your question."),
+    "VOICE_UNREADABLE": ("抱歉，我没能听清这条语音（格式不支持、已损坏或没有说话声），请重新录制或用文字提问。",
+                         "Sorry, I could not make out this voice message (unsupported, damaged or silent); please "
+                         "record it again or type your question."),
     "FILE_RECEIVED": ("收到 {name}（{size}），请提问。", "Got {name} ({size}), ask away.",
                       "收到 {name}（{size}），请提问。/ Got it: ask away."),
     "FILE_PAGES": ("{n} 页", "{n} pages"),

@@ -445,6 +445,13 @@ class BotConfig(Section):
                     "paragraph by the model (one generation per file).",
         json_schema_extra={"zh": "聊天中只发文件、未提问时会回复已收到；设为 true 时模型还会用一段话概括文件内容（每个文件"
                                  "生成一次）。"})
+    images: Literal["ocr", "off"] = Field(
+        default="off",
+        description='Pictures sent in chat: "ocr" reads the text in them (a screenshot of an error, a notice) on '
+                    'this box and adds it to the question, marked "[图片文字]"; "off": they are answered "I cannot '
+                    'read pictures". Limits: [images].',
+        json_schema_extra={"zh": '聊天中发送的图片："ocr" 在本机识别其中的文字（报错截图、通知），标记为“[图片文字]”'
+                                 '加入问题；"off"：回答“无法读取图片”。上限见 [images]。'})
 
     @field_validator("tool_hint")
     @classmethod
@@ -713,6 +720,89 @@ class FilesConfig(Section):
         json_schema_extra={"zh": "每个用户一天内最多可发送的文件数，所有对话合计（0：不限）。"})
 
 
+class ImagesConfig(Section):
+    """Pictures read for the bots with images = "ocr": the text in them is recognised on this box (OCR,
+    the PP-OCR Chinese/English models inside the rapidocr package), in one thread of lowest CPU priority."""
+
+    doc_zh: ClassVar[str] = ('为 images = "ocr" 的机器人读取图片：在本机识别其中的文字（OCR，使用 rapidocr 包内置的 '
+                             "PP-OCR 中英文模型），在一个最低 CPU 优先级的线程中运行。")
+
+    max_mb: Annotated[int, Field(ge=1, le=100)] = Field(
+        default=10,
+        description="Largest picture fetched, in MB.",
+        json_schema_extra={"zh": "可下载的最大图片（MB）。"})
+    max_pixels: Annotated[int, Field(ge=10_000, le=500_000_000)] = Field(
+        default=40_000_000,
+        description="Largest picture read, in pixels (width × height, from its header: refused before it is "
+                    "decoded).",
+        json_schema_extra={"zh": "可读取的最大图片像素数（宽 × 高，取自文件头：在解码前就拒绝）。"})
+    work_pixels: Annotated[int, Field(ge=100_000, le=50_000_000)] = Field(
+        default=2_000_000,
+        description="A larger picture is scaled down to this many pixels before it is read (time grows with them; "
+                    "text stays readable down to about 8 px high).",
+        json_schema_extra={"zh": "更大的图片在识别前缩小到这个像素数（耗时随像素增长；文字高约 8 像素以上仍可识别）。"})
+    max_lines: Annotated[int, Field(ge=1, le=5000)] = Field(
+        default=300,
+        description="Most text boxes read in one picture.",
+        json_schema_extra={"zh": "一张图片中最多识别的文本框数。"})
+    timeout_s: Annotated[float, Field(gt=0, le=600)] = Field(
+        default=60.0,
+        description="Seconds a turn waits for a picture's text; then the picture is refused as unreadable.",
+        json_schema_extra={"zh": "一轮对话等待图片文字的秒数；超时则按无法读取拒绝该图片。"})
+    threads: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=2,
+        description="CPU threads of the OCR model (it runs at the lowest priority: the chat model comes first).",
+        json_schema_extra={"zh": "OCR 模型使用的 CPU 线程数（以最低优先级运行：聊天模型优先）。"})
+
+
+class VoiceConfig(Section):
+    """Voice messages: the platform's own transcript where it sends one (WeCom AI bot, DingTalk), else
+    speech-to-text on this box with the optional extra botd[voice] (faster-whisper, a local Whisper
+    model); the answer quotes what was heard ("🎤 ...")."""
+
+    doc_zh: ClassVar[str] = ("语音消息：平台自带转写时（企业微信智能机器人、钉钉）直接使用，否则在装有可选扩展 "
+                             "botd[voice]（faster-whisper、本地 Whisper 模型）时在本机转写；回答会引用听到的内容"
+                             "（“🎤 ……”）。")
+
+    enabled: bool = Field(
+        default=True,
+        description="Transcribe voice messages on this box when the platform sends no transcript (needs the extra "
+                    "botd[voice]; without it they are answered \"I cannot listen to voice messages\").",
+        json_schema_extra={"zh": "平台未提供转写时在本机转写语音消息（需要可选扩展 botd[voice]；没有它时回答"
+                                 "“无法收听语音消息”）。"})
+    model: str = Field(
+        default="",
+        description="A local CTranslate2 Whisper folder (model.bin, config.json, tokenizer.json, vocabulary.txt), "
+                    "e.g. a copy of Systran/faster-whisper-small; empty: whisper-base from the packages installed "
+                    "with botd[voice], put together once under server.state_dir and checked against its published "
+                    "SHA-256. Never downloaded.",
+        json_schema_extra={"zh": "本地的 CTranslate2 Whisper 文件夹（model.bin、config.json、tokenizer.json、"
+                                 "vocabulary.txt），例如 Systran/faster-whisper-small 的副本；留空：使用随 "
+                                 "botd[voice] 安装的 whisper-base，首次使用时在 server.state_dir 下拼合一次并按其公开的 "
+                                 "SHA-256 校验。从不下载。"})
+    language: Literal["auto", "zh", "en"] = Field(
+        default="auto",
+        description='The language spoken: "auto" (detected per message), "zh" or "en".',
+        json_schema_extra={"zh": '说话的语言："auto"（逐条识别）、"zh" 或 "en"。'})
+    max_mb: Annotated[int, Field(ge=1, le=200)] = Field(
+        default=20,
+        description="Largest voice message fetched, in MB.",
+        json_schema_extra={"zh": "可下载的最大语音消息（MB）。"})
+    max_duration_s: Annotated[int, Field(ge=1, le=3600)] = Field(
+        default=120,
+        description="Longest voice message transcribed, in seconds (a longer one is refused; counted while it is "
+                    "decoded).",
+        json_schema_extra={"zh": "可转写的最长语音消息（秒；更长的会被拒绝；在解码时计算）。"})
+    timeout_s: Annotated[float, Field(gt=0, le=1800)] = Field(
+        default=120.0,
+        description="Seconds a turn waits for a transcript; then the voice message is refused.",
+        json_schema_extra={"zh": "一轮对话等待转写的秒数；超时则拒绝该语音消息。"})
+    threads: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=2,
+        description="CPU threads of the speech model (it runs at the lowest priority: the chat model comes first).",
+        json_schema_extra={"zh": "语音模型使用的 CPU 线程数（以最低优先级运行：聊天模型优先）。"})
+
+
 class Config(Section):
     """The whole config: core's sections; :func:`config_model` adds the platforms' (and other
     sections declared above core)."""
@@ -755,6 +845,10 @@ class Config(Section):
                                  json_schema_extra={"zh": IngestConfig.doc_zh})
     files: FilesConfig = Field(default_factory=FilesConfig, description=FilesConfig.__doc__,
                                json_schema_extra={"zh": FilesConfig.doc_zh})
+    images: ImagesConfig = Field(default_factory=ImagesConfig, description=ImagesConfig.__doc__,
+                                 json_schema_extra={"zh": ImagesConfig.doc_zh})
+    voice: VoiceConfig = Field(default_factory=VoiceConfig, description=VoiceConfig.__doc__,
+                               json_schema_extra={"zh": VoiceConfig.doc_zh})
     knowledge: dict[str, KnowledgeConfig] = Field(
         default_factory=dict,
         description="Knowledge bases, one per department: `botd kb ingest` builds them and the daemon re-ingests "

