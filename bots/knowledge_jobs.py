@@ -108,22 +108,25 @@ class KnowledgeJobs:
         # so is one built with another embedding model (its vectors are not searched meanwhile:
         # its questions are matched by their words until the new version is live).
         model = self.runtime.retriever.embedder.model_id if self.runtime.retriever is not None else None
+        # A first ingest runs however late the scheduler gets to it (misfire_grace_time=None): with
+        # APScheduler's default grace of 1 s, a busy machine at start skipped it, and the base stayed
+        # "building" (every question answered "still loading") until the next restart.
         for name in cfg.knowledge:
             store = KnowledgeStore(cfg.server.state_dir, name)
             if store.current_name() is None:
                 log.info("knowledge base has no index yet: ingesting it now", kb=name)
                 self.runtime.set_knowledge_state(name, "building")
-                scheduler.add_job(self.first_ingest, args=[name], id=f"first-ingest:{name}")
+                scheduler.add_job(self.first_ingest, args=[name], id=f"first-ingest:{name}", misfire_grace_time=None)
             elif model is not None and (built := store.built_with()) is not None and built != model:
                 log.info("knowledge base was built with another embedding model: re-embedding it now", kb=name,
                          built_with=built, configured=model)
-                scheduler.add_job(self.first_ingest, args=[name], id=f"first-ingest:{name}")
+                scheduler.add_job(self.first_ingest, args=[name], id=f"first-ingest:{name}", misfire_grace_time=None)
             elif (built_from := store.built_from()) != (wanted := source_paths(cfg.knowledge[name].paths)):
                 # Not served meanwhile (the retriever refuses it); unchanged files keep their vectors.
                 log.info("knowledge base index was built from other folders: rebuilding it now", kb=name,
                          built_from=built_from, configured=wanted)
                 self.runtime.set_knowledge_state(name, "building")
-                scheduler.add_job(self.first_ingest, args=[name], id=f"first-ingest:{name}")
+                scheduler.add_job(self.first_ingest, args=[name], id=f"first-ingest:{name}", misfire_grace_time=None)
         scheduler.start()
         self._scheduler = scheduler
         log.info("knowledge schedules", **{name: kb.schedule or "off" for name, kb in cfg.knowledge.items()})
