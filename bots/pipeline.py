@@ -22,7 +22,15 @@ from bots import texts, tooluse
 from bots.answers import JobAnswer, TextAnswer, audit_answer, bot_of, cite_list, language
 from bots.attachments import AttachmentReader, Download
 from bots.commands import ChatCommands, parse_command
-from bots.prompt import BuiltPrompt, InputTooLong, PromptBuilder, fit_documents, with_documents, with_rules
+from bots.prompt import (
+    FILE_RULES,
+    BuiltPrompt,
+    InputTooLong,
+    PromptBuilder,
+    fit_documents,
+    with_documents,
+    with_rules,
+)
 from bots.tasks import TaskRegistry
 from bots.usage import QualityLog
 from connectors.http_api.config import ApiConfig
@@ -34,6 +42,7 @@ from core.engines.base import TemplateError
 from core.jobs import Job, QueueFull
 from core.knowledge.index import KnowledgeIndex
 from core.knowledge.retriever import Hit
+from core.knowledge.thread_files import THREAD_KB
 from core.lease import Fenced, Lease
 from core.messages import ChatTurn, Finish, InboundMessage
 from core.ratelimit import LimitExceeded
@@ -178,8 +187,10 @@ class AnswerPipeline:
         builder = await self.builder_for(msg.bot)
         budget = msg.max_tokens or bot.max_tokens or model.max_tokens
         system = msg.system if msg.system is not None else bot.system_prompt
-        if bot.knowledge or files is not None or pinned:
+        if bot.knowledge:
             system = with_rules(system)
+        elif files is not None or pinned:
+            system = with_rules(system, FILE_RULES)
         loop = asyncio.get_running_loop()
         hits: list[Hit] = pinned
         if (bot.knowledge or files is not None) and not pinned:
@@ -256,6 +267,15 @@ class AnswerPipeline:
             raise Busy(f"the knowledge base {', '.join(loading)} is still loading", retry,
                        user_message=texts.say("KNOWLEDGE_LOADING", lang, s=retry))
         hits = await self._retrieve(bot, msg, files)
+        if files is not None:
+            # The first question after a file is most likely about it ("what is this about?" shares
+            # no words with it): given the file's opening when nothing of the files matched it.
+            try:
+                opening = await self.runtime.thread_files.unasked(msg.thread_key)
+            except StoreUnavailable:
+                opening = []
+            if opening and not any(h.kb == THREAD_KB for h in hits):
+                hits = [*opening, *hits]
         if not hits and bot.knowledge and bot.no_match == "refuse":
             metrics.MESSAGES.labels(msg.platform, "no_document").inc()
             log.info("no relevant document; answered so", platform=msg.platform, bot=msg.bot,

@@ -108,9 +108,17 @@ KNOWLEDGE_RULES = (
 )
 
 
-def with_rules(system: str | None) -> str:
+# A bot without knowledge bases, in a thread where files were sent: the same numbering and citing,
+# without the refusal (what its files do not hold it answers as it always did).
+FILE_RULES = (
+    "A question may come with documents the user sent, numbered [1], [2], ... "
+    "Answer from those documents when they hold the answer, and say which document you used."
+)
+
+
+def with_rules(system: str | None, rules: str = KNOWLEDGE_RULES) -> str:
     """A knowledge bot's system prompt: its persona and the rules for answering from documents."""
-    return f"{system or ''}\n\n{KNOWLEDGE_RULES}".lstrip()
+    return f"{system or ''}\n\n{rules}".lstrip()
 
 
 def with_documents(text: str, hits: Sequence[Hit]) -> str:
