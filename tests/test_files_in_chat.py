@@ -23,6 +23,7 @@ from fpdf import FPDF
 
 from bots import texts
 from bots.answers import JobAnswer, TextAnswer
+from bots.prompt import FILE_RULES, KNOWLEDGE_RULES
 from connectors.reply import AttachmentTooLarge, AttachmentUnavailable, ReplyTarget
 from core.knowledge.thread_files import THREAD_KB
 from core.messages import Account, Attachment, InboundMessage
@@ -279,3 +280,22 @@ async def test_files_switched_off_are_answered_as_before(tmp_path, redis_server)
         answer = await _ask(api.daemon.service, _msg(BUDGET_Q, attachments=[_file("report.pdf", "pdf")]), platform)
         assert isinstance(answer, TextAnswer) and answer.text == texts.say("NOT_TEXT", "en")
         assert platform.downloads == 0 and await _keys(api, "botd:tf*") == []
+
+
+async def test_the_first_question_after_a_file_is_about_it_and_a_plain_bot_still_answers_the_rest(
+        tmp_path, redis_server):
+    """"What is this document about?" shares no words with the document: the first question after a
+    file is given the file's opening when nothing else matches. A bot without knowledge bases is not
+    told to refuse what its files do not hold: it answers other questions as it always did."""
+    platform = Platform({"pdf": make_pdf()})
+    async with running_daemon(_config(tmp_path, redis_server.url)) as api:
+        service = api.daemon.service
+        await _ask(service, _msg("", attachments=[_file("report.pdf", "pdf")]), platform)
+        about = await _ask(service, _msg("What is this document about?"), platform)
+        assert isinstance(about, JobAnswer) and [h.source for h in about.hits][:1] == ["report.pdf"], about.hits
+        assert BUDGET_FACT in about.job.request.messages[-1]["content"]
+        system = about.job.request.messages[0]["content"]
+        assert KNOWLEDGE_RULES not in system and FILE_RULES in system
+        # Later, a question the file does not hold gets no document.
+        other = await _ask(service, _msg("What is the capital of France?"), platform)
+        assert isinstance(other, JobAnswer) and other.hits == [], other.hits

@@ -249,7 +249,7 @@ class ThreadFiles:
         async def _tx() -> None:
             async with self.redis.client.pipeline(transaction=True) as pipe:
                 pipe.hset(key, mapping={f"f:{file_id}": json.dumps(meta, ensure_ascii=False),
-                                        f"c:{file_id}": chunks, f"v:{file_id}": packed})
+                                        f"c:{file_id}": chunks, f"v:{file_id}": packed, f"n:{file_id}": "1"})
                 # A fresh token, not a counter: after a /reset a counter would start again at a
                 # value another daemon may still hold a built index for.
                 pipe.hset(key, "ver", uuid.uuid4().hex)
@@ -323,7 +323,7 @@ class ThreadFiles:
             if fresh:
                 live[fid] = meta
             else:
-                stale += [f"f:{fid}", f"c:{fid}", f"v:{fid}"]
+                stale += [f"f:{fid}", f"c:{fid}", f"v:{fid}", f"n:{fid}"]
         return live, stale
 
     async def index(self, thread: ThreadKey) -> KnowledgeIndex | None:
@@ -378,6 +378,22 @@ class ThreadFiles:
         index.add(np.ascontiguousarray(np.vstack(rows), dtype=np.float32))
         version = Version(Path("chat-files"), Manifest(model=model, dim=dim), chunks, index)
         return KnowledgeIndex(THREAD_KB, version)
+
+    async def unasked(self, thread: ThreadKey) -> list[Hit]:
+        """The opening chunks of the newest file no question of the thread came after yet ([] when
+        every file was asked about); from now on, every file of the thread counts as asked about."""
+        key = self.key(thread)
+        fields = await self.redis.run("HKEYS", self.redis.client.hkeys, key)
+        new = [f[2:] for f in fields if f.startswith("n:")]
+        if not new:
+            return []
+        await self.redis.run("HDEL", self.redis.client.hdel, key, *(f"n:{i}" for i in new))
+        metas = await self.redis.run("HMGET", self.redis.client.hmget, key, [f"f:{i}" for i in new])
+        live, _ = self._live({f"f:{i}": m for i, m in zip(new, metas, strict=True) if m is not None})
+        if not live:
+            return []
+        newest, meta = max(live.items(), key=lambda kv: float(kv[1]["at"]))
+        return list(await self._opening(key, newest, meta["name"]))[:2]
 
     async def names(self, thread: ThreadKey) -> list[str]:
         """The names of the thread's live files, oldest first."""
