@@ -14,6 +14,7 @@ Redis layout, one hash per thread (so ``/reset`` and the TTL drop every file at 
         f:{id}   JSON: name, user, at (epoch s), pages, chars, chunks, model, dim
         c:{id}   JSON: [[heading, text], ...]
         v:{id}   base64 of the float32 vectors (chunks x dim)
+        n:{id}   present until a question of the thread comes after the file (:meth:`ThreadFiles.unasked`)
         ver      bumped by every change (readers cache the built index per version)
     {prefix}:tfuser:{quota key}   files the user sent in the last day (INCR, a day's TTL)
 
