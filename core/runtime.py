@@ -51,7 +51,7 @@ class Runtime:
                            max_deliveries=cfg.redis.max_deliveries)
         self.cache = KeyValueCache(self.redis, cfg.redis.key_prefix)
         # Files sent in chat: each thread's own temporary knowledge ([files]).
-        self.thread_files = ThreadFiles(self.redis, settings)
+        self.thread_files = ThreadFiles(self.redis, settings, quiet=lambda: self.models.quiet(10.0))
         self.limits = RateLimiter(self.redis, cfg.redis.key_prefix, cfg.limits)
         self.audit = AuditLog(cfg.audit)
         # The [tools.NAME] bots may call; MCP servers start with the runtime and stop with it.
