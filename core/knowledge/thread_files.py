@@ -133,12 +133,21 @@ def _nice_thread() -> None:
     limit_threads_here(1)
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class ThreadFiles:
     """The files of every thread (see the module's docstring). Reads its config at use time."""
 
-    def __init__(self, redis: RedisManager, settings: Settings) -> None:
+    def __init__(self, redis: RedisManager, settings: Settings, quiet: Callable[[], bool] = lambda: False) -> None:
         self.redis = redis
         self.settings = settings
+        # Whether the models have been idle a while: a file is then embedded on every core, else on one.
+        self.quiet = quiet
         self._embedder: Embedder | None = None
         self._embedded_as: tuple[str, int, tuple[str, ...]] | None = None
         self._retriever: Retriever | None = None
@@ -291,6 +300,7 @@ class ThreadFiles:
         if len(chunks) > cfg.files.max_chunks:
             raise FileRefused("too_long", f"{len(chunks)} chunks", n=cfg.files.max_chunks)
         stored = [StoredChunk(name, c.heading, c.position, c.text) for c in chunks]
+        limit_threads_here(_cores() if self.quiet() else 1)
         vectors = embedder.encode([c.embed_text() for c in stored], step=8)
         return stored, vectors, _pages(sections), sum(len(s.text) for s in sections)
 
