@@ -15,6 +15,9 @@ import time
 import aiohttp
 import pytest
 
+from bots.bursts import merged
+from core.inbox import Inbox
+from core.messages import Attachment, InboundMessage
 from tests.fakes import FakeTelegram, serve
 from tests.helpers import free_port, make_config, running_daemon, wait_for
 from tests.test_service import DaemonProcess, write_config
@@ -131,3 +134,45 @@ async def test_a_burst_is_answered_once_across_kill_9(tmp_path, redis_server, ki
     assert [h["role"] for h in hist] == ["user", "assistant"], hist
     assert hist[0]["content"] == "\n".join(LINES)
     assert len(sends_to(fake, chat)) == 1
+
+
+# -- the inbox's merge, on a real Redis -------------------------------------------------------------------
+
+
+def piece(n: int, text: str, attachments: list[Attachment] | None = None) -> InboundMessage:
+    return InboundMessage(platform="telegram", bot="assistant", chat="77", user="77", text=text,
+                          event_id=f"ev{n}", attachments=attachments or [], route={"chat_id": 77, "reply_to": n})
+
+
+async def test_the_inbox_merges_a_burst_in_one_step_with_every_pieces_words_and_files(manager):
+    report = Attachment(kind="file", name="report.pdf", mime="application/pdf", size=1234, ref={"file_id": "F1"})
+    shot = Attachment(kind="image", name="", ref={"file_id": "P2"})
+    box = Inbox(manager, "botd", "box1")
+    pieces = [piece(1, "Hi"), piece(2, "", [report]), piece(3, "what does page 2 say?", [shot])]
+    for p in pieces:
+        assert await box.accept(p, "telegram")
+    lead = merged(pieces)
+    assert lead.text == "Hi\nwhat does page 2 say?" and lead.attachments == [report, shot]
+    assert lead.request_id == pieces[0].request_id and lead.route == pieces[0].route
+    assert await box.merge(lead, pieces[1:], "telegram")
+    r = manager.client
+    assert await r.hlen("botd:inbox") == 1 and await r.xlen("botd:inbox:stream") == 1
+    # Each piece was recorded (and deduplicated) on its own: a platform retry of one is still dropped.
+    assert not await box.accept(piece(2, "", [report]), "telegram")
+    # A restart finds the one merged turn, with every piece's words and files.
+    [(connector, again)] = await Inbox(manager, "botd", "box1").pending()
+    assert connector == "telegram" and again.text == lead.text and again.attachments == [report, shot]
+    assert again.request_id == lead.request_id and again.route == lead.route
+
+
+async def test_a_burst_is_not_merged_once_a_piece_is_another_daemons(manager):
+    one = Inbox(manager, "botd", "box1", lease_s=0.05)
+    pieces = [piece(11, "first"), piece(12, "second")]
+    for p in pieces:
+        assert await one.accept(p, "telegram")
+    await asyncio.sleep(0.1)  # box1 stalled past its lease: box2 takes its messages over
+    taken = await Inbox(manager, "botd", "box2", lease_s=0.05).claim()
+    assert len(taken) == 2
+    assert not await one.merge(merged(pieces), pieces[1:], "telegram")
+    raw = await manager.client.hgetall("botd:inbox")
+    assert sorted(json.loads(v)["msg"]["text"] for v in raw.values()) == ["first", "second"]  # unchanged
