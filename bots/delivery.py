@@ -28,8 +28,8 @@ from collections.abc import Callable
 
 import structlog
 
-from bots import texts
-from bots.answers import language
+from bots import feedback, texts
+from bots.answers import JobAnswer, language
 from bots.bursts import Bursts
 from bots.notice import Standing, notice_text, standing
 from bots.pipeline import AnswerPipeline
@@ -287,9 +287,12 @@ class Platforms:
             await delivery.show(exc.message)
             return ""
         try:
-            return await delivery.stream(answer)
+            text = await delivery.stream(answer)
         finally:
             answer.cancel()  # a no-op once finished; stops the generation if showing failed
+        if text and isinstance(answer, JobAnswer):
+            await feedback.offer(self.cfg, msg, delivery.target, delivery.lang)  # 👍 / 👎 under it
+        return text
 
     @staticmethod
     async def _typing(target: ReplyTarget) -> None:

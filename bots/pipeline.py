@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from bots import texts, tooluse
+from bots import feedback, texts, tooluse
 from bots.answers import JobAnswer, TextAnswer, audit_answer, bot_of, cite_list, language
 from bots.attachments import AttachmentReader, Download
 from bots.commands import ChatCommands, parse_command
@@ -402,3 +402,8 @@ class AnswerPipeline:
             history_used=used, history_dropped=dropped, history_stored=stored, degraded=degraded,
             sources=cite_list(hits),
         )
+        if Finish(reason).complete and job.text.strip():
+            # Kept for the 👍 / 👎 under the answer, before the client hears the answer is over.
+            served = self.runtime.models.models.get(job.model)
+            await feedback.record(self.runtime, self.cfg, msg, job, hits, round(latency * 1000), str(reason),
+                                  served.cfg.name if served is not None else job.model)

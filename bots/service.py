@@ -23,11 +23,13 @@ from bots.answers import JobAnswer, TextAnswer, load_history, reset_thread
 from bots.attachments import Download
 from bots.commands import KNOWN, ChatCommands
 from bots.delivery import Platforms
+from bots.feedback import FeedbackDesk
 from bots.pipeline import AnswerPipeline
 from bots.routing import route
 from bots.tasks import TaskRegistry
 from connectors.reply import ReplyTarget
 from core.config import Config, Settings
+from core.feedback import FeedbackEvent, FeedbackReply
 from core.messages import Account, ChatTurn, InboundMessage, ThreadKey
 from core.runtime import Runtime
 
@@ -47,6 +49,7 @@ class ChatService:
         self.answers = AnswerPipeline(settings, runtime, self.tasks, self.commands)
         self.platforms = Platforms(settings, runtime, self.tasks, self.answers)
         self.admin = AdminBackend(settings, runtime, self.tasks, self.answers)
+        self.feedback_desk = FeedbackDesk(settings, runtime)
 
     @property
     def cfg(self) -> Config:
@@ -87,6 +90,9 @@ class ChatService:
 
     async def history(self, thread: ThreadKey) -> list[ChatTurn]:
         return await load_history(self.runtime, self.cfg, thread)
+
+    async def feedback(self, event: FeedbackEvent) -> FeedbackReply:
+        return await self.feedback_desk.handle(event)
 
     # -- the daemon's ----------------------------------------------------------------------------
 

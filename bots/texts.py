@@ -209,6 +209,15 @@ _TEXTS: dict[str, tuple[str, ...]] = {
                           "（{counts}）：\n{lines}",
                           "[botd {instance}] {n} more alerts, held back by the group robot's limit of {limit} "
                           "a minute ({counts}):\n{lines}"),
+    "FEEDBACK_UP": ("👍 有帮助", "👍 Helpful"),
+    "FEEDBACK_DOWN": ("👎 没帮助", "👎 Not helpful"),
+    "FEEDBACK_PROMPT": ("这个回答有帮助吗？", "Was this answer helpful?"),
+    "FEEDBACK_REASON_HINT": ("哪里不对？（可选）", "What was wrong? (optional)"),
+    "FEEDBACK_GONE": ("这个回答已无法评价。", "This answer can no longer be rated."),
+    "FEEDBACK_REASON_THANKS": ("原因已记下，谢谢！", "Reason noted, thank you!"),
+    "FEEDBACK_ASK_REASON": ("哪里不对？回复这条消息说明原因（可选）。",
+                            "What was wrong? Reply to this message with the reason (optional)."),
+    "FEEDBACK_THANKS": ("谢谢您的反馈！", "Thanks for your feedback!"),
 }
 # Which help text a platform adds.
 PLATFORM_HELP = {"slack": "HELP_SLACK", "telegram": "HELP_TELEGRAM", "wecom_aibot": "HELP_WECOM_AIBOT",

@@ -16,6 +16,7 @@ from typing import ClassVar, Protocol, Self
 from connectors.reply import ReplyTarget
 from core.config import Config, Settings
 from core.dispatch import Answer
+from core.feedback import FeedbackEvent, FeedbackReply
 from core.kv import KeyValueCache
 from core.messages import Account, Attachment, ChatTurn, InboundMessage, ThreadKey
 
@@ -61,6 +62,11 @@ class Service(Protocol):
     async def reset(self, thread: ThreadKey) -> bool: ...
 
     async def history(self, thread: ThreadKey) -> list[ChatTurn]: ...
+
+    async def feedback(self, event: FeedbackEvent) -> FeedbackReply:
+        """A 👍 / 👎 (or a reason) on an answer, verified by the connector: checked (same chat, not
+        a replay, the bot's feedback on) and stored; the reply says what to tell the user."""
+        ...
 
 
 # (HTTP method, path, name of the connector's handler method)

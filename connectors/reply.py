@@ -28,6 +28,7 @@ import structlog
 
 from connectors.textsplit import split_text
 from core.errors import BotdError
+from core.feedback import FeedbackLabels
 from core.messages import Account, Attachment
 
 log = structlog.get_logger("botd.reply")
@@ -112,6 +113,10 @@ class ReplyTarget(ABC):
     async def closed(self, text: str) -> None:  # noqa: B027 - optional
         """The answer is over (complete, refused or failed) and ``text`` was the last text shown.
         For a platform whose message stays open until told (a WeCom AI bot stream)."""
+
+    async def offer_feedback(self, answer_id: str, labels: FeedbackLabels) -> None:  # noqa: B027 - optional
+        """Put 👍 / 👎 buttons carrying ``answer_id`` under the answer just delivered (its last part),
+        without changing its text; a platform without buttons does nothing."""
 
     def abandon(self) -> None:  # noqa: B027 - optional
         """This daemon stops answering the message (another one answers it now): no platform call

@@ -273,6 +273,11 @@ class RedisConfig(Section):
         default=200,
         description="Most messages kept per thread (user and assistant messages both count).",
         json_schema_extra={"zh": "每个会话最多保留的消息数（用户和助手的消息都算）。"})
+    feedback_retention_days: Annotated[int, Field(ge=1, le=3650)] = Field(
+        default=90,
+        description="Days the answers' facts and their feedback (👍 / 👎, reasons, daily counts) are kept, then "
+                    "forgotten.",
+        json_schema_extra={"zh": "回答的相关信息及其反馈（👍 / 👎、原因、每日计数）保留的天数，之后遗忘。"})
     socket_timeout_s: Annotated[float, Field(gt=0, le=60)] = Field(
         default=2.0,
         description="Timeout for one Redis call and for connecting (seconds).",
@@ -472,6 +477,14 @@ class BotConfig(Section):
                     '"llama_cpp"): [{ path = "...", scale = 1.0 }, ...].',
         json_schema_extra={"zh": '只作用于该机器人请求的 LoRA 适配器，无需重新加载模型（引擎 "llama_cpp"）：[{ '
                                  'path = "...", scale = 1.0 }, ...]。'})
+    feedback: bool = Field(
+        default=True,
+        description="Feedback on this bot's answers: 👍 / 👎 buttons under each answer where the platform has them "
+                    "(a 👎 may carry a reason), stored with the answer's facts for [redis] feedback_retention_days; "
+                    "false: no buttons and nothing stored.",
+        json_schema_extra={"zh": "对该机器人回答的反馈：在平台支持时于每个回答下显示 👍 / 👎 按钮（👎 可附原因），"
+                                 "与回答的相关信息一起保存 [redis] feedback_retention_days 天；false：不显示按钮，"
+                                 "也不保存。"})
 
 
 class RouteConfig(Section):

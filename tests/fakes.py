@@ -142,7 +142,8 @@ async def serve(app: web.Application) -> AsyncIterator[str]:
 
 class FakeTelegram:
     """A Bot API server: getMe, getUpdates, setWebhook, deleteWebhook, sendMessage,
-    editMessageText, sendChatAction. Records every call; can answer 429 or 400 on demand."""
+    editMessageText, sendChatAction, editMessageReplyMarkup, answerCallbackQuery. Records every
+    call; can answer 429 or 400 on demand."""
 
     BOT: ClassVar[dict[str, Any]] = {"id": 999000, "is_bot": True, "first_name": "Botd", "username": "botd_test_bot",
            "can_join_groups": True, "can_read_all_group_messages": True, "supports_inline_queries": False}
@@ -230,8 +231,18 @@ class FakeTelegram:
                    "chat": {"id": int(params["chat_id"]), "type": "private"}}
             if "message_thread_id" in params:
                 msg["message_thread_id"] = int(params["message_thread_id"])
+            if "reply_markup" in params:  # as sent; a message carries an inline keyboard only
+                msg["sent_markup"] = json.loads(params["reply_markup"])
+                if "inline_keyboard" in msg["sent_markup"]:
+                    msg["reply_markup"] = msg["sent_markup"]
             self.messages[mid] = msg
             return ok(msg)
+        if method == "editMessageReplyMarkup":  # the buttons only; the text stays
+            msg = self.messages[int(params["message_id"])]
+            msg["reply_markup"] = json.loads(params.get("reply_markup") or "{}")
+            return ok(msg)
+        if method == "answerCallbackQuery":
+            return ok(True)
         if method == "editMessageText":
             mid = int(params["message_id"])
             msg = self.messages[mid]

@@ -264,7 +264,7 @@ async def test_set_and_delete_webhook_cli(tmp_path, redis_server):
         assert res.returncode == 0, res.stderr
         assert fake.webhook["url"] == "https://bot.example.com/telegram/assistant"
         assert fake.webhook["secret_token"] == SECRET
-        assert json.loads(fake.webhook["allowed_updates"]) == ["message"]
+        assert json.loads(fake.webhook["allowed_updates"]) == ["message", "callback_query"]  # + the 👍 / 👎 buttons
         res = await asyncio.to_thread(subprocess.run, [botd, "telegram", "delete-webhook", "assistant", "--config",
                                                         str(cfg)], capture_output=True, text=True)
         assert res.returncode == 0 and fake.webhook is None

@@ -28,7 +28,17 @@ os.environ.setdefault("PTB_TIMEDELTA", "1")
 import aiohttp
 import structlog
 from aiohttp import web
-from telegram import Bot, Message, MessageEntity, ReplyParameters, Update
+from telegram import (
+    Bot,
+    CallbackQuery,
+    ForceReply,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    Message,
+    MessageEntity,
+    ReplyParameters,
+    Update,
+)
 from telegram.constants import ChatAction, ParseMode
 from telegram.error import (
     BadRequest,
@@ -46,6 +56,7 @@ from connectors.markdown import Markup
 from connectors.reply import AttachmentTooLarge, AttachmentUnavailable, ReplyTarget
 from connectors.telegram.config import TelegramConfig
 from core.config import Settings
+from core.feedback import FeedbackEvent, FeedbackLabels, Vote
 from core.kv import KeyValueCache
 from core.lease import Holding, Lease
 from core.messages import Account, Attachment, InboundMessage
@@ -54,7 +65,12 @@ from core.secrets import resolve_secret
 log = structlog.get_logger("botd.telegram")
 
 PLATFORM = "telegram"
-ALLOWED_UPDATES = ["message"]
+# callback_query: the 👍 / 👎 buttons under answers.
+ALLOWED_UPDATES = ["message", "callback_query"]
+# A button's callback_data (at most 64 bytes): "fb:<answer id>:up|down".
+_FEEDBACK_DATA = re.compile(r"^fb:([A-Za-z0-9_.-]{1,48}):(up|down)$")
+# How long a "what was wrong?" prompt takes a reply as the 👎's reason (seconds).
+REASON_WINDOW_S = 24 * 3600
 # Telegram's limit is 4096 characters after entity parsing; leave room for what
 # rendering Markdown may move around.
 PART_CHARS = 4000
@@ -243,6 +259,20 @@ class TelegramReply(ReplyTarget):
     async def download(self, attachment: Attachment, max_bytes: int) -> bytes:
         return await download_file(self.bot, attachment, max_bytes)
 
+    async def offer_feedback(self, answer_id: str, labels: FeedbackLabels) -> None:
+        """👍 / 👎 as an inline keyboard on the answer's last message: its reply markup only, the
+        text stays as it is."""
+        if not self.sent:
+            return
+        markup = InlineKeyboardMarkup([[InlineKeyboardButton(labels.up, callback_data=f"fb:{answer_id}:up"),
+                                        InlineKeyboardButton(labels.down, callback_data=f"fb:{answer_id}:down")]])
+        ref = self.sent[-1][0]
+
+        async def _markup() -> None:
+            await self.bot.edit_message_reply_markup(chat_id=self.chat_id, message_id=int(ref), reply_markup=markup)
+
+        await self.call(_markup)
+
     async def typing(self) -> None:
         await self.bot.send_chat_action(self.chat_id, ChatAction.TYPING, message_thread_id=self.thread_id)
 
@@ -367,12 +397,75 @@ class TelegramConnector(Connector):
     async def _accept(self, tg: _TgBot, update: Update) -> None:
         """Hand an addressed message up (recorded before Telegram hears "received")."""
         try:
+            if update.callback_query is not None:
+                await self._feedback(tg, update.callback_query)
+                return
+            if await self._reason(tg, update):
+                return
+        except Exception:  # feedback must never take the connector down
+            log.exception("telegram feedback not taken", update_id=update.update_id)
+            return
+        try:
             inbound = self._inbound(tg, update)
         except Exception:  # one odd update must never take the connector down
             log.exception("telegram update not understood", update_id=update.update_id)
             return
         if inbound is not None:
             await self.service.receive(inbound, self._target(tg, inbound))
+
+    async def _feedback(self, tg: _TgBot, query: CallbackQuery) -> None:
+        """A 👍 / 👎 pressed under an answer: stored by the service (same chat, not replayed), told
+        in a toast; after a 👎 a "what was wrong?" prompt whose reply is the reason."""
+        match = _FEEDBACK_DATA.match(query.data or "")
+        chat = query.message.chat if query.message is not None else None
+        if match is None or chat is None:
+            with contextlib.suppress(TelegramError):
+                await query.answer()  # not ours (or a message too old to know its chat): just stop the spinner
+            return
+        answer_id, vote = match.group(1), Vote(match.group(2))
+        user = str(query.from_user.id)
+        reply = await self.service.feedback(FeedbackEvent(
+            PLATFORM, tg.name, str(chat.id), user, answer_id, vote, event_id=f"{tg.key}:cb:{query.id}"))
+        with contextlib.suppress(TelegramError):
+            await query.answer(text=reply.text[:200] or None)
+        if reply.ask_reason and query.message is not None:
+            try:
+                prompt = await tg.bot.send_message(
+                    chat.id, reply.ask_reason,
+                    reply_markup=ForceReply(selective=True),
+                    reply_parameters=ReplyParameters(query.message.message_id, allow_sending_without_reply=True),
+                    message_thread_id=getattr(query.message, "message_thread_id", None))
+            except TelegramError as exc:
+                log.warning("telegram: could not ask for the reason", error=type(exc).__name__)
+                return
+            await self.cache.set(f"telegram:fbask:{tg.key}:{chat.id}:{prompt.message_id}",
+                                 json.dumps({"answer": answer_id, "user": user}), REASON_WINDOW_S)
+
+    async def _reason(self, tg: _TgBot, update: Update) -> bool:
+        """A reply to a "what was wrong?" prompt by the user who pressed 👎: their reason (not a
+        question); True when it was one."""
+        msg = update.message
+        if msg is None or msg.reply_to_message is None or msg.from_user is None or not msg.text:
+            return False
+        replied = msg.reply_to_message
+        if replied.from_user is None or replied.from_user.id != tg.id:
+            return False
+        raw = await self.cache.get(f"telegram:fbask:{tg.key}:{msg.chat.id}:{replied.message_id}")
+        if not raw:
+            return False
+        asked = json.loads(raw)
+        if asked.get("user") != str(msg.from_user.id):
+            return False  # someone else replying to the prompt: an ordinary message
+        reply = await self.service.feedback(FeedbackEvent(
+            PLATFORM, tg.name, str(msg.chat.id), str(msg.from_user.id), str(asked.get("answer", "")),
+            reason=msg.text, event_id=f"{tg.key}:{update.update_id}"))
+        if reply.text:
+            with contextlib.suppress(TelegramError):
+                await tg.bot.send_message(msg.chat.id, reply.text,
+                                          reply_parameters=ReplyParameters(msg.message_id,
+                                                                           allow_sending_without_reply=True),
+                                          message_thread_id=msg.message_thread_id if msg.is_topic_message else None)
+        return True
 
     def _target(self, tg: _TgBot, inbound: InboundMessage) -> TelegramReply:
         r = inbound.route
