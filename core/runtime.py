@@ -15,6 +15,7 @@ from core import metrics
 from core.audit import AuditLog
 from core.config import DEFAULT_MODEL, Config, Settings
 from core.engines import Engine, PromptTokenizer, create_engine
+from core.feedback import FeedbackStore
 from core.history import HistoryStore
 from core.inbox import Inbox
 from core.jobs import FairQueue, Job
@@ -54,6 +55,9 @@ class Runtime:
         self.thread_files = ThreadFiles(self.redis, settings, quiet=lambda: self.models.quiet(10.0))
         self.limits = RateLimiter(self.redis, cfg.redis.key_prefix, cfg.limits)
         self.audit = AuditLog(cfg.audit)
+        # Answers' facts and the users' 👍 / 👎 on them; the retention is read at use time (a reload).
+        self.feedback = FeedbackStore(self.redis, cfg.redis.key_prefix,
+                                      lambda: self.settings.config.redis.feedback_retention_days * 86400)
         # The [tools.NAME] bots may call; MCP servers start with the runtime and stop with it.
         self.tools = ToolBox(cfg.tools)
         self._retiring: set[asyncio.Task[None]] = set()
