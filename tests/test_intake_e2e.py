@@ -297,3 +297,36 @@ async def test_files_sent_as_api_content_parts_are_answered_in_their_conversatio
                 body["conversation_id"] = cid
             status, data, _ = await api.post("/v1/chat/completions", body)
             assert status == 400 and data["error"]["code"] == "invalid_content", data
+
+
+async def test_the_console_pages_file_picker_sends_a_file_with_the_message(tmp_path, redis_server, monkeypatch):
+    """The chat page in Chromium: a PDF picked and sent without words is acknowledged; the next
+    question is answered from it, the file among the sources (skipped without Chromium)."""
+    pytest.importorskip("playwright")
+    from tests.test_console import KEY, USERS
+
+    try:
+        from tests.test_console_browser import chromium, login
+    except pytest.skip.Exception as exc:  # no Chromium here: the same reason as the console's browser tests
+        pytest.skip(str(exc))
+    monkeypatch.setenv("BOTD_TEST_CONSOLE_KEY", KEY)
+    doc = tmp_path / PDF[0]
+    doc.write_bytes(PDF[2])
+    cfg = files_config(tmp_path, redis_server.url, bots={"hr": {"language": "en"}},
+                       console={"enabled": True, "signing_key": "env:BOTD_TEST_CONSOLE_KEY",
+                                "users": {"alice": USERS["alice"]}})
+    from playwright.async_api import expect
+
+    async with running_daemon(cfg) as api, chromium() as browser:
+        context = await browser.new_context(viewport={"width": 1280, "height": 800}, locale="en-US")
+        page = await login(context, api.base, "alice")
+        await page.locator("#file").set_input_files(str(doc))
+        await page.press("#text", "Enter")
+        await expect(page.locator("#log .msg.user .text").last).to_contain_text("📎 report.pdf")
+        await expect(page.locator("#log .msg.assistant .text").last).to_contain_text(
+            "Got report.pdf (2 pages), ask away.", timeout=60_000)
+        assert await page.locator("#file").evaluate("e => e.files.length") == 0  # sent once, not with every message
+        await page.fill("#text", BUDGET_Q)
+        await page.press("#text", "Enter")
+        await expect(page.locator("#log .msg.assistant .sources").last).to_contain_text("report.pdf",
+                                                                                       timeout=60_000)
