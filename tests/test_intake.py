@@ -261,6 +261,7 @@ def test_slack_file_urls_that_may_carry_the_token():
     assert not file_url_allowed("https://files.slack.com.evil.example/a.pdf", api)
     assert not file_url_allowed("https://evil.example/?files.slack.com", api)
     assert not file_url_allowed("https://files.slack.com:8443/a.pdf", api)
+    assert not file_url_allowed("https://files.slack.com@evil.example/a.pdf", api)  # userinfo, not the host
     assert file_url_allowed("http://127.0.0.1:9/files-pri/x", "http://127.0.0.1:9/api/")
     assert not file_url_allowed("http://127.0.0.1:10/files-pri/x", "http://127.0.0.1:9/api/")
 
