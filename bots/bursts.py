@@ -134,6 +134,13 @@ class Bursts:
             metrics.MERGED_MESSAGES.labels(lead.platform).inc(len(msgs) - 1)
             log.info("a burst of messages answered as one turn", platform=lead.platform, pieces=len(msgs),
                      request_id=lead.request_id)
+            for _, target in pieces[1:]:
+                # Nothing was shown for them; a platform that opened something per message (a WeCom
+                # AI bot stream in callback mode, holding one of the user's places) closes it now.
+                try:
+                    await target.closed("")
+                except Exception as exc:
+                    log.warning("closing a merged message's reply failed", error=f"{type(exc).__name__}: {exc}")
             await self.answer(lead, pieces[0][1])
             return
         # Not merged (a piece moved to another daemon, Redis away): each answered on its own, in order.

@@ -176,3 +176,38 @@ async def test_a_burst_is_not_merged_once_a_piece_is_another_daemons(manager):
     assert not await one.merge(merged(pieces), pieces[1:], "telegram")
     raw = await manager.client.hgetall("botd:inbox")
     assert sorted(json.loads(v)["msg"]["text"] for v in raw.values()) == ["first", "second"]  # unchanged
+
+
+async def test_a_wecom_aibot_burst_in_callback_mode_closes_the_merged_messages_streams(tmp_path, redis_server,
+                                                                                       monkeypatch):
+    """WeCom opens a stream for each message (and counts it among the user's 3 places): the merged
+    pieces' streams are finished at once, the first piece's stream carries the answer."""
+    from tests.fake_wecom_aibot import CallbackSender, FakeAibot
+    from tests.test_wecom_aibot import AES_KEY, TOKEN
+
+    monkeypatch.setenv("WECOM_AIBOT_TOKEN", TOKEN)
+    monkeypatch.setenv("WECOM_AIBOT_AES_KEY", AES_KEY)
+    fake = FakeAibot()
+    async with serve(fake.app()) as base:
+        fake.url = base
+        bot = {"mode": "callback", "token": "env:WECOM_AIBOT_TOKEN", "encoding_aes_key": "env:WECOM_AIBOT_AES_KEY",
+               "update_interval_s": 0.1}
+        cfg = make_config(tmp_path, redis_server.url, wecom_aibot={"assistant": bot}, model={"max_tokens": 16},
+                          queue={"debounce_s": 1.0, "notice_after_s": 0})
+        async with running_daemon(cfg) as api, aiohttp.ClientSession() as session:
+            sender = CallbackSender(fake, session, f"{api.base}/wecom_aibot/assistant", TOKEN, AES_KEY,
+                                    refresh_every_s=0.1)
+            talks = []
+            for i, line in enumerate(LINES):
+                talks.append(asyncio.create_task(sender.converse("qianqi", line, f"cb-burst{i}")))
+                await asyncio.sleep(0.2)
+            streams = await asyncio.wait_for(asyncio.gather(*talks), 90)
+            # The user's places are free again: a next question opens its own stream.
+            after = await sender.converse("qianqi", "Thanks!", "cb-after")
+    hist = [json.loads(h) for h in redis_server.client().lrange("botd:hist:wecom_aibot:assistant:qianqi:", 0, -1)]
+    assert [h["role"] for h in hist] == ["user", "assistant", "user", "assistant"]
+    assert hist[0]["content"] == "\n".join(LINES)
+    first, *merged_away = streams
+    assert first is not None and first.finished and first.content.strip() not in ("", "…")
+    assert all(st is not None and st.finished and st.content == "…" for st in merged_away)
+    assert after is not None and after.finished and fake.errors == [] and fake.pushes == []
