@@ -22,6 +22,7 @@ import structlog
 
 from bots import texts
 from connectors.reply import ReplyTarget
+from core import metrics
 from core.config import Config, Settings
 from core.feedback import AnswerFacts, ChunkRef, FeedbackEvent, FeedbackLabels, FeedbackReply, Vote, VoteStatus
 from core.jobs import Job
@@ -102,6 +103,9 @@ class FeedbackDesk:
                 return FeedbackReply(status, said)
             if event.vote is not None:
                 status = await store.vote(event.answer_id, event.user, event.vote)
+                if facts is not None and event.vote != Vote.NONE and status in (VoteStatus.RECORDED,
+                                                                                 VoteStatus.CHANGED):
+                    metrics.BOT_FEEDBACK.labels(facts.bot, str(event.vote)).inc()
             reason = event.reason.strip()
             if reason:
                 reason_status = await store.add_reason(event.answer_id, event.user, reason)

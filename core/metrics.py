@@ -60,6 +60,8 @@ BOT_ANSWERS = Counter("botd_bot_answers_total", "Answers per bot: answered, erro
                       "refused (no document matched)", ["bot", "outcome"], registry=REGISTRY)
 BOT_TOKENS = Counter("botd_bot_tokens_total", "Tokens per bot, in (prompt) and out (generated)", ["bot", "kind"],
                      registry=REGISTRY)
+BOT_FEEDBACK = Counter("botd_bot_feedback_total", "Votes cast on answers per bot, up or down (a changed vote counts "
+                       "again)", ["bot", "vote"], registry=REGISTRY)
 BOT_TTFT = Histogram("botd_bot_time_to_first_token_seconds", "Start of generation to first token, per bot", ["bot"],
                      buckets=_LATENCY_BUCKETS, registry=REGISTRY)
 BOT_QUEUE_WAIT = Histogram("botd_bot_queue_wait_seconds", "Time a job waited before generation, per bot", ["bot"],

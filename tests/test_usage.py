@@ -107,6 +107,19 @@ async def test_department_sees_its_own_usage_and_eval_runs(tmp_path, redis_serve
             text = await r.text()
         assert 'botd_bot_answers_total{bot="hr",outcome="refused"}' in text
         assert 'botd_bot_time_to_first_token_seconds_count{bot="it"}' in text
+        # A vote through the bots' feedback desk (as every platform's buttons come in): counted by bot.
+        from core.feedback import AnswerFacts, FeedbackEvent, Vote
+
+        await api.daemon.runtime.feedback.record_answer(AnswerFacts("v1", "hr", ("hr",), "web", "", "c", "", "u",
+                                                                    "q?", "a."))
+        desk = api.daemon.service.feedback_desk
+        for vote in (Vote.DOWN, Vote.DOWN, Vote.UP):  # the same vote twice counts once; a changed one again
+            await desk.handle(FeedbackEvent("web", "", "c", "u", "v1", vote))
+        async with alice.http.get(api.base + "/metrics") as r:
+            text = await r.text()
+        assert 'botd_bot_feedback_total{bot="hr",vote="down"} 1.0' in text
+        assert 'botd_bot_feedback_total{bot="hr",vote="up"} 1.0' in text
+        assert (await alice.get("/api/usage"))[1]["total"]["up"] == 1
 
         # botd eval's saved runs: a run, then one where a document went missing.
         def result(q: str, hit: bool) -> botd_eval.Result:
