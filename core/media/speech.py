@@ -171,7 +171,10 @@ class Transcriber:
             initial_prompt=ZH_PROMPT if lang == "zh" else None, without_timestamps=True,
             # One pass at temperature 0: the default falls back to five more passes at higher
             # temperatures when the text repeats itself, which multiplies the time by up to 6.
-            temperature=0.0, max_new_tokens=MAX_NEW_TOKENS)
+            temperature=0.0, max_new_tokens=MAX_NEW_TOKENS,
+            # Robotic or noisy speech can send greedy decoding round a loop ("天天天天…"): a mild
+            # penalty breaks it (and scored best on the synthesised set: bench/bench_speech.py).
+            repetition_penalty=1.2)
         text = "".join(s.text for s in segments).strip()
         return text, info.language
 
