@@ -22,6 +22,9 @@ from tests.test_unanswered import PARKING, ROOM, ROOM_ZH, quality_config
 __all__ = ["_signing_key"]  # the autouse fixture: the console's signing key in the environment
 
 
+DOWN = ["Is the parental leave bonus taxed?", "Is the parental leave bonus subject to income tax?"]
+
+
 async def _shot(page, name: str) -> None:  # type: ignore[no-untyped-def]
     os.makedirs(SHOTS, exist_ok=True)
     await page.screenshot(path=str(SHOTS / f"quality-{name}.png"), full_page=True)
@@ -38,6 +41,20 @@ async def _seed(api, cfg) -> None:  # type: ignore[no-untyped-def]
                                  now=now - day * 86400)
         for _ in range(day % 3):
             await store.refused("hr", now=now - day * 86400)
+
+    # Votes on answers (the feedback store, as the platforms' buttons record them), two rated down.
+    from core.feedback import AnswerFacts, Vote
+
+    feedback = api.daemon.runtime.feedback
+    for day in range(14):
+        for i in range(2 + day % 4):
+            answer, q = f"seed-{day}-{i}", DOWN[day % 2] if i == 3 else "Who approves parental leave?"
+            await feedback.record_answer(AnswerFacts(answer, "hr", ("hr",), "web", "", "c", "", "u", q, "a.",
+                                                     at=now - day * 86400))
+            await feedback.vote(answer, "u", Vote.DOWN if i == 3 else Vote.UP)
+    for i, q in enumerate(DOWN):
+        await feedback.record_answer(AnswerFacts(f"down-{i}", "hr", ("hr",), "web", "", "c", "", "u", q, "No."))
+        await feedback.vote(f"down-{i}", "u", Vote.DOWN)
 
     def result(q: str, hit: bool, facts: bool) -> botd_eval.Result:
         return botd_eval.Result(q, hit, hit, False, True, ["1850"] if facts else [], [] if facts else ["1850"],
@@ -69,9 +86,13 @@ async def test_quality_pages_in_chromium_in_both_languages(tmp_path, redis_serve
             page = await login(context, api.base, "alice")
             await page.goto(base + "/unanswered")
             first = page.locator("section.unanswered tr.group").first
-            await expect(first.locator("td.count")).to_have_text("3", timeout=30_000)
+            # Rated down on six days and twice today: the paraphrases are one line, the first.
+            await expect(first.locator("td.count")).to_have_text("8", timeout=30_000)
+            await expect(first.locator(".kind-down")).to_be_visible()
             await expect(page.locator("nav.nav")).to_contain_text("未答问题" if lang == "zh" else "Unanswered")
-            assert await page.locator("section.unanswered tr.group").count() == 4
+            assert await page.locator("section.unanswered tr.group").count() == 5
+            await expect(page.locator("section.unanswered .kind-down")).to_have_count(1)
+            await expect(page.locator("section.unanswered td.count", has_text="3")).to_have_count(2)  # en, zh
             await first.locator("details summary").click()
             if lang == "en":
                 # One click: the most asked question becomes a case of hr's test set.
@@ -79,7 +100,7 @@ async def test_quality_pages_in_chromium_in_both_languages(tmp_path, redis_serve
                 await page.wait_for_url(re.compile(r"notice=case_added"))
                 await expect(page.locator(".alert.info")).to_contain_text("eval.toml")
                 cases = botd_eval.load_set(tmp_path / "docs" / "hr" / "eval.toml")
-                assert len(cases) == 1 and cases[0].q in ROOM + ROOM_ZH
+                assert len(cases) == 1 and cases[0].q in DOWN
                 await page.locator("section.unanswered tr.group").first.locator("details summary").click()
             await _shot(page, f"unanswered-{lang}")
 
