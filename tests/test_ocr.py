@@ -11,6 +11,7 @@ daemon (only the platform is faked, by a reply target that serves the picture): 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import shutil
@@ -201,3 +202,25 @@ async def test_a_screenshot_s_text_reaches_the_model_marked_as_from_a_picture(tm
         plain = await _ask(service, _msg("What does this error mean?", "zh", bot="plain"), platform)
         assert isinstance(plain, TextAnswer) and plain.text == texts.say("NOT_IMAGE", "en")
         assert platform.downloads == before
+
+
+async def test_pictures_whose_callers_gave_up_are_not_read():
+    """A picture still queued behind another when its turn stops waiting is dropped, not read later."""
+    import threading
+
+    from core.media.lowprio import IdleWorker
+
+    worker = IdleWorker("test")
+    gate = threading.Event()
+    ran: list[int] = []
+    try:
+        first = asyncio.ensure_future(worker.run(lambda: (gate.wait(10), ran.append(1)), 5))
+        await asyncio.sleep(0.1)
+        with pytest.raises(TimeoutError):
+            await worker.run(lambda: ran.append(2), 0.2)
+        gate.set()
+        await first
+        await worker.run(lambda: ran.append(3), 5)
+        assert ran == [1, 3]
+    finally:
+        worker.close()

@@ -44,13 +44,15 @@ class IdleWorker:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"botd-{name}", initializer=lower_this_thread)
 
     async def run(self, fn: Callable[[], T], timeout_s: float | None = None) -> T:
-        """``fn()`` in the worker thread. Past ``timeout_s`` the caller gets TimeoutError at once
-        (the call itself ends in its own time: a model cannot be interrupted mid-step; the work
-        each call may do is bounded by its input's limits)."""
+        """``fn()`` in the worker thread. Past ``timeout_s`` (or when the caller is cancelled) the
+        caller gets TimeoutError at once and a call still queued is dropped; a call already running
+        ends in its own time (a model cannot be interrupted mid-step; the work each call may do is
+        bounded by its input's limits), its result unused."""
         fut = asyncio.get_running_loop().run_in_executor(self._pool, fn)
         if timeout_s is None:
             return await fut
-        return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+        # Cancelling the wrapper cancels the executor's future when it has not started yet.
+        return await asyncio.wait_for(fut, timeout_s)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
