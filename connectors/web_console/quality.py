@@ -144,7 +144,9 @@ class QualityPages:
         return self._render(request, "unanswered.html", session, kbs=kbs, groups=groups, days=days,
                             days_choices=DAYS_CHOICES, all_kbs=self._kbs_of(session, list(session.bots)),
                             kb=request.query.get("kb", ""), notice=request.query.get("notice", ""),
-                            notice_path=request.query.get("path", ""))
+                            # The set's name, never a text a link brings along.
+                            notice_path=next((n for n in ("eval.toml", "eval.jsonl")
+                                              if request.query.get("path") == n), ""))
 
     async def api_unanswered(self, request: web.Request, session: Session) -> web.StreamResponse:
         kbs, groups, days = await self._unanswered(session, request)
@@ -255,12 +257,12 @@ class QualityPages:
         name = path.rsplit("/", 1)[-1]  # the set's file name: where it lives is the admin's business
         self.admin.audit_action(session.name, "eval_case_added", bot=bot, set=path, chars=len(question))
         if request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
-            back = fields.get("back", "")
-            if not back.startswith(self.base + "/unanswered") or "//" in back:
-                back = self.base + "/unanswered"
-            sep = "&" if "?" in back else "?"
-            return web.Response(status=303, headers={**self._headers(), "Location": f"{back}{sep}notice=case_added&"
-                                                     f"path={urllib.parse.quote(name)}"})
+            # Back to the unanswered page with its filters: only those two are taken from the form.
+            asked = urllib.parse.parse_qs(urllib.parse.urlsplit(fields.get("back", "")).query)
+            keep = {k: asked[k][0] for k in ("kb", "days") if asked.get(k) and asked[k][0].isprintable()}
+            query = urllib.parse.urlencode({**keep, "notice": "case_added", "path": name})
+            return web.Response(status=303, headers={**self._headers(),
+                                                     "Location": f"{self.base}/unanswered?{query}"})
         return self._reply_json({"bot": bot, "set": name, "q": question}, status=201)
 
 
