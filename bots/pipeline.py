@@ -385,13 +385,14 @@ class AnswerPipeline:
                      queue_wait_ms=round((started - job.enqueued_at) * 1000))
         sims = [h.similarity for h in hits if h.similarity is not None]
         retriever = self.runtime.retriever
-        await self.quality.answered(
+        # In the background: a slow or unreachable Redis never holds up the answer's end.
+        self.tasks.spawn(self.quality.answered(
             msg.platform, msg.bot, bot_of(self.cfg, msg.bot).knowledge if msg.bot in self.cfg.bots else [], msg.text,
             msg.request_id, complete=Finish(reason).complete, tokens_in=job.usage.prompt_tokens,
             tokens_out=job.usage.completion_tokens,
             ttft_ms=None if job.first_token_at is None else (job.first_token_at - started) * 1000,
             wait_ms=(started - job.enqueued_at) * 1000, best_similarity=max(sims) if sims else None,
-            cut=retriever.threshold(msg.text) if retriever is not None else None, given=len(hits))
+            cut=retriever.threshold(msg.text) if retriever is not None else None, given=len(hits)))
         log.info(
             "answered" if reason in (Finish.STOP, Finish.LENGTH) else f"finished: {reason}",
             platform=msg.platform, bot=msg.bot, model=job.model, chat=msg.chat, thread=msg.thread, user=msg.user,
