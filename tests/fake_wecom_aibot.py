@@ -44,6 +44,7 @@ class Stream:
     contents: list[str] = field(default_factory=list)
     finished: bool = False
     finished_at: float | None = None
+    feedback: str = ""  # the feedback id the bot gave the stream (WeCom then shows 👍 / 👎 under it)
 
     @property
     def content(self) -> str:
@@ -101,6 +102,15 @@ class FakeAibot:
         self.callbacks[req_id] = {"user": user, "msgid": msgid, "chat": chat or user}
         await ws.send_str(json.dumps({"cmd": "aibot_msg_callback", "headers": {"req_id": req_id}, "body": body},
                                      ensure_ascii=False))
+        return req_id
+
+    async def send_event(self, user: str, event: dict[str, Any], *, msgid: str | None = None,
+                         chat: str | None = None) -> str:
+        """An event callback over the long connection (``{"eventtype": "feedback_event", ...}``)."""
+        ws = self.conns[self.bot_id]
+        req_id = f"req-{os.urandom(6).hex()}"
+        await ws.send_str(json.dumps({"cmd": "aibot_event_callback", "headers": {"req_id": req_id},
+                                      "body": event_body(self.bot_id, user, event, msgid, chat)}, ensure_ascii=False))
         return req_id
 
     def media(self, data: bytes, aeskey: str | None = None) -> dict[str, str]:
@@ -219,8 +229,12 @@ class FakeAibot:
             self._error(f"aibot_respond_msg msgtype {body.get('msgtype')!r}")
             return 40000
         s = body.get("stream") or {}
-        return self._stream_update(str(s.get("id", "")), str(s.get("content", "")), bool(s.get("finish")), req_id,
+        code = self._stream_update(str(s.get("id", "")), str(s.get("content", "")), bool(s.get("finish")), req_id,
                                    cb)
+        st = self.streams.get(str(s.get("id", "")))
+        if code == 0 and st is not None and (s.get("feedback") or {}).get("id"):
+            st.feedback = str(s["feedback"]["id"])
+        return code
 
     def _stream_update(self, sid: str, content: str, finish: bool, req_id: str, cb: dict[str, str]) -> int:
         now = time.monotonic()
@@ -274,6 +288,17 @@ class FakeAibot:
             return web.json_response({"errcode": 40058, "errmsg": "invalid"})
         self.pushes.append({"user": who["user"], "content": content, "via": "response_url"})
         return web.json_response({"errcode": 0, "errmsg": "ok"})
+
+
+def event_body(bot_id: str, user: str, event: dict[str, Any], msgid: str | None = None,
+               chat: str | None = None) -> dict[str, Any]:
+    """An event as WeCom sends it to an AI bot (``msgtype: event``)."""
+    body: dict[str, Any] = {"msgid": msgid or f"ev-{os.urandom(6).hex()}", "aibotid": bot_id,
+                            "create_time": int(time.time()), "chattype": "group" if chat else "single",
+                            "from": {"userid": user}, "msgtype": "event", "event": event}
+    if chat:
+        body["chatid"] = chat
+    return body
 
 
 def signature(token: str, timestamp: str, nonce: str, encrypt: str) -> str:

@@ -290,6 +290,7 @@ class FakeSlack:
         return [p for m, p, _ in self.calls if m == method]
 
     async def api(self, request: web.Request) -> web.Response:
+        import json
         import time
 
         method = request.match_info["method"]
@@ -318,6 +319,9 @@ class FakeSlack:
         if method == "chat.update":
             if params.get("ts") in self.posted:
                 self.posted[params["ts"]]["text"] = params.get("text", "")
+                if "blocks" in params:  # Block Kit (the 👍 / 👎 buttons): JSON, or a JSON string in a form
+                    blocks = params["blocks"]
+                    self.posted[params["ts"]]["blocks"] = json.loads(blocks) if isinstance(blocks, str) else blocks
             return web.json_response({"ok": True, "channel": params["channel"], "ts": params["ts"],
                                       "text": params.get("text", "")})
         if method == "chat.postEphemeral":

@@ -10,13 +10,17 @@ import json
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
+import aiohttp
 import pytest
+from slack_sdk.signature import SignatureVerifier
 
 from core.config import Config
 from core.feedback import FeedbackRecord, Vote
 from core.messages import ThreadKey
-from tests.fakes import FakeTelegram, serve
+from tests.fake_wecom_aibot import CallbackSender, FakeAibot, event_body
+from tests.fakes import FakeSlack, FakeTelegram, serve
 from tests.helpers import Client, make_config, running_daemon, wait_for
 
 QUESTION = "How many days of annual leave do I get?"
@@ -179,3 +183,207 @@ async def test_telegram_feedback_off_shows_no_buttons(tmp_path, redis_server, tg
         assert fake.of("editMessageReplyMarkup") == []
         assert all("reply_markup" not in m for m in fake.messages.values())
         assert await api.daemon.runtime.feedback.answers(bot="assistant") == []  # nothing stored either
+
+
+# -- Slack: Block Kit buttons, signed interactivity payloads --------------------------------------------------
+
+SLACK_SIGNING = "test-signing-secret-0123456789"
+
+
+@pytest.fixture
+def slack_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-test-token")
+    monkeypatch.setenv("SLACK_SIGNING_SECRET", SLACK_SIGNING)
+
+
+def slack_section(base: str) -> dict[str, Any]:
+    return {"assistant": {"bot_token": "env:SLACK_BOT_TOKEN", "mode": "http", "api_base": base + "/api/",
+                          "signing_secret": "env:SLACK_SIGNING_SECRET", "update_interval_s": 0.3}}
+
+
+async def slack_post(api: Client, body: str, content_type: str, *, secret: str = SLACK_SIGNING,
+                     ts: float | None = None) -> int:
+    stamp = str(int(ts if ts is not None else time.time()))
+    sig = SignatureVerifier(secret).generate_signature(timestamp=stamp, body=body)
+    headers = {"Content-Type": content_type, "X-Slack-Request-Timestamp": stamp, "X-Slack-Signature": sig}
+    async with api.session.post(f"{api.base}/slack/events", data=body.encode(), headers=headers) as r:
+        return r.status
+
+
+def slack_mention(text: str, ts: str) -> str:
+    return json.dumps({"token": "x", "team_id": "T1", "api_app_id": "A1", "type": "event_callback",
+                       "event_id": f"Ev{ts}", "event_time": int(time.time()),
+                       "event": {"type": "app_mention", "user": "U123", "text": f"<@UBOT> {text}", "ts": ts,
+                                 "channel": "C1"}})
+
+
+def slack_action(action: dict[str, Any], trigger: str, channel: str = "C1", message_ts: str = "") -> str:
+    payload = {"type": "block_actions", "team": {"id": "T1"}, "user": {"id": "U123", "team_id": "T1"},
+               "api_app_id": "A1", "token": "x", "trigger_id": trigger, "channel": {"id": channel},
+               "container": {"type": "message", "message_ts": message_ts, "channel_id": channel},
+               "message": {"ts": message_ts, "thread_ts": message_ts}, "actions": [action]}
+    return urlencode({"payload": json.dumps(payload)})
+
+
+FORM = "application/x-www-form-urlencoded"
+
+
+async def test_slack_signed_actions_land_on_the_stored_answer_and_forgeries_are_refused(tmp_path, redis_server,
+                                                                                        slack_env):
+    fake = FakeSlack()
+    async with serve(fake.app()) as base:
+        fake.base = base
+        async with running_daemon(config(tmp_path, redis_server.url, slack=slack_section(base))) as api:
+            await ready(api)
+            root = f"{int(time.time())}.000100"
+            assert await slack_post(api, slack_mention(QUESTION, root), "application/json") == 200
+            await until(lambda: any(m.get("blocks") for m in fake.posted.values()))
+            ts, msg = next((t, m) for t, m in fake.posted.items() if m.get("blocks"))
+            actions = msg["blocks"][-1]
+            up, down = actions["elements"]
+            assert [b["text"]["text"] for b in (up, down)] == ["👍 Helpful", "👎 Not helpful"]
+            answer_id = up["value"]
+            # The same text as before the buttons, shown as the same mrkdwn.
+            update = [u for u in fake.of("chat.update") if "blocks" in u][-1]
+            previous = [u for u in fake.of("chat.update") if "blocks" not in u][-1]
+            assert update["text"] == previous["text"] == msg["text"]
+            assert "".join(b["text"]["text"] for b in msg["blocks"][:-1]) == msg["text"]
+            rec = await record(api, answer_id)
+            check_facts(rec, "slack", history(redis_server, "slack", "C1", root)[1]["content"])
+
+            def press(button: dict[str, Any], trigger: str, **kw: Any) -> str:
+                return slack_action({"type": "button", "action_id": button["action_id"], "value": button["value"],
+                                     "block_id": "botd_feedback", "action_ts": str(time.time())}, trigger,
+                                    message_ts=ts, **kw)
+
+            # Forged: signed with another secret; replayed past Slack's five minutes: refused before any work.
+            assert await slack_post(api, press(up, "t-forged"), FORM, secret="not-the-secret") == 401
+            assert await slack_post(api, press(up, "t-old"), FORM, ts=time.time() - 600) == 401
+            # Signed, but naming the answer from another channel: refused by the store.
+            assert await slack_post(api, press(up, "t-other", channel="C999"), FORM) == 200
+            assert (await record(api, answer_id)).votes == {}
+
+            # 👎: stored, and the user alone is asked for a reason (an input that sends its text).
+            body = press(down, "t-1")
+            assert await slack_post(api, body, FORM) == 200
+            await until(lambda: fake.of("chat.postEphemeral"))
+            assert (await record(api, answer_id)).votes == {"U123": Vote.DOWN}
+            asked = fake.of("chat.postEphemeral")[-1]
+            assert asked["user"] == "U123" and "What was wrong?" in asked["text"]
+            blocks = asked["blocks"] if isinstance(asked["blocks"], list) else json.loads(asked["blocks"])
+            field = blocks[0]
+            # The same signed request again (within the five minutes): refused as a replay.
+            assert await slack_post(api, press(up, "t-2"), FORM) == 200
+            assert await slack_post(api, body, FORM) == 200
+            await asyncio.sleep(0.3)
+            assert (await record(api, answer_id)).votes == {"U123": Vote.UP}
+
+            # The reason, sent from the field.
+            reason = slack_action({"type": "plain_text_input", "action_id": "botd_feedback_reason",
+                                   "block_id": field["block_id"], "value": "The number of days is missing",
+                                   "action_ts": str(time.time())}, "t-3", message_ts=ts)
+            assert await slack_post(api, reason, FORM) == 200
+            await until(lambda: any("Reason noted" in e["text"] for e in fake.of("chat.postEphemeral")))
+            assert [r.text for r in (await record(api, answer_id)).reasons] == ["The number of days is missing"]
+            # The answer's text never changed, and no question was answered from the feedback.
+            assert fake.posted[ts]["text"] == msg["text"]
+            assert len(history(redis_server, "slack", "C1", root)) == 2
+
+
+# -- WeCom AI bot: the stream's feedback id, feedback_event ----------------------------------------------------
+
+AIBOT_TOKEN = "hJqcu3uJ9Tn2gXPmxx2w9kkCkCE2EPYo"
+AIBOT_AES_KEY = "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt"
+
+
+@pytest.fixture
+def aibot_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WECOM_AIBOT_SECRET", "aibot-long-secret")
+    monkeypatch.setenv("WECOM_AIBOT_TOKEN", AIBOT_TOKEN)
+    monkeypatch.setenv("WECOM_AIBOT_AES_KEY", AIBOT_AES_KEY)
+
+
+def feedback_event(fid: str, kind: int, content: str = "", reasons: list[int] | None = None) -> dict[str, Any]:
+    fb: dict[str, Any] = {"id": fid, "type": kind}
+    if content:
+        fb["content"] = content
+    if reasons:
+        fb["inaccurate_reason_list"] = reasons
+    return {"eventtype": "feedback_event", "feedback_event": fb}
+
+
+async def test_wecom_aibot_feedback_events_land_on_the_stored_answer(tmp_path, redis_server, aibot_env):
+    fake = FakeAibot()
+    async with serve(fake.app()) as base:
+        fake.url = base
+        section = {"assistant": {"mode": "websocket", "bot_id": fake.bot_id, "secret": "env:WECOM_AIBOT_SECRET",
+                                 "ws_url": fake.ws_url, "update_interval_s": 0.1, "heartbeat_s": 1}}
+        async with running_daemon(config(tmp_path, redis_server.url, wecom_aibot=section)) as api:
+            await ready(api)
+            await until(lambda: fake.connected())
+            await fake.send_message("zhangsan", QUESTION, msgid="m-1")
+            await until(lambda: any(s.finished for s in fake.streams.values()))
+            [st] = fake.streams.values()
+            assert st.feedback  # WeCom shows its 👍 / 👎 under this stream
+            rec = await record(api, st.feedback)
+            check_facts(rec, "wecom_aibot", history(redis_server, "wecom_aibot", "zhangsan")[1]["content"])
+            shown = st.content
+
+            # 👎 with the reasons WeCom offers and the user's words.
+            await fake.send_event("zhangsan", feedback_event(st.feedback, 2, "少了天数", [2]), msgid="ev-1")
+            await wait_for(lambda: _voted(api, st.feedback, {"zhangsan": Vote.DOWN}))
+            rec = await record(api, st.feedback)
+            assert [r.text for r in rec.reasons] == ["内容不完整 / incomplete; 少了天数"]
+            # Someone else, in another chat, naming this answer: refused.
+            await fake.send_event("lisi", feedback_event(st.feedback, 1), msgid="ev-2")
+            # 👍 instead, then the 👎's event delivered again: a replay, refused.
+            await fake.send_event("zhangsan", feedback_event(st.feedback, 1), msgid="ev-3")
+            await wait_for(lambda: _voted(api, st.feedback, {"zhangsan": Vote.UP}))
+            await fake.send_event("zhangsan", feedback_event(st.feedback, 2, "少了天数", [2]), msgid="ev-1")
+            # Withdrawn (WeCom's type 3).
+            await fake.send_event("zhangsan", feedback_event(st.feedback, 3), msgid="ev-4")
+            await wait_for(lambda: _voted(api, st.feedback, {}))
+            assert len((await record(api, st.feedback)).reasons) == 1
+            # The stream the user read was finished once and never touched again.
+            assert st.content == shown and fake.errors == []
+
+
+async def _voted(api: Client, answer_id: str, votes: dict[str, Vote]) -> bool:
+    return (await record(api, answer_id)).votes == votes
+
+
+async def test_wecom_aibot_callback_feedback_is_signed_and_not_replayed(tmp_path, redis_server, aibot_env):
+    fake = FakeAibot()
+    async with serve(fake.app()) as base:
+        fake.url = base
+        section = {"assistant": {"mode": "callback", "token": "env:WECOM_AIBOT_TOKEN",
+                                 "encoding_aes_key": "env:WECOM_AIBOT_AES_KEY", "update_interval_s": 0.1}}
+        async with running_daemon(config(tmp_path, redis_server.url, wecom_aibot=section)) as api, \
+                aiohttp.ClientSession() as session:
+            await ready(api)
+            sender = CallbackSender(fake, session, f"{api.base}/wecom_aibot/assistant", AIBOT_TOKEN, AIBOT_AES_KEY,
+                                    refresh_every_s=0.1)
+            st = await sender.converse("wangwu", QUESTION, "cb-1")
+            assert st is not None and st.finished
+            fids = {p["stream"].get("feedback", {}).get("id") for p in sender.passive}
+            assert len(fids) == 1 and None not in fids  # every frame of the stream carries it
+            [fid] = fids
+            rec = await record(api, fid)
+            check_facts(rec, "wecom_aibot", history(redis_server, "wecom_aibot", "wangwu")[1]["content"])
+
+            down = event_body(fake.bot_id, "wangwu", feedback_event(fid, 2), msgid="cb-ev-1")
+            # Forged: a wrong signature is refused before anything is decrypted; nothing is stored.
+            status, _ = await sender.post(down, msg_signature="0" * 40)
+            assert status == 403
+            # Signed at a time outside the window (a recorded callback replayed later): refused.
+            status, _ = await sender.post(down, ts=str(int(time.time()) - 7200))
+            assert status != 200
+            assert (await record(api, fid)).votes == {}
+            status, reply = await sender.post(down)
+            assert status == 200 and reply is None  # WeCom expects no answer to an event
+            assert (await record(api, fid)).votes == {"wangwu": Vote.DOWN}
+            status, _ = await sender.post(event_body(fake.bot_id, "wangwu", feedback_event(fid, 1), msgid="cb-ev-2"))
+            # The 👎 callback again, freshly signed (same msgid): a replay, refused.
+            status, _ = await sender.post(down)
+            assert status == 200
+            assert (await record(api, fid)).votes == {"wangwu": Vote.UP}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -38,8 +39,10 @@ from connectors.download import READ_TIMEOUT_S, check_announced, kind_of, mime_o
 from connectors.markdown import Markup
 from connectors.reply import AttachmentUnavailable, ReplyTarget
 from connectors.slack.config import SlackConfig
+from connectors.textsplit import split_text
 from core.config import Settings
 from core.dispatch import Busy, Rejected
+from core.feedback import FeedbackEvent, FeedbackLabels, Vote
 from core.kv import KeyValueCache
 from core.messages import Account, Attachment, InboundMessage
 from core.redis_store import StoreUnavailable
@@ -52,6 +55,12 @@ PLATFORM = "slack"
 PART_CHARS = 3500
 THINKING = "_…_"
 _FOLLOW_TTL_S = 7 * 24 * 3600
+# The 👍 / 👎 buttons under an answer (Block Kit actions, value = the answer's id), and the
+# reason field offered after a 👎 (an input block that sends its text; block id names the answer).
+FEEDBACK_ACTION = re.compile(r"^botd_feedback_(up|down)$")
+REASON_ACTION = "botd_feedback_reason"
+REASON_BLOCK = "botd_fb_reason:"
+SECTION_CHARS = 3000  # Block Kit's limit for one section's text
 
 
 # -- Markdown -> Slack mrkdwn ----------------------------------------------------------------------
@@ -133,6 +142,30 @@ class SlackReply(ReplyTarget):
 
     async def download(self, attachment: Attachment, max_bytes: int) -> bytes:
         return await download_file(self.client.token or "", self.client.base_url, attachment, max_bytes)
+
+    async def offer_feedback(self, answer_id: str, labels: FeedbackLabels) -> None:
+        """👍 / 👎 buttons on the answer's last message: the same ``text``, shown as the same
+        mrkdwn in section blocks, with an actions block below."""
+        if not self.sent:
+            return
+        ref, part = self.sent[-1]
+        if not part:
+            return  # posted before a restart: its text is not known here, so it is not touched
+        text = markdown_to_mrkdwn(part)
+        blocks: list[dict[str, Any]] = [{"type": "section", "text": {"type": "mrkdwn", "text": chunk}}
+                                        for chunk in split_text(text, SECTION_CHARS, len)][:49]
+        blocks.append({"type": "actions", "block_id": "botd_feedback", "elements": [
+            {"type": "button", "action_id": f"botd_feedback_{vote}", "value": answer_id,
+             "text": {"type": "plain_text", "text": label, "emoji": True}}
+            for vote, label in (("up", labels.up), ("down", labels.down))]})
+
+        async def _update() -> None:
+            try:
+                await self.client.chat_update(channel=self.channel, ts=str(ref), text=text, blocks=blocks)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise _Again from exc
+
+        await self.call(_update)
 
     async def answered(self) -> None:
         if self.follow:
@@ -313,6 +346,12 @@ class SlackConnector(Connector):
         async def on_command(ack: Any, command: dict[str, Any]) -> None:
             await self._on_command(sa, ack, command)
 
+        async def on_vote(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
+            await ack()
+            await self._on_feedback(sa, body, action)
+
+        sa.app.action(FEEDBACK_ACTION)(on_vote)
+        sa.app.action(REASON_ACTION)(on_vote)
         sa.app.event("app_mention")(on_event)
         sa.app.event("message")(on_event)
         sa.app.command(sa.cfg.slash_command)(on_command)
@@ -351,6 +390,52 @@ class SlackConnector(Connector):
                                  attachments=attachments, event_id=f"{team}:msg:{channel}:{ts}",
                                  route={"channel": channel, "root": root, "dm": is_dm})
         await self.service.receive(inbound, self._target(sa, inbound))
+
+    async def _on_feedback(self, sa: _SlackApp, body: dict[str, Any], action: dict[str, Any]) -> None:
+        """A 👍 / 👎 pressed, or a 👎's reason sent (the request's signature is checked before Bolt
+        sees it; in Socket Mode Slack's own connection carries it): stored by the service (same
+        channel, not a replayed interaction), told to the user only (ephemeral), with a reason
+        field after a 👎."""
+        user = str((body.get("user") or {}).get("id") or "")
+        channel = str((body.get("channel") or {}).get("id") or "")
+        thread = str((body.get("message") or {}).get("thread_ts") or "")
+        action_id = str(action.get("action_id") or "")
+        if action_id == REASON_ACTION:
+            block = str(action.get("block_id") or "")
+            answer_id, vote, reason = block.removeprefix(REASON_BLOCK), None, str(action.get("value") or "")
+            if not block.startswith(REASON_BLOCK):
+                return
+        else:
+            match = FEEDBACK_ACTION.match(action_id)
+            if match is None:
+                return
+            answer_id, vote, reason = str(action.get("value") or ""), Vote(match.group(1)), ""
+        if not user or not channel or not answer_id:
+            return
+        # Each click has its own trigger_id: the same payload again is a replay.
+        event_id = str(body.get("trigger_id") or action.get("action_ts") or "")
+        try:
+            reply = await self.service.feedback(FeedbackEvent(
+                PLATFORM, sa.name, channel, user, answer_id, vote, reason, event_id=f"{sa.name}:{event_id}"))
+        except Exception:  # feedback must never take the app down
+            log.exception("slack feedback not taken")
+            return
+        if not reply.text:
+            return
+        blocks: list[dict[str, Any]] | None = None
+        if reply.ask_reason:
+            blocks = [{"type": "input", "dispatch_action": True, "block_id": f"{REASON_BLOCK}{answer_id}",
+                       "label": {"type": "plain_text", "text": reply.ask_reason[:2000]},
+                       "element": {"type": "plain_text_input", "action_id": REASON_ACTION, "max_length": 500}}]
+        kwargs: dict[str, Any] = {"channel": channel, "user": user, "text": reply.ask_reason or reply.text}
+        if blocks:
+            kwargs["blocks"] = blocks
+        if thread:
+            kwargs["thread_ts"] = thread
+        try:
+            await sa.client.chat_postEphemeral(**kwargs)
+        except (SlackApiError, aiohttp.ClientError, TimeoutError) as exc:
+            log.info("slack: could not tell the user their feedback was taken", error=type(exc).__name__)
 
     def _target(self, sa: _SlackApp, inbound: InboundMessage) -> SlackReply:
         return SlackReply(sa.account, sa.client, self.cache, inbound.route, sa.cfg.update_interval_s,

@@ -42,6 +42,7 @@ from connectors.wecom_aibot.ws import AibotError, AibotLink, NotConnected, errco
 from connectors.wecom_common.callback import check_fresh, open_body, signed_query, verify_url
 from connectors.wecom_common.crypto import WeComCrypto
 from core.config import Settings
+from core.feedback import FeedbackEvent, Vote
 from core.kv import KeyValueCache
 from core.lease import Holding, Lease
 from core.messages import Account, InboundMessage
@@ -56,6 +57,19 @@ STATE_TTL_S = 900
 UPDATE_WAIT_S = 10.0
 PUSH_WAIT_S = 30.0
 _MENTION = re.compile(r"^\s*@\S+\s*")
+# feedback_event: WeCom's own 👍 / 👎 under a stream that carried a feedback id (the answer's), and the
+# reasons a user ticks under a 👎 (kept in the stored reason, in both languages).
+_VOTES = {1: Vote.UP, 2: Vote.DOWN, 3: Vote.NONE}
+_REASONS = {1: "与问题无关 / irrelevant", 2: "内容不完整 / incomplete", 3: "内容有错误 / wrong",
+            4: "数据分析错误 / wrong analysis"}
+
+
+def stream_body(stream_id: str, finish: bool, content: str, feedback: str = "") -> dict[str, Any]:
+    """A stream reply; with ``feedback`` (the answer's id) WeCom shows its 👍 / 👎 under it."""
+    stream: dict[str, Any] = {"id": stream_id, "finish": finish, "content": content}
+    if feedback:
+        stream["feedback"] = {"id": feedback}
+    return {"msgtype": "stream", "stream": stream}
 
 
 def stream_id_of(bot: str, msgid: str) -> str:
@@ -87,11 +101,12 @@ class SocketChannel:
         self.req_id = req_id
         self.chatid = chatid
         self.live = live
+        self.feedback = ""  # the answer's id when its bot takes feedback
 
     async def update(self, stream_id: str, content: str, finish: bool) -> None:
         await self.link.wait_ready(UPDATE_WAIT_S)
-        await self.link.request("aibot_respond_msg", self.req_id, {
-            "msgtype": "stream", "stream": {"id": stream_id, "finish": finish, "content": neutral_links(content)}})
+        await self.link.request("aibot_respond_msg", self.req_id,
+                                stream_body(stream_id, finish, neutral_links(content), self.feedback))
 
     async def push(self, content: str) -> None:
         await self.link.wait_ready(PUSH_WAIT_S)
@@ -114,9 +129,10 @@ class CallbackChannel:
         self.connector = connector
         self.response_url = response_url
         self.live = live
+        self.feedback = ""  # the answer's id when its bot takes feedback
 
     async def update(self, stream_id: str, content: str, finish: bool) -> None:
-        await self.connector.set_state(stream_id, neutral_links(content), finish)
+        await self.connector.set_state(stream_id, neutral_links(content), finish, self.feedback)
 
     async def push(self, content: str) -> None:
         if not self.response_url:
@@ -260,7 +276,9 @@ class WecomAibotConnector(Connector):
             return
         if cmd == "aibot_event_callback":
             event = (body.get("event") or {}).get("eventtype")
-            log.info("wecom ai bot event", bot=bot.name, event=event)
+            log.info("wecom ai bot event", bot=bot.name, eventtype=event)  # "event" is structlog's own argument
+            if event == "feedback_event":
+                await self._feedback(bot, body)
             return
         # Taken even while stopping: recorded, it is answered after the restart instead of lost.
         if cmd != "aibot_msg_callback" or not req_id:
@@ -289,15 +307,41 @@ class WecomAibotConnector(Connector):
         route = {**route, "chatid": chat, "chattype": "group" if group else "single", "t0": time.time(),
                  "stream_id": stream_id_of(bot.name, msgid)}
         attachments = attachments_of(body)
-        return InboundMessage(
+        msg = InboundMessage(
             platform=PLATFORM, bot=bot.name, account=bot.name, chat=chat, thread=thread, user=user,
             text=text.strip() or ("" if attachments else "(not text)"), readable=bool(text.strip() or attachments),
             attachments=attachments, event_id=f"{body.get('aibotid') or bot.cfg.bot_id or bot.name}:{msgid}",
             route=route)
+        settings = self.config.bots.get(bot.name)
+        if settings is not None and settings.feedback:
+            route["feedback"] = msg.request_id  # WeCom's 👍 / 👎 come back with it (feedback_event)
+        return msg
+
+    async def _feedback(self, bot: _Bot, body: dict[str, Any]) -> None:
+        """WeCom's 👍 / 👎 (or its withdrawal), with the reasons and words a user gave a 👎: stored
+        by the service (same chat, the event's msgid not seen before). WeCom expects no answer."""
+        fb = (body.get("event") or {}).get("feedback_event") or {}
+        user = str((body.get("from") or {}).get("userid") or "")
+        kind = fb.get("type") if isinstance(fb, dict) else None
+        vote = _VOTES.get(kind) if isinstance(kind, int) else None
+        if not isinstance(fb, dict) or not user or vote is None:
+            return
+        group = body.get("chattype") == "group"
+        chat = str(body.get("chatid") or user) if group else user
+        ticked = [_REASONS.get(r, str(r)) for r in fb.get("inaccurate_reason_list") or [] if isinstance(r, int)]
+        reason = "; ".join([*ticked, str(fb.get("content") or "").strip()]).strip("; ")
+        msgid = str(body.get("msgid") or "")
+        try:
+            await self.service.feedback(FeedbackEvent(
+                PLATFORM, bot.name, chat, user, str(fb.get("id") or ""), vote, reason,
+                event_id=f"{body.get('aibotid') or bot.cfg.bot_id or bot.name}:{msgid}" if msgid else ""))
+        except Exception:  # feedback must never take the connection down
+            log.exception("wecom ai bot feedback not taken", bot=bot.name)
 
     def _target(self, bot: _Bot, msg: InboundMessage, channel: SocketChannel | CallbackChannel,
                 slot: Slot | None = None, covered: int = 0, stream_open: bool = False) -> AibotReply:
         r = msg.route
+        channel.feedback = str(r.get("feedback") or "")
         target = AibotReply(bot.account, bot.cfg, channel, self.cache, stream_id=str(r["stream_id"]), user=msg.user,
                             slots=self.slots, slot=slot, covered=covered, stream_open=stream_open,
                             recall=msg.resumed and msg.final_answer is not None,
@@ -332,8 +376,8 @@ class WecomAibotConnector(Connector):
 
     # -- callback mode ------------------------------------------------------------------------------
 
-    async def set_state(self, stream_id: str, content: str, finish: bool) -> None:
-        state = {"content": content, "finish": finish}
+    async def set_state(self, stream_id: str, content: str, finish: bool, feedback: str = "") -> None:
+        state: dict[str, Any] = {"content": content, "finish": finish, "feedback": feedback}
         self.streams[stream_id] = state
         if finish:  # WeCom's next refresh takes it; forget it here anyway once WeCom has stopped asking
             asyncio.get_running_loop().call_later(STATE_TTL_S, self.streams.pop, stream_id, None)
@@ -396,10 +440,13 @@ class WecomAibotConnector(Connector):
             state = await self._state(sid) or {"content": "", "finish": False}
             if state.get("finish"):
                 self.streams.pop(sid, None)
-            return self._passive(crypto, q["nonce"], {"msgtype": "stream", "stream": {
-                "id": sid, "finish": bool(state.get("finish")), "content": str(state.get("content", ""))}})
+            return self._passive(crypto, q["nonce"], stream_body(
+                sid, bool(state.get("finish")), str(state.get("content", "")), str(state.get("feedback") or "")))
         if kind == "event":
-            log.info("wecom ai bot event", bot=bot.name, event=(body.get("event") or {}).get("eventtype"))
+            event = (body.get("event") or {}).get("eventtype")
+            log.info("wecom ai bot event", bot=bot.name, eventtype=event)  # "event" is structlog's own argument
+            if event == "feedback_event":
+                await self._feedback(bot, body)
             return web.Response(status=200, text="")
         if self._stopping:
             raise web.HTTPServiceUnavailable(text="botd is stopping")
@@ -413,7 +460,7 @@ class WecomAibotConnector(Connector):
         slot = self.slots.try_acquire((bot.name, inbound.user), bot.cfg.max_in_flight) if existing is None else None
         inbound.route["opened"] = slot is not None
         if slot is not None:
-            self.streams[sid] = {"content": "", "finish": False}
+            self.streams[sid] = {"content": "", "finish": False, "feedback": inbound.route.get("feedback", "")}
         target = self._target(bot, inbound, CallbackChannel(self, inbound.route["response_url"], slot is not None),
                               slot=slot, stream_open=slot is not None)
         if not await self.service.receive(inbound, target):
@@ -423,13 +470,13 @@ class WecomAibotConnector(Connector):
             if existing is None:
                 return web.Response(status=200, text="")
             # WeCom delivered it again (our first reply was lost): the same stream, as it is now.
-            return self._passive(crypto, q["nonce"], {"msgtype": "stream", "stream": {
-                "id": sid, "finish": bool(existing.get("finish")), "content": str(existing.get("content", ""))}})
+            return self._passive(crypto, q["nonce"], stream_body(
+                sid, bool(existing.get("finish")), str(existing.get("content", "")),
+                str(existing.get("feedback") or "")))
         if slot is None:
             return web.Response(status=200, text="")
         target.arm()
-        return self._passive(crypto, q["nonce"], {"msgtype": "stream", "stream": {
-            "id": sid, "finish": False, "content": ""}})
+        return self._passive(crypto, q["nonce"], stream_body(sid, False, "", str(inbound.route.get("feedback") or "")))
 
     @staticmethod
     def _passive(crypto: WeComCrypto, nonce: str, payload: dict[str, Any]) -> web.Response:
