@@ -30,7 +30,7 @@ LIMIT = 1024 * 1024
 async def until_got(rec: Recorder, n: int) -> None:
     async def check() -> bool:
         return len(rec.got) >= n
-    await wait_for(check, timeout=10)
+    await wait_for(check, timeout=30)  # generous: a loaded 2-core box
 
 
 async def assert_refused_while_reading(target: Any, att: Attachment, shelf: Any) -> None:
@@ -375,7 +375,7 @@ async def test_wecom_aibot_pictures_files_and_voice_over_the_long_connection(tmp
         async with connector_alone(WecomAibotConnector, cfg, KeyValueCache(manager, "botd"), rec):
             async def up() -> bool:
                 return fake.connected()
-            await wait_for(up, timeout=10)
+            await wait_for(up, timeout=30)
             await fake.send_message("zhang", "", kind="image", content=fake.media(JPEG))
             await fake.send_message("zhang", "", kind="file", content=fake.media(PDF))
             await fake.send_message("zhang", "", kind="voice", content={"content": "报销流程是什么"})
@@ -453,7 +453,7 @@ async def test_dingtalk_pictures_files_and_voice_arrive_and_download(tmp_path, r
         async with connector_alone(DingtalkConnector, cfg, KeyValueCache(manager, "botd"), rec):
             async def up() -> bool:
                 return fake.connected() == 1
-            await wait_for(up, timeout=10)
+            await wait_for(up, timeout=30)
             for data in (
                 fake.robot_message("u1", "", msgtype="picture", content={"downloadCode": "dc-pic"}),
                 fake.robot_message("u1", "", msgtype="file", content={"downloadCode": "dc-pdf",
@@ -530,7 +530,7 @@ async def test_feishu_pictures_files_and_voice_arrive_and_download(tmp_path, red
         async with connector_alone(FeishuConnector, cfg, KeyValueCache(manager, "botd"), rec):
             async def up() -> bool:
                 return fake.connected() == 1
-            await wait_for(up, timeout=10)
+            await wait_for(up, timeout=30)
             sent = [("om_img", "image", {"image_key": "img_v3_1"}, JPEG),
                     ("om_pdf", "file", {"file_key": "file_v3_1", "file_name": "报告.pdf"}, PDF),
                     ("om_voice", "audio", {"file_key": "file_v3_2", "duration": 2500}, OGG),
