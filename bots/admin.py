@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from bots import notice, stats
+from bots import feedback, notice, stats
 from bots.answers import STORE_DOWN, JobAnswer, TextAnswer, answer_details, language, reset_thread
 from bots.attachments import Download
 from bots.pipeline import AnswerPipeline
@@ -28,6 +28,7 @@ from bots.tasks import TaskRegistry
 from connectors import configured
 from core.config import Config, Settings
 from core.dispatch import Busy
+from core.feedback import FeedbackEvent, FeedbackReply
 from core.messages import InboundMessage, ThreadKey
 from core.redis_store import StoreUnavailable
 from core.runtime import Runtime
@@ -126,6 +127,12 @@ class AdminBackend(QualityReads):
     def waiting_notice(self, msg: InboundMessage, answer: Any) -> str | None:
         st = notice.standing(self.runtime, answer)
         return None if st is None else notice.notice_text(st, language(self.cfg, msg))
+
+    def feedback_id(self, msg: InboundMessage, answer: Any) -> str | None:
+        return msg.request_id if isinstance(answer, JobAnswer) and feedback.enabled(self.cfg, msg.bot) else None
+
+    async def feedback(self, event: FeedbackEvent) -> FeedbackReply:
+        return await feedback.FeedbackDesk(self.settings, self.runtime).handle(event)
 
     # -- the last hour ------------------------------------------------------------------------------
 

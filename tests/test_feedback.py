@@ -387,3 +387,45 @@ async def test_wecom_aibot_callback_feedback_is_signed_and_not_replayed(tmp_path
             status, _ = await sender.post(down)
             assert status == 200
             assert (await record(api, fid)).votes == {"wangwu": Vote.UP}
+
+
+# -- the web console's chat ------------------------------------------------------------------------------------
+
+
+async def test_console_votes_land_on_the_askers_own_answer(tmp_path, redis_server, monkeypatch):
+    from tests.test_console import HR_FACT, _signing_key, browsers, console_config  # noqa: F401 - fixture
+
+    monkeypatch.setenv("BOTD_TEST_CONSOLE_KEY", "console-signing-key-for-the-tests-0123456789")
+    cfg = console_config(tmp_path, redis_server.url, knowledge=True, model={"max_tokens": 8})
+    bots = {**cfg.bots, "it": cfg.bots["it"].model_copy(update={"feedback": False})}
+    cfg = cfg.model_copy(update={"bots": bots})
+    async with running_daemon(cfg) as api, browsers(api, "alice", "ivan", "root") as (alice, ivan, root):
+        await until(lambda: all(api.daemon.runtime.knowledge_state.get(k) == "ready" for k in ("hr", "it")), 300)
+        status, events, _ = await alice.chat("hr", "How much is the parental leave bonus?", max_tokens=8)
+        assert status == 200
+        done = events[-1]
+        answer_id = done["feedback"]
+        assert answer_id and done["complete"]
+        shown = "".join(e.get("delta", "") for e in events)
+        rec = await record(api, answer_id)
+        f = rec.facts
+        assert (f.platform, f.bot, f.bases, f.chat, f.user) == ("web", "hr", ("hr",), "alice/c1", "alice")
+        assert f.chunks and f.chunks[0].id.startswith("hr:hr-policy.md#") and f.answer.strip() in shown
+
+        # Without the login's CSRF token: refused; naming alice's answer from another login: refused.
+        vote = {"answer": answer_id, "conversation": "c1", "vote": "down"}
+        assert (await alice.post("/api/feedback", csrf=False, json=vote))[0] == 403
+        assert (await root.post("/api/feedback", json=vote))[0] == 404
+        assert (await alice.post("/api/feedback", json={**vote, "vote": "maybe"}))[0] == 400
+        assert (await record(api, answer_id)).votes == {}
+        status, body = await alice.post("/api/feedback", json=vote)
+        assert status == 200 and body["ask_reason"] is True
+        status, body = await alice.post("/api/feedback", json={**vote, "vote": None, "reason": "The amount is wrong"})
+        assert status == 200
+        rec = await record(api, answer_id)
+        assert rec.votes == {"alice": Vote.DOWN} and [r.text for r in rec.reasons] == ["The amount is wrong"]
+
+        # A bot with feedback off: the answer comes without the id the buttons need, and nothing is stored.
+        status, events, _ = await ivan.chat("it", "How often does the VPN password rotate?", max_tokens=8)
+        assert status == 200 and events[-1]["feedback"] is None
+        assert await api.daemon.runtime.feedback.answers(bot="it") == []

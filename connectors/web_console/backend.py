@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequ
 from typing import Any, Protocol
 
 from core.dispatch import Answer
+from core.feedback import FeedbackEvent, FeedbackReply
 from core.messages import Attachment, InboundMessage, ThreadKey
 
 
@@ -50,6 +51,16 @@ class ConsoleBackend(Protocol):
 
     def waiting_notice(self, msg: InboundMessage, answer: Any) -> str | None:
         """What a user still waiting for the model is told (their place in line), or None."""
+        ...
+
+    def feedback_id(self, msg: InboundMessage, answer: Any) -> str | None:
+        """The id 👍 / 👎 name ``msg``'s finished answer by, or None when it takes no feedback (a
+        fixed text, a bot with feedback off)."""
+        ...
+
+    async def feedback(self, event: FeedbackEvent) -> FeedbackReply:
+        """A 👍 / 👎 or a reason from the console's chat: checked (the asker's own conversation)
+        and stored."""
         ...
 
     # The last hour's figures (sampled while the console runs).

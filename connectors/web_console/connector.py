@@ -58,6 +58,7 @@ from connectors.web_console.uploads import MAX_FILES, ChatUploads
 from core.auth import CONSOLE_AUDIENCE, AuthError, DenyList, LoginLimiter, Tokens, TooManyAttempts, verify_password
 from core.config import Settings, secret_references
 from core.dispatch import Busy, Rejected
+from core.feedback import FeedbackEvent, Vote
 from core.kv import KeyValueCache
 from core.messages import Attachment, Finish, InboundMessage, ThreadKey
 from core.redis_store import StoreUnavailable
@@ -281,7 +282,7 @@ class WebConsoleConnector(QualityPages, Edge):
             ("GET", p + "/knowledge", "knowledge_page"), ("GET", p + "/conversations", "conversations_page"),
             ("GET", p + "/conversation", "conversation_page"), ("GET", p + "/audit", "audit_page"),
             ("GET", p + "/api/me", "api_me"),
-            ("POST", p + "/api/chat", "api_chat"),
+            ("POST", p + "/api/chat", "api_chat"), ("POST", p + "/api/feedback", "api_feedback"),
             ("GET", p + "/api/status", "api_status"),
             ("GET", p + "/api/knowledge", "api_knowledge"), ("POST", p + "/api/knowledge/ingest", "api_ingest"),
             ("GET", p + "/api/conversations", "api_conversations"),
@@ -612,6 +613,8 @@ class WebConsoleConnector(QualityPages, Edge):
                     if usage else None,
                     "details": {"elapsed_ms": round((time.monotonic() - t0) * 1000),
                                 **self.admin.answer_details(answer)},
+                    # 👍 / 👎 name the answer by this (None: it takes no feedback).
+                    "feedback": self.admin.feedback_id(msg, answer) if reason.complete else None,
                 }))
             await resp.write_eof()
         except ConnectionResetError:
@@ -620,6 +623,35 @@ class WebConsoleConnector(QualityPages, Edge):
             if not finished:
                 answer.cancel()
         return resp
+
+    @_api(write=True)
+    async def api_feedback(self, request: web.Request, session: Session) -> web.StreamResponse:
+        """A 👍 / 👎 (or a 👎's reason) on one of the asker's own answers in the console's chat:
+        ``{"answer", "conversation", "vote": "up"|"down"|null, "reason"}``."""
+        self._need_write(session)
+        try:
+            body = await request.json()
+        except ValueError:
+            raise _Refused(400, "invalid_json", "send a JSON object") from None
+        if not isinstance(body, dict):
+            raise _Refused(400, "invalid_json", "send a JSON object")
+        answer, conversation = body.get("answer"), body.get("conversation", "default")
+        vote, reason = body.get("vote"), body.get("reason", "")
+        if not isinstance(answer, str) or not _CONVERSATION.match(answer):
+            raise _Refused(400, "invalid_answer", "answer: the id the chat's answer came with")
+        if not isinstance(conversation, str) or not _CONVERSATION.match(conversation):
+            raise _Refused(400, "invalid_conversation", "conversation: 1-64 letters, digits, '-' and '_'")
+        if vote not in (None, "up", "down") or not isinstance(reason, str) or len(reason) > 2000:
+            raise _Refused(400, "invalid_feedback", 'vote: "up", "down" or null; reason: at most 2000 characters')
+        if vote is None and not reason.strip():
+            raise _Refused(400, "invalid_feedback", "give a vote or a reason")
+        # The asker's own conversation only: the store refuses an answer given in any other chat.
+        reply = await self.admin.feedback(FeedbackEvent(
+            PLATFORM, "", f"{session.name}/{conversation}", session.name, answer,
+            Vote(vote) if vote else None, reason))
+        if not reply.status.accepted:
+            raise _Refused(404, "unknown_answer", "no answer of yours with this id takes feedback")
+        return _json({"status": reply.status.value, "ask_reason": bool(reply.ask_reason)})
 
     async def _chat_form(self, request: web.Request, session: Session) -> tuple[dict[str, Any], list[Attachment]]:
         """A chat message sent as a form with files: its fields, and each file kept for the answer

@@ -70,6 +70,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "reload_refused": "The reload was refused: the running config stays (see the daemon's log).",
         "reload_pending": "The reload is still under way.", "export_csv": "Export CSV",
         "language": "中文", "switch_lang": "zh", "now": "now", "minutes": "min",
+        "feedback_up": "👍 Helpful", "feedback_down": "👎 Not helpful", "feedback_reason": "What was wrong? (optional)",
+        "feedback_thanks": "Thanks for your feedback.", "feedback_reason_sent": "Reason noted, thank you.",
     },
     "zh": {
         "title": "botd 控制台",
@@ -130,6 +132,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "reload_refused": "重新加载被拒绝：继续使用当前配置（详见守护进程日志）。",
         "reload_pending": "重新加载仍在进行中。", "export_csv": "导出 CSV",
         "language": "English", "switch_lang": "en", "now": "现在", "minutes": "分钟",
+        "feedback_up": "👍 有帮助", "feedback_down": "👎 没帮助", "feedback_reason": "哪里不对？（可选）",
+        "feedback_thanks": "谢谢您的反馈。", "feedback_reason_sent": "原因已记下，谢谢。",
     },
 }
 
@@ -142,7 +146,8 @@ JS_KEYS = ("you", "sources", "queue_wait", "ttft", "tokens_per_s", "prompt_reuse
            "cut", "no_data", "loaded", "not_loaded", "generating", "idle", "ok", "unreachable", "never", "none",
            "last_event", "last_error", "events", "errors", "confirm_delete", "send", "stop", "depth", "active",
            "state_ready", "state_loading", "state_building", "state_ingesting", "state_failed", "state_unknown",
-           "now", "minutes")
+           "now", "minutes", "feedback_up", "feedback_down", "feedback_reason", "feedback_thanks",
+           "feedback_reason_sent")
 
 
 def choose(cookie: str | None, accept_language: str) -> str:

@@ -108,6 +108,61 @@
       b.box.appendChild(box);
     }
 
+    /* 👍 / 👎 under an answer (its text stays as it is); after a 👎, an optional reason. */
+    function feedback(b, answer, conversation) {
+      var bar = el("div", "feedback");
+      function post(payload) {
+        payload.answer = answer;
+        payload.conversation = conversation;
+        return fetch(base + "/api/feedback", {
+          method: "POST", credentials: "same-origin",
+          headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf }, body: JSON.stringify(payload)
+        }).then(function (r) {
+          if (r.status === 401) { toLogin(); throw new Error("login"); }
+          if (!r.ok) throw new Error(T.error + " " + r.status);
+          return r.json();
+        });
+      }
+      function say(text) {
+        var old = bar.querySelector(".fb-note");
+        if (old) old.remove();
+        bar.appendChild(el("span", "fb-note", text));
+      }
+      [["up", T.feedback_up], ["down", T.feedback_down]].forEach(function (v) {
+        var btn = el("button", "secondary small vote-" + v[0], v[1]);
+        btn.type = "button";
+        btn.addEventListener("click", function () {
+          post({ vote: v[0] }).then(function (res) {
+            bar.querySelectorAll("button[class*=vote-]").forEach(function (x) { x.classList.remove("chosen"); });
+            btn.classList.add("chosen");
+            say(T.feedback_thanks);
+            if (res.ask_reason && !bar.querySelector("form")) {
+              var f = el("form", "reason");
+              var field = el("input");
+              field.type = "text";
+              field.maxLength = 500;
+              field.placeholder = T.feedback_reason;
+              var ok = el("button", "secondary small", T.send);
+              ok.type = "submit";
+              f.appendChild(field);
+              f.appendChild(ok);
+              f.addEventListener("submit", function (sev) {
+                sev.preventDefault();
+                if (!field.value.trim()) return;
+                post({ vote: null, reason: field.value }).then(function () {
+                  f.remove();
+                  say(T.feedback_reason_sent);
+                }).catch(function (x) { say(x.message); });
+              });
+              bar.appendChild(f);
+            }
+          }).catch(function (x) { say(x.message); });
+        });
+        bar.appendChild(btn);
+      });
+      b.box.appendChild(bar);
+    }
+
     form.addEventListener("submit", async function (ev) {
       ev.preventDefault();
       if (controller) { controller.abort(); return; }
@@ -159,6 +214,7 @@
               if (!e.complete) note(b, T.error + ": " + (e.error || e.finish));
               else if (e.finish === "length") note(b, T.cut);
               details(b, e);
+              if (e.feedback) feedback(b, e.feedback, conv);
             } else if (e.notice) {
               // Waiting for the model: the place in line, replaced by the answer's first words.
               b.text.textContent = e.notice;
