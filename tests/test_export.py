@@ -39,7 +39,7 @@ async def test_department_exports_its_own_conversations_excel_safe(tmp_path, red
         assert (await alice.chat("hr", "育儿假奖金是多少？", conversation="x2", max_tokens=4))[0] == 200
         assert (await ivan.chat("it", "IT secret: the VPN?", conversation="y1", max_tokens=4))[0] == 200
 
-        async def get(b, query: str) -> tuple[int, bytes, dict]:  # type: ignore[no-untyped-def]
+        async def get(b, query: str) -> tuple[int, bytes, dict]:
             async with b.http.get(b.base + "/api/export" + query) as r:
                 return r.status, await r.read(), dict(r.headers)
 
@@ -72,7 +72,13 @@ async def test_department_exports_its_own_conversations_excel_safe(tmp_path, red
         assert status == 200 and 'id="export-form"' in html
 
         # Every export is a console action in the audit log: who, which bots, how many rows.
-        audit = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
-        exports = [a for a in audit if a.get("action") == "conversation_export"]
-        assert {a["user"] for a in exports} >= {"alice", "ivan", "vera"}
+        def written() -> list[dict]:
+            audit = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+            return [a for a in audit if a.get("action") == "conversation_export"]
+
+        async def all_written() -> bool:  # the line is written once the download is over: a moment later
+            return {a["user"] for a in written()} >= {"alice", "ivan", "vera"}
+
+        await wait_for(all_written, timeout=10)
+        exports = written()
         assert any(a["user"] == "alice" and a["bots"] == ["hr"] and a["rows"] == len(rows) for a in exports)

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
+from typing import Any
 
 from bots import unanswered
 from bots.eval import load_set
 from bots.unanswered import Entry, Grouper, UnansweredStore
+from core.config import Config
 from core.knowledge.embedder import Embedder
 from tests.helpers import make_config, running_daemon, wait_for
 from tests.test_console import HR_FACT, IT_FACT, USERS, _ready, _signing_key, browsers
@@ -68,9 +71,9 @@ async def test_store_keeps_each_bot_apart_and_bounded(manager, monkeypatch) -> N
 
 # -- the console's page, through the real daemon ------------------------------------------------------
 
-def quality_config(tmp_path, redis_url: str):  # type: ignore[no-untyped-def]
+def quality_config(tmp_path: Path, redis_url: str) -> Config:
     """The console's test config, its hr and it bots refusing what their documents do not answer."""
-    bots: dict = {"assistant": {}}
+    bots: dict[str, Any] = {"assistant": {}}
     for name, fact in (("hr", HR_FACT), ("it", IT_FACT)):
         folder = tmp_path / "docs" / name
         folder.mkdir(parents=True)
@@ -171,7 +174,7 @@ async def test_what_the_pipeline_reports_is_classified(manager) -> None:
 
     warmed: list = []
     log = QualityLog(manager, "botd", embedder=lambda: None, spawn=warmed.append)
-    common = {"tokens_in": 10, "tokens_out": 5, "ttft_ms": 100.0, "wait_ms": 5.0}
+    common: dict[str, Any] = {"tokens_in": 10, "tokens_out": 5, "ttft_ms": 100.0, "wait_ms": 5.0}
     await log.answered("web", "hr", ["hr"], "no chunk given", "a1", complete=True, best_similarity=None, cut=0.836,
                        given=0, **common)
     await log.answered("web", "hr", ["hr"], "barely relevant", "a2", complete=True, best_similarity=0.845,
@@ -252,8 +255,8 @@ def test_a_failing_model_lists_the_questions_ungrouped() -> None:
     class Broken:
         model_id = "broken"
 
-        def encode(self, texts, query=False):  # type: ignore[no-untyped-def]
+        def encode(self, texts, query=False):
             raise RuntimeError("the model file is gone")
 
-    groups = Grouper().group(Broken(), _entries(ROOM + ["How do I book a meeting room"]))
+    groups = Grouper().group(Broken(), _entries([*ROOM, "How do I book a meeting room"]))
     assert sorted(g.count for g in groups) == [1, 1, 2]  # the same wording still counts together

@@ -25,12 +25,12 @@ __all__ = ["_signing_key"]  # the autouse fixture: the console's signing key in 
 DOWN = ["Is the parental leave bonus taxed?", "Is the parental leave bonus subject to income tax?"]
 
 
-async def _shot(page, name: str) -> None:  # type: ignore[no-untyped-def]
+async def _shot(page, name: str) -> None:
     os.makedirs(SHOTS, exist_ok=True)
     await page.screenshot(path=str(SHOTS / f"quality-{name}.png"), full_page=True)
 
 
-async def _seed(api, cfg) -> None:  # type: ignore[no-untyped-def]
+async def _seed(api, cfg) -> None:
     """Two weeks of usage (the real store, back-dated) and two saved eval runs, for the pictures."""
     store = api.daemon.service.answers.quality.usage
     now = time.time()

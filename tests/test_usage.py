@@ -68,8 +68,9 @@ async def test_prometheus_metrics_labelled_by_bot(manager) -> None:
     await store.answered("sales", complete=True, tokens_in=12, tokens_out=3, ttft_ms=200, wait_ms=30)
     assert metrics.REGISTRY.get_sample_value("botd_bot_answers_total",
                                              {"bot": "sales", "outcome": "refused"}) == before + 1
-    assert metrics.REGISTRY.get_sample_value("botd_bot_tokens_total", {"bot": "sales", "kind": "out"}) >= 3
-    assert metrics.REGISTRY.get_sample_value("botd_bot_time_to_first_token_seconds_count", {"bot": "sales"}) >= 1
+    assert (metrics.REGISTRY.get_sample_value("botd_bot_tokens_total", {"bot": "sales", "kind": "out"}) or 0) >= 3
+    assert (metrics.REGISTRY.get_sample_value("botd_bot_time_to_first_token_seconds_count",
+                                              {"bot": "sales"}) or 0) >= 1
     text = metrics.render()[0].decode()
     assert 'botd_bot_queue_wait_seconds_bucket{bot="sales"' in text
 
