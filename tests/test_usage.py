@@ -99,6 +99,12 @@ async def test_department_sees_its_own_usage_and_eval_runs(tmp_path, redis_serve
         assert (await alice.get("/api/usage?bot=it"))[0] == 403
         assert (await alice.get("/usage?bot=it"))[0] == 403
         assert (await anon.get("/api/usage"))[0] == 401
+        for page in ("/unanswered", "/usage", "/eval", "/export"):  # no login: to the login page
+            status, _ = await anon.get(page)
+            assert status == 302, page
+        for endpoint in ("/api/eval?bot=hr", "/api/eval/run?bot=hr&run=x", "/api/unanswered.csv", "/api/export"):
+            assert (await anon.get(endpoint))[0] == 401, endpoint
+        assert (await anon.post("/api/eval/case", csrf=False, json={"bot": "hr", "q": "x?"}))[0] == 401
         assert set((await ivan.get("/api/usage"))[1]["bots"]) == {"it"}
         assert {"hr", "it"} <= set((await vera.get("/api/usage"))[1]["bots"])
         status, html = await alice.get("/usage")
