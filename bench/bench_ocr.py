@@ -10,14 +10,13 @@
     the same pictures with the same settings when it is installed
     (``pip install --no-deps rapidocr-onnxruntime==1.4.4``: it imports cv2, which botd's
     opencv-python-headless provides).
-(u) ``--under-load``: tokens/s of eight users at once through botd (bench_concurrency's daemon and
-    client: ``POST /v1/chat/completions``, temperature 0, fixed ``max_tokens``) while pictures are
-    read without pause ÷ the same without OCR, rounds alternating (the median ratio counts; goal
-    >= 0.8). The pictures are read by core.media.ocr's own worker (one thread at nice 19 and
-    SCHED_IDLE, its onnxruntime threads inheriting both) in this bench process, beside the daemon
-    on the same cores: the daemon's HTTP API takes no pictures, and the CPU competition is the
-    same whichever process holds the OCR thread. Pictures read during the loaded rounds are
-    counted too.
+(u) ``--under-load``: tokens/s of eight users at once through botd (bench_concurrency's daemon
+    settings and client: ``POST /v1/chat/completions``, temperature 0, fixed ``max_tokens``) while a
+    ninth user sends screenshots without pause (``image_url`` parts, the bot with
+    ``images = "ocr"``, ``max_tokens`` 1: the daemon reads each picture in its own OCR thread at
+    nice 19 and SCHED_IDLE, then answers one token) ÷ the same without pictures, rounds
+    alternating (the median ratio counts; goal >= 0.8). The pictures answered during the loaded
+    rounds are counted: at idle priority they wait while the model is busy.
 
     .venv/bin/python bench/bench_ocr.py                      # (o), 10 screenshots per language
     .venv/bin/python bench/bench_ocr.py --under-load         # (o) + (u), Qwen2.5-0.5B-shaped model
@@ -28,14 +27,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,7 +47,6 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
-from core.media.lowprio import lower_this_thread  # noqa: E402
 from core.media.ocr import Ocr, OcrLimits, load_picture  # noqa: E402
 from tests.media_samples import Screenshot, cer, screenshots  # noqa: E402
 
@@ -110,26 +111,69 @@ def measure_rapidocr_onnxruntime(shots: list[Screenshot], threads: int) -> list[
     return out
 
 
-class Reader(threading.Thread):
-    """Reads pictures without pause in a thread at botd's media priority, until stopped."""
+def start_botd(work: Path, model: Path, args: argparse.Namespace) -> tuple[Any, list[str]]:
+    """bench_concurrency's daemon (same [model], [queue] and key), its bot reading pictures."""
+    import bench_concurrency as bc
 
-    def __init__(self, ocr: Ocr, shots: list[Screenshot]) -> None:
+    port = bc.free_port()
+    extra, notes = bc.model_extras(8, None)
+    cfg = (
+        f'[server]\nport = {port}\nstate_dir = "{work / "state"}"\nlog_level = "warning"\nlog_format = "json"\n'
+        f"shutdown_grace_s = 5\n"
+        f'[model]\npath = "{model}"\nname = "bench"\nn_ctx = {args.n_ctx}\nn_threads = {args.threads}\n'
+        f"max_tokens = 256\ntemperature = 0.0\nrepeat_penalty = 1.0\nseed = 1\n{extra}"
+        f"[queue]\nmax_size = 1000\nper_user = 16\nmax_wait_s = 3600\njob_timeout_s = 3600\n"
+        f"[images]\nthreads = {args.threads}\n"
+        f'[api]\nkeys = ["env:BOTD_BENCH_KEY"]\n'
+        f'[bots.assistant]\nsystem_prompt = "{bc.SYSTEM}"\nimages = "ocr"\n'
+    )
+    (work / "config.toml").write_text(cfg)
+    log = work / "botd.log"
+    env = {**os.environ, "BOTD_BENCH_KEY": bc.API_KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "bots.cli", "run", "--config", str(work / "config.toml")],
+                            cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    return bc.Target("botd", f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {bc.API_KEY}"}, True,
+                     proc, log), notes
+
+
+class Sender(threading.Thread):
+    """One user sending screenshots to the daemon one after the other (``max_tokens`` 1: the
+    daemon reads each picture, then answers with one token), while ``sending`` is set."""
+
+    def __init__(self, target: Any, shots: list[Screenshot]) -> None:
         super().__init__(daemon=True)
-        self.ocr, self.shots = ocr, shots
-        self.reading = threading.Event()
+        self.target, self.shots = target, shots
+        self.sending = threading.Event()
         self.done = threading.Event()
-        self.count = 0
+        self.first = threading.Event()  # the first request came back
+        self.read = 0
+        self.failed = 0
+        self.seconds: list[float] = []
 
     def run(self) -> None:
-        lower_this_thread()
-        self.ocr.read_now(self.shots[0].png)  # the engine and its threads are made here, idle too
         i = 0
         while not self.done.is_set():
-            if not self.reading.wait(0.1):
+            if not self.sending.wait(0.1):
                 continue
-            self.ocr.read_now(self.shots[i % len(self.shots)].png)
-            self.count += 1
+            shot = self.shots[i % len(self.shots)]
             i += 1
+            url = "data:image/png;base64," + base64.b64encode(shot.png).decode()
+            body = json.dumps({"model": "assistant", "user": "picture-sender", "max_tokens": 1, "temperature": 0,
+                               "messages": [{"role": "user", "content": [
+                                   {"type": "text", "text": f"What does this say? ({i})"},
+                                   {"type": "image_url", "image_url": {"url": url}}]}]}).encode()
+            req = urllib.request.Request(self.target.base + "/v1/chat/completions", data=body, method="POST",
+                                         headers={**self.target.headers, "Content-Type": "application/json"})
+            t = time.perf_counter()
+            try:
+                with urllib.request.urlopen(req, timeout=600) as r:
+                    r.read()
+                self.read += 1
+                self.seconds.append(time.perf_counter() - t)
+            except OSError:
+                self.failed += 1
+                time.sleep(0.5)
+            self.first.set()
 
 
 async def under_load(args: argparse.Namespace, shots: list[Screenshot]) -> list[str]:
@@ -139,39 +183,43 @@ async def under_load(args: argparse.Namespace, shots: list[Screenshot]) -> list[
     from core.config import embedded_model_path
 
     model = args.model or (embedded_model_path() if args.smollm else qwen_shaped.build())
-    ns = SimpleNamespace(parallel=8, n_ctx=args.n_ctx, threads=args.threads, users=args.users)
-    reader = Reader(Ocr(OcrLimits(threads=args.threads)), shots)
-    reader.start()
     with tempfile.TemporaryDirectory(prefix="bench-ocr-") as tmp:
-        target, notes = bc.start_botd(Path(tmp), Path(model), ns, None, None)  # type: ignore[arg-type]
+        target, notes = start_botd(Path(tmp), Path(model), args)
+        sender = Sender(target, [s for s in shots if s.png[:4] == b"\x89PNG"] or shots)
+        sender.start()
         try:
             if not bc.wait_http(target, "/healthz", 300):
                 return [f"  (u) botd did not start:\n  {target.tail()}"]
             await bc.aggregate(target, args.users, 1, 16, "warm")
+            sender.sending.set()  # the first picture loads the OCR engine: not inside a measured round
+            await asyncio.to_thread(sender.first.wait, 600)
+            sender.sending.clear()
             ratios, base_tps, load_tps = [], [], []
-            read_before = reader.count
+            read_before = sender.read
             for r in range(args.rounds):
                 base = await bc.aggregate(target, args.users, args.per_user, args.max_tokens, f"b{r}")
-                reader.reading.set()
+                sender.sending.set()
                 loaded = await bc.aggregate(target, args.users, args.per_user, args.max_tokens, f"o{r}")
-                reader.reading.clear()
+                sender.sending.clear()
                 base_tps.append(base.tps)
                 load_tps.append(loaded.tps)
                 ratios.append(loaded.tps / base.tps)
                 print(f"  (u) round {r + 1}: {args.users} users {base.tps:.1f} tokens/s alone, {loaded.tps:.1f} "
-                      f"while OCR runs: {ratios[-1]:.2f}", flush=True)
-            read = reader.count - read_before
+                      f"while pictures are read: {ratios[-1]:.2f}", flush=True)
+            read = sender.read - read_before
         finally:
-            reader.done.set()
-            reader.reading.set()
+            sender.done.set()
+            sender.sending.set()
             target.stop()
-            reader.join(120)  # a picture being read ends first (onnxruntime aborts if torn down mid-run)
+            sender.join(60)
     ratio = statistics.median(ratios)
     verdict = "met" if ratio >= 0.8 else "NOT met"
+    took = f", {statistics.median(sender.seconds):.1f} s each (median)" if sender.seconds else ""
     return [f"  (u) model {Path(model).name}, {args.threads} threads, {'; '.join(notes)}",
             f"  (u) {args.users} users: {statistics.median(base_tps):.1f} tokens/s alone, "
-            f"{statistics.median(load_tps):.1f} while OCR runs (median of {args.rounds} rounds)",
-            f"  (u) ratio {ratio:.2f} (goal >= 0.8: {verdict}); pictures read meanwhile: {read}"]
+            f"{statistics.median(load_tps):.1f} while a ninth user sends screenshots (median of {args.rounds} rounds)",
+            f"  (u) ratio {ratio:.2f} (goal >= 0.8: {verdict}); pictures answered during the loaded rounds: "
+            f"{read}{took}; failed requests: {sender.failed}"]
 
 
 def main() -> int:
