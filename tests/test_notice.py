@@ -307,8 +307,9 @@ async def test_the_console_chat_streams_the_notice_before_the_answer(tmp_path, r
         finally:
             if load is not None:
                 await load.__aexit__(None, None, None)
-    assert "notice" in events[0] and re.fullmatch(r"⏳ 1 ahead of you, about \d+ (s|min)", events[0]["notice"])
-    assert any("delta" in e for e in events) and events[-1]["done"]
+    assert "notice" in events[0], events
+    assert re.fullmatch(r"⏳ 1 ahead of you, about \d+ (s|min)", events[0]["notice"]), events
+    assert any("delta" in e for e in events) and events[-1]["done"], events
     assert [e for e in events if "notice" in e] == events[:1]  # one notice, before any word of the answer
 
 
