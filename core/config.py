@@ -791,8 +791,8 @@ class VoiceConfig(Section):
                     "SHA-256. Never downloaded.",
         json_schema_extra={"zh": "本地的 CTranslate2 Whisper 文件夹（model.bin、config.json、tokenizer.json、"
                                  "vocabulary.txt），例如 Systran/faster-whisper-small 的副本；留空：使用随 "
-                                 "botd[voice] 安装的 whisper-base，首次使用时在 server.state_dir 下拼合一次并按其公开的 "
-                                 "SHA-256 校验。从不下载。"})
+                                 "botd[voice] 安装的 whisper-base，首次使用时在 server.state_dir 下拼合一次"
+                                 "并按其公开的 SHA-256 校验。从不下载。"})
     language: Literal["auto", "zh", "en"] = Field(
         default="auto",
         description='The language spoken: "auto" (detected per message), "zh" or "en".',
@@ -1100,8 +1100,12 @@ def _resolve_paths(cfg: Config, base: Path, path: Path) -> Config:
     embeddings = cfg.embeddings
     if embeddings.model:
         embeddings = embeddings.model_copy(update={"model": resolve(embeddings.model)})
+    voice = cfg.voice
+    if voice.model:
+        voice = voice.model_copy(update={"model": resolve(voice.model)})
     return cfg.model_copy(
         update={
+            "voice": voice,
             "knowledge": knowledge,
             "models": models,
             "bots": bots,
@@ -1173,6 +1177,9 @@ def _check_files(cfg: Config, path: Path) -> None:
     if cfg.embeddings.model and not Path(cfg.embeddings.model).expanduser().is_dir():
         raise ConfigError(f"{path}: embeddings.model: {cfg.embeddings.model!r} is not a folder "
                           "(a local sentence-transformers model; nothing is downloaded)")
+    if cfg.voice.model and not (Path(cfg.voice.model).expanduser() / "model.bin").is_file():
+        raise ConfigError(f"{path}: voice.model: {Path(cfg.voice.model).name!r} is not a CTranslate2 Whisper "
+                          f"folder (no model.bin in {cfg.voice.model!r}; nothing is downloaded)")
 
 
 def secret_references(section: BaseModel, prefix: str = "") -> Iterator[tuple[str, str, SecretForm | None]]:

@@ -211,3 +211,18 @@ async def test_synthesised_speech_is_transcribed_and_answered_locally(tmp_path, 
 
         long = await _ask(service, _voice("long"), platform)
         assert isinstance(long, TextAnswer) and long.text == texts.say("VOICE_TOO_LONG", "both", s=6)
+
+
+def test_voice_model_must_be_a_local_whisper_folder(tmp_path):
+    """[voice] model names a folder on this box, relative to the config file; a missing one is a
+    clear error at load naming the key (never a download at the first voice message)."""
+    from connectors.config import config_from_dict
+    from core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"voice\.model: 'whisper-small' is not a CTranslate2 Whisper folder"):
+        config_from_dict({"voice": {"model": "whisper-small"}}, tmp_path / "config.toml", check_secrets=False)
+    folder = tmp_path / "whisper-small"
+    folder.mkdir()
+    (folder / "model.bin").write_bytes(b"\0")
+    cfg = config_from_dict({"voice": {"model": "whisper-small"}}, tmp_path / "config.toml", check_secrets=False)
+    assert cfg.voice.model == str(folder)
