@@ -92,6 +92,7 @@ class FakeFeishu:
         r.add_post("/open-apis/cardkit/v1/cards", self.card_create)
         r.add_put("/open-apis/cardkit/v1/cards/{cid}/elements/{eid}/content", self.card_content)
         r.add_patch("/open-apis/cardkit/v1/cards/{cid}/settings", self.card_settings)
+        r.add_post("/open-apis/cardkit/v1/cards/{cid}/elements", self.card_elements)
         r.add_get("/open-apis/contact/v3/users/{uid}", self.user_get)
         r.add_get("/open-apis/im/v1/messages/{mid}/resources/{key}", self.resource)
         app.on_shutdown.append(self._shutdown)
@@ -359,6 +360,20 @@ class FakeFeishu:
         card.settings.append(settings)
         if "streaming_mode" in settings.get("config", {}):
             card.streaming = bool(settings["config"]["streaming_mode"])
+        return self._ok()
+
+    async def card_elements(self, request: web.Request) -> web.Response:
+        """Elements added to a card entity (``type: append``: at the end of its body)."""
+        card = self.cards.get(request.match_info["cid"])
+        if card is None:
+            return web.json_response({"code": 200740, "msg": "card not found"}, status=400)
+        body = await request.json()
+        bad = self._sequence(card, body.get("sequence"))
+        if bad is not None:
+            return bad
+        if body.get("type") != "append":
+            self.errors.append(f"elements added with type {body.get('type')!r} (only append is faked)")
+        card.card["body"]["elements"] += json.loads(body["elements"])
         return self._ok()
 
     async def user_get(self, request: web.Request) -> web.Response:

@@ -16,9 +16,12 @@ import aiohttp
 import pytest
 from slack_sdk.signature import SignatureVerifier
 
+from connectors.feishu.callback import encrypt as lark_encrypt
+from connectors.feishu.callback import signature as lark_signature
 from core.config import Config
 from core.feedback import FeedbackRecord, Vote
 from core.messages import ThreadKey
+from tests.fake_feishu import FakeFeishu
 from tests.fake_wecom_aibot import CallbackSender, FakeAibot, event_body
 from tests.fakes import FakeSlack, FakeTelegram, serve
 from tests.helpers import Client, make_config, running_daemon, wait_for
@@ -429,3 +432,73 @@ async def test_console_votes_land_on_the_askers_own_answer(tmp_path, redis_serve
         status, events, _ = await ivan.chat("it", "How often does the VPN password rotate?", max_tokens=8)
         assert status == 200 and events[-1]["feedback"] is None
         assert await api.daemon.runtime.feedback.answers(bot="it") == []
+
+
+# -- Feishu: buttons appended to the answer's card, card.action.trigger --------------------------------------------
+
+LARK_KEY, LARK_TOKEN = "test key", "vtoken"
+
+
+def lark_signed(event: dict[str, Any], key: str = LARK_KEY, ts: float | None = None) -> tuple[dict[str, str], bytes]:
+    body = json.dumps({"encrypt": lark_encrypt(json.dumps(event).encode(), key, b"0123456789abcdef")}).encode()
+    stamp, nonce = str(int(ts if ts is not None else time.time())), "n1"
+    return {"X-Lark-Request-Timestamp": stamp, "X-Lark-Request-Nonce": nonce,
+            "X-Lark-Signature": lark_signature(stamp, nonce, key, body), "Content-Type": "application/json"}, body
+
+
+def card_press(fake: FakeFeishu, value: dict[str, Any], user: str, event_id: str) -> dict[str, Any]:
+    return {"schema": "2.0", "header": {"event_id": event_id, "event_type": "card.action.trigger",
+                                        "create_time": str(int(time.time() * 1000)), "token": LARK_TOKEN,
+                                        "app_id": fake.app_id, "tenant_key": "tk"},
+            "event": {"operator": {"open_id": f"ou_{user}", "union_id": f"on_{user}"}, "token": "c-1",
+                      "action": {"value": value, "tag": "button"}, "host": "im_message",
+                      "context": {"open_message_id": "om_x", "open_chat_id": f"oc_p2p_{user}"}}}
+
+
+async def lark_post(api: Client, event: dict[str, Any], **kw: Any) -> tuple[int, Any]:
+    headers, body = lark_signed(event, **kw)
+    async with api.session.post(f"{api.base}/feishu/assistant", data=body, headers=headers) as r:
+        return r.status, json.loads(await r.text() or "null") if r.status == 200 else None
+
+
+async def test_feishu_card_buttons_land_on_the_stored_answer(tmp_path, redis_server, monkeypatch):
+    monkeypatch.setenv("FEISHU_SECRET", "feishu-app-secret")
+    monkeypatch.setenv("FEISHU_ENCRYPT_KEY", LARK_KEY)
+    monkeypatch.setenv("FEISHU_VERIFICATION_TOKEN", LARK_TOKEN)
+    fake = FakeFeishu()
+    async with serve(fake.app()) as base:
+        fake.url = base
+        section = {"assistant": {"mode": "callback", "app_id": fake.app_id, "app_secret": "env:FEISHU_SECRET",
+                                 "api_base": base, "encrypt_key": "env:FEISHU_ENCRYPT_KEY",
+                                 "verification_token": "env:FEISHU_VERIFICATION_TOKEN", "streaming": "cardkit",
+                                 "update_interval_s": 0.3}}
+        async with running_daemon(config(tmp_path, redis_server.url, feishu=section)) as api:
+            await ready(api)
+            assert (await lark_post(api, fake.message_event("boss", QUESTION)))[0] == 200
+            await until(lambda: any(len(c.card["body"]["elements"]) > 1 for c in fake.cards.values()))
+            [card] = fake.cards.values()
+            text, buttons = card.card["body"]["elements"]
+            up, down = (col["elements"][0] for col in buttons["columns"])
+            assert [b["text"]["content"] for b in (up, down)] == ["👍 Helpful", "👎 Not helpful"]
+            answer_id = up["behaviors"][0]["value"]["botd_feedback"]
+            rec = await record(api, answer_id)
+            check_facts(rec, "feishu", history(redis_server, "feishu", "ou_boss")[1]["content"])
+            shown = card.content
+
+            down_value = down["behaviors"][0]["value"]
+            # Forged (another key) or stale (a recorded press replayed later): refused before any work.
+            assert (await lark_post(api, card_press(fake, down_value, "boss", "e-f"), key="other key"))[0] == 403
+            assert (await lark_post(api, card_press(fake, down_value, "boss", "e-o"), ts=time.time() - 3600))[0] == 403
+            # Pressed by someone else (a forwarded card, another chat): refused.
+            assert (await lark_post(api, card_press(fake, down_value, "clerk", "e-c")))[0] == 200
+            assert (await record(api, answer_id)).votes == {}
+            status, toast = await lark_post(api, card_press(fake, down_value, "boss", "e-1"))
+            assert status == 200 and "Thanks" in toast["toast"]["content"]
+            assert (await record(api, answer_id)).votes == {"ou_boss": Vote.DOWN}
+            assert (await lark_post(api, card_press(fake, up["behaviors"][0]["value"], "boss", "e-2")))[0] == 200
+            # The 👎's event delivered again (Feishu pushes again when unanswered): a replay, refused.
+            assert (await lark_post(api, card_press(fake, down_value, "boss", "e-1")))[0] == 200
+            assert (await record(api, answer_id)).votes == {"ou_boss": Vote.UP}
+            # The answer's text element is as it was; the buttons sit below it.
+            assert card.content == shown and text["element_id"] != "botd_feedback"
+            assert fake.errors == []

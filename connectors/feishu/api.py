@@ -136,6 +136,12 @@ class FeishuApi:
         await self.call("PATCH", f"/cardkit/v1/cards/{card_id}/settings",
                         {"settings": json.dumps(settings), "sequence": sequence, "uuid": uuid[:64]})
 
+    async def card_append(self, card_id: str, elements: list[dict[str, Any]], sequence: int, uuid: str) -> None:
+        """Elements added at the end of the card's body (the 👍 / 👎 buttons under an answer)."""
+        await self.call("POST", f"/cardkit/v1/cards/{card_id}/elements",
+                        {"type": "append", "elements": json.dumps(elements, ensure_ascii=False),
+                         "sequence": sequence, "uuid": uuid[:64]})
+
     # -- what users send -----------------------------------------------------------------------------------
 
     async def download_resource(self, message_id: str, file_key: str, kind: str, max_bytes: int) -> bytes:

@@ -39,6 +39,7 @@ from connectors.feishu.reply import PLATFORM, CardKitReply, FeishuReply, PatchRe
 from connectors.feishu.ws import Displaced, FeishuLink, FeishuWsError
 from connectors.reply import ReplyTarget
 from core.config import Settings
+from core.feedback import FeedbackEvent, Vote
 from core.kv import KeyValueCache
 from core.lease import Holding, Lease
 from core.messages import Account, Attachment, InboundMessage
@@ -214,6 +215,9 @@ class FeishuConnector(Connector):
 
     async def _on_event(self, app: _App, event: dict[str, Any]) -> None:
         header = event.get("header") or {}
+        if header.get("event_type") == "card.action.trigger":
+            await self._card_action(app, event)
+            return
         if header.get("event_type") != "im.message.receive_v1":
             log.info("feishu event", app=app.name, event=header.get("event_type"))
             return
@@ -221,6 +225,31 @@ class FeishuConnector(Connector):
         if inbound is None:
             return
         await self.service.receive(inbound, self._target(app, inbound))
+
+    async def _card_action(self, app: _App, event: dict[str, Any]) -> dict[str, Any]:
+        """A 👍 / 👎 pressed on a feedback card (``card.action.trigger``; signed like any event in
+        callback mode): stored by the service (the chat it was pressed in, the event id not seen
+        before); the answer to Feishu is a toast with the acknowledgement."""
+        body = event.get("event") or {}
+        value = (body.get("action") or {}).get("value") or {}
+        if not isinstance(value, dict) or "botd_feedback" not in value:
+            return {}
+        vote = value.get("vote")
+        user = str((body.get("operator") or {}).get("open_id") or "")
+        if vote not in ("up", "down") or not user:
+            return {}
+        # In a group the chat it was pressed in; one-to-one chats are keyed by the user.
+        chat = str((body.get("context") or {}).get("open_chat_id") or "") if value.get("group") else user
+        event_id = str((event.get("header") or {}).get("event_id") or "")
+        try:
+            reply = await self.service.feedback(FeedbackEvent(
+                PLATFORM, app.name, chat, user, str(value.get("botd_feedback") or ""), Vote(vote),
+                event_id=f"{app.cfg.app_id}:{event_id}" if event_id else ""))
+        except Exception:  # feedback must never take the connection down
+            log.exception("feishu feedback not taken", app=app.name)
+            return {}
+        return {"toast": {"type": "success" if reply.status.accepted else "info",
+                          "content": reply.text}} if reply.text else {}
 
     # -- messages ----------------------------------------------------------------------------------
 
@@ -298,6 +327,8 @@ class FeishuConnector(Connector):
             raise web.HTTPForbidden(text=str(exc)) from None
         if event.get("type") == "url_verification":
             return web.json_response({"challenge": event.get("challenge", "")})
+        if (event.get("header") or {}).get("event_type") == "card.action.trigger":
+            return web.json_response(await self._card_action(app, event))  # the toast
         if self._stopping:
             raise web.HTTPServiceUnavailable(text="botd is stopping")
         await self._on_event(app, event)

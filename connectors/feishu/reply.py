@@ -17,6 +17,7 @@ which the replay then patches).
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from connectors.feishu.api import FeishuApi, FeishuApiError
 from connectors.markdown import neutral_links
 from connectors.reply import AttachmentUnavailable, ReplyTarget
 from connectors.textsplit import utf8_len
+from core.feedback import FeedbackLabels
 from core.kv import KeyValueCache
 from core.messages import Account, Attachment
 from core.redis_store import StoreUnavailable
@@ -92,6 +94,20 @@ class FeishuReply(ReplyTarget):
                                                     "error": type(exc).__name__})
         except StoreUnavailable:
             log.error("dead letter lost: redis unreachable", user=self.user)
+
+
+def feedback_elements(answer_id: str, labels: FeedbackLabels, group: bool) -> list[dict[str, Any]]:
+    """The 👍 / 👎 buttons (card JSON 2.0) put under an answer's last card, below its text; each
+    button's value names the answer, the vote and whether it was given in a group (the chat a
+    press is checked against). A press comes back as ``card.action.trigger``."""
+    def button(vote: str, label: str) -> dict[str, Any]:
+        return {"tag": "column", "width": "auto", "elements": [
+            {"tag": "button", "type": "default", "size": "small", "text": {"tag": "plain_text", "content": label},
+             "behaviors": [{"type": "callback", "value": {"botd_feedback": answer_id, "vote": vote,
+                                                           "group": group}}]}]}
+
+    return [{"tag": "column_set", "element_id": "botd_feedback", "columns": [button("up", labels.up),
+                                                                             button("down", labels.down)]}]
 
 
 def streaming_card(text: str) -> dict[str, Any]:
@@ -169,6 +185,27 @@ class CardKitReply(FeishuReply):
             return
         await self.api.card_text(str(ref), ELEMENT, neutral_links(part), self._next(), uuid.uuid4().hex)
 
+    async def offer_feedback(self, answer_id: str, labels: FeedbackLabels) -> None:
+        """The buttons appended to the answer's last card (its text element stays as it is)."""
+        if not self.sent:
+            return
+        ref, part = self.sent[-1]
+        buttons = feedback_elements(answer_id, labels, bool(self.route.get("group")))
+        if str(ref).startswith(PATCHED):
+            if not part:
+                return  # posted before a restart: its text is not known here, so it is not touched
+            card = static_card(neutral_links(part))
+            card["body"]["elements"] += buttons
+            await self.call(functools.partial(self.api.patch, str(ref)[len(PATCHED):], card))
+            return
+        if await self._off_elsewhere(str(ref)):
+            return
+
+        async def _append() -> None:
+            await self.api.card_append(str(ref), buttons, self._next(), uuid.uuid4().hex)
+
+        await self.call(_append)
+
     async def closed(self, text: str) -> None:
         """Streaming mode off on every card of the answer (the card stops showing "typing")."""
         for ref, _ in self.sent:
@@ -198,6 +235,15 @@ class PatchReply(FeishuReply):
 
     async def edit(self, ref: Any, part: str) -> None:
         await self.api.patch(str(ref), static_card(neutral_links(part)))
+
+    async def offer_feedback(self, answer_id: str, labels: FeedbackLabels) -> None:
+        """The last card patched with the same text and the buttons below it."""
+        if not self.sent or not self.sent[-1][1]:
+            return  # posted before a restart: its text is not known here, so it is not touched
+        ref, part = self.sent[-1]
+        card = static_card(neutral_links(part))
+        card["body"]["elements"] += feedback_elements(answer_id, labels, bool(self.route.get("group")))
+        await self.call(functools.partial(self.api.patch, str(ref), card))
 
 
 class TextReply(FeishuReply):

@@ -209,7 +209,9 @@ class FeishuLink:
                       payload: bytes) -> None:
         started = time.monotonic()
         code = 200
-        if kind == "event":
+        # "card": a card's button pressed (card.action.trigger, the 👍 / 👎 under answers), as lark-oapi
+        # dispatches it: the same JSON as an event.
+        if kind in ("event", "card"):
             try:
                 event = json.loads(payload)
                 if not isinstance(event, dict):
