@@ -501,4 +501,9 @@ async def test_feishu_card_buttons_land_on_the_stored_answer(tmp_path, redis_ser
             assert (await record(api, answer_id)).votes == {"ou_boss": Vote.UP}
             # The answer's text element is as it was; the buttons sit below it.
             assert card.content == shown and text["element_id"] != "botd_feedback"
+            # Another kind of event (the bot added to a group) is logged and answered 200, not 500
+            # ("event" is structlog's own argument name: the log line itself raised).
+            other = card_press(fake, {}, "boss", "e-3")
+            other["header"]["event_type"] = "im.chat.member.bot.added_v1"
+            assert (await lark_post(api, other))[0] == 200
             assert fake.errors == []

@@ -159,7 +159,7 @@ class StreamLink:
             return ""
         if kind == "EVENT":
             await self._ack(ws, mid, {"status": "SUCCESS", "message": "success"})
-            log.info("dingtalk event", robot=self.name, event=headers.get("eventType"))
+            log.info("dingtalk event", robot=self.name, eventtype=headers.get("eventType"))  # "event": structlog's own
             return ""
         if kind == "CALLBACK":
             if topic == ROBOT_TOPIC and isinstance(data, dict):

@@ -219,7 +219,7 @@ class FeishuConnector(Connector):
             await self._card_action(app, event)
             return
         if header.get("event_type") != "im.message.receive_v1":
-            log.info("feishu event", app=app.name, event=header.get("event_type"))
+            log.info("feishu event", app=app.name, eventtype=header.get("event_type"))  # "event": structlog's own
             return
         inbound = await self.inbound(app, event.get("event") or {})
         if inbound is None:

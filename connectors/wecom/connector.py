@@ -183,7 +183,7 @@ class WeComConnector(Connector):
         event_id = msg.get("MsgId") or f"{sender}:{msg.get('CreateTime', '')}:{msg.get('Event', '')}"
         kind = msg.get("MsgType", "")
         if kind == "event":
-            log.info("wecom event ignored", event=msg.get("Event"), user=sender)
+            log.info("wecom event ignored", eventtype=msg.get("Event"), user=sender)  # "event": structlog's own
         else:
             attachments = attachments_of(msg)
             inbound = InboundMessage(
