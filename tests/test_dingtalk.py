@@ -6,16 +6,11 @@ model answering over the long connection."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -26,28 +21,19 @@ from connectors.dingtalk.callback import check_signature, sign
 from connectors.dingtalk.config import DingtalkConfig
 from connectors.dingtalk.reply import CardReply, MarkdownReply
 from connectors.dingtalk.stream import StreamLink
-from core.config import Settings
 from core.kv import KeyValueCache
 from core.messages import Account
+from tests import platform_cluster as cluster
 from tests.fake_dingtalk import FakeDingtalk
-from tests.fakes import serve
-from tests.helpers import captured, free_port, make_config, running_daemon, wait_for
-from tests.test_service import DaemonProcess
+from tests.helpers import Recorder, captured, running_daemon, wait_for
+from tests.platform_cluster import fake_server
+from tests.platform_cluster import now as _true
 
 SECRET = "dingtalk-app-secret"
 TEMPLATE = "tpl-ai-card.schema"
 
 
-@pytest.fixture(autouse=True)
-def dingtalk_env(monkeypatch):
-    monkeypatch.setenv("DINGTALK_SECRET", SECRET)
-
-
-@contextlib.asynccontextmanager
-async def fake_server(fake: FakeDingtalk) -> AsyncIterator[FakeDingtalk]:
-    async with serve(fake.app()) as base:
-        fake.url = base
-        yield fake
+dingtalk_env = cluster.secret_in_env("DINGTALK_SECRET", SECRET)
 
 
 def robot_cfg(fake: FakeDingtalk, **extra: Any) -> DingtalkConfig:
@@ -55,33 +41,13 @@ def robot_cfg(fake: FakeDingtalk, **extra: Any) -> DingtalkConfig:
                           oapi_base=fake.url, **extra)
 
 
-async def _true(value: Any) -> Any:
-    return value
-
-
 # -- the Stream client ---------------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def linked(fake: FakeDingtalk, got: list[dict[str, Any]], holding=lambda: True):
-    async def on_message(data: dict[str, Any]) -> None:
-        got.append(data)
-
-    link = StreamLink("assistant", fake.url, fake.client_id, SECRET, on_message)
-    async with aiohttp.ClientSession() as http:
-        task = asyncio.create_task(link.session(http, holding))
-        await asyncio.wait_for(link.connected.wait(), 5)
-        try:
-            yield link, task
-        finally:
-            await link.close()
-            await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_stream_acks_every_frame_answers_pings_and_leaves_on_disconnect():
     fake = FakeDingtalk()
-    got: list[dict[str, Any]] = []
-    async with fake_server(fake), linked(fake, got) as (link, task):
+    async with fake_server(fake), cluster.linked(
+            lambda on: StreamLink("assistant", fake.url, fake.client_id, SECRET, on)) as (link, task, got):
         [opened] = fake.opens
         assert {"type": "CALLBACK", "topic": "/v1.0/im/bot/messages/get"} in opened["subscriptions"]
         mid = await fake.push(fake.robot_message("zhangsan", "你好"))
@@ -115,18 +81,11 @@ async def test_the_official_sdk_speaks_with_the_fake(tmp_path):
         "asyncio.run(c.start())\n")
     async with fake_server(fake):
         env = {**os.environ, "DINGTALK_OPENAPI_ENDPOINT": fake.url}
-        proc = await asyncio.create_subprocess_exec(sys.executable, str(script), fake.client_id, SECRET, env=env,
-                                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        try:
+        async with cluster.sdk_process(script, fake.client_id, SECRET, env=env) as stdout:
             await wait_for(lambda: _true(fake.connected() == 1), timeout=20)
             mid = await fake.push(fake.robot_message("lisi", "hello sdk", group="cidGroup1"))
-            assert proc.stdout is not None
-            line = await asyncio.wait_for(proc.stdout.readline(), 10)
-            assert line.decode().split() == ["GOT", "2", "hello", "sdk", "lisi"]
+            assert await cluster.printed(stdout) == ["GOT", "2", "hello", "sdk", "lisi"]
             await wait_for(lambda: _true(mid in fake.acks), timeout=5)
-        finally:
-            proc.kill()
-            await proc.wait()
     assert fake.errors == []
 
 
@@ -273,60 +232,32 @@ def test_callback_signature():
 # -- the connector in a cluster (a recording service, no model) ---------------------------------------------
 
 
-class Recorder:
-    """The service as a connector sees it: records what it is handed."""
-
-    def __init__(self) -> None:
-        self.got: list[Any] = []
-
-    async def receive(self, msg, target) -> bool:
-        self.got.append((msg, target))
-        return True
+def robot_app(fake: FakeDingtalk, **extra: Any) -> dict[str, Any]:
+    return {"client_id": fake.client_id, "client_secret": "env:DINGTALK_SECRET", "api_base": fake.url,
+            "oapi_base": fake.url, **extra}
 
 
 def dingtalk_config(tmp_path, redis_url: str, fake: FakeDingtalk, instance: str = "", max_tokens: int = 32,
                     **extra: Any):
-    robot = {"client_id": fake.client_id, "client_secret": "env:DINGTALK_SECRET", "api_base": fake.url,
-             "oapi_base": fake.url, "update_interval_s": 0.2, **extra}
-    return make_config(tmp_path, redis_url, dingtalk={"assistant": robot}, model={"max_tokens": max_tokens},
-                       redis={"lease_s": 2}, server={"instance": instance} if instance else {})
+    return cluster.connector_config(tmp_path, redis_url, "dingtalk", robot_app(fake, **extra), instance, max_tokens)
 
 
-@contextlib.asynccontextmanager
-async def connector(cfg, manager, service=None):
+def connector(cfg, manager, service=None):
     from connectors.dingtalk.connector import DingtalkConnector
 
-    conn = DingtalkConnector(service or Recorder(), Settings(cfg), KeyValueCache(manager, "botd"))
-    async with conn:
-        yield conn
+    return cluster.connector(DingtalkConnector, cfg, manager, service)
 
 
 async def test_one_of_three_daemons_holds_the_stream_and_another_takes_over(tmp_path, redis_server, manager):
     fake = FakeDingtalk()
-    async with fake_server(fake):
-        one, two = Recorder(), Recorder()
-        async with connector(dingtalk_config(tmp_path, redis_server.url, fake, "box-1"), manager, one) as c1:
-            await wait_for(lambda: _true(fake.connected() == 1), timeout=10)
-            async with connector(dingtalk_config(tmp_path, redis_server.url, fake, "box-2"), manager, two), \
-                    connector(dingtalk_config(tmp_path, redis_server.url, fake, "box-3"), manager, two):
-                await asyncio.sleep(1.5)
-                assert fake.connected() == 1 and len(fake.opens) == 1  # exactly one of three holds the connection
-                await fake.push(fake.robot_message("a", "hi"))
-                await wait_for(lambda: _true(len(one.got) == 1), timeout=5)
-                assert two.got == []
-                # Another daemon takes the lease (box-1 paused past it): box-1's connection stops.
-                lease_key = "botd:lease:dingtalk:stream:" + fake.client_id
-                redis_server.client().set(lease_key, "999999|box-9/other", px=60_000)
-                await wait_for(lambda: _true(fake.connected() == 0), timeout=5)
-                await wait_for(lambda: _true(c1.robots["assistant"].displaced), timeout=5)  # set just after the close
-                await asyncio.sleep(1.0)
-                assert fake.connected() == 0  # stopped: not reopened against the lease's new holder
-                redis_server.client().delete(lease_key)  # the new holder died
-                await wait_for(lambda: _true(fake.connected() == 1), timeout=10)  # taken over again
-                await asyncio.sleep(1.0)
-                assert fake.connected() == 1
-            # box-2 and box-3 are gone: box-1 keeps or takes the connection.
-            await wait_for(lambda: _true(fake.connected() == 1), timeout=10)
+    async with fake_server(fake), cluster.three_connectors(
+            connector, partial(dingtalk_config, tmp_path, redis_server.url, fake), manager, fake) as (c1, one, two):
+        assert fake.connected() == 1 and len(fake.opens) == 1  # exactly one of three holds the connection
+        await fake.push(fake.robot_message("a", "hi"))
+        await wait_for(lambda: _true(len(one.got) == 1), timeout=5)
+        assert two.got == []
+        await cluster.lease_taken_then_freed(redis_server, "botd:lease:dingtalk:stream:" + fake.client_id, fake,
+                                             lambda: c1.robots["assistant"].displaced)
     assert fake.errors == []
 
 
@@ -352,11 +283,12 @@ async def test_messages_become_inbound_messages(tmp_path, redis_server, manager)
         async with connector(dingtalk_config(tmp_path, redis_server.url, fake, group_history="member"),
                              manager, rec):
             await wait_for(lambda: _true(fake.connected() == 1), timeout=10)
-            for data in (fake.robot_message("u1", "一对一"), fake.robot_message("u2", "群里 @ 我", group="cidG"),
-                         fake.robot_message("u3", "not for the bot", group="cidG", at=False),
-                         fake.robot_message("u4", "", msgtype="video")):  # a picture is an attachment now
-                mid = await fake.push(data)
-                await wait_for(lambda mid=mid: _true(mid in fake.acks), timeout=5)
+            # u4's video, not a picture: pictures are attachments now.
+            await cluster.push_each(fake, [fake.robot_message("u1", "一对一"),
+                                           fake.robot_message("u2", "群里 @ 我", group="cidG"),
+                                           fake.robot_message("u3", "not for the bot", group="cidG", at=False),
+                                           fake.robot_message("u4", "", msgtype="video")],
+                                    fake.acks)
     msgs = [m for m, _ in rec.got]
     assert [(m.chat, m.thread, m.user, m.text, m.readable) for m in msgs] == [
         ("u1", "", "u1", "一对一", True), ("cidG", "u2", "u2", "群里 @ 我", True),
@@ -390,10 +322,11 @@ async def test_answers_stream_into_a_card_once_each_also_in_a_retry_storm(tmp_pa
             assert len(grown) >= 3, card.contents  # at least two updates, then the final one
             assert all(b.startswith(a) for a, b in itertools.pairwise(grown))
             assert card.params["content"] == card.contents[-1]
-            # In a group: @ answered (the mention is not the question), not @ ignored; a picture gets the text.
+            # In a group: @ answered (the mention is not the question), not @ ignored; a video (not read
+            # here: a picture is an attachment now, read or answered NOT_IMAGE) gets the text.
             await fake.push(fake.robot_message("lisi", "What is a lake?", group="cidGroup"))
             await fake.push(fake.robot_message("wangwu", "ignored", group="cidGroup", at=False))
-            await fake.push(fake.robot_message("zhaoliu", "", msgtype="picture"))
+            await fake.push(fake.robot_message("zhaoliu", "", msgtype="video"))
             await wait_for(lambda: cards_done(3), timeout=60)
             await asyncio.sleep(0.5)
             spaces = sorted(c.open_space_id for c in fake.cards.values())
@@ -402,33 +335,18 @@ async def test_answers_stream_into_a_card_once_each_also_in_a_retry_storm(tmp_pa
             [pic] = [c for c in fake.cards.values() if c.open_space_id.endswith("zhaoliu")]
             said = pic.params["content"]
             assert "Sorry, I read text only." in said and "只能阅读文字" in said  # both: nothing to tell from
-            r = redis_server.client()
-            await wait_for(lambda: _true(r.llen("botd:hist:dingtalk:assistant:cidGroup:") == 2), timeout=10)
-            assert json.loads(r.lindex("botd:hist:dingtalk:assistant:cidGroup:", 0))["content"] == "What is a lake?"
+            await cluster.kept_in_history(redis_server, "dingtalk", "cidGroup")
     assert fake.errors == []
 
 
 # -- callback mode and department routing, through the daemon's HTTP server -------------------------------------
 
 
-def callback_config(tmp_path, redis_url: str, fake: FakeDingtalk):
-    from connectors.config import config_from_dict
-
-    robot = {"mode": "callback", "client_id": fake.client_id, "client_secret": "env:DINGTALK_SECRET",
-             "api_base": fake.url, "oapi_base": fake.url}
-    return config_from_dict({
-        "server": {"host": "127.0.0.1", "port": 0, "state_dir": str(tmp_path / "state")},
-        "model": {"n_ctx": 1024, "max_tokens": 8, "temperature": 0.0, "seed": 42, "n_threads": 2, "parallel": 1},
-        "redis": {"url": redis_url},
-        "bots": {"assistant": {}, "hr": {"system_prompt": "You are the HR assistant."}},
-        "routes": [{"bot": "hr", "platform": "dingtalk", "department": [42]}],
-        "dingtalk": {"assistant": robot}}, tmp_path / "config.toml")
-
-
 async def test_callbacks_are_checked_before_parsing_and_departments_route(tmp_path, redis_server):
     fake = FakeDingtalk()
     fake.departments = {"boss": [1, 42], "clerk": [7]}
-    async with fake_server(fake), running_daemon(callback_config(tmp_path, redis_server.url, fake)) as api:
+    async with fake_server(fake), running_daemon(cluster.callback_config(
+            tmp_path, redis_server.url, "dingtalk", robot_app(fake, mode="callback"), [42])) as api:
         url = "/dingtalk/assistant"
 
         def signed(secret: str = SECRET, ts: int | None = None) -> dict[str, str]:
@@ -449,11 +367,7 @@ async def test_callbacks_are_checked_before_parsing_and_departments_route(tmp_pa
             status, _, _ = await api.post(url, raw=json.dumps(fake.robot_message(user, "hello")).encode(),
                                           headers=signed())
             assert status == 200
-        await wait_for(lambda: _true(len(fake.webhook_posts) >= 2), timeout=60)
-        r = redis_server.client()
-        await wait_for(lambda: _true(r.llen("botd:hist:dingtalk:hr:boss:") == 2
-                                     and r.llen("botd:hist:dingtalk:assistant:clerk:") == 2), timeout=10)
-        assert not r.keys("botd:hist:*mallory*") and len(fake.webhook_posts) == 2
+        await cluster.routed_by_department(redis_server, "dingtalk", "boss", "clerk", lambda: len(fake.webhook_posts))
         # The commands work as on the other platforms.
         for command in ("/help", "/reset"):
             status, _, _ = await api.post(url, raw=json.dumps(fake.robot_message("clerk", command)).encode(),
@@ -462,6 +376,7 @@ async def test_callbacks_are_checked_before_parsing_and_departments_route(tmp_pa
         await wait_for(lambda: _true(len(fake.webhook_posts) == 4), timeout=20)
         assert "/reset" in fake.webhook_posts[2]["markdown"]["text"]
         assert "@mention me" in fake.webhook_posts[2]["markdown"]["text"]  # the platform's own hint
+        r = redis_server.client()
         await wait_for(lambda: _true(r.llen("botd:hist:dingtalk:assistant:clerk:") == 0), timeout=5)
         assert sorted(fake.user_lookups) == ["boss", "clerk"]  # asked once each (a rule needed them)
     assert fake.errors == []
@@ -474,15 +389,9 @@ async def test_no_secret_token_or_webhook_reaches_the_log(tmp_path, redis_server
             rec = Recorder()
             async with connector(dingtalk_config(tmp_path, redis_server.url, fake, card_template_id=TEMPLATE),
                                  manager, rec) as conn:
-                await wait_for(lambda: _true(fake.connected() == 1), timeout=10)
-                await fake.push(fake.robot_message("u1", "hello", webhook_life_s=0))
-                await wait_for(lambda: _true(len(rec.got) == 1), timeout=5)
-                target = rec.got[0][1]
-                await target.show("first words")
-                fake.expire_tokens()
-                fake.throttle("/v1.0/card/streaming", 1)
-                await target.show("first words and more")
-                await target.closed("first words and more")
+                await cluster.answered_through_refusals(
+                    fake, rec, fake.robot_message("u1", "hello", webhook_life_s=0),
+                    lambda: fake.throttle("/v1.0/card/streaming", 1))
                 token = await conn.robots["assistant"].api.token()
                 bad = CardReply(Account("dingtalk", "assistant"), conn.robots["assistant"].api, conn.cache,
                                 {**rec.got[0][0].route, "conversation": ""}, 0.1)
@@ -497,66 +406,19 @@ async def test_no_secret_token_or_webhook_reaches_the_log(tmp_path, redis_server
 # -- kill -9 in the middle of answering ------------------------------------------------------------------------
 
 
-def write_config(folder: Path, port: int, redis_url: str, fake: FakeDingtalk, instance: str = "dingtalk-box") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "config.toml"
-    path.write_text(f"""
-[server]
-host = "127.0.0.1"
-port = {port}
-state_dir = "{folder / 'state'}"
-log_format = "json"
-instance = "{instance}"
+def daemon_side(fake: FakeDingtalk) -> cluster.Platform:
+    async def ask(user: str, text: str) -> str:
+        return await fake.push(fake.robot_message(user, text))
 
-[model]
-n_ctx = 1024
-max_tokens = 24
-temperature = 0.0
-seed = 42
-n_threads = 2
-parallel = 1
-
-[redis]
-url = "{redis_url}"
-lease_s = 3
-
-[bots.assistant]
-system_prompt = "You are a helpful assistant. Answer in one short sentence."
-
-[dingtalk.assistant]
-client_id = "{fake.client_id}"
-client_secret = "env:DINGTALK_SECRET"
-api_base = "{fake.url}"
-oapi_base = "{fake.url}"
-card_template_id = "{TEMPLATE}"
-update_interval_s = 0.2
-""")
-    return path
+    return cluster.Platform("dingtalk", robot_app(fake, card_template_id=TEMPLATE), ask, "dingtalk stream connected",
+                    lambda: len(fake.opens),
+                    lambda n: len(fake.cards) >= n and all(_finished(c) for c in fake.cards.values()))
 
 
 async def test_kill_9_and_restart_answer_each_message_once(tmp_path, redis_server):
     fake = FakeDingtalk()
-    users = [f"user{i}" for i in range(3)]
-    r = redis_server.client()
     async with fake_server(fake):
-        port = free_port()
-        config = write_config(tmp_path, port, redis_server.url, fake)
-        daemon = DaemonProcess(config, port, tmp_path / "botd.log")
-        await daemon.start()
-        try:
-            await wait_for(lambda: _true(fake.connected() == 1), timeout=20)
-            for i, user in enumerate(users):
-                await fake.push(fake.robot_message(user, f"Say hello to person number {i}."))
-            await wait_for(lambda: _true(any(c.contents for c in fake.cards.values())), timeout=60, interval=0.01)
-            daemon.signal(signal.SIGKILL)
-            assert await daemon.wait() == -signal.SIGKILL
-            assert r.hlen("botd:inbox") >= 1  # accepted, not answered yet
-            daemon = DaemonProcess(config, port, tmp_path / "botd.log")
-            await daemon.start()
-            await wait_for(lambda: _true(r.hlen("botd:inbox") == 0), timeout=90)
-            await asyncio.sleep(0.5)
-        finally:
-            daemon.ensure_dead()
+        users = list(await cluster.kill_9_and_restart(tmp_path, redis_server, fake, daemon_side(fake)))
     per_user = {u: [c for c in fake.cards.values() if c.open_space_id.endswith(f".{u}")] for u in users}
     assert {u: len(cs) for u, cs in per_user.items()} == dict.fromkeys(users, 1), per_user  # once each
     assert all(cs[0].finalised and cs[0].params["content"].strip() for cs in per_user.values())
@@ -598,34 +460,8 @@ async def test_three_daemons_one_stream_moved_on_kill_9_each_message_once(tmp_pa
     """Three real ``botd run`` on one Redis: one holds the stream; killed mid-answer, another takes
     the stream and the unfinished answers; every message is answered once."""
     fake = FakeDingtalk()
-    r = redis_server.client()
     async with fake_server(fake):
-        daemons = []
-        for i in range(3):
-            port = free_port()
-            cfg = write_config(tmp_path / f"botd{i}", port, redis_server.url, fake, instance=f"box{i}")
-            daemons.append(DaemonProcess(cfg, port, tmp_path / f"botd{i}" / "botd.log"))
-        try:
-            await asyncio.gather(*(d.start() for d in daemons))
-            await wait_for(lambda: _true(fake.connected() == 1), timeout=20)
-            await asyncio.sleep(2.0)
-            assert fake.connected() == 1 and len(fake.opens) == 1  # exactly one of three
-            holder = next(i for i, d in enumerate(daemons) if "dingtalk stream connected" in d.log.read_text())
-            users = [f"u{i}" for i in range(4)]
-            for i, user in enumerate(users[:3]):
-                await fake.push(fake.robot_message(user, f"Say hello to person number {i}."))
-            await wait_for(lambda: _true(any(c.contents for c in fake.cards.values())), timeout=60, interval=0.01)
-            daemons[holder].signal(signal.SIGKILL)
-            await daemons[holder].wait()
-            await wait_for(lambda: _true(fake.connected() == 1), timeout=20)  # moved within the lease
-            assert len(fake.opens) == 2
-            await fake.push(fake.robot_message(users[3], "Say hello to person number 3."))
-            await wait_for(lambda: _true(r.hlen("botd:inbox") == 0 and len(fake.cards) >= 4
-                                         and all(_finished(c) for c in fake.cards.values())), timeout=120)
-            await asyncio.sleep(1.0)
-        finally:
-            for d in daemons:
-                d.ensure_dead()
+        users = list(await cluster.three_daemons_holder_killed(tmp_path, redis_server, fake, daemon_side(fake)))
     per_user = {u: sum(c.open_space_id.endswith(f".{u}") for c in fake.cards.values()) for u in users}
     assert per_user == dict.fromkeys(users, 1), per_user
     assert fake.errors == []

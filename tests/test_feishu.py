@@ -8,16 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import itertools
 import json
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -31,36 +26,23 @@ from connectors.feishu.config import FeishuConfig
 from connectors.feishu.frame import Frame, FrameError
 from connectors.feishu.reply import CardKitReply, PatchReply, TextReply
 from connectors.feishu.ws import FeishuLink
-from core.config import Settings
 from core.kv import KeyValueCache
 from core.messages import Account
+from tests import platform_cluster as cluster
 from tests.fake_feishu import FakeFeishu
-from tests.fakes import serve
-from tests.helpers import captured, free_port, make_config, running_daemon, wait_for
-from tests.test_service import DaemonProcess
+from tests.helpers import Recorder, captured, running_daemon, wait_for
+from tests.platform_cluster import fake_server
+from tests.platform_cluster import now as _true
 
 SECRET = "feishu-app-secret"
 NOT_TEXT_EN = "Sorry, I read text only. Please send your question as text."
 
 
-@pytest.fixture(autouse=True)
-def feishu_env(monkeypatch):
-    monkeypatch.setenv("FEISHU_SECRET", SECRET)
-
-
-@contextlib.asynccontextmanager
-async def fake_server(fake: FakeFeishu) -> AsyncIterator[FakeFeishu]:
-    async with serve(fake.app()) as base:
-        fake.url = base
-        yield fake
+feishu_env = cluster.secret_in_env("FEISHU_SECRET", SECRET)
 
 
 def app_cfg(fake: FakeFeishu, **extra: Any) -> FeishuConfig:
     return FeishuConfig(app_id=fake.app_id, app_secret="env:FEISHU_SECRET", api_base=fake.url, **extra)
-
-
-async def _true(value: Any) -> Any:
-    return value
 
 
 # -- the frame codec --------------------------------------------------------------------------------------
@@ -85,26 +67,10 @@ def test_the_codec_matches_lark_oapis_generated_class():
 # -- the long connection ---------------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def linked(fake: FakeFeishu, got: list[dict[str, Any]]):
-    async def on_event(event: dict[str, Any]) -> None:
-        got.append(event)
-
-    link = FeishuLink("assistant", fake.url, fake.app_id, SECRET, on_event)
-    async with aiohttp.ClientSession() as http:
-        task = asyncio.create_task(link.session(http, lambda: True))
-        await asyncio.wait_for(link.connected.wait(), 5)
-        try:
-            yield link, task
-        finally:
-            await link.close()
-            await asyncio.gather(task, return_exceptions=True)
-
-
 async def test_events_are_answered_split_ones_combined_and_pings_take_the_pong_settings():
     fake = FakeFeishu(ping_interval=1)
-    got: list[dict[str, Any]] = []
-    async with fake_server(fake), linked(fake, got) as (link, task):
+    async with fake_server(fake), cluster.linked(
+            lambda on: FeishuLink("assistant", fake.url, fake.app_id, SECRET, on)) as (link, task, got):
         t0 = time.monotonic()
         one = await fake.push(fake.message_event("zhang", "你好"))
         big = await fake.push(fake.message_event("li", "长" * 3000), parts=3)
@@ -135,20 +101,12 @@ def test_lark_oapis_own_client_speaks_with_the_fake(tmp_path):
 
     async def run() -> None:
         fake = FakeFeishu(ping_interval=1)
-        async with fake_server(fake):
-            proc = await asyncio.create_subprocess_exec(sys.executable, str(script), fake.app_id, SECRET, fake.url,
-                                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-            try:
-                await wait_for(lambda: _true(fake.connected() == 1), timeout=30)
-                mid = await fake.push(fake.message_event("wang", "hi", chat="oc_group1"), parts=2)
-                assert proc.stdout is not None
-                line = await asyncio.wait_for(proc.stdout.readline(), 10)
-                assert line.decode().split() == ["GOT", "group", "text", "ou_wang"]
-                await wait_for(lambda: _true(mid in fake.answers and fake.pings >= 1), timeout=5)
-                assert fake.answers[mid]["code"] == 200
-            finally:
-                proc.kill()
-                await proc.wait()
+        async with fake_server(fake), cluster.sdk_process(script, fake.app_id, SECRET, fake.url) as stdout:
+            await wait_for(lambda: _true(fake.connected() == 1), timeout=30)
+            mid = await fake.push(fake.message_event("wang", "hi", chat="oc_group1"), parts=2)
+            assert await cluster.printed(stdout) == ["GOT", "group", "text", "ou_wang"]
+            await wait_for(lambda: _true(mid in fake.answers and fake.pings >= 1), timeout=5)
+            assert fake.answers[mid]["code"] == 200
         assert fake.errors == []
 
     asyncio.run(run())
@@ -286,56 +244,34 @@ def test_a_wrong_signature_is_refused_before_anything_is_decrypted():
 # -- the connector in a cluster (a recording service, no model) ---------------------------------------------
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.got: list[Any] = []
-
-    async def receive(self, msg, target) -> bool:
-        self.got.append((msg, target))
-        return True
+def app_keys(fake: FakeFeishu, **extra: Any) -> dict[str, Any]:
+    return {"app_id": fake.app_id, "app_secret": "env:FEISHU_SECRET", "api_base": fake.url, **extra}
 
 
 def feishu_config(tmp_path, redis_url: str, fake: FakeFeishu, instance: str = "", max_tokens: int = 24,
                   **extra: Any):
-    app = {"app_id": fake.app_id, "app_secret": "env:FEISHU_SECRET", "api_base": fake.url,
-           "update_interval_s": 0.2, **extra}
-    return make_config(tmp_path, redis_url, feishu={"assistant": app}, model={"max_tokens": max_tokens},
-                       redis={"lease_s": 2}, server={"instance": instance} if instance else {})
+    return cluster.connector_config(tmp_path, redis_url, "feishu", app_keys(fake, **extra), instance, max_tokens)
 
 
-@contextlib.asynccontextmanager
-async def connector(cfg, manager, service=None):
+def connector(cfg, manager, service=None):
     from connectors.feishu.connector import FeishuConnector
 
-    conn = FeishuConnector(service or Recorder(), Settings(cfg), KeyValueCache(manager, "botd"))
-    async with conn:
-        yield conn
+    return cluster.connector(FeishuConnector, cfg, manager, service)
 
 
 async def test_one_of_three_daemons_holds_the_connection_and_reconnects_after_a_drop(tmp_path, redis_server,
                                                                                         manager):
     fake = FakeFeishu()
-    async with fake_server(fake):
-        one, two = Recorder(), Recorder()
-        async with connector(feishu_config(tmp_path, redis_server.url, fake, "box-1"), manager, one) as c1:
-            await wait_for(lambda: _true(fake.connected() == 1), timeout=10)
-            async with connector(feishu_config(tmp_path, redis_server.url, fake, "box-2"), manager, two), \
-                    connector(feishu_config(tmp_path, redis_server.url, fake, "box-3"), manager, two):
-                await asyncio.sleep(1.5)
-                assert fake.connected() == 1 and fake.endpoints == 1  # exactly one of three holds the connection
-                await fake.drop_connections()
-                await wait_for(lambda: _true(fake.connected() == 1 and fake.endpoints == 2), timeout=10)
-                mid = await fake.push(fake.message_event("a", "hi"))
-                await wait_for(lambda: _true(mid in fake.answers and len(one.got) == 1), timeout=5)
-                assert two.got == []
-                # Another daemon takes the lease (box-1 paused past it): box-1's connection stops.
-                lease_key = "botd:lease:feishu:ws:" + fake.app_id
-                redis_server.client().set(lease_key, "999999|box-9/other", px=60_000)
-                await wait_for(lambda: _true(fake.connected() == 0), timeout=5)
-                await asyncio.sleep(1.0)
-                assert fake.connected() == 0 and c1.apps["assistant"].displaced
-                redis_server.client().delete(lease_key)
-                await wait_for(lambda: _true(fake.connected() == 1), timeout=10)  # taken over again
+    async with fake_server(fake), cluster.three_connectors(
+            connector, partial(feishu_config, tmp_path, redis_server.url, fake), manager, fake) as (c1, one, two):
+        assert fake.connected() == 1 and fake.endpoints == 1  # exactly one of three holds the connection
+        await fake.drop_connections()
+        await wait_for(lambda: _true(fake.connected() == 1 and fake.endpoints == 2), timeout=10)
+        mid = await fake.push(fake.message_event("a", "hi"))
+        await wait_for(lambda: _true(mid in fake.answers and len(one.got) == 1), timeout=5)
+        assert two.got == []
+        await cluster.lease_taken_then_freed(redis_server, "botd:lease:feishu:ws:" + fake.app_id, fake,
+                                             lambda: c1.apps["assistant"].displaced)
     assert fake.errors == []
 
 
@@ -345,11 +281,12 @@ async def test_events_become_inbound_messages(tmp_path, redis_server, manager):
         rec = Recorder()
         async with connector(feishu_config(tmp_path, redis_server.url, fake, group_history="member"), manager, rec):
             await wait_for(lambda: _true(fake.connected() == 1), timeout=10)
-            for event in (fake.message_event("u1", "一对一"), fake.message_event("u2", "群里 @ 我", chat="oc_g"),
-                          fake.message_event("u3", "not for the bot", chat="oc_g", at_bot=False),
-                          fake.message_event("u4", "", message_type="sticker")):  # a picture is an attachment now
-                mid = await fake.push(event)
-                await wait_for(lambda mid=mid: _true(mid in fake.answers), timeout=5)
+            # u4's sticker, not a picture: pictures are attachments now.
+            await cluster.push_each(fake, [fake.message_event("u1", "一对一"),
+                                           fake.message_event("u2", "群里 @ 我", chat="oc_g"),
+                                           fake.message_event("u3", "not for the bot", chat="oc_g", at_bot=False),
+                                           fake.message_event("u4", "", message_type="sticker")],
+                                    fake.answers)
     got = [(m.chat, m.thread, m.user, m.text, m.readable) for m, _ in rec.got]
     assert got == [("ou_u1", "", "ou_u1", "一对一", True), ("oc_g", "ou_u2", "ou_u2", "群里 @ 我", True),
                    ("ou_u4", "", "ou_u4", "(sticker)", False)]
@@ -390,28 +327,16 @@ async def test_answers_stream_into_cards_once_each_also_in_a_retry_storm(tmp_pat
             [pic] = [r for r in fake.replies if r["reply_to"] == image["event"]["message"]["message_id"]]
             said = fake.cards[pic["content"]["data"]["card_id"]].content
             assert NOT_TEXT_EN in said and "只能阅读文字" in said  # both languages: nothing to tell from
-            r = redis_server.client()
-            await wait_for(lambda: _true(r.llen("botd:hist:feishu:assistant:oc_group:") == 2), timeout=10)
-            assert json.loads(r.lindex("botd:hist:feishu:assistant:oc_group:", 0))["content"] == "What is a lake?"
+            await cluster.kept_in_history(redis_server, "feishu", "oc_group")
     assert fake.errors == []
 
 
 # -- callback mode and department routing, through the daemon's HTTP server -------------------------------------
 
 
-def callback_config(tmp_path, redis_url: str, fake: FakeFeishu):
-    from connectors.config import config_from_dict
-
-    app = {"mode": "callback", "app_id": fake.app_id, "app_secret": "env:FEISHU_SECRET", "api_base": fake.url,
-           "encrypt_key": "env:FEISHU_ENCRYPT_KEY", "verification_token": "env:FEISHU_VERIFICATION_TOKEN",
-           "streaming": "off"}
-    return config_from_dict({
-        "server": {"host": "127.0.0.1", "port": 0, "state_dir": str(tmp_path / "state")},
-        "model": {"n_ctx": 1024, "max_tokens": 8, "temperature": 0.0, "seed": 42, "n_threads": 2, "parallel": 1},
-        "redis": {"url": redis_url},
-        "bots": {"assistant": {}, "hr": {"system_prompt": "You are the HR assistant."}},
-        "routes": [{"bot": "hr", "platform": "feishu", "department": ["od_42"]}],
-        "feishu": {"assistant": app}}, tmp_path / "config.toml")
+def callback_app(fake: FakeFeishu) -> dict[str, Any]:
+    return app_keys(fake, mode="callback", encrypt_key="env:FEISHU_ENCRYPT_KEY",
+                    verification_token="env:FEISHU_VERIFICATION_TOKEN", streaming="off")
 
 
 async def test_callbacks_are_checked_before_decrypting_and_departments_route(tmp_path, redis_server, monkeypatch):
@@ -419,7 +344,8 @@ async def test_callbacks_are_checked_before_decrypting_and_departments_route(tmp
     monkeypatch.setenv("FEISHU_VERIFICATION_TOKEN", TOKEN)
     fake = FakeFeishu()
     fake.departments = {"ou_boss": ["od_1", "od_42"], "ou_clerk": ["od_7"]}
-    async with fake_server(fake), running_daemon(callback_config(tmp_path, redis_server.url, fake)) as api:
+    async with fake_server(fake), running_daemon(cluster.callback_config(
+            tmp_path, redis_server.url, "feishu", callback_app(fake), ["od_42"])) as api:
         url = "/feishu/assistant"
         # The URL check (unsigned, encrypted): answered with the challenge.
         check = json.dumps({"encrypt": encrypt(json.dumps({"challenge": "ch-1", "token": TOKEN, "type":
@@ -439,11 +365,7 @@ async def test_callbacks_are_checked_before_decrypting_and_departments_route(tmp
             h, b = _signed(fake.message_event(user, "hello"))
             status, _, _ = await api.post(url, raw=b, headers=h)
             assert status == 200
-        await wait_for(lambda: _true(len(fake.replies) >= 2), timeout=60)
-        r = redis_server.client()
-        await wait_for(lambda: _true(r.llen("botd:hist:feishu:hr:ou_boss:") == 2
-                                     and r.llen("botd:hist:feishu:assistant:ou_clerk:") == 2), timeout=10)
-        assert not r.keys("botd:hist:*mallory*") and len(fake.replies) == 2
+        await cluster.routed_by_department(redis_server, "feishu", "ou_boss", "ou_clerk", lambda: len(fake.replies))
         assert all(x["msg_type"] == "text" for x in fake.replies)  # streaming = "off"
         assert sorted(fake.user_lookups) == ["ou_boss", "ou_clerk"]
         # The commands work as on the other platforms.
@@ -462,16 +384,9 @@ async def test_no_secret_or_token_reaches_the_log(tmp_path, redis_server, manage
         with captured() as log:
             rec = Recorder()
             async with connector(feishu_config(tmp_path, redis_server.url, fake), manager, rec):
-                await wait_for(lambda: _true(fake.connected() == 1), timeout=10)
-                await fake.push(fake.message_event("u1", "hello"))
-                await wait_for(lambda: _true(len(rec.got) == 1), timeout=5)
-                target = rec.got[0][1]
-                await target.show("first words")
-                fake.expire_tokens()
                 fake.throttle_reset_s = 0
-                fake.throttle("card_content", 1)
-                await target.show("first words and more")
-                await target.closed("first words and more")
+                target = await cluster.answered_through_refusals(fake, rec, fake.message_event("u1", "hello"),
+                                                                 lambda: fake.throttle("card_content", 1))
                 await target.failed(RuntimeError("x"), "t")
     text = log.getvalue()
     assert "feishu tenant token refused" in text and "platform rate limit" in text  # the log did see it all
@@ -483,69 +398,22 @@ async def test_no_secret_or_token_reaches_the_log(tmp_path, redis_server, manage
 # -- kill -9 in the middle of answering ------------------------------------------------------------------------
 
 
-def write_config(folder: Path, port: int, redis_url: str, fake: FakeFeishu, instance: str = "feishu-box") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "config.toml"
-    path.write_text(f"""
-[server]
-host = "127.0.0.1"
-port = {port}
-state_dir = "{folder / 'state'}"
-log_format = "json"
-instance = "{instance}"
+def daemon_side(fake: FakeFeishu) -> cluster.Platform:
+    async def ask(user: str, text: str) -> str:
+        event = fake.message_event(user, text)
+        await fake.push(event)
+        return event["event"]["message"]["message_id"]
 
-[model]
-n_ctx = 1024
-max_tokens = 24
-temperature = 0.0
-seed = 42
-n_threads = 2
-parallel = 1
-
-[redis]
-url = "{redis_url}"
-lease_s = 3
-
-[bots.assistant]
-system_prompt = "You are a helpful assistant. Answer in one short sentence."
-
-[feishu.assistant]
-app_id = "{fake.app_id}"
-app_secret = "env:FEISHU_SECRET"
-api_base = "{fake.url}"
-update_interval_s = 0.2
-""")
-    return path
+    return cluster.Platform("feishu", app_keys(fake), ask, "feishu long connection up", lambda: fake.endpoints,
+                    lambda n: len(fake.replies) >= n and not any(c.streaming for c in fake.cards.values()))
 
 
 async def test_kill_9_and_restart_answer_each_message_once(tmp_path, redis_server):
     fake = FakeFeishu()
-    users = [f"user{i}" for i in range(3)]
-    r = redis_server.client()
     async with fake_server(fake):
-        port = free_port()
-        config = write_config(tmp_path, port, redis_server.url, fake)
-        daemon = DaemonProcess(config, port, tmp_path / "botd.log")
-        await daemon.start()
-        asked = {}
-        try:
-            await wait_for(lambda: _true(fake.connected() == 1), timeout=20)
-            for i, user in enumerate(users):
-                event = fake.message_event(user, f"Say hello to person number {i}.")
-                asked[user] = event["event"]["message"]["message_id"]
-                await fake.push(event)
-            await wait_for(lambda: _true(any(c.contents for c in fake.cards.values())), timeout=60, interval=0.01)
-            daemon.signal(signal.SIGKILL)
-            assert await daemon.wait() == -signal.SIGKILL
-            assert r.hlen("botd:inbox") >= 1  # accepted, not answered yet
-            daemon = DaemonProcess(config, port, tmp_path / "botd.log")
-            await daemon.start()
-            await wait_for(lambda: _true(r.hlen("botd:inbox") == 0), timeout=90)
-            await asyncio.sleep(0.5)
-        finally:
-            daemon.ensure_dead()
+        asked = await cluster.kill_9_and_restart(tmp_path, redis_server, fake, daemon_side(fake))
     replies = {u: [x for x in fake.replies if x["reply_to"] == mid] for u, mid in asked.items()}
-    assert {u: len(xs) for u, xs in replies.items()} == dict.fromkeys(users, 1), replies  # once each
+    assert {u: len(xs) for u, xs in replies.items()} == dict.fromkeys(asked, 1), replies  # once each
     for xs in replies.values():
         card = fake.cards[xs[0]["content"]["data"]["card_id"]]
         assert not card.streaming and card.content.strip()
@@ -577,39 +445,9 @@ async def test_three_daemons_one_connection_moved_on_kill_9_each_message_once(tm
     """Three real ``botd run`` on one Redis: one holds the long connection; killed mid-answer,
     another takes the connection and the unfinished answers; every message is answered once."""
     fake = FakeFeishu()
-    r = redis_server.client()
     async with fake_server(fake):
-        daemons = []
-        for i in range(3):
-            port = free_port()
-            cfg = write_config(tmp_path / f"botd{i}", port, redis_server.url, fake, instance=f"box{i}")
-            daemons.append(DaemonProcess(cfg, port, tmp_path / f"botd{i}" / "botd.log"))
-        asked = []
-        try:
-            await asyncio.gather(*(d.start() for d in daemons))
-            await wait_for(lambda: _true(fake.connected() == 1), timeout=20)
-            await asyncio.sleep(2.0)
-            assert fake.connected() == 1 and fake.endpoints == 1  # exactly one of three
-            holder = next(i for i, d in enumerate(daemons) if "feishu long connection up" in d.log.read_text())
-            for i in range(3):
-                event = fake.message_event(f"u{i}", f"Say hello to person number {i}.")
-                asked.append(event["event"]["message"]["message_id"])
-                await fake.push(event)
-            await wait_for(lambda: _true(any(c.contents for c in fake.cards.values())), timeout=60, interval=0.01)
-            daemons[holder].signal(signal.SIGKILL)
-            await daemons[holder].wait()
-            await wait_for(lambda: _true(fake.connected() == 1), timeout=20)  # moved within the lease
-            assert fake.endpoints == 2
-            event = fake.message_event("u3", "Say hello to person number 3.")
-            asked.append(event["event"]["message"]["message_id"])
-            await fake.push(event)
-            await wait_for(lambda: _true(r.hlen("botd:inbox") == 0 and len(fake.replies) >= 4
-                                         and not any(c.streaming for c in fake.cards.values())), timeout=120)
-            await asyncio.sleep(1.0)
-        finally:
-            for d in daemons:
-                d.ensure_dead()
-    per_message = [sum(x["reply_to"] == mid for x in fake.replies) for mid in asked]
+        asked = await cluster.three_daemons_holder_killed(tmp_path, redis_server, fake, daemon_side(fake))
+    per_message = [sum(x["reply_to"] == mid for x in fake.replies) for mid in asked.values()]
     assert per_message == [1, 1, 1, 1], fake.replies
     assert fake.errors == []
 
