@@ -267,6 +267,18 @@ class FakeDingtalk:
             "time": str(int(time.time() * 1000)), "topic": ROBOT_TOPIC}, "data": json.dumps(data, ensure_ascii=False)})
         return mid
 
+    async def press(self, out_track_id: str, user: str, action_id: str, mid: str = "") -> str:
+        """A user presses a card's button (a 回传请求 button with ``action_id``): a card callback over
+        the stream; returns the frame's messageId (the same ``mid`` again: DingTalk pushing it again)."""
+        mid = mid or uuid.uuid4().hex
+        data = {"outTrackId": out_track_id, "userId": user, "corpId": "ding-corp", "type": "actionCallback",
+                "content": json.dumps({"cardPrivateData": {"actionIds": [action_id], "params": {}}})}
+        await self._send_frame({"specVersion": "1.0", "type": "CALLBACK", "headers": {
+            "appId": self.client_id, "contentType": "application/json", "messageId": mid,
+            "time": str(int(time.time() * 1000)), "topic": "/v1.0/card/instances/callback"},
+            "data": json.dumps(data, ensure_ascii=False)})
+        return mid
+
     # -- what users send ------------------------------------------------------------------------------------
 
     async def message_file(self, request: web.Request) -> web.Response:

@@ -21,6 +21,7 @@ from connectors.feishu.callback import signature as lark_signature
 from core.config import Config
 from core.feedback import FeedbackRecord, Vote
 from core.messages import ThreadKey
+from tests.fake_dingtalk import FakeDingtalk
 from tests.fake_feishu import FakeFeishu
 from tests.fake_wecom_aibot import CallbackSender, FakeAibot, event_body
 from tests.fakes import FakeSlack, FakeTelegram, serve
@@ -507,3 +508,44 @@ async def test_feishu_card_buttons_land_on_the_stored_answer(tmp_path, redis_ser
             other["header"]["event_type"] = "im.chat.member.bot.added_v1"
             assert (await lark_post(api, other))[0] == 200
             assert fake.errors == []
+
+
+# -- DingTalk: the AI card's template buttons, card callbacks over the stream ---------------------------------------
+
+
+async def test_dingtalk_card_buttons_land_on_the_stored_answer(tmp_path, redis_server, monkeypatch):
+    monkeypatch.setenv("DINGTALK_SECRET", "dingtalk-app-secret")
+    fake = FakeDingtalk()
+    async with serve(fake.app()) as base:
+        fake.url = base
+        section = {"assistant": {"client_id": fake.client_id, "client_secret": "env:DINGTALK_SECRET",
+                                 "api_base": base, "oapi_base": base, "card_template_id": "tpl-ai-card.schema",
+                                 "update_interval_s": 0.3}}
+        async with running_daemon(config(tmp_path, redis_server.url, dingtalk=section)) as api:
+            await ready(api)
+            await until(lambda: fake.connected() == 1)
+            assert {"type": "CALLBACK", "topic": "/v1.0/card/instances/callback"} in fake.opens[-1]["subscriptions"]
+            await fake.push(fake.robot_message("zhangsan", QUESTION))
+            await until(lambda: any(c.finalised and c.params.get("botd_feedback") for c in fake.cards.values()))
+            [card] = fake.cards.values()
+            answer_id = card.params["botd_feedback"]
+            assert (card.params["botd_feedback_up"], card.params["botd_feedback_down"]) == ("👍 Helpful",
+                                                                                          "👎 Not helpful")
+            rec = await record(api, answer_id)
+            check_facts(rec, "dingtalk", history(redis_server, "dingtalk", "zhangsan")[1]["content"])
+            shown = card.content
+
+            down = await fake.press(card.out_track_id, "zhangsan", "botd_feedback_down")
+            await until(lambda: down in fake.acks)
+            assert (await record(api, answer_id)).votes == {"zhangsan": Vote.DOWN}
+            up = await fake.press(card.out_track_id, "zhangsan", "botd_feedback_up")
+            await until(lambda: up in fake.acks)
+            # The 👎's push again (DingTalk re-pushes what it thinks unacknowledged): a replay, refused.
+            del fake.acks[down]
+            await fake.press(card.out_track_id, "zhangsan", "botd_feedback_down", mid=down)
+            await until(lambda: down in fake.acks)
+            # A button of a card botd never offered feedback on: ignored.
+            other = await fake.press("botd-unknown-card", "zhangsan", "botd_feedback_down")
+            await until(lambda: other in fake.acks)
+            assert (await record(api, answer_id)).votes == {"zhangsan": Vote.UP}
+            assert card.content == shown and fake.errors == []

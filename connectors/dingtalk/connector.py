@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import re
 import time
 from typing import Any
@@ -41,6 +42,7 @@ from connectors.dingtalk.stream import Displaced, StreamLink
 from connectors.download import mime_of
 from connectors.reply import ReplyTarget
 from core.config import Settings
+from core.feedback import FeedbackEvent, Vote
 from core.kv import KeyValueCache
 from core.lease import Holding, Lease
 from core.messages import Account, Attachment, InboundMessage
@@ -128,7 +130,8 @@ class DingtalkConnector(Connector):
             robot.api = DingtalkApi(robot.cfg, robot.secret, self.http, self.cache)
             if robot.cfg.mode == "stream":
                 robot.link = StreamLink(robot.name, robot.cfg.api_base, robot.cfg.client_id, robot.secret,
-                                        functools.partial(self._on_message, robot))
+                                        functools.partial(self._on_message, robot),
+                                        functools.partial(self._on_card, robot))
                 robot.runner = asyncio.create_task(self._run(robot), name=f"dingtalk-{robot.name}")
         log.info("dingtalk robots ready", robots={r.name: r.cfg.mode for r in self.robots.values()})
 
@@ -198,6 +201,29 @@ class DingtalkConnector(Connector):
             return
         target = self._target(robot, inbound)
         await self.service.receive(inbound, target)
+
+    async def _on_card(self, robot: _Robot, data: dict[str, Any], frame_id: str) -> None:
+        """A 👍 / 👎 pressed on an answer's card (its template's buttons, action ids
+        ``botd_feedback_up`` / ``botd_feedback_down``), from DingTalk's own long connection: the
+        card names the answer and chat (kept when the buttons were offered); the service stores
+        it unless this push was taken already."""
+        try:
+            private = json.loads(str(data.get("content") or "{}")).get("cardPrivateData") or {}
+        except (ValueError, AttributeError):
+            return
+        actions = private.get("actionIds") if isinstance(private, dict) else None
+        action = str(actions[0]) if isinstance(actions, list) and actions else ""
+        vote = {"botd_feedback_up": Vote.UP, "botd_feedback_down": Vote.DOWN}.get(action)
+        card, user = str(data.get("outTrackId") or ""), str(data.get("userId") or "")
+        if vote is None or not card or not user:
+            return
+        raw = await self.cache.get(f"dingtalk:fb:{card}")
+        if not raw:
+            return  # not a card botd offered feedback on (or past its time)
+        offered = json.loads(raw)
+        await self.service.feedback(FeedbackEvent(
+            PLATFORM, robot.name, str(offered.get("chat", "")), user, str(offered.get("answer", "")), vote,
+            event_id=f"{robot.cfg.client_id}:{frame_id}"))
 
     # -- messages ----------------------------------------------------------------------------------
 

@@ -14,7 +14,9 @@ Both wait as DingTalk asks on its throttling codes (:attr:`DingtalkApiError.retr
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import re
 import time
 import uuid
@@ -27,6 +29,7 @@ from connectors.dingtalk.api import DingtalkApi, DingtalkApiError
 from connectors.download import check_announced
 from connectors.markdown import neutral_links
 from connectors.reply import AttachmentUnavailable, ReplyTarget
+from core.feedback import FeedbackLabels
 from core.kv import KeyValueCache
 from core.messages import Account, Attachment
 from core.redis_store import StoreUnavailable
@@ -46,6 +49,8 @@ PENDING, MARKDOWN_SENT = "pending", "markdown"
 # whose answer was finalised just before its daemon died must not stream into the card again
 # (DingTalk refuses updates of a finalised card).
 FINAL_MARK_TTL_S = 86_400
+# How long a card's 👍 / 👎 can be pressed (the shared cache remembers which answer it shows).
+FEEDBACK_CARD_TTL_S = 30 * 86_400
 
 
 class _DingtalkReply(ReplyTarget):
@@ -147,6 +152,20 @@ class CardReply(_DingtalkReply):
     async def edit(self, ref: Any, part: str) -> None:
         if ref != PENDING and not await self._final_elsewhere(str(ref)):
             await self.api.card_stream(str(ref), neutral_links(part))
+
+    async def offer_feedback(self, answer_id: str, labels: FeedbackLabels) -> None:
+        """The answer's last card gets the fields its template's 👍 / 👎 buttons show with
+        (``botd_feedback``: the answer's id; the buttons' words); the card remembers, in the shared
+        cache, which answer and chat a press on it names. Its content is not touched."""
+        if not self.sent or self.sent[-1][0] in (PENDING, MARKDOWN_SENT):
+            return
+        ref = str(self.sent[-1][0])
+        chat = str(self.route.get("conversation") if self.route.get("group") else self.route.get("staff_id"))
+        with contextlib.suppress(StoreUnavailable):
+            await self.cache.set(f"dingtalk:fb:{ref}", json.dumps({"answer": answer_id, "chat": chat}),
+                                 FEEDBACK_CARD_TTL_S)
+        await self.call(functools.partial(self.api.card_update, ref, {
+            "botd_feedback": answer_id, "botd_feedback_up": labels.up, "botd_feedback_down": labels.down}))
 
     async def closed(self, text: str) -> None:
         """Finalise every card of the answer with what it shows; send the parts no card took."""

@@ -55,9 +55,12 @@ class StreamLink:
     """One app's long connection: opened by :meth:`session`, which returns when it closes."""
 
     def __init__(self, name: str, api_base: str, client_id: str, secret: str,
-                 on_robot_message: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+                 on_robot_message: Callable[[dict[str, Any]], Awaitable[None]],
+                 on_card: Callable[[dict[str, Any], str], Awaitable[None]] | None = None) -> None:
         self.name = name
         self.api_base = api_base
+        # A card's button pressed (the 👍 / 👎 under answers): the callback's data and the frame's messageId.
+        self.on_card = on_card
         self.client_id = client_id
         self._secret = secret
         self.on_robot_message = on_robot_message
@@ -68,7 +71,8 @@ class StreamLink:
 
     async def _open(self, http: aiohttp.ClientSession) -> str:
         body = {"clientId": self.client_id, "clientSecret": self._secret,
-                "subscriptions": [{"type": "CALLBACK", "topic": ROBOT_TOPIC}, {"type": "EVENT", "topic": "*"}],
+                "subscriptions": [{"type": "CALLBACK", "topic": ROBOT_TOPIC}, {"type": "CALLBACK", "topic": CARD_TOPIC},
+                                  {"type": "EVENT", "topic": "*"}],
                 "ua": USER_AGENT, "localIp": local_ip()}
         async with http.post(f"{self.api_base}/v1.0/gateway/connections/open", json=body) as r:
             try:
@@ -168,6 +172,11 @@ class StreamLink:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
                 return ""
+            if topic == CARD_TOPIC and isinstance(data, dict) and self.on_card is not None:
+                try:
+                    await self.on_card(data, mid)
+                except Exception:
+                    log.exception("dingtalk card callback not taken", robot=self.name)
             await self._ack(ws, mid, {"response": None})
         return ""
 
