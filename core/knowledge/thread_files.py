@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
-import os
 import tempfile
-import threading
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +52,7 @@ from core.knowledge.index import KnowledgeIndex
 from core.knowledge.parse_worker import ParseWorker
 from core.knowledge.retriever import Hit, Retriever
 from core.knowledge.store import Manifest, StoredChunk, Version
+from core.lowprio import IdleWorker, cores
 from core.messages import ThreadKey
 from core.redis_store import RedisManager
 
@@ -125,21 +124,6 @@ def _pages(sections: list[Section]) -> int:
     return last
 
 
-def _nice_thread() -> None:
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FILES_NICE)
-    except (AttributeError, OSError):
-        pass
-    limit_threads_here(1)
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 class ThreadFiles:
     """The files of every thread (see the module's docstring). Reads its config at use time."""
 
@@ -152,7 +136,7 @@ class ThreadFiles:
         self._embedded_as: tuple[str, int, tuple[str, ...]] | None = None
         self._retriever: Retriever | None = None
         # One thread reads and embeds files, at a lower priority; created on the first file.
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: IdleWorker | None = None
         # thread key -> (version, oldest file's time, index): the built index of a thread's files.
         self._cache: OrderedDict[str, tuple[str, float, KnowledgeIndex | None]] = OrderedDict()
 
@@ -247,10 +231,9 @@ class ThreadFiles:
         # The name is cited in answers and shown to the model: one line, of a sane length.
         name = " ".join(name.split())[:MAX_NAME] or f"file{suffix}"
         embedder = self.embedder
-        loop = asyncio.get_running_loop()
         t0 = time.monotonic()
-        pieces, vectors, pages, chars = await loop.run_in_executor(
-            self._worker(), self._read, data, suffix, name, embedder)
+        pieces, vectors, pages, chars = await self._worker().run(
+            functools.partial(self._read, data, suffix, name, embedder))
         meta = {"name": name, "user": user, "at": time.time(), "pages": pages, "chars": chars,
                 "chunks": len(pieces), "model": embedder.model_id, "dim": int(vectors.shape[1])}
         chunks = json.dumps([[c.heading, c.text] for c in pieces], ensure_ascii=False)
@@ -275,9 +258,12 @@ class ThreadFiles:
         opening = tuple(Hit(THREAD_KB, name, c.heading, c.text, 0.0, None, 0.0) for c in pieces[:OPENING_CHUNKS])
         return TakenFile(file_id, name, pages, chars, len(pieces), opening)
 
-    def _worker(self) -> ThreadPoolExecutor:
+    def _worker(self) -> IdleWorker:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="botd-files", initializer=_nice_thread)
+            # Nice alone, not SCHED_IDLE: the sender waits for the file's acknowledgement, which a
+            # long answer would otherwise hold back (an ingest waits for no one).
+            self._pool = IdleWorker("files", nice=FILES_NICE, idle=False,
+                                    setup=functools.partial(limit_threads_here, 1))
         return self._pool
 
     def _read(self, data: bytes, suffix: str, name: str, embedder: Embedder,
@@ -300,7 +286,7 @@ class ThreadFiles:
         if len(chunks) > cfg.files.max_chunks:
             raise FileRefused("too_long", f"{len(chunks)} chunks", n=cfg.files.max_chunks)
         stored = [StoredChunk(name, c.heading, c.position, c.text) for c in chunks]
-        limit_threads_here(_cores() if self.quiet() else 1)
+        limit_threads_here(cores() if self.quiet() else 1)
         vectors = embedder.encode([c.embed_text() for c in stored], step=8)
         return stored, vectors, _pages(sections), sum(len(s.text) for s in sections)
 
@@ -419,5 +405,5 @@ class ThreadFiles:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.close()
             self._pool = None

@@ -14,7 +14,7 @@ GIF's first frame, BMP), its pixel count from its header (``max_pixels``; a deco
 is refused before it is decoded), then the picture is scaled down to ``work_pixels`` (the
 detector's cost grows with the pixels, the text stays readable down to about 8 px high), at
 most ``max_lines`` text boxes are recognised, and the caller stops waiting after ``timeout_s``.
-Reading runs in one thread of lowest CPU priority (:mod:`core.media.lowprio`): the chat model
+Reading runs in one thread of lowest CPU priority (:mod:`core.lowprio`): the chat model
 preempts it.
 """
 
@@ -34,7 +34,7 @@ import numpy as np
 import structlog
 
 from core.errors import BotdError
-from core.media.lowprio import IdleWorker
+from core.lowprio import IdleWorker
 
 log = structlog.get_logger("botd.media")
 

@@ -12,7 +12,7 @@ CTranslate2 Whisper folder (e.g. Systran/faster-whisper-small copied onto the bo
 Nothing is downloaded: faster-whisper gets a folder (it fetches from the hub only for a model
 *name*), the hub client is switched off before it is imported, and a missing folder is a
 :class:`SpeechUnavailable` naming the config key. Decoding and transcribing run in one thread
-of lowest CPU priority (:mod:`core.media.lowprio`).
+of lowest CPU priority (:mod:`core.lowprio`).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import numpy as np
 import structlog
 
 from core.errors import BotdError
+from core.lowprio import IdleWorker
 from core.media.audio import SAMPLE_RATE, AudioRefused, decode
-from core.media.lowprio import IdleWorker
 
 log = structlog.get_logger("botd.media")
 
