@@ -6,9 +6,11 @@ event is refused before anything is downloaded."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -31,6 +33,22 @@ async def until_got(rec: Recorder, n: int) -> None:
     async def check() -> bool:
         return len(rec.got) >= n
     await wait_for(check, timeout=30)  # generous: a loaded 2-core box
+
+
+@contextlib.asynccontextmanager
+async def alone(connector: type, cfg: Any, manager: Any) -> AsyncIterator[tuple[Any, Recorder]]:
+    """The connector alone against its fake platform (webhooks on ``conn.url``); what it hands on is
+    recorded in ``rec.got``."""
+    rec = Recorder()
+    async with connector_alone(connector, cfg, KeyValueCache(manager, "botd"), rec) as conn:
+        yield conn, rec
+
+
+async def until_connected(fake: Any) -> None:
+    """The connector holds its long connection to the fake (a count of connections, or a bool)."""
+    async def up() -> bool:
+        return fake.connected() == 1
+    await wait_for(up, timeout=30)
 
 
 async def assert_refused_while_reading(target: Any, att: Attachment, shelf: Any) -> None:
@@ -68,6 +86,11 @@ async def tg_post(conn: Any, update: dict[str, Any], secret: str = TG_SECRET) ->
         return r.status
 
 
+def tg_cfg(tmp_path: Any, redis_url: str, base: str) -> Any:
+    return make_config(tmp_path, redis_url, telegram={"assistant": {
+        "token": "env:TG_TOKEN", "mode": "webhook", "webhook_secret": "env:TG_SECRET", "api_base": base + "/bot"}})
+
+
 async def test_telegram_document_photo_and_voice_arrive_and_download(tmp_path, redis_server, manager, tg_env):
     from connectors.telegram.connector import TelegramConnector
 
@@ -77,11 +100,7 @@ async def test_telegram_document_photo_and_voice_arrive_and_download(tmp_path, r
     fake.files.put("ph-big", JPEG)
     fake.files.put("voice1", OGG)
     async with serve(fake.app()) as base:
-        cfg = make_config(tmp_path, redis_server.url, telegram={"assistant": {
-            "token": "env:TG_TOKEN", "mode": "webhook", "webhook_secret": "env:TG_SECRET",
-            "api_base": base + "/bot"}})
-        rec = Recorder()
-        async with connector_alone(TelegramConnector, cfg, KeyValueCache(manager, "botd"), rec) as conn:
+        async with alone(TelegramConnector, tg_cfg(tmp_path, redis_server.url, base), manager) as (conn, rec):
             updates = [
                 tg_message(document={"file_id": "doc1", "file_unique_id": "d", "file_name": "report.pdf",
                                      "mime_type": "application/pdf", "file_size": len(PDF)},
@@ -123,11 +142,7 @@ async def test_telegram_over_the_limit_and_forged_updates(tmp_path, redis_server
     fake = FakeTelegram()
     fake.files.put("big", BIG)
     async with serve(fake.app()) as base:
-        cfg = make_config(tmp_path, redis_server.url, telegram={"assistant": {
-            "token": "env:TG_TOKEN", "mode": "webhook", "webhook_secret": "env:TG_SECRET",
-            "api_base": base + "/bot"}})
-        rec = Recorder()
-        async with connector_alone(TelegramConnector, cfg, KeyValueCache(manager, "botd"), rec) as conn:
+        async with alone(TelegramConnector, tg_cfg(tmp_path, redis_server.url, base), manager) as (conn, rec):
             doc = {"file_id": "big", "file_unique_id": "b", "file_name": "huge.pdf", "mime_type": "application/pdf"}
             # Forged: no secret, a wrong one. Refused, and nothing was fetched.
             assert await tg_post(conn, tg_message(document=doc), secret="") == 401
@@ -199,9 +214,7 @@ async def test_slack_file_shares_arrive_and_download_with_the_bot_token(tmp_path
     fake = FakeSlack()
     async with serve(fake.app()) as base:
         fake.base = base
-        rec = Recorder()
-        async with connector_alone(SlackConnector, slack_cfg(tmp_path, redis_server.url, base),
-                                   KeyValueCache(manager, "botd"), rec) as conn:
+        async with alone(SlackConnector, slack_cfg(tmp_path, redis_server.url, base), manager) as (conn, rec):
             pdf = slack_file(fake, "F1", "report.pdf", "application/pdf", PDF)
             png = slack_file(fake, "F2", "screen.png", "image/png", JPEG)
             clip = slack_file(fake, "F3", "audio_message.webm", "audio/webm", OGG, subtype="slack_audio")
@@ -227,9 +240,7 @@ async def test_slack_limits_foreign_urls_and_forged_events(tmp_path, redis_serve
     fake = FakeSlack()
     async with serve(fake.app()) as base, serve(FakeSlack().app()) as elsewhere:
         fake.base = base
-        rec = Recorder()
-        async with connector_alone(SlackConnector, slack_cfg(tmp_path, redis_server.url, base),
-                                   KeyValueCache(manager, "botd"), rec) as conn:
+        async with alone(SlackConnector, slack_cfg(tmp_path, redis_server.url, base), manager) as (conn, rec):
             big = slack_file(fake, "F9", "huge.pdf", "application/pdf", BIG)
             assert await slack_post(conn, slack_share([big]), secret=None) == 401
             assert await slack_post(conn, slack_share([big]), secret="forged-secret") == 401
@@ -306,8 +317,7 @@ async def test_wecom_app_picture_voice_and_file_arrive_and_download(manager, wec
     fake.files.put("MEDIA-AMR", OGG)
     fake.files.put("MEDIA-PDF", PDF)
     async with serve(fake.app()) as base:
-        rec = Recorder()
-        async with connector_alone(WeComConnector, wecom_cfg(base), KeyValueCache(manager, "botd"), rec) as conn:
+        async with alone(WeComConnector, wecom_cfg(base), manager) as (conn, rec):
             for xml in (wecom_media_xml("alice", "image", "MEDIA-IMG", 11, "<PicUrl>http://x/p.jpg</PicUrl>"),
                         wecom_media_xml("alice", "voice", "MEDIA-AMR", 12, "<Format>amr</Format>"),
                         wecom_media_xml("alice", "file", "MEDIA-PDF", 13, "<FileName>合同.pdf</FileName>"),
@@ -338,8 +348,7 @@ async def test_wecom_app_over_the_limit_and_forged_callbacks(manager, wecom_cfg)
     fake = FakeWeCom()
     fake.files.put("MEDIA-BIG", BIG)
     async with serve(fake.app()) as base:
-        rec = Recorder()
-        async with connector_alone(WeComConnector, wecom_cfg(base), KeyValueCache(manager, "botd"), rec) as conn:
+        async with alone(WeComConnector, wecom_cfg(base), manager) as (conn, rec):
             encrypt = wechatpy_encrypt(wecom_media_xml("alice", "file", "MEDIA-BIG", 21))
             assert await wecom_post(conn, encrypt, signature="0" * 40) == 403
             assert await wecom_post(conn, "Zm9yZ2Vk" + encrypt[8:]) in (400, 403)  # tampered, re-signed
@@ -370,12 +379,8 @@ async def test_wecom_aibot_pictures_files_and_voice_over_the_long_connection(tmp
 
     fake = FakeAibot()
     async with fake_server(fake):
-        rec = Recorder()
-        cfg = aibot_config(tmp_path, redis_server.url, fake)
-        async with connector_alone(WecomAibotConnector, cfg, KeyValueCache(manager, "botd"), rec):
-            async def up() -> bool:
-                return fake.connected()
-            await wait_for(up, timeout=30)
+        async with alone(WecomAibotConnector, aibot_config(tmp_path, redis_server.url, fake), manager) as (_, rec):
+            await until_connected(fake)
             await fake.send_message("zhang", "", kind="image", content=fake.media(JPEG))
             await fake.send_message("zhang", "", kind="file", content=fake.media(PDF))
             await fake.send_message("zhang", "", kind="voice", content={"content": "报销流程是什么"})
@@ -413,11 +418,9 @@ async def test_wecom_aibot_callback_files_use_the_bots_key_and_forged_ones_are_r
 
     fake = FakeAibot()
     async with fake_server(fake):
-        rec = Recorder()
         bot = {"mode": "callback", "token": "env:WECOM_AIBOT_TOKEN", "encoding_aes_key": "env:WECOM_AIBOT_AES_KEY"}
         cfg = make_config(tmp_path, redis_server.url, wecom_aibot={"assistant": bot})
-        async with connector_alone(WecomAibotConnector, cfg, KeyValueCache(manager, "botd"), rec) as conn, \
-                aiohttp.ClientSession() as session:
+        async with alone(WecomAibotConnector, cfg, manager) as (conn, rec), aiohttp.ClientSession() as session:
             sender = CallbackSender(fake, session, f"{conn.url}/wecom_aibot/assistant", TOKEN, AES_KEY)
             item = fake.media(PDF, aeskey=AES_KEY)
             del item["aeskey"]  # callback mode: the bot's own EncodingAESKey
@@ -448,12 +451,8 @@ async def test_dingtalk_pictures_files_and_voice_arrive_and_download(tmp_path, r
     fake.files.put("dc-voice", OGG)
     fake.files.put("dc-big", BIG)
     async with fake_server(fake):
-        rec = Recorder()
-        cfg = dingtalk_config(tmp_path, redis_server.url, fake)
-        async with connector_alone(DingtalkConnector, cfg, KeyValueCache(manager, "botd"), rec):
-            async def up() -> bool:
-                return fake.connected() == 1
-            await wait_for(up, timeout=30)
+        async with alone(DingtalkConnector, dingtalk_config(tmp_path, redis_server.url, fake), manager) as (_, rec):
+            await until_connected(fake)
             for data in (
                 fake.robot_message("u1", "", msgtype="picture", content={"downloadCode": "dc-pic"}),
                 fake.robot_message("u1", "", msgtype="file", content={"downloadCode": "dc-pdf",
@@ -490,16 +489,15 @@ async def test_dingtalk_a_forged_callback_is_refused_before_any_download(tmp_pat
     from connectors.dingtalk.callback import sign
     from connectors.dingtalk.connector import DingtalkConnector
     from tests.fake_dingtalk import FakeDingtalk
-    from tests.test_dingtalk import SECRET, callback_config, fake_server
+    from tests.platform_cluster import callback_config
+    from tests.test_dingtalk import SECRET, fake_server, robot_app
 
     monkeypatch.setenv("DINGTALK_SECRET", SECRET)
     fake = FakeDingtalk()
     fake.files.put("dc-pdf", PDF)
     async with fake_server(fake):
-        rec = Recorder()
-        cfg = callback_config(tmp_path, redis_server.url, fake)
-        async with connector_alone(DingtalkConnector, cfg, KeyValueCache(manager, "botd"), rec) as conn, \
-                aiohttp.ClientSession() as s:
+        cfg = callback_config(tmp_path, redis_server.url, "dingtalk", robot_app(fake, mode="callback"), [42])
+        async with alone(DingtalkConnector, cfg, manager) as (conn, rec), aiohttp.ClientSession() as s:
             body = json.dumps(fake.robot_message("u1", "", msgtype="file", content={
                 "downloadCode": "dc-pdf", "fileName": "a.pdf"})).encode()
             stamp = str(int(time.time() * 1000))
@@ -525,12 +523,8 @@ async def test_feishu_pictures_files_and_voice_arrive_and_download(tmp_path, red
     monkeypatch.setenv("FEISHU_SECRET", SECRET)
     fake = FakeFeishu()
     async with fake_server(fake):
-        rec = Recorder()
-        cfg = feishu_config(tmp_path, redis_server.url, fake)
-        async with connector_alone(FeishuConnector, cfg, KeyValueCache(manager, "botd"), rec):
-            async def up() -> bool:
-                return fake.connected() == 1
-            await wait_for(up, timeout=30)
+        async with alone(FeishuConnector, feishu_config(tmp_path, redis_server.url, fake), manager) as (_, rec):
+            await until_connected(fake)
             sent = [("om_img", "image", {"image_key": "img_v3_1"}, JPEG),
                     ("om_pdf", "file", {"file_key": "file_v3_1", "file_name": "报告.pdf"}, PDF),
                     ("om_voice", "audio", {"file_key": "file_v3_2", "duration": 2500}, OGG),
@@ -568,7 +562,8 @@ async def test_feishu_a_forged_callback_is_refused_before_any_download(tmp_path,
                                                                        monkeypatch):
     from connectors.feishu.connector import FeishuConnector
     from tests.fake_feishu import FakeFeishu
-    from tests.test_feishu import KEY, SECRET, _signed, callback_config, fake_server
+    from tests.platform_cluster import callback_config
+    from tests.test_feishu import KEY, SECRET, _signed, callback_app, fake_server
 
     monkeypatch.setenv("FEISHU_SECRET", SECRET)
     monkeypatch.setenv("FEISHU_ENCRYPT_KEY", KEY)
@@ -576,10 +571,8 @@ async def test_feishu_a_forged_callback_is_refused_before_any_download(tmp_path,
     fake = FakeFeishu()
     fake.files.put("om_f/file_1", PDF)
     async with fake_server(fake):
-        rec = Recorder()
-        cfg = callback_config(tmp_path, redis_server.url, fake)
-        async with connector_alone(FeishuConnector, cfg, KeyValueCache(manager, "botd"), rec) as conn, \
-                aiohttp.ClientSession() as s:
+        cfg = callback_config(tmp_path, redis_server.url, "feishu", callback_app(fake), ["od_42"])
+        async with alone(FeishuConnector, cfg, manager) as (conn, rec), aiohttp.ClientSession() as s:
             event = fake.message_event("u1", "", message_id="om_f", message_type="file",
                                        content={"file_key": "file_1", "file_name": "a.pdf"})
             headers, body = _signed(event, key="another-apps-key")
