@@ -87,6 +87,15 @@ async def test_documents_upload_delete_and_search_with_roles_and_bad_input(tmp_p
         ]
         for (status, body), want in bad:
             assert status == want, (status, body)
+        # A JSON body that is not an object: 400 invalid_json, saying what to send, on each endpoint that reads one.
+        for path, raw, told in (("/api/knowledge/delete", b"{not json", "send a JSON object or a form"),
+                                ("/api/knowledge/delete", b"[1]", "send a JSON object"),
+                                ("/api/chat", b"{not json", "send a JSON object"),
+                                ("/api/chat", b"[]", "send a JSON object"),
+                                ("/api/feedback", b"{not json", "send a JSON object"),
+                                ("/api/feedback", b'"up"', "send a JSON object")):
+            status, got = await alice.post(path, data=raw, headers={"Content-Type": "application/json"})
+            assert (status, got["error"]["code"], got["error"]["message"]) == (400, "invalid_json", told), (path, got)
         assert _files(hr_dir) == before and (hr_dir / "hr-policy.md").read_text().startswith("# HR policy")
         assert not (tmp_path / "docs" / "escape.md").exists()
 

@@ -565,12 +565,7 @@ class WebConsoleConnector(QualityPages, Edge):
         if request.content_type == "multipart/form-data":
             body, attachments = await self._chat_form(request, session)
         else:
-            try:
-                body = await request.json()
-            except ValueError:
-                raise _Refused(400, "invalid_json", "send a JSON object") from None
-        if not isinstance(body, dict):
-            raise _Refused(400, "invalid_json", "send a JSON object")
+            body = await _json_object(request)
         bot = self._bot(session, body.get("bot") if isinstance(body.get("bot"), str) else None)
         text = body.get("text", "" if attachments else None)
         if not isinstance(text, str) or not (text.strip() or attachments):
@@ -629,12 +624,7 @@ class WebConsoleConnector(QualityPages, Edge):
         """A 👍 / 👎 (or a 👎's reason) on one of the asker's own answers in the console's chat:
         ``{"answer", "conversation", "vote": "up"|"down"|null, "reason"}``."""
         self._need_write(session)
-        try:
-            body = await request.json()
-        except ValueError:
-            raise _Refused(400, "invalid_json", "send a JSON object") from None
-        if not isinstance(body, dict):
-            raise _Refused(400, "invalid_json", "send a JSON object")
+        body = await _json_object(request)
         answer, conversation = body.get("answer"), body.get("conversation", "default")
         vote, reason = body.get("vote"), body.get("reason", "")
         if not isinstance(answer, str) or not _CONVERSATION.match(answer):
@@ -943,12 +933,7 @@ class WebConsoleConnector(QualityPages, Edge):
         if _is_form(request):
             form = await request.post()
             return {k: v for k, v in form.items() if isinstance(v, str)}
-        try:
-            body = await request.json()
-        except ValueError:
-            raise _Refused(400, "invalid_json", "send a JSON object or a form") from None
-        if not isinstance(body, dict):
-            raise _Refused(400, "invalid_json", "send a JSON object")
+        body = await _json_object(request, "a JSON object or a form")
         return {k: v for k, v in body.items() if isinstance(v, str)}
 
     # -- assets --------------------------------------------------------------------------------------
@@ -1035,6 +1020,17 @@ def _redirect(location: str, status: int = 303) -> web.Response:
 
 def _is_form(request: web.Request) -> bool:
     return request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+async def _json_object(request: web.Request, what: str = "a JSON object") -> dict[str, Any]:
+    """The request's JSON body, an object: else a 400 that says to send ``what``."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise _Refused(400, "invalid_json", f"send {what}") from None
+    if not isinstance(body, dict):
+        raise _Refused(400, "invalid_json", "send a JSON object")
+    return body
 
 
 def _line(obj: Any) -> bytes:
