@@ -15,8 +15,11 @@ weights. Per micro-batch it
 
 So a step whose sequence ids are consecutive and written in ascending order costs one pass
 when every sequence has one row, and a prompt being read beside them adds one pass for the
-rows it has beyond the first. :func:`micro_batches` follows those rules exactly; the engine
-counts every step with it and writes its rows so that the count is as small as it can be.
+rows it has beyond the first; written first or last, where the walk cannot join it to the
+others, its rows make that pass alone, for the same count (and a micro-batch's attention is
+sized by its longest KV stream: the answers' pass then looks over their own short ones).
+:func:`micro_batches` and :func:`split` follow those rules exactly; the engine counts every
+step with them and writes its rows so that the count is as small as it can be.
 """
 
 from __future__ import annotations
@@ -27,8 +30,15 @@ from collections.abc import Iterable, Sequence
 def micro_batches(seq_ids: Sequence[int], n_ubatch: int) -> int:
     """How many micro-batches ``split_equal(n_ubatch, sequential=true)`` makes of a batch whose
     rows belong to ``seq_ids`` (one sequence per row, in row order)."""
+    return len(split(seq_ids, n_ubatch))
+
+
+def split(seq_ids: Sequence[int], n_ubatch: int) -> list[dict[int, int]]:
+    """The micro-batches ``split_equal(n_ubatch, sequential=true)`` makes of a batch whose rows
+    belong to ``seq_ids`` (one sequence per row, in row order): each as {sequence: its rows in it}."""
+    out: list[dict[int, int]] = []
     if not seq_ids:
-        return 0
+        return out
     # Consecutive rows of one sequence act as one: the walk passes over the rest of a run once
     # its first unused row was taken or refused. A run is [sequence, rows left in it].
     runs: list[list[int]] = []
@@ -39,7 +49,6 @@ def micro_batches(seq_ids: Sequence[int], n_ubatch: int) -> int:
         else:
             runs.append([s, 1])
         left[s] = left.get(s, 0) + 1
-    count = 0
     remaining = len(seq_ids)
     while remaining:
         taken: list[int] = []
@@ -63,8 +72,8 @@ def micro_batches(seq_ids: Sequence[int], n_ubatch: int) -> int:
                     run[1] -= used
                     need -= used
         remaining -= each * len(taken)
-        count += 1
-    return count
+        out.append(dict.fromkeys(taken, each))
+    return out
 
 
 def runs_of(ids: Iterable[int]) -> int:

@@ -29,6 +29,7 @@ import codecs
 import hashlib
 import json
 import mmap
+import os
 import re
 import threading
 import time
@@ -52,7 +53,7 @@ from core.engines.base import (
     TemplateError,
     hand_over,
 )
-from core.engines.batching import micro_batches, runs_of
+from core.engines.batching import runs_of, split
 from core.engines.drafting import DRAFT_TOKENS, Drafter
 from core.engines.gpu import devices as _devices
 from core.engines.gpu import gpu_offload_problem
@@ -60,7 +61,7 @@ from core.engines.memory import needed_bytes
 from core.engines.sampling import TokenSampler
 from core.engines.special_tokens import control_pattern
 from core.engines.state_cache import SavedState, StateCache, common_prefix
-from core.engines.step_budget import StepBudget
+from core.engines.step_budget import Shape, StepBudget
 from core.messages import ThreadKey
 from core.toolcalls import plain_messages
 
@@ -74,6 +75,9 @@ _CHATML = (
 
 
 _log_callback: Any = None
+
+# The file each step's rows are appended to, when set (a benchmark's hook: see LlamaCppEngine.__init__).
+SCHEDULE_ENV = "BOTD_BENCH_STEP_SCHEDULE"
 
 # n_gpu_layers = -1 ("all") is passed as this: llama.cpp caps it at the model's layer count, and
 # older versions read a negative count as "none".
@@ -459,6 +463,15 @@ class LlamaCppEngine(Engine):
         self.stats = EngineStats()
         # How long a step may take while answers stream: sizes a new prompt's chunk beside them.
         self._budget = StepBudget(step_budget_ms / 1000)
+        # The clock the steps are timed by (a test may drive the budget with a clock of its own).
+        self._now: Callable[[], float] = time.perf_counter
+        # The last step's rows, as their sequence ids (what llama.cpp cuts into micro-batches).
+        self.last_rows: list[int] = []
+        # bench/bench_concurrency.py replays the steps' rows with bare llama_decode (the box's
+        # ceiling on the same mix of tokens): with this set, each step's rows are appended to
+        # that file, one JSON line a step, while the file exists (the bench makes it for the
+        # stretch it measures).
+        self._schedule = os.environ.get(SCHEDULE_ENV) or None
         # Guess a few answers' next tokens from their prompts (see _drafts); off: one token a step.
         self.draft_tokens = draft_tokens
         self.drafting = draft_tokens > 0
@@ -990,7 +1003,8 @@ class LlamaCppEngine(Engine):
             if k == 0:
                 # Beside streaming answers, as many tokens as fit the step's time budget (see
                 # core/engines/step_budget.py); with none streaming, as many as the batch holds.
-                take = min(left, self._budget.chunk(len(decoding), budget) if decoding else budget, budget)
+                take = min(left, self._chunk(seq, decoding, readers, budget, capacity) if decoding else budget,
+                           budget)
             elif decoding:
                 take = 1
             else:  # nothing streams yet: the prompts fill the batch, first come first
@@ -1000,30 +1014,34 @@ class LlamaCppEngine(Engine):
                 take = min(take, seq.share_at - seq.read)
             takes[id(seq)] = take
             budget -= take if k == 0 else take - 1
-        drafting = self._drafts(decoding, readers, capacity)
+        self._drafts(decoding, readers, capacity)
         batch = self._batch.batch
         n = 0
-        prompt_rows = 0
+        logits_rows = 0
+        cells = 0
         ids: list[int] = []
-        # Rows in sequence-id order, each sequence's rows together: one micro-batch takes only
-        # consecutive ids, in row order.
-        for seq in sorted(active, key=lambda q: q.slot.seq_id if q.slot is not None else -1):
+        for seq in self._row_order(active, readers[0] if readers and decoding else None, takes, capacity):
             seq.logits_at = -1
             take = min(takes.get(id(seq), 0), capacity - n)
             if take <= 0 or seq.slot is None:
                 continue
             if not seq.reading:
                 assert seq.next_token is not None
+                cells += len(seq.slot.tokens) + 1
                 _put(batch, n, seq.slot, seq.next_token, True)
                 seq.logits_at, seq.next_token = n, None
                 ids.append(seq.slot.seq_id)
                 n += 1
                 for token in seq.draft:  # guesses: checked against the tokens sampled from these rows
+                    cells += len(seq.slot.tokens) + 1
                     _put(batch, n, seq.slot, token, True)
                     ids.append(seq.slot.seq_id)
                     n += 1
+                logits_rows += 1 + len(seq.draft)
                 continue
             last = len(seq.prompt) - 1
+            cells += take * len(seq.slot.tokens) + take * (take + 1) // 2
+            logits_rows += 1 if seq.read + take > last else 0
             for i in range(seq.read, seq.read + take):
                 _put(batch, n, seq.slot, seq.prompt[i], i == last)
                 if i == last:
@@ -1031,12 +1049,14 @@ class LlamaCppEngine(Engine):
                 ids.append(seq.slot.seq_id)
                 n += 1
             seq.read += take
-            prompt_rows += take
             self.stats.prompt_tokens_read += take
         if n == 0:
             return
         batch.n_tokens = n
-        started = time.perf_counter()
+        self.last_rows = ids
+        if self._schedule is not None and os.path.exists(self._schedule):
+            self._write_schedule(self._schedule, batch, n)
+        started = self._now()
         try:
             self._ctx.decode(self._batch)
         except Exception as exc:
@@ -1046,17 +1066,83 @@ class LlamaCppEngine(Engine):
                 seq.failed = True
                 self._finish(seq, "error", error=f"generation failed: {exc}")
             return
-        if not drafting:  # a step with guessed rows says nothing about a step's usual cost
-            self._budget.observe(len(decoding), prompt_rows, time.perf_counter() - started)
+        seconds = self._now() - started
+        parts = split(ids, capacity)
+        passes = len(parts)
+        held = {seq.slot.seq_id: len(seq.slot.tokens) for seq in active if seq.slot is not None}
+        streams = sum(max(held.get(s, 0) for s in part) for part in parts)
+        self._budget.observe(Shape(passes, n - logits_rows, logits_rows, cells / 1000, streams / 1000), seconds,
+                             decoding=bool(decoding))
         self.stats.steps += 1
         self.stats.batch_tokens += n
         self.stats.last_batch = n
-        self.stats.count_step(micro_batches(ids, capacity))
+        self.stats.count_step(passes)
         for seq in active:
             if seq.share_at and seq.read == seq.share_at:
                 self._save_shared(seq)
             if seq.logits_at >= 0:
                 self._sample(seq)
+
+    @staticmethod
+    def _write_schedule(path: str, batch: Any, n: int) -> None:
+        """The step's rows as runs of one sequence: [seq_id, first position, rows, logits] (logits: 1
+        every row, 2 the last row only, 0 none)."""
+        runs: list[list[int]] = []
+        for i in range(n):
+            s, pos, logits = batch.seq_id[i][0], batch.pos[i], bool(batch.logits[i])
+            run = runs[-1] if runs else None
+            if run is not None and run[0] == s and run[1] + run[2] == pos and run[3] != 2 and (run[3] == 1) == logits:
+                run[2] += 1
+            elif run is not None and run[0] == s and run[1] + run[2] == pos and run[3] == 0 and logits:
+                run[2] += 1
+                run[3] = 2
+            else:
+                runs.append([s, pos, 1, 1 if logits else 0])
+        with open(path, "a") as f:
+            f.write(json.dumps(runs, separators=(",", ":")) + "\n")
+
+    def _chunk(self, reader: _Seq, decoding: list[_Seq], readers: list[_Seq], most: int, capacity: int) -> int:
+        """The chunk of ``reader``'s prompt that keeps this step within [model] step_budget_ms,
+        priced by the step budget's fitted costs (core/engines/step_budget.py): the step's
+        passes with a chunk of two or more tokens, the other rows, the cells they attend to."""
+        others = [*decoding, *(q for q in readers if q is not reader)]
+        takes = {id(q): 1 for q in others}
+        takes[id(reader)] = 2
+        ids = [q.slot.seq_id for q in self._row_order([reader, *others], reader, takes, capacity)
+               if q.slot is not None for _ in range(takes[id(q)])]
+        parts = split(ids, capacity)
+        # Each pass's longest KV stream after the step, the reader's left out (priced per chunk).
+        held = {q.slot.seq_id: len(q.slot.tokens) + 1 for q in others if q.slot is not None}
+        streams = sum(max((held.get(s, 0) for s in part), default=0) for part in parts)
+        rest = Shape(0, len(readers) - 1, len(decoding),
+                     sum(len(q.slot.tokens) + 1 for q in others if q.slot is not None) / 1000)
+        assert reader.slot is not None
+        return self._budget.chunk(rest, passes=len(parts), position=len(reader.slot.tokens), most=most,
+                                  pass_kcells=streams / 1000)
+
+    @staticmethod
+    def _row_order(active: list[_Seq], reader: _Seq | None, takes: dict[int, int], capacity: int) -> list[_Seq]:
+        """The order the step writes its sequences' rows in (each sequence's rows together).
+
+        By sequence id: one micro-batch takes only consecutive ids, in row order (see
+        core/engines/batching.py). A prompt chunk read beside streaming answers (``reader``, two
+        rows or more) costs a pass of its own anyway; it goes where its rows make a micro-batch
+        without the answers' rows (first, or last when the next id is an answer's), for the
+        same passes: llama.cpp sizes a micro-batch's attention by the longest KV stream in it,
+        and a long prompt's would make every answer's row look over all of its cells."""
+        order = sorted(active, key=lambda q: q.slot.seq_id if q.slot is not None else -1)
+        if reader is None or takes.get(id(reader), 0) < 2 or len(order) < 2:
+            return order
+        rest = [q for q in order if q is not reader]
+
+        def cost(o: list[_Seq]) -> tuple[int, bool]:
+            ids = [q.slot.seq_id for q in o if q.slot is not None for _ in range(takes.get(id(q), 0))]
+            parts = split(ids, capacity)
+            assert reader.slot is not None
+            shared = any(reader.slot.seq_id in part and len(part) > 1 for part in parts)
+            return len(parts), shared
+
+        return min(([reader, *rest], [*rest, reader], order), key=cost)
 
     def _drafts(self, decoding: list[_Seq], readers: list[_Seq], capacity: int) -> bool:
         """Give each streaming sequence this step's guessed tokens (``seq.draft``), when drafting
