@@ -13,7 +13,12 @@ drives it: one ``step`` over every running answer, again and again. Each round:
 
 Printed: the ratio of the medians of the two first-token times (goal <= 1.5), the p99 of the
 streams' gaps over every round (goal <= 250 ms), and the engine's own counters (its last chunk
-beside the streams, its seconds per prompt token, the budget). The trade-off the config sets:
+beside the streams, the budget, and the step costs it fitted: per pass over the weights, per
+prompt row, per row with logits, per thousand KV cells attended, per pass per thousand cells
+of its longest KV stream; core/engines/step_budget.py). ``--flash-attn off`` runs the engine
+without flash attention: on a CPU its kernel makes a small chunk of a prompt far into a long
+context cost several times a row of it (measured here: 16 rows at 3,000 tokens 433 ms with it,
+225 ms without, one thread), which is what a chunk beside streaming answers is. The trade-off the config sets:
 ``[model] step_budget_ms`` is the longest a step should take while answers stream; a larger
 budget gives the long prompt bigger chunks (first token sooner) and the streams longer gaps.
 ``--budgets 100,200,400`` prints one row per budget to show it.
@@ -155,6 +160,8 @@ def main() -> int:
     ap.add_argument("--warm-tokens", type=int, default=4, help="tokens each stream has made before the prompt comes")
     ap.add_argument("--budgets", default="200", help="[model] step_budget_ms values, comma-separated")
     ap.add_argument("--n-batch", type=int, default=512)
+    ap.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
+                    help="[model] flash_attn (auto: llama.cpp decides, on for a CPU)")
     args = ap.parse_args()
     if args.smollm:
         model = embedded_model_path()
@@ -166,13 +173,14 @@ def main() -> int:
         model = qwen_shaped.build()
     budgets = [float(b) for b in args.budgets.split(",")]
     engine = LlamaCppEngine(model, n_ctx=4096, n_threads=args.threads, n_batch=args.n_batch,
-                            parallel=args.streams + 1, cache_mb=64, step_budget_ms=budgets[0])
+                            parallel=args.streams + 1, cache_mb=64, step_budget_ms=budgets[0],
+                            flash_attn={"auto": None, "on": True, "off": False}[args.flash_attn])
     engine.load()
     engine.share_prefixes = False  # the prompts share nothing worth copying; keep both runs alike
     try:
         n_prompt = len(engine._template.render(knowledge_prompt(engine, args.prompt_tokens, 0))[0])  # type: ignore[union-attr]
-        print(f"model {model.name}, {args.threads} threads, n_batch {args.n_batch}, a {n_prompt}-token prompt, "
-              f"{args.streams} streams, {args.rounds} rounds", flush=True)
+        print(f"model {model.name}, {args.threads} threads, n_batch {args.n_batch}, flash_attn {args.flash_attn}, "
+              f"a {n_prompt}-token prompt, {args.streams} streams, {args.rounds} rounds", flush=True)
         seed = 1
         rows = []
         for budget in budgets:
@@ -193,6 +201,10 @@ def main() -> int:
             ratio = statistics.median(beside_t) / statistics.median(alone_t)
             rows.append((budget, ratio, p99(gaps), statistics.median(alone_t), statistics.median(beside_t),
                          state["prompt_chunk_last"], state["prompt_token_ms"]))
+            print(f"  the engine's fitted step costs: {state['step_pass_ms']:.1f} ms a pass, "
+                  f"{state['prompt_token_ms']:.2f} ms a prompt row, {state['logits_row_ms']:.2f} ms a row with logits, "
+                  f"{state['attention_kcell_ms']:.2f} ms per 1k cells attended, {state['pass_kcell_ms']:.2f} ms a pass "
+                  "per 1k cells of its longest KV stream", flush=True)
         print()
         print("step_budget_ms | first token beside ÷ alone (goal <= 1.5) | streams' p99 gap (goal <= 250 ms) "
               "| alone, beside (s) | last chunk, ms/prompt token")
