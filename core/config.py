@@ -448,8 +448,8 @@ class BotConfig(Section):
         default=False,
         description="A file sent in chat without a question is acknowledged and, with true, summarised in one "
                     "paragraph by the model (one generation per file).",
-        json_schema_extra={"zh": "聊天中只发文件、未提问时会回复已收到；设为 true 时模型还会用一段话概括文件内容（每个文件"
-                                 "生成一次）。"})
+        json_schema_extra={"zh": "聊天中只发文件、未提问时会回复已收到；设为 true 时模型还会用一段话概括文件"
+                                 "内容（每个文件生成一次）。"})
     images: Literal["ocr", "off"] = Field(
         default="off",
         description='Pictures sent in chat: "ocr" reads the text in them (a screenshot of an error, a notice) on '
