@@ -106,8 +106,8 @@ class StepBudget:
         self._stale = True
 
     def coefficients(self) -> dict[str, float] | None:
-        """Seconds per part (see the module's docstring); None until a step reading a prompt and
-        two more steps were timed."""
+        """Seconds per part (see the module's docstring); None until a step reading a prompt was
+        timed (until three steps were, a prompt row's average cost alone)."""
         coef = self._fit()
         return None if coef is None else dict(zip(PARTS, (float(c) for c in coef), strict=True))
 
@@ -116,7 +116,7 @@ class StepBudget:
             return self._coef
         self._stale = False
         samples = [s for kind in self._samples.values() for s in kind]
-        if len(samples) < 3 or not any(shape.prompt for shape, _ in samples):
+        if not any(shape.prompt for shape, _ in samples):
             self._coef = None
             return None
         x = np.array([shape.features() for shape, _ in samples])
@@ -134,7 +134,7 @@ class StepBudget:
         # cells a chunk attends to grow with its square) would price a large chunk wildly.
         n = len(samples)
         floor = n * (NOISE * float(y.mean())) ** 2
-        for k in range(1, min(len(PARTS), n - 1) + 1):
+        for k in range(1, min(len(PARTS), n - 1) + 1) if n >= 3 else ():
             for cols in itertools.combinations(range(len(PARTS)), k):
                 if 1 not in cols:
                     continue
@@ -153,10 +153,11 @@ class StepBudget:
                     coef[list(cols)] = sol
                     best = (score, coef / scale)
         if best is None or best[1][1] <= 0:
-            # The prompt rows' cost cannot be told apart: the plain average a prompt row took.
+            # Too few timings, or the prompt rows' cost cannot be told apart: the plain average a
+            # row of a step reading a prompt took (its pass included: a chunk priced high, not low).
             rows = [(seconds, shape.prompt + shape.logits) for shape, seconds in samples if shape.prompt]
             coef = np.zeros(len(PARTS))
-            coef[1] = sum(s for s, _ in rows) / sum(n for _, n in rows)
+            coef[1] = sum(s for s, _ in rows) / sum(r for _, r in rows)
             self._coef = coef
         else:
             self._coef = best[1]
