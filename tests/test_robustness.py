@@ -9,9 +9,15 @@ import pytest
 
 from tests.helpers import make_config, running_daemon, wait_for
 
+_READ = {"list": lambda r, k: r.lrange(k, 0, -1), "hash": lambda r, k: sorted(r.hgetall(k).items()),
+         "string": lambda r, k: r.get(k), "set": lambda r, k: sorted(r.smembers(k)),
+         "zset": lambda r, k: r.zrange(k, 0, -1, withscores=True), "stream": lambda r, k: r.xrange(k)}
 
-def _state(redis_client) -> list[tuple[str, list[str]]]:
-    return sorted((k, redis_client.lrange(k, 0, -1)) for k in redis_client.keys("botd:*"))
+
+def _state(redis_client) -> list[tuple[str, object]]:
+    """Every botd key with its whole value, whatever its type (histories, usage, feedback...)."""
+    keys = redis_client.keys("botd:*")
+    return sorted((k, _READ[redis_client.type(k)](redis_client, k)) for k in keys)
 
 
 BAD_BODIES = [

@@ -5,6 +5,7 @@ its roles, with answers through the real daemon: tests/test_usage_console.py.)""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 from bots import eval as botd_eval
@@ -120,12 +121,19 @@ async def test_department_sees_its_own_usage_and_eval_runs(tmp_path, redis_serve
         await api.daemon.runtime.feedback.record_answer(AnswerFacts("v1", "hr", ("hr",), "web", "", "c", "", "u",
                                                                     "q?", "a."))
         desk = api.daemon.service.feedback_desk
+
+        async def votes() -> dict[str, float]:
+            # The counters live in this process's registry: other tests' votes may be in them already.
+            async with alice.http.get(api.base + "/metrics") as r:
+                text = await r.text()
+            found = dict(re.findall(r'^botd_bot_feedback_total\{bot="hr",vote="(\w+)"\} ([0-9.]+)$', text, re.M))
+            return {v: float(found.get(v, 0)) for v in ("up", "down")}
+
+        before = await votes()
         for vote in (Vote.DOWN, Vote.DOWN, Vote.UP):  # the same vote twice counts once; a changed one again
             await desk.handle(FeedbackEvent("web", "", "c", "u", "v1", vote))
-        async with alice.http.get(api.base + "/metrics") as r:
-            text = await r.text()
-        assert 'botd_bot_feedback_total{bot="hr",vote="down"} 1.0' in text
-        assert 'botd_bot_feedback_total{bot="hr",vote="up"} 1.0' in text
+        after = await votes()
+        assert after["down"] - before["down"] == 1 and after["up"] - before["up"] == 1, (before, after)
         assert (await alice.get("/api/usage"))[1]["total"]["up"] == 1
 
         # botd eval's saved runs: a run, then one where a document went missing.
