@@ -38,6 +38,7 @@ import asyncio
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -198,6 +199,8 @@ def capacity(target: bc.Target, args: argparse.Namespace, passages: Passages) ->
 
 
 def main() -> int:
+    # `timeout` and Ctrl-C alike: leave through the finally blocks, which stop botd and llama-server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="a GGUF file (default: the Qwen2.5-0.5B-shaped Q4_0 file)")
