@@ -335,7 +335,10 @@ def test_an_embedding_model_comes_down_whole_and_set_default_points_embeddings_a
         assert (folder / n).read_bytes() == d, n
     assert not (tmp_path / "models" / ".minilm.partial").exists()
     weights = [r[2] for r in hub.requests if r[1].endswith("/model.safetensors")]
-    assert weights[1:] == [f"bytes={30 * MIB}-", f"bytes={60 * MIB}-"]  # resumed, not started over
+    # Resumed where the cut left it (a chunk read just before a cut may be lost: within 1 MiB), not
+    # started over.
+    starts = [int(w.removeprefix("bytes=").rstrip("-")) for w in weights[1:]]
+    assert len(starts) == 2 and 29 * MIB < starts[0] <= 30 * MIB and 59 * MIB < starts[1] <= 60 * MIB, weights
     text = config.read_text()
     assert all(c in text for c in original.splitlines() if c.lstrip().startswith("#"))
     assert tomllib.loads(text)["embeddings"]["model"] == str(folder)
