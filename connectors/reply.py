@@ -21,7 +21,7 @@ import asyncio
 import functools
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import structlog
@@ -29,7 +29,9 @@ import structlog
 from connectors.textsplit import split_text
 from core.errors import BotdError
 from core.feedback import FeedbackLabels
+from core.kv import KeyValueCache
 from core.messages import Account, Attachment
+from core.redis_store import StoreUnavailable
 
 log = structlog.get_logger("botd.reply")
 
@@ -38,6 +40,32 @@ _ATTEMPTS = 5
 
 class RateLimited(BotdError):
     """The platform kept answering "slow down" for one call."""
+
+
+class InheritedMarks:
+    """Which parts posted before a restart another daemon marked in the shared cache (a card it
+    was finalising when it died: the mark is set before the finalising call). Each part is
+    looked up once; a marked one is remembered."""
+
+    def __init__(self, cache: KeyValueCache, key: str, refs: Iterable[str]) -> None:
+        self.cache = cache
+        self.key = key  # with "{ref}" in it
+        self._unchecked = set(refs)
+        self._marked: set[str] = set()
+
+    async def marked(self, ref: str) -> bool:
+        if ref in self._marked:
+            return True
+        if ref not in self._unchecked:
+            return False
+        self._unchecked.discard(ref)
+        try:
+            done = await self.cache.get(self.key.format(ref=ref))
+        except StoreUnavailable:
+            done = None
+        if done:
+            self._marked.add(ref)
+        return bool(done)
 
 
 class AttachmentUnavailable(BotdError):

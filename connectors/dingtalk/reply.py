@@ -28,7 +28,7 @@ import structlog
 from connectors.dingtalk.api import DingtalkApi, DingtalkApiError
 from connectors.download import check_announced
 from connectors.markdown import neutral_links
-from connectors.reply import AttachmentUnavailable, ReplyTarget
+from connectors.reply import AttachmentUnavailable, InheritedMarks, ReplyTarget
 from core.feedback import FeedbackLabels
 from core.kv import KeyValueCache
 from core.messages import Account, Attachment
@@ -105,25 +105,14 @@ class CardReply(_DingtalkReply):
         self.finalised: set[str] = set()
         self.fallback = False
         # Cards posted before a restart (by this daemon or one that died): asked about once.
-        self._inherited = {str(ref) for ref, _ in self.sent if ref not in (PENDING, MARKDOWN_SENT)}
-        self._elsewhere: set[str] = set()
+        self._final_marks = InheritedMarks(self.cache, "dingtalk:card:final:{ref}",
+                                           (str(ref) for ref, _ in self.sent if ref not in (PENDING, MARKDOWN_SENT)))
 
     async def _final_elsewhere(self, ref: str) -> bool:
         """Whether a card posted before a restart was being finalised by a daemon that died before
         it acked the message (the mark is set before the finalising call): then it is not streamed
         into again (DingTalk refuses updates of a finalised card), only its fields are set."""
-        if ref in self._elsewhere:
-            return True
-        if ref not in self._inherited:
-            return False
-        self._inherited.discard(ref)
-        try:
-            done = await self.cache.get(f"dingtalk:card:final:{ref}")
-        except StoreUnavailable:
-            done = None
-        if done:
-            self._elsewhere.add(ref)
-        return bool(done)
+        return await self._final_marks.marked(ref)
 
     def _fall_back(self) -> None:
         self.fallback = True

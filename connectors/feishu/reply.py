@@ -28,7 +28,7 @@ import structlog
 from connectors.download import check_announced
 from connectors.feishu.api import FeishuApi, FeishuApiError
 from connectors.markdown import neutral_links
-from connectors.reply import AttachmentUnavailable, ReplyTarget
+from connectors.reply import AttachmentUnavailable, InheritedMarks, ReplyTarget
 from connectors.textsplit import utf8_len
 from core.feedback import FeedbackLabels
 from core.kv import KeyValueCache
@@ -134,22 +134,11 @@ class CardKitReply(FeishuReply):
         # Cards posted before a restart, asked about once: a daemon that died before acking the
         # message may have turned their streaming off (the mark is set first), and Feishu refuses
         # content updates then; the text they show is the whole answer already.
-        self._inherited = {str(ref) for ref, _ in self.sent if not str(ref).startswith(PATCHED)}
-        self._elsewhere: set[str] = set()
+        self._off_marks = InheritedMarks(self.cache, "feishu:card:off:{ref}",
+                                         (str(ref) for ref, _ in self.sent if not str(ref).startswith(PATCHED)))
 
     async def _off_elsewhere(self, ref: str) -> bool:
-        if ref in self._elsewhere:
-            return True
-        if ref not in self._inherited:
-            return False
-        self._inherited.discard(ref)
-        try:
-            done = await self.cache.get(f"feishu:card:off:{ref}")
-        except StoreUnavailable:
-            done = None
-        if done:
-            self._elsewhere.add(ref)
-        return bool(done)
+        return await self._off_marks.marked(ref)
 
     def _next(self) -> int:
         self.sequence += 1
