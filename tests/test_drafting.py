@@ -74,6 +74,10 @@ def test_a_quoted_passage_is_drafted_from_the_prompt_in_fewer_steps_with_the_sam
     proposed = engine.stats.draft_tokens - before[0]
     accepted = engine.stats.draft_accepted - before[1]
     assert accepted >= 20 and accepted >= proposed // 2, (proposed, accepted)
+    # The answer ends where the passage does: no guess runs on past the end of the user's turn into
+    # the template's next opening (guessed rows no one would read; 6 of them before guesses were cut
+    # at the first end-of-generation token).
+    assert proposed - accepted <= 2, (proposed, accepted)
     # Every accepted guess is a step saved.
     assert drafted_steps <= plain_steps - accepted // 2, (drafted_steps, plain_steps, accepted)
     # An admin sees the guesses and what was accepted in /metrics.
@@ -87,6 +91,14 @@ def test_a_quoted_passage_is_drafted_from_the_prompt_in_fewer_steps_with_the_sam
         metrics.ENGINE.source = saved
     assert f"botd_engine_draft_accepted_total {float(engine.stats.draft_accepted)}" in text
     assert f"botd_engine_draft_tokens_total {float(engine.stats.draft_tokens)}" in text
+
+
+def test_a_guess_stops_before_the_first_end_of_generation_token(engine):
+    eos = engine._model.token_eos()
+    words = engine._model.tokenize(b" the next year", add_bos=False, special=False)
+    assert engine._before_end([*words, eos, *words]) == words
+    assert engine._before_end([eos, *words]) == []
+    assert engine._before_end(words) == words
 
 
 def test_two_sequences_draft_together_and_the_texts_are_as_without(engine):

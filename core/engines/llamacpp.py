@@ -1166,7 +1166,7 @@ class LlamaCppEngine(Engine):
             # Never guess past the answer's end or the context.
             room = min(self.draft_tokens, seq.max_tokens - seq.produced - 1, self._n_ctx - len(slot.tokens) - 2,
                        capacity // len(decoding) - 1)
-            drafts.append(seq.drafter.propose(room) if room > 0 else [])
+            drafts.append(self._before_end(seq.drafter.propose(room)) if room > 0 else [])
         k = min(len(d) for d in drafts)
         if k == 0:
             return False
@@ -1174,6 +1174,19 @@ class LlamaCppEngine(Engine):
             seq.draft = draft[:k]
         self.stats.draft_steps += 1
         return True
+
+    def _before_end(self, draft: list[int]) -> list[int]:
+        """The guess up to its first end-of-generation token: a quote taken from the prompt runs on
+        into the end of that turn and the next turn's opening, and if the answer ends there too,
+        every row guessed past the end is arithmetic for tokens no one will read (the sampled end
+        stops the answer whether or not it was guessed)."""
+        import llama_cpp
+
+        vocab = self._model.vocab
+        for i, token in enumerate(draft):
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                return draft[:i]
+        return draft
 
     def _sample(self, seq: _Seq) -> None:
         """Sample the sequence's next token from its row; with guesses, go on to the next row as
