@@ -58,6 +58,13 @@ WINDOW = 16
 PARTS = ("pass", "prompt_row", "logits_row", "kcell", "pass_kcell")
 # A step's timing noise, as a share of its time: fits closer than that are all as good.
 NOISE = 0.001
+# The steps that read a chunk beside streaming answers are priced by the fit, then corrected by how
+# much longer than predicted such steps really took: this quantile of the last WINDOW of them
+# (actual ÷ predicted). The fit is linear and learns mostly from the steps it sees most (whole
+# batches of a prompt read alone, answers alone), so it underprices a small chunk deep in a long
+# prompt (measured: steps that were to take 250 ms took up to 363 ms at p99); the budget is the
+# longest a streaming answer should wait, so it must hold for nearly every step, not on average.
+QUANTILE = 0.9
 
 
 @dataclass(frozen=True)
@@ -163,6 +170,22 @@ class StepBudget:
             self._coef = best[1]
         return self._coef
 
+    def correction(self) -> float:
+        """How much longer than the fit predicts the recent steps with a chunk beside streams took
+        (actual ÷ predicted, each priced by the fit as it is now), at the QUANTILE; 1.0 before any
+        was timed; kept within 0.5-4."""
+        coef = self._fit()
+        mixed = self._samples["mixed"]
+        if coef is None or not mixed:
+            return 1.0
+        x = np.array([shape.features() for shape, _ in mixed])
+        predicted = x @ coef
+        actual = np.array([seconds for _, seconds in mixed])
+        ok = predicted > 0
+        if not ok.any():
+            return 1.0
+        return float(min(4.0, max(0.5, np.quantile(actual[ok] / predicted[ok], QUANTILE))))
+
     def predict(self, shape: Shape) -> float | None:
         """The seconds a step of ``shape`` should take; None before anything could be fitted."""
         coef = self._fit()
@@ -180,10 +203,12 @@ class StepBudget:
         if self._fit() is None:
             n = FIRST
         else:
+            corrected = self.correction()
+
             def cost(c: int) -> float:
                 shape = Shape(passes, decoding.prompt + c, decoding.logits,
                               decoding.kcells + chunk_kcells(position, c), pass_kcells + (position + c) / 1000)
-                return self.predict(shape) or 0.0
+                return (self.predict(shape) or 0.0) * corrected
 
             # The largest chunk whose predicted step keeps to the budget (the cost grows with it).
             lo, hi = 0, max(0, most)
@@ -207,4 +232,5 @@ class StepBudget:
                 "logits_row_ms": round(coef.get("logits_row", 0.0) * 1000, 4),
                 "attention_kcell_ms": round(coef.get("kcell", 0.0) * 1000, 4),
                 "pass_kcell_ms": round(coef.get("pass_kcell", 0.0) * 1000, 4),
+                "step_budget_correction": round(self.correction(), 3),
                 "step_budget_ms": round(self.budget_s * 1000, 1)}
