@@ -146,8 +146,11 @@ async def test_a_retry_storm_across_three_daemons_is_answered_exactly_once(tmp_p
     n = 20
     r = redis_server.client()
     async with serve(tg.app()) as tgb, serve(sl.app()) as slb, serve(wc.app()) as wcb:
-        # Each message is answered at once ([queue] debounce_s = 0): with bursts gathered for 1.5 s, one
-        # daemon took all 60 answers in two of three full runs (the spread, not exactly-once, changed).
+        # Every message reaches all three boxes at the same instant, and the box that records it first
+        # answers it: which box that is, is a race (answers per box measured: [25, 32, 3] answering each
+        # at once, [1, 58, 1] with bursts, where one box records nearly all before the others run).
+        # Answered at once ([queue] debounce_s = 0); how a load balancer's traffic is shared with
+        # bursts on: tests/test_cluster_bursts.py.
         async with Cluster(tmp_path, redis_server.url, 3, tg=tgb, slack=slb, wecom=wcb,
                            extra="\n[queue]\ndebounce_s = 0\nnotice_after_s = 0\n") as cluster, \
                 aiohttp.ClientSession() as s:
@@ -183,7 +186,6 @@ async def test_a_retry_storm_across_three_daemons_is_answered_exactly_once(tmp_p
     assert sorted(m["touser"] for m in wc.sent if not m["text"]["content"].startswith("⏳")) == sorted(
         f"user{i}" for i in range(n))
     assert sum(answered_by) == 3 * n
-    assert sum(1 for a in answered_by if a) >= 2, answered_by  # the work was shared
 
 
 async def test_a_killed_daemons_messages_are_finished_by_another_once(tmp_path, redis_server):
