@@ -209,7 +209,10 @@ def main() -> int:
     ap.add_argument("--n-ctx", type=int, default=4096)
     ap.add_argument("--parallel", type=int, default=8, help="botd [model] parallel; llama-server --parallel")
     ap.add_argument("--docs", type=int, default=20, help="documents in the knowledge base")
-    ap.add_argument("--kb-tokens", type=int, default=1400, help="the thin client's retrieved passages, in tokens")
+    # botd's own budget for a question's documents is [retrieval] context_tokens (1024 by default, not set
+    # here): the thin client fills the same budget, so that both servers read prompts of the same size.
+    ap.add_argument("--kb-tokens", type=int, default=1024,
+                    help="the thin client's retrieved passages, in tokens (botd's [retrieval] context_tokens)")
     ap.add_argument("--answer-tokens", type=int, default=96)
     ap.add_argument("--new-share", type=float, default=0.5, help="share of messages that start a knowledge thread")
     ap.add_argument("--time-scale", type=float, default=0.1, help="60-180 s between a user's messages, times this")

@@ -28,19 +28,27 @@ class LlamaCppSettings(Section):
         json_schema_extra={"zh": "llama_cpp：容纳整个模型的 GPU（从 0 编号）；-1：分布到所有 GPU。"})
     flash_attn: bool | Literal["auto"] = Field(
         default="auto",
-        description='llama_cpp: flash attention: true, false or "auto" (llama.cpp decides).',
-        json_schema_extra={"zh": 'llama_cpp：flash attention：true、false 或 "auto"（由 llama.cpp 决定）。'})
+        description='llama_cpp: flash attention: true, false or "auto" (llama.cpp decides: on, on a CPU). On a '
+                    "CPU, false reads a long prompt beside running answers far sooner (small chunks deep in a "
+                    "prompt cost several times less) and decodes many long threads a little faster, but reads a "
+                    "prompt alone ~13 % slower and many short threads ~17 % slower (see Benchmarks).",
+        json_schema_extra={"zh": 'llama_cpp：flash attention：true、false 或 "auto"（由 llama.cpp 决定：CPU 上为'
+                                 "开启）。在 CPU 上设为 false 时，与正在输出的回答并行读取长提示词要快得多"
+                                 "（提示词深处的小块便宜数倍），同时解码多个长会话也略快；但单独读取提示词"
+                                 "约慢 13%，同时解码多个短会话约慢 17%（见“基准测试”）。"})
     step_budget_ms: Annotated[float, Field(
         ge=10, le=60_000,
         description="llama_cpp: how long one decode step may take while answers stream, in milliseconds. A new "
                     "prompt is read beside the running answers in chunks sized, from the engine's own timings, "
                     "to keep each step within this: larger, a long prompt gets its first token sooner and the "
-                    "running answers pause longer between tokens; smaller, the reverse. While nothing streams, "
-                    "prompts are read as fast as the batch allows.",
+                    "running answers pause longer between tokens; smaller, the reverse. A step still reads at "
+                    "least 16 prompt tokens, so on a slow box deep in a long prompt it can take longer. While "
+                    "nothing streams, prompts are read as fast as the batch allows.",
         json_schema_extra={"zh": "llama_cpp：有回答正在流式输出时，一个解码步骤最多用多少毫秒。新的提示词与正在输出的"
                                  "回答一起分块读取，块的大小由引擎按自己测得的耗时决定，使每一步不超过此值：调大，"
                                  "长提示词的第一个词元来得更早，正在输出的回答在词元之间停顿更久；调小则相反。"
-                                 "没有回答在输出时，提示词以批次允许的最快速度读取。"})] = 200.0
+                                 "每一步仍至少读取 16 个提示词词元，因此在较慢的机器上、长提示词的深处，一步可能"
+                                 "超过此值。没有回答在输出时，提示词以批次允许的最快速度读取。"})] = 200.0
     draft_tokens: Annotated[int, Field(
         ge=0, le=32,
         description="llama_cpp: tokens guessed ahead from the conversation itself while one or two answers "
