@@ -347,12 +347,20 @@ def _kb(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _run(cfg: Config) -> int:
+    import signal
+
+    # A stop or reload asked for before the daemon's event loop takes the signals over is noted
+    # (by default SIGTERM and SIGHUP would kill it half-started; as a container's PID 1, ignored).
+    asked: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: asked.append(signum))
+
     from bots.daemon import Daemon, StartupError
     from core.logging import configure
 
     configure(cfg.server.log_level, cfg.server.log_format)
     try:
-        asyncio.run(Daemon(cfg).run_forever())
+        asyncio.run(Daemon(cfg).run_forever(asked))
     except StartupError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:

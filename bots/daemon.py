@@ -17,6 +17,7 @@ import contextlib
 import io
 import signal
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
@@ -360,13 +361,28 @@ class Daemon:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def run_forever(self) -> None:
-        await self.start()
+    async def run_forever(self, asked: Sequence[int] = ()) -> None:
+        """Start, serve until SIGTERM or SIGINT, stop. ``asked``: the signals that came before the
+        event loop ran (noted by ``botd run``): a stop stops the start at once, a SIGHUP reloads
+        once started."""
         loop = asyncio.get_running_loop()
+        # The signals are the daemon's before the start: by default SIGTERM kills the process
+        # (the embedded redis-server, a daemon of its own, would be left running; as a
+        # container's PID 1 it is ignored instead), and a start can take a while.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         loop.add_signal_handler(signal.SIGUSR1, _log_tasks)
+        # A SIGHUP while starting: the reload follows the start.
+        reload_asked = [True] if signal.SIGHUP in asked else []
+        loop.add_signal_handler(signal.SIGHUP, reload_asked.append, True)
+        if any(sig != signal.SIGHUP for sig in asked):
+            self.request_stop()
+        if not await self._start_unless_stopped():
+            log.info("stopped")
+            return
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        if reload_asked:
+            self.request_reload()
         # Ready only now: model loaded, Redis tried, listeners up.
         sdnotify.notify(f"READY=1\nSTATUS=listening on {self.cfg.server.host}:{self.port}")
         pinger = None
@@ -384,6 +400,26 @@ class Daemon:
                 await asyncio.wait([self._reloading], timeout=60)
             await self.stop()
             log.info("stopped")
+
+    async def _start_unless_stopped(self) -> bool:
+        """Start; a stop asked for meanwhile cuts the start short (its exit stack leaves what it
+        had entered; a step running in a thread, a model loading, is waited for). True: started."""
+        starting = asyncio.create_task(self.start(), name="botd-start")
+        stop_asked = asyncio.create_task(self._stop.wait(), name="botd-stop-asked")
+        try:
+            await asyncio.wait({starting, stop_asked}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                log.info("stop asked for while starting: the start is cut short")
+                starting.cancel()
+                await asyncio.wait({starting})
+        finally:
+            stop_asked.cancel()
+            if not starting.done():
+                starting.cancel()
+        if starting.cancelled():
+            return False
+        starting.result()  # a failed start raises here (StartupError: the admin's one line)
+        return True  # (a start that finished first is stopped the usual way)
 
     async def _watchdog(self, interval: float) -> None:
         # Pinged from the event loop itself: a wedged loop stops the pings and systemd restarts us.
