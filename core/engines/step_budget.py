@@ -32,9 +32,12 @@ parts apart price any chunk, including ones not tried yet. Each kind of step (de
 prompt only, both) keeps its latest timings, so that one kind flooding in (an answer's hundreds
 of decode-only steps) never pushes the others out of the fit; coefficients are kept non-negative
 (a part that the data cannot tell apart from another is left out of the fit, not made negative).
-The window follows the load on the box and a model swapped for another. While nothing streams
-there is nothing to hold up: the engine then reads prompts as fast as the batch allows and asks
-this class nothing.
+The window follows the load on the box and a model swapped for another. A linear fit still
+underprices some steps (a small chunk deep in a long prompt costs more per row than a whole batch):
+a chunk is priced with how much longer the recent steps that read one beside streams took than the
+fit says (a high quantile of actual ÷ predicted), since the budget is what an answer waits at most.
+While nothing streams there is nothing to hold up: the engine then reads prompts as fast as the
+batch allows and asks this class nothing.
 """
 
 from __future__ import annotations
