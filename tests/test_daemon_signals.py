@@ -84,12 +84,7 @@ async def test_sigterm_while_starting_stops_at_once_and_leaves_nothing(tmp_path)
             rc = await asyncio.to_thread(proc.wait, 30)
             took = time.monotonic() - t0
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            left = wait_gone(MARK, mark, under=tmp_path, timeout=5.0)
-            for pid in left:  # never leave a redis-server behind, whatever the outcome
-                os.kill(pid, signal.SIGKILL)
+            left = _stopped(proc, mark, tmp_path)
     assert rc == 0, f"exit status {rc} (a negative one: killed by the signal, its cleanup never ran)"
     assert took < 10, f"SIGTERM during the start took {took:.1f} s"
     assert not left, f"left running: {left}"
@@ -129,15 +124,22 @@ async def test_sigterm_stops_botd_at_once_where_it_adopts_the_embedded_redis_ser
             rc = await asyncio.to_thread(proc.wait, 30)
             took = time.monotonic() - t0
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            left = wait_gone(MARK, mark, under=tmp_path, timeout=5.0)
-            for pid in left:
-                os.kill(pid, signal.SIGKILL)
+            left = _stopped(proc, mark, tmp_path)
     assert rc == 0
     assert took < 6, f"SIGTERM took {took:.1f} s"
     assert not left, f"left running: {left}"
+
+
+def _stopped(proc: subprocess.Popen, mark: str, tmp_path: Path) -> list[int]:
+    """Whatever the test's outcome, botd and every process it started end here (killed if need be);
+    the ones that outlived botd (a redis-server left behind) are returned."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    left = wait_gone(MARK, mark, under=tmp_path, timeout=5.0)
+    for pid in left:  # never leave a redis-server behind
+        os.kill(pid, signal.SIGKILL)
+    return left
 
 
 def _parent(pid: int) -> int:
