@@ -20,6 +20,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import IO
 
 from tests.fakes import FakeTelegram, serve
 from tests.helpers import BOTD, free_port, marked_processes, until_healthy, wait_for, wait_gone
@@ -62,10 +63,7 @@ async def test_sigterm_while_starting_stops_at_once_and_leaves_nothing(tmp_path)
     log = tmp_path / "botd.log"
     async with serve(tg.app()) as base:
         with log.open("ab") as out:
-            proc = subprocess.Popen([BOTD, "run", "--config", str(_config(tmp_path, free_port(), base))],
-                                    env={**os.environ, MARK: mark, "BOTD_T_TG_TOKEN": "123:abc",
-                                         "BOTD_T_TG_SECRET": "wh-secret_123"}, stdout=out, stderr=out, cwd=tmp_path,
-                                    start_new_session=True)
+            proc = _launch([BOTD, "run", "--config", str(_config(tmp_path, free_port(), base))], mark, out, tmp_path)
         try:
             async def asked() -> bool:
                 assert proc.poll() is None, log.read_text()[-2000:]
@@ -110,11 +108,8 @@ async def test_sigterm_stops_botd_at_once_where_it_adopts_the_embedded_redis_ser
     port = free_port()
     async with serve(tg.app()) as base:
         with log.open("ab") as out:
-            proc = subprocess.Popen([sys.executable, "-c", AS_PID_1, BOTD, "run", "--config",
-                                     str(_config(tmp_path, port, base))],
-                                    env={**os.environ, MARK: mark, "BOTD_T_TG_TOKEN": "123:abc",
-                                         "BOTD_T_TG_SECRET": "wh-secret_123"}, stdout=out, stderr=out, cwd=tmp_path,
-                                    start_new_session=True)
+            argv = [sys.executable, "-c", AS_PID_1, BOTD, "run", "--config", str(_config(tmp_path, port, base))]
+            proc = _launch(argv, mark, out, tmp_path)
         try:
             await until_healthy(proc, port, log)
             [server] = [p for p in marked_processes(MARK, mark, under=tmp_path) if p != proc.pid]
@@ -128,6 +123,13 @@ async def test_sigterm_stops_botd_at_once_where_it_adopts_the_embedded_redis_ser
     assert rc == 0
     assert took < 6, f"SIGTERM took {took:.1f} s"
     assert not left, f"left running: {left}"
+
+
+def _launch(argv: list[str], mark: str, out: IO[bytes], tmp_path: Path) -> subprocess.Popen:
+    """botd (or what starts it) with the test's secrets and mark, its output in ``out``, in a session
+    of its own (a kill of its process group never reaches pytest)."""
+    env = {**os.environ, MARK: mark, "BOTD_T_TG_TOKEN": "123:abc", "BOTD_T_TG_SECRET": "wh-secret_123"}
+    return subprocess.Popen(argv, env=env, stdout=out, stderr=out, cwd=tmp_path, start_new_session=True)
 
 
 def _stopped(proc: subprocess.Popen, mark: str, tmp_path: Path) -> list[int]:
